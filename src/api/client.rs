@@ -1,0 +1,57 @@
+//! The admin API client used by the CLI.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+
+use super::{ApiError, RegisterRequest, Status};
+use crate::catalog::ImageInfo;
+
+/// A connection to a running daemon's admin socket.
+pub struct ApiClient {
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(socket: &Path) -> Result<ApiClient> {
+        let http = reqwest::Client::builder()
+            .unix_socket(socket)
+            .build()
+            .context("building the admin API client")?;
+        Ok(ApiClient { http })
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        decode(self.http.get("http://lazyblob/v1/status").send().await).await
+    }
+
+    pub async fn register(&self, reference: &str) -> Result<ImageInfo> {
+        let req = RegisterRequest {
+            reference: reference.to_string(),
+        };
+        let body = serde_json::to_vec(&req)?;
+        decode(
+            self.http
+                .post("http://lazyblob/v1/images")
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body)
+                .send()
+                .await,
+        )
+        .await
+    }
+}
+
+async fn decode<T: DeserializeOwned>(resp: reqwest::Result<reqwest::Response>) -> Result<T> {
+    let resp = resp.context("cannot reach the lazyblob daemon (is it running? see --socket)")?;
+    let status = resp.status();
+    let body = resp.bytes().await.context("reading the daemon's answer")?;
+    if !status.is_success() {
+        let msg = serde_json::from_slice::<ApiError>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        bail!("daemon answered {status}: {msg}");
+    }
+    serde_json::from_slice(&body).context("decoding the daemon's answer")
+}

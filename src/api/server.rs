@@ -1,0 +1,115 @@
+//! The admin API server (axum over a unix socket).
+
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::{ApiError, EngineCounters, RegisterRequest, RegistryCounters, Status};
+use crate::daemon::Daemon;
+
+type ApiResult<T> = Result<Json<T>, (StatusCode, Json<ApiError>)>;
+
+/// The routes of the admin API.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/images", post(register).get(images))
+        .with_state(daemon)
+}
+
+/// Bind the socket (replacing a stale one) and serve until `shutdown` fires.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    socket: &Path,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    }
+    tracing::info!(socket = %socket.display(), "admin API listening");
+    axum::serve(listener, router(daemon))
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await
+}
+
+async fn status(State(d): State<Arc<Daemon>>) -> Json<Status> {
+    Json(snapshot(&d))
+}
+
+/// The daemon's state as `status` reports it.
+pub fn snapshot(d: &Daemon) -> Status {
+    let e = &d.engine.stats;
+    let r = &d.engine.registry().stats;
+    Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        frontend: d.frontend_name().into(),
+        kernel: d.kernel.release.clone(),
+        images: d.catalog.list(),
+        open_objects: d.cachefiles.as_ref().map_or(0, |c| c.open_objects()),
+        inflight_chunks: d.engine.inflight_len(),
+        engine: EngineCounters {
+            chunks_fetched: e.chunks_fetched.load(Relaxed),
+            range_requests: e.runs.load(Relaxed),
+            shared_hits: e.shared_hits.load(Relaxed),
+            bytes_served: e.bytes_served.load(Relaxed),
+            failed_reads: e.failed_reads.load(Relaxed),
+        },
+        registry: RegistryCounters {
+            requests: r.requests.load(Relaxed),
+            bytes: r.bytes.load(Relaxed),
+            retries: r.retries.load(Relaxed),
+            failures: r.failures.load(Relaxed),
+        },
+        frontend_counters: d
+            .cachefiles
+            .as_ref()
+            .and_then(|c| serde_json::to_value(&c.stats).ok())
+            .unwrap_or(serde_json::Value::Null),
+    }
+}
+
+async fn images(State(d): State<Arc<Daemon>>) -> Json<Vec<crate::catalog::ImageInfo>> {
+    Json(d.catalog.list())
+}
+
+async fn register(State(d): State<Arc<Daemon>>, Json(req): Json<RegisterRequest>) -> ApiResult<crate::catalog::ImageInfo> {
+    let image = d.catalog.register(&req.reference).await.map_err(|e| {
+        tracing::warn!(reference = %req.reference, error = %e, "register failed");
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(ApiError {
+                error: format!("{}: {e}", req.reference),
+            }),
+        )
+    })?;
+    d.catalog
+        .list()
+        .into_iter()
+        .find(|i| i.fsid == image.fsid)
+        .map(Json)
+        .ok_or_else(|| {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(ApiError {
+                    error: "image vanished after registration".into(),
+                }),
+            )
+        })
+}

@@ -1,0 +1,239 @@
+//! The image catalog: images registered by reference, resolved to their metadata blob,
+//! chunk table and data blobs, and the kernel keys that name them (EROFS fsid, device tags).
+//! Registrations persist in `state.json` so a restarted daemon serves the same images.
+
+pub mod state;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::engine::DataBlob;
+use crate::image::format::{device_tag, fsid_for, ChunkTable, FormatError, LazyManifest};
+use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, RegistryError};
+
+/// Why an image could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("state file {path}: {source}")]
+    State { path: PathBuf, source: std::io::Error },
+    #[error("chunk table does not describe data blob {0}")]
+    TableMismatch(String),
+}
+
+/// A registered image.
+#[derive(Debug)]
+pub struct Image {
+    /// The reference the user registered.
+    pub reference: String,
+    /// `repo@digest` of the resolved image manifest: what a restart re-resolves.
+    pub pinned: String,
+    pub manifest_digest: String,
+    pub fsid: String,
+    pub meta: BlobSource,
+    /// Where the verified metadata blob is stored locally.
+    pub meta_path: PathBuf,
+    pub data: Vec<Arc<DataBlob>>,
+}
+
+impl Image {
+    /// Sum of all blob sizes: what a full pull would download.
+    pub fn total_size(&self) -> u64 {
+        self.meta.size + self.data.iter().map(|d| d.source.size).sum::<u64>()
+    }
+}
+
+/// What a cachefiles (volume key, cookie key) pair names.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Meta(Arc<Image>),
+    Data(Arc<Image>, Arc<DataBlob>),
+}
+
+impl Target {
+    pub fn size(&self) -> u64 {
+        match self {
+            Target::Meta(i) => i.meta.size,
+            Target::Data(_, d) => d.source.size,
+        }
+    }
+}
+
+/// Summary of an image for `status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ImageInfo {
+    pub reference: String,
+    pub manifest_digest: String,
+    pub fsid: String,
+    pub meta_size: u64,
+    pub data_blobs: usize,
+    pub total_size: u64,
+}
+
+/// All registered images.
+pub struct Catalog {
+    registry: Arc<Registry>,
+    state_dir: PathBuf,
+    images: RwLock<HashMap<String, Arc<Image>>>,
+}
+
+impl Catalog {
+    pub fn new(registry: Arc<Registry>, state_dir: &Path) -> Catalog {
+        Catalog {
+            registry,
+            state_dir: state_dir.to_owned(),
+            images: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.state_dir.join("state.json")
+    }
+
+    /// Re-register every image of the state file; returns the ones that failed.
+    pub async fn restore(&self) -> Result<Vec<(String, CatalogError)>, CatalogError> {
+        let path = self.state_file();
+        let saved = state::load(&path).map_err(|source| CatalogError::State { path, source })?;
+        let mut failed = Vec::new();
+        for entry in saved.images {
+            if let Err(e) = self.register_pinned(&entry.reference, &entry.pinned).await {
+                failed.push((entry.reference, e));
+            }
+        }
+        Ok(failed)
+    }
+
+    /// Register an image by reference: resolve, fetch and verify its metadata blob and chunk
+    /// table, persist. Registering twice returns the existing image.
+    pub async fn register(&self, reference: &str) -> Result<Arc<Image>, CatalogError> {
+        self.register_pinned(reference, reference).await
+    }
+
+    async fn register_pinned(&self, reference: &str, resolve_as: &str) -> Result<Arc<Image>, CatalogError> {
+        let r = parse_reference(resolve_as)?;
+        let resolved = self.registry.resolve(&r).await?;
+        let fsid = fsid_for(&resolved.digest);
+        if let Some(img) = self.get(&fsid) {
+            return Ok(img);
+        }
+        let lazy = LazyManifest::from_manifest(&resolved.manifest)?;
+        let repo = r.clone();
+        let src = |d: &oci_client::manifest::OciDescriptor| BlobSource {
+            repo: repo.clone(),
+            digest: d.digest.clone(),
+            size: d.size as u64,
+        };
+        let table_bytes = self.registry.fetch_blob(&src(&lazy.table)).await?;
+        let table = ChunkTable::parse(&table_bytes)?;
+        let meta = src(&lazy.meta);
+        let meta_path = self.store_meta(&meta).await?;
+        let mut data = Vec::with_capacity(lazy.data.len());
+        for d in &lazy.data {
+            let entry = table
+                .blobs
+                .iter()
+                .find(|b| b.digest == d.digest && b.size == d.size as u64)
+                .ok_or_else(|| CatalogError::TableMismatch(d.digest.clone()))?;
+            data.push(Arc::new(DataBlob {
+                source: src(d),
+                table_chunk: table.chunk_size,
+                digests: entry.digests(table.chunk_size)?,
+            }));
+        }
+        let image = Arc::new(Image {
+            reference: reference.to_string(),
+            pinned: format!("{}/{}@{}", r.registry(), r.repository(), resolved.digest),
+            manifest_digest: resolved.digest.clone(),
+            fsid: fsid.clone(),
+            meta,
+            meta_path,
+            data,
+        });
+        self.images
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fsid.clone(), Arc::clone(&image));
+        self.persist()?;
+        tracing::info!(reference, fsid, digest = %resolved.digest, "image registered");
+        Ok(image)
+    }
+
+    /// Fetch the metadata blob whole, verify its digest, keep it under the state directory.
+    async fn store_meta(&self, meta: &BlobSource) -> Result<PathBuf, CatalogError> {
+        let dir = self.state_dir.join("blobs");
+        let path = dir.join(meta.digest.replace(':', "-"));
+        if let Ok(existing) = tokio::fs::read(&path).await {
+            if sha256_digest(&existing) == meta.digest {
+                return Ok(path);
+            }
+            tracing::warn!(path = %path.display(), "stored metadata blob is corrupt, fetching again");
+        }
+        let data: Bytes = self.registry.fetch_blob(meta).await?;
+        let io = |source| CatalogError::State {
+            path: path.clone(),
+            source,
+        };
+        tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+        let tmp = path.with_extension("tmp");
+        tokio::fs::write(&tmp, &data).await.map_err(io)?;
+        tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+        Ok(path)
+    }
+
+    fn persist(&self) -> Result<(), CatalogError> {
+        let images = self.images.read().unwrap_or_else(|p| p.into_inner());
+        let mut entries: Vec<state::Entry> = images
+            .values()
+            .map(|i| state::Entry {
+                reference: i.reference.clone(),
+                pinned: i.pinned.clone(),
+            })
+            .collect();
+        entries.sort_by(|a, b| a.reference.cmp(&b.reference));
+        let path = self.state_file();
+        state::save(&path, &state::State { images: entries }).map_err(|source| CatalogError::State { path, source })
+    }
+
+    pub fn get(&self, fsid: &str) -> Option<Arc<Image>> {
+        self.images.read().unwrap_or_else(|p| p.into_inner()).get(fsid).cloned()
+    }
+
+    /// Find the blob a cachefiles OPEN names: volume key `erofs,<fsid>`; cookie key the fsid
+    /// (metadata blob) or a data blob's device tag.
+    pub fn lookup(&self, fsid: &str, cookie_key: &[u8]) -> Option<Target> {
+        let image = self.get(fsid)?;
+        if cookie_key == image.fsid.as_bytes() {
+            return Some(Target::Meta(image));
+        }
+        let blob = image
+            .data
+            .iter()
+            .find(|d| device_tag(&d.source.digest).as_bytes() == cookie_key)?
+            .clone();
+        Some(Target::Data(image, blob))
+    }
+
+    pub fn list(&self) -> Vec<ImageInfo> {
+        let images = self.images.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<ImageInfo> = images
+            .values()
+            .map(|i| ImageInfo {
+                reference: i.reference.clone(),
+                manifest_digest: i.manifest_digest.clone(),
+                fsid: i.fsid.clone(),
+                meta_size: i.meta.size,
+                data_blobs: i.data.len(),
+                total_size: i.total_size(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.reference.cmp(&b.reference));
+        v
+    }
+}

@@ -1,0 +1,283 @@
+//! The daemon's TOML configuration, read and validated once at start.
+//!
+//! Every field has a default, so an empty file is a valid configuration; see
+//! `config/lazyblob.toml` for a documented example.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub engine: EngineConfig,
+    pub registry: RegistryConfig,
+}
+
+/// Which kernel frontend serves mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontendChoice {
+    /// Probe the kernel: cachefiles on-demand if present, else fanotify pre-content.
+    #[default]
+    Auto,
+    Cachefiles,
+    Fanotify,
+}
+
+/// Where the daemon keeps its state and how it talks to the kernel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Registered images (`state.json`) and verified metadata blobs.
+    pub state_dir: PathBuf,
+    /// The cachefiles cache directory (ext4 or xfs: the kernel refuses tmpfs).
+    pub cache_dir: PathBuf,
+    /// Admin API unix socket.
+    pub socket: PathBuf,
+    /// The cachefiles cache tag.
+    pub tag: String,
+    pub frontend: FrontendChoice,
+    /// Images registered at start, in addition to the persisted ones.
+    pub images: Vec<String>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            state_dir: PathBuf::from("/var/lib/lazyblob"),
+            cache_dir: PathBuf::from("/var/cache/lazyblob"),
+            socket: PathBuf::from("/run/lazyblob/lazyblob.sock"),
+            tag: "lazyblob".into(),
+            frontend: FrontendChoice::Auto,
+            images: Vec::new(),
+        }
+    }
+}
+
+/// Blob engine tuning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Fetch unit in bytes (rounded to a multiple of the image's verified chunk size).
+    pub chunk_size: u64,
+    /// Adjacent missing chunks are merged into one range request up to this many bytes.
+    pub merge_max: u64,
+    /// Entries kept in the LRU of in-flight and recently completed chunk fetches.
+    pub inflight_capacity: usize,
+    /// Concurrent range requests per registry host.
+    pub max_concurrent_fetches: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            chunk_size: 1 << 20,
+            merge_max: 4 << 20,
+            inflight_capacity: 256,
+            max_concurrent_fetches: 16,
+        }
+    }
+}
+
+/// Registry access: timeouts, retries, credentials, per-host settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    pub connect_timeout_ms: u64,
+    /// Limit for one HTTP request, body included.
+    pub request_timeout_ms: u64,
+    /// Attempts per endpoint (first try included) on retryable faults.
+    pub max_attempts: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Upper bound for one fetch across all retries and mirrors: after it, readers get EIO.
+    pub deadline_ms: u64,
+    /// docker `config.json` for `auths`, `credHelpers` and `credsStore` (default: $DOCKER_CONFIG
+    /// or ~/.docker/config.json when present).
+    pub docker_config: Option<PathBuf>,
+    /// Platform picked from an image index, `os/arch[/variant]` (default: this node's).
+    pub platform: Option<String>,
+    pub hosts: Vec<HostConfig>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 30_000,
+            max_attempts: 5,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 4_000,
+            deadline_ms: 60_000,
+            docker_config: None,
+            platform: None,
+            hosts: Vec::new(),
+        }
+    }
+}
+
+impl RegistryConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms)
+    }
+
+    /// Settings for one registry host, if configured.
+    pub fn host(&self, host: &str) -> Option<&HostConfig> {
+        self.hosts.iter().find(|h| h.host == host)
+    }
+}
+
+/// Settings for one registry host (`host` or `host:port`).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    pub host: String,
+    /// Plain HTTP instead of TLS. Only for registries you trust on a trusted network.
+    pub insecure: bool,
+    /// Extra PEM CA certificates to trust for this and every other host.
+    pub ca_file: Option<PathBuf>,
+    /// Mirrors tried in order before the origin (`host[:port]`).
+    pub mirrors: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Read the password from a file instead (trailing newline trimmed).
+    pub password_file: Option<PathBuf>,
+    /// A static bearer token.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for HostConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Credentials are never printed.
+        f.debug_struct("HostConfig")
+            .field("host", &self.host)
+            .field("insecure", &self.insecure)
+            .field("ca_file", &self.ca_file)
+            .field("mirrors", &self.mirrors)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let e = &self.engine;
+        if e.chunk_size < 4096 || !e.chunk_size.is_power_of_two() {
+            return Err(ConfigError::Invalid(format!(
+                "engine.chunk_size {} must be a power of two >= 4096",
+                e.chunk_size
+            )));
+        }
+        if e.merge_max < e.chunk_size {
+            return Err(ConfigError::Invalid("engine.merge_max must be >= engine.chunk_size".into()));
+        }
+        if e.inflight_capacity == 0 || e.max_concurrent_fetches == 0 {
+            return Err(ConfigError::Invalid(
+                "engine.inflight_capacity and engine.max_concurrent_fetches must be > 0".into(),
+            ));
+        }
+        let r = &self.registry;
+        if r.max_attempts == 0 {
+            return Err(ConfigError::Invalid("registry.max_attempts must be >= 1".into()));
+        }
+        for h in &r.hosts {
+            if h.host.is_empty() {
+                return Err(ConfigError::Invalid("registry.hosts entry without host".into()));
+            }
+            if h.token.is_some() && (h.username.is_some() || h.password.is_some()) {
+                return Err(ConfigError::Invalid(format!(
+                    "registry host {}: token and username/password are exclusive",
+                    h.host
+                )));
+            }
+        }
+        if self.daemon.tag.is_empty() || self.daemon.tag.contains(char::is_whitespace) {
+            return Err(ConfigError::Invalid("daemon.tag must be a non-empty word".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_valid_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.engine.chunk_size, 1 << 20);
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/lazyblob.toml");
+        let c = Config::load(&path).unwrap();
+        assert!(!c.registry.hosts.is_empty());
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let c: Config = toml::from_str("[engine]\nchunk_size = 1000").unwrap();
+        assert!(c.validate().is_err());
+        assert!(toml::from_str::<Config>("[engine]\nno_such = 1").is_err());
+        let c: Config = toml::from_str(
+            "[[registry.hosts]]\nhost='a'\ntoken='t'\nusername='u'",
+        )
+        .unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn debug_redacts_credentials() {
+        let c: Config = toml::from_str(
+            "[[registry.hosts]]\nhost='a'\nusername='u'\npassword='hunter2'",
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,222 @@
+//! The blob engine: turns a byte range of a data blob into verified bytes.
+//!
+//! A range maps to aligned fetch units ("chunks"). Chunks already fetched or being fetched
+//! are found in an LRU keyed by (blob digest, chunk index), so concurrent readers of one
+//! chunk share a single registry request. Missing adjacent chunks are merged into one range
+//! request up to `merge_max`. Every chunk is checked against the image's chunk digest table
+//! before anyone sees it. The engine knows the registry, never a kernel: frontends write the
+//! bytes into their cache files.
+
+pub mod chunks;
+pub mod inflight;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt};
+use sha2::{Digest, Sha256};
+
+use crate::config::EngineConfig;
+use crate::registry::{BlobSource, Registry, RegistryError};
+use chunks::{plan_runs, ChunkGeometry};
+use inflight::{ChunkFuture, ChunkKey, Inflight};
+
+/// Why a read could not be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("range {offset}+{len} is outside blob {digest} ({size} bytes)")]
+    OutOfRange {
+        digest: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("fetch task failed: {0}")]
+    Task(String),
+}
+
+/// A data blob the engine can serve: where it lives and the digests of its chunks.
+#[derive(Debug)]
+pub struct DataBlob {
+    pub source: BlobSource,
+    /// Verified chunk size of the table.
+    pub table_chunk: u64,
+    /// sha256 of each `table_chunk`-sized piece.
+    pub digests: Vec<[u8; 32]>,
+}
+
+impl DataBlob {
+    /// Check `data`, which starts at `offset` (a multiple of `table_chunk`), against the table.
+    pub fn verify(&self, offset: u64, data: &[u8]) -> Result<(), RegistryError> {
+        let first = (offset / self.table_chunk) as usize;
+        for (i, piece) in data.chunks(self.table_chunk as usize).enumerate() {
+            let want = self.digests.get(first + i).ok_or_else(|| RegistryError::DigestMismatch {
+                what: format!("chunk {} of {}", first + i, self.source.digest),
+                expected: "a table entry".into(),
+                got: "none".into(),
+            })?;
+            let got: [u8; 32] = Sha256::digest(piece).into();
+            if &got != want {
+                return Err(RegistryError::DigestMismatch {
+                    what: format!("chunk {} of {}", first + i, self.source.digest),
+                    expected: hex::encode(want),
+                    got: hex::encode(got),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counters exported in `status` and used by tests.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Chunks whose fetch this engine started.
+    pub chunks_fetched: AtomicU64,
+    /// Range requests (runs of merged chunks) started.
+    pub runs: AtomicU64,
+    /// Chunk lookups answered by an in-flight or recently completed fetch.
+    pub shared_hits: AtomicU64,
+    /// Verified bytes handed to frontends.
+    pub bytes_served: AtomicU64,
+    pub failed_reads: AtomicU64,
+}
+
+/// One piece of a served range: the chunk starting at `offset`.
+#[derive(Debug, Clone)]
+pub struct Piece {
+    pub offset: u64,
+    pub data: Bytes,
+}
+
+/// The blob engine.
+pub struct Engine {
+    registry: Arc<Registry>,
+    cfg: EngineConfig,
+    inflight: Inflight,
+    pub stats: EngineStats,
+}
+
+impl Engine {
+    pub fn new(registry: Arc<Registry>, cfg: EngineConfig) -> Engine {
+        Engine {
+            registry,
+            inflight: Inflight::new(cfg.inflight_capacity),
+            cfg,
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Fetch units currently tracked by the in-flight LRU.
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Verified chunks covering `[offset, offset + len)` of `blob` (clamped to its size), in
+    /// order. The first piece may start before `offset`, the last may end after the range.
+    pub async fn read(self: &Arc<Self>, blob: &Arc<DataBlob>, offset: u64, len: u64) -> Result<Vec<Piece>, EngineError> {
+        let size = blob.source.size;
+        if offset >= size || len == 0 {
+            return Err(EngineError::OutOfRange {
+                digest: blob.source.digest.clone(),
+                offset,
+                len,
+                size,
+            });
+        }
+        let geo = ChunkGeometry::new(self.cfg.chunk_size, blob.table_chunk, size);
+        let wanted = geo.chunks_for(offset, len);
+        let mut waits: Vec<(u64, ChunkFuture)> = Vec::with_capacity(wanted.clone().count());
+        {
+            let mut missing = Vec::new();
+            let mut lru = self.inflight.lock();
+            for idx in wanted.clone() {
+                let key = ChunkKey::new(&blob.source.digest, idx);
+                match lru.get(&key) {
+                    Some(f) => {
+                        self.stats.shared_hits.fetch_add(1, Relaxed);
+                        waits.push((idx, f.clone()));
+                    }
+                    None => missing.push(idx),
+                }
+            }
+            for run in plan_runs(&missing, &geo, self.cfg.merge_max) {
+                let futs = self.start_run(blob, &geo, run.clone());
+                for (idx, f) in run.zip(futs) {
+                    lru.put(ChunkKey::new(&blob.source.digest, idx), f.clone());
+                    waits.push((idx, f));
+                }
+            }
+        }
+        waits.sort_by_key(|(i, _)| *i);
+        let mut out = Vec::with_capacity(waits.len());
+        let mut first_err = None;
+        for (idx, f) in waits {
+            match f.clone().await {
+                Ok(data) => out.push(Piece {
+                    offset: geo.start(idx),
+                    data,
+                }),
+                Err(e) => {
+                    // Forget the failed fetch so the next read tries again.
+                    self.inflight.remove_if_same(&ChunkKey::new(&blob.source.digest, idx), &f);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            self.stats.failed_reads.fetch_add(1, Relaxed);
+            return Err(e);
+        }
+        self.stats
+            .bytes_served
+            .fetch_add(out.iter().map(|p| p.data.len() as u64).sum(), Relaxed);
+        Ok(out)
+    }
+
+    /// Start one range request for the chunks of `run` on its own task (so it finishes even
+    /// if the reader that started it goes away) and return one shared future per chunk.
+    fn start_run(self: &Arc<Self>, blob: &Arc<DataBlob>, geo: &ChunkGeometry, run: std::ops::Range<u64>) -> Vec<ChunkFuture> {
+        let start = geo.start(run.start);
+        let end = geo.end(run.end - 1);
+        self.stats.runs.fetch_add(1, Relaxed);
+        self.stats.chunks_fetched.fetch_add(run.end - run.start, Relaxed);
+        let engine = Arc::clone(self);
+        let blob2 = Arc::clone(blob);
+        let span = tracing::debug_span!("fetch", blob = %blob.source.digest, start, len = end - start);
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let t0 = std::time::Instant::now();
+                let r = engine
+                    .registry
+                    .fetch_range_checked(&blob2.source, start, end - start, |d| blob2.verify(start, d))
+                    .await;
+                tracing::debug!(elapsed = ?t0.elapsed(), ok = r.is_ok(), "range fetched");
+                r
+            },
+            span,
+        ));
+        let whole: futures::future::Shared<BoxFuture<'static, Result<Bytes, EngineError>>> = async move {
+            match task.await {
+                Ok(r) => r.map_err(EngineError::from),
+                Err(e) => Err(EngineError::Task(e.to_string())),
+            }
+        }
+        .boxed()
+        .shared();
+        run.map(|idx| {
+            let whole = whole.clone();
+            let lo = (geo.start(idx) - start) as usize;
+            let hi = (geo.end(idx) - start) as usize;
+            async move { whole.await.map(|b| b.slice(lo..hi)) }.boxed().shared()
+        })
+        .collect()
+    }
+}

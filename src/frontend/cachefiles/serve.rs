@@ -1,0 +1,280 @@
+//! The cachefiles event loop: one task reads messages from `/dev/cachefiles`; every READ is
+//! served on its own task, so a slow fetch never holds up another request.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+use tracing::Instrument;
+
+use super::device::{AlignedBuf, AnonFd, Device, DIO_ALIGN};
+use super::protocol::{erofs_fsid, Command, Message, MSG_MAX_SIZE};
+use crate::catalog::{Catalog, Target};
+use crate::engine::Engine;
+
+/// Counters exported in `status`.
+#[derive(Debug, Default, Serialize)]
+pub struct CachefilesStats {
+    pub opens: AtomicU64,
+    pub opens_refused: AtomicU64,
+    pub reads: AtomicU64,
+    pub reads_failed: AtomicU64,
+    pub closes: AtomicU64,
+    pub bad_messages: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+/// One object the kernel opened: its anon fd and the blob behind it.
+struct Object {
+    fd: AnonFd,
+    target: Target,
+    name: String,
+}
+
+/// The bound cachefiles frontend.
+pub struct Cachefiles {
+    dev: AsyncFd<Device>,
+    catalog: Arc<Catalog>,
+    engine: Arc<Engine>,
+    objects: Mutex<HashMap<u32, Arc<Object>>>,
+    pub stats: CachefilesStats,
+}
+
+impl Cachefiles {
+    /// Open `/dev/cachefiles`, set the cache directory and tag, `bind ondemand`.
+    pub fn bind(dir: &Path, tag: &str, catalog: Arc<Catalog>, engine: Arc<Engine>) -> io::Result<Arc<Cachefiles>> {
+        std::fs::create_dir_all(dir)?;
+        let dev = Device::open().map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => io::Error::new(
+                e.kind(),
+                "/dev/cachefiles is busy: another cache daemon (cachefilesd?) holds it",
+            ),
+            _ => io::Error::new(e.kind(), format!("open /dev/cachefiles: {e}")),
+        })?;
+        let dir_s = dir
+            .to_str()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "cache dir is not UTF-8"))?;
+        dev.command(&Command::Dir(dir_s))
+            .map_err(|e| io::Error::new(e.kind(), format!("cachefiles 'dir {dir_s}': {e}")))?;
+        dev.command(&Command::Tag(tag))
+            .map_err(|e| io::Error::new(e.kind(), format!("cachefiles 'tag {tag}': {e}")))?;
+        dev.command(&Command::BindOndemand).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cachefiles 'bind ondemand' ({e}): needs CONFIG_CACHEFILES_ONDEMAND and a cache dir on ext4/xfs"),
+            )
+        })?;
+        Ok(Arc::new(Cachefiles {
+            dev: dev.into_async()?,
+            catalog,
+            engine,
+            objects: Mutex::new(HashMap::new()),
+            stats: CachefilesStats::default(),
+        }))
+    }
+
+    /// Objects the kernel currently has open.
+    pub fn open_objects(&self) -> usize {
+        self.objects.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Serve requests until `shutdown` fires or the device fails.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
+        let mut buf = [0u8; MSG_MAX_SIZE];
+        loop {
+            let mut guard = tokio::select! {
+                g = self.dev.readable() => g?,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            loop {
+                match self.dev.get_ref().read_message(&mut buf) {
+                    Ok(0) => {
+                        guard.clear_ready();
+                        break;
+                    }
+                    Ok(n) => self.dispatch(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        guard.clear_ready();
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    fn dispatch(self: &Arc<Self>, raw: &[u8]) {
+        let msg = match Message::parse(raw) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.bad_messages.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, len = raw.len(), "malformed cachefiles message ignored");
+                return;
+            }
+        };
+        match msg {
+            Message::Open {
+                header,
+                volume_key,
+                cookie_key,
+                fd,
+                ..
+            } => self.open(header.msg_id, header.object_id, &volume_key, &cookie_key, fd),
+            Message::Read { header, offset, len } => {
+                self.stats.reads.fetch_add(1, Relaxed);
+                let obj = self
+                    .objects
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&header.object_id)
+                    .cloned();
+                match obj {
+                    Some(obj) => {
+                        let me = Arc::clone(self);
+                        let span = tracing::info_span!("read", object = %obj.name, msg_id = header.msg_id, offset, len);
+                        tokio::spawn(async move { me.read(obj, header.msg_id, offset, len).await }.instrument(span));
+                    }
+                    None => {
+                        self.stats.reads_failed.fetch_add(1, Relaxed);
+                        tracing::warn!(object_id = header.object_id, "READ for an unknown object");
+                    }
+                }
+            }
+            Message::Close { header } => {
+                self.stats.closes.fetch_add(1, Relaxed);
+                let gone = self
+                    .objects
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&header.object_id);
+                tracing::debug!(object_id = header.object_id, known = gone.is_some(), "CLOSE");
+            }
+        }
+    }
+
+    fn open(&self, msg_id: u32, object_id: u32, volume_key: &[u8], cookie_key: &[u8], fd: u32) {
+        self.stats.opens.fetch_add(1, Relaxed);
+        let vkey = String::from_utf8_lossy(volume_key);
+        let ckey = String::from_utf8_lossy(cookie_key);
+        let refuse = |errno: i32, why: &str| {
+            self.stats.opens_refused.fetch_add(1, Relaxed);
+            tracing::warn!(volume = %vkey, cookie = %ckey, errno, "OPEN refused: {why}");
+            if let Err(e) = self.dev.get_ref().command(&Command::CopenError { msg_id, errno }) {
+                tracing::error!(error = %e, "copen (refusal) failed");
+            }
+        };
+        let anon = match AnonFd::from_open_message(fd) {
+            Ok(a) => a,
+            Err(e) => return refuse(libc::EBADF, &format!("anon fd {fd} unusable: {e}")),
+        };
+        let Some(fsid) = erofs_fsid(volume_key) else {
+            return refuse(libc::ENOENT, "volume key is not erofs,<fsid>");
+        };
+        let Some(target) = self.catalog.lookup(fsid, cookie_key) else {
+            return refuse(libc::ENOENT, "no registered image or blob for these keys");
+        };
+        let size = target.size();
+        let name = match &target {
+            Target::Meta(i) => format!("{}:meta", i.fsid),
+            Target::Data(i, d) => format!("{}:{}", i.fsid, &d.source.digest[..19.min(d.source.digest.len())]),
+        };
+        let obj = Arc::new(Object { fd: anon, target, name });
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(object_id, Arc::clone(&obj));
+        match self.dev.get_ref().command(&Command::Copen { msg_id, size }) {
+            Ok(()) => tracing::info!(object = %obj.name, object_id, size, "OPEN"),
+            Err(e) => {
+                self.objects.lock().unwrap_or_else(|p| p.into_inner()).remove(&object_id);
+                tracing::error!(error = %e, "copen failed");
+            }
+        }
+    }
+
+    async fn read(self: Arc<Self>, obj: Arc<Object>, msg_id: u32, offset: u64, len: u64) {
+        let t0 = Instant::now();
+        let start = offset / DIO_ALIGN as u64 * DIO_ALIGN as u64;
+        let end = (offset.saturating_add(len)).div_ceil(DIO_ALIGN as u64) * DIO_ALIGN as u64;
+        let filled = self.fill(&obj, start, end - start).await;
+        let ok = filled.is_ok();
+        let stats_obj = Arc::clone(&obj);
+        let done = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let mut written = 0;
+            let write_result = match filled {
+                Ok(buf) => obj.fd.write_all_at(&buf, start).map(|()| {
+                    written = buf.as_slice().len() as u64;
+                }),
+                Err(e) => Err(e),
+            };
+            // Always complete: an unwritten range gives the reader EIO instead of a hang.
+            let complete = obj.fd.read_complete(msg_id);
+            write_result.and(complete).map(|()| written)
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        match done {
+            Ok(n) => {
+                self.stats.bytes_written.fetch_add(n, Relaxed);
+                tracing::info!(latency_us = t0.elapsed().as_micros() as u64, bytes = n, "READ served");
+            }
+            Err(e) => {
+                self.stats.reads_failed.fetch_add(1, Relaxed);
+                tracing::warn!(latency_us = t0.elapsed().as_micros() as u64, fetched = ok, error = %e, object = %stats_obj.name, "READ failed: reader gets EIO");
+            }
+        }
+    }
+
+    /// The bytes of `[start, start + len)` of the object's blob in an aligned buffer (zeros
+    /// past the end of the blob).
+    async fn fill(&self, obj: &Object, start: u64, len: u64) -> io::Result<AlignedBuf> {
+        let len_usize = usize::try_from(len).map_err(|_| io::Error::other("READ too large"))?;
+        if len_usize > 256 << 20 {
+            return Err(io::Error::other(format!("READ of {len} bytes refused")));
+        }
+        let mut buf = AlignedBuf::zeroed(len_usize)?;
+        match &obj.target {
+            Target::Meta(img) => {
+                let path = img.meta_path.clone();
+                let size = img.meta.size;
+                return tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let f = std::fs::File::open(&path)?;
+                    let avail = size.saturating_sub(start).min(len) as usize;
+                    f.read_exact_at(&mut buf.as_mut_slice()[..avail], start)?;
+                    Ok(buf)
+                })
+                .await
+                .map_err(io::Error::other)?;
+            }
+            Target::Data(_, blob) => {
+                if start >= blob.source.size {
+                    return Ok(buf);
+                }
+                let pieces = self
+                    .engine
+                    .read(blob, start, len)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let out = buf.as_mut_slice();
+                let end = start + len;
+                for p in pieces {
+                    let p_end = p.offset + p.data.len() as u64;
+                    let lo = p.offset.max(start);
+                    let hi = p_end.min(end);
+                    if lo < hi {
+                        out[(lo - start) as usize..(hi - start) as usize]
+                            .copy_from_slice(&p.data[(lo - p.offset) as usize..(hi - p.offset) as usize]);
+                    }
+                }
+            }
+        }
+        Ok(buf)
+    }
+}

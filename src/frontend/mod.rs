@@ -1,0 +1,87 @@
+//! Kernel frontends and the probe that picks one for the running kernel.
+
+pub mod cachefiles;
+
+use std::path::Path;
+
+use crate::config::FrontendChoice;
+
+/// A usable kernel frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Frontend {
+    /// cachefiles on-demand + EROFS over fscache (`mount -o fsid=`).
+    Cachefiles,
+    /// fanotify pre-content + EROFS file-backed mounts (`device=`).
+    Fanotify,
+}
+
+/// Why no frontend can run on this kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("the kernel has no /dev/cachefiles (needs CONFIG_CACHEFILES with CONFIG_CACHEFILES_ONDEMAND, Linux 5.19-7.1) and the fanotify frontend is not available in this build; running kernel: {0}")]
+    NoFrontend(String),
+    #[error("frontend {0:?} was forced by the config but the kernel lacks it: {1}")]
+    Forced(FrontendChoice, String),
+    #[error("EROFS is not available: /proc/filesystems has no erofs (needs CONFIG_EROFS_FS)")]
+    NoErofs,
+}
+
+/// What the running kernel offers.
+#[derive(Debug, Clone)]
+pub struct KernelFacts {
+    pub release: String,
+    pub erofs: bool,
+    pub cachefiles_device: bool,
+}
+
+impl KernelFacts {
+    /// Read the facts from `/proc` and `/dev`.
+    pub fn read() -> KernelFacts {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let erofs = std::fs::read_to_string("/proc/filesystems")
+            .map(|s| s.lines().any(|l| l.split_whitespace().last() == Some("erofs")))
+            .unwrap_or(false);
+        KernelFacts {
+            release,
+            erofs,
+            cachefiles_device: Path::new(cachefiles::device::DEVICE_PATH).exists(),
+        }
+    }
+}
+
+/// Pick the frontend for `facts`, honouring a forced choice.
+pub fn choose(facts: &KernelFacts, choice: FrontendChoice) -> Result<Frontend, ProbeError> {
+    if !facts.erofs {
+        return Err(ProbeError::NoErofs);
+    }
+    match choice {
+        FrontendChoice::Cachefiles | FrontendChoice::Auto if facts.cachefiles_device => Ok(Frontend::Cachefiles),
+        FrontendChoice::Cachefiles => Err(ProbeError::Forced(choice, "no /dev/cachefiles".into())),
+        FrontendChoice::Fanotify => Err(ProbeError::Forced(choice, "fanotify frontend not built yet".into())),
+        FrontendChoice::Auto => Err(ProbeError::NoFrontend(facts.release.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choice_follows_the_kernel() {
+        let mut f = KernelFacts {
+            release: "6.12".into(),
+            erofs: true,
+            cachefiles_device: true,
+        };
+        assert_eq!(choose(&f, FrontendChoice::Auto).unwrap(), Frontend::Cachefiles);
+        f.cachefiles_device = false;
+        let e = choose(&f, FrontendChoice::Auto).unwrap_err().to_string();
+        assert!(e.contains("CONFIG_CACHEFILES_ONDEMAND"), "{e}");
+        assert!(choose(&f, FrontendChoice::Cachefiles).is_err());
+        f.erofs = false;
+        assert!(matches!(choose(&f, FrontendChoice::Auto), Err(ProbeError::NoErofs)));
+    }
+}

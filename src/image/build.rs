@@ -1,0 +1,1 @@
+//! Building and pushing lazyblob images (placeholder replaced below).

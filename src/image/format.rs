@@ -1,0 +1,198 @@
+//! The lazyblob image format, version 1 (see `docs/format.md`): an OCI image manifest whose
+//! layers are an EROFS metadata blob, a chunk digest table, and one data blob per source
+//! layer. Everything a reader sees is verified through the chain manifest digest ->
+//! descriptor digests -> chunk digests.
+
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The EROFS metadata blob (4 KiB blocks, device table naming the data blobs).
+pub const MEDIA_TYPE_META: &str = "application/vnd.lazyblob.meta.v1.erofs";
+/// A data blob: file contents, each file starting on a 4 KiB boundary.
+pub const MEDIA_TYPE_DATA: &str = "application/vnd.lazyblob.data.v1";
+/// The chunk digest table (JSON, [`ChunkTable`]).
+pub const MEDIA_TYPE_CHUNKS: &str = "application/vnd.lazyblob.chunks.v1+json";
+/// Manifest annotation naming the format version.
+pub const ANNOTATION_FORMAT: &str = "org.lazyblob.format";
+/// The format version this build reads and writes.
+pub const FORMAT_VERSION: &str = "1";
+/// Default verified chunk size of data blobs.
+pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
+/// Largest data blob the format accepts (guards size arithmetic against hostile tables).
+pub const MAX_BLOB_SIZE: u64 = 1 << 44;
+
+/// Errors in a manifest or chunk table that claims to be a lazyblob image.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FormatError {
+    #[error("not a lazyblob image: {0}")]
+    NotLazyblob(String),
+    #[error("bad chunk table: {0}")]
+    ChunkTable(String),
+}
+
+/// sha256 of every chunk of every data blob, in manifest order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkTable {
+    pub version: u32,
+    pub chunk_size: u64,
+    pub blobs: Vec<BlobChunks>,
+}
+
+/// The chunk digests of one data blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobChunks {
+    pub digest: String,
+    pub size: u64,
+    /// Concatenated lowercase hex sha256 of each chunk (64 characters per chunk).
+    pub chunks: String,
+}
+
+impl BlobChunks {
+    /// Hash a whole data blob into its chunk digests.
+    pub fn of(data: &[u8], chunk_size: u64) -> BlobChunks {
+        let mut chunks = String::with_capacity(data.len().div_ceil(chunk_size as usize) * 64);
+        for c in data.chunks(chunk_size as usize) {
+            chunks.push_str(&hex::encode(Sha256::digest(c)));
+        }
+        BlobChunks {
+            digest: crate::registry::sha256_digest(data),
+            size: data.len() as u64,
+            chunks,
+        }
+    }
+
+    /// Decoded digests, validated against size and chunk size.
+    pub fn digests(&self, chunk_size: u64) -> Result<Vec<[u8; 32]>, FormatError> {
+        if self.size > MAX_BLOB_SIZE {
+            return Err(FormatError::ChunkTable(format!("blob {} size {} too large", self.digest, self.size)));
+        }
+        let want = self.size.div_ceil(chunk_size) as usize;
+        if self.chunks.len() != want * 64 {
+            return Err(FormatError::ChunkTable(format!(
+                "blob {}: {} hex characters for {want} chunks",
+                self.digest,
+                self.chunks.len()
+            )));
+        }
+        let raw = hex::decode(&self.chunks)
+            .map_err(|e| FormatError::ChunkTable(format!("blob {}: {e}", self.digest)))?;
+        Ok(raw
+            .chunks_exact(32)
+            .map(|c| <[u8; 32]>::try_from(c).unwrap_or([0; 32]))
+            .collect())
+    }
+}
+
+impl ChunkTable {
+    /// Parse and validate a table fetched from a registry.
+    pub fn parse(bytes: &[u8]) -> Result<ChunkTable, FormatError> {
+        let t: ChunkTable = serde_json::from_slice(bytes).map_err(|e| FormatError::ChunkTable(e.to_string()))?;
+        if t.version != 1 {
+            return Err(FormatError::ChunkTable(format!("unsupported version {}", t.version)));
+        }
+        if t.chunk_size < 4096 || !t.chunk_size.is_power_of_two() || t.chunk_size > 1 << 30 {
+            return Err(FormatError::ChunkTable(format!("chunk size {} invalid", t.chunk_size)));
+        }
+        for b in &t.blobs {
+            b.digests(t.chunk_size)?;
+        }
+        Ok(t)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The descriptors of a lazyblob manifest, by role.
+#[derive(Debug, Clone)]
+pub struct LazyManifest {
+    pub meta: OciDescriptor,
+    pub table: OciDescriptor,
+    pub data: Vec<OciDescriptor>,
+}
+
+impl LazyManifest {
+    /// Pick the roles out of an image manifest, rejecting anything else.
+    pub fn from_manifest(m: &OciImageManifest) -> Result<LazyManifest, FormatError> {
+        let version = m.annotations.as_ref().and_then(|a| a.get(ANNOTATION_FORMAT));
+        if version.map(String::as_str) != Some(FORMAT_VERSION) {
+            return Err(FormatError::NotLazyblob(format!(
+                "annotation {ANNOTATION_FORMAT} is {version:?}, expected {FORMAT_VERSION:?}"
+            )));
+        }
+        let mut meta = None;
+        let mut table = None;
+        let mut data = Vec::new();
+        for l in &m.layers {
+            if l.size < 0 || l.size as u64 > MAX_BLOB_SIZE {
+                return Err(FormatError::NotLazyblob(format!("layer {} has size {}", l.digest, l.size)));
+            }
+            match l.media_type.as_str() {
+                MEDIA_TYPE_META if meta.is_none() => meta = Some(l.clone()),
+                MEDIA_TYPE_CHUNKS if table.is_none() => table = Some(l.clone()),
+                MEDIA_TYPE_DATA => data.push(l.clone()),
+                other => return Err(FormatError::NotLazyblob(format!("unexpected layer media type {other}"))),
+            }
+        }
+        Ok(LazyManifest {
+            meta: meta.ok_or_else(|| FormatError::NotLazyblob("no metadata blob".into()))?,
+            table: table.ok_or_else(|| FormatError::NotLazyblob("no chunk table".into()))?,
+            data,
+        })
+    }
+}
+
+/// The EROFS fsid under which an image is mounted over fscache: derived from the manifest
+/// digest, so the same image always gets the same fsid and cache files.
+pub fn fsid_for(manifest_digest: &str) -> String {
+    let hex = manifest_digest.strip_prefix("sha256:").unwrap_or(manifest_digest);
+    format!("lb-{}", &hex[..hex.len().min(32)])
+}
+
+/// The 64-byte EROFS device tag of a data blob: its digest in hex.
+pub fn device_tag(digest: &str) -> String {
+    digest.strip_prefix("sha256:").unwrap_or(digest).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_table_round_trip_and_validation() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let b = BlobChunks::of(&data, 4096);
+        assert_eq!(b.chunks.len(), 3 * 64);
+        let t = ChunkTable {
+            version: 1,
+            chunk_size: 4096,
+            blobs: vec![b.clone()],
+        };
+        let parsed = ChunkTable::parse(&t.to_json()).unwrap();
+        assert_eq!(parsed, t);
+        let d = parsed.blobs[0].digests(4096).unwrap();
+        assert_eq!(d[2].to_vec(), Sha256::digest(&data[8192..]).to_vec());
+
+        let mut short = t.clone();
+        short.blobs[0].chunks.truncate(64);
+        assert!(ChunkTable::parse(&short.to_json()).is_err());
+        let mut odd = t.clone();
+        odd.chunk_size = 5000;
+        assert!(ChunkTable::parse(&odd.to_json()).is_err());
+        assert!(ChunkTable::parse(b"{not json").is_err());
+        let mut huge = t;
+        huge.blobs[0].size = u64::MAX;
+        assert!(ChunkTable::parse(&huge.to_json()).is_err());
+    }
+
+    #[test]
+    fn fsid_and_tag() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(fsid_for(&d), format!("lb-{}", "ab".repeat(16)));
+        assert_eq!(device_tag(&d).len(), 64);
+    }
+}

@@ -1,0 +1,5 @@
+//! Image format types, the EROFS writer and building/pushing lazyblob images.
+
+pub mod build;
+pub mod erofs;
+pub mod format;

@@ -1,0 +1,15 @@
+//! lazyblob: lazy-loading EROFS images from OCI registries.
+//!
+//! The data path of one cold read, top to bottom:
+//! `frontend` (kernel requests) -> `catalog` (which blob) -> `engine` (chunks, single-flight,
+//! verification) -> `registry` (auth, mirrors, retries). `image` holds the format and the
+//! EROFS writer; `api` the admin socket; `daemon` wires them together.
+
+pub mod api;
+pub mod catalog;
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod frontend;
+pub mod image;
+pub mod registry;

@@ -1,0 +1,290 @@
+//! Registry credentials: per-host config, docker `config.json` (`auths`, `credHelpers`,
+//! `credsStore`) and credential helpers. Secrets are never logged.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use base64::Engine as _;
+use oci_client::secrets::RegistryAuth;
+use serde::Deserialize;
+
+use super::error::RegistryError;
+use crate::config::HostConfig;
+
+/// The parts of docker's `config.json` that hold credentials.
+#[derive(Debug, Default, Deserialize)]
+pub struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, DockerAuthEntry>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct DockerAuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default, rename = "identitytoken")]
+    identity_token: Option<String>,
+    #[serde(default, rename = "registrytoken")]
+    registry_token: Option<String>,
+}
+
+impl std::fmt::Debug for DockerAuthEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DockerAuthEntry(<redacted>)")
+    }
+}
+
+/// Answer of `docker-credential-<helper> get`.
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username")]
+    username: String,
+    #[serde(rename = "Secret")]
+    secret: String,
+}
+
+/// Where credentials come from, in order: host config, credential helper, `credsStore`,
+/// `auths`; anonymous otherwise.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    hosts: Vec<HostConfig>,
+    docker: DockerConfig,
+    /// Directory searched first for `docker-credential-*` helpers (tests); then `$PATH`.
+    helper_dir: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// Build from the per-host config and an optional docker config file.
+    pub fn new(hosts: &[HostConfig], docker_config: Option<&Path>) -> Result<Credentials, RegistryError> {
+        let docker = match docker_config {
+            Some(p) => load_docker_config(p)?,
+            None => match default_docker_config() {
+                Some(p) if p.exists() => load_docker_config(&p)?,
+                _ => DockerConfig::default(),
+            },
+        };
+        Ok(Credentials {
+            hosts: hosts.to_vec(),
+            docker,
+            helper_dir: None,
+        })
+    }
+
+    /// Look for credential helpers in `dir` before `$PATH`.
+    pub fn with_helper_dir(mut self, dir: PathBuf) -> Self {
+        self.helper_dir = Some(dir);
+        self
+    }
+
+    /// The credentials to use for `host` (`host[:port]`).
+    pub fn for_host(&self, host: &str) -> Result<RegistryAuth, RegistryError> {
+        if let Some(h) = self.hosts.iter().find(|h| h.host == host) {
+            if let Some(t) = &h.token {
+                return Ok(RegistryAuth::Bearer(t.clone()));
+            }
+            if let Some(user) = &h.username {
+                let password = match (&h.password, &h.password_file) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(f)) => std::fs::read_to_string(f)
+                        .map_err(|e| RegistryError::Credentials(format!("password_file {}: {e}", f.display())))?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string(),
+                    (None, None) => String::new(),
+                };
+                return Ok(RegistryAuth::Basic(user.clone(), password));
+            }
+        }
+        if let Some(helper) = self.docker.cred_helpers.get(host) {
+            return self.run_helper(helper, host);
+        }
+        if let Some(entry) = self.auth_entry(host) {
+            return entry_auth(host, entry);
+        }
+        if let Some(store) = &self.docker.creds_store {
+            return self.run_helper(store, host);
+        }
+        Ok(RegistryAuth::Anonymous)
+    }
+
+    fn auth_entry(&self, host: &str) -> Option<&DockerAuthEntry> {
+        self.docker.auths.iter().find_map(|(k, v)| (normalize_host(k) == host).then_some(v))
+    }
+
+    fn run_helper(&self, helper: &str, host: &str) -> Result<RegistryAuth, RegistryError> {
+        if helper.is_empty() || helper.contains('/') {
+            return Err(RegistryError::Credentials(format!("invalid credential helper name {helper:?}")));
+        }
+        let prog = format!("docker-credential-{helper}");
+        let path = self
+            .helper_dir
+            .as_ref()
+            .map(|d| d.join(&prog))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from(&prog));
+        let mut child = Command::new(&path)
+            .arg("get")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| RegistryError::Credentials(format!("cannot run {prog}: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(host.as_bytes())
+                .map_err(|e| RegistryError::Credentials(format!("{prog}: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| RegistryError::Credentials(format!("{prog}: {e}")))?;
+        if !out.status.success() {
+            // The helper's stderr may say "credentials not found"; it never holds the secret.
+            let msg = String::from_utf8_lossy(&out.stderr);
+            if msg.to_ascii_lowercase().contains("not found") {
+                return Ok(RegistryAuth::Anonymous);
+            }
+            return Err(RegistryError::Credentials(format!(
+                "{prog} get failed ({}): {}",
+                out.status,
+                msg.trim()
+            )));
+        }
+        let a: HelperAnswer = serde_json::from_slice(&out.stdout)
+            .map_err(|e| RegistryError::Credentials(format!("{prog} answered malformed JSON: {e}")))?;
+        Ok(if a.username == "<token>" {
+            RegistryAuth::Bearer(a.secret)
+        } else {
+            RegistryAuth::Basic(a.username, a.secret)
+        })
+    }
+}
+
+fn entry_auth(host: &str, e: &DockerAuthEntry) -> Result<RegistryAuth, RegistryError> {
+    if let Some(t) = e.registry_token.as_ref().or(e.identity_token.as_ref()) {
+        return Ok(RegistryAuth::Bearer(t.clone()));
+    }
+    if let Some(a) = &e.auth {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(a.trim())
+            .map_err(|_| RegistryError::Credentials(format!("config.json auths[{host}].auth is not base64")))?;
+        let text = String::from_utf8(raw)
+            .map_err(|_| RegistryError::Credentials(format!("config.json auths[{host}].auth is not UTF-8")))?;
+        let (u, p) = text
+            .split_once(':')
+            .ok_or_else(|| RegistryError::Credentials(format!("config.json auths[{host}].auth lacks ':'")))?;
+        return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+    }
+    match (&e.username, &e.password) {
+        (Some(u), Some(p)) => Ok(RegistryAuth::Basic(u.clone(), p.clone())),
+        _ => Ok(RegistryAuth::Anonymous),
+    }
+}
+
+/// `https://index.docker.io/v1/` -> `index.docker.io`; `host:5000` stays.
+fn normalize_host(key: &str) -> &str {
+    let k = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    k.split('/').next().unwrap_or(k)
+}
+
+fn default_docker_config() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("DOCKER_CONFIG") {
+        return Some(PathBuf::from(d).join("config.json"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
+}
+
+fn load_docker_config(path: &Path) -> Result<DockerConfig, RegistryError> {
+    let text = std::fs::read(path)
+        .map_err(|e| RegistryError::Credentials(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_slice(&text)
+        .map_err(|e| RegistryError::Credentials(format!("{} is not a docker config: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn basic(a: &RegistryAuth) -> (String, String) {
+        match a {
+            RegistryAuth::Basic(u, p) => (u.clone(), p.clone()),
+            other => panic!("expected basic auth, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn docker_config_auths_and_helpers() {
+        let dir = tempfile::tempdir().unwrap();
+        let helper = dir.path().join("docker-credential-fake");
+        std::fs::write(
+            &helper,
+            "#!/bin/sh\nread host\nif [ \"$host\" = helped.example ]; then echo '{\"ServerURL\":\"x\",\"Username\":\"hu\",\"Secret\":\"hs\"}'; else echo 'credentials not found' >&2; exit 1; fi\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = dir.path().join("config.json");
+        let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"{{"auths":{{"https://plain.example/v1/":{{"auth":"{auth}"}},"tok.example":{{"identitytoken":"idt"}}}},
+                   "credHelpers":{{"helped.example":"fake"}},"credsStore":"fake"}}"#
+            ),
+        )
+        .unwrap();
+        let c = Credentials::new(&[], Some(&cfg)).unwrap().with_helper_dir(dir.path().into());
+        assert_eq!(basic(&c.for_host("plain.example").unwrap()), ("alice".into(), "s3cret".into()));
+        assert_eq!(basic(&c.for_host("helped.example").unwrap()), ("hu".into(), "hs".into()));
+        assert!(matches!(c.for_host("tok.example").unwrap(), RegistryAuth::Bearer(t) if t == "idt"));
+        // credsStore answers "not found" for other hosts: anonymous
+        assert!(matches!(c.for_host("other.example").unwrap(), RegistryAuth::Anonymous));
+    }
+
+    #[test]
+    fn host_config_wins_and_reads_password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "p4ss\n").unwrap();
+        let host = HostConfig {
+            host: "r.example".into(),
+            username: Some("bob".into()),
+            password_file: Some(pw),
+            ..Default::default()
+        };
+        let c = Credentials::new(&[host], Some(Path::new("/nonexistent/config.json")));
+        assert!(c.is_err(), "an explicit docker config that is missing is an error");
+        let empty = dir.path().join("empty.json");
+        std::fs::write(&empty, "{}").unwrap();
+        let host = HostConfig {
+            host: "r.example".into(),
+            username: Some("bob".into()),
+            password_file: Some(dir.path().join("pw")),
+            ..Default::default()
+        };
+        let c = Credentials::new(&[host], Some(&empty)).unwrap();
+        assert_eq!(basic(&c.for_host("r.example").unwrap()), ("bob".into(), "p4ss".into()));
+        assert!(matches!(c.for_host("x.example").unwrap(), RegistryAuth::Anonymous));
+    }
+
+    #[test]
+    fn malformed_auth_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.json");
+        std::fs::write(&cfg, r#"{"auths":{"h.example":{"auth":"%%%"}}}"#).unwrap();
+        let c = Credentials::new(&[], Some(&cfg)).unwrap();
+        let e = c.for_host("h.example").unwrap_err().to_string();
+        assert!(e.contains("not base64"), "{e}");
+    }
+}

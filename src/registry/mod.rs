@@ -1,0 +1,441 @@
+//! The OCI registry client: manifests (with platform choice), whole blobs verified by digest,
+//! exact byte ranges, pushes. Built on `oci-client`; adds credentials from docker configs and
+//! helpers, re-authentication on 401, retries with backoff and jitter, mirrors, per-host
+//! concurrency limits and plain HTTP only for hosts configured as insecure.
+//!
+//! The registry knows nothing of caches or kernels: it hands bytes to the blob engine.
+
+pub mod credentials;
+pub mod error;
+pub mod platform;
+pub mod retry;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::manifest::{OciImageManifest, OciManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Reference, RegistryOperation};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+pub use error::RegistryError;
+use platform::Platform;
+use retry::RetryPolicy;
+
+use crate::config::RegistryConfig;
+
+/// Media types accepted when resolving a reference.
+pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
+    oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
+    oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
+    oci_client::manifest::IMAGE_MANIFEST_MEDIA_TYPE,
+    oci_client::manifest::IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
+
+/// Where a blob lives: a repository and a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobSource {
+    /// Registry and repository (tag or digest of the reference is ignored).
+    pub repo: Reference,
+    /// `sha256:<hex>`.
+    pub digest: String,
+    pub size: u64,
+}
+
+/// An image manifest after index resolution.
+#[derive(Debug, Clone)]
+pub struct ResolvedManifest {
+    pub manifest: OciImageManifest,
+    /// Digest of the image manifest itself (not of an index that pointed to it).
+    pub digest: String,
+    pub raw: Bytes,
+}
+
+/// Counters exported in `status`.
+#[derive(Debug, Default)]
+pub struct RegistryStats {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+    pub retries: std::sync::atomic::AtomicU64,
+    pub failures: std::sync::atomic::AtomicU64,
+}
+
+/// The registry client shared by the catalog and the blob engine.
+pub struct Registry {
+    client: oci_client::Client,
+    creds: credentials::Credentials,
+    cfg: RegistryConfig,
+    policy: RetryPolicy,
+    platform: Platform,
+    limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    max_concurrent: usize,
+    pub stats: RegistryStats,
+}
+
+impl Registry {
+    /// Build a client from the registry config. `max_concurrent` bounds range requests per host.
+    pub fn new(cfg: &RegistryConfig, max_concurrent: usize) -> Result<Registry, RegistryError> {
+        let creds = credentials::Credentials::new(&cfg.hosts, cfg.docker_config.as_deref())?;
+        Self::with_credentials(cfg, max_concurrent, creds)
+    }
+
+    /// Build a client with explicit credentials (tests, embedded uses).
+    pub fn with_credentials(
+        cfg: &RegistryConfig,
+        max_concurrent: usize,
+        creds: credentials::Credentials,
+    ) -> Result<Registry, RegistryError> {
+        let insecure: Vec<String> = cfg
+            .hosts
+            .iter()
+            .filter(|h| h.insecure)
+            .flat_map(|h| std::iter::once(h.host.clone()).chain(h.mirrors.iter().cloned()))
+            .collect();
+        let mut extra = Vec::new();
+        for h in &cfg.hosts {
+            if let Some(ca) = &h.ca_file {
+                let data = std::fs::read(ca)
+                    .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
+                extra.push(Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data,
+                });
+            }
+        }
+        let client_cfg = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure),
+            extra_root_certificates: extra,
+            connect_timeout: Some(cfg.connect_timeout()),
+            read_timeout: Some(cfg.request_timeout()),
+            platform_resolver: None,
+            user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        };
+        let client = oci_client::Client::try_from(client_cfg)?;
+        let platform = match &cfg.platform {
+            Some(p) => p.parse().map_err(RegistryError::Manifest)?,
+            None => Platform::current(),
+        };
+        Ok(Registry {
+            client,
+            creds,
+            policy: RetryPolicy {
+                max_attempts: cfg.max_attempts,
+                initial: Duration::from_millis(cfg.backoff_initial_ms),
+                max: Duration::from_millis(cfg.backoff_max_ms),
+                deadline: cfg.deadline(),
+                attempt_timeout: cfg.request_timeout(),
+            },
+            cfg: cfg.clone(),
+            platform,
+            limits: Mutex::new(HashMap::new()),
+            max_concurrent,
+            stats: RegistryStats::default(),
+        })
+    }
+
+    /// The platform chosen from image indexes.
+    pub fn platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    /// Resolve a reference to an image manifest; an index resolves to this node's platform.
+    pub async fn resolve(&self, reference: &Reference) -> Result<ResolvedManifest, RegistryError> {
+        let (raw, digest) = self.fetch_manifest_raw(reference).await?;
+        let parsed: OciManifest =
+            serde_json::from_slice(&raw).map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
+        match parsed {
+            OciManifest::Image(manifest) => Ok(ResolvedManifest { manifest, digest, raw }),
+            OciManifest::ImageIndex(index) => {
+                let chosen = self.platform.choose(&index.manifests).ok_or_else(|| {
+                    RegistryError::Manifest(format!("{reference}: index has no manifest for platform {}", self.platform))
+                })?;
+                let by_digest = reference.clone_with_digest(chosen.clone());
+                let (raw, digest) = self.fetch_manifest_raw(&by_digest).await?;
+                match serde_json::from_slice::<OciManifest>(&raw) {
+                    Ok(OciManifest::Image(manifest)) => Ok(ResolvedManifest { manifest, digest, raw }),
+                    Ok(OciManifest::ImageIndex(_)) => Err(RegistryError::Manifest(format!(
+                        "{reference}: index entry {chosen} is itself an index"
+                    ))),
+                    Err(e) => Err(RegistryError::Manifest(format!("{by_digest}: {e}"))),
+                }
+            }
+        }
+    }
+
+    async fn fetch_manifest_raw(&self, reference: &Reference) -> Result<(Bytes, String), RegistryError> {
+        let (raw, digest) = self
+            .with_endpoints(reference, "manifest", |ep, auth| async move {
+                let (raw, digest) = self.client.pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES).await?;
+                Ok((raw, digest))
+            })
+            .await?;
+        // oci-client checks a digest reference; check it again so a mirror cannot lie.
+        let actual = sha256_digest(&raw);
+        if let Some(want) = reference.digest() {
+            if want != actual {
+                return Err(RegistryError::DigestMismatch {
+                    what: format!("manifest {reference}"),
+                    expected: want.to_string(),
+                    got: actual,
+                });
+            }
+        }
+        if digest != actual {
+            tracing::debug!(header = %digest, %actual, "registry digest header differs from content; using content");
+        }
+        Ok((raw, actual))
+    }
+
+    /// Fetch a whole blob and verify it against its digest and size.
+    pub async fn fetch_blob(&self, src: &BlobSource) -> Result<Bytes, RegistryError> {
+        let what = format!("blob {}", src.digest);
+        self.with_endpoints(&src.repo, "blob", |ep, auth| {
+            let what = what.clone();
+            async move {
+                let data = self.get_range(&ep, &auth, src, 0, src.size).await?;
+                let got = sha256_digest(&data);
+                if got != src.digest {
+                    return Err(RegistryError::DigestMismatch {
+                        what,
+                        expected: src.digest.clone(),
+                        got,
+                    });
+                }
+                Ok(data)
+            }
+        })
+        .await
+    }
+
+    /// Fetch exactly `[offset, offset + len)` of a blob. The bytes are NOT verified here: the
+    /// blob engine checks them against the chunk digest table.
+    pub async fn fetch_range(&self, src: &BlobSource, offset: u64, len: u64) -> Result<Bytes, RegistryError> {
+        self.fetch_range_checked(src, offset, len, |_| Ok(())).await
+    }
+
+    /// Fetch `[offset, offset + len)` and run `check` on the body inside the retry loop, so a
+    /// body that fails verification is fetched again like any other transient fault.
+    pub async fn fetch_range_checked<C>(
+        &self,
+        src: &BlobSource,
+        offset: u64,
+        len: u64,
+        check: C,
+    ) -> Result<Bytes, RegistryError>
+    where
+        C: Fn(&[u8]) -> Result<(), RegistryError>,
+    {
+        if offset.checked_add(len).is_none_or(|end| end > src.size) {
+            return Err(RegistryError::Manifest(format!(
+                "range {offset}+{len} outside blob {} of {} bytes",
+                src.digest, src.size
+            )));
+        }
+        let check = &check;
+        self.with_endpoints(&src.repo, "range", |ep, auth| async move {
+            let data = self.get_range(&ep, &auth, src, offset, len).await?;
+            check(&data)?;
+            Ok(data)
+        })
+        .await
+    }
+
+    /// Push a blob unless the registry already has it.
+    pub async fn push_blob(&self, repo: &Reference, data: Bytes) -> Result<String, RegistryError> {
+        let digest = sha256_digest(&data);
+        let auth = self.auth_for(repo)?;
+        self.client.auth(repo, &auth, RegistryOperation::Push).await?;
+        if self.client.blob_exists(repo, &digest).await.unwrap_or(false) {
+            return Ok(digest);
+        }
+        self.policy
+            .run("push blob", |_| {
+                let data = data.clone();
+                let digest = digest.clone();
+                async move { Ok(self.client.push_blob(repo, data, &digest).await?) }
+            })
+            .await?;
+        Ok(digest)
+    }
+
+    /// Push a manifest under the reference's tag (or digest); returns the manifest digest.
+    pub async fn push_manifest(&self, reference: &Reference, raw: Bytes, media_type: &str) -> Result<String, RegistryError> {
+        let auth = self.auth_for(reference)?;
+        self.client.auth(reference, &auth, RegistryOperation::Push).await?;
+        let ct = reqwest::header::HeaderValue::from_str(media_type)
+            .map_err(|_| RegistryError::Manifest(format!("bad media type {media_type:?}")))?;
+        self.policy
+            .run("push manifest", |_| {
+                let raw = raw.clone();
+                let ct = ct.clone();
+                async move { Ok(self.client.push_manifest_raw(reference, raw, ct).await?) }
+            })
+            .await?;
+        Ok(sha256_digest(&raw))
+    }
+
+    fn auth_for(&self, reference: &Reference) -> Result<RegistryAuth, RegistryError> {
+        self.creds.for_host(reference.registry())
+    }
+
+    /// Mirrors of the reference's registry in order, then the origin.
+    fn endpoints(&self, reference: &Reference) -> Vec<Reference> {
+        let mut eps: Vec<Reference> = self
+            .cfg
+            .host(reference.registry())
+            .map(|h| {
+                h.mirrors
+                    .iter()
+                    .map(|m| retarget(reference, m))
+                    .collect()
+            })
+            .unwrap_or_default();
+        eps.push(reference.clone());
+        eps
+    }
+
+    /// Run `op` against each endpoint (mirrors first) with retries, re-authenticating once on
+    /// 401, within one deadline for the whole operation.
+    async fn with_endpoints<T, F, Fut>(&self, reference: &Reference, what: &str, op: F) -> Result<T, RegistryError>
+    where
+        F: Fn(Reference, RegistryAuth) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        let until = Instant::now() + self.policy.deadline;
+        let eps = self.endpoints(reference);
+        let mut last = None;
+        let n_eps = eps.len();
+        for (i, ep) in eps.into_iter().enumerate() {
+            let auth = self.auth_for(&ep)?;
+            self.client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
+            let _permit = self.permit(ep.registry()).await;
+            let res = self
+                .policy
+                .run_until(what, until, |n| {
+                    let ep = ep.clone();
+                    let auth = auth.clone();
+                    let op = &op;
+                    async move {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        self.stats.requests.fetch_add(1, Relaxed);
+                        if n > 1 {
+                            self.stats.retries.fetch_add(1, Relaxed);
+                        }
+                        match op(ep.clone(), auth.clone()).await {
+                            Err(RegistryError::Unauthorized(url)) => {
+                                tracing::info!(registry = ep.registry(), "401 from registry, re-authenticating");
+                                self.client
+                                    .auth(&ep, &auth, RegistryOperation::Pull)
+                                    .await
+                                    .map_err(|e| match RegistryError::from(e) {
+                                        RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),
+                                        other => other,
+                                    })?;
+                                op(ep, auth).await
+                            }
+                            other => other,
+                        }
+                    }
+                })
+                .await;
+            match res {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i + 1 < n_eps {
+                        tracing::warn!(endpoint = ep.registry(), error = %e, "endpoint failed, trying the next one");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| RegistryError::Transport("no endpoint".into())))
+    }
+
+    async fn permit(&self, host: &str) -> tokio::sync::OwnedSemaphorePermit {
+        let sem = {
+            let mut m = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(host.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.max_concurrent)))
+                .clone()
+        };
+        // The semaphore is never closed, so acquiring cannot fail.
+        sem.acquire_owned().await.expect("registry semaphore is never closed")
+    }
+
+    /// One range GET on one endpoint; returns exactly `len` bytes or an error.
+    async fn get_range(
+        &self,
+        ep: &Reference,
+        _auth: &RegistryAuth,
+        src: &BlobSource,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, RegistryError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let layer = oci_client::manifest::OciDescriptor {
+            digest: src.digest.clone(),
+            size: src.size as i64,
+            ..Default::default()
+        };
+        let (stream, skip) = match self.client.pull_blob_stream_partial(ep, &layer, offset, Some(len)).await? {
+            BlobResponse::Partial(s) => (s, 0),
+            // The server ignored Range and sent the whole blob: skip to the offset.
+            BlobResponse::Full(s) => (s, offset),
+        };
+        let mut body = stream.stream;
+        let mut buf = BytesMut::with_capacity(len as usize);
+        let mut to_skip = skip;
+        while let Some(piece) = body.next().await {
+            let mut piece = piece.map_err(|e| RegistryError::Transport(format!("body: {e}")))?;
+            if to_skip > 0 {
+                let s = to_skip.min(piece.len() as u64);
+                to_skip -= s;
+                piece = piece.slice(s as usize..);
+            }
+            let want = len as usize - buf.len();
+            buf.extend_from_slice(&piece[..piece.len().min(want)]);
+            if buf.len() == len as usize {
+                break;
+            }
+        }
+        self.stats
+            .bytes
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if (buf.len() as u64) < len {
+            return Err(RegistryError::Truncated {
+                expected: len,
+                got: buf.len() as u64,
+            });
+        }
+        Ok(buf.freeze())
+    }
+}
+
+/// The same repository and tag/digest on another registry host (a mirror).
+fn retarget(r: &Reference, host: &str) -> Reference {
+    match (r.tag(), r.digest()) {
+        (_, Some(d)) => Reference::with_digest(host.to_string(), r.repository().to_string(), d.to_string()),
+        (Some(t), None) => Reference::with_tag(host.to_string(), r.repository().to_string(), t.to_string()),
+        (None, None) => Reference::with_tag(host.to_string(), r.repository().to_string(), "latest".into()),
+    }
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// Parse an image reference (`host[:port]/repo[:tag|@digest]`).
+pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
+    s.parse::<Reference>()
+        .map_err(|e| RegistryError::Reference(s.to_string(), e.to_string()))
+}

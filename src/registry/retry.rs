@@ -1,0 +1,168 @@
+//! Retry policy: exponential backoff with jitter, bounded by attempts and a deadline.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::error::RegistryError;
+
+/// How often and how patiently a fetch is retried.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial: Duration,
+    pub max: Duration,
+    /// Limit for the whole operation, attempts and sleeps included.
+    pub deadline: Duration,
+    /// Limit for one attempt.
+    pub attempt_timeout: Duration,
+}
+
+impl RetryPolicy {
+    /// The sleep before attempt `n + 1` (n >= 1): `initial * 2^(n-1)` capped at `max`, with
+    /// "equal jitter" (half fixed, half random) so a fleet of nodes does not retry in step.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let exp = self.initial.saturating_mul(1u32 << n.saturating_sub(1).min(20));
+        let capped = exp.min(self.max);
+        let half = capped / 2;
+        let jitter = rand::rng().random_range(0..=half.as_micros() as u64);
+        half + Duration::from_micros(jitter)
+    }
+
+    /// Run `attempt` until it succeeds, fails with a final error, or the budget is spent.
+    pub async fn run<T, F, Fut>(&self, what: &str, attempt: F) -> Result<T, RegistryError>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, RegistryError>>,
+    {
+        self.run_until(what, Instant::now() + self.deadline, attempt).await
+    }
+
+    /// Like [`run`](Self::run), with an absolute deadline shared by several endpoints.
+    pub async fn run_until<T, F, Fut>(&self, what: &str, until: Instant, mut attempt: F) -> Result<T, RegistryError>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, RegistryError>>,
+    {
+        let start = Instant::now();
+        let mut n = 0;
+        loop {
+            n += 1;
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RegistryError::Timeout(start.elapsed()));
+            }
+            let limit = self.attempt_timeout.min(left);
+            let result = match tokio::time::timeout(limit, attempt(n)).await {
+                Ok(r) => r,
+                Err(_) => Err(RegistryError::Timeout(limit)),
+            };
+            let err = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let sleep = self.backoff(n);
+            let out_of_budget = n >= self.max_attempts || Instant::now() + sleep >= until;
+            if !err.is_retryable() {
+                return Err(err);
+            }
+            if out_of_budget {
+                return Err(RegistryError::Exhausted {
+                    attempts: n,
+                    elapsed: start.elapsed(),
+                    last: Box::new(err),
+                });
+            }
+            tracing::warn!(what, attempt = n, error = %err, retry_in = ?sleep, "registry fault, retrying");
+            tokio::time::sleep(sleep).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 4,
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(4),
+            deadline: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+            ..policy()
+        };
+        for _ in 0..50 {
+            let b1 = p.backoff(1);
+            assert!(b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100));
+            let b10 = p.backoff(10);
+            assert!(b10 >= Duration::from_millis(500) && b10 <= Duration::from_millis(1000));
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_retryable_until_success() {
+        let calls = AtomicU32::new(0);
+        let r = policy()
+            .run("t", |_| async {
+                if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                    Err(RegistryError::Status { status: 503, url: String::new() })
+                } else {
+                    Ok(7)
+                }
+            })
+            .await;
+        assert_eq!(r.unwrap(), 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn final_errors_are_not_retried_and_attempts_are_bounded() {
+        let calls = AtomicU32::new(0);
+        let r: Result<(), _> = policy()
+            .run("t", |_| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(RegistryError::Unauthorized(String::new()))
+            })
+            .await;
+        assert!(matches!(r, Err(RegistryError::Unauthorized(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let calls = AtomicU32::new(0);
+        let r: Result<(), _> = policy()
+            .run("t", |_| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(RegistryError::Transport("reset".into()))
+            })
+            .await;
+        assert!(matches!(r, Err(RegistryError::Exhausted { attempts: 4, .. })));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn slow_attempts_time_out() {
+        let p = RetryPolicy {
+            attempt_timeout: Duration::from_millis(20),
+            max_attempts: 2,
+            ..policy()
+        };
+        let start = Instant::now();
+        let r: Result<(), _> = p
+            .run("t", |_| async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Ok(())
+            })
+            .await;
+        assert!(matches!(r, Err(RegistryError::Exhausted { .. })));
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+}
