@@ -36,6 +36,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Build a lazyblob image from a local directory into OUT (meta.erofs, chunks.json,
+    /// data-N.blob); with --push, push it to a registry as REFERENCE.
+    Mkfs {
+        source: PathBuf,
+        out: PathBuf,
+        /// Number of data blobs files are spread over.
+        #[arg(long, default_value_t = 1)]
+        blobs: usize,
+        /// Files up to this size are stored inline in the metadata blob.
+        #[arg(long, default_value_t = 2048)]
+        inline_max: u64,
+        /// Push to this reference as well.
+        #[arg(long)]
+        push: Option<String>,
+        /// Configuration (registry credentials, insecure hosts) for --push.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Register an image with the running daemon; prints its fsid.
     Register {
         reference: String,
@@ -84,6 +102,39 @@ fn main() -> Result<()> {
                     for i in &s.images {
                         println!("{}  fsid={}  {} data blobs  {} bytes", i.reference, i.fsid, i.data_blobs, i.total_size);
                     }
+                }
+                Ok(())
+            }
+            Cmd::Mkfs {
+                source,
+                out,
+                blobs,
+                inline_max,
+                push,
+                config,
+            } => {
+                let opts = lazyblob::image::build::BuildOptions {
+                    blobs,
+                    inline_max,
+                    ..Default::default()
+                };
+                let img = lazyblob::image::build::from_dir(&source, &opts)
+                    .with_context(|| format!("building an image from {}", source.display()))?;
+                std::fs::create_dir_all(&out)?;
+                std::fs::write(out.join("meta.erofs"), &img.meta)?;
+                std::fs::write(out.join("chunks.json"), img.table.to_json())?;
+                for (i, d) in img.data.iter().enumerate() {
+                    std::fs::write(out.join(format!("data-{}.blob", i + 1)), d)?;
+                }
+                if let Some(reference) = push {
+                    let cfg = match config {
+                        Some(p) => Config::load(&p)?,
+                        None => Config::default(),
+                    };
+                    let registry = lazyblob::registry::Registry::new(&cfg.registry, cfg.engine.max_concurrent_fetches)?;
+                    let r = lazyblob::registry::parse_reference(&reference)?;
+                    let digest = lazyblob::image::build::push(&registry, &r, &img, None).await?;
+                    println!("{digest}");
                 }
                 Ok(())
             }

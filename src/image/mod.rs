@@ -3,3 +3,4 @@
 pub mod build;
 pub mod erofs;
 pub mod format;
+pub mod tree;

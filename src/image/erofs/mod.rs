@@ -1,1 +1,6 @@
-//! EROFS writer.
+//! A native EROFS writer for lazyblob metadata blobs (4 KiB blocks, uncompressed).
+
+pub mod layout;
+pub mod writer;
+
+pub use writer::{write, DeviceSlot, WriteError};
