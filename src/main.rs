@@ -64,7 +64,11 @@ enum Cmd {
 
 fn init_logging(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -75,6 +79,14 @@ fn init_logging(filter: &str, json: bool) {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);
+    if matches!(cli.cmd, Cmd::Daemon { .. } | Cmd::Mkfs { push: Some(_), .. }) {
+        // Before any thread exists: registry clients need a CA store to be built at all.
+        match lazyblob::registry::roots::ensure_ca_store(&std::env::temp_dir()) {
+            Ok(Some(p)) => tracing::warn!(path = %p.display(), "no system CA certificates: trusting the bundled Mozilla roots"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "no system CA certificates and the bundled roots could not be written"),
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

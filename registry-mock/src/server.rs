@@ -13,7 +13,10 @@ use crate::faults::{self, Fault};
 use crate::{lock, BlobHit, Shared};
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new().fallback(handle).with_state(shared)
+    Router::new()
+        .fallback(handle)
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(shared)
 }
 
 fn error(status: StatusCode, code: &str, msg: &str) -> Response {

@@ -17,6 +17,8 @@ impl ApiClient {
     pub fn new(socket: &Path) -> Result<ApiClient> {
         let http = reqwest::Client::builder()
             .unix_socket(socket)
+            // A unix socket needs no TLS: do not load (possibly absent) system CA roots.
+            .tls_certs_only(Vec::new())
             .build()
             .context("building the admin API client")?;
         Ok(ApiClient { http })

@@ -9,6 +9,7 @@ pub mod credentials;
 pub mod error;
 pub mod platform;
 pub mod retry;
+pub mod roots;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -107,16 +108,17 @@ impl Registry {
                 });
             }
         }
-        let client_cfg = ClientConfig {
+        let client_cfg = |extra: Vec<Certificate>, only: Vec<Certificate>| ClientConfig {
             protocol: ClientProtocol::HttpsExcept(insecure),
             extra_root_certificates: extra,
+            tls_certs_only: only,
             connect_timeout: Some(cfg.connect_timeout()),
             read_timeout: Some(cfg.request_timeout()),
             platform_resolver: None,
             user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
             ..Default::default()
         };
-        let client = oci_client::Client::try_from(client_cfg)?;
+        let client = oci_client::Client::try_from(client_cfg(extra, Vec::new()))?;
         let platform = match &cfg.platform {
             Some(p) => p.parse().map_err(RegistryError::Manifest)?,
             None => Platform::current(),

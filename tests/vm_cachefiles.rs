@@ -1,0 +1,272 @@
+//! The cachefiles on-demand frontend on a real kernel: the VM rig boots a 6.12 kernel with
+//! CACHEFILES_ONDEMAND; the daemon runs in the guest and fetches from registry-mock on the
+//! host (10.0.2.2 is the host's loopback through QEMU user networking). The guest prints
+//! `CHECK name ok|FAIL`; the host then asserts on the registry's counters.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use lazyblob::config::{HostConfig, RegistryConfig};
+use lazyblob::image::build::{self, BlobWriter, BuildOptions, BuiltImage};
+use lazyblob::image::tree::{Kind, Meta, Node, Tree};
+use lazyblob::registry::{parse_reference, sha256_digest, Registry};
+use registry_mock::{Fault, FaultRule, MockConfig, MockRegistry};
+
+fn push_registry(host: &str) -> Registry {
+    let cfg = RegistryConfig {
+        hosts: vec![HostConfig {
+            host: host.to_string(),
+            insecure: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Registry::new(&cfg, 4).unwrap()
+}
+
+async fn push(reg: &Registry, host: &str, name: &str, img: &BuiltImage) -> String {
+    build::push(reg, &parse_reference(&format!("{host}/{name}")).unwrap(), img, None)
+        .await
+        .unwrap()
+}
+
+fn build_dir(files: &BTreeMap<String, Vec<u8>>, blobs: usize) -> BuiltImage {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), files);
+    build::from_dir(
+        dir.path(),
+        &BuildOptions {
+            blobs,
+            inline_max: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// An image whose file `bN.bin` lives in data blob N (1..=3).
+fn one_file_per_blob(contents: &[Vec<u8>]) -> BuiltImage {
+    let meta = Meta {
+        perm: 0o755,
+        ..Default::default()
+    };
+    let mut tree = Tree::new(meta.clone());
+    let mut w = BlobWriter::new(contents.len());
+    for (i, c) in contents.iter().enumerate() {
+        let data = w.add(i, c);
+        tree.insert(
+            Tree::ROOT,
+            format!("b{}.bin", i + 1).as_bytes(),
+            Node {
+                meta: Meta { perm: 0o644, ..meta.clone() },
+                kind: Kind::File(data),
+            },
+        )
+        .unwrap();
+    }
+    w.finish(tree, 1 << 20).unwrap()
+}
+
+fn data_total(img: &BuiltImage) -> u64 {
+    img.data.iter().map(|d| d.len() as u64).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cachefiles_frontend_in_vm() {
+    require_root();
+    let _rig = vm_rig();
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let port = mock.addr().port();
+    let reg = push_registry(&host);
+
+    // lazy: a few large files and one small file that lives in a data blob
+    let mut lazy_files = mixed_files(1, 40, &[8, 8, 4]);
+    lazy_files.insert("small/one.bin".into(), bytes(4242, 10_000));
+    let lazy = build_dir(&lazy_files, 3);
+    push(&reg, &host, "test/lazy:v1", &lazy).await;
+
+    // full: a tree walk compares every file
+    let full_files = mixed_files(2, 300, &[3, 2]);
+    let full = build_dir(&full_files, 3);
+    push(&reg, &host, "test/full:v1", &full).await;
+
+    // conc: 64 readers of one cold chunk
+    let big = bytes(77, 4 << 20);
+    let conc = one_file_per_blob(&[big.clone()]);
+    push(&reg, &host, "test/conc:v1", &conc).await;
+    let conc_blob = sha256_digest(&conc.data[0]);
+    let chunk2 = &big[2 << 20..3 << 20];
+    let page_sums: Vec<String> = (0..64).map(|i| sha256_hex(&chunk2[i * 4096..(i + 1) * 4096])).collect();
+
+    // faults: blob 1 has 5xx bursts and latency, blob 2 drops and corrupts, blob 3 is dead
+    let f1 = bytes(11, 300_000);
+    let f2 = bytes(12, 300_000);
+    let f3 = bytes(13, 300_000);
+    let fault_img = one_file_per_blob(&[f1.clone(), f2.clone(), f3.clone()]);
+    push(&reg, &host, "test/faults:v1", &fault_img).await;
+    let (d1, d2, d3) = (
+        sha256_digest(&fault_img.data[0]),
+        sha256_digest(&fault_img.data[1]),
+        sha256_digest(&fault_img.data[2]),
+    );
+    mock.set_faults(vec![
+        FaultRule::times(Fault::Status(503), 3).for_blob(&d1),
+        FaultRule::times(Fault::Latency(Duration::from_millis(700)), 2).for_blob(&d1),
+        FaultRule::times(Fault::DropMidBody, 2).for_blob(&d2),
+        FaultRule::times(Fault::Corrupt, 1).for_blob(&d2),
+        FaultRule::always(Fault::Status(503)).for_blob(&d3),
+    ]);
+
+    // badmeta: the registry serves wrong bytes for the metadata blob
+    let bad = build_dir(&mixed_files(5, 5, &[]), 1);
+    push(&reg, &host, "test/badmeta:v1", &bad).await;
+    let mut wrong = bad.meta.clone();
+    wrong[5000] ^= 0xff;
+    mock.store().corrupt_blob(&sha256_digest(&bad.meta), wrong);
+
+    // payload: binary shared over 9p, config, expected sums, the guest script
+    let share = tempfile::tempdir().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_lazyblob"));
+    std::fs::copy(bin, share.path().join("lazyblob")).unwrap();
+    let payload = tempfile::tempdir().unwrap();
+    let p = payload.path();
+    std::fs::write(
+        p.join("cfg.toml"),
+        format!(
+            r#"[daemon]
+state_dir = "/var/lib/lazyblob"
+cache_dir = "/var/cache/lazyblob"
+socket = "/run/lazyblob.sock"
+frontend = "cachefiles"
+[registry]
+request_timeout_ms = 3000
+max_attempts = 4
+backoff_initial_ms = 100
+backoff_max_ms = 800
+deadline_ms = 8000
+[[registry.hosts]]
+host = "10.0.2.2:{port}"
+insecure = true
+"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(p.join("full.sha256"), sha256sum_list(&full_files)).unwrap();
+    std::fs::write(p.join("pages.sha256"), page_sums.join("\n") + "\n").unwrap();
+    let script = format!(
+        r#"#!/bin/sh
+R=10.0.2.2:{port}
+LB=/host/lazyblob
+SOCK=/run/lazyblob.sock
+check() {{ if [ "$2" = 0 ]; then echo "CHECK $1 ok"; else echo "CHECK $1 FAIL $3"; fi; }}
+start_daemon() {{
+  $LB daemon --config /cfg.toml 2>>/tmp/daemon.log &
+  DPID=$!
+  i=0; while [ ! -S $SOCK ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+  [ -S $SOCK ]
+}}
+reg() {{ $LB register --socket $SOCK "$R/$1"; }}
+mkdir -p /var/lib/lazyblob /mnt/lazy /mnt/full /mnt/conc /mnt/fault /mnt/bad
+start_daemon; check daemon-start $?
+
+mount -t erofs none -o fsid=lb-0123456789abcdef0123456789abcdef /mnt/bad 2>/tmp/err; rc=$?
+[ $rc != 0 ] && kill -0 $DPID && $LB status --socket $SOCK >/dev/null; check unknown-fsid $? "mount rc=$rc"
+
+out=$(reg test/badmeta:v1 2>&1); rc=$?
+[ $rc != 0 ] && echo "$out" | grep -q "digest mismatch" && kill -0 $DPID; check corrupt-meta-rejected $? "rc=$rc $out"
+
+F=$(reg test/lazy:v1) && mount -t erofs none -o fsid=$F /mnt/lazy; check mount-lazy $?
+s=$(sha256sum /mnt/lazy/small/one.bin | cut -d' ' -f1); [ "$s" = "{lazy_small}" ]; check lazy-read $? "$s"
+
+F=$(reg test/full:v1) && mount -t erofs none -o fsid=$F /mnt/full; check mount-full $?
+FULL_FSID=$F
+(cd /mnt/full && sha256sum -c /full.sha256 >/tmp/c 2>&1); check full-tree $? "$(grep -v ': OK' /tmp/c | head -3)"
+n=$(find /mnt/full -type f | wc -l); [ "$n" = "{full_count}" ]; check full-count $? "n=$n"
+
+F=$(reg test/conc:v1) && mount -t erofs none -o fsid=$F /mnt/conc; check mount-conc $?
+pids=""; i=0
+while [ $i -lt 64 ]; do dd if=/mnt/conc/b1.bin of=/tmp/p$i bs=4096 count=1 skip=$((512 + i)) 2>/dev/null & pids="$pids $!"; i=$((i+1)); done
+wait $pids
+i=0; bad=0
+while [ $i -lt 64 ]; do s=$(sha256sum /tmp/p$i | cut -d' ' -f1); w=$(sed -n "$((i+1))p" /pages.sha256); [ "$s" = "$w" ] || bad=$((bad+1)); i=$((i+1)); done
+[ $bad = 0 ]; check concurrent-readers $? "bad=$bad"
+
+F=$(reg test/faults:v1) && mount -t erofs none -o fsid=$F /mnt/fault; check mount-faults $?
+s=$(sha256sum /mnt/fault/b1.bin | cut -d' ' -f1); [ "$s" = "{f1}" ]; check fault-5xx-latency-retried $? "$s"
+s=$(sha256sum /mnt/fault/b2.bin | cut -d' ' -f1); [ "$s" = "{f2}" ]; check fault-drop-corrupt-retried $? "$s"
+t0=$(date +%s); cat /mnt/fault/b3.bin >/dev/null 2>/tmp/e3; rc=$?; t1=$(date +%s)
+[ $rc != 0 ] && grep -qiE "I/O error|Input/output error" /tmp/e3 && [ $((t1 - t0)) -lt 30 ]; check fault-dead-blob-eio $? "rc=$rc secs=$((t1-t0)) $(cat /tmp/e3)"
+s=$(dd if=/mnt/conc/b1.bin bs=4096 count=1 skip=100 2>/dev/null | sha256sum | cut -d' ' -f1); [ "$s" = "{conc_other}" ] && kill -0 $DPID; check other-mounts-work $? "$s"
+
+umount /mnt/lazy /mnt/full /mnt/conc /mnt/fault; check umount-all $?
+kill $DPID; wait $DPID; check daemon-stop $?
+start_daemon; check daemon-restart $?
+mount -t erofs none -o fsid=$FULL_FSID /mnt/full; check remount-after-restart $?
+(cd /mnt/full && sha256sum -c /full.sha256 >/tmp/c 2>&1); check full-tree-after-restart $? "$(grep -v ': OK' /tmp/c | head -3)"
+umount /mnt/full
+$LB status --socket $SOCK
+kill $DPID; wait $DPID
+echo "---- daemon log (warnings) ----"; grep -E "WARN|ERROR" /tmp/daemon.log | tail -40
+exit 0
+"#,
+        lazy_small = sha256_hex(&lazy_files["small/one.bin"]),
+        full_count = full_files.len(),
+        f1 = sha256_hex(&f1),
+        f2 = sha256_hex(&f2),
+        conc_other = sha256_hex(&big[100 * 4096..101 * 4096]),
+    );
+    std::fs::write(p.join("run-test"), script).unwrap();
+    std::fs::set_permissions(p.join("run-test"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let (code, console) = run_vm(p, share.path(), bin, 600).await;
+    println!("{console}");
+    assert_eq!(code, 0, "VM run failed");
+    assert_checks(
+        &console,
+        &[
+            "daemon-start",
+            "unknown-fsid",
+            "corrupt-meta-rejected",
+            "mount-lazy",
+            "lazy-read",
+            "mount-full",
+            "full-tree",
+            "full-count",
+            "mount-conc",
+            "concurrent-readers",
+            "mount-faults",
+            "fault-5xx-latency-retried",
+            "fault-drop-corrupt-retried",
+            "fault-dead-blob-eio",
+            "other-mounts-work",
+            "umount-all",
+            "daemon-stop",
+            "daemon-restart",
+            "remount-after-restart",
+            "full-tree-after-restart",
+        ],
+    );
+
+    let c = mock.counters();
+    // Laziness: one 10 KB file read -> at most one fetch unit of data, far below the total.
+    let lazy_data: u64 = lazy.data.iter().map(|d| c.blob_bytes(&sha256_digest(d))).sum();
+    println!("lazy image: served {lazy_data} of {} data bytes", data_total(&lazy));
+    assert!(lazy_data > 0 && lazy_data <= 1 << 20, "lazy read fetched {lazy_data} bytes");
+    assert!(lazy_data * 10 < data_total(&lazy));
+    // Single flight: the chunk [2 MiB, 3 MiB) of the concurrent-readers blob fetched once.
+    assert_eq!(c.requests_overlapping(&conc_blob, 2 << 20, 1 << 20), 1, "64 readers of one chunk");
+    // Persistent cache: the full tree read twice (across a restart), each byte fetched once.
+    for d in &full.data {
+        let dg = sha256_digest(d);
+        assert_eq!(c.blob_bytes(&dg), d.len() as u64, "blob {dg} fetched exactly once in total");
+    }
+    // Faults really happened, and the dead blob was retried a bounded number of times.
+    let failed = |dg: &str| c.blob_hits.iter().filter(|h| h.digest == dg && h.status >= 500).count();
+    assert_eq!(failed(&d1), 3);
+    assert!(c.blob_requests(&d2) >= 3, "drops and corruption were retried");
+    assert!((2..=12).contains(&failed(&d3)), "dead blob tried {} times", failed(&d3));
+}
