@@ -63,6 +63,10 @@ pub(crate) fn take(rules: &mut Vec<FaultRule>, digest: &str) -> Vec<Fault> {
             None => {}
         }
         out.push(r.fault.clone());
+        if matches!(r.fault, Fault::Status(_)) {
+            // The response ends here: later rules never got to apply, so keep their counts.
+            break;
+        }
     }
     rules.retain(|r| r.times != Some(0));
     out
@@ -79,8 +83,9 @@ mod tests {
             FaultRule::always(Fault::Latency(Duration::from_millis(1))),
         ];
         assert_eq!(take(&mut rules, "b"), vec![Fault::Latency(Duration::from_millis(1))]);
-        assert_eq!(take(&mut rules, "a").len(), 2);
-        assert_eq!(take(&mut rules, "a").len(), 2);
+        // a status fault ends the response: the latency rule is not consumed with it
+        assert_eq!(take(&mut rules, "a"), vec![Fault::Status(503)]);
+        assert_eq!(take(&mut rules, "a"), vec![Fault::Status(503)]);
         assert_eq!(take(&mut rules, "a").len(), 1);
         assert_eq!(rules.len(), 1);
     }

@@ -131,3 +131,109 @@ pub fn assert_checks(console: &str, names: &[&str]) {
         panic!("guest checks failed: {bad:#?}\n---- console ----\n{console}");
     }
 }
+
+/// A registry config trusting `hosts` over plain HTTP (loopback test registries).
+pub fn insecure_config(hosts: &[&str]) -> lazyblob::config::RegistryConfig {
+    lazyblob::config::RegistryConfig {
+        hosts: hosts
+            .iter()
+            .map(|h| lazyblob::config::HostConfig {
+                host: h.to_string(),
+                insecure: true,
+                ..Default::default()
+            })
+            .collect(),
+        backoff_initial_ms: 10,
+        backoff_max_ms: 100,
+        request_timeout_ms: 2_000,
+        deadline_ms: 5_000,
+        ..Default::default()
+    }
+}
+
+/// A registry client with explicit credentials (no docker config lookup).
+pub fn client(cfg: &lazyblob::config::RegistryConfig) -> lazyblob::registry::Registry {
+    let creds = lazyblob::registry::credentials::Credentials::new(&cfg.hosts, Some(&empty_docker_config())).unwrap();
+    lazyblob::registry::Registry::with_credentials(cfg, 16, creds).unwrap()
+}
+
+fn empty_docker_config() -> PathBuf {
+    let p = std::env::temp_dir().join("lazyblob-test-empty-docker-config.json");
+    std::fs::write(&p, "{}").unwrap();
+    p
+}
+
+/// Build an image from `files` spread over `blobs` data blobs.
+pub fn build_files(files: &BTreeMap<String, Vec<u8>>, blobs: usize) -> lazyblob::image::build::BuiltImage {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), files);
+    lazyblob::image::build::from_dir(
+        dir.path(),
+        &lazyblob::image::build::BuildOptions {
+            blobs,
+            inline_max: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Push `img` as `host/name` and return the manifest digest.
+pub async fn push_image(reg: &lazyblob::registry::Registry, host: &str, name: &str, img: &lazyblob::image::build::BuiltImage) -> String {
+    let r = lazyblob::registry::parse_reference(&format!("{host}/{name}")).unwrap();
+    lazyblob::image::build::push(reg, &r, img, None).await.unwrap()
+}
+
+/// Debian's `docker-registry` (CNCF distribution) on a free loopback port, optionally with
+/// htpasswd basic auth; killed and cleaned up on drop.
+pub struct DockerRegistry {
+    pub host: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl DockerRegistry {
+    pub fn start(basic: Option<(&str, &str)>) -> DockerRegistry {
+        require_tool("docker-registry", "docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut auth = String::new();
+        if let Some((u, p)) = basic {
+            require_tool("htpasswd", "apache2-utils");
+            let out = std::process::Command::new("htpasswd").args(["-Bbn", u, p]).output().unwrap();
+            assert!(out.status.success());
+            std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: lazyblob-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            );
+        }
+        let cfg = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let host = format!("127.0.0.1:{port}");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&host).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        DockerRegistry { host, child, _dir: dir }
+    }
+}
+
+impl Drop for DockerRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
