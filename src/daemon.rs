@@ -33,16 +33,25 @@ impl Daemon {
 /// Run the daemon with `config` until a signal arrives.
 pub async fn run(config: Config) -> Result<()> {
     let kernel = KernelFacts::read();
-    let frontend = frontend::choose(&kernel, config.daemon.frontend).context("choosing a kernel frontend")?;
+    let frontend =
+        frontend::choose(&kernel, config.daemon.frontend).context("choosing a kernel frontend")?;
     tracing::info!(kernel = %kernel.release, ?frontend, "starting lazyblob");
 
     let registry = Arc::new(
-        Registry::new(&config.registry, config.engine.max_concurrent_fetches).context("setting up the registry client")?,
+        Registry::new(&config.registry, config.engine.max_concurrent_fetches)
+            .context("setting up the registry client")?,
     );
     let engine = Arc::new(Engine::new(Arc::clone(&registry), config.engine.clone()));
-    let catalog = Arc::new(Catalog::new(Arc::clone(&registry), &config.daemon.state_dir));
+    let catalog = Arc::new(Catalog::new(
+        Arc::clone(&registry),
+        &config.daemon.state_dir,
+    ));
 
-    for (reference, err) in catalog.restore().await.context("restoring registered images")? {
+    for (reference, err) in catalog
+        .restore()
+        .await
+        .context("restoring registered images")?
+    {
         tracing::error!(reference, error = %err, "a persisted image could not be restored");
     }
     for reference in &config.daemon.images {

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use lazyblob::config::Config;
 
 #[derive(Parser)]
-#[command(name = "lazyblob", version, about = "Lazy-loading EROFS images from OCI registries")]
+#[command(
+    name = "lazyblob",
+    version,
+    about = "Lazy-loading EROFS images from OCI registries"
+)]
 struct Cli {
     /// Log filter (tracing EnvFilter syntax), also read from LAZYBLOB_LOG.
     #[arg(long, global = true, env = "LAZYBLOB_LOG", default_value = "info")]
@@ -63,7 +67,8 @@ enum Cmd {
 }
 
 fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -79,12 +84,19 @@ fn init_logging(filter: &str, json: bool) {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);
-    if matches!(cli.cmd, Cmd::Daemon { .. } | Cmd::Mkfs { push: Some(_), .. }) {
+    if matches!(
+        cli.cmd,
+        Cmd::Daemon { .. } | Cmd::Mkfs { push: Some(_), .. }
+    ) {
         // Before any thread exists: registry clients need a CA store to be built at all.
         match lazyblob::registry::roots::ensure_ca_store(&std::env::temp_dir()) {
-            Ok(Some(p)) => tracing::warn!(path = %p.display(), "no system CA certificates: trusting the bundled Mozilla roots"),
+            Ok(Some(p)) => {
+                tracing::warn!(path = %p.display(), "no system CA certificates: trusting the bundled Mozilla roots")
+            }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "no system CA certificates and the bundled roots could not be written"),
+            Err(e) => {
+                tracing::warn!(error = %e, "no system CA certificates and the bundled roots could not be written")
+            }
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

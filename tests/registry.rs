@@ -41,13 +41,19 @@ async fn anonymous_token_flow_and_reauth_after_expiry() {
     let d = mock.store().put_blob(data.clone());
     let reg = client(&insecure_config(&[&mock.host()]));
     let src = blob_at(&mock.host(), &d, data.len());
-    assert_eq!(reg.fetch_range(&src, 100, 1000).await.unwrap(), data[100..1100]);
+    assert_eq!(
+        reg.fetch_range(&src, 100, 1000).await.unwrap(),
+        data[100..1100]
+    );
     let tokens = mock.counters().token_requests;
     assert!(tokens >= 1);
     mock.expire_tokens();
     assert_eq!(reg.fetch_blob(&src).await.unwrap(), data);
     let c = mock.counters();
-    assert!(c.token_requests > tokens, "a new token was fetched after expiry");
+    assert!(
+        c.token_requests > tokens,
+        "a new token was fetched after expiry"
+    );
     assert!(c.unauthorized >= 1, "the expired token was refused once");
 }
 
@@ -91,15 +97,22 @@ async fn basic_auth() {
     let good = client(&with_creds(&mock.host(), "bob", "builder"));
     assert_eq!(good.fetch_range(&src, 10, 20).await.unwrap(), data[10..30]);
     let bad = client(&with_creds(&mock.host(), "bob", "x"));
-    assert!(matches!(bad.fetch_range(&src, 0, 10).await, Err(RegistryError::Unauthorized(_))));
+    assert!(matches!(
+        bad.fetch_range(&src, 0, 10).await,
+        Err(RegistryError::Unauthorized(_))
+    ));
 }
 
 #[tokio::test]
 async fn redirects_to_blob_storage_do_not_carry_authorization() {
     let store = Store::default();
-    let storage = MockRegistry::start_on("127.0.0.1:0".parse().unwrap(), MockConfig::default(), store.clone())
-        .await
-        .unwrap();
+    let storage = MockRegistry::start_on(
+        "127.0.0.1:0".parse().unwrap(),
+        MockConfig::default(),
+        store.clone(),
+    )
+    .await
+    .unwrap();
     let origin = MockRegistry::start_on(
         "127.0.0.1:0".parse().unwrap(),
         MockConfig {
@@ -125,10 +138,18 @@ async fn redirects_to_blob_storage_do_not_carry_authorization() {
     let src = blob_at(&origin.host(), &d, data.len());
     assert_eq!(reg.fetch_range(&src, 5, 500).await.unwrap(), data[5..505]);
     let o = origin.counters();
-    assert!(o.blob_hits.iter().any(|h| h.status == 307 && h.had_authorization), "origin got credentials");
+    assert!(
+        o.blob_hits
+            .iter()
+            .any(|h| h.status == 307 && h.had_authorization),
+        "origin got credentials"
+    );
     let s = storage.counters();
     assert_eq!(s.blob_requests(&d), 1);
-    assert!(s.blob_hits.iter().all(|h| !h.had_authorization), "Authorization leaked across the redirect");
+    assert!(
+        s.blob_hits.iter().all(|h| !h.had_authorization),
+        "Authorization leaked across the redirect"
+    );
 }
 
 #[tokio::test]
@@ -139,7 +160,11 @@ async fn mirrors_first_then_origin() {
     let d = origin.store().put_blob(data.clone());
     mirror.store().put_blob(data.clone());
     // a dead mirror (closed port) listed first, then a live one
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let mut cfg = insecure_config(&[&origin.host(), &mirror.host(), &dead]);
     cfg.hosts[0].mirrors = vec![dead.clone(), mirror.host()];
     cfg.max_attempts = 2;
@@ -166,8 +191,14 @@ async fn tls_is_the_default() {
     let mut cfg = insecure_config(&[]);
     cfg.max_attempts = 1;
     let reg = client(&cfg);
-    let e = reg.fetch_range(&blob_at(&mock.host(), &d, 10), 0, 10).await.unwrap_err();
-    assert!(mock.counters().blob_hits.is_empty(), "no plain HTTP request without `insecure`: {e}");
+    let e = reg
+        .fetch_range(&blob_at(&mock.host(), &d, 10), 0, 10)
+        .await
+        .unwrap_err();
+    assert!(
+        mock.counters().blob_hits.is_empty(),
+        "no plain HTTP request without `insecure`: {e}"
+    );
 }
 
 #[tokio::test]
@@ -186,34 +217,53 @@ async fn index_resolves_to_the_platform_and_docker_manifests_parse() {
     let index = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
                                    "manifests": [entry(&arm, "arm64"), entry(&amd, "amd64")]});
     let r = parse_reference(&format!("{host}/multi/app:latest")).unwrap();
-    reg.push_manifest(&r, Bytes::from(serde_json::to_vec(&index).unwrap()), "application/vnd.oci.image.index.v1+json")
-        .await
-        .unwrap();
+    reg.push_manifest(
+        &r,
+        Bytes::from(serde_json::to_vec(&index).unwrap()),
+        "application/vnd.oci.image.index.v1+json",
+    )
+    .await
+    .unwrap();
     let resolved = reg.resolve(&r).await.unwrap();
-    let want = if std::env::consts::ARCH == "aarch64" { &arm } else { &amd };
+    let want = if std::env::consts::ARCH == "aarch64" {
+        &arm
+    } else {
+        &amd
+    };
     assert_eq!(&resolved.digest, want);
     let mut cfg = insecure_config(&[&host]);
     cfg.platform = Some("linux/arm64".into());
     assert_eq!(client(&cfg).resolve(&r).await.unwrap().digest, arm);
     cfg.platform = Some("linux/s390x".into());
-    assert!(matches!(client(&cfg).resolve(&r).await, Err(RegistryError::Manifest(_))));
+    assert!(matches!(
+        client(&cfg).resolve(&r).await,
+        Err(RegistryError::Manifest(_))
+    ));
     // a Docker schema 2 manifest
     let raw = mock.store().manifest("multi/app", &amd).unwrap().1;
     let mut v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
     v["mediaType"] = "application/vnd.docker.distribution.manifest.v2+json".into();
     let body = serde_json::to_vec(&v).unwrap();
     let dr = parse_reference(&format!("{host}/multi/app:docker")).unwrap();
-    reg.push_manifest(&dr, Bytes::from(body.clone()), "application/vnd.docker.distribution.manifest.v2+json")
-        .await
-        .unwrap();
+    reg.push_manifest(
+        &dr,
+        Bytes::from(body.clone()),
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+    .await
+    .unwrap();
     let got = reg.resolve(&dr).await.unwrap();
     assert_eq!(got.digest, sha256_digest(&body));
     assert_eq!(got.manifest.layers.len(), 3);
     // a malformed manifest is an error, not a panic
     let br = parse_reference(&format!("{host}/multi/app:broken")).unwrap();
-    reg.push_manifest(&br, Bytes::from_static(b"{\"schemaVersion\": 2, \"layers\": 7}"), "application/vnd.oci.image.manifest.v1+json")
-        .await
-        .unwrap();
+    reg.push_manifest(
+        &br,
+        Bytes::from_static(b"{\"schemaVersion\": 2, \"layers\": 7}"),
+        "application/vnd.oci.image.manifest.v1+json",
+    )
+    .await
+    .unwrap();
     assert!(reg.resolve(&br).await.is_err());
 }
 
@@ -233,7 +283,10 @@ async fn docker_registry_with_htpasswd_basic_auth() {
         digest: sha256_digest(data),
         size: data.len() as u64,
     };
-    assert_eq!(good.fetch_range(&src, 4096, 10_000).await.unwrap(), data[4096..14_096]);
+    assert_eq!(
+        good.fetch_range(&src, 4096, 10_000).await.unwrap(),
+        data[4096..14_096]
+    );
     let meta = BlobSource {
         repo: r.clone(),
         digest: sha256_digest(&img.meta),
@@ -241,7 +294,10 @@ async fn docker_registry_with_htpasswd_basic_auth() {
     };
     assert_eq!(good.fetch_blob(&meta).await.unwrap(), img.meta);
     let bad = client(&with_creds(&dr.host, "puller", "wrong"));
-    assert!(matches!(bad.fetch_range(&src, 0, 10).await, Err(RegistryError::Unauthorized(_))));
+    assert!(matches!(
+        bad.fetch_range(&src, 0, 10).await,
+        Err(RegistryError::Unauthorized(_))
+    ));
     let anon = client(&insecure_config(&[&dr.host]));
     assert!(anon.resolve(&r).await.is_err());
 }

@@ -42,7 +42,10 @@ pub struct Counters {
 impl Counters {
     /// Blob GETs of `digest` that succeeded.
     pub fn blob_requests(&self, digest: &str) -> usize {
-        self.blob_hits.iter().filter(|h| h.digest == digest && h.status < 300).count()
+        self.blob_hits
+            .iter()
+            .filter(|h| h.digest == digest && h.status < 300)
+            .count()
     }
 
     /// Bytes of `digest` served by successful GETs.
@@ -56,14 +59,23 @@ impl Counters {
 
     /// Bytes served for all blobs.
     pub fn total_blob_bytes(&self) -> u64 {
-        self.blob_hits.iter().filter(|h| h.status < 300).map(|h| h.len).sum()
+        self.blob_hits
+            .iter()
+            .filter(|h| h.status < 300)
+            .map(|h| h.len)
+            .sum()
     }
 
     /// Successful GETs of `digest` whose range overlaps `[offset, offset + len)`.
     pub fn requests_overlapping(&self, digest: &str, offset: u64, len: u64) -> usize {
         self.blob_hits
             .iter()
-            .filter(|h| h.digest == digest && h.status < 300 && h.offset < offset + len && offset < h.offset + h.len)
+            .filter(|h| {
+                h.digest == digest
+                    && h.status < 300
+                    && h.offset < offset + len
+                    && offset < h.offset + h.len
+            })
             .count()
     }
 }
@@ -98,11 +110,20 @@ pub struct MockRegistry {
 impl MockRegistry {
     /// Start on `127.0.0.1` with a free port.
     pub async fn start(config: MockConfig) -> std::io::Result<MockRegistry> {
-        Self::start_on("127.0.0.1:0".parse().expect("literal address"), config, Store::default()).await
+        Self::start_on(
+            "127.0.0.1:0".parse().expect("literal address"),
+            config,
+            Store::default(),
+        )
+        .await
     }
 
     /// Start on `addr`, serving `store` (share a store between instances for redirects).
-    pub async fn start_on(addr: SocketAddr, config: MockConfig, store: Store) -> std::io::Result<MockRegistry> {
+    pub async fn start_on(
+        addr: SocketAddr,
+        config: MockConfig,
+        store: Store,
+    ) -> std::io::Result<MockRegistry> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {

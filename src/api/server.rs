@@ -89,7 +89,10 @@ async fn images(State(d): State<Arc<Daemon>>) -> Json<Vec<crate::catalog::ImageI
     Json(d.catalog.list())
 }
 
-async fn register(State(d): State<Arc<Daemon>>, Json(req): Json<RegisterRequest>) -> ApiResult<crate::catalog::ImageInfo> {
+async fn register(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<RegisterRequest>,
+) -> ApiResult<crate::catalog::ImageInfo> {
     let image = d.catalog.register(&req.reference).await.map_err(|e| {
         tracing::warn!(reference = %req.reference, error = %e, "register failed");
         (

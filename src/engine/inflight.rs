@@ -40,7 +40,9 @@ pub struct Inflight {
 impl Inflight {
     pub fn new(capacity: usize) -> Inflight {
         Inflight {
-            lru: Mutex::new(LruCache::new(NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN))),
+            lru: Mutex::new(LruCache::new(
+                NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN),
+            )),
         }
     }
 

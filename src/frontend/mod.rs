@@ -42,7 +42,10 @@ impl KernelFacts {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
         let erofs = std::fs::read_to_string("/proc/filesystems")
-            .map(|s| s.lines().any(|l| l.split_whitespace().last() == Some("erofs")))
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.split_whitespace().last() == Some("erofs"))
+            })
             .unwrap_or(false);
         KernelFacts {
             release,
@@ -58,9 +61,14 @@ pub fn choose(facts: &KernelFacts, choice: FrontendChoice) -> Result<Frontend, P
         return Err(ProbeError::NoErofs);
     }
     match choice {
-        FrontendChoice::Cachefiles | FrontendChoice::Auto if facts.cachefiles_device => Ok(Frontend::Cachefiles),
+        FrontendChoice::Cachefiles | FrontendChoice::Auto if facts.cachefiles_device => {
+            Ok(Frontend::Cachefiles)
+        }
         FrontendChoice::Cachefiles => Err(ProbeError::Forced(choice, "no /dev/cachefiles".into())),
-        FrontendChoice::Fanotify => Err(ProbeError::Forced(choice, "fanotify frontend not built yet".into())),
+        FrontendChoice::Fanotify => Err(ProbeError::Forced(
+            choice,
+            "fanotify frontend not built yet".into(),
+        )),
         FrontendChoice::Auto => Err(ProbeError::NoFrontend(facts.release.clone())),
     }
 }
@@ -76,12 +84,18 @@ mod tests {
             erofs: true,
             cachefiles_device: true,
         };
-        assert_eq!(choose(&f, FrontendChoice::Auto).unwrap(), Frontend::Cachefiles);
+        assert_eq!(
+            choose(&f, FrontendChoice::Auto).unwrap(),
+            Frontend::Cachefiles
+        );
         f.cachefiles_device = false;
         let e = choose(&f, FrontendChoice::Auto).unwrap_err().to_string();
         assert!(e.contains("CONFIG_CACHEFILES_ONDEMAND"), "{e}");
         assert!(choose(&f, FrontendChoice::Cachefiles).is_err());
         f.erofs = false;
-        assert!(matches!(choose(&f, FrontendChoice::Auto), Err(ProbeError::NoErofs)));
+        assert!(matches!(
+            choose(&f, FrontendChoice::Auto),
+            Err(ProbeError::NoErofs)
+        ));
     }
 }

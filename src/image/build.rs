@@ -12,8 +12,8 @@ use serde_json::json;
 
 use super::erofs::{self, DeviceSlot};
 use super::format::{
-    device_tag, BlobChunks, ChunkTable, ANNOTATION_FORMAT, FORMAT_VERSION, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_DATA,
-    MEDIA_TYPE_META,
+    device_tag, BlobChunks, ChunkTable, ANNOTATION_FORMAT, FORMAT_VERSION, MEDIA_TYPE_CHUNKS,
+    MEDIA_TYPE_DATA, MEDIA_TYPE_META,
 };
 use super::tree::{encode_rdev, FileData, Kind, Meta, Node, Tree};
 use crate::registry::{sha256_digest, Registry, RegistryError};
@@ -22,7 +22,10 @@ use crate::registry::{sha256_digest, Registry, RegistryError};
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Tree(#[from] super::tree::TreeError),
     #[error("{0}")]
@@ -162,9 +165,18 @@ pub fn from_dir(root: &Path, opts: &BuildOptions) -> Result<BuiltImage, BuildErr
                 }
             } else if ft.is_symlink() {
                 use std::os::unix::ffi::OsStrExt;
-                Kind::Symlink(std::fs::read_link(&path).map_err(io(&path))?.as_os_str().as_bytes().to_vec())
+                Kind::Symlink(
+                    std::fs::read_link(&path)
+                        .map_err(io(&path))?
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                )
             } else if ft.is_char_device() || ft.is_block_device() {
-                let rdev = encode_rdev(nix::sys::stat::major(md.rdev()) as u32, nix::sys::stat::minor(md.rdev()) as u32);
+                let rdev = encode_rdev(
+                    nix::sys::stat::major(md.rdev()) as u32,
+                    nix::sys::stat::minor(md.rdev()) as u32,
+                );
                 if ft.is_char_device() {
                     Kind::CharDev(rdev)
                 } else {
@@ -175,10 +187,20 @@ pub fn from_dir(root: &Path, opts: &BuildOptions) -> Result<BuiltImage, BuildErr
             } else if ft.is_socket() {
                 Kind::Socket
             } else {
-                return Err(BuildError::Unsupported(format!("{}: unknown file type", path.display())));
+                return Err(BuildError::Unsupported(format!(
+                    "{}: unknown file type",
+                    path.display()
+                )));
             };
             let is_dir = matches!(kind, Kind::Dir(_));
-            let idx = tree.insert(node, &name, Node { meta: meta_of(&md), kind })?;
+            let idx = tree.insert(
+                node,
+                &name,
+                Node {
+                    meta: meta_of(&md),
+                    kind,
+                },
+            )?;
             if is_dir {
                 stack.push((path, idx));
             } else if md.nlink() > 1 {
@@ -202,7 +224,12 @@ fn meta_of(md: &std::fs::Metadata) -> Meta {
 
 /// Push a built image (data blobs, chunk table, metadata blob, config, manifest) and tag it;
 /// returns the manifest digest. `config` is the image config JSON (a minimal one if `None`).
-pub async fn push(registry: &Registry, reference: &Reference, img: &BuiltImage, config: Option<Vec<u8>>) -> Result<String, RegistryError> {
+pub async fn push(
+    registry: &Registry,
+    reference: &Reference,
+    img: &BuiltImage,
+    config: Option<Vec<u8>>,
+) -> Result<String, RegistryError> {
     let config = config.unwrap_or_else(|| {
         serde_json::to_vec(&json!({
             "architecture": registry.platform().arch,
@@ -212,19 +239,25 @@ pub async fn push(registry: &Registry, reference: &Reference, img: &BuiltImage, 
         }))
         .unwrap_or_default()
     });
-    let desc = |media_type: &str, data: &[u8]| {
-        json!({"mediaType": media_type, "digest": sha256_digest(data), "size": data.len()})
-    };
+    let desc = |media_type: &str, data: &[u8]| json!({"mediaType": media_type, "digest": sha256_digest(data), "size": data.len()});
     let mut layers = vec![desc(MEDIA_TYPE_META, &img.meta)];
     let table = img.table.to_json();
     layers.push(desc(MEDIA_TYPE_CHUNKS, &table));
     for d in &img.data {
-        registry.push_blob(reference, Bytes::from(d.clone())).await?;
+        registry
+            .push_blob(reference, Bytes::from(d.clone()))
+            .await?;
         layers.push(desc(MEDIA_TYPE_DATA, d));
     }
-    registry.push_blob(reference, Bytes::from(table.clone())).await?;
-    registry.push_blob(reference, Bytes::from(img.meta.clone())).await?;
-    registry.push_blob(reference, Bytes::from(config.clone())).await?;
+    registry
+        .push_blob(reference, Bytes::from(table.clone()))
+        .await?;
+    registry
+        .push_blob(reference, Bytes::from(img.meta.clone()))
+        .await?;
+    registry
+        .push_blob(reference, Bytes::from(config.clone()))
+        .await?;
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
@@ -234,6 +267,10 @@ pub async fn push(registry: &Registry, reference: &Reference, img: &BuiltImage, 
     });
     let raw = serde_json::to_vec(&manifest).map_err(|e| RegistryError::Manifest(e.to_string()))?;
     registry
-        .push_manifest(reference, Bytes::from(raw), oci_client::manifest::OCI_IMAGE_MEDIA_TYPE)
+        .push_manifest(
+            reference,
+            Bytes::from(raw),
+            oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
+        )
         .await
 }

@@ -67,7 +67,10 @@ impl BlobChunks {
     /// Decoded digests, validated against size and chunk size.
     pub fn digests(&self, chunk_size: u64) -> Result<Vec<[u8; 32]>, FormatError> {
         if self.size > MAX_BLOB_SIZE {
-            return Err(FormatError::ChunkTable(format!("blob {} size {} too large", self.digest, self.size)));
+            return Err(FormatError::ChunkTable(format!(
+                "blob {} size {} too large",
+                self.digest, self.size
+            )));
         }
         let want = self.size.div_ceil(chunk_size) as usize;
         if self.chunks.len() != want * 64 {
@@ -89,12 +92,19 @@ impl BlobChunks {
 impl ChunkTable {
     /// Parse and validate a table fetched from a registry.
     pub fn parse(bytes: &[u8]) -> Result<ChunkTable, FormatError> {
-        let t: ChunkTable = serde_json::from_slice(bytes).map_err(|e| FormatError::ChunkTable(e.to_string()))?;
+        let t: ChunkTable =
+            serde_json::from_slice(bytes).map_err(|e| FormatError::ChunkTable(e.to_string()))?;
         if t.version != 1 {
-            return Err(FormatError::ChunkTable(format!("unsupported version {}", t.version)));
+            return Err(FormatError::ChunkTable(format!(
+                "unsupported version {}",
+                t.version
+            )));
         }
         if t.chunk_size < 4096 || !t.chunk_size.is_power_of_two() || t.chunk_size > 1 << 30 {
-            return Err(FormatError::ChunkTable(format!("chunk size {} invalid", t.chunk_size)));
+            return Err(FormatError::ChunkTable(format!(
+                "chunk size {} invalid",
+                t.chunk_size
+            )));
         }
         for b in &t.blobs {
             b.digests(t.chunk_size)?;
@@ -118,7 +128,10 @@ pub struct LazyManifest {
 impl LazyManifest {
     /// Pick the roles out of an image manifest, rejecting anything else.
     pub fn from_manifest(m: &OciImageManifest) -> Result<LazyManifest, FormatError> {
-        let version = m.annotations.as_ref().and_then(|a| a.get(ANNOTATION_FORMAT));
+        let version = m
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_FORMAT));
         if version.map(String::as_str) != Some(FORMAT_VERSION) {
             return Err(FormatError::NotLazyblob(format!(
                 "annotation {ANNOTATION_FORMAT} is {version:?}, expected {FORMAT_VERSION:?}"
@@ -129,13 +142,20 @@ impl LazyManifest {
         let mut data = Vec::new();
         for l in &m.layers {
             if l.size < 0 || l.size as u64 > MAX_BLOB_SIZE {
-                return Err(FormatError::NotLazyblob(format!("layer {} has size {}", l.digest, l.size)));
+                return Err(FormatError::NotLazyblob(format!(
+                    "layer {} has size {}",
+                    l.digest, l.size
+                )));
             }
             match l.media_type.as_str() {
                 MEDIA_TYPE_META if meta.is_none() => meta = Some(l.clone()),
                 MEDIA_TYPE_CHUNKS if table.is_none() => table = Some(l.clone()),
                 MEDIA_TYPE_DATA => data.push(l.clone()),
-                other => return Err(FormatError::NotLazyblob(format!("unexpected layer media type {other}"))),
+                other => {
+                    return Err(FormatError::NotLazyblob(format!(
+                        "unexpected layer media type {other}"
+                    )))
+                }
             }
         }
         Ok(LazyManifest {
@@ -149,7 +169,9 @@ impl LazyManifest {
 /// The EROFS fsid under which an image is mounted over fscache: derived from the manifest
 /// digest, so the same image always gets the same fsid and cache files.
 pub fn fsid_for(manifest_digest: &str) -> String {
-    let hex = manifest_digest.strip_prefix("sha256:").unwrap_or(manifest_digest);
+    let hex = manifest_digest
+        .strip_prefix("sha256:")
+        .unwrap_or(manifest_digest);
     format!("lb-{}", &hex[..hex.len().min(32)])
 }
 

@@ -86,8 +86,16 @@ impl Tree {
     pub const ROOT: usize = 0;
 
     fn check_name(name: &[u8]) -> Result<(), TreeError> {
-        if name.is_empty() || name.len() > 255 || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
-            return Err(TreeError::BadName(String::from_utf8_lossy(name).into_owned()));
+        if name.is_empty()
+            || name.len() > 255
+            || name == b"."
+            || name == b".."
+            || name.contains(&b'/')
+            || name.contains(&0)
+        {
+            return Err(TreeError::BadName(
+                String::from_utf8_lossy(name).into_owned(),
+            ));
         }
         Ok(())
     }

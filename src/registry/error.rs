@@ -42,7 +42,9 @@ impl RegistryError {
     /// arrived short or corrupted.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RegistryError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            RegistryError::Status { status, .. } => {
+                *status >= 500 || *status == 429 || *status == 408
+            }
             RegistryError::Transport(_)
             | RegistryError::Timeout(_)
             | RegistryError::Truncated { .. }
@@ -58,7 +60,10 @@ impl From<OciDistributionError> for RegistryError {
         match e {
             E::UnauthorizedError { url } => RegistryError::Unauthorized(url),
             E::AuthenticationFailure(m) => RegistryError::Unauthorized(m),
-            E::ServerError { code, url, .. } if code == 404 => RegistryError::NotFound { what: "object", url },
+            E::ServerError { code: 404, url, .. } => RegistryError::NotFound {
+                what: "object",
+                url,
+            },
             E::ServerError { code, url, .. } => RegistryError::Status { status: code, url },
             E::RegistryError { envelope, url } => {
                 let unknown = envelope.errors.iter().any(|e| {
@@ -70,12 +75,16 @@ impl From<OciDistributionError> for RegistryError {
                     )
                 });
                 if unknown {
-                    RegistryError::NotFound { what: "object", url }
+                    RegistryError::NotFound {
+                        what: "object",
+                        url,
+                    }
                 } else {
                     let denied = envelope.errors.iter().any(|e| {
                         matches!(
                             e.code,
-                            oci_client::errors::OciErrorCode::Denied | oci_client::errors::OciErrorCode::Unauthorized
+                            oci_client::errors::OciErrorCode::Denied
+                                | oci_client::errors::OciErrorCode::Unauthorized
                         )
                     });
                     if denied {
@@ -100,8 +109,12 @@ impl From<OciDistributionError> for RegistryError {
             E::IoError(io) => RegistryError::Transport(io.to_string()),
             E::ImageManifestNotFoundError(m) => RegistryError::Manifest(m),
             E::ManifestParsingError(m) | E::VersionedParsingError(m) => RegistryError::Manifest(m),
-            E::UnsupportedMediaTypeError(m) => RegistryError::Manifest(format!("unsupported media type {m}")),
-            E::UnsupportedSchemaVersionError(v) => RegistryError::Manifest(format!("unsupported schema version {v}")),
+            E::UnsupportedMediaTypeError(m) => {
+                RegistryError::Manifest(format!("unsupported media type {m}"))
+            }
+            E::UnsupportedSchemaVersionError(v) => {
+                RegistryError::Manifest(format!("unsupported schema version {v}"))
+            }
             E::DigestError(d) => RegistryError::DigestMismatch {
                 what: "manifest".into(),
                 expected: String::new(),
@@ -130,11 +143,31 @@ mod tests {
 
     #[test]
     fn classification() {
-        assert!(RegistryError::Status { status: 503, url: String::new() }.is_retryable());
-        assert!(RegistryError::Status { status: 429, url: String::new() }.is_retryable());
-        assert!(!RegistryError::Status { status: 403, url: String::new() }.is_retryable());
-        assert!(!RegistryError::NotFound { what: "blob", url: String::new() }.is_retryable());
-        assert!(RegistryError::Truncated { expected: 2, got: 1 }.is_retryable());
+        assert!(RegistryError::Status {
+            status: 503,
+            url: String::new()
+        }
+        .is_retryable());
+        assert!(RegistryError::Status {
+            status: 429,
+            url: String::new()
+        }
+        .is_retryable());
+        assert!(!RegistryError::Status {
+            status: 403,
+            url: String::new()
+        }
+        .is_retryable());
+        assert!(!RegistryError::NotFound {
+            what: "blob",
+            url: String::new()
+        }
+        .is_retryable());
+        assert!(RegistryError::Truncated {
+            expected: 2,
+            got: 1
+        }
+        .is_retryable());
         assert!(!RegistryError::Unauthorized(String::new()).is_retryable());
     }
 }

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
 use oci_client::manifest::{OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
@@ -100,8 +102,9 @@ impl Registry {
         let mut extra = Vec::new();
         for h in &cfg.hosts {
             if let Some(ca) = &h.ca_file {
-                let data = std::fs::read(ca)
-                    .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
+                let data = std::fs::read(ca).map_err(|e| {
+                    RegistryError::Credentials(format!("ca_file {}: {e}", ca.display()))
+                })?;
                 extra.push(Certificate {
                     encoding: CertificateEncoding::Pem,
                     data,
@@ -149,18 +152,29 @@ impl Registry {
     /// Resolve a reference to an image manifest; an index resolves to this node's platform.
     pub async fn resolve(&self, reference: &Reference) -> Result<ResolvedManifest, RegistryError> {
         let (raw, digest) = self.fetch_manifest_raw(reference).await?;
-        let parsed: OciManifest =
-            serde_json::from_slice(&raw).map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
+        let parsed: OciManifest = serde_json::from_slice(&raw)
+            .map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
         match parsed {
-            OciManifest::Image(manifest) => Ok(ResolvedManifest { manifest, digest, raw }),
+            OciManifest::Image(manifest) => Ok(ResolvedManifest {
+                manifest,
+                digest,
+                raw,
+            }),
             OciManifest::ImageIndex(index) => {
                 let chosen = self.platform.choose(&index.manifests).ok_or_else(|| {
-                    RegistryError::Manifest(format!("{reference}: index has no manifest for platform {}", self.platform))
+                    RegistryError::Manifest(format!(
+                        "{reference}: index has no manifest for platform {}",
+                        self.platform
+                    ))
                 })?;
                 let by_digest = reference.clone_with_digest(chosen.clone());
                 let (raw, digest) = self.fetch_manifest_raw(&by_digest).await?;
                 match serde_json::from_slice::<OciManifest>(&raw) {
-                    Ok(OciManifest::Image(manifest)) => Ok(ResolvedManifest { manifest, digest, raw }),
+                    Ok(OciManifest::Image(manifest)) => Ok(ResolvedManifest {
+                        manifest,
+                        digest,
+                        raw,
+                    }),
                     Ok(OciManifest::ImageIndex(_)) => Err(RegistryError::Manifest(format!(
                         "{reference}: index entry {chosen} is itself an index"
                     ))),
@@ -170,10 +184,16 @@ impl Registry {
         }
     }
 
-    async fn fetch_manifest_raw(&self, reference: &Reference) -> Result<(Bytes, String), RegistryError> {
+    async fn fetch_manifest_raw(
+        &self,
+        reference: &Reference,
+    ) -> Result<(Bytes, String), RegistryError> {
         let (raw, digest) = self
             .with_endpoints(reference, "manifest", |ep, auth| async move {
-                let (raw, digest) = self.client.pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES).await?;
+                let (raw, digest) = self
+                    .client
+                    .pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES)
+                    .await?;
                 Ok((raw, digest))
             })
             .await?;
@@ -217,7 +237,12 @@ impl Registry {
 
     /// Fetch exactly `[offset, offset + len)` of a blob. The bytes are NOT verified here: the
     /// blob engine checks them against the chunk digest table.
-    pub async fn fetch_range(&self, src: &BlobSource, offset: u64, len: u64) -> Result<Bytes, RegistryError> {
+    pub async fn fetch_range(
+        &self,
+        src: &BlobSource,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, RegistryError> {
         self.fetch_range_checked(src, offset, len, |_| Ok(())).await
     }
 
@@ -252,8 +277,15 @@ impl Registry {
     pub async fn push_blob(&self, repo: &Reference, data: Bytes) -> Result<String, RegistryError> {
         let digest = sha256_digest(&data);
         let auth = self.auth_for(repo)?;
-        self.client.auth(repo, &auth, RegistryOperation::Push).await?;
-        if self.client.blob_exists(repo, &digest).await.unwrap_or(false) {
+        self.client
+            .auth(repo, &auth, RegistryOperation::Push)
+            .await?;
+        if self
+            .client
+            .blob_exists(repo, &digest)
+            .await
+            .unwrap_or(false)
+        {
             return Ok(digest);
         }
         self.policy
@@ -267,9 +299,16 @@ impl Registry {
     }
 
     /// Push a manifest under the reference's tag (or digest); returns the manifest digest.
-    pub async fn push_manifest(&self, reference: &Reference, raw: Bytes, media_type: &str) -> Result<String, RegistryError> {
+    pub async fn push_manifest(
+        &self,
+        reference: &Reference,
+        raw: Bytes,
+        media_type: &str,
+    ) -> Result<String, RegistryError> {
         let auth = self.auth_for(reference)?;
-        self.client.auth(reference, &auth, RegistryOperation::Push).await?;
+        self.client
+            .auth(reference, &auth, RegistryOperation::Push)
+            .await?;
         let ct = reqwest::header::HeaderValue::from_str(media_type)
             .map_err(|_| RegistryError::Manifest(format!("bad media type {media_type:?}")))?;
         self.policy
@@ -291,12 +330,7 @@ impl Registry {
         let mut eps: Vec<Reference> = self
             .cfg
             .host(reference.registry())
-            .map(|h| {
-                h.mirrors
-                    .iter()
-                    .map(|m| retarget(reference, m))
-                    .collect()
-            })
+            .map(|h| h.mirrors.iter().map(|m| retarget(reference, m)).collect())
             .unwrap_or_default();
         eps.push(reference.clone());
         eps
@@ -304,7 +338,12 @@ impl Registry {
 
     /// Run `op` against each endpoint (mirrors first) with retries, re-authenticating once on
     /// 401, within one deadline for the whole operation.
-    async fn with_endpoints<T, F, Fut>(&self, reference: &Reference, what: &str, op: F) -> Result<T, RegistryError>
+    async fn with_endpoints<T, F, Fut>(
+        &self,
+        reference: &Reference,
+        what: &str,
+        op: F,
+    ) -> Result<T, RegistryError>
     where
         F: Fn(Reference, RegistryAuth) -> Fut,
         Fut: std::future::Future<Output = Result<T, RegistryError>>,
@@ -315,7 +354,9 @@ impl Registry {
         let n_eps = eps.len();
         for (i, ep) in eps.into_iter().enumerate() {
             let auth = self.auth_for(&ep)?;
-            self.client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
+            self.client
+                .store_auth_if_needed(ep.resolve_registry(), &auth)
+                .await;
             let _permit = self.permit(ep.registry()).await;
             let res = self
                 .policy
@@ -331,12 +372,17 @@ impl Registry {
                         }
                         match op(ep.clone(), auth.clone()).await {
                             Err(RegistryError::Unauthorized(url)) => {
-                                tracing::info!(registry = ep.registry(), "401 from registry, re-authenticating");
+                                tracing::info!(
+                                    registry = ep.registry(),
+                                    "401 from registry, re-authenticating"
+                                );
                                 self.client
                                     .auth(&ep, &auth, RegistryOperation::Pull)
                                     .await
                                     .map_err(|e| match RegistryError::from(e) {
-                                        RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),
+                                        RegistryError::Unauthorized(_) => {
+                                            RegistryError::Unauthorized(url)
+                                        }
                                         other => other,
                                     })?;
                                 op(ep, auth).await
@@ -349,7 +395,9 @@ impl Registry {
             match res {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    self.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats
+                        .failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if i + 1 < n_eps {
                         tracing::warn!(endpoint = ep.registry(), error = %e, "endpoint failed, trying the next one");
                     }
@@ -368,7 +416,9 @@ impl Registry {
                 .clone()
         };
         // The semaphore is never closed, so acquiring cannot fail.
-        sem.acquire_owned().await.expect("registry semaphore is never closed")
+        sem.acquire_owned()
+            .await
+            .expect("registry semaphore is never closed")
     }
 
     /// One range GET on one endpoint; returns exactly `len` bytes or an error.
@@ -388,7 +438,11 @@ impl Registry {
             size: src.size as i64,
             ..Default::default()
         };
-        let (stream, skip) = match self.client.pull_blob_stream_partial(ep, &layer, offset, Some(len)).await? {
+        let (stream, skip) = match self
+            .client
+            .pull_blob_stream_partial(ep, &layer, offset, Some(len))
+            .await?
+        {
             BlobResponse::Partial(s) => (s, 0),
             // The server ignored Range and sent the whole blob: skip to the offset.
             BlobResponse::Full(s) => (s, offset),
@@ -425,9 +479,17 @@ impl Registry {
 /// The same repository and tag/digest on another registry host (a mirror).
 fn retarget(r: &Reference, host: &str) -> Reference {
     match (r.tag(), r.digest()) {
-        (_, Some(d)) => Reference::with_digest(host.to_string(), r.repository().to_string(), d.to_string()),
-        (Some(t), None) => Reference::with_tag(host.to_string(), r.repository().to_string(), t.to_string()),
-        (None, None) => Reference::with_tag(host.to_string(), r.repository().to_string(), "latest".into()),
+        (_, Some(d)) => {
+            Reference::with_digest(host.to_string(), r.repository().to_string(), d.to_string())
+        }
+        (Some(t), None) => {
+            Reference::with_tag(host.to_string(), r.repository().to_string(), t.to_string())
+        }
+        (None, None) => Reference::with_tag(
+            host.to_string(),
+            r.repository().to_string(),
+            "latest".into(),
+        ),
     }
 }
 

@@ -94,8 +94,14 @@ mod tests {
     #[test]
     fn chooses_os_arch_and_variant() {
         let entries = vec![
-            entry("sha256:a", r#"{"os":"linux","architecture":"arm","variant":"v6"}"#),
-            entry("sha256:b", r#"{"os":"linux","architecture":"arm","variant":"v7"}"#),
+            entry(
+                "sha256:a",
+                r#"{"os":"linux","architecture":"arm","variant":"v6"}"#,
+            ),
+            entry(
+                "sha256:b",
+                r#"{"os":"linux","architecture":"arm","variant":"v7"}"#,
+            ),
             entry("sha256:c", r#"{"os":"linux","architecture":"amd64"}"#),
             entry("sha256:d", r#"{"os":"windows","architecture":"amd64"}"#),
         ];

@@ -10,11 +10,17 @@ use sha2::{Digest, Sha256};
 
 /// Fail (never skip) when a precondition is missing: CI must see it.
 pub fn require(cond: bool, what: &str) {
-    assert!(cond, "PRECONDITION MISSING: {what}. This test cannot run here; install it (see README 'Tests').");
+    assert!(
+        cond,
+        "PRECONDITION MISSING: {what}. This test cannot run here; install it (see README 'Tests')."
+    );
 }
 
 pub fn require_root() {
-    require(nix::unistd::geteuid().is_root(), "root privileges (mount, /dev/cachefiles, fanotify)");
+    require(
+        nix::unistd::geteuid().is_root(),
+        "root privileges (mount, /dev/cachefiles, fanotify)",
+    );
 }
 
 pub fn require_tool(tool: &str, package: &str) {
@@ -31,11 +37,17 @@ pub fn vm_rig() -> PathBuf {
     let dir = std::env::var_os("LAZYBLOB_VM_RIG")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vm"));
-    require(dir.join("run-vm.sh").is_file() && dir.join("bzImage").is_file(), "the VM rig at ../shared/vm");
+    require(
+        dir.join("run-vm.sh").is_file() && dir.join("bzImage").is_file(),
+        "the VM rig at ../shared/vm",
+    );
     require_tool("qemu-system-x86_64", "qemu-system-x86");
     require_tool("mkfs.ext4", "e2fsprogs");
     require_tool("cpio", "cpio");
-    require(Path::new("/bin/busybox").is_file() || Path::new("/usr/bin/busybox").is_file(), "static busybox (busybox-static)");
+    require(
+        Path::new("/bin/busybox").is_file() || Path::new("/usr/bin/busybox").is_file(),
+        "static busybox (busybox-static)",
+    );
     dir
 }
 
@@ -69,7 +81,10 @@ pub fn write_tree(root: &Path, files: &BTreeMap<String, Vec<u8>>) {
 
 /// `sha256sum -c` input for `files`.
 pub fn sha256sum_list(files: &BTreeMap<String, Vec<u8>>) -> String {
-    files.iter().map(|(p, d)| format!("{}  ./{}\n", sha256_hex(d), p)).collect()
+    files
+        .iter()
+        .map(|(p, d)| format!("{}  ./{}\n", sha256_hex(d), p))
+        .collect()
 }
 
 /// A mixed tree: many small files, some medium, a few multi-MiB ones, nested dirs.
@@ -77,16 +92,27 @@ pub fn mixed_files(seed: u64, small: usize, large_mib: &[usize]) -> BTreeMap<Str
     let mut files = BTreeMap::new();
     for i in 0..small {
         let len = 100 + (i * 7919) % 30_000;
-        files.insert(format!("d{}/sub{}/f{i}.dat", i % 7, i % 3), bytes(seed * 1000 + i as u64, len));
+        files.insert(
+            format!("d{}/sub{}/f{i}.dat", i % 7, i % 3),
+            bytes(seed * 1000 + i as u64, len),
+        );
     }
     for (k, mib) in large_mib.iter().enumerate() {
-        files.insert(format!("big/large{k}.bin"), bytes(seed * 7 + k as u64 + 99, mib << 20));
+        files.insert(
+            format!("big/large{k}.bin"),
+            bytes(seed * 7 + k as u64 + 99, mib << 20),
+        );
     }
     files
 }
 
 /// Run the VM rig on `payload` (and `share` at /host), returning (exit code, console).
-pub async fn run_vm(payload: &Path, share: &Path, libs_for: &Path, timeout_s: u64) -> (i32, String) {
+pub async fn run_vm(
+    payload: &Path,
+    share: &Path,
+    libs_for: &Path,
+    timeout_s: u64,
+) -> (i32, String) {
     let rig = vm_rig();
     let out = tokio::process::Command::new("bash")
         .arg(rig.join("run-vm.sh"))
@@ -102,7 +128,8 @@ pub async fn run_vm(payload: &Path, share: &Path, libs_for: &Path, timeout_s: u6
         .await
         .expect("VM run did not end")
         .expect("run-vm.sh could not start");
-    let console = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let console =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), console)
 }
 
@@ -153,7 +180,9 @@ pub fn insecure_config(hosts: &[&str]) -> lazyblob::config::RegistryConfig {
 
 /// A registry client with explicit credentials (no docker config lookup).
 pub fn client(cfg: &lazyblob::config::RegistryConfig) -> lazyblob::registry::Registry {
-    let creds = lazyblob::registry::credentials::Credentials::new(&cfg.hosts, Some(&empty_docker_config())).unwrap();
+    let creds =
+        lazyblob::registry::credentials::Credentials::new(&cfg.hosts, Some(&empty_docker_config()))
+            .unwrap();
     lazyblob::registry::Registry::with_credentials(cfg, 16, creds).unwrap()
 }
 
@@ -164,7 +193,10 @@ fn empty_docker_config() -> PathBuf {
 }
 
 /// Build an image from `files` spread over `blobs` data blobs.
-pub fn build_files(files: &BTreeMap<String, Vec<u8>>, blobs: usize) -> lazyblob::image::build::BuiltImage {
+pub fn build_files(
+    files: &BTreeMap<String, Vec<u8>>,
+    blobs: usize,
+) -> lazyblob::image::build::BuiltImage {
     let dir = tempfile::tempdir().unwrap();
     write_tree(dir.path(), files);
     lazyblob::image::build::from_dir(
@@ -179,9 +211,16 @@ pub fn build_files(files: &BTreeMap<String, Vec<u8>>, blobs: usize) -> lazyblob:
 }
 
 /// Push `img` as `host/name` and return the manifest digest.
-pub async fn push_image(reg: &lazyblob::registry::Registry, host: &str, name: &str, img: &lazyblob::image::build::BuiltImage) -> String {
+pub async fn push_image(
+    reg: &lazyblob::registry::Registry,
+    host: &str,
+    name: &str,
+    img: &lazyblob::image::build::BuiltImage,
+) -> String {
     let r = lazyblob::registry::parse_reference(&format!("{host}/{name}")).unwrap();
-    lazyblob::image::build::push(reg, &r, img, None).await.unwrap()
+    lazyblob::image::build::push(reg, &r, img, None)
+        .await
+        .unwrap()
 }
 
 /// Debian's `docker-registry` (CNCF distribution) on a free loopback port, optionally with
@@ -196,11 +235,18 @@ impl DockerRegistry {
     pub fn start(basic: Option<(&str, &str)>) -> DockerRegistry {
         require_tool("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut auth = String::new();
         if let Some((u, p)) = basic {
             require_tool("htpasswd", "apache2-utils");
-            let out = std::process::Command::new("htpasswd").args(["-Bbn", u, p]).output().unwrap();
+            let out = std::process::Command::new("htpasswd")
+                .args(["-Bbn", u, p])
+                .output()
+                .unwrap();
             assert!(out.status.success());
             std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
             auth = format!(
@@ -227,7 +273,11 @@ impl DockerRegistry {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        DockerRegistry { host, child, _dir: dir }
+        DockerRegistry {
+            host,
+            child,
+            _dir: dir,
+        }
     }
 }
 

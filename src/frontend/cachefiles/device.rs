@@ -45,7 +45,10 @@ impl Device {
         let bytes = cmd.to_bytes();
         let n = (&self.file).write(&bytes)?;
         if n != bytes.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "short command write"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short command write",
+            ));
         }
         Ok(())
     }
@@ -54,8 +57,10 @@ impl Device {
     pub fn into_async(self) -> io::Result<tokio::io::unix::AsyncFd<Device>> {
         // SAFETY: `Device` owns its `File`, so the fd stays open and `as_raw_fd` returns the
         // same descriptor for as long as the AsyncFd (which takes ownership) lives.
-        unsafe { tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)
     }
 
     /// Read one pending message into `buf`; `Ok(0)` or `WouldBlock` when none is pending.
@@ -145,8 +150,13 @@ impl AlignedBuf {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(raw).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        Ok(AlignedBuf { ptr, len: size, layout })
+        let ptr = std::ptr::NonNull::new(raw)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(AlignedBuf {
+            ptr,
+            len: size,
+            layout,
+        })
     }
 
     /// The whole (rounded-up) buffer.

@@ -152,10 +152,17 @@ pub fn xattr_body(xattrs: &[(&[u8], &[u8])]) -> Result<Option<Vec<u8>>, String> 
     }
     let mut b = vec![0u8; XATTR_IBODY_HEADER];
     for (name, value) in xattrs {
-        let (index, suffix) =
-            xattr_prefix(name).ok_or_else(|| format!("xattr {:?} has a prefix EROFS cannot store", String::from_utf8_lossy(name)))?;
+        let (index, suffix) = xattr_prefix(name).ok_or_else(|| {
+            format!(
+                "xattr {:?} has a prefix EROFS cannot store",
+                String::from_utf8_lossy(name)
+            )
+        })?;
         if suffix.len() > NAME_MAX || value.len() > u16::MAX as usize {
-            return Err(format!("xattr {:?} too large", String::from_utf8_lossy(name)));
+            return Err(format!(
+                "xattr {:?} too large",
+                String::from_utf8_lossy(name)
+            ));
         }
         b.push(suffix.len() as u8);
         b.push(index);
@@ -227,8 +234,11 @@ mod tests {
 
     #[test]
     fn dir_blocks_never_split_entries() {
-        let names: Vec<Vec<u8>> = (0..600).map(|i| format!("file-with-a-longish-name-{i:05}").into_bytes()).collect();
-        let entries: Vec<(&[u8], u64, u8)> = names.iter().map(|n| (n.as_slice(), 7, ft::REG)).collect();
+        let names: Vec<Vec<u8>> = (0..600)
+            .map(|i| format!("file-with-a-longish-name-{i:05}").into_bytes())
+            .collect();
+        let entries: Vec<(&[u8], u64, u8)> =
+            names.iter().map(|n| (n.as_slice(), 7, ft::REG)).collect();
         let d = dir_data(&entries);
         let mut seen = 0;
         for block in d.chunks(BLOCK as usize) {
@@ -245,7 +255,9 @@ mod tests {
 
     #[test]
     fn xattrs_encode_with_prefix_indexes() {
-        let body = xattr_body(&[(b"security.capability", b"\x01\x02"), (b"user.k", b"v")]).unwrap().unwrap();
+        let body = xattr_body(&[(b"security.capability", b"\x01\x02"), (b"user.k", b"v")])
+            .unwrap()
+            .unwrap();
         assert_eq!(body.len() % 4, 0);
         assert_eq!(body[12], b"capability".len() as u8);
         assert_eq!(body[13], 6);

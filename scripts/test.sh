@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The test command (README "Tests"): installs what the tests need, checks formatting and lints,
+# then runs every test, real-kernel ones included (host fanotify, VM rig cachefiles).
+# Needs root (mounts, /dev/cachefiles in the guest, fanotify) and ../shared/vm beside the repo.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+packages=(qemu-system-x86 busybox-static cpio e2fsprogs erofs-utils docker-registry skopeo apache2-utils)
+if [ "$(id -u)" != 0 ]; then
+	echo "scripts/test.sh: the tests mount filesystems and use fanotify: run as root" >&2
+	exit 1
+fi
+missing=()
+for p in "${packages[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "== installing ${missing[*]}"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [ ! -x ../shared/vm/run-vm.sh ] && [ -z "${LAZYBLOB_VM_RIG:-}" ]; then
+	echo "scripts/test.sh: the VM rig (../shared/vm) is missing: the cachefiles tests cannot run" >&2
+	exit 1
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test (unit, registry, engine, host kernel, VM kernel)"
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2
