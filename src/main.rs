@@ -58,6 +58,24 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Convert an OCI/Docker image into a lazyblob image. SRC and DST are registry references
+    /// (`host/repo:tag`, `docker://...`) or OCI layouts (`oci:DIR:TAG`).
+    Convert {
+        src: String,
+        dst: String,
+        /// Platform to convert from an index (`os/arch[/variant]`; default: this node's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Convert every platform of an index and write an index.
+        #[arg(long)]
+        all_platforms: bool,
+        /// Verified chunk size of data blobs.
+        #[arg(long, default_value_t = lazyblob::image::format::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u64,
+        /// Configuration (registry credentials, insecure hosts).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Register an image with the running daemon; prints its fsid.
     Register {
         reference: String,
@@ -160,6 +178,48 @@ fn main() -> Result<()> {
                     let digest = lazyblob::image::build::push(&registry, &r, &img, None).await?;
                     println!("{digest}");
                 }
+                Ok(())
+            }
+            Cmd::Convert {
+                src,
+                dst,
+                platform,
+                all_platforms,
+                chunk_size,
+                config,
+            } => {
+                use lazyblob::image::convert::{convert, ConvertOptions, Location};
+                if chunk_size < 4096 || !chunk_size.is_power_of_two() {
+                    anyhow::bail!("--chunk-size must be a power of two >= 4096");
+                }
+                let cfg = match config {
+                    Some(p) => Config::load(&p)?,
+                    None => Config::default(),
+                };
+                let registry = lazyblob::registry::Registry::new(&cfg.registry, cfg.engine.max_concurrent_fetches)?;
+                let src_loc: Location = src.parse().with_context(|| format!("source {src}"))?;
+                let dst_loc: Location = dst.parse().with_context(|| format!("destination {dst}"))?;
+                let opts = ConvertOptions {
+                    platform: platform.map(|p| p.parse()).transpose().map_err(anyhow::Error::msg)?,
+                    all_platforms,
+                    chunk_size,
+                    progress: true,
+                    ..Default::default()
+                };
+                let t0 = std::time::Instant::now();
+                let r = convert(&registry, &src_loc, &dst_loc, &opts)
+                    .await
+                    .with_context(|| format!("converting {src} to {dst}"))?;
+                let secs = t0.elapsed().as_secs_f64();
+                eprintln!(
+                    "converted {} image(s), {} entries, {} bytes of file data in {:.2}s ({:.1} MB/s)",
+                    r.images,
+                    r.files,
+                    r.layer_bytes,
+                    secs,
+                    r.layer_bytes as f64 / 1e6 / secs.max(1e-9)
+                );
+                println!("{}", r.digest);
                 Ok(())
             }
             Cmd::Register { reference, socket } => {

@@ -89,6 +89,27 @@ impl BlobWriter {
         }
     }
 
+    /// Append exactly `size` bytes read from `r` to blob `b` on a 4 KiB boundary.
+    pub fn add_reader<R: std::io::Read + ?Sized>(&mut self, b: usize, r: &mut R, size: u64) -> std::io::Result<FileData> {
+        let b = b % self.blobs.len();
+        let blob = &mut self.blobs[b];
+        let offset = blob.len().div_ceil(4096) * 4096;
+        blob.resize(offset, 0);
+        let got = std::io::copy(&mut std::io::Read::take(r, size), blob)?;
+        if got != size {
+            blob.truncate(offset);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("truncated: {got} of {size} bytes"),
+            ));
+        }
+        Ok(FileData::Blob {
+            device: b as u16 + 1,
+            offset: offset as u64,
+            size,
+        })
+    }
+
     /// Pad blobs to whole blocks, drop empty ones (renumbering devices in `tree`), write the
     /// metadata image and the chunk table.
     pub fn finish(self, mut tree: Tree, chunk_size: u64) -> Result<BuiltImage, BuildError> {
@@ -222,55 +243,66 @@ fn meta_of(md: &std::fs::Metadata) -> Meta {
     }
 }
 
-/// Push a built image (data blobs, chunk table, metadata blob, config, manifest) and tag it;
-/// returns the manifest digest. `config` is the image config JSON (a minimal one if `None`).
-pub async fn push(
-    registry: &Registry,
-    reference: &Reference,
-    img: &BuiltImage,
-    config: Option<Vec<u8>>,
-) -> Result<String, RegistryError> {
-    let config = config.unwrap_or_else(|| {
-        serde_json::to_vec(&json!({
-            "architecture": registry.platform().arch,
-            "os": registry.platform().os,
-            "rootfs": {"type": "layers", "diff_ids": []},
-            "config": {}
-        }))
-        .unwrap_or_default()
-    });
-    let desc = |media_type: &str, data: &[u8]| json!({"mediaType": media_type, "digest": sha256_digest(data), "size": data.len()});
-    let mut layers = vec![desc(MEDIA_TYPE_META, &img.meta)];
-    let table = img.table.to_json();
-    layers.push(desc(MEDIA_TYPE_CHUNKS, &table));
-    for d in &img.data {
-        registry
-            .push_blob(reference, Bytes::from(d.clone()))
-            .await?;
-        layers.push(desc(MEDIA_TYPE_DATA, d));
+/// The manifest of a built image and the blobs it references, ready to upload.
+pub struct Assembled {
+    /// Data blobs, chunk table, metadata blob and config.
+    pub blobs: Vec<Bytes>,
+    pub manifest: Bytes,
+}
+
+/// A minimal image config for images built from a directory.
+pub fn minimal_config(platform: &crate::registry::platform::Platform) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "architecture": platform.arch,
+        "os": platform.os,
+        "rootfs": {"type": "layers", "diff_ids": []},
+        "config": {}
+    }))
+    .unwrap_or_default()
+}
+
+/// Lay out the manifest of `img` with `config` (the config's `rootfs.diff_ids` are set to the
+/// new layers' digests and its `history`, which described the old layers, is dropped).
+pub fn assemble(img: &BuiltImage, config: &[u8]) -> Result<Assembled, serde_json::Error> {
+    let table = Bytes::from(img.table.to_json());
+    let meta = Bytes::from(img.meta.clone());
+    let data: Vec<Bytes> = img.data.iter().map(|d| Bytes::from(d.clone())).collect();
+    let mut layers = vec![(MEDIA_TYPE_META, meta.clone()), (MEDIA_TYPE_CHUNKS, table.clone())];
+    layers.extend(data.iter().map(|d| (MEDIA_TYPE_DATA, d.clone())));
+    let mut cfg: serde_json::Value = serde_json::from_slice(config)?;
+    if let Some(obj) = cfg.as_object_mut() {
+        obj.remove("history");
+        let diff_ids: Vec<String> = layers.iter().map(|(_, b)| sha256_digest(b)).collect();
+        obj.insert("rootfs".into(), json!({"type": "layers", "diff_ids": diff_ids}));
     }
-    registry
-        .push_blob(reference, Bytes::from(table.clone()))
-        .await?;
-    registry
-        .push_blob(reference, Bytes::from(img.meta.clone()))
-        .await?;
-    registry
-        .push_blob(reference, Bytes::from(config.clone()))
-        .await?;
+    let config = Bytes::from(serde_json::to_vec(&cfg)?);
+    let desc = |media_type: &str, data: &[u8]| json!({"mediaType": media_type, "digest": sha256_digest(data), "size": data.len()});
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
         "config": desc(oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE, &config),
-        "layers": layers,
+        "layers": layers.iter().map(|(mt, b)| desc(mt, b)).collect::<Vec<_>>(),
         "annotations": {ANNOTATION_FORMAT: FORMAT_VERSION},
     });
-    let raw = serde_json::to_vec(&manifest).map_err(|e| RegistryError::Manifest(e.to_string()))?;
+    let mut blobs = data;
+    blobs.push(table);
+    blobs.push(meta);
+    blobs.push(config);
+    Ok(Assembled {
+        blobs,
+        manifest: Bytes::from(serde_json::to_vec(&manifest)?),
+    })
+}
+
+/// Push a built image (data blobs, chunk table, metadata blob, config, manifest) and tag it;
+/// returns the manifest digest. `config` is the image config JSON (a minimal one if `None`).
+pub async fn push(registry: &Registry, reference: &Reference, img: &BuiltImage, config: Option<Vec<u8>>) -> Result<String, RegistryError> {
+    let config = config.unwrap_or_else(|| minimal_config(registry.platform()));
+    let a = assemble(img, &config).map_err(|e| RegistryError::Manifest(e.to_string()))?;
+    for b in a.blobs {
+        registry.push_blob(reference, b).await?;
+    }
     registry
-        .push_manifest(
-            reference,
-            Bytes::from(raw),
-            oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
-        )
+        .push_manifest(reference, a.manifest, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE)
         .await
 }

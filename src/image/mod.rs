@@ -1,6 +1,7 @@
 //! Image format types, the EROFS writer and building/pushing lazyblob images.
 
 pub mod build;
+pub mod convert;
 pub mod erofs;
 pub mod format;
 pub mod tree;

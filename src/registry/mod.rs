@@ -184,7 +184,9 @@ impl Registry {
         }
     }
 
-    async fn fetch_manifest_raw(
+    /// Fetch a manifest or index as raw bytes with its content digest (a digest reference is
+    /// verified).
+    pub async fn fetch_manifest_raw(
         &self,
         reference: &Reference,
     ) -> Result<(Bytes, String), RegistryError> {

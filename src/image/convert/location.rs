@@ -1,0 +1,207 @@
+//! Where images come from and go to: a registry reference (`host/repo:tag`, optionally with
+//! `docker://`) or an OCI image layout directory (`oci:DIR[:TAG]`). Every blob read is
+//! verified against its digest; a layout's `index.json` is only rewritten after all blobs
+//! are in place, so a failed conversion never leaves a half-written tag.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use oci_client::Reference;
+use serde_json::json;
+
+use crate::registry::{parse_reference, sha256_digest, Registry, RegistryError, BlobSource};
+
+/// An image location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Registry(Reference),
+    Layout { dir: PathBuf, tag: Option<String> },
+}
+
+impl std::str::FromStr for Location {
+    type Err = RegistryError;
+    fn from_str(s: &str) -> Result<Location, RegistryError> {
+        if let Some(rest) = s.strip_prefix("oci:") {
+            let (dir, tag) = match rest.rsplit_once(':') {
+                Some((d, t)) if !t.contains('/') && !d.is_empty() => (d, Some(t.to_string())),
+                _ => (rest, None),
+            };
+            if dir.is_empty() {
+                return Err(RegistryError::Reference(s.into(), "empty layout directory".into()));
+            }
+            return Ok(Location::Layout {
+                dir: PathBuf::from(dir),
+                tag,
+            });
+        }
+        Ok(Location::Registry(parse_reference(s.strip_prefix("docker://").unwrap_or(s))?))
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Registry(r) => write!(f, "{r}"),
+            Location::Layout { dir, tag } => write!(f, "oci:{}:{}", dir.display(), tag.as_deref().unwrap_or("")),
+        }
+    }
+}
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+fn io_err(path: &Path, e: std::io::Error) -> RegistryError {
+    RegistryError::Transport(format!("{}: {e}", path.display()))
+}
+
+fn layout_blob_path(dir: &Path, digest: &str) -> Result<PathBuf, RegistryError> {
+    let (alg, hex) = digest
+        .split_once(':')
+        .ok_or_else(|| RegistryError::Manifest(format!("bad digest {digest}")))?;
+    if alg != "sha256" || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(RegistryError::Manifest(format!("unsupported digest {digest}")));
+    }
+    Ok(dir.join("blobs").join(alg).join(hex))
+}
+
+impl Location {
+    /// The root manifest or index (raw, digest).
+    pub async fn root_manifest(&self, registry: &Registry) -> Result<(Bytes, String), RegistryError> {
+        match self {
+            Location::Registry(r) => registry.fetch_manifest_raw(r).await,
+            Location::Layout { dir, tag } => {
+                let path = dir.join("index.json");
+                let index: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).map_err(|e| io_err(&path, e))?)
+                    .map_err(|e| RegistryError::Manifest(format!("{}: {e}", path.display())))?;
+                let entries = index["manifests"].as_array().cloned().unwrap_or_default();
+                let chosen = match tag {
+                    Some(t) => entries.iter().find(|m| m["annotations"][REF_NAME].as_str() == Some(t)),
+                    None if entries.len() == 1 => entries.first(),
+                    None => None,
+                }
+                .ok_or_else(|| RegistryError::NotFound {
+                    what: "manifest",
+                    url: self.to_string(),
+                })?;
+                let digest = chosen["digest"].as_str().unwrap_or_default().to_string();
+                let raw = self.blob(registry, &digest, None).await?;
+                Ok((raw, digest))
+            }
+        }
+    }
+
+    /// A manifest by digest.
+    pub async fn manifest(&self, registry: &Registry, digest: &str) -> Result<Bytes, RegistryError> {
+        match self {
+            Location::Registry(r) => Ok(registry.fetch_manifest_raw(&r.clone_with_digest(digest.to_string())).await?.0),
+            Location::Layout { .. } => self.blob(registry, digest, None).await,
+        }
+    }
+
+    /// A blob by digest, verified.
+    pub async fn blob(&self, registry: &Registry, digest: &str, size: Option<u64>) -> Result<Bytes, RegistryError> {
+        match self {
+            Location::Registry(r) => {
+                let size = size.ok_or_else(|| RegistryError::Manifest(format!("blob {digest} without size")))?;
+                registry
+                    .fetch_blob(&BlobSource {
+                        repo: r.clone(),
+                        digest: digest.to_string(),
+                        size,
+                    })
+                    .await
+            }
+            Location::Layout { dir, .. } => {
+                let path = layout_blob_path(dir, digest)?;
+                let data = Bytes::from(tokio::fs::read(&path).await.map_err(|e| io_err(&path, e))?);
+                let got = sha256_digest(&data);
+                if got != digest {
+                    return Err(RegistryError::DigestMismatch {
+                        what: path.display().to_string(),
+                        expected: digest.to_string(),
+                        got,
+                    });
+                }
+                Ok(data)
+            }
+        }
+    }
+
+    /// Store a blob (no-op when present).
+    pub async fn put_blob(&self, registry: &Registry, data: Bytes) -> Result<String, RegistryError> {
+        match self {
+            Location::Registry(r) => registry.push_blob(r, data).await,
+            Location::Layout { dir, .. } => {
+                let digest = sha256_digest(&data);
+                let path = layout_blob_path(dir, &digest)?;
+                if !path.exists() {
+                    let parent = path.parent().unwrap_or(dir);
+                    tokio::fs::create_dir_all(parent).await.map_err(|e| io_err(parent, e))?;
+                    let tmp = path.with_extension("tmp");
+                    tokio::fs::write(&tmp, &data).await.map_err(|e| io_err(&tmp, e))?;
+                    tokio::fs::rename(&tmp, &path).await.map_err(|e| io_err(&path, e))?;
+                }
+                Ok(digest)
+            }
+        }
+    }
+
+    /// Store a manifest; with `tag`, make it the location's tag. Returns its digest.
+    pub async fn put_manifest(&self, registry: &Registry, raw: Bytes, media_type: &str, tag: bool) -> Result<String, RegistryError> {
+        let digest = sha256_digest(&raw);
+        match self {
+            Location::Registry(r) => {
+                let target = if tag { r.clone() } else { r.clone_with_digest(digest.clone()) };
+                registry.push_manifest(&target, raw, media_type).await
+            }
+            Location::Layout { dir, tag: name } => {
+                let size = raw.len();
+                self.put_blob(registry, raw).await?;
+                if !tag {
+                    return Ok(digest);
+                }
+                let layout = dir.join("oci-layout");
+                std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| io_err(&layout, e))?;
+                let path = dir.join("index.json");
+                let mut index: serde_json::Value = match std::fs::read(&path) {
+                    Ok(b) => serde_json::from_slice(&b).map_err(|e| RegistryError::Manifest(format!("{}: {e}", path.display())))?,
+                    Err(_) => json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}),
+                };
+                let name = name.clone().unwrap_or_else(|| "latest".into());
+                let mut entries: Vec<serde_json::Value> = index["manifests"].as_array().cloned().unwrap_or_default();
+                entries.retain(|m| m["annotations"][REF_NAME].as_str() != Some(name.as_str()));
+                entries.push(json!({"mediaType": media_type, "digest": digest, "size": size, "annotations": {REF_NAME: name}}));
+                index["manifests"] = json!(entries);
+                let tmp = path.with_extension("json.tmp");
+                std::fs::write(&tmp, serde_json::to_vec_pretty(&index).unwrap_or_default()).map_err(|e| io_err(&tmp, e))?;
+                std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+                Ok(digest)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_locations() {
+        assert_eq!(
+            "oci:/tmp/x:v1".parse::<Location>().unwrap(),
+            Location::Layout {
+                dir: "/tmp/x".into(),
+                tag: Some("v1".into())
+            }
+        );
+        assert_eq!(
+            "oci:/tmp/x".parse::<Location>().unwrap(),
+            Location::Layout {
+                dir: "/tmp/x".into(),
+                tag: None
+            }
+        );
+        assert!(matches!("docker://127.0.0.1:5000/a/b:1".parse::<Location>().unwrap(), Location::Registry(_)));
+        assert!(matches!("127.0.0.1:5000/a/b:1".parse::<Location>().unwrap(), Location::Registry(_)));
+        assert!(layout_blob_path(Path::new("/x"), "sha256:../../etc").is_err());
+    }
+}
