@@ -90,7 +90,12 @@ impl BlobWriter {
     }
 
     /// Append exactly `size` bytes read from `r` to blob `b` on a 4 KiB boundary.
-    pub fn add_reader<R: std::io::Read + ?Sized>(&mut self, b: usize, r: &mut R, size: u64) -> std::io::Result<FileData> {
+    pub fn add_reader<R: std::io::Read + ?Sized>(
+        &mut self,
+        b: usize,
+        r: &mut R,
+        size: u64,
+    ) -> std::io::Result<FileData> {
         let b = b % self.blobs.len();
         let blob = &mut self.blobs[b];
         let offset = blob.len().div_ceil(4096) * 4096;
@@ -267,13 +272,19 @@ pub fn assemble(img: &BuiltImage, config: &[u8]) -> Result<Assembled, serde_json
     let table = Bytes::from(img.table.to_json());
     let meta = Bytes::from(img.meta.clone());
     let data: Vec<Bytes> = img.data.iter().map(|d| Bytes::from(d.clone())).collect();
-    let mut layers = vec![(MEDIA_TYPE_META, meta.clone()), (MEDIA_TYPE_CHUNKS, table.clone())];
+    let mut layers = vec![
+        (MEDIA_TYPE_META, meta.clone()),
+        (MEDIA_TYPE_CHUNKS, table.clone()),
+    ];
     layers.extend(data.iter().map(|d| (MEDIA_TYPE_DATA, d.clone())));
     let mut cfg: serde_json::Value = serde_json::from_slice(config)?;
     if let Some(obj) = cfg.as_object_mut() {
         obj.remove("history");
         let diff_ids: Vec<String> = layers.iter().map(|(_, b)| sha256_digest(b)).collect();
-        obj.insert("rootfs".into(), json!({"type": "layers", "diff_ids": diff_ids}));
+        obj.insert(
+            "rootfs".into(),
+            json!({"type": "layers", "diff_ids": diff_ids}),
+        );
     }
     let config = Bytes::from(serde_json::to_vec(&cfg)?);
     let desc = |media_type: &str, data: &[u8]| json!({"mediaType": media_type, "digest": sha256_digest(data), "size": data.len()});
@@ -296,13 +307,22 @@ pub fn assemble(img: &BuiltImage, config: &[u8]) -> Result<Assembled, serde_json
 
 /// Push a built image (data blobs, chunk table, metadata blob, config, manifest) and tag it;
 /// returns the manifest digest. `config` is the image config JSON (a minimal one if `None`).
-pub async fn push(registry: &Registry, reference: &Reference, img: &BuiltImage, config: Option<Vec<u8>>) -> Result<String, RegistryError> {
+pub async fn push(
+    registry: &Registry,
+    reference: &Reference,
+    img: &BuiltImage,
+    config: Option<Vec<u8>>,
+) -> Result<String, RegistryError> {
     let config = config.unwrap_or_else(|| minimal_config(registry.platform()));
     let a = assemble(img, &config).map_err(|e| RegistryError::Manifest(e.to_string()))?;
     for b in a.blobs {
         registry.push_blob(reference, b).await?;
     }
     registry
-        .push_manifest(reference, a.manifest, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE)
+        .push_manifest(
+            reference,
+            a.manifest,
+            oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
+        )
         .await
 }

@@ -2,6 +2,8 @@
 //! test trees, building and pushing images, and running the VM rig.
 #![allow(dead_code)]
 
+pub mod oci;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -34,7 +34,11 @@ impl Default for Limits {
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
     #[error("layer {layer}: entry {entry:?}: {what}")]
-    Entry { layer: String, entry: String, what: String },
+    Entry {
+        layer: String,
+        entry: String,
+        what: String,
+    },
     #[error("layer {layer}: corrupt or truncated archive: {what}")]
     Archive { layer: String, what: String },
 }
@@ -76,7 +80,13 @@ const OPAQUE: &[u8] = b".wh..wh..opq";
 const WHITEOUT: &[u8] = b".wh.";
 
 impl<'t> Applier<'t> {
-    pub fn new(tree: &'t mut Tree, blobs: &'t mut BlobWriter, blob_index: usize, layer: String, limits: Limits) -> Self {
+    pub fn new(
+        tree: &'t mut Tree,
+        blobs: &'t mut BlobWriter,
+        blob_index: usize,
+        layer: String,
+        limits: Limits,
+    ) -> Self {
         Applier {
             tree,
             blobs,
@@ -97,11 +107,12 @@ impl<'t> Applier<'t> {
             self.stats.entries += 1;
             let raw_path = entry.path_bytes().into_owned();
             let name = String::from_utf8_lossy(&raw_path).into_owned();
-            self.entry(&mut entry, &raw_path).map_err(|what| LayerError::Entry {
-                layer: self.layer.clone(),
-                entry: name,
-                what,
-            })?;
+            self.entry(&mut entry, &raw_path)
+                .map_err(|what| LayerError::Entry {
+                    layer: self.layer.clone(),
+                    entry: name,
+                    what,
+                })?;
         }
         Ok(self.stats)
     }
@@ -120,7 +131,11 @@ impl<'t> Applier<'t> {
         }
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, raw_path: &[u8]) -> Result<(), String> {
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        raw_path: &[u8],
+    ) -> Result<(), String> {
         let mut comps = normalize(raw_path);
         let kind = entry.header().entry_type();
         let Some(name) = comps.pop() else {
@@ -138,7 +153,12 @@ impl<'t> Applier<'t> {
             let lower: Vec<Vec<u8>> = self
                 .tree
                 .children(parent)
-                .map(|c| c.iter().filter(|(_, i)| !self.added.contains(i)).map(|(k, _)| k.clone()).collect())
+                .map(|c| {
+                    c.iter()
+                        .filter(|(_, i)| !self.added.contains(i))
+                        .map(|(k, _)| k.clone())
+                        .collect()
+                })
                 .unwrap_or_default();
             for k in lower {
                 self.tree.remove(parent, &k).map_err(|e| e.to_string())?;
@@ -147,17 +167,28 @@ impl<'t> Applier<'t> {
         }
         if let Some(target) = name.strip_prefix(WHITEOUT) {
             self.stats.whiteouts += 1;
-            let lower = self.tree.children(parent).and_then(|c| c.get(target)).is_some_and(|i| !self.added.contains(i));
+            let lower = self
+                .tree
+                .children(parent)
+                .and_then(|c| c.get(target))
+                .is_some_and(|i| !self.added.contains(i));
             if lower {
-                self.tree.remove(parent, target).map_err(|e| e.to_string())?;
+                self.tree
+                    .remove(parent, target)
+                    .map_err(|e| e.to_string())?;
             }
             return Ok(());
         }
         let meta = self.meta(entry)?;
-        let existing = self.tree.children(parent).and_then(|c| c.get(&name).copied());
+        let existing = self
+            .tree
+            .children(parent)
+            .and_then(|c| c.get(&name).copied());
         let node_kind = match kind {
             tar::EntryType::Directory => {
-                if let Some(i) = existing.filter(|i| matches!(self.tree.nodes[*i].kind, Kind::Dir(_))) {
+                if let Some(i) =
+                    existing.filter(|i| matches!(self.tree.nodes[*i].kind, Kind::Dir(_)))
+                {
                     // merge: keep the children, take the new metadata
                     self.tree.nodes[i].meta = meta;
                     self.added.insert(i);
@@ -168,37 +199,61 @@ impl<'t> Applier<'t> {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let size = entry.size();
                 if size > self.limits.max_file {
-                    return Err(format!("file size {size} exceeds the limit of {} bytes", self.limits.max_file));
+                    return Err(format!(
+                        "file size {size} exceeds the limit of {} bytes",
+                        self.limits.max_file
+                    ));
                 }
                 if self.stats.file_bytes + size > self.limits.max_layer {
-                    return Err(format!("layer data exceeds the limit of {} bytes", self.limits.max_layer));
+                    return Err(format!(
+                        "layer data exceeds the limit of {} bytes",
+                        self.limits.max_layer
+                    ));
                 }
                 self.stats.file_bytes += size;
                 Kind::File(self.file_data(entry, size)?)
             }
             tar::EntryType::Symlink => {
-                let target = entry.link_name_bytes().ok_or("symlink without a target")?.into_owned();
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or("symlink without a target")?
+                    .into_owned();
                 if target.is_empty() || target.len() >= 4096 {
                     return Err(format!("symlink target of {} bytes", target.len()));
                 }
                 Kind::Symlink(target)
             }
             tar::EntryType::Link => {
-                let target = entry.link_name_bytes().ok_or("hard link without a target")?.into_owned();
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or("hard link without a target")?
+                    .into_owned();
                 let mut tcomps = normalize(&target);
                 let tname = tcomps.pop().ok_or("hard link to the root")?;
                 let tdir = resolve_dir(self.tree, &tcomps, false, &Self::default_dir_meta())
                     .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("hard link target {:?} not found", String::from_utf8_lossy(&target)))?;
+                    .ok_or_else(|| {
+                        format!(
+                            "hard link target {:?} not found",
+                            String::from_utf8_lossy(&target)
+                        )
+                    })?;
                 let tnode = self
                     .tree
                     .children(tdir)
                     .and_then(|c| c.get(&tname).copied())
-                    .ok_or_else(|| format!("hard link target {:?} not found", String::from_utf8_lossy(&target)))?;
+                    .ok_or_else(|| {
+                        format!(
+                            "hard link target {:?} not found",
+                            String::from_utf8_lossy(&target)
+                        )
+                    })?;
                 if matches!(self.tree.nodes[tnode].kind, Kind::Dir(_)) {
                     return Err("hard link to a directory".into());
                 }
-                self.tree.link(parent, &name, tnode).map_err(|e| e.to_string())?;
+                self.tree
+                    .link(parent, &name, tnode)
+                    .map_err(|e| e.to_string())?;
                 return Ok(());
             }
             tar::EntryType::Char | tar::EntryType::Block => {
@@ -217,15 +272,31 @@ impl<'t> Applier<'t> {
                 return Ok(());
             }
         };
-        let idx = self.tree.insert(parent, &name, Node { meta, kind: node_kind }).map_err(|e| e.to_string())?;
+        let idx = self
+            .tree
+            .insert(
+                parent,
+                &name,
+                Node {
+                    meta,
+                    kind: node_kind,
+                },
+            )
+            .map_err(|e| e.to_string())?;
         self.added.insert(idx);
         Ok(())
     }
 
-    fn file_data<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, size: u64) -> Result<FileData, String> {
+    fn file_data<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        size: u64,
+    ) -> Result<FileData, String> {
         if size <= self.limits.inline_max {
             let mut buf = Vec::with_capacity(size as usize);
-            entry.read_to_end(&mut buf).map_err(|e| format!("reading contents: {e}"))?;
+            entry
+                .read_to_end(&mut buf)
+                .map_err(|e| format!("reading contents: {e}"))?;
             if buf.len() as u64 != size {
                 return Err(format!("truncated: {} of {size} bytes", buf.len()));
             }
@@ -252,16 +323,25 @@ impl<'t> Applier<'t> {
                 if let Some(x) = key.strip_prefix(b"SCHILY.xattr.") {
                     meta.xattrs.insert(x.to_vec(), ext.value_bytes().to_vec());
                 } else if key == b"mtime" {
-                    if let Some((s, ns)) = std::str::from_utf8(ext.value_bytes()).ok().and_then(parse_pax_time) {
+                    if let Some((s, ns)) = std::str::from_utf8(ext.value_bytes())
+                        .ok()
+                        .and_then(parse_pax_time)
+                    {
                         meta.mtime = s;
                         meta.mtime_nsec = ns;
                     }
                 } else if key == b"uid" {
-                    if let Some(v) = std::str::from_utf8(ext.value_bytes()).ok().and_then(|s| s.parse().ok()) {
+                    if let Some(v) = std::str::from_utf8(ext.value_bytes())
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                    {
                         meta.uid = v;
                     }
                 } else if key == b"gid" {
-                    if let Some(v) = std::str::from_utf8(ext.value_bytes()).ok().and_then(|s| s.parse().ok()) {
+                    if let Some(v) = std::str::from_utf8(ext.value_bytes())
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                    {
                         meta.gid = v;
                     }
                 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use oci_client::Reference;
 use serde_json::json;
 
-use crate::registry::{parse_reference, sha256_digest, Registry, RegistryError, BlobSource};
+use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, RegistryError};
 
 /// An image location.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,14 +27,19 @@ impl std::str::FromStr for Location {
                 _ => (rest, None),
             };
             if dir.is_empty() {
-                return Err(RegistryError::Reference(s.into(), "empty layout directory".into()));
+                return Err(RegistryError::Reference(
+                    s.into(),
+                    "empty layout directory".into(),
+                ));
             }
             return Ok(Location::Layout {
                 dir: PathBuf::from(dir),
                 tag,
             });
         }
-        Ok(Location::Registry(parse_reference(s.strip_prefix("docker://").unwrap_or(s))?))
+        Ok(Location::Registry(parse_reference(
+            s.strip_prefix("docker://").unwrap_or(s),
+        )?))
     }
 }
 
@@ -42,7 +47,9 @@ impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Location::Registry(r) => write!(f, "{r}"),
-            Location::Layout { dir, tag } => write!(f, "oci:{}:{}", dir.display(), tag.as_deref().unwrap_or("")),
+            Location::Layout { dir, tag } => {
+                write!(f, "oci:{}:{}", dir.display(), tag.as_deref().unwrap_or(""))
+            }
         }
     }
 }
@@ -58,23 +65,31 @@ fn layout_blob_path(dir: &Path, digest: &str) -> Result<PathBuf, RegistryError> 
         .split_once(':')
         .ok_or_else(|| RegistryError::Manifest(format!("bad digest {digest}")))?;
     if alg != "sha256" || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(RegistryError::Manifest(format!("unsupported digest {digest}")));
+        return Err(RegistryError::Manifest(format!(
+            "unsupported digest {digest}"
+        )));
     }
     Ok(dir.join("blobs").join(alg).join(hex))
 }
 
 impl Location {
     /// The root manifest or index (raw, digest).
-    pub async fn root_manifest(&self, registry: &Registry) -> Result<(Bytes, String), RegistryError> {
+    pub async fn root_manifest(
+        &self,
+        registry: &Registry,
+    ) -> Result<(Bytes, String), RegistryError> {
         match self {
             Location::Registry(r) => registry.fetch_manifest_raw(r).await,
             Location::Layout { dir, tag } => {
                 let path = dir.join("index.json");
-                let index: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).map_err(|e| io_err(&path, e))?)
-                    .map_err(|e| RegistryError::Manifest(format!("{}: {e}", path.display())))?;
+                let index: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&path).map_err(|e| io_err(&path, e))?)
+                        .map_err(|e| RegistryError::Manifest(format!("{}: {e}", path.display())))?;
                 let entries = index["manifests"].as_array().cloned().unwrap_or_default();
                 let chosen = match tag {
-                    Some(t) => entries.iter().find(|m| m["annotations"][REF_NAME].as_str() == Some(t)),
+                    Some(t) => entries
+                        .iter()
+                        .find(|m| m["annotations"][REF_NAME].as_str() == Some(t)),
                     None if entries.len() == 1 => entries.first(),
                     None => None,
                 }
@@ -90,18 +105,32 @@ impl Location {
     }
 
     /// A manifest by digest.
-    pub async fn manifest(&self, registry: &Registry, digest: &str) -> Result<Bytes, RegistryError> {
+    pub async fn manifest(
+        &self,
+        registry: &Registry,
+        digest: &str,
+    ) -> Result<Bytes, RegistryError> {
         match self {
-            Location::Registry(r) => Ok(registry.fetch_manifest_raw(&r.clone_with_digest(digest.to_string())).await?.0),
+            Location::Registry(r) => Ok(registry
+                .fetch_manifest_raw(&r.clone_with_digest(digest.to_string()))
+                .await?
+                .0),
             Location::Layout { .. } => self.blob(registry, digest, None).await,
         }
     }
 
     /// A blob by digest, verified.
-    pub async fn blob(&self, registry: &Registry, digest: &str, size: Option<u64>) -> Result<Bytes, RegistryError> {
+    pub async fn blob(
+        &self,
+        registry: &Registry,
+        digest: &str,
+        size: Option<u64>,
+    ) -> Result<Bytes, RegistryError> {
         match self {
             Location::Registry(r) => {
-                let size = size.ok_or_else(|| RegistryError::Manifest(format!("blob {digest} without size")))?;
+                let size = size.ok_or_else(|| {
+                    RegistryError::Manifest(format!("blob {digest} without size"))
+                })?;
                 registry
                     .fetch_blob(&BlobSource {
                         repo: r.clone(),
@@ -127,7 +156,11 @@ impl Location {
     }
 
     /// Store a blob (no-op when present).
-    pub async fn put_blob(&self, registry: &Registry, data: Bytes) -> Result<String, RegistryError> {
+    pub async fn put_blob(
+        &self,
+        registry: &Registry,
+        data: Bytes,
+    ) -> Result<String, RegistryError> {
         match self {
             Location::Registry(r) => registry.push_blob(r, data).await,
             Location::Layout { dir, .. } => {
@@ -135,10 +168,16 @@ impl Location {
                 let path = layout_blob_path(dir, &digest)?;
                 if !path.exists() {
                     let parent = path.parent().unwrap_or(dir);
-                    tokio::fs::create_dir_all(parent).await.map_err(|e| io_err(parent, e))?;
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .map_err(|e| io_err(parent, e))?;
                     let tmp = path.with_extension("tmp");
-                    tokio::fs::write(&tmp, &data).await.map_err(|e| io_err(&tmp, e))?;
-                    tokio::fs::rename(&tmp, &path).await.map_err(|e| io_err(&path, e))?;
+                    tokio::fs::write(&tmp, &data)
+                        .await
+                        .map_err(|e| io_err(&tmp, e))?;
+                    tokio::fs::rename(&tmp, &path)
+                        .await
+                        .map_err(|e| io_err(&path, e))?;
                 }
                 Ok(digest)
             }
@@ -146,11 +185,21 @@ impl Location {
     }
 
     /// Store a manifest; with `tag`, make it the location's tag. Returns its digest.
-    pub async fn put_manifest(&self, registry: &Registry, raw: Bytes, media_type: &str, tag: bool) -> Result<String, RegistryError> {
+    pub async fn put_manifest(
+        &self,
+        registry: &Registry,
+        raw: Bytes,
+        media_type: &str,
+        tag: bool,
+    ) -> Result<String, RegistryError> {
         let digest = sha256_digest(&raw);
         match self {
             Location::Registry(r) => {
-                let target = if tag { r.clone() } else { r.clone_with_digest(digest.clone()) };
+                let target = if tag {
+                    r.clone()
+                } else {
+                    r.clone_with_digest(digest.clone())
+                };
                 registry.push_manifest(&target, raw, media_type).await
             }
             Location::Layout { dir, tag: name } => {
@@ -160,19 +209,25 @@ impl Location {
                     return Ok(digest);
                 }
                 let layout = dir.join("oci-layout");
-                std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| io_err(&layout, e))?;
+                std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
+                    .map_err(|e| io_err(&layout, e))?;
                 let path = dir.join("index.json");
                 let mut index: serde_json::Value = match std::fs::read(&path) {
-                    Ok(b) => serde_json::from_slice(&b).map_err(|e| RegistryError::Manifest(format!("{}: {e}", path.display())))?,
-                    Err(_) => json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}),
+                    Ok(b) => serde_json::from_slice(&b)
+                        .map_err(|e| RegistryError::Manifest(format!("{}: {e}", path.display())))?,
+                    Err(_) => {
+                        json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []})
+                    }
                 };
                 let name = name.clone().unwrap_or_else(|| "latest".into());
-                let mut entries: Vec<serde_json::Value> = index["manifests"].as_array().cloned().unwrap_or_default();
+                let mut entries: Vec<serde_json::Value> =
+                    index["manifests"].as_array().cloned().unwrap_or_default();
                 entries.retain(|m| m["annotations"][REF_NAME].as_str() != Some(name.as_str()));
                 entries.push(json!({"mediaType": media_type, "digest": digest, "size": size, "annotations": {REF_NAME: name}}));
                 index["manifests"] = json!(entries);
                 let tmp = path.with_extension("json.tmp");
-                std::fs::write(&tmp, serde_json::to_vec_pretty(&index).unwrap_or_default()).map_err(|e| io_err(&tmp, e))?;
+                std::fs::write(&tmp, serde_json::to_vec_pretty(&index).unwrap_or_default())
+                    .map_err(|e| io_err(&tmp, e))?;
                 std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
                 Ok(digest)
             }
@@ -200,8 +255,14 @@ mod tests {
                 tag: None
             }
         );
-        assert!(matches!("docker://127.0.0.1:5000/a/b:1".parse::<Location>().unwrap(), Location::Registry(_)));
-        assert!(matches!("127.0.0.1:5000/a/b:1".parse::<Location>().unwrap(), Location::Registry(_)));
+        assert!(matches!(
+            "docker://127.0.0.1:5000/a/b:1".parse::<Location>().unwrap(),
+            Location::Registry(_)
+        ));
+        assert!(matches!(
+            "127.0.0.1:5000/a/b:1".parse::<Location>().unwrap(),
+            Location::Registry(_)
+        ));
         assert!(layout_blob_path(Path::new("/x"), "sha256:../../etc").is_err());
     }
 }

@@ -35,7 +35,12 @@ pub enum PathError {
 /// Resolve the directory `components` names, following symlinks inside the tree and creating
 /// missing directories with `default` metadata when `create` is set. Returns the node index,
 /// or `None` when it does not exist and `create` is off.
-pub fn resolve_dir(tree: &mut Tree, components: &[Vec<u8>], create: bool, default: &Meta) -> Result<Option<usize>, PathError> {
+pub fn resolve_dir(
+    tree: &mut Tree,
+    components: &[Vec<u8>],
+    create: bool,
+    default: &Meta,
+) -> Result<Option<usize>, PathError> {
     let mut budget = MAX_LINKS;
     resolve_from(tree, Tree::ROOT, components, create, default, &mut budget)
 }
@@ -130,14 +135,61 @@ mod tests {
     fn symlinks_resolve_inside_the_root() {
         let m = Meta::default();
         let mut t = Tree::new(m.clone());
-        let etc = resolve_dir(&mut t, &v("real/etc"), true, &m).unwrap().unwrap();
-        t.insert(Tree::ROOT, b"abs", Node { meta: m.clone(), kind: Kind::Symlink(b"/real".to_vec()) }).unwrap();
-        t.insert(Tree::ROOT, b"up", Node { meta: m.clone(), kind: Kind::Symlink(b"../../../real".to_vec()) }).unwrap();
-        t.insert(Tree::ROOT, b"loop", Node { meta: m.clone(), kind: Kind::Symlink(b"loop".to_vec()) }).unwrap();
-        assert_eq!(resolve_dir(&mut t, &v("abs/etc"), false, &m).unwrap(), Some(etc));
-        assert_eq!(resolve_dir(&mut t, &v("up/etc"), false, &m).unwrap(), Some(etc), ".. clamps at the root");
-        assert_eq!(resolve_dir(&mut t, &v("loop/x"), true, &m), Err(PathError::Loop));
-        t.insert(etc, b"file", Node { meta: m.clone(), kind: Kind::Fifo }).unwrap();
-        assert_eq!(resolve_dir(&mut t, &v("real/etc/file/x"), true, &m), Err(PathError::NotDir));
+        let etc = resolve_dir(&mut t, &v("real/etc"), true, &m)
+            .unwrap()
+            .unwrap();
+        t.insert(
+            Tree::ROOT,
+            b"abs",
+            Node {
+                meta: m.clone(),
+                kind: Kind::Symlink(b"/real".to_vec()),
+            },
+        )
+        .unwrap();
+        t.insert(
+            Tree::ROOT,
+            b"up",
+            Node {
+                meta: m.clone(),
+                kind: Kind::Symlink(b"../../../real".to_vec()),
+            },
+        )
+        .unwrap();
+        t.insert(
+            Tree::ROOT,
+            b"loop",
+            Node {
+                meta: m.clone(),
+                kind: Kind::Symlink(b"loop".to_vec()),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            resolve_dir(&mut t, &v("abs/etc"), false, &m).unwrap(),
+            Some(etc)
+        );
+        assert_eq!(
+            resolve_dir(&mut t, &v("up/etc"), false, &m).unwrap(),
+            Some(etc),
+            ".. clamps at the root"
+        );
+        assert_eq!(
+            resolve_dir(&mut t, &v("loop/x"), true, &m),
+            Err(PathError::Loop)
+        );
+        t.insert(
+            etc,
+            b"file",
+            Node {
+                meta: m.clone(),
+                kind: Kind::Fifo,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            resolve_dir(&mut t, &v("real/etc/file/x"), true, &m),
+            Err(PathError::NotDir)
+        );
     }
 }
