@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(qemu-system-x86 busybox-static cpio e2fsprogs erofs-utils docker-registry skopeo apache2-utils)
+packages=(qemu-system-x86 busybox-static cpio e2fsprogs erofs-utils docker-registry skopeo apache2-utils zstd bc)
 if [ "$(id -u)" != 0 ]; then
 	echo "scripts/test.sh: the tests mount filesystems and use fanotify: run as root" >&2
 	exit 1
@@ -30,3 +30,7 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test (unit, registry, engine, host kernel, VM kernel)"
 cargo test --workspace --locked --no-fail-fast -- --test-threads=2
+
+echo "== benchmark: conversion throughput against mkfs.erofs (release build)"
+cargo build --release --locked --bin lazyblob
+./benches/convert.sh target/release/lazyblob 128

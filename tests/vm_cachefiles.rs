@@ -123,13 +123,6 @@ async fn cachefiles_frontend_in_vm() {
         sha256_digest(&fault_img.data[1]),
         sha256_digest(&fault_img.data[2]),
     );
-    mock.set_faults(vec![
-        FaultRule::times(Fault::Status(503), 3).for_blob(&d1),
-        FaultRule::times(Fault::Latency(Duration::from_millis(700)), 2).for_blob(&d1),
-        FaultRule::times(Fault::DropMidBody, 2).for_blob(&d2),
-        FaultRule::times(Fault::Corrupt, 1).for_blob(&d2),
-        FaultRule::always(Fault::Status(503)).for_blob(&d3),
-    ]);
 
     // badmeta: the registry serves wrong bytes for the metadata blob
     let bad = build_dir(&mixed_files(5, 5, &[]), 1);
@@ -137,6 +130,60 @@ async fn cachefiles_frontend_in_vm() {
     let mut wrong = bad.meta.clone();
     wrong[5000] ^= 0xff;
     mock.store().corrupt_blob(&sha256_digest(&bad.meta), wrong);
+
+    // converted: a multi-layer OCI image converted by `lazyblob convert`; the reference is an
+    // independent unpack (skopeo + GNU tar), listed by busybox on the host
+    let mut l1 = common::oci::Layer::new();
+    l1.dir("app", 0o755)
+        .dir("app/lib", 0o750)
+        .file("app/bin", 0o4755, &bytes(31, 2_500_000))
+        .file("app/lib/gone", 0o644, &bytes(32, 10_000))
+        .file("app/lib/kept", 0o640, &bytes(33, 300_000))
+        .symlink("app/current", "bin")
+        .hardlink("app/bin2", "app/bin")
+        .device("app/null", false, 1, 3)
+        .fifo("app/fifo");
+    let mut l2 = common::oci::Layer::new();
+    l2.dir("app", 0o755)
+        .dir("app/lib", 0o750)
+        .file("app/lib/.wh.gone", 0o644, b"")
+        .file("app/new", 0o600, &bytes(34, 1_200_000));
+    let src_ref = format!("{host}/src/conv:v1");
+    common::oci::push_source(
+        &reg,
+        &src_ref,
+        &[
+            common::oci::compress(&l1.tar(), common::oci::Compression::Gzip),
+            common::oci::compress(&l2.tar(), common::oci::Compression::Zstd),
+        ],
+    )
+    .await;
+    lazyblob::image::convert::convert(
+        &reg,
+        &src_ref.parse().unwrap(),
+        &format!("{host}/test/conv:v1").parse().unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let unpack = tempfile::tempdir().unwrap();
+    let reference_listing = list_tree(&common::oci::skopeo_unpack(&src_ref, unpack.path()));
+
+    // corrupt: reads get corrupted bytes (EIO) until the guest clears the fault; then the
+    // next read succeeds
+    let c1 = bytes(41, 200_000);
+    let corrupt_img = one_file_per_blob(std::slice::from_ref(&c1));
+    push(&reg, &host, "test/corrupt:v1", &corrupt_img).await;
+    let corrupt_blob = sha256_digest(&corrupt_img.data[0]);
+
+    mock.set_faults(vec![
+        FaultRule::always(Fault::Corrupt).for_blob(&corrupt_blob),
+        FaultRule::times(Fault::Status(503), 3).for_blob(&d1),
+        FaultRule::times(Fault::Latency(Duration::from_millis(700)), 2).for_blob(&d1),
+        FaultRule::times(Fault::DropMidBody, 2).for_blob(&d2),
+        FaultRule::times(Fault::Corrupt, 1).for_blob(&d2),
+        FaultRule::always(Fault::Status(503)).for_blob(&d3),
+    ]);
 
     // payload: binary shared over 9p, config, expected sums, the guest script
     let share = tempfile::tempdir().unwrap();
@@ -167,6 +214,8 @@ insecure = true
     .unwrap();
     std::fs::write(p.join("full.sha256"), sha256sum_list(&full_files)).unwrap();
     std::fs::write(p.join("pages.sha256"), page_sums.join("\n") + "\n").unwrap();
+    std::fs::write(p.join("conv.expected"), &reference_listing).unwrap();
+    std::fs::write(p.join("list-tree.sh"), LIST_TREE_SH).unwrap();
     let script = format!(
         r#"#!/bin/sh
 R=10.0.2.2:{port}
@@ -212,7 +261,16 @@ t0=$(date +%s); cat /mnt/fault/b3.bin >/dev/null 2>/tmp/e3; rc=$?; t1=$(date +%s
 [ $rc != 0 ] && grep -qiE "I/O error|Input/output error" /tmp/e3 && [ $((t1 - t0)) -lt 30 ]; check fault-dead-blob-eio $? "rc=$rc secs=$((t1-t0)) $(cat /tmp/e3)"
 s=$(dd if=/mnt/conc/b1.bin bs=4096 count=1 skip=100 2>/dev/null | sha256sum | cut -d' ' -f1); [ "$s" = "{conc_other}" ] && kill -0 $DPID; check other-mounts-work $? "$s"
 
-umount /mnt/lazy /mnt/full /mnt/conc /mnt/fault; check umount-all $?
+F=$(reg test/conv:v1) && mkdir -p /mnt/conv && mount -t erofs none -o fsid=$F /mnt/conv; check mount-converted $?
+sh /list-tree.sh /mnt/conv >/tmp/conv.got; diff /conv.expected /tmp/conv.got >/tmp/conv.diff; check converted-tree $? "$(head -5 /tmp/conv.diff)"
+
+F=$(reg test/corrupt:v1) && mkdir -p /mnt/corrupt && mount -t erofs none -o fsid=$F /mnt/corrupt; check mount-corrupt $?
+cat /mnt/corrupt/b1.bin >/dev/null 2>/tmp/ec; rc=$?
+[ $rc != 0 ] && grep -qiE "I/O error|Input/output error" /tmp/ec; check corrupt-chunk-eio $? "rc=$rc $(cat /tmp/ec)"
+wget -q -O /dev/null http://$R/-/clear-faults; check clear-faults $?
+s=$(sha256sum /mnt/corrupt/b1.bin | cut -d' ' -f1); [ "$s" = "{c1}" ]; check corrupt-then-cleared $? "$s"
+
+umount /mnt/lazy /mnt/full /mnt/conc /mnt/fault /mnt/conv /mnt/corrupt; check umount-all $?
 kill $DPID; wait $DPID; check daemon-stop $?
 start_daemon; check daemon-restart $?
 mount -t erofs none -o fsid=$FULL_FSID /mnt/full; check remount-after-restart $?
@@ -228,6 +286,7 @@ exit 0
         f1 = sha256_hex(&f1),
         f2 = sha256_hex(&f2),
         conc_other = sha256_hex(&big[100 * 4096..101 * 4096]),
+        c1 = sha256_hex(&c1),
     );
     std::fs::write(p.join("run-test"), script).unwrap();
     std::fs::set_permissions(
@@ -257,6 +316,12 @@ exit 0
             "fault-drop-corrupt-retried",
             "fault-dead-blob-eio",
             "other-mounts-work",
+            "mount-converted",
+            "converted-tree",
+            "mount-corrupt",
+            "corrupt-chunk-eio",
+            "clear-faults",
+            "corrupt-then-cleared",
             "umount-all",
             "daemon-stop",
             "daemon-restart",

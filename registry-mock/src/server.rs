@@ -40,6 +40,11 @@ async fn handle(
     if path == "/token" {
         return token(&s, authz.as_deref(), &method, &body);
     }
+    if path == "/-/clear-faults" {
+        // Test control: lets a client (e.g. a VM guest) end an injected fault.
+        lock(&s.faults).clear();
+        return (StatusCode::OK, "faults cleared\n").into_response();
+    }
     let Some(rest) = path.strip_prefix("/v2") else {
         return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path");
     };

@@ -55,11 +55,11 @@ impl Default for BuildOptions {
     }
 }
 
-/// A built image, in memory.
+/// A built image, in memory. `table.blobs[i].digest` is the digest of `data[i]`.
 #[derive(Debug, Clone)]
 pub struct BuiltImage {
     pub meta: Vec<u8>,
-    pub data: Vec<Vec<u8>>,
+    pub data: Vec<Bytes>,
     pub table: ChunkTable,
 }
 
@@ -73,6 +73,12 @@ impl BlobWriter {
         BlobWriter {
             blobs: vec![Vec::new(); n.max(1)],
         }
+    }
+
+    /// Reserve room for `additional` more bytes in blob `b` (avoids regrowing large blobs).
+    pub fn reserve(&mut self, b: usize, additional: usize) {
+        let n = self.blobs.len();
+        self.blobs[b % n].reserve(additional);
     }
 
     /// Append `content` to blob `b` (0-based) on a 4 KiB boundary.
@@ -133,19 +139,21 @@ impl BlobWriter {
                 *device = renumber[device];
             }
         }
-        let devices: Vec<DeviceSlot> = data
-            .iter()
-            .map(|b| DeviceSlot {
-                tag: device_tag(&sha256_digest(b)),
-                blocks: (b.len() / 4096) as u32,
-            })
-            .collect();
-        let meta = erofs::write(&tree, &devices, chunk_size.trailing_zeros() as u8)?;
         let table = ChunkTable {
             version: 1,
             chunk_size,
             blobs: data.iter().map(|b| BlobChunks::of(b, chunk_size)).collect(),
         };
+        let devices: Vec<DeviceSlot> = data
+            .iter()
+            .zip(&table.blobs)
+            .map(|(b, c)| DeviceSlot {
+                tag: device_tag(&c.digest),
+                blocks: (b.len() / 4096) as u32,
+            })
+            .collect();
+        let meta = erofs::write(&tree, &devices, chunk_size.trailing_zeros() as u8)?;
+        let data = data.into_iter().map(Bytes::from).collect();
         Ok(BuiltImage { meta, data, table })
     }
 }
@@ -250,8 +258,8 @@ fn meta_of(md: &std::fs::Metadata) -> Meta {
 
 /// The manifest of a built image and the blobs it references, ready to upload.
 pub struct Assembled {
-    /// Data blobs, chunk table, metadata blob and config.
-    pub blobs: Vec<Bytes>,
+    /// (digest, bytes) of data blobs, chunk table, metadata blob and config.
+    pub blobs: Vec<(String, Bytes)>,
     pub manifest: Bytes,
 }
 
@@ -268,31 +276,36 @@ pub fn minimal_config(platform: &crate::registry::platform::Platform) -> Vec<u8>
 
 /// Lay out the manifest of `img` with `config` (the config's `rootfs.diff_ids` are set to the
 /// new layers' digests and its `history`, which described the old layers, is dropped).
+/// Data blob digests come from the chunk table: no data is hashed or copied again.
 pub fn assemble(img: &BuiltImage, config: &[u8]) -> Result<Assembled, serde_json::Error> {
-    let table = Bytes::from(img.table.to_json());
-    let meta = Bytes::from(img.meta.clone());
-    let data: Vec<Bytes> = img.data.iter().map(|d| Bytes::from(d.clone())).collect();
-    let mut layers = vec![
-        (MEDIA_TYPE_META, meta.clone()),
-        (MEDIA_TYPE_CHUNKS, table.clone()),
-    ];
-    layers.extend(data.iter().map(|d| (MEDIA_TYPE_DATA, d.clone())));
+    let with_digest = |b: Bytes| (sha256_digest(&b), b);
+    let table = with_digest(Bytes::from(img.table.to_json()));
+    let meta = with_digest(Bytes::from(img.meta.clone()));
+    let data: Vec<(String, Bytes)> = img
+        .table
+        .blobs
+        .iter()
+        .map(|c| c.digest.clone())
+        .zip(img.data.iter().cloned())
+        .collect();
+    let mut layers = vec![(MEDIA_TYPE_META, &meta), (MEDIA_TYPE_CHUNKS, &table)];
+    layers.extend(data.iter().map(|d| (MEDIA_TYPE_DATA, d)));
     let mut cfg: serde_json::Value = serde_json::from_slice(config)?;
     if let Some(obj) = cfg.as_object_mut() {
         obj.remove("history");
-        let diff_ids: Vec<String> = layers.iter().map(|(_, b)| sha256_digest(b)).collect();
+        let diff_ids: Vec<&String> = layers.iter().map(|(_, (d, _))| d).collect();
         obj.insert(
             "rootfs".into(),
             json!({"type": "layers", "diff_ids": diff_ids}),
         );
     }
-    let config = Bytes::from(serde_json::to_vec(&cfg)?);
-    let desc = |media_type: &str, data: &[u8]| json!({"mediaType": media_type, "digest": sha256_digest(data), "size": data.len()});
+    let config = with_digest(Bytes::from(serde_json::to_vec(&cfg)?));
+    let desc = |media_type: &str, (digest, b): &(String, Bytes)| json!({"mediaType": media_type, "digest": digest, "size": b.len()});
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
         "config": desc(oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE, &config),
-        "layers": layers.iter().map(|(mt, b)| desc(mt, b)).collect::<Vec<_>>(),
+        "layers": layers.iter().map(|(mt, d)| desc(mt, d)).collect::<Vec<_>>(),
         "annotations": {ANNOTATION_FORMAT: FORMAT_VERSION},
     });
     let mut blobs = data;
@@ -315,8 +328,8 @@ pub async fn push(
 ) -> Result<String, RegistryError> {
     let config = config.unwrap_or_else(|| minimal_config(registry.platform()));
     let a = assemble(img, &config).map_err(|e| RegistryError::Manifest(e.to_string()))?;
-    for b in a.blobs {
-        registry.push_blob(reference, b).await?;
+    for (digest, b) in a.blobs {
+        registry.push_blob_with_digest(reference, b, digest).await?;
     }
     registry
         .push_manifest(

@@ -52,13 +52,28 @@ pub struct BlobChunks {
 
 impl BlobChunks {
     /// Hash a whole data blob into its chunk digests.
+    /// The chunk digests and the whole-blob digest; for large blobs the two are computed on
+    /// two threads.
     pub fn of(data: &[u8], chunk_size: u64) -> BlobChunks {
-        let mut chunks = String::with_capacity(data.len().div_ceil(chunk_size as usize) * 64);
-        for c in data.chunks(chunk_size as usize) {
-            chunks.push_str(&hex::encode(Sha256::digest(c)));
-        }
+        let chunk_hashes = || {
+            let mut chunks = String::with_capacity(data.len().div_ceil(chunk_size as usize) * 64);
+            for c in data.chunks(chunk_size as usize) {
+                chunks.push_str(&hex::encode(Sha256::digest(c)));
+            }
+            chunks
+        };
+        let whole = || format!("sha256:{}", hex::encode(Sha256::digest(data)));
+        let (digest, chunks) = if data.len() >= 8 << 20 {
+            std::thread::scope(|s| {
+                let w = s.spawn(whole);
+                let c = chunk_hashes();
+                (w.join().unwrap_or_else(|_| whole()), c)
+            })
+        } else {
+            (whole(), chunk_hashes())
+        };
         BlobChunks {
-            digest: crate::registry::sha256_digest(data),
+            digest,
             size: data.len() as u64,
             chunks,
         }

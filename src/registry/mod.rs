@@ -278,6 +278,16 @@ impl Registry {
     /// Push a blob unless the registry already has it.
     pub async fn push_blob(&self, repo: &Reference, data: Bytes) -> Result<String, RegistryError> {
         let digest = sha256_digest(&data);
+        self.push_blob_with_digest(repo, data, digest).await
+    }
+
+    /// Push a blob whose digest the caller already computed (the registry verifies it).
+    pub async fn push_blob_with_digest(
+        &self,
+        repo: &Reference,
+        data: Bytes,
+        digest: String,
+    ) -> Result<String, RegistryError> {
         let auth = self.auth_for(repo)?;
         self.client
             .auth(repo, &auth, RegistryOperation::Push)

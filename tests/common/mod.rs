@@ -289,3 +289,33 @@ impl Drop for DockerRegistry {
         let _ = self.child.wait();
     }
 }
+
+/// A busybox shell script that lists a tree (path, type, mode, owner, size, sha256, link
+/// target, device numbers) the same way on the host and in the guest.
+pub const LIST_TREE_SH: &str = r#"cd "$1" && find . -mindepth 1 | sort | while IFS= read -r p; do
+  t=$(stat -c %F "$p")
+  line="$p|$t|$(stat -c '%a|%u|%g' "$p")"
+  case "$t" in
+    "regular file"|"regular empty file") line="$line|$(stat -c %s "$p")|$(sha256sum "$p" | cut -d' ' -f1)";;
+    "symbolic link") line="$line|$(readlink "$p")";;
+    "character special file"|"block special file") line="$line|$(stat -c '%t,%T' "$p")";;
+  esac
+  echo "$line"
+done
+"#;
+
+/// Run [`LIST_TREE_SH`] on `dir` with the host's busybox.
+pub fn list_tree(dir: &Path) -> String {
+    let bb = if Path::new("/bin/busybox").exists() {
+        "/bin/busybox"
+    } else {
+        "/usr/bin/busybox"
+    };
+    let out = std::process::Command::new(bb)
+        .args(["sh", "-c", LIST_TREE_SH, "list"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}

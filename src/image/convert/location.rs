@@ -161,10 +161,20 @@ impl Location {
         registry: &Registry,
         data: Bytes,
     ) -> Result<String, RegistryError> {
+        let digest = sha256_digest(&data);
+        self.put_blob_with_digest(registry, data, digest).await
+    }
+
+    /// Store a blob whose digest the caller computed from the same bytes.
+    pub async fn put_blob_with_digest(
+        &self,
+        registry: &Registry,
+        data: Bytes,
+        digest: String,
+    ) -> Result<String, RegistryError> {
         match self {
-            Location::Registry(r) => registry.push_blob(r, data).await,
+            Location::Registry(r) => registry.push_blob_with_digest(r, data, digest).await,
             Location::Layout { dir, .. } => {
-                let digest = sha256_digest(&data);
                 let path = layout_blob_path(dir, &digest)?;
                 if !path.exists() {
                     let parent = path.parent().unwrap_or(dir);

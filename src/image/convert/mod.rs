@@ -220,6 +220,9 @@ async fn convert_one(
             )));
         }
         let data = src.blob(registry, &l.digest, Some(l.size as u64)).await?;
+        // room for the layer's file data: its size, or a multiple when compressed
+        let compressed = !l.media_type.ends_with(".tar") && !l.media_type.ends_with("tar.v1");
+        blobs.reserve(i, data.len().saturating_mul(if compressed { 3 } else { 1 }));
         let name = format!("{i} ({})", l.digest);
         let pb = progress(opts, data.len() as u64, format!("layer {i}"));
         let limits = opts.limits.clone();
@@ -240,8 +243,8 @@ async fn convert_one(
     let built = tokio::task::block_in_place(|| blobs.finish(tree, chunk))?;
     let a = assemble(&built, &config)
         .map_err(|e| ConvertError::Source(format!("image config is not JSON: {e}")))?;
-    for b in a.blobs {
-        dst.put_blob(registry, b).await?;
+    for (digest, b) in a.blobs {
+        dst.put_blob_with_digest(registry, b, digest).await?;
     }
     report.images += 1;
     let digest = crate::registry::sha256_digest(&a.manifest);
