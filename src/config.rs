@@ -60,6 +60,9 @@ pub struct DaemonConfig {
     pub frontend: FrontendChoice,
     /// Images registered at start, in addition to the persisted ones.
     pub images: Vec<String>,
+    /// Upper bound of the fanotify frontend's blob cache in bytes (0: unlimited); blobs no
+    /// mount uses are evicted, least recently written first.
+    pub cache_limit_bytes: u64,
 }
 
 impl Default for DaemonConfig {
@@ -71,6 +74,7 @@ impl Default for DaemonConfig {
             tag: "lazyblob".into(),
             frontend: FrontendChoice::Auto,
             images: Vec::new(),
+            cache_limit_bytes: 0,
         }
     }
 }

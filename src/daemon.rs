@@ -1,15 +1,29 @@
-//! The daemon: wires registry, engine, catalog, kernel frontend and admin API together and
-//! runs them until SIGINT/SIGTERM.
+//! The daemon: wires registry, engine, catalog, the kernel frontend and the admin API
+//! together. [`Daemon::start`] brings the parts up (the demo and tests embed it), [`run`]
+//! adds the admin socket and signal handling, [`Daemon::shutdown`] unmounts everything
+//! before the frontend goes away, so no mount is left without its listener.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::frontend::{self, cachefiles::Cachefiles, Frontend, KernelFacts};
+use crate::frontend::fanotify::{cache, FanotifyFrontend};
+use crate::frontend::{self, cachefiles::Cachefiles, mount, Frontend, KernelFacts};
 use crate::registry::Registry;
+
+/// A mount made by this daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MountInfo {
+    pub reference: String,
+    pub target: PathBuf,
+    pub fsid: String,
+    pub frontend: Frontend,
+}
 
 /// The running daemon's shared parts.
 pub struct Daemon {
@@ -19,6 +33,10 @@ pub struct Daemon {
     pub engine: Arc<Engine>,
     pub catalog: Arc<Catalog>,
     pub cachefiles: Option<Arc<Cachefiles>>,
+    pub fanotify: Option<Arc<FanotifyFrontend>>,
+    mounts: Mutex<Vec<MountInfo>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    loops: Mutex<Vec<tokio::task::JoinHandle<std::io::Result<()>>>>,
 }
 
 impl Daemon {
@@ -28,86 +46,237 @@ impl Daemon {
             Frontend::Fanotify => "fanotify",
         }
     }
-}
 
-/// Run the daemon with `config` until a signal arrives.
-pub async fn run(config: Config) -> Result<()> {
-    let kernel = KernelFacts::read();
-    let frontend =
-        frontend::choose(&kernel, config.daemon.frontend).context("choosing a kernel frontend")?;
-    tracing::info!(kernel = %kernel.release, ?frontend, "starting lazyblob");
-
-    let registry = Arc::new(
-        Registry::new(&config.registry, config.engine.max_concurrent_fetches)
-            .context("setting up the registry client")?,
-    );
-    let engine = Arc::new(Engine::new(Arc::clone(&registry), config.engine.clone()));
-    let catalog = Arc::new(Catalog::new(
-        Arc::clone(&registry),
-        &config.daemon.state_dir,
-    ));
-
-    for (reference, err) in catalog
-        .restore()
-        .await
-        .context("restoring registered images")?
-    {
-        tracing::error!(reference, error = %err, "a persisted image could not be restored");
+    /// Bring up registry client, engine, catalog (restoring persisted images) and the kernel
+    /// frontend with its event loop. `group` is a fanotify group handed over by a guard.
+    pub async fn start(
+        config: Config,
+        group: Option<nix::sys::fanotify::Fanotify>,
+    ) -> Result<Arc<Daemon>> {
+        let kernel = KernelFacts::read();
+        let frontend = frontend::choose(&kernel, config.daemon.frontend)
+            .context("choosing a kernel frontend")?;
+        tracing::info!(kernel = %kernel.release, ?frontend, "starting lazyblob");
+        let registry = Arc::new(
+            Registry::new(&config.registry, config.engine.max_concurrent_fetches)
+                .context("setting up the registry client")?,
+        );
+        let engine = Arc::new(Engine::new(Arc::clone(&registry), config.engine.clone()));
+        let catalog = Arc::new(Catalog::new(
+            Arc::clone(&registry),
+            &config.daemon.state_dir,
+        ));
+        for (reference, err) in catalog
+            .restore()
+            .await
+            .context("restoring registered images")?
+        {
+            tracing::error!(reference, error = %err, "a persisted image could not be restored");
+        }
+        for reference in &config.daemon.images {
+            if let Err(e) = catalog.register(reference).await {
+                tracing::error!(reference, error = %e, "an image from the config could not be registered");
+            }
+        }
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut loops = Vec::new();
+        let (cachefiles, fanotify) = match frontend {
+            Frontend::Cachefiles => {
+                let c = Cachefiles::bind(
+                    &config.daemon.cache_dir,
+                    &config.daemon.tag,
+                    Arc::clone(&catalog),
+                    Arc::clone(&engine),
+                )
+                .context("binding the cachefiles on-demand cache")?;
+                loops.push(tokio::spawn(Arc::clone(&c).run(stop_rx.clone())));
+                (Some(c), None)
+            }
+            Frontend::Fanotify => {
+                let f = FanotifyFrontend::new(&config.daemon.cache_dir, Arc::clone(&engine), group)
+                    .context("creating the fanotify pre-content group")?;
+                loops.push(tokio::spawn(Arc::clone(&f).run(stop_rx.clone())));
+                (None, Some(f))
+            }
+        };
+        Ok(Arc::new(Daemon {
+            config,
+            kernel,
+            frontend,
+            engine,
+            catalog,
+            cachefiles,
+            fanotify,
+            mounts: Mutex::new(Vec::new()),
+            stop,
+            loops: Mutex::new(loops),
+        }))
     }
-    for reference in &config.daemon.images {
-        if let Err(e) = catalog.register(reference).await {
-            tracing::error!(reference, error = %e, "an image from the config could not be registered");
+
+    /// Mounts made by this daemon.
+    pub fn mounts(&self) -> Vec<MountInfo> {
+        self.mounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Register `reference` if needed and mount it lazily on `target`.
+    pub async fn mount(&self, reference: &str, target: &Path) -> Result<MountInfo> {
+        let target = std::fs::canonicalize(target)
+            .with_context(|| format!("mount point {}", target.display()))?;
+        if !target.is_dir() {
+            bail!("mount point {} is not a directory", target.display());
+        }
+        if self.mounts().iter().any(|m| m.target == target) {
+            bail!("{} is already a lazyblob mount", target.display());
+        }
+        let image = self
+            .catalog
+            .register(reference)
+            .await
+            .with_context(|| format!("registering {reference}"))?;
+        match self.frontend {
+            Frontend::Cachefiles => {
+                let (fsid, t) = (image.fsid.clone(), target.clone());
+                tokio::task::spawn_blocking(move || mount::mount_fscache(&fsid, &t)).await??;
+            }
+            Frontend::Fanotify => {
+                let f = self
+                    .fanotify
+                    .as_ref()
+                    .context("fanotify frontend missing")?;
+                let devices = f.prepare(&image)?;
+                let (meta, t) = (image.meta_path.clone(), target.clone());
+                tokio::task::spawn_blocking(move || mount::mount_file_backed(&meta, &devices, &t))
+                    .await??;
+            }
+        }
+        let info = MountInfo {
+            reference: reference.to_string(),
+            target,
+            fsid: image.fsid.clone(),
+            frontend: self.frontend,
+        };
+        self.mounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(info.clone());
+        tracing::info!(reference, target = %info.target.display(), fsid = %info.fsid, "mounted");
+        Ok(info)
+    }
+
+    /// Unmount a mount of this daemon; `lazy` detaches it if busy.
+    pub async fn umount(&self, target: &Path, lazy: bool) -> Result<()> {
+        let target = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+        if !self.mounts().iter().any(|m| m.target == target) {
+            bail!("{} is not a lazyblob mount", target.display());
+        }
+        let t = target.clone();
+        tokio::task::spawn_blocking(move || mount::unmount(&t, lazy)).await??;
+        self.mounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|m| m.target != target);
+        self.evict();
+        Ok(())
+    }
+
+    /// Apply the cache limit: drop blobs of images no mount uses.
+    fn evict(&self) {
+        let limit = self.config.daemon.cache_limit_bytes;
+        if limit == 0 || self.fanotify.is_none() {
+            return;
+        }
+        let keep: Vec<PathBuf> = self
+            .mounts()
+            .iter()
+            .filter_map(|m| self.catalog.get(&m.fsid))
+            .flat_map(|i| {
+                i.data
+                    .iter()
+                    .map(|d| cache::blob_path(&self.config.daemon.cache_dir, &d.source.digest))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if let Err(e) = cache::evict(&self.config.daemon.cache_dir, limit, &keep) {
+            tracing::warn!(error = %e, "cache eviction failed");
         }
     }
 
-    let cachefiles = match frontend {
-        Frontend::Cachefiles => Some(
-            Cachefiles::bind(
-                &config.daemon.cache_dir,
-                &config.daemon.tag,
-                Arc::clone(&catalog),
-                Arc::clone(&engine),
-            )
-            .context("binding the cachefiles on-demand cache")?,
-        ),
-        Frontend::Fanotify => None,
-    };
-    let daemon = Arc::new(Daemon {
-        kernel,
-        frontend,
-        engine,
-        catalog,
-        cachefiles: cachefiles.clone(),
-        config: config.clone(),
-    });
+    /// Bytes the blob cache holds on disk (fanotify frontend).
+    pub fn cache_bytes(&self) -> u64 {
+        let dir = self.config.daemon.cache_dir.join("blobs");
+        std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().map(|e| cache::allocated(&e.path())).sum())
+            .unwrap_or(0)
+    }
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    /// Unmount everything (detaching busy mounts) while the frontend still serves, then stop
+    /// the event loops.
+    pub async fn shutdown(&self) {
+        for m in self.mounts() {
+            let t = m.target.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                mount::unmount(&t, false).or_else(|_| mount::unmount(&t, true))
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => tracing::info!(target = %m.target.display(), "unmounted"),
+                Ok(Err(e)) => {
+                    tracing::error!(target = %m.target.display(), error = %e, "unmount failed")
+                }
+                Err(e) => tracing::error!(error = %e, "unmount task failed"),
+            }
+        }
+        self.mounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let _ = self.stop.send(true);
+        let loops: Vec<_> =
+            std::mem::take(&mut *self.loops.lock().unwrap_or_else(|p| p.into_inner()));
+        for l in loops {
+            let _ = l.await;
+        }
+    }
+
+    /// Wait until an event loop ends on its own (an error), returning it.
+    async fn failed_loop(&self) -> anyhow::Error {
+        let l = self.loops.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match l {
+            Some(h) => match h.await {
+                Ok(Ok(())) => anyhow::anyhow!("frontend event loop stopped"),
+                Ok(Err(e)) => anyhow::Error::new(e).context("frontend event loop failed"),
+                Err(e) => anyhow::Error::new(e).context("frontend event loop panicked"),
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Run the daemon with `config` until SIGINT/SIGTERM: start, serve the admin API, shut down.
+pub async fn run(config: Config, group: Option<nix::sys::fanotify::Fanotify>) -> Result<()> {
+    let daemon = Daemon::start(config.clone(), group).await?;
+    let (api_stop, api_rx) = tokio::sync::watch::channel(false);
     let api = {
         let daemon = Arc::clone(&daemon);
         let socket = config.daemon.socket.clone();
-        let stop = stop_rx.clone();
-        tokio::spawn(async move { crate::api::server::serve(daemon, &socket, stop).await })
+        tokio::spawn(async move { crate::api::server::serve(daemon, &socket, api_rx).await })
     };
-    let serve = cachefiles.map(|c| tokio::spawn(c.run(stop_rx.clone())));
-
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT, shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM, shutting down"),
-        r = async { match serve { Some(s) => s.await, None => std::future::pending().await } } => {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(anyhow::Error::new(e).context("cachefiles event loop failed")),
-                Err(e) => return Err(anyhow::Error::new(e).context("cachefiles event loop panicked")),
-            }
-        }
-    }
-    let _ = stop_tx.send(true);
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT, shutting down"); Ok(()) }
+        _ = term.recv() => { tracing::info!("SIGTERM, shutting down"); Ok(()) }
+        e = daemon.failed_loop() => Err(e),
+    };
+    daemon.shutdown().await;
+    let _ = api_stop.send(true);
     match api.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "admin API failed"),
         Err(e) => tracing::error!(error = %e, "admin API task failed"),
     }
     let _ = std::fs::remove_file(&config.daemon.socket);
-    Ok(())
+    outcome
 }

@@ -76,6 +76,22 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Mount an image lazily on DIR through the running daemon.
+    Mount {
+        image: String,
+        dir: PathBuf,
+        #[arg(long, default_value = "/run/lazyblob/lazyblob.sock")]
+        socket: PathBuf,
+    },
+    /// Unmount a lazyblob mount.
+    Umount {
+        dir: PathBuf,
+        /// Detach a busy mount (open files keep being served).
+        #[arg(long)]
+        lazy: bool,
+        #[arg(long, default_value = "/run/lazyblob/lazyblob.sock")]
+        socket: PathBuf,
+    },
     /// Register an image with the running daemon; prints its fsid.
     Register {
         reference: String,
@@ -128,7 +144,7 @@ fn main() -> Result<()> {
                     Some(p) => Config::load(&p)?,
                     None => Config::default(),
                 };
-                lazyblob::daemon::run(cfg).await
+                lazyblob::daemon::run(cfg, None).await
             }
             Cmd::Status { socket, json } => {
                 let s = lazyblob::api::client::ApiClient::new(&socket)?.status().await?;
@@ -141,8 +157,12 @@ fn main() -> Result<()> {
                         s.registry.requests, s.registry.bytes, s.registry.retries, s.registry.failures,
                         s.engine.chunks_fetched, s.engine.shared_hits, s.inflight_chunks
                     );
+                    println!("cache: {} bytes on disk", s.cache_bytes);
                     for i in &s.images {
-                        println!("{}  fsid={}  {} data blobs  {} bytes", i.reference, i.fsid, i.data_blobs, i.total_size);
+                        println!("image {}  fsid={}  {} data blobs  {} bytes", i.reference, i.fsid, i.data_blobs, i.total_size);
+                    }
+                    for m in &s.mounts {
+                        println!("mount {} on {}  ({:?})", m.reference, m.target.display(), m.frontend);
                     }
                 }
                 Ok(())
@@ -220,6 +240,17 @@ fn main() -> Result<()> {
                     r.layer_bytes as f64 / 1e6 / secs.max(1e-9)
                 );
                 println!("{}", r.digest);
+                Ok(())
+            }
+            Cmd::Mount { image, dir, socket } => {
+                let dir = std::fs::canonicalize(&dir).with_context(|| format!("mount point {}", dir.display()))?;
+                let m = lazyblob::api::client::ApiClient::new(&socket)?.mount(&image, &dir).await?;
+                println!("{} mounted on {} (fsid {}, {:?})", m.reference, m.target.display(), m.fsid, m.frontend);
+                Ok(())
+            }
+            Cmd::Umount { dir, lazy, socket } => {
+                let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+                lazyblob::api::client::ApiClient::new(&socket)?.umount(&dir, lazy).await?;
                 Ok(())
             }
             Cmd::Register { reference, socket } => {

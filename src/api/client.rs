@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 
-use super::{ApiError, RegisterRequest, Status};
+use super::{ApiError, MountRequest, RegisterRequest, Status, UmountRequest};
 use crate::catalog::ImageInfo;
 
 /// A connection to a running daemon's admin socket.
@@ -29,13 +29,46 @@ impl ApiClient {
     }
 
     pub async fn register(&self, reference: &str) -> Result<ImageInfo> {
-        let req = RegisterRequest {
-            reference: reference.to_string(),
-        };
-        let body = serde_json::to_vec(&req)?;
+        self.post(
+            "/v1/images",
+            &RegisterRequest {
+                reference: reference.to_string(),
+            },
+        )
+        .await
+    }
+
+    pub async fn mount(&self, reference: &str, target: &Path) -> Result<crate::daemon::MountInfo> {
+        self.post(
+            "/v1/mounts",
+            &MountRequest {
+                reference: reference.to_string(),
+                target: target.to_path_buf(),
+            },
+        )
+        .await
+    }
+
+    pub async fn umount(&self, target: &Path, lazy: bool) -> Result<serde_json::Value> {
+        self.post(
+            "/v1/umount",
+            &UmountRequest {
+                target: target.to_path_buf(),
+                lazy,
+            },
+        )
+        .await
+    }
+
+    async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        let body = serde_json::to_vec(body)?;
         decode(
             self.http
-                .post("http://lazyblob/v1/images")
+                .post(format!("http://lazyblob{path}"))
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body)
                 .send()

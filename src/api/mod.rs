@@ -14,6 +14,21 @@ pub struct RegisterRequest {
     pub reference: String,
 }
 
+/// `POST /v1/mounts`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MountRequest {
+    pub reference: String,
+    pub target: std::path::PathBuf,
+}
+
+/// `POST /v1/umount`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UmountRequest {
+    pub target: std::path::PathBuf,
+    #[serde(default)]
+    pub lazy: bool,
+}
+
 /// An error body.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ApiError {
@@ -27,6 +42,9 @@ pub struct Status {
     pub frontend: String,
     pub kernel: String,
     pub images: Vec<ImageInfo>,
+    pub mounts: Vec<crate::daemon::MountInfo>,
+    /// Bytes held by the blob cache on disk (fanotify frontend).
+    pub cache_bytes: u64,
     pub open_objects: usize,
     pub inflight_chunks: usize,
     pub engine: EngineCounters,

@@ -9,7 +9,10 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{ApiError, EngineCounters, RegisterRequest, RegistryCounters, Status};
+use super::{
+    ApiError, EngineCounters, MountRequest, RegisterRequest, RegistryCounters, Status,
+    UmountRequest,
+};
 use crate::daemon::Daemon;
 
 type ApiResult<T> = Result<Json<T>, (StatusCode, Json<ApiError>)>;
@@ -19,6 +22,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/images", post(register).get(images))
+        .route("/v1/mounts", post(mount).get(mounts))
+        .route("/v1/umount", post(umount))
         .with_state(daemon)
 }
 
@@ -62,6 +67,8 @@ pub fn snapshot(d: &Daemon) -> Status {
         frontend: d.frontend_name().into(),
         kernel: d.kernel.release.clone(),
         images: d.catalog.list(),
+        mounts: d.mounts(),
+        cache_bytes: d.cache_bytes(),
         open_objects: d.cachefiles.as_ref().map_or(0, |c| c.open_objects()),
         inflight_chunks: d.engine.inflight_len(),
         engine: EngineCounters {
@@ -77,11 +84,11 @@ pub fn snapshot(d: &Daemon) -> Status {
             retries: r.retries.load(Relaxed),
             failures: r.failures.load(Relaxed),
         },
-        frontend_counters: d
-            .cachefiles
-            .as_ref()
-            .and_then(|c| serde_json::to_value(&c.stats).ok())
-            .unwrap_or(serde_json::Value::Null),
+        frontend_counters: match (&d.cachefiles, &d.fanotify) {
+            (Some(c), _) => serde_json::to_value(&c.stats).unwrap_or_default(),
+            (_, Some(f)) => serde_json::to_value(&f.stats).unwrap_or_default(),
+            _ => serde_json::Value::Null,
+        },
     }
 }
 
@@ -115,4 +122,38 @@ async fn register(
                 }),
             )
         })
+}
+
+fn failed(e: anyhow::Error) -> (StatusCode, Json<ApiError>) {
+    tracing::warn!(error = %format!("{e:#}"), "admin request failed");
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Json(ApiError {
+            error: format!("{e:#}"),
+        }),
+    )
+}
+
+async fn mounts(State(d): State<Arc<Daemon>>) -> Json<Vec<crate::daemon::MountInfo>> {
+    Json(d.mounts())
+}
+
+async fn mount(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<MountRequest>,
+) -> ApiResult<crate::daemon::MountInfo> {
+    d.mount(&req.reference, &req.target)
+        .await
+        .map(Json)
+        .map_err(failed)
+}
+
+async fn umount(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<UmountRequest>,
+) -> ApiResult<serde_json::Value> {
+    d.umount(&req.target, req.lazy)
+        .await
+        .map(|()| Json(serde_json::json!({"unmounted": req.target})))
+        .map_err(failed)
 }

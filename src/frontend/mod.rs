@@ -1,6 +1,8 @@
 //! Kernel frontends and the probe that picks one for the running kernel.
 
 pub mod cachefiles;
+pub mod fanotify;
+pub mod mount;
 
 use std::path::Path;
 
@@ -19,7 +21,7 @@ pub enum Frontend {
 /// Why no frontend can run on this kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("the kernel has no /dev/cachefiles (needs CONFIG_CACHEFILES with CONFIG_CACHEFILES_ONDEMAND, Linux 5.19-7.1) and the fanotify frontend is not available in this build; running kernel: {0}")]
+    #[error("no lazy-loading frontend on kernel {0}: needs /dev/cachefiles with CONFIG_CACHEFILES_ONDEMAND (Linux 5.19-7.1) or fanotify pre-content events (Linux 6.14+, CONFIG_FANOTIFY_ACCESS_PERMISSIONS) with EROFS file-backed mounts (CONFIG_EROFS_FS_BACKED_BY_FILE), and root")]
     NoFrontend(String),
     #[error("frontend {0:?} was forced by the config but the kernel lacks it: {1}")]
     Forced(FrontendChoice, String),
@@ -33,6 +35,8 @@ pub struct KernelFacts {
     pub release: String,
     pub erofs: bool,
     pub cachefiles_device: bool,
+    /// A `FAN_CLASS_PRE_CONTENT` group with `FAN_PRE_ACCESS` could be created.
+    pub fanotify_pre_content: bool,
 }
 
 impl KernelFacts {
@@ -51,6 +55,7 @@ impl KernelFacts {
             release,
             erofs,
             cachefiles_device: Path::new(cachefiles::device::DEVICE_PATH).exists(),
+            fanotify_pre_content: fanotify::sys::available(),
         }
     }
 }
@@ -65,9 +70,12 @@ pub fn choose(facts: &KernelFacts, choice: FrontendChoice) -> Result<Frontend, P
             Ok(Frontend::Cachefiles)
         }
         FrontendChoice::Cachefiles => Err(ProbeError::Forced(choice, "no /dev/cachefiles".into())),
+        FrontendChoice::Fanotify | FrontendChoice::Auto if facts.fanotify_pre_content => {
+            Ok(Frontend::Fanotify)
+        }
         FrontendChoice::Fanotify => Err(ProbeError::Forced(
             choice,
-            "fanotify frontend not built yet".into(),
+            "no fanotify pre-content events (Linux 6.14+)".into(),
         )),
         FrontendChoice::Auto => Err(ProbeError::NoFrontend(facts.release.clone())),
     }
@@ -83,12 +91,22 @@ mod tests {
             release: "6.12".into(),
             erofs: true,
             cachefiles_device: true,
+            fanotify_pre_content: true,
         };
         assert_eq!(
             choose(&f, FrontendChoice::Auto).unwrap(),
             Frontend::Cachefiles
         );
+        assert_eq!(
+            choose(&f, FrontendChoice::Fanotify).unwrap(),
+            Frontend::Fanotify
+        );
         f.cachefiles_device = false;
+        assert_eq!(
+            choose(&f, FrontendChoice::Auto).unwrap(),
+            Frontend::Fanotify
+        );
+        f.fanotify_pre_content = false;
         let e = choose(&f, FrontendChoice::Auto).unwrap_err().to_string();
         assert!(e.contains("CONFIG_CACHEFILES_ONDEMAND"), "{e}");
         assert!(choose(&f, FrontendChoice::Cachefiles).is_err());

@@ -1,0 +1,130 @@
+//! The fanotify frontend's persistent cache: one sparse file per data blob under
+//! `<cache_dir>/blobs/`, holes where chunks were never fetched. Presence is read back with
+//! SEEK_DATA/SEEK_HOLE, so a restarted daemon never fetches a chunk twice; chunks found on
+//! disk are verified against the chunk table before they are trusted.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{lseek, Whence};
+
+/// Path of the cache file of a blob.
+pub fn blob_path(cache_dir: &Path, digest: &str) -> PathBuf {
+    cache_dir.join("blobs").join(digest.replace(':', "-"))
+}
+
+/// Create (or reuse) the sparse cache file of a blob with the right size.
+pub fn ensure_file(path: &Path, size: u64) -> io::Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    if f.metadata()?.len() != size {
+        // a different size means a stale or foreign file: start over
+        f.set_len(0)?;
+        f.set_len(size)?;
+    }
+    Ok(f)
+}
+
+/// Whether `[start, end)` of the file is all data (no hole). Uses the given fd; lseek does
+/// not raise pre-content events.
+pub fn is_data(f: impl AsFd, start: u64, end: u64) -> io::Result<bool> {
+    if start >= end {
+        return Ok(true);
+    }
+    match lseek(f.as_fd(), start as i64, Whence::SeekHole) {
+        Ok(hole) => Ok(hole as u64 >= end),
+        // ENXIO: start is at or past EOF
+        Err(nix::errno::Errno::ENXIO) => Ok(false),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
+/// Bytes actually allocated by a cache file.
+pub fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// Delete cache files not in `keep`, least recently modified first, until the cache holds at
+/// most `limit` bytes. Returns the bytes freed.
+pub fn evict(cache_dir: &Path, limit: u64, keep: &[PathBuf]) -> io::Result<u64> {
+    let dir = cache_dir.join("blobs");
+    let mut files: Vec<(std::time::SystemTime, PathBuf, u64)> = Vec::new();
+    let mut total = 0;
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let size = allocated(&p);
+        total += size;
+        if !keep.contains(&p) {
+            let mtime = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            files.push((mtime, p, size));
+        }
+    }
+    files.sort();
+    let mut freed = 0;
+    for (_, p, size) in files {
+        if total <= limit {
+            break;
+        }
+        std::fs::remove_file(&p)?;
+        total -= size;
+        freed += size;
+        tracing::info!(path = %p.display(), bytes = size, "evicted unused blob from the cache");
+    }
+    Ok(freed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn holes_and_data() {
+        let d = tempfile::tempdir().unwrap();
+        let p = blob_path(d.path(), "sha256:ab");
+        let f = ensure_file(&p, 8 << 20).unwrap();
+        assert!(!is_data(&f, 0, 4096).unwrap());
+        f.write_all_at(&vec![1u8; 1 << 20], 1 << 20).unwrap();
+        assert!(is_data(&f, 1 << 20, 2 << 20).unwrap());
+        assert!(!is_data(&f, 0, 2 << 20).unwrap());
+        assert!(!is_data(&f, 2 << 20, 3 << 20).unwrap());
+        drop(f);
+        // reopening keeps the data; a size change starts over
+        let f = ensure_file(&p, 8 << 20).unwrap();
+        assert!(is_data(&f, 1 << 20, 2 << 20).unwrap());
+        let f = ensure_file(&p, 4 << 20).unwrap();
+        assert!(!is_data(&f, 1 << 20, 2 << 20).unwrap());
+    }
+
+    #[test]
+    fn eviction_spares_kept_files() {
+        let d = tempfile::tempdir().unwrap();
+        let a = blob_path(d.path(), "sha256:a");
+        let b = blob_path(d.path(), "sha256:b");
+        for p in [&a, &b] {
+            let f = ensure_file(p, 1 << 20).unwrap();
+            f.write_all_at(&vec![1u8; 1 << 20], 0).unwrap();
+        }
+        let freed = evict(d.path(), 1 << 20, std::slice::from_ref(&b)).unwrap();
+        assert!(freed >= 1 << 20);
+        assert!(!a.exists() && b.exists());
+    }
+}

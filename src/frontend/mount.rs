@@ -1,0 +1,72 @@
+//! EROFS mounts for both frontends, with `mount(2)` directly (util-linux would turn a
+//! regular-file source into a loop device and bypass the pre-content hooks).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// Mount an image over fscache: `mount -t erofs none -o fsid=FSID TARGET`. Blocks until the
+/// cachefiles frontend answered the kernel's OPENs.
+pub fn mount_fscache(fsid: &str, target: &Path) -> io::Result<()> {
+    let opts = format!("fsid={fsid}");
+    mount(
+        Some("none"),
+        target,
+        Some("erofs"),
+        MsFlags::MS_RDONLY,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("mount erofs fsid={fsid} on {}: {e}", target.display()),
+        )
+    })
+}
+
+/// Mount the metadata blob file-backed with one `device=` per data blob cache file.
+pub fn mount_file_backed(meta: &Path, devices: &[PathBuf], target: &Path) -> io::Result<()> {
+    let opts: Vec<String> = devices
+        .iter()
+        .map(|d| format!("device={}", d.display()))
+        .collect();
+    let opts = opts.join(",");
+    if opts.len() >= 4096 {
+        return Err(io::Error::other(
+            "too many data blobs for one mount option page",
+        ));
+    }
+    mount(
+        Some(meta),
+        target,
+        Some("erofs"),
+        MsFlags::MS_RDONLY,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!(
+                "mount erofs {} on {}: {e}",
+                meta.display(),
+                target.display()
+            ),
+        )
+    })
+}
+
+/// Unmount; `lazy` detaches a busy mount (open files keep working through the frontend).
+pub fn unmount(target: &Path, lazy: bool) -> io::Result<()> {
+    let flags = if lazy {
+        MntFlags::MNT_DETACH
+    } else {
+        MntFlags::empty()
+    };
+    umount2(target, flags).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("umount {}: {e}", target.display()),
+        )
+    })
+}
