@@ -12,15 +12,9 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -228,15 +222,11 @@ impl Config {
         }
         let r = &self.registry;
         if r.max_attempts == 0 {
-            return Err(ConfigError::Invalid(
-                "registry.max_attempts must be >= 1".into(),
-            ));
+            return Err(ConfigError::Invalid("registry.max_attempts must be >= 1".into()));
         }
         for h in &r.hosts {
             if h.host.is_empty() {
-                return Err(ConfigError::Invalid(
-                    "registry.hosts entry without host".into(),
-                ));
+                return Err(ConfigError::Invalid("registry.hosts entry without host".into()));
             }
             if h.token.is_some() && (h.username.is_some() || h.password.is_some()) {
                 return Err(ConfigError::Invalid(format!(
@@ -246,9 +236,7 @@ impl Config {
             }
         }
         if self.daemon.tag.is_empty() || self.daemon.tag.contains(char::is_whitespace) {
-            return Err(ConfigError::Invalid(
-                "daemon.tag must be a non-empty word".into(),
-            ));
+            return Err(ConfigError::Invalid("daemon.tag must be a non-empty word".into()));
         }
         Ok(())
     }
@@ -277,16 +265,13 @@ mod tests {
         let c: Config = toml::from_str("[engine]\nchunk_size = 1000").unwrap();
         assert!(c.validate().is_err());
         assert!(toml::from_str::<Config>("[engine]\nno_such = 1").is_err());
-        let c: Config =
-            toml::from_str("[[registry.hosts]]\nhost='a'\ntoken='t'\nusername='u'").unwrap();
+        let c: Config = toml::from_str("[[registry.hosts]]\nhost='a'\ntoken='t'\nusername='u'").unwrap();
         assert!(c.validate().is_err());
     }
 
     #[test]
     fn debug_redacts_credentials() {
-        let c: Config =
-            toml::from_str("[[registry.hosts]]\nhost='a'\nusername='u'\npassword='hunter2'")
-                .unwrap();
+        let c: Config = toml::from_str("[[registry.hosts]]\nhost='a'\nusername='u'\npassword='hunter2'").unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

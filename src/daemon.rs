@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::frontend::fanotify::{cache, FanotifyFrontend};
+use crate::frontend::fanotify::{cache, guard, FanotifyFrontend};
 use crate::frontend::{self, cachefiles::Cachefiles, mount, Frontend, KernelFacts};
 use crate::registry::Registry;
 
@@ -35,6 +35,7 @@ pub struct Daemon {
     pub cachefiles: Option<Arc<Cachefiles>>,
     pub fanotify: Option<Arc<FanotifyFrontend>>,
     mounts: Mutex<Vec<MountInfo>>,
+    guard: Mutex<Option<guard::Guard>>,
     stop: tokio::sync::watch::Sender<bool>,
     loops: Mutex<Vec<tokio::task::JoinHandle<std::io::Result<()>>>>,
 }
@@ -49,28 +50,17 @@ impl Daemon {
 
     /// Bring up registry client, engine, catalog (restoring persisted images) and the kernel
     /// frontend with its event loop. `group` is a fanotify group handed over by a guard.
-    pub async fn start(
-        config: Config,
-        group: Option<nix::sys::fanotify::Fanotify>,
-    ) -> Result<Arc<Daemon>> {
+    pub async fn start(config: Config, group: Option<nix::sys::fanotify::Fanotify>) -> Result<Arc<Daemon>> {
         let kernel = KernelFacts::read();
-        let frontend = frontend::choose(&kernel, config.daemon.frontend)
-            .context("choosing a kernel frontend")?;
+        let frontend = frontend::choose(&kernel, config.daemon.frontend).context("choosing a kernel frontend")?;
         tracing::info!(kernel = %kernel.release, ?frontend, "starting lazyblob");
         let registry = Arc::new(
             Registry::new(&config.registry, config.engine.max_concurrent_fetches)
                 .context("setting up the registry client")?,
         );
         let engine = Arc::new(Engine::new(Arc::clone(&registry), config.engine.clone()));
-        let catalog = Arc::new(Catalog::new(
-            Arc::clone(&registry),
-            &config.daemon.state_dir,
-        ));
-        for (reference, err) in catalog
-            .restore()
-            .await
-            .context("restoring registered images")?
-        {
+        let catalog = Arc::new(Catalog::new(Arc::clone(&registry), &config.daemon.state_dir));
+        for (reference, err) in catalog.restore().await.context("restoring registered images")? {
             tracing::error!(reference, error = %err, "a persisted image could not be restored");
         }
         for reference in &config.daemon.images {
@@ -80,6 +70,7 @@ impl Daemon {
         }
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut loops = Vec::new();
+        let mut adopted = false;
         let (cachefiles, fanotify) = match frontend {
             Frontend::Cachefiles => {
                 let c = Cachefiles::bind(
@@ -93,13 +84,25 @@ impl Daemon {
                 (Some(c), None)
             }
             Frontend::Fanotify => {
+                let group = match group {
+                    Some(g) => Some(g),
+                    None => guard::reclaim(&config.daemon.state_dir).unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "could not take over from a waiting guard");
+                        None
+                    }),
+                };
+                adopted = group.is_some();
                 let f = FanotifyFrontend::new(&config.daemon.cache_dir, Arc::clone(&engine), group)
                     .context("creating the fanotify pre-content group")?;
                 loops.push(tokio::spawn(Arc::clone(&f).run(stop_rx.clone())));
                 (None, Some(f))
             }
         };
-        Ok(Arc::new(Daemon {
+        let guard = match &fanotify {
+            Some(f) => Some(guard::Guard::spawn(f.group(), &config.daemon.state_dir).context("starting the guard")?),
+            None => None,
+        };
+        let daemon = Arc::new(Daemon {
             config,
             kernel,
             frontend,
@@ -108,23 +111,67 @@ impl Daemon {
             cachefiles,
             fanotify,
             mounts: Mutex::new(Vec::new()),
+            guard: Mutex::new(guard),
             stop,
             loops: Mutex::new(loops),
-        }))
+        });
+        daemon.recover_mounts(adopted);
+        Ok(daemon)
+    }
+
+    fn mounts_file(&self) -> PathBuf {
+        self.config.daemon.state_dir.join("mounts.json")
+    }
+
+    fn persist_mounts(&self) {
+        let body = serde_json::to_vec_pretty(&self.mounts()).unwrap_or_default();
+        let path = self.mounts_file();
+        let tmp = path.with_extension("json.tmp");
+        if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::error!(error = %e, path = %path.display(), "could not persist the mount table");
+        }
+    }
+
+    /// Mounts of a previous daemon: resume them when its fanotify group (with the marks) was
+    /// handed over; otherwise they have no listener and are detached, so they cannot serve
+    /// zeros from holes.
+    fn recover_mounts(&self, adopted: bool) {
+        let Ok(body) = std::fs::read(self.mounts_file()) else {
+            return;
+        };
+        let old: Vec<MountInfo> = serde_json::from_slice(&body).unwrap_or_default();
+        for m in old {
+            if !mount::is_erofs_mount(&m.target) {
+                continue;
+            }
+            let resumed = adopted
+                && m.frontend == Frontend::Fanotify
+                && self
+                    .catalog
+                    .get(&m.fsid)
+                    .and_then(|img| self.fanotify.as_ref().map(|f| f.prepare(&img)))
+                    .is_some_and(|r| r.is_ok());
+            if resumed {
+                tracing::info!(target = %m.target.display(), "resumed serving a mount of the previous daemon");
+                self.mounts.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+            } else {
+                tracing::warn!(target = %m.target.display(), "detaching a mount left without its listener");
+                if let Err(e) = mount::unmount(&m.target, true) {
+                    tracing::error!(target = %m.target.display(), error = %e, "could not detach an orphaned mount");
+                }
+            }
+        }
+        self.persist_mounts();
     }
 
     /// Mounts made by this daemon.
     pub fn mounts(&self) -> Vec<MountInfo> {
-        self.mounts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.mounts.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Register `reference` if needed and mount it lazily on `target`.
     pub async fn mount(&self, reference: &str, target: &Path) -> Result<MountInfo> {
-        let target = std::fs::canonicalize(target)
-            .with_context(|| format!("mount point {}", target.display()))?;
+        let target = std::fs::canonicalize(target).with_context(|| format!("mount point {}", target.display()))?;
         if !target.is_dir() {
             bail!("mount point {} is not a directory", target.display());
         }
@@ -142,14 +189,10 @@ impl Daemon {
                 tokio::task::spawn_blocking(move || mount::mount_fscache(&fsid, &t)).await??;
             }
             Frontend::Fanotify => {
-                let f = self
-                    .fanotify
-                    .as_ref()
-                    .context("fanotify frontend missing")?;
+                let f = self.fanotify.as_ref().context("fanotify frontend missing")?;
                 let devices = f.prepare(&image)?;
                 let (meta, t) = (image.meta_path.clone(), target.clone());
-                tokio::task::spawn_blocking(move || mount::mount_file_backed(&meta, &devices, &t))
-                    .await??;
+                tokio::task::spawn_blocking(move || mount::mount_file_backed(&meta, &devices, &t)).await??;
             }
         }
         let info = MountInfo {
@@ -158,10 +201,8 @@ impl Daemon {
             fsid: image.fsid.clone(),
             frontend: self.frontend,
         };
-        self.mounts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(info.clone());
+        self.mounts.lock().unwrap_or_else(|p| p.into_inner()).push(info.clone());
+        self.persist_mounts();
         tracing::info!(reference, target = %info.target.display(), fsid = %info.fsid, "mounted");
         Ok(info)
     }
@@ -178,6 +219,7 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|m| m.target != target);
+        self.persist_mounts();
         self.evict();
         Ok(())
     }
@@ -217,10 +259,9 @@ impl Daemon {
     pub async fn shutdown(&self) {
         for m in self.mounts() {
             let t = m.target.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                mount::unmount(&t, false).or_else(|_| mount::unmount(&t, true))
-            })
-            .await;
+            let r =
+                tokio::task::spawn_blocking(move || mount::unmount(&t, false).or_else(|_| mount::unmount(&t, true)))
+                    .await;
             match r {
                 Ok(Ok(())) => tracing::info!(target = %m.target.display(), "unmounted"),
                 Ok(Err(e)) => {
@@ -229,13 +270,14 @@ impl Daemon {
                 Err(e) => tracing::error!(error = %e, "unmount task failed"),
             }
         }
-        self.mounts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.mounts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.persist_mounts();
+        // nothing is mounted any more: the guard can go without taking over
+        if let Some(g) = self.guard.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            g.release();
+        }
         let _ = self.stop.send(true);
-        let loops: Vec<_> =
-            std::mem::take(&mut *self.loops.lock().unwrap_or_else(|p| p.into_inner()));
+        let loops: Vec<_> = std::mem::take(&mut *self.loops.lock().unwrap_or_else(|p| p.into_inner()));
         for l in loops {
             let _ = l.await;
         }

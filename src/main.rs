@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use lazyblob::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "lazyblob",
-    version,
-    about = "Lazy-loading EROFS images from OCI registries"
-)]
+#[command(name = "lazyblob", version, about = "Lazy-loading EROFS images from OCI registries")]
 struct Cli {
     /// Log filter (tracing EnvFilter syntax), also read from LAZYBLOB_LOG.
     #[arg(long, global = true, env = "LAZYBLOB_LOG", default_value = "info")]
@@ -92,6 +88,19 @@ enum Cmd {
         #[arg(long, default_value = "/run/lazyblob/lazyblob.sock")]
         socket: PathBuf,
     },
+    /// (internal) The guard the daemon starts: keeps the fanotify group alive if the daemon
+    /// dies and denies reads with EIO until a new daemon takes over.
+    #[command(hide = true)]
+    Guard {
+        #[arg(long)]
+        group_fd: i32,
+        #[arg(long)]
+        pipe_fd: i32,
+        #[arg(long)]
+        max_fd: u64,
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
     /// Register an image with the running daemon; prints its fsid.
     Register {
         reference: String,
@@ -101,8 +110,8 @@ enum Cmd {
 }
 
 fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -118,10 +127,7 @@ fn init_logging(filter: &str, json: bool) {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);
-    if matches!(
-        cli.cmd,
-        Cmd::Daemon { .. } | Cmd::Mkfs { push: Some(_), .. }
-    ) {
+    if matches!(cli.cmd, Cmd::Daemon { .. } | Cmd::Mkfs { push: Some(_), .. }) {
         // Before any thread exists: registry clients need a CA store to be built at all.
         match lazyblob::registry::roots::ensure_ca_store(&std::env::temp_dir()) {
             Ok(Some(p)) => {
@@ -253,6 +259,12 @@ fn main() -> Result<()> {
                 lazyblob::api::client::ApiClient::new(&socket)?.umount(&dir, lazy).await?;
                 Ok(())
             }
+            Cmd::Guard {
+                group_fd,
+                pipe_fd,
+                max_fd,
+                state_dir,
+            } => Ok(lazyblob::frontend::fanotify::guard::run(group_fd, pipe_fd, max_fd, &state_dir)?),
             Cmd::Register { reference, socket } => {
                 let info = lazyblob::api::client::ApiClient::new(&socket)?.register(&reference).await?;
                 println!("{}", info.fsid);

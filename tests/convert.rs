@@ -35,11 +35,7 @@ async fn fetch_and_mount(reg: &Registry, reference: &str, work: &Path) -> Mounte
         let p = work.join(format!("data-{i}"));
         let data = get(d).await;
         // the chunk table describes exactly these bytes
-        let entry = table
-            .blobs
-            .iter()
-            .find(|b| b.digest == d.digest)
-            .expect("table entry");
+        let entry = table.blobs.iter().find(|b| b.digest == d.digest).expect("table entry");
         assert_eq!(
             lazyblob::image::format::BlobChunks::of(&data, table.chunk_size).chunks,
             entry.chunks
@@ -61,12 +57,7 @@ async fn fetch_and_mount(reg: &Registry, reference: &str, work: &Path) -> Mounte
     mount_erofs(&meta, &devices, &work.join("mnt"))
 }
 
-async fn round_trip(
-    dr: &DockerRegistry,
-    reg: &Registry,
-    name: &str,
-    layers: &[(Vec<u8>, &str)],
-) -> String {
+async fn round_trip(dr: &DockerRegistry, reg: &Registry, name: &str, layers: &[(Vec<u8>, &str)]) -> String {
     let work = tempfile::tempdir().unwrap();
     let src = format!("{}/src/{name}:v1", dr.host);
     let dst = format!("{}/lazy/{name}:v1", dr.host);
@@ -173,12 +164,8 @@ async fn multi_layer_whiteouts_links_devices_xattrs() {
     .unwrap();
     assert_eq!(again.digest, digest);
     let layout = tempfile::tempdir().unwrap();
-    let dst: Location = format!("oci:{}:v1", layout.path().display())
-        .parse()
-        .unwrap();
-    let to_layout = convert(&reg, &src, &dst, &ConvertOptions::default())
-        .await
-        .unwrap();
+    let dst: Location = format!("oci:{}:v1", layout.path().display()).parse().unwrap();
+    let to_layout = convert(&reg, &src, &dst, &ConvertOptions::default()).await.unwrap();
     assert_eq!(to_layout.digest, digest);
     // the converted config keeps the source's entrypoint and env and names the new layers
     let r = parse_reference(&format!("{}/lazy/multi:v1", dr.host)).unwrap();
@@ -193,10 +180,7 @@ async fn multi_layer_whiteouts_links_devices_xattrs() {
         .unwrap();
     let cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
     assert_eq!(cfg["config"]["Entrypoint"][0], "/bin/app");
-    assert_eq!(
-        cfg["rootfs"]["diff_ids"].as_array().unwrap().len(),
-        m.layers.len()
-    );
+    assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), m.layers.len());
     // metadata, table, and one data blob per layer that stores file data (layer 3 holds only
     // an inline script and a hard link)
     assert_eq!(m.layers.len(), 2 + 2);
@@ -229,10 +213,7 @@ async fn a_256_mib_sparse_looking_file() {
     let dr = DockerRegistry::start(None);
     let reg = registry_for(&dr);
     let mut data = vec![0u8; 256 << 20];
-    for (i, at) in [0usize, 7 << 20, 100 << 20, (256 << 20) - 5000]
-        .iter()
-        .enumerate()
-    {
+    for (i, at) in [0usize, 7 << 20, 100 << 20, (256 << 20) - 5000].iter().enumerate() {
         let piece = bytes(i as u64, 5000);
         data[*at..*at + 5000].copy_from_slice(&piece);
     }
@@ -242,13 +223,7 @@ async fn a_256_mib_sparse_looking_file() {
     round_trip(&dr, &reg, "large", &layers).await;
 }
 
-async fn expect_failure(
-    reg: &Registry,
-    host: &str,
-    name: &str,
-    layers: &[(Vec<u8>, &str)],
-    expect: &[&str],
-) {
+async fn expect_failure(reg: &Registry, host: &str, name: &str, layers: &[(Vec<u8>, &str)], expect: &[&str]) {
     let src = format!("{host}/src/{name}:v1");
     let dst = format!("{host}/lazy/{name}:v1");
     push_source(reg, &src, layers).await;
@@ -300,8 +275,7 @@ async fn hostile_layers_are_contained_or_refused() {
     l1.symlink("escape", "../../../../../tmp/outside")
         .symlink("rooted", "/srv");
     let mut l2 = Layer::new();
-    l2.file("escape/pwned", 0o644, b"inside")
-        .file("rooted/x", 0o644, b"x");
+    l2.file("escape/pwned", 0o644, b"inside").file("rooted/x", 0o644, b"x");
     let layers = vec![
         compress(&l1.tar(), Compression::None),
         compress(&l2.tar(), Compression::Gzip),
@@ -321,10 +295,7 @@ async fn hostile_layers_are_contained_or_refused() {
     let m = fetch_and_mount(&reg, &dst, work.path()).await;
     assert_eq!(std::fs::read(m.dir.join("etc/evil")).unwrap(), b"evil");
     assert_eq!(std::fs::read(m.dir.join("abs/file")).unwrap(), b"abs");
-    assert_eq!(
-        std::fs::read(m.dir.join("tmp/outside/pwned")).unwrap(),
-        b"inside"
-    );
+    assert_eq!(std::fs::read(m.dir.join("tmp/outside/pwned")).unwrap(), b"inside");
     assert_eq!(std::fs::read(m.dir.join("srv/x")).unwrap(), b"x");
     assert!(!Path::new("/tmp/outside/pwned").exists());
     drop(m);
@@ -426,18 +397,12 @@ async fn all_platforms_produces_an_index() {
     convert(&reg, &src.parse().unwrap(), &dst.parse().unwrap(), &opts)
         .await
         .unwrap();
-    let (raw, _) = reg
-        .fetch_manifest_raw(&parse_reference(&dst).unwrap())
-        .await
-        .unwrap();
+    let (raw, _) = reg.fetch_manifest_raw(&parse_reference(&dst).unwrap()).await.unwrap();
     let out: serde_json::Value = serde_json::from_slice(&raw).unwrap();
     let ms = out["manifests"].as_array().unwrap();
     assert_eq!(ms.len(), 2);
     for m in ms {
-        let r = parse_reference(
-            &format!("{dst}@{}", m["digest"].as_str().unwrap()).replace(":latest@", "@"),
-        )
-        .unwrap();
+        let r = parse_reference(&format!("{dst}@{}", m["digest"].as_str().unwrap()).replace(":latest@", "@")).unwrap();
         let resolved = reg.resolve(&r).await.unwrap();
         LazyManifest::from_manifest(&resolved.manifest).unwrap();
     }
@@ -451,9 +416,6 @@ async fn all_platforms_produces_an_index() {
     )
     .await
     .unwrap();
-    let resolved = reg
-        .resolve(&parse_reference(&single).unwrap())
-        .await
-        .unwrap();
+    let resolved = reg.resolve(&parse_reference(&single).unwrap()).await.unwrap();
     assert!(LazyManifest::from_manifest(&resolved.manifest).is_ok());
 }

@@ -61,9 +61,8 @@ fn assemble(pieces: &[lazyblob::engine::Piece], off: u64, len: u64) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_readers_of_one_chunk_share_one_request() {
     let f = fixture(8 << 20, 5_000).await;
-    f.mock.set_faults(vec![FaultRule::always(Fault::Latency(
-        Duration::from_millis(200),
-    ))]);
+    f.mock
+        .set_faults(vec![FaultRule::always(Fault::Latency(Duration::from_millis(200)))]);
     let mut tasks = Vec::new();
     for i in 0..64u64 {
         let (e, b) = (f.engine.clone(), f.blob.clone());
@@ -74,10 +73,7 @@ async fn concurrent_readers_of_one_chunk_share_one_request() {
     }
     for t in tasks {
         let (off, pieces) = t.await.unwrap();
-        assert_eq!(
-            assemble(&pieces, off, 4096),
-            f.data[off as usize..off as usize + 4096]
-        );
+        assert_eq!(assemble(&pieces, off, 4096), f.data[off as usize..off as usize + 4096]);
     }
     let c = f.mock.counters();
     assert_eq!(
@@ -86,23 +82,13 @@ async fn concurrent_readers_of_one_chunk_share_one_request() {
         "one registry request for 64 readers"
     );
     assert_eq!(c.blob_bytes(&f.blob.source.digest), 1 << 20);
-    assert!(
-        f.engine
-            .stats
-            .shared_hits
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 63
-    );
+    assert!(f.engine.stats.shared_hits.load(std::sync::atomic::Ordering::Relaxed) >= 63);
 }
 
 #[tokio::test]
 async fn adjacent_missing_chunks_merge_into_one_range() {
     let f = fixture(10 << 20, 5_000).await;
-    let pieces = f
-        .engine
-        .read(&f.blob, (1 << 20) + 5, 3 << 20)
-        .await
-        .unwrap();
+    let pieces = f.engine.read(&f.blob, (1 << 20) + 5, 3 << 20).await.unwrap();
     assert_eq!(pieces.len(), 4);
     assert_eq!(
         assemble(&pieces, (1 << 20) + 5, 3 << 20),
@@ -126,12 +112,7 @@ async fn adjacent_missing_chunks_merge_into_one_range() {
 async fn corrupted_chunks_fail_then_succeed_after_the_fault_clears() {
     let f = fixture(3 << 20, 3_000).await;
     f.mock.set_faults(vec![FaultRule::always(Fault::Corrupt)]);
-    let err = f
-        .engine
-        .read(&f.blob, 0, 100)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = f.engine.read(&f.blob, 0, 100).await.unwrap_err().to_string();
     assert!(err.contains("digest mismatch"), "{err}");
     f.mock.clear_faults();
     let pieces = f.engine.read(&f.blob, 0, 100).await.unwrap();
@@ -148,10 +129,7 @@ async fn transient_faults_are_retried() {
     ]);
     // the rules apply to the same first requests: 503, 503, then dropped+corrupt, then clean
     let pieces = f.engine.read(&f.blob, 1 << 20, 4096).await.unwrap();
-    assert_eq!(
-        assemble(&pieces, 1 << 20, 4096),
-        f.data[1 << 20..(1 << 20) + 4096]
-    );
+    assert_eq!(assemble(&pieces, 1 << 20, 4096), f.data[1 << 20..(1 << 20) + 4096]);
     let c = f.mock.counters();
     assert!(c.blob_hits.iter().filter(|h| h.status == 503).count() == 2);
     assert!(
@@ -167,18 +145,12 @@ async fn transient_faults_are_retried() {
 #[tokio::test]
 async fn a_dead_registry_fails_within_the_deadline() {
     let f = fixture(2 << 20, 1_500).await;
-    f.mock.set_faults(vec![FaultRule::always(Fault::Latency(
-        Duration::from_secs(30),
-    ))]);
+    f.mock
+        .set_faults(vec![FaultRule::always(Fault::Latency(Duration::from_secs(30)))]);
     let t0 = Instant::now();
     assert!(f.engine.read(&f.blob, 0, 10).await.is_err());
-    assert!(
-        t0.elapsed() < Duration::from_secs(4),
-        "took {:?}",
-        t0.elapsed()
-    );
-    f.mock
-        .set_faults(vec![FaultRule::always(Fault::Status(500))]);
+    assert!(t0.elapsed() < Duration::from_secs(4), "took {:?}", t0.elapsed());
+    f.mock.set_faults(vec![FaultRule::always(Fault::Status(500))]);
     assert!(f.engine.read(&f.blob, 0, 10).await.is_err());
 }
 

@@ -41,19 +41,13 @@ async fn anonymous_token_flow_and_reauth_after_expiry() {
     let d = mock.store().put_blob(data.clone());
     let reg = client(&insecure_config(&[&mock.host()]));
     let src = blob_at(&mock.host(), &d, data.len());
-    assert_eq!(
-        reg.fetch_range(&src, 100, 1000).await.unwrap(),
-        data[100..1100]
-    );
+    assert_eq!(reg.fetch_range(&src, 100, 1000).await.unwrap(), data[100..1100]);
     let tokens = mock.counters().token_requests;
     assert!(tokens >= 1);
     mock.expire_tokens();
     assert_eq!(reg.fetch_blob(&src).await.unwrap(), data);
     let c = mock.counters();
-    assert!(
-        c.token_requests > tokens,
-        "a new token was fetched after expiry"
-    );
+    assert!(c.token_requests > tokens, "a new token was fetched after expiry");
     assert!(c.unauthorized >= 1, "the expired token was refused once");
 }
 
@@ -106,13 +100,9 @@ async fn basic_auth() {
 #[tokio::test]
 async fn redirects_to_blob_storage_do_not_carry_authorization() {
     let store = Store::default();
-    let storage = MockRegistry::start_on(
-        "127.0.0.1:0".parse().unwrap(),
-        MockConfig::default(),
-        store.clone(),
-    )
-    .await
-    .unwrap();
+    let storage = MockRegistry::start_on("127.0.0.1:0".parse().unwrap(), MockConfig::default(), store.clone())
+        .await
+        .unwrap();
     let origin = MockRegistry::start_on(
         "127.0.0.1:0".parse().unwrap(),
         MockConfig {
@@ -139,9 +129,7 @@ async fn redirects_to_blob_storage_do_not_carry_authorization() {
     assert_eq!(reg.fetch_range(&src, 5, 500).await.unwrap(), data[5..505]);
     let o = origin.counters();
     assert!(
-        o.blob_hits
-            .iter()
-            .any(|h| h.status == 307 && h.had_authorization),
+        o.blob_hits.iter().any(|h| h.status == 307 && h.had_authorization),
         "origin got credentials"
     );
     let s = storage.counters();
@@ -283,10 +271,7 @@ async fn docker_registry_with_htpasswd_basic_auth() {
         digest: sha256_digest(data),
         size: data.len() as u64,
     };
-    assert_eq!(
-        good.fetch_range(&src, 4096, 10_000).await.unwrap(),
-        data[4096..14_096]
-    );
+    assert_eq!(good.fetch_range(&src, 4096, 10_000).await.unwrap(), data[4096..14_096]);
     let meta = BlobSource {
         repo: r.clone(),
         digest: sha256_digest(&img.meta),

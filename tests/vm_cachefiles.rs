@@ -28,14 +28,9 @@ fn push_registry(host: &str) -> Registry {
 }
 
 async fn push(reg: &Registry, host: &str, name: &str, img: &BuiltImage) -> String {
-    build::push(
-        reg,
-        &parse_reference(&format!("{host}/{name}")).unwrap(),
-        img,
-        None,
-    )
-    .await
-    .unwrap()
+    build::push(reg, &parse_reference(&format!("{host}/{name}")).unwrap(), img, None)
+        .await
+        .unwrap()
 }
 
 fn build_dir(files: &BTreeMap<String, Vec<u8>>, blobs: usize) -> BuiltImage {
@@ -108,9 +103,7 @@ async fn cachefiles_frontend_in_vm() {
     push(&reg, &host, "test/conc:v1", &conc).await;
     let conc_blob = sha256_digest(&conc.data[0]);
     let chunk2 = &big[2 << 20..3 << 20];
-    let page_sums: Vec<String> = (0..64)
-        .map(|i| sha256_hex(&chunk2[i * 4096..(i + 1) * 4096]))
-        .collect();
+    let page_sums: Vec<String> = (0..64).map(|i| sha256_hex(&chunk2[i * 4096..(i + 1) * 4096])).collect();
 
     // faults: blob 1 has 5xx bursts and latency, blob 2 drops and corrupts, blob 3 is dead
     let f1 = bytes(11, 300_000);
@@ -289,11 +282,7 @@ exit 0
         c1 = sha256_hex(&c1),
     );
     std::fs::write(p.join("run-test"), script).unwrap();
-    std::fs::set_permissions(
-        p.join("run-test"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(p.join("run-test"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
     let (code, console) = run_vm(p, share.path(), bin, 600).await;
     println!("{console}");
@@ -332,15 +321,8 @@ exit 0
 
     let c = mock.counters();
     // Laziness: one 10 KB file read -> at most one fetch unit of data, far below the total.
-    let lazy_data: u64 = lazy
-        .data
-        .iter()
-        .map(|d| c.blob_bytes(&sha256_digest(d)))
-        .sum();
-    println!(
-        "lazy image: served {lazy_data} of {} data bytes",
-        data_total(&lazy)
-    );
+    let lazy_data: u64 = lazy.data.iter().map(|d| c.blob_bytes(&sha256_digest(d))).sum();
+    println!("lazy image: served {lazy_data} of {} data bytes", data_total(&lazy));
     assert!(
         lazy_data > 0 && lazy_data <= 1 << 20,
         "lazy read fetched {lazy_data} bytes"
@@ -362,20 +344,8 @@ exit 0
         );
     }
     // Faults really happened, and the dead blob was retried a bounded number of times.
-    let failed = |dg: &str| {
-        c.blob_hits
-            .iter()
-            .filter(|h| h.digest == dg && h.status >= 500)
-            .count()
-    };
+    let failed = |dg: &str| c.blob_hits.iter().filter(|h| h.digest == dg && h.status >= 500).count();
     assert_eq!(failed(&d1), 3);
-    assert!(
-        c.blob_requests(&d2) >= 3,
-        "drops and corruption were retried"
-    );
-    assert!(
-        (2..=12).contains(&failed(&d3)),
-        "dead blob tried {} times",
-        failed(&d3)
-    );
+    assert!(c.blob_requests(&d2) >= 3, "drops and corruption were retried");
+    assert!((2..=12).contains(&failed(&d3)), "dead blob tried {} times", failed(&d3));
 }

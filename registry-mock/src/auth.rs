@@ -52,9 +52,7 @@ impl Tokens {
 /// `user:password` from an `Authorization: Basic ...` header.
 pub fn basic_credentials(header: Option<&str>) -> Option<(String, String)> {
     let b64 = header?.strip_prefix("Basic ")?;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
+    let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
     let text = String::from_utf8(raw).ok()?;
     let (u, p) = text.split_once(':')?;
     Some((u.to_string(), p.to_string()))

@@ -82,10 +82,7 @@ mod tests {
             FaultRule::times(Fault::Status(503), 2).for_blob("a"),
             FaultRule::always(Fault::Latency(Duration::from_millis(1))),
         ];
-        assert_eq!(
-            take(&mut rules, "b"),
-            vec![Fault::Latency(Duration::from_millis(1))]
-        );
+        assert_eq!(take(&mut rules, "b"), vec![Fault::Latency(Duration::from_millis(1))]);
         // a status fault ends the response: the latency rule is not consumed with it
         assert_eq!(take(&mut rules, "a"), vec![Fault::Status(503)]);
         assert_eq!(take(&mut rules, "a"), vec![Fault::Status(503)]);

@@ -59,23 +59,14 @@ impl Counters {
 
     /// Bytes served for all blobs.
     pub fn total_blob_bytes(&self) -> u64 {
-        self.blob_hits
-            .iter()
-            .filter(|h| h.status < 300)
-            .map(|h| h.len)
-            .sum()
+        self.blob_hits.iter().filter(|h| h.status < 300).map(|h| h.len).sum()
     }
 
     /// Successful GETs of `digest` whose range overlaps `[offset, offset + len)`.
     pub fn requests_overlapping(&self, digest: &str, offset: u64, len: u64) -> usize {
         self.blob_hits
             .iter()
-            .filter(|h| {
-                h.digest == digest
-                    && h.status < 300
-                    && h.offset < offset + len
-                    && offset < h.offset + h.len
-            })
+            .filter(|h| h.digest == digest && h.status < 300 && h.offset < offset + len && offset < h.offset + h.len)
             .count()
     }
 }
@@ -119,11 +110,7 @@ impl MockRegistry {
     }
 
     /// Start on `addr`, serving `store` (share a store between instances for redirects).
-    pub async fn start_on(
-        addr: SocketAddr,
-        config: MockConfig,
-        store: Store,
-    ) -> std::io::Result<MockRegistry> {
+    pub async fn start_on(addr: SocketAddr, config: MockConfig, store: Store) -> std::io::Result<MockRegistry> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {

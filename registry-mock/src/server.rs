@@ -24,13 +24,7 @@ fn error(status: StatusCode, code: &str, msg: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn handle(
-    State(s): State<Arc<Shared>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     lock(&s.counters).requests += 1;
     let path = uri.path().to_string();
     let authz = headers
@@ -53,26 +47,14 @@ async fn handle(
         return challenge(&s);
     }
     if rest.is_empty() || rest == "/" {
-        return (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            "{}",
-        )
-            .into_response();
+        return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response();
     }
     let query = uri.query().unwrap_or("");
     if let Some((name, reference)) = rest.trim_start_matches('/').rsplit_once("/manifests/") {
         return manifest(&s, &method, name, reference, &headers, body);
     }
     if let Some((name, upload)) = rest.trim_start_matches('/').split_once("/blobs/uploads") {
-        return upload_route(
-            &s,
-            &method,
-            name,
-            upload.trim_start_matches('/'),
-            query,
-            body,
-        );
+        return upload_route(&s, &method, name, upload.trim_start_matches('/'), query, body);
     }
     if let Some((name, digest)) = rest.trim_start_matches('/').rsplit_once("/blobs/") {
         return blob(&s, &method, name, digest, &headers, authz.is_some()).await;
@@ -83,26 +65,17 @@ async fn handle(
 fn check_auth(s: &Shared, authz: Option<&str>) -> bool {
     match &lock(&s.config).auth {
         AuthMode::Anonymous => true,
-        AuthMode::Basic { user, password } => {
-            basic_credentials(authz) == Some((user.clone(), password.clone()))
-        }
+        AuthMode::Basic { user, password } => basic_credentials(authz) == Some((user.clone(), password.clone())),
         AuthMode::Token { .. } => bearer(authz).is_some_and(|t| s.tokens.valid(t)),
     }
 }
 
 fn challenge(s: &Shared) -> Response {
     let value = match &lock(&s.config).auth {
-        AuthMode::Token { .. } => format!(
-            r#"Bearer realm="http://{}/token",service="registry-mock""#,
-            s.addr
-        ),
+        AuthMode::Token { .. } => format!(r#"Bearer realm="http://{}/token",service="registry-mock""#, s.addr),
         _ => r#"Basic realm="registry-mock""#.to_string(),
     };
-    let mut r = error(
-        StatusCode::UNAUTHORIZED,
-        "UNAUTHORIZED",
-        "authentication required",
-    );
+    let mut r = error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
     if let Ok(v) = value.parse() {
         r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
@@ -136,22 +109,10 @@ fn token(s: &Shared, authz: Option<&str>, method: &Method, body: &[u8]) -> Respo
         r#"{{"token":"{t}","access_token":"{t}","expires_in":{}}}"#,
         ttl.as_secs().max(1)
     );
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response()
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-fn manifest(
-    s: &Shared,
-    method: &Method,
-    name: &str,
-    reference: &str,
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Response {
+fn manifest(s: &Shared, method: &Method, name: &str, reference: &str, headers: &HeaderMap, body: Bytes) -> Response {
     lock(&s.counters).manifest_requests += 1;
     match *method {
         Method::GET | Method::HEAD => match s.store.manifest(name, reference) {
@@ -171,11 +132,7 @@ fn manifest(
                     .body(body)
                     .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
             }
-            None => error(
-                StatusCode::NOT_FOUND,
-                "MANIFEST_UNKNOWN",
-                "manifest unknown",
-            ),
+            None => error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown"),
         },
         Method::PUT => {
             let media_type = headers
@@ -196,14 +153,7 @@ fn manifest(
     }
 }
 
-fn upload_route(
-    s: &Shared,
-    method: &Method,
-    name: &str,
-    id: &str,
-    query: &str,
-    body: Bytes,
-) -> Response {
+fn upload_route(s: &Shared, method: &Method, name: &str, id: &str, query: &str, body: Bytes) -> Response {
     let digest = query
         .split('&')
         .find_map(|kv| kv.strip_prefix("digest="))
@@ -244,11 +194,7 @@ fn upload_route(
                 }
                 r
             }
-            None => error(
-                StatusCode::NOT_FOUND,
-                "BLOB_UPLOAD_UNKNOWN",
-                "unknown upload",
-            ),
+            None => error(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN", "unknown upload"),
         },
         (Method::PUT, false) => match digest {
             Some(d) => match s.store.finish_upload(id, &body, &d) {
@@ -273,10 +219,7 @@ fn parse_range(h: &str, size: u64) -> Result<(u64, u64), ()> {
         let end = if b.is_empty() {
             size
         } else {
-            b.parse::<u64>()
-                .map_err(|_| ())?
-                .saturating_add(1)
-                .min(size)
+            b.parse::<u64>().map_err(|_| ())?.saturating_add(1).min(size)
         };
         (start, end)
     };
@@ -286,14 +229,7 @@ fn parse_range(h: &str, size: u64) -> Result<(u64, u64), ()> {
     Ok((start, end))
 }
 
-async fn blob(
-    s: &Shared,
-    method: &Method,
-    name: &str,
-    digest: &str,
-    headers: &HeaderMap,
-    had_auth: bool,
-) -> Response {
+async fn blob(s: &Shared, method: &Method, name: &str, digest: &str, headers: &HeaderMap, had_auth: bool) -> Response {
     let Some(data) = s.store.blob(digest) else {
         record(s, digest, 0, 0, 404, had_auth);
         return error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
@@ -341,8 +277,7 @@ async fn blob(
             Fault::Latency(d) => tokio::time::sleep(*d).await,
             Fault::Status(code) => {
                 record(s, digest, start, 0, *code, had_auth);
-                let status =
-                    StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 return error(status, "UNAVAILABLE", "injected fault");
             }
             Fault::Corrupt => {
@@ -355,14 +290,7 @@ async fn blob(
             Fault::DropMidBody => drop_mid = true,
         }
     }
-    record(
-        s,
-        digest,
-        start,
-        end - start,
-        if partial { 206 } else { 200 },
-        had_auth,
-    );
+    record(s, digest, start, end - start, if partial { 206 } else { 200 }, had_auth);
     let len = body.len();
     let out = if drop_mid {
         let half = body.slice(..len / 2);
@@ -388,10 +316,7 @@ async fn blob(
         .header("Docker-Content-Digest", digest)
         .header(header::ACCEPT_RANGES, "bytes");
     if partial {
-        b = b.header(
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{size}", end - 1),
-        );
+        b = b.header(header::CONTENT_RANGE, format!("bytes {start}-{}/{size}", end - 1));
     }
     b.body(out)
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())

@@ -50,20 +50,13 @@ impl Store {
     }
 
     /// Store a manifest under a tag (and always under its digest); returns the digest.
-    pub fn put_manifest(
-        &self,
-        repo: &str,
-        tag: Option<&str>,
-        media_type: &str,
-        body: impl Into<Bytes>,
-    ) -> String {
+    pub fn put_manifest(&self, repo: &str, tag: Option<&str>, media_type: &str, body: impl Into<Bytes>) -> String {
         let body = body.into();
         let d = digest_of(&body);
         self.with(|i| {
             let v = (media_type.to_string(), body);
             if let Some(t) = tag {
-                i.manifests
-                    .insert((repo.to_string(), t.to_string()), v.clone());
+                i.manifests.insert((repo.to_string(), t.to_string()), v.clone());
             }
             i.manifests.insert((repo.to_string(), d.clone()), v);
         });
@@ -71,11 +64,7 @@ impl Store {
     }
 
     pub fn manifest(&self, repo: &str, reference: &str) -> Option<(String, Bytes)> {
-        self.with(|i| {
-            i.manifests
-                .get(&(repo.to_string(), reference.to_string()))
-                .cloned()
-        })
+        self.with(|i| i.manifests.get(&(repo.to_string(), reference.to_string())).cloned())
     }
 
     pub(crate) fn start_upload(&self) -> String {

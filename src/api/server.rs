@@ -9,10 +9,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{
-    ApiError, EngineCounters, MountRequest, RegisterRequest, RegistryCounters, Status,
-    UmountRequest,
-};
+use super::{ApiError, EngineCounters, MountRequest, RegisterRequest, RegistryCounters, Status, UmountRequest};
 use crate::daemon::Daemon;
 
 type ApiResult<T> = Result<Json<T>, (StatusCode, Json<ApiError>)>;
@@ -138,20 +135,11 @@ async fn mounts(State(d): State<Arc<Daemon>>) -> Json<Vec<crate::daemon::MountIn
     Json(d.mounts())
 }
 
-async fn mount(
-    State(d): State<Arc<Daemon>>,
-    Json(req): Json<MountRequest>,
-) -> ApiResult<crate::daemon::MountInfo> {
-    d.mount(&req.reference, &req.target)
-        .await
-        .map(Json)
-        .map_err(failed)
+async fn mount(State(d): State<Arc<Daemon>>, Json(req): Json<MountRequest>) -> ApiResult<crate::daemon::MountInfo> {
+    d.mount(&req.reference, &req.target).await.map(Json).map_err(failed)
 }
 
-async fn umount(
-    State(d): State<Arc<Daemon>>,
-    Json(req): Json<UmountRequest>,
-) -> ApiResult<serde_json::Value> {
+async fn umount(State(d): State<Arc<Daemon>>, Json(req): Json<UmountRequest>) -> ApiResult<serde_json::Value> {
     d.umount(&req.target, req.lazy)
         .await
         .map(|()| Json(serde_json::json!({"unmounted": req.target})))

@@ -23,10 +23,7 @@ pub enum CatalogError {
     #[error(transparent)]
     Format(#[from] FormatError),
     #[error("state file {path}: {source}")]
-    State {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    State { path: PathBuf, source: std::io::Error },
     #[error("chunk table does not describe data blob {0}")]
     TableMismatch(String),
 }
@@ -119,11 +116,7 @@ impl Catalog {
         self.register_pinned(reference, reference).await
     }
 
-    async fn register_pinned(
-        &self,
-        reference: &str,
-        resolve_as: &str,
-    ) -> Result<Arc<Image>, CatalogError> {
+    async fn register_pinned(&self, reference: &str, resolve_as: &str) -> Result<Arc<Image>, CatalogError> {
         let r = parse_reference(resolve_as)?;
         let resolved = self.registry.resolve(&r).await?;
         let fsid = fsid_for(&resolved.digest);
@@ -205,16 +198,11 @@ impl Catalog {
             .collect();
         entries.sort_by(|a, b| a.reference.cmp(&b.reference));
         let path = self.state_file();
-        state::save(&path, &state::State { images: entries })
-            .map_err(|source| CatalogError::State { path, source })
+        state::save(&path, &state::State { images: entries }).map_err(|source| CatalogError::State { path, source })
     }
 
     pub fn get(&self, fsid: &str) -> Option<Arc<Image>> {
-        self.images
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(fsid)
-            .cloned()
+        self.images.read().unwrap_or_else(|p| p.into_inner()).get(fsid).cloned()
     }
 
     /// Find the blob a cachefiles OPEN names: volume key `erofs,<fsid>`; cookie key the fsid

@@ -23,9 +23,7 @@ pub struct Entry {
 /// Load the state; a missing file is an empty state, a corrupt one an error.
 pub fn load(path: &Path) -> io::Result<State> {
     match std::fs::read(path) {
-        Ok(b) => {
-            serde_json::from_slice(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-        }
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
         Err(e) => Err(e),
     }

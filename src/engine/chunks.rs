@@ -74,10 +74,7 @@ mod tests {
     fn runs_merge_and_split() {
         let g = ChunkGeometry::new(1 << 20, 4096, 100 << 20);
         assert_eq!(plan_runs(&[1, 2, 3, 7, 8], &g, 4 << 20), vec![1..4, 7..9]);
-        assert_eq!(
-            plan_runs(&[0, 1, 2, 3, 4, 5], &g, 2 << 20),
-            vec![0..2, 2..4, 4..6]
-        );
+        assert_eq!(plan_runs(&[0, 1, 2, 3, 4, 5], &g, 2 << 20), vec![0..2, 2..4, 4..6]);
         assert_eq!(plan_runs(&[0, 1], &g, 1), vec![0..1, 1..2]);
         assert!(plan_runs(&[], &g, 1).is_empty());
     }

@@ -53,14 +53,14 @@ impl DataBlob {
     pub fn verify(&self, offset: u64, data: &[u8]) -> Result<(), RegistryError> {
         let first = (offset / self.table_chunk) as usize;
         for (i, piece) in data.chunks(self.table_chunk as usize).enumerate() {
-            let want =
-                self.digests
-                    .get(first + i)
-                    .ok_or_else(|| RegistryError::DigestMismatch {
-                        what: format!("chunk {} of {}", first + i, self.source.digest),
-                        expected: "a table entry".into(),
-                        got: "none".into(),
-                    })?;
+            let want = self
+                .digests
+                .get(first + i)
+                .ok_or_else(|| RegistryError::DigestMismatch {
+                    what: format!("chunk {} of {}", first + i, self.source.digest),
+                    expected: "a table entry".into(),
+                    got: "none".into(),
+                })?;
             let got: [u8; 32] = Sha256::digest(piece).into();
             if &got != want {
                 return Err(RegistryError::DigestMismatch {
@@ -201,43 +201,35 @@ impl Engine {
         let start = geo.start(run.start);
         let end = geo.end(run.end - 1);
         self.stats.runs.fetch_add(1, Relaxed);
-        self.stats
-            .chunks_fetched
-            .fetch_add(run.end - run.start, Relaxed);
+        self.stats.chunks_fetched.fetch_add(run.end - run.start, Relaxed);
         let engine = Arc::clone(self);
         let blob2 = Arc::clone(blob);
-        let span =
-            tracing::debug_span!("fetch", blob = %blob.source.digest, start, len = end - start);
+        let span = tracing::debug_span!("fetch", blob = %blob.source.digest, start, len = end - start);
         let task = tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let t0 = std::time::Instant::now();
                 let r = engine
                     .registry
-                    .fetch_range_checked(&blob2.source, start, end - start, |d| {
-                        blob2.verify(start, d)
-                    })
+                    .fetch_range_checked(&blob2.source, start, end - start, |d| blob2.verify(start, d))
                     .await;
                 tracing::debug!(elapsed = ?t0.elapsed(), ok = r.is_ok(), "range fetched");
                 r
             },
             span,
         ));
-        let whole: futures::future::Shared<BoxFuture<'static, Result<Bytes, EngineError>>> =
-            async move {
-                match task.await {
-                    Ok(r) => r.map_err(EngineError::from),
-                    Err(e) => Err(EngineError::Task(e.to_string())),
-                }
+        let whole: futures::future::Shared<BoxFuture<'static, Result<Bytes, EngineError>>> = async move {
+            match task.await {
+                Ok(r) => r.map_err(EngineError::from),
+                Err(e) => Err(EngineError::Task(e.to_string())),
             }
-            .boxed()
-            .shared();
+        }
+        .boxed()
+        .shared();
         run.map(|idx| {
             let whole = whole.clone();
             let lo = (geo.start(idx) - start) as usize;
             let hi = (geo.end(idx) - start) as usize;
-            async move { whole.await.map(|b| b.slice(lo..hi)) }
-                .boxed()
-                .shared()
+            async move { whole.await.map(|b| b.slice(lo..hi)) }.boxed().shared()
         })
         .collect()
     }

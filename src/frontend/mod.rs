@@ -46,10 +46,7 @@ impl KernelFacts {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
         let erofs = std::fs::read_to_string("/proc/filesystems")
-            .map(|s| {
-                s.lines()
-                    .any(|l| l.split_whitespace().last() == Some("erofs"))
-            })
+            .map(|s| s.lines().any(|l| l.split_whitespace().last() == Some("erofs")))
             .unwrap_or(false);
         KernelFacts {
             release,
@@ -66,13 +63,9 @@ pub fn choose(facts: &KernelFacts, choice: FrontendChoice) -> Result<Frontend, P
         return Err(ProbeError::NoErofs);
     }
     match choice {
-        FrontendChoice::Cachefiles | FrontendChoice::Auto if facts.cachefiles_device => {
-            Ok(Frontend::Cachefiles)
-        }
+        FrontendChoice::Cachefiles | FrontendChoice::Auto if facts.cachefiles_device => Ok(Frontend::Cachefiles),
         FrontendChoice::Cachefiles => Err(ProbeError::Forced(choice, "no /dev/cachefiles".into())),
-        FrontendChoice::Fanotify | FrontendChoice::Auto if facts.fanotify_pre_content => {
-            Ok(Frontend::Fanotify)
-        }
+        FrontendChoice::Fanotify | FrontendChoice::Auto if facts.fanotify_pre_content => Ok(Frontend::Fanotify),
         FrontendChoice::Fanotify => Err(ProbeError::Forced(
             choice,
             "no fanotify pre-content events (Linux 6.14+)".into(),
@@ -93,27 +86,15 @@ mod tests {
             cachefiles_device: true,
             fanotify_pre_content: true,
         };
-        assert_eq!(
-            choose(&f, FrontendChoice::Auto).unwrap(),
-            Frontend::Cachefiles
-        );
-        assert_eq!(
-            choose(&f, FrontendChoice::Fanotify).unwrap(),
-            Frontend::Fanotify
-        );
+        assert_eq!(choose(&f, FrontendChoice::Auto).unwrap(), Frontend::Cachefiles);
+        assert_eq!(choose(&f, FrontendChoice::Fanotify).unwrap(), Frontend::Fanotify);
         f.cachefiles_device = false;
-        assert_eq!(
-            choose(&f, FrontendChoice::Auto).unwrap(),
-            Frontend::Fanotify
-        );
+        assert_eq!(choose(&f, FrontendChoice::Auto).unwrap(), Frontend::Fanotify);
         f.fanotify_pre_content = false;
         let e = choose(&f, FrontendChoice::Auto).unwrap_err().to_string();
         assert!(e.contains("CONFIG_CACHEFILES_ONDEMAND"), "{e}");
         assert!(choose(&f, FrontendChoice::Cachefiles).is_err());
         f.erofs = false;
-        assert!(matches!(
-            choose(&f, FrontendChoice::Auto),
-            Err(ProbeError::NoErofs)
-        ));
+        assert!(matches!(choose(&f, FrontendChoice::Auto), Err(ProbeError::NoErofs)));
     }
 }

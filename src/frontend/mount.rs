@@ -27,15 +27,10 @@ pub fn mount_fscache(fsid: &str, target: &Path) -> io::Result<()> {
 
 /// Mount the metadata blob file-backed with one `device=` per data blob cache file.
 pub fn mount_file_backed(meta: &Path, devices: &[PathBuf], target: &Path) -> io::Result<()> {
-    let opts: Vec<String> = devices
-        .iter()
-        .map(|d| format!("device={}", d.display()))
-        .collect();
+    let opts: Vec<String> = devices.iter().map(|d| format!("device={}", d.display())).collect();
     let opts = opts.join(",");
     if opts.len() >= 4096 {
-        return Err(io::Error::other(
-            "too many data blobs for one mount option page",
-        ));
+        return Err(io::Error::other("too many data blobs for one mount option page"));
     }
     mount(
         Some(meta),
@@ -47,26 +42,28 @@ pub fn mount_file_backed(meta: &Path, devices: &[PathBuf], target: &Path) -> io:
     .map_err(|e| {
         io::Error::new(
             io::Error::from(e).kind(),
-            format!(
-                "mount erofs {} on {}: {e}",
-                meta.display(),
-                target.display()
-            ),
+            format!("mount erofs {} on {}: {e}", meta.display(), target.display()),
         )
     })
 }
 
 /// Unmount; `lazy` detaches a busy mount (open files keep working through the frontend).
 pub fn unmount(target: &Path, lazy: bool) -> io::Result<()> {
-    let flags = if lazy {
-        MntFlags::MNT_DETACH
-    } else {
-        MntFlags::empty()
+    let flags = if lazy { MntFlags::MNT_DETACH } else { MntFlags::empty() };
+    umount2(target, flags)
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("umount {}: {e}", target.display())))
+}
+
+/// Whether `target` is currently an EROFS mount point (from `/proc/self/mountinfo`).
+pub fn is_erofs_mount(target: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
     };
-    umount2(target, flags).map_err(|e| {
-        io::Error::new(
-            io::Error::from(e).kind(),
-            format!("umount {}: {e}", target.display()),
-        )
+    let want = target.to_string_lossy().replace(' ', "\\040");
+    info.lines().any(|l| {
+        let mut parts = l.split(" - ");
+        let head = parts.next().unwrap_or("");
+        let fstype = parts.next().and_then(|t| t.split_whitespace().next()).unwrap_or("");
+        head.split_whitespace().nth(4) == Some(want.as_str()) && fstype == "erofs"
     })
 }

@@ -12,8 +12,8 @@ use serde_json::json;
 
 use super::erofs::{self, DeviceSlot};
 use super::format::{
-    device_tag, BlobChunks, ChunkTable, ANNOTATION_FORMAT, FORMAT_VERSION, MEDIA_TYPE_CHUNKS,
-    MEDIA_TYPE_DATA, MEDIA_TYPE_META,
+    device_tag, BlobChunks, ChunkTable, ANNOTATION_FORMAT, FORMAT_VERSION, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_DATA,
+    MEDIA_TYPE_META,
 };
 use super::tree::{encode_rdev, FileData, Kind, Meta, Node, Tree};
 use crate::registry::{sha256_digest, Registry, RegistryError};
@@ -22,10 +22,7 @@ use crate::registry::{sha256_digest, Registry, RegistryError};
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{0}")]
     Tree(#[from] super::tree::TreeError),
     #[error("{0}")]
@@ -294,10 +291,7 @@ pub fn assemble(img: &BuiltImage, config: &[u8]) -> Result<Assembled, serde_json
     if let Some(obj) = cfg.as_object_mut() {
         obj.remove("history");
         let diff_ids: Vec<&String> = layers.iter().map(|(_, (d, _))| d).collect();
-        obj.insert(
-            "rootfs".into(),
-            json!({"type": "layers", "diff_ids": diff_ids}),
-        );
+        obj.insert("rootfs".into(), json!({"type": "layers", "diff_ids": diff_ids}));
     }
     let config = with_digest(Bytes::from(serde_json::to_vec(&cfg)?));
     let desc = |media_type: &str, (digest, b): &(String, Bytes)| json!({"mediaType": media_type, "digest": digest, "size": b.len()});
@@ -332,10 +326,6 @@ pub async fn push(
         registry.push_blob_with_digest(reference, b, digest).await?;
     }
     registry
-        .push_manifest(
-            reference,
-            a.manifest,
-            oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
-        )
+        .push_manifest(reference, a.manifest, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE)
         .await
 }

@@ -95,8 +95,8 @@ impl BlobChunks {
                 self.chunks.len()
             )));
         }
-        let raw = hex::decode(&self.chunks)
-            .map_err(|e| FormatError::ChunkTable(format!("blob {}: {e}", self.digest)))?;
+        let raw =
+            hex::decode(&self.chunks).map_err(|e| FormatError::ChunkTable(format!("blob {}: {e}", self.digest)))?;
         Ok(raw
             .chunks_exact(32)
             .map(|c| <[u8; 32]>::try_from(c).unwrap_or([0; 32]))
@@ -107,19 +107,12 @@ impl BlobChunks {
 impl ChunkTable {
     /// Parse and validate a table fetched from a registry.
     pub fn parse(bytes: &[u8]) -> Result<ChunkTable, FormatError> {
-        let t: ChunkTable =
-            serde_json::from_slice(bytes).map_err(|e| FormatError::ChunkTable(e.to_string()))?;
+        let t: ChunkTable = serde_json::from_slice(bytes).map_err(|e| FormatError::ChunkTable(e.to_string()))?;
         if t.version != 1 {
-            return Err(FormatError::ChunkTable(format!(
-                "unsupported version {}",
-                t.version
-            )));
+            return Err(FormatError::ChunkTable(format!("unsupported version {}", t.version)));
         }
         if t.chunk_size < 4096 || !t.chunk_size.is_power_of_two() || t.chunk_size > 1 << 30 {
-            return Err(FormatError::ChunkTable(format!(
-                "chunk size {} invalid",
-                t.chunk_size
-            )));
+            return Err(FormatError::ChunkTable(format!("chunk size {} invalid", t.chunk_size)));
         }
         for b in &t.blobs {
             b.digests(t.chunk_size)?;
@@ -143,10 +136,7 @@ pub struct LazyManifest {
 impl LazyManifest {
     /// Pick the roles out of an image manifest, rejecting anything else.
     pub fn from_manifest(m: &OciImageManifest) -> Result<LazyManifest, FormatError> {
-        let version = m
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_FORMAT));
+        let version = m.annotations.as_ref().and_then(|a| a.get(ANNOTATION_FORMAT));
         if version.map(String::as_str) != Some(FORMAT_VERSION) {
             return Err(FormatError::NotLazyblob(format!(
                 "annotation {ANNOTATION_FORMAT} is {version:?}, expected {FORMAT_VERSION:?}"
@@ -166,11 +156,7 @@ impl LazyManifest {
                 MEDIA_TYPE_META if meta.is_none() => meta = Some(l.clone()),
                 MEDIA_TYPE_CHUNKS if table.is_none() => table = Some(l.clone()),
                 MEDIA_TYPE_DATA => data.push(l.clone()),
-                other => {
-                    return Err(FormatError::NotLazyblob(format!(
-                        "unexpected layer media type {other}"
-                    )))
-                }
+                other => return Err(FormatError::NotLazyblob(format!("unexpected layer media type {other}"))),
             }
         }
         Ok(LazyManifest {
@@ -184,9 +170,7 @@ impl LazyManifest {
 /// The EROFS fsid under which an image is mounted over fscache: derived from the manifest
 /// digest, so the same image always gets the same fsid and cache files.
 pub fn fsid_for(manifest_digest: &str) -> String {
-    let hex = manifest_digest
-        .strip_prefix("sha256:")
-        .unwrap_or(manifest_digest);
+    let hex = manifest_digest.strip_prefix("sha256:").unwrap_or(manifest_digest);
     format!("lb-{}", &hex[..hex.len().min(32)])
 }
 

@@ -93,9 +93,7 @@ impl Tree {
             || name.contains(&b'/')
             || name.contains(&0)
         {
-            return Err(TreeError::BadName(
-                String::from_utf8_lossy(name).into_owned(),
-            ));
+            return Err(TreeError::BadName(String::from_utf8_lossy(name).into_owned()));
         }
         Ok(())
     }

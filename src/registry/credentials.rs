@@ -65,10 +65,7 @@ pub struct Credentials {
 
 impl Credentials {
     /// Build from the per-host config and an optional docker config file.
-    pub fn new(
-        hosts: &[HostConfig],
-        docker_config: Option<&Path>,
-    ) -> Result<Credentials, RegistryError> {
+    pub fn new(hosts: &[HostConfig], docker_config: Option<&Path>) -> Result<Credentials, RegistryError> {
         let docker = match docker_config {
             Some(p) => load_docker_config(p)?,
             None => match default_docker_config() {
@@ -99,12 +96,7 @@ impl Credentials {
                 let password = match (&h.password, &h.password_file) {
                     (Some(p), _) => p.clone(),
                     (None, Some(f)) => std::fs::read_to_string(f)
-                        .map_err(|e| {
-                            RegistryError::Credentials(format!(
-                                "password_file {}: {e}",
-                                f.display()
-                            ))
-                        })?
+                        .map_err(|e| RegistryError::Credentials(format!("password_file {}: {e}", f.display())))?
                         .trim_end_matches(['\n', '\r'])
                         .to_string(),
                     (None, None) => String::new(),
@@ -171,9 +163,8 @@ impl Credentials {
                 msg.trim()
             )));
         }
-        let a: HelperAnswer = serde_json::from_slice(&out.stdout).map_err(|e| {
-            RegistryError::Credentials(format!("{prog} answered malformed JSON: {e}"))
-        })?;
+        let a: HelperAnswer = serde_json::from_slice(&out.stdout)
+            .map_err(|e| RegistryError::Credentials(format!("{prog} answered malformed JSON: {e}")))?;
         Ok(if a.username == "<token>" {
             RegistryAuth::Bearer(a.secret)
         } else {
@@ -189,15 +180,12 @@ fn entry_auth(host: &str, e: &DockerAuthEntry) -> Result<RegistryAuth, RegistryE
     if let Some(a) = &e.auth {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(a.trim())
-            .map_err(|_| {
-                RegistryError::Credentials(format!("config.json auths[{host}].auth is not base64"))
-            })?;
-        let text = String::from_utf8(raw).map_err(|_| {
-            RegistryError::Credentials(format!("config.json auths[{host}].auth is not UTF-8"))
-        })?;
-        let (u, p) = text.split_once(':').ok_or_else(|| {
-            RegistryError::Credentials(format!("config.json auths[{host}].auth lacks ':'"))
-        })?;
+            .map_err(|_| RegistryError::Credentials(format!("config.json auths[{host}].auth is not base64")))?;
+        let text = String::from_utf8(raw)
+            .map_err(|_| RegistryError::Credentials(format!("config.json auths[{host}].auth is not UTF-8")))?;
+        let (u, p) = text
+            .split_once(':')
+            .ok_or_else(|| RegistryError::Credentials(format!("config.json auths[{host}].auth lacks ':'")))?;
         return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
     }
     match (&e.username, &e.password) {
@@ -223,11 +211,10 @@ fn default_docker_config() -> Option<PathBuf> {
 }
 
 fn load_docker_config(path: &Path) -> Result<DockerConfig, RegistryError> {
-    let text = std::fs::read(path)
-        .map_err(|e| RegistryError::Credentials(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_slice(&text).map_err(|e| {
-        RegistryError::Credentials(format!("{} is not a docker config: {e}", path.display()))
-    })
+    let text =
+        std::fs::read(path).map_err(|e| RegistryError::Credentials(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_slice(&text)
+        .map_err(|e| RegistryError::Credentials(format!("{} is not a docker config: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -273,14 +260,9 @@ mod tests {
             basic(&c.for_host("helped.example").unwrap()),
             ("hu".into(), "hs".into())
         );
-        assert!(
-            matches!(c.for_host("tok.example").unwrap(), RegistryAuth::Bearer(t) if t == "idt")
-        );
+        assert!(matches!(c.for_host("tok.example").unwrap(), RegistryAuth::Bearer(t) if t == "idt"));
         // credsStore answers "not found" for other hosts: anonymous
-        assert!(matches!(
-            c.for_host("other.example").unwrap(),
-            RegistryAuth::Anonymous
-        ));
+        assert!(matches!(c.for_host("other.example").unwrap(), RegistryAuth::Anonymous));
     }
 
     #[test]
@@ -295,10 +277,7 @@ mod tests {
             ..Default::default()
         };
         let c = Credentials::new(&[host], Some(Path::new("/nonexistent/config.json")));
-        assert!(
-            c.is_err(),
-            "an explicit docker config that is missing is an error"
-        );
+        assert!(c.is_err(), "an explicit docker config that is missing is an error");
         let empty = dir.path().join("empty.json");
         std::fs::write(&empty, "{}").unwrap();
         let host = HostConfig {
@@ -308,14 +287,8 @@ mod tests {
             ..Default::default()
         };
         let c = Credentials::new(&[host], Some(&empty)).unwrap();
-        assert_eq!(
-            basic(&c.for_host("r.example").unwrap()),
-            ("bob".into(), "p4ss".into())
-        );
-        assert!(matches!(
-            c.for_host("x.example").unwrap(),
-            RegistryAuth::Anonymous
-        ));
+        assert_eq!(basic(&c.for_host("r.example").unwrap()), ("bob".into(), "p4ss".into()));
+        assert!(matches!(c.for_host("x.example").unwrap(), RegistryAuth::Anonymous));
     }
 
     #[test]

@@ -42,9 +42,7 @@ impl RegistryError {
     /// arrived short or corrupted.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RegistryError::Status { status, .. } => {
-                *status >= 500 || *status == 429 || *status == 408
-            }
+            RegistryError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             RegistryError::Transport(_)
             | RegistryError::Timeout(_)
             | RegistryError::Truncated { .. }
@@ -60,10 +58,7 @@ impl From<OciDistributionError> for RegistryError {
         match e {
             E::UnauthorizedError { url } => RegistryError::Unauthorized(url),
             E::AuthenticationFailure(m) => RegistryError::Unauthorized(m),
-            E::ServerError { code: 404, url, .. } => RegistryError::NotFound {
-                what: "object",
-                url,
-            },
+            E::ServerError { code: 404, url, .. } => RegistryError::NotFound { what: "object", url },
             E::ServerError { code, url, .. } => RegistryError::Status { status: code, url },
             E::RegistryError { envelope, url } => {
                 let unknown = envelope.errors.iter().any(|e| {
@@ -75,16 +70,12 @@ impl From<OciDistributionError> for RegistryError {
                     )
                 });
                 if unknown {
-                    RegistryError::NotFound {
-                        what: "object",
-                        url,
-                    }
+                    RegistryError::NotFound { what: "object", url }
                 } else {
                     let denied = envelope.errors.iter().any(|e| {
                         matches!(
                             e.code,
-                            oci_client::errors::OciErrorCode::Denied
-                                | oci_client::errors::OciErrorCode::Unauthorized
+                            oci_client::errors::OciErrorCode::Denied | oci_client::errors::OciErrorCode::Unauthorized
                         )
                     });
                     if denied {
@@ -109,12 +100,8 @@ impl From<OciDistributionError> for RegistryError {
             E::IoError(io) => RegistryError::Transport(io.to_string()),
             E::ImageManifestNotFoundError(m) => RegistryError::Manifest(m),
             E::ManifestParsingError(m) | E::VersionedParsingError(m) => RegistryError::Manifest(m),
-            E::UnsupportedMediaTypeError(m) => {
-                RegistryError::Manifest(format!("unsupported media type {m}"))
-            }
-            E::UnsupportedSchemaVersionError(v) => {
-                RegistryError::Manifest(format!("unsupported schema version {v}"))
-            }
+            E::UnsupportedMediaTypeError(m) => RegistryError::Manifest(format!("unsupported media type {m}")),
+            E::UnsupportedSchemaVersionError(v) => RegistryError::Manifest(format!("unsupported schema version {v}")),
             E::DigestError(d) => RegistryError::DigestMismatch {
                 what: "manifest".into(),
                 expected: String::new(),
@@ -163,11 +150,7 @@ mod tests {
             url: String::new()
         }
         .is_retryable());
-        assert!(RegistryError::Truncated {
-            expected: 2,
-            got: 1
-        }
-        .is_retryable());
+        assert!(RegistryError::Truncated { expected: 2, got: 1 }.is_retryable());
         assert!(!RegistryError::Unauthorized(String::new()).is_retryable());
     }
 }

@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use oci_client::client::{
-    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
-};
+use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
@@ -102,9 +100,8 @@ impl Registry {
         let mut extra = Vec::new();
         for h in &cfg.hosts {
             if let Some(ca) = &h.ca_file {
-                let data = std::fs::read(ca).map_err(|e| {
-                    RegistryError::Credentials(format!("ca_file {}: {e}", ca.display()))
-                })?;
+                let data = std::fs::read(ca)
+                    .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
                 extra.push(Certificate {
                     encoding: CertificateEncoding::Pem,
                     data,
@@ -152,14 +149,10 @@ impl Registry {
     /// Resolve a reference to an image manifest; an index resolves to this node's platform.
     pub async fn resolve(&self, reference: &Reference) -> Result<ResolvedManifest, RegistryError> {
         let (raw, digest) = self.fetch_manifest_raw(reference).await?;
-        let parsed: OciManifest = serde_json::from_slice(&raw)
-            .map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
+        let parsed: OciManifest =
+            serde_json::from_slice(&raw).map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
         match parsed {
-            OciManifest::Image(manifest) => Ok(ResolvedManifest {
-                manifest,
-                digest,
-                raw,
-            }),
+            OciManifest::Image(manifest) => Ok(ResolvedManifest { manifest, digest, raw }),
             OciManifest::ImageIndex(index) => {
                 let chosen = self.platform.choose(&index.manifests).ok_or_else(|| {
                     RegistryError::Manifest(format!(
@@ -170,11 +163,7 @@ impl Registry {
                 let by_digest = reference.clone_with_digest(chosen.clone());
                 let (raw, digest) = self.fetch_manifest_raw(&by_digest).await?;
                 match serde_json::from_slice::<OciManifest>(&raw) {
-                    Ok(OciManifest::Image(manifest)) => Ok(ResolvedManifest {
-                        manifest,
-                        digest,
-                        raw,
-                    }),
+                    Ok(OciManifest::Image(manifest)) => Ok(ResolvedManifest { manifest, digest, raw }),
                     Ok(OciManifest::ImageIndex(_)) => Err(RegistryError::Manifest(format!(
                         "{reference}: index entry {chosen} is itself an index"
                     ))),
@@ -186,16 +175,10 @@ impl Registry {
 
     /// Fetch a manifest or index as raw bytes with its content digest (a digest reference is
     /// verified).
-    pub async fn fetch_manifest_raw(
-        &self,
-        reference: &Reference,
-    ) -> Result<(Bytes, String), RegistryError> {
+    pub async fn fetch_manifest_raw(&self, reference: &Reference) -> Result<(Bytes, String), RegistryError> {
         let (raw, digest) = self
             .with_endpoints(reference, "manifest", |ep, auth| async move {
-                let (raw, digest) = self
-                    .client
-                    .pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES)
-                    .await?;
+                let (raw, digest) = self.client.pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES).await?;
                 Ok((raw, digest))
             })
             .await?;
@@ -239,12 +222,7 @@ impl Registry {
 
     /// Fetch exactly `[offset, offset + len)` of a blob. The bytes are NOT verified here: the
     /// blob engine checks them against the chunk digest table.
-    pub async fn fetch_range(
-        &self,
-        src: &BlobSource,
-        offset: u64,
-        len: u64,
-    ) -> Result<Bytes, RegistryError> {
+    pub async fn fetch_range(&self, src: &BlobSource, offset: u64, len: u64) -> Result<Bytes, RegistryError> {
         self.fetch_range_checked(src, offset, len, |_| Ok(())).await
     }
 
@@ -289,15 +267,8 @@ impl Registry {
         digest: String,
     ) -> Result<String, RegistryError> {
         let auth = self.auth_for(repo)?;
-        self.client
-            .auth(repo, &auth, RegistryOperation::Push)
-            .await?;
-        if self
-            .client
-            .blob_exists(repo, &digest)
-            .await
-            .unwrap_or(false)
-        {
+        self.client.auth(repo, &auth, RegistryOperation::Push).await?;
+        if self.client.blob_exists(repo, &digest).await.unwrap_or(false) {
             return Ok(digest);
         }
         self.policy
@@ -318,9 +289,7 @@ impl Registry {
         media_type: &str,
     ) -> Result<String, RegistryError> {
         let auth = self.auth_for(reference)?;
-        self.client
-            .auth(reference, &auth, RegistryOperation::Push)
-            .await?;
+        self.client.auth(reference, &auth, RegistryOperation::Push).await?;
         let ct = reqwest::header::HeaderValue::from_str(media_type)
             .map_err(|_| RegistryError::Manifest(format!("bad media type {media_type:?}")))?;
         self.policy
@@ -350,12 +319,7 @@ impl Registry {
 
     /// Run `op` against each endpoint (mirrors first) with retries, re-authenticating once on
     /// 401, within one deadline for the whole operation.
-    async fn with_endpoints<T, F, Fut>(
-        &self,
-        reference: &Reference,
-        what: &str,
-        op: F,
-    ) -> Result<T, RegistryError>
+    async fn with_endpoints<T, F, Fut>(&self, reference: &Reference, what: &str, op: F) -> Result<T, RegistryError>
     where
         F: Fn(Reference, RegistryAuth) -> Fut,
         Fut: std::future::Future<Output = Result<T, RegistryError>>,
@@ -366,9 +330,7 @@ impl Registry {
         let n_eps = eps.len();
         for (i, ep) in eps.into_iter().enumerate() {
             let auth = self.auth_for(&ep)?;
-            self.client
-                .store_auth_if_needed(ep.resolve_registry(), &auth)
-                .await;
+            self.client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
             let _permit = self.permit(ep.registry()).await;
             let res = self
                 .policy
@@ -384,17 +346,12 @@ impl Registry {
                         }
                         match op(ep.clone(), auth.clone()).await {
                             Err(RegistryError::Unauthorized(url)) => {
-                                tracing::info!(
-                                    registry = ep.registry(),
-                                    "401 from registry, re-authenticating"
-                                );
+                                tracing::info!(registry = ep.registry(), "401 from registry, re-authenticating");
                                 self.client
                                     .auth(&ep, &auth, RegistryOperation::Pull)
                                     .await
                                     .map_err(|e| match RegistryError::from(e) {
-                                        RegistryError::Unauthorized(_) => {
-                                            RegistryError::Unauthorized(url)
-                                        }
+                                        RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),
                                         other => other,
                                     })?;
                                 op(ep, auth).await
@@ -407,9 +364,7 @@ impl Registry {
             match res {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    self.stats
-                        .failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if i + 1 < n_eps {
                         tracing::warn!(endpoint = ep.registry(), error = %e, "endpoint failed, trying the next one");
                     }
@@ -428,9 +383,7 @@ impl Registry {
                 .clone()
         };
         // The semaphore is never closed, so acquiring cannot fail.
-        sem.acquire_owned()
-            .await
-            .expect("registry semaphore is never closed")
+        sem.acquire_owned().await.expect("registry semaphore is never closed")
     }
 
     /// One range GET on one endpoint; returns exactly `len` bytes or an error.
@@ -491,17 +444,9 @@ impl Registry {
 /// The same repository and tag/digest on another registry host (a mirror).
 fn retarget(r: &Reference, host: &str) -> Reference {
     match (r.tag(), r.digest()) {
-        (_, Some(d)) => {
-            Reference::with_digest(host.to_string(), r.repository().to_string(), d.to_string())
-        }
-        (Some(t), None) => {
-            Reference::with_tag(host.to_string(), r.repository().to_string(), t.to_string())
-        }
-        (None, None) => Reference::with_tag(
-            host.to_string(),
-            r.repository().to_string(),
-            "latest".into(),
-        ),
+        (_, Some(d)) => Reference::with_digest(host.to_string(), r.repository().to_string(), d.to_string()),
+        (Some(t), None) => Reference::with_tag(host.to_string(), r.repository().to_string(), t.to_string()),
+        (None, None) => Reference::with_tag(host.to_string(), r.repository().to_string(), "latest".into()),
     }
 }
 

@@ -31,9 +31,9 @@ impl Platform {
     /// without a variant counts as v8).
     pub fn choose(&self, entries: &[ImageIndexEntry]) -> Option<String> {
         let matches = |e: &&ImageIndexEntry| {
-            e.platform.as_ref().is_some_and(|p| {
-                p.os.to_string() == self.os && p.architecture.to_string() == self.arch
-            })
+            e.platform
+                .as_ref()
+                .is_some_and(|p| p.os.to_string() == self.os && p.architecture.to_string() == self.arch)
         };
         let variant_of = |e: &ImageIndexEntry| {
             e.platform
@@ -94,14 +94,8 @@ mod tests {
     #[test]
     fn chooses_os_arch_and_variant() {
         let entries = vec![
-            entry(
-                "sha256:a",
-                r#"{"os":"linux","architecture":"arm","variant":"v6"}"#,
-            ),
-            entry(
-                "sha256:b",
-                r#"{"os":"linux","architecture":"arm","variant":"v7"}"#,
-            ),
+            entry("sha256:a", r#"{"os":"linux","architecture":"arm","variant":"v6"}"#),
+            entry("sha256:b", r#"{"os":"linux","architecture":"arm","variant":"v7"}"#),
             entry("sha256:c", r#"{"os":"linux","architecture":"amd64"}"#),
             entry("sha256:d", r#"{"os":"windows","architecture":"amd64"}"#),
         ];

@@ -23,9 +23,7 @@ impl RetryPolicy {
     /// The sleep before attempt `n + 1` (n >= 1): `initial * 2^(n-1)` capped at `max`, with
     /// "equal jitter" (half fixed, half random) so a fleet of nodes does not retry in step.
     pub fn backoff(&self, n: u32) -> Duration {
-        let exp = self
-            .initial
-            .saturating_mul(1u32 << n.saturating_sub(1).min(20));
+        let exp = self.initial.saturating_mul(1u32 << n.saturating_sub(1).min(20));
         let capped = exp.min(self.max);
         let half = capped / 2;
         let jitter = rand::rng().random_range(0..=half.as_micros() as u64);
@@ -38,17 +36,11 @@ impl RetryPolicy {
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,
     {
-        self.run_until(what, Instant::now() + self.deadline, attempt)
-            .await
+        self.run_until(what, Instant::now() + self.deadline, attempt).await
     }
 
     /// Like [`run`](Self::run), with an absolute deadline shared by several endpoints.
-    pub async fn run_until<T, F, Fut>(
-        &self,
-        what: &str,
-        until: Instant,
-        mut attempt: F,
-    ) -> Result<T, RegistryError>
+    pub async fn run_until<T, F, Fut>(&self, what: &str, until: Instant, mut attempt: F) -> Result<T, RegistryError>
     where
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,
@@ -155,10 +147,7 @@ mod tests {
                 Err(RegistryError::Transport("reset".into()))
             })
             .await;
-        assert!(matches!(
-            r,
-            Err(RegistryError::Exhausted { attempts: 4, .. })
-        ));
+        assert!(matches!(r, Err(RegistryError::Exhausted { attempts: 4, .. })));
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 

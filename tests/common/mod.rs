@@ -100,21 +100,13 @@ pub fn mixed_files(seed: u64, small: usize, large_mib: &[usize]) -> BTreeMap<Str
         );
     }
     for (k, mib) in large_mib.iter().enumerate() {
-        files.insert(
-            format!("big/large{k}.bin"),
-            bytes(seed * 7 + k as u64 + 99, mib << 20),
-        );
+        files.insert(format!("big/large{k}.bin"), bytes(seed * 7 + k as u64 + 99, mib << 20));
     }
     files
 }
 
 /// Run the VM rig on `payload` (and `share` at /host), returning (exit code, console).
-pub async fn run_vm(
-    payload: &Path,
-    share: &Path,
-    libs_for: &Path,
-    timeout_s: u64,
-) -> (i32, String) {
+pub async fn run_vm(payload: &Path, share: &Path, libs_for: &Path, timeout_s: u64) -> (i32, String) {
     let rig = vm_rig();
     let out = tokio::process::Command::new("bash")
         .arg(rig.join("run-vm.sh"))
@@ -130,8 +122,7 @@ pub async fn run_vm(
         .await
         .expect("VM run did not end")
         .expect("run-vm.sh could not start");
-    let console =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let console = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), console)
 }
 
@@ -182,9 +173,7 @@ pub fn insecure_config(hosts: &[&str]) -> lazyblob::config::RegistryConfig {
 
 /// A registry client with explicit credentials (no docker config lookup).
 pub fn client(cfg: &lazyblob::config::RegistryConfig) -> lazyblob::registry::Registry {
-    let creds =
-        lazyblob::registry::credentials::Credentials::new(&cfg.hosts, Some(&empty_docker_config()))
-            .unwrap();
+    let creds = lazyblob::registry::credentials::Credentials::new(&cfg.hosts, Some(&empty_docker_config())).unwrap();
     lazyblob::registry::Registry::with_credentials(cfg, 16, creds).unwrap()
 }
 
@@ -195,10 +184,7 @@ fn empty_docker_config() -> PathBuf {
 }
 
 /// Build an image from `files` spread over `blobs` data blobs.
-pub fn build_files(
-    files: &BTreeMap<String, Vec<u8>>,
-    blobs: usize,
-) -> lazyblob::image::build::BuiltImage {
+pub fn build_files(files: &BTreeMap<String, Vec<u8>>, blobs: usize) -> lazyblob::image::build::BuiltImage {
     let dir = tempfile::tempdir().unwrap();
     write_tree(dir.path(), files);
     lazyblob::image::build::from_dir(
@@ -220,9 +206,7 @@ pub async fn push_image(
     img: &lazyblob::image::build::BuiltImage,
 ) -> String {
     let r = lazyblob::registry::parse_reference(&format!("{host}/{name}")).unwrap();
-    lazyblob::image::build::push(reg, &r, img, None)
-        .await
-        .unwrap()
+    lazyblob::image::build::push(reg, &r, img, None).await.unwrap()
 }
 
 /// Debian's `docker-registry` (CNCF distribution) on a free loopback port, optionally with
@@ -275,11 +259,7 @@ impl DockerRegistry {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        DockerRegistry {
-            host,
-            child,
-            _dir: dir,
-        }
+        DockerRegistry { host, child, _dir: dir }
     }
 }
 

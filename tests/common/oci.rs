@@ -46,14 +46,7 @@ impl Layer {
     pub fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
         self.file_owned(path, mode, 0, 0, data)
     }
-    pub fn file_owned(
-        &mut self,
-        path: &str,
-        mode: u32,
-        uid: u64,
-        gid: u64,
-        data: &[u8],
-    ) -> &mut Self {
+    pub fn file_owned(&mut self, path: &str, mode: u32, uid: u64, gid: u64, data: &[u8]) -> &mut Self {
         let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
         h.set_uid(uid);
         h.set_gid(gid);
@@ -61,17 +54,8 @@ impl Layer {
         self
     }
     /// A file with extended attributes (PAX `SCHILY.xattr.*` records).
-    pub fn file_xattrs(
-        &mut self,
-        path: &str,
-        mode: u32,
-        data: &[u8],
-        xattrs: &[(&str, &[u8])],
-    ) -> &mut Self {
-        let ext: Vec<(String, &[u8])> = xattrs
-            .iter()
-            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
-            .collect();
+    pub fn file_xattrs(&mut self, path: &str, mode: u32, data: &[u8], xattrs: &[(&str, &[u8])]) -> &mut Self {
+        let ext: Vec<(String, &[u8])> = xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v)).collect();
         self.b
             .append_pax_extensions(ext.iter().map(|(k, v)| (k.as_str(), *v)))
             .unwrap();
@@ -130,10 +114,7 @@ pub fn compress(tar: &[u8], c: Compression) -> (Vec<u8>, &'static str) {
             use std::io::Write;
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             e.write_all(tar).unwrap();
-            (
-                e.finish().unwrap(),
-                "application/vnd.oci.image.layer.v1.tar+gzip",
-            )
+            (e.finish().unwrap(), "application/vnd.oci.image.layer.v1.tar+gzip")
         }
         Compression::Zstd => (
             zstd::encode_all(tar, 1).unwrap(),
@@ -152,9 +133,7 @@ pub async fn push_source(reg: &Registry, reference: &str, layers: &[(Vec<u8>, &s
         "history": [{"created_by": "test"}]
     });
     let config = serde_json::to_vec(&config).unwrap();
-    reg.push_blob(&r, Bytes::from(config.clone()))
-        .await
-        .unwrap();
+    reg.push_blob(&r, Bytes::from(config.clone())).await.unwrap();
     let mut descs = Vec::new();
     for (data, mt) in layers {
         reg.push_blob(&r, Bytes::from(data.clone())).await.unwrap();
@@ -191,10 +170,7 @@ impl Drop for Mounted {
 /// util-linux would turn the file into a loop device).
 pub fn mount_erofs(meta: &Path, devices: &[PathBuf], dir: &Path) -> Mounted {
     std::fs::create_dir_all(dir).unwrap();
-    let opts: Vec<String> = devices
-        .iter()
-        .map(|d| format!("device={}", d.display()))
-        .collect();
+    let opts: Vec<String> = devices.iter().map(|d| format!("device={}", d.display())).collect();
     nix::mount::mount(
         Some(meta),
         dir,
@@ -203,9 +179,7 @@ pub fn mount_erofs(meta: &Path, devices: &[PathBuf], dir: &Path) -> Mounted {
         Some(opts.join(",").as_str()),
     )
     .unwrap_or_else(|e| panic!("mount erofs {}: {e}", meta.display()));
-    Mounted {
-        dir: dir.to_path_buf(),
-    }
+    Mounted { dir: dir.to_path_buf() }
 }
 
 /// Everything compared about one entry of a tree.
@@ -286,12 +260,7 @@ pub fn walk(root: &Path) -> BTreeMap<String, Entry> {
                 gid: md.gid(),
                 size: matches!(kind, 'f' | 'l').then(|| md.len()),
                 sha256: (kind == 'f').then(|| super::sha256_hex(&std::fs::read(&p).unwrap())),
-                target: (kind == 'l').then(|| {
-                    std::fs::read_link(&p)
-                        .unwrap()
-                        .to_string_lossy()
-                        .into_owned()
-                }),
+                target: (kind == 'l').then(|| std::fs::read_link(&p).unwrap().to_string_lossy().into_owned()),
                 rdev: matches!(kind, 'c' | 'b').then(|| md.rdev()),
                 mtime: (kind == 'f').then(|| md.mtime()),
                 xattrs,
@@ -332,28 +301,17 @@ pub fn skopeo_unpack(source: &str, work: &Path) -> PathBuf {
     super::require_tool("tar", "tar");
     let layout = work.join("layout");
     let st = std::process::Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--src-tls-verify=false",
-            "--insecure-policy",
-        ])
+        .args(["copy", "--quiet", "--src-tls-verify=false", "--insecure-policy"])
         .arg(format!("docker://{source}"))
         .arg(format!("oci:{}:src", layout.display()))
         .status()
         .unwrap();
     assert!(st.success(), "skopeo copy failed");
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let blob = |d: &str| {
-        layout
-            .join("blobs/sha256")
-            .join(d.trim_start_matches("sha256:"))
-    };
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
-    )
-    .unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap())
+            .unwrap();
     let rootfs = work.join("rootfs");
     std::fs::create_dir_all(&rootfs).unwrap();
     let script = r#"set -e

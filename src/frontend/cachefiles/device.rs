@@ -45,10 +45,7 @@ impl Device {
         let bytes = cmd.to_bytes();
         let n = (&self.file).write(&bytes)?;
         if n != bytes.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "short command write",
-            ));
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short command write"));
         }
         Ok(())
     }
@@ -57,10 +54,8 @@ impl Device {
     pub fn into_async(self) -> io::Result<tokio::io::unix::AsyncFd<Device>> {
         // SAFETY: `Device` owns its `File`, so the fd stays open and `as_raw_fd` returns the
         // same descriptor for as long as the AsyncFd (which takes ownership) lives.
-        unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| e.into_parts().1)
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
     }
 
     /// Read one pending message into `buf`; `Ok(0)` or `WouldBlock` when none is pending.
@@ -93,8 +88,8 @@ impl AnonFd {
     /// Must be called exactly once per OPEN: the kernel installed `fd` in this process's
     /// fd table for us and nobody else owns it.
     pub fn from_open_message(fd: u32) -> io::Result<AnonFd> {
-        let raw = RawFd::try_from(fd)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "anon fd out of range"))?;
+        let raw =
+            RawFd::try_from(fd).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "anon fd out of range"))?;
         // Refuse fd numbers that are not open, rather than adopting a stranger's later fd.
         nix::fcntl::fcntl(
             // SAFETY: `raw` is only borrowed for this F_GETFD probe, which cannot close it.
@@ -150,13 +145,8 @@ impl AlignedBuf {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(raw)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        Ok(AlignedBuf {
-            ptr,
-            len: size,
-            layout,
-        })
+        let ptr = std::ptr::NonNull::new(raw).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(AlignedBuf { ptr, len: size, layout })
     }
 
     /// The whole (rounded-up) buffer.

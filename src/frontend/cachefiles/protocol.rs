@@ -34,11 +34,7 @@ pub enum ProtocolError {
     #[error("message of {0} bytes exceeds CACHEFILES_MSG_MAX_SIZE")]
     TooLong(usize),
     #[error("OPEN keys ({volume} + {cookie} bytes) overflow the {avail}-byte payload")]
-    KeysOverflow {
-        volume: u32,
-        cookie: u32,
-        avail: usize,
-    },
+    KeysOverflow { volume: u32, cookie: u32, avail: usize },
     #[error("OPEN volume key is empty or not NUL-terminated")]
     VolumeKeyNotTerminated,
     #[error("unknown opcode {0}")]
@@ -79,9 +75,7 @@ impl Message {
     /// The header of any message.
     pub fn header(&self) -> Header {
         match self {
-            Message::Open { header, .. }
-            | Message::Close { header }
-            | Message::Read { header, .. } => *header,
+            Message::Open { header, .. } | Message::Close { header } | Message::Read { header, .. } => *header,
         }
     }
 
@@ -187,11 +181,7 @@ fn parse_open(header: Header, payload: &[u8]) -> Result<Message, ProtocolError> 
     })
 }
 
-fn take<const N: usize>(
-    buf: &[u8],
-    at: usize,
-    what: &'static str,
-) -> Result<[u8; N], ProtocolError> {
+fn take<const N: usize>(buf: &[u8], at: usize, what: &'static str) -> Result<[u8; N], ProtocolError> {
     buf.get(at..at + N)
         .and_then(|s| s.try_into().ok())
         .ok_or(ProtocolError::Short {
@@ -277,11 +267,7 @@ mod tests {
         // header 16 + open 16 + "erofs,img\0" 10 + "img" 3
         assert_eq!(bytes.len(), 45);
         assert_eq!(&bytes[8..12], &45u32.to_le_bytes());
-        assert_eq!(
-            &bytes[16..20],
-            &10u32.to_le_bytes(),
-            "volume key size counts the NUL"
-        );
+        assert_eq!(&bytes[16..20], &10u32.to_le_bytes(), "volume key size counts the NUL");
         assert_eq!(Message::parse(&bytes).unwrap(), open(b"erofs,img", b"img"));
     }
 
@@ -307,10 +293,7 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_errors() {
-        assert!(matches!(
-            Message::parse(&[0; 8]),
-            Err(ProtocolError::Short { .. })
-        ));
+        assert!(matches!(Message::parse(&[0; 8]), Err(ProtocolError::Short { .. })));
         let mut read = Message::Read {
             header: Header {
                 msg_id: 1,
@@ -327,10 +310,7 @@ mod tests {
         ));
         let mut bad_op = read[..32].to_vec();
         bad_op[4] = 9;
-        assert_eq!(
-            Message::parse(&bad_op),
-            Err(ProtocolError::UnknownOpcode(9))
-        );
+        assert_eq!(Message::parse(&bad_op), Err(ProtocolError::UnknownOpcode(9)));
         let mut overflow = open(b"erofs,x", b"x").encode();
         overflow[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
@@ -343,38 +323,14 @@ mod tests {
             Message::parse(&unterminated),
             Err(ProtocolError::VolumeKeyNotTerminated)
         );
-        assert!(matches!(
-            Message::parse(&[0; 2048]),
-            Err(ProtocolError::TooLong(2048))
-        ));
+        assert!(matches!(Message::parse(&[0; 2048]), Err(ProtocolError::TooLong(2048))));
     }
 
     #[test]
     fn commands_have_no_trailing_nul() {
-        assert_eq!(
-            Command::Copen {
-                msg_id: 4,
-                size: 8192
-            }
-            .to_bytes(),
-            b"copen 4,8192"
-        );
-        assert_eq!(
-            Command::CopenError {
-                msg_id: 4,
-                errno: 2
-            }
-            .to_bytes(),
-            b"copen 4,-2"
-        );
-        assert_eq!(
-            Command::CopenError {
-                msg_id: 4,
-                errno: -5
-            }
-            .to_bytes(),
-            b"copen 4,-5"
-        );
+        assert_eq!(Command::Copen { msg_id: 4, size: 8192 }.to_bytes(), b"copen 4,8192");
+        assert_eq!(Command::CopenError { msg_id: 4, errno: 2 }.to_bytes(), b"copen 4,-2");
+        assert_eq!(Command::CopenError { msg_id: 4, errno: -5 }.to_bytes(), b"copen 4,-5");
         assert_eq!(Command::BindOndemand.to_bytes(), b"bind ondemand");
         assert_eq!(Command::Dir("/var/cache/x").to_string(), "dir /var/cache/x");
         assert_eq!(erofs_fsid(b"erofs,abc"), Some("abc"));

@@ -47,12 +47,7 @@ pub struct Cachefiles {
 
 impl Cachefiles {
     /// Open `/dev/cachefiles`, set the cache directory and tag, `bind ondemand`.
-    pub fn bind(
-        dir: &Path,
-        tag: &str,
-        catalog: Arc<Catalog>,
-        engine: Arc<Engine>,
-    ) -> io::Result<Arc<Cachefiles>> {
+    pub fn bind(dir: &Path, tag: &str, catalog: Arc<Catalog>, engine: Arc<Engine>) -> io::Result<Arc<Cachefiles>> {
         std::fs::create_dir_all(dir)?;
         let dev = Device::open().map_err(|e| match e.raw_os_error() {
             Some(libc::EBUSY) => io::Error::new(
@@ -71,7 +66,9 @@ impl Cachefiles {
         dev.command(&Command::BindOndemand).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("cachefiles 'bind ondemand' ({e}): needs CONFIG_CACHEFILES_ONDEMAND and a cache dir on ext4/xfs"),
+                format!(
+                    "cachefiles 'bind ondemand' ({e}): needs CONFIG_CACHEFILES_ONDEMAND and a cache dir on ext4/xfs"
+                ),
             )
         })?;
         Ok(Arc::new(Cachefiles {
@@ -89,10 +86,7 @@ impl Cachefiles {
     }
 
     /// Serve requests until `shutdown` fires or the device fails.
-    pub async fn run(
-        self: Arc<Self>,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) -> io::Result<()> {
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
         let mut buf = [0u8; MSG_MAX_SIZE];
         loop {
             let mut guard = tokio::select! {
@@ -133,18 +127,8 @@ impl Cachefiles {
                 cookie_key,
                 fd,
                 ..
-            } => self.open(
-                header.msg_id,
-                header.object_id,
-                &volume_key,
-                &cookie_key,
-                fd,
-            ),
-            Message::Read {
-                header,
-                offset,
-                len,
-            } => {
+            } => self.open(header.msg_id, header.object_id, &volume_key, &cookie_key, fd),
+            Message::Read { header, offset, len } => {
                 self.stats.reads.fetch_add(1, Relaxed);
                 let obj = self
                     .objects
@@ -156,10 +140,7 @@ impl Cachefiles {
                     Some(obj) => {
                         let me = Arc::clone(self);
                         let span = tracing::info_span!("read", object = %obj.name, msg_id = header.msg_id, offset, len);
-                        tokio::spawn(
-                            async move { me.read(obj, header.msg_id, offset, len).await }
-                                .instrument(span),
-                        );
+                        tokio::spawn(async move { me.read(obj, header.msg_id, offset, len).await }.instrument(span));
                     }
                     None => {
                         self.stats.reads_failed.fetch_add(1, Relaxed);
@@ -174,11 +155,7 @@ impl Cachefiles {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&header.object_id);
-                tracing::debug!(
-                    object_id = header.object_id,
-                    known = gone.is_some(),
-                    "CLOSE"
-                );
+                tracing::debug!(object_id = header.object_id, known = gone.is_some(), "CLOSE");
             }
         }
     }
@@ -190,11 +167,7 @@ impl Cachefiles {
         let refuse = |errno: i32, why: &str| {
             self.stats.opens_refused.fetch_add(1, Relaxed);
             tracing::warn!(volume = %vkey, cookie = %ckey, errno, "OPEN refused: {why}");
-            if let Err(e) = self
-                .dev
-                .get_ref()
-                .command(&Command::CopenError { msg_id, errno })
-            {
+            if let Err(e) = self.dev.get_ref().command(&Command::CopenError { msg_id, errno }) {
                 tracing::error!(error = %e, "copen (refusal) failed");
             }
         };
@@ -211,17 +184,9 @@ impl Cachefiles {
         let size = target.size();
         let name = match &target {
             Target::Meta(i) => format!("{}:meta", i.fsid),
-            Target::Data(i, d) => format!(
-                "{}:{}",
-                i.fsid,
-                &d.source.digest[..19.min(d.source.digest.len())]
-            ),
+            Target::Data(i, d) => format!("{}:{}", i.fsid, &d.source.digest[..19.min(d.source.digest.len())]),
         };
-        let obj = Arc::new(Object {
-            fd: anon,
-            target,
-            name,
-        });
+        let obj = Arc::new(Object { fd: anon, target, name });
         self.objects
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -262,11 +227,7 @@ impl Cachefiles {
         match done {
             Ok(n) => {
                 self.stats.bytes_written.fetch_add(n, Relaxed);
-                tracing::info!(
-                    latency_us = t0.elapsed().as_micros() as u64,
-                    bytes = n,
-                    "READ served"
-                );
+                tracing::info!(latency_us = t0.elapsed().as_micros() as u64, bytes = n, "READ served");
             }
             Err(e) => {
                 self.stats.reads_failed.fetch_add(1, Relaxed);
@@ -313,9 +274,8 @@ impl Cachefiles {
                     let lo = p.offset.max(start);
                     let hi = p_end.min(end);
                     if lo < hi {
-                        out[(lo - start) as usize..(hi - start) as usize].copy_from_slice(
-                            &p.data[(lo - p.offset) as usize..(hi - p.offset) as usize],
-                        );
+                        out[(lo - start) as usize..(hi - start) as usize]
+                            .copy_from_slice(&p.data[(lo - p.offset) as usize..(hi - p.offset) as usize]);
                     }
                 }
             }

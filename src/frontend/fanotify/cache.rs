@@ -51,9 +51,7 @@ pub fn is_data(f: impl AsFd, start: u64, end: u64) -> io::Result<bool> {
 
 /// Bytes actually allocated by a cache file.
 pub fn allocated(path: &Path) -> u64 {
-    std::fs::metadata(path)
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0)
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
 /// Delete cache files not in `keep`, least recently modified first, until the cache holds at
@@ -70,10 +68,7 @@ pub fn evict(cache_dir: &Path, limit: u64, keep: &[PathBuf]) -> io::Result<u64> 
         let size = allocated(&p);
         total += size;
         if !keep.contains(&p) {
-            let mtime = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .unwrap_or(std::time::UNIX_EPOCH);
+            let mtime = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
             files.push((mtime, p, size));
         }
     }

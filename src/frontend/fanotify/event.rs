@@ -55,14 +55,7 @@ pub fn parse(buf: &[u8]) -> (Vec<Event>, Option<EventError>) {
     while at < buf.len() {
         let avail = buf.len() - at;
         if avail < METADATA_LEN {
-            return (
-                out,
-                Some(EventError::BadLength {
-                    at,
-                    len: avail,
-                    avail,
-                }),
-            );
+            return (out, Some(EventError::BadLength { at, len: avail, avail }));
         }
         let ev = &buf[at..];
         let len = u32_at(ev, 0) as usize;

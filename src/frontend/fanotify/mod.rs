@@ -5,6 +5,8 @@
 
 pub mod cache;
 pub mod event;
+pub mod fdpass;
+pub mod guard;
 pub mod serve;
 pub mod sys;
 

@@ -58,11 +58,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl FanotifyFrontend {
     /// Create a pre-content group (or adopt one handed over by the guard).
-    pub fn new(
-        cache_dir: &Path,
-        engine: Arc<Engine>,
-        group: Option<Fanotify>,
-    ) -> io::Result<Arc<FanotifyFrontend>> {
+    pub fn new(cache_dir: &Path, engine: Arc<Engine>, group: Option<Fanotify>) -> io::Result<Arc<FanotifyFrontend>> {
         let fan = match group {
             Some(g) => g,
             None => sys::init().map_err(|e| {
@@ -100,15 +96,13 @@ impl FanotifyFrontend {
                     format!("fanotify_mark(FAN_PRE_ACCESS) on {}: {e}", path.display()),
                 )
             })?;
-            lock(&self.files)
-                .entry((md.dev(), md.ino()))
-                .or_insert_with(|| {
-                    Arc::new(CachedBlob {
-                        blob: Arc::clone(blob),
-                        path: path.clone(),
-                        verified: Mutex::new(HashSet::new()),
-                    })
-                });
+            lock(&self.files).entry((md.dev(), md.ino())).or_insert_with(|| {
+                Arc::new(CachedBlob {
+                    blob: Arc::clone(blob),
+                    path: path.clone(),
+                    verified: Mutex::new(HashSet::new()),
+                })
+            });
             paths.push(path);
         }
         Ok(paths)
@@ -120,10 +114,7 @@ impl FanotifyFrontend {
     }
 
     /// Serve events until `shutdown` fires.
-    pub async fn run(
-        self: Arc<Self>,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) -> io::Result<()> {
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let mut guard = tokio::select! {
@@ -157,10 +148,7 @@ impl FanotifyFrontend {
         for ev in events {
             self.stats.events.fetch_add(1, Relaxed);
             let Some(fd) = sys::adopt_event_fd(ev.fd) else {
-                tracing::warn!(
-                    mask = ev.mask,
-                    "fanotify event without fd (queue overflow?)"
-                );
+                tracing::warn!(mask = ev.mask, "fanotify event without fd (queue overflow?)");
                 continue;
             };
             let me = Arc::clone(self);
@@ -186,11 +174,7 @@ impl FanotifyFrontend {
         match result {
             Ok(filled) => {
                 self.stats.allowed.fetch_add(1, Relaxed);
-                tracing::debug!(
-                    latency_us = t0.elapsed().as_micros() as u64,
-                    filled,
-                    "allowed"
-                );
+                tracing::debug!(latency_us = t0.elapsed().as_micros() as u64, filled, "allowed");
             }
             Err(e) => {
                 self.stats.denied.fetch_add(1, Relaxed);
@@ -204,8 +188,10 @@ impl FanotifyFrontend {
     async fn fill(&self, file: &File, range: Option<(u64, u64)>) -> io::Result<u64> {
         let md = file.metadata()?;
         let Some(cached) = lock(&self.files).get(&(md.dev(), md.ino())).cloned() else {
-            // not a file we serve (a stale mark): let the read proceed
-            return Ok(0);
+            // a marked file we do not know: never let a hole be read as zeros
+            return Err(io::Error::other(
+                "pre-content event for a file this daemon does not serve",
+            ));
         };
         let size = cached.blob.source.size;
         let (off, count) = range.unwrap_or((0, size));
@@ -264,14 +250,7 @@ impl FanotifyFrontend {
 
     /// A chunk found on disk (from an earlier run) is trusted only if it matches the table.
     /// Read through the event fd, which raises no further events.
-    fn verify_on_disk(
-        &self,
-        cached: &CachedBlob,
-        file: &File,
-        c: u64,
-        s: u64,
-        e: u64,
-    ) -> io::Result<bool> {
+    fn verify_on_disk(&self, cached: &CachedBlob, file: &File, c: u64, s: u64, e: u64) -> io::Result<bool> {
         let mut buf = vec![0u8; (e - s) as usize];
         file.read_exact_at(&mut buf, s)?;
         let got: [u8; 32] = Sha256::digest(&buf).into();

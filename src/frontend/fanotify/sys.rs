@@ -88,15 +88,17 @@ pub fn adopt_event_fd(fd: i32) -> Option<OwnedFd> {
 
 /// Answer a permission event.
 pub fn respond(fan: BorrowedFd<'_>, event_fd: BorrowedFd<'_>, response: u32) -> io::Result<()> {
+    respond_raw(fan, event_fd.as_raw_fd(), response)
+}
+
+/// Answer a permission event by its fd number (the guard answering for a dead daemon).
+pub fn respond_raw(fan: BorrowedFd<'_>, event_fd: RawFd, response: u32) -> io::Result<()> {
     let mut b = [0u8; 8];
-    b[..4].copy_from_slice(&event_fd.as_raw_fd().to_le_bytes());
+    b[..4].copy_from_slice(&event_fd.to_le_bytes());
     b[4..].copy_from_slice(&response.to_le_bytes());
     let n = nix::unistd::write(fan, &b).map_err(io::Error::from)?;
     if n != b.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            "short fanotify response",
-        ));
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short fanotify response"));
     }
     Ok(())
 }

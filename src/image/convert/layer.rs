@@ -34,11 +34,7 @@ impl Default for Limits {
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
     #[error("layer {layer}: entry {entry:?}: {what}")]
-    Entry {
-        layer: String,
-        entry: String,
-        what: String,
-    },
+    Entry { layer: String, entry: String, what: String },
     #[error("layer {layer}: corrupt or truncated archive: {what}")]
     Archive { layer: String, what: String },
 }
@@ -107,12 +103,11 @@ impl<'t> Applier<'t> {
             self.stats.entries += 1;
             let raw_path = entry.path_bytes().into_owned();
             let name = String::from_utf8_lossy(&raw_path).into_owned();
-            self.entry(&mut entry, &raw_path)
-                .map_err(|what| LayerError::Entry {
-                    layer: self.layer.clone(),
-                    entry: name,
-                    what,
-                })?;
+            self.entry(&mut entry, &raw_path).map_err(|what| LayerError::Entry {
+                layer: self.layer.clone(),
+                entry: name,
+                what,
+            })?;
         }
         Ok(self.stats)
     }
@@ -131,11 +126,7 @@ impl<'t> Applier<'t> {
         }
     }
 
-    fn entry<R: Read>(
-        &mut self,
-        entry: &mut tar::Entry<'_, R>,
-        raw_path: &[u8],
-    ) -> Result<(), String> {
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, raw_path: &[u8]) -> Result<(), String> {
         let mut comps = normalize(raw_path);
         let kind = entry.header().entry_type();
         let Some(name) = comps.pop() else {
@@ -173,22 +164,15 @@ impl<'t> Applier<'t> {
                 .and_then(|c| c.get(target))
                 .is_some_and(|i| !self.added.contains(i));
             if lower {
-                self.tree
-                    .remove(parent, target)
-                    .map_err(|e| e.to_string())?;
+                self.tree.remove(parent, target).map_err(|e| e.to_string())?;
             }
             return Ok(());
         }
         let meta = self.meta(entry)?;
-        let existing = self
-            .tree
-            .children(parent)
-            .and_then(|c| c.get(&name).copied());
+        let existing = self.tree.children(parent).and_then(|c| c.get(&name).copied());
         let node_kind = match kind {
             tar::EntryType::Directory => {
-                if let Some(i) =
-                    existing.filter(|i| matches!(self.tree.nodes[*i].kind, Kind::Dir(_)))
-                {
+                if let Some(i) = existing.filter(|i| matches!(self.tree.nodes[*i].kind, Kind::Dir(_))) {
                     // merge: keep the children, take the new metadata
                     self.tree.nodes[i].meta = meta;
                     self.added.insert(i);
@@ -214,10 +198,7 @@ impl<'t> Applier<'t> {
                 Kind::File(self.file_data(entry, size)?)
             }
             tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or("symlink without a target")?
-                    .into_owned();
+                let target = entry.link_name_bytes().ok_or("symlink without a target")?.into_owned();
                 if target.is_empty() || target.len() >= 4096 {
                     return Err(format!("symlink target of {} bytes", target.len()));
                 }
@@ -232,28 +213,16 @@ impl<'t> Applier<'t> {
                 let tname = tcomps.pop().ok_or("hard link to the root")?;
                 let tdir = resolve_dir(self.tree, &tcomps, false, &Self::default_dir_meta())
                     .map_err(|e| e.to_string())?
-                    .ok_or_else(|| {
-                        format!(
-                            "hard link target {:?} not found",
-                            String::from_utf8_lossy(&target)
-                        )
-                    })?;
+                    .ok_or_else(|| format!("hard link target {:?} not found", String::from_utf8_lossy(&target)))?;
                 let tnode = self
                     .tree
                     .children(tdir)
                     .and_then(|c| c.get(&tname).copied())
-                    .ok_or_else(|| {
-                        format!(
-                            "hard link target {:?} not found",
-                            String::from_utf8_lossy(&target)
-                        )
-                    })?;
+                    .ok_or_else(|| format!("hard link target {:?} not found", String::from_utf8_lossy(&target)))?;
                 if matches!(self.tree.nodes[tnode].kind, Kind::Dir(_)) {
                     return Err("hard link to a directory".into());
                 }
-                self.tree
-                    .link(parent, &name, tnode)
-                    .map_err(|e| e.to_string())?;
+                self.tree.link(parent, &name, tnode).map_err(|e| e.to_string())?;
                 return Ok(());
             }
             tar::EntryType::Char | tar::EntryType::Block => {
@@ -274,24 +243,13 @@ impl<'t> Applier<'t> {
         };
         let idx = self
             .tree
-            .insert(
-                parent,
-                &name,
-                Node {
-                    meta,
-                    kind: node_kind,
-                },
-            )
+            .insert(parent, &name, Node { meta, kind: node_kind })
             .map_err(|e| e.to_string())?;
         self.added.insert(idx);
         Ok(())
     }
 
-    fn file_data<R: Read>(
-        &mut self,
-        entry: &mut tar::Entry<'_, R>,
-        size: u64,
-    ) -> Result<FileData, String> {
+    fn file_data<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, size: u64) -> Result<FileData, String> {
         if size <= self.limits.inline_max {
             let mut buf = Vec::with_capacity(size as usize);
             entry
@@ -323,25 +281,16 @@ impl<'t> Applier<'t> {
                 if let Some(x) = key.strip_prefix(b"SCHILY.xattr.") {
                     meta.xattrs.insert(x.to_vec(), ext.value_bytes().to_vec());
                 } else if key == b"mtime" {
-                    if let Some((s, ns)) = std::str::from_utf8(ext.value_bytes())
-                        .ok()
-                        .and_then(parse_pax_time)
-                    {
+                    if let Some((s, ns)) = std::str::from_utf8(ext.value_bytes()).ok().and_then(parse_pax_time) {
                         meta.mtime = s;
                         meta.mtime_nsec = ns;
                     }
                 } else if key == b"uid" {
-                    if let Some(v) = std::str::from_utf8(ext.value_bytes())
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                    {
+                    if let Some(v) = std::str::from_utf8(ext.value_bytes()).ok().and_then(|s| s.parse().ok()) {
                         meta.uid = v;
                     }
                 } else if key == b"gid" {
-                    if let Some(v) = std::str::from_utf8(ext.value_bytes())
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                    {
+                    if let Some(v) = std::str::from_utf8(ext.value_bytes()).ok().and_then(|s| s.parse().ok()) {
                         meta.gid = v;
                     }
                 }

@@ -27,10 +27,7 @@ impl std::str::FromStr for Location {
                 _ => (rest, None),
             };
             if dir.is_empty() {
-                return Err(RegistryError::Reference(
-                    s.into(),
-                    "empty layout directory".into(),
-                ));
+                return Err(RegistryError::Reference(s.into(), "empty layout directory".into()));
             }
             return Ok(Location::Layout {
                 dir: PathBuf::from(dir),
@@ -65,19 +62,14 @@ fn layout_blob_path(dir: &Path, digest: &str) -> Result<PathBuf, RegistryError> 
         .split_once(':')
         .ok_or_else(|| RegistryError::Manifest(format!("bad digest {digest}")))?;
     if alg != "sha256" || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(RegistryError::Manifest(format!(
-            "unsupported digest {digest}"
-        )));
+        return Err(RegistryError::Manifest(format!("unsupported digest {digest}")));
     }
     Ok(dir.join("blobs").join(alg).join(hex))
 }
 
 impl Location {
     /// The root manifest or index (raw, digest).
-    pub async fn root_manifest(
-        &self,
-        registry: &Registry,
-    ) -> Result<(Bytes, String), RegistryError> {
+    pub async fn root_manifest(&self, registry: &Registry) -> Result<(Bytes, String), RegistryError> {
         match self {
             Location::Registry(r) => registry.fetch_manifest_raw(r).await,
             Location::Layout { dir, tag } => {
@@ -87,9 +79,7 @@ impl Location {
                         .map_err(|e| RegistryError::Manifest(format!("{}: {e}", path.display())))?;
                 let entries = index["manifests"].as_array().cloned().unwrap_or_default();
                 let chosen = match tag {
-                    Some(t) => entries
-                        .iter()
-                        .find(|m| m["annotations"][REF_NAME].as_str() == Some(t)),
+                    Some(t) => entries.iter().find(|m| m["annotations"][REF_NAME].as_str() == Some(t)),
                     None if entries.len() == 1 => entries.first(),
                     None => None,
                 }
@@ -105,11 +95,7 @@ impl Location {
     }
 
     /// A manifest by digest.
-    pub async fn manifest(
-        &self,
-        registry: &Registry,
-        digest: &str,
-    ) -> Result<Bytes, RegistryError> {
+    pub async fn manifest(&self, registry: &Registry, digest: &str) -> Result<Bytes, RegistryError> {
         match self {
             Location::Registry(r) => Ok(registry
                 .fetch_manifest_raw(&r.clone_with_digest(digest.to_string()))
@@ -120,17 +106,10 @@ impl Location {
     }
 
     /// A blob by digest, verified.
-    pub async fn blob(
-        &self,
-        registry: &Registry,
-        digest: &str,
-        size: Option<u64>,
-    ) -> Result<Bytes, RegistryError> {
+    pub async fn blob(&self, registry: &Registry, digest: &str, size: Option<u64>) -> Result<Bytes, RegistryError> {
         match self {
             Location::Registry(r) => {
-                let size = size.ok_or_else(|| {
-                    RegistryError::Manifest(format!("blob {digest} without size"))
-                })?;
+                let size = size.ok_or_else(|| RegistryError::Manifest(format!("blob {digest} without size")))?;
                 registry
                     .fetch_blob(&BlobSource {
                         repo: r.clone(),
@@ -156,11 +135,7 @@ impl Location {
     }
 
     /// Store a blob (no-op when present).
-    pub async fn put_blob(
-        &self,
-        registry: &Registry,
-        data: Bytes,
-    ) -> Result<String, RegistryError> {
+    pub async fn put_blob(&self, registry: &Registry, data: Bytes) -> Result<String, RegistryError> {
         let digest = sha256_digest(&data);
         self.put_blob_with_digest(registry, data, digest).await
     }
@@ -178,16 +153,10 @@ impl Location {
                 let path = layout_blob_path(dir, &digest)?;
                 if !path.exists() {
                     let parent = path.parent().unwrap_or(dir);
-                    tokio::fs::create_dir_all(parent)
-                        .await
-                        .map_err(|e| io_err(parent, e))?;
+                    tokio::fs::create_dir_all(parent).await.map_err(|e| io_err(parent, e))?;
                     let tmp = path.with_extension("tmp");
-                    tokio::fs::write(&tmp, &data)
-                        .await
-                        .map_err(|e| io_err(&tmp, e))?;
-                    tokio::fs::rename(&tmp, &path)
-                        .await
-                        .map_err(|e| io_err(&path, e))?;
+                    tokio::fs::write(&tmp, &data).await.map_err(|e| io_err(&tmp, e))?;
+                    tokio::fs::rename(&tmp, &path).await.map_err(|e| io_err(&path, e))?;
                 }
                 Ok(digest)
             }
@@ -219,8 +188,7 @@ impl Location {
                     return Ok(digest);
                 }
                 let layout = dir.join("oci-layout");
-                std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
-                    .map_err(|e| io_err(&layout, e))?;
+                std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| io_err(&layout, e))?;
                 let path = dir.join("index.json");
                 let mut index: serde_json::Value = match std::fs::read(&path) {
                     Ok(b) => serde_json::from_slice(&b)
@@ -230,10 +198,11 @@ impl Location {
                     }
                 };
                 let name = name.clone().unwrap_or_else(|| "latest".into());
-                let mut entries: Vec<serde_json::Value> =
-                    index["manifests"].as_array().cloned().unwrap_or_default();
+                let mut entries: Vec<serde_json::Value> = index["manifests"].as_array().cloned().unwrap_or_default();
                 entries.retain(|m| m["annotations"][REF_NAME].as_str() != Some(name.as_str()));
-                entries.push(json!({"mediaType": media_type, "digest": digest, "size": size, "annotations": {REF_NAME: name}}));
+                entries.push(
+                    json!({"mediaType": media_type, "digest": digest, "size": size, "annotations": {REF_NAME: name}}),
+                );
                 index["manifests"] = json!(entries);
                 let tmp = path.with_extension("json.tmp");
                 std::fs::write(&tmp, serde_json::to_vec_pretty(&index).unwrap_or_default())

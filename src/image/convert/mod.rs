@@ -77,12 +77,9 @@ pub async fn convert(
     opts: &ConvertOptions,
 ) -> Result<ConvertReport, ConvertError> {
     let (root_raw, _) = src.root_manifest(registry).await?;
-    let root: OciManifest = serde_json::from_slice(&root_raw)
-        .map_err(|e| ConvertError::Source(format!("{src}: bad manifest: {e}")))?;
-    let platform = opts
-        .platform
-        .clone()
-        .unwrap_or_else(|| registry.platform().clone());
+    let root: OciManifest =
+        serde_json::from_slice(&root_raw).map_err(|e| ConvertError::Source(format!("{src}: bad manifest: {e}")))?;
+    let platform = opts.platform.clone().unwrap_or_else(|| registry.platform().clone());
     let mut report = ConvertReport {
         digest: String::new(),
         layer_bytes: 0,
@@ -93,12 +90,7 @@ pub async fn convert(
         OciManifest::Image(m) if !opts.all_platforms => {
             let (raw, _) = convert_one(registry, src, dst, &m, opts, &mut report).await?;
             report.digest = dst
-                .put_manifest(
-                    registry,
-                    raw,
-                    oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
-                    true,
-                )
+                .put_manifest(registry, raw, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE, true)
                 .await?;
         }
         OciManifest::Image(_) => {
@@ -111,17 +103,13 @@ pub async fn convert(
                 index
                     .manifests
                     .iter()
-                    .filter(|e| {
-                        e.platform
-                            .as_ref()
-                            .is_some_and(|p| p.os.to_string() != "unknown")
-                    })
+                    .filter(|e| e.platform.as_ref().is_some_and(|p| p.os.to_string() != "unknown"))
                     .cloned()
                     .collect()
             } else {
-                let d = platform.choose(&index.manifests).ok_or_else(|| {
-                    ConvertError::Source(format!("{src}: no manifest for platform {platform}"))
-                })?;
+                let d = platform
+                    .choose(&index.manifests)
+                    .ok_or_else(|| ConvertError::Source(format!("{src}: no manifest for platform {platform}")))?;
                 index
                     .manifests
                     .iter()
@@ -133,44 +121,28 @@ pub async fn convert(
             let mut entries = Vec::new();
             for e in &chosen {
                 let raw = src.manifest(registry, &e.digest).await?;
-                let m: OciImageManifest = serde_json::from_slice(&raw).map_err(|err| {
-                    ConvertError::Source(format!("{src}@{}: bad manifest: {err}", e.digest))
-                })?;
+                let m: OciImageManifest = serde_json::from_slice(&raw)
+                    .map_err(|err| ConvertError::Source(format!("{src}@{}: bad manifest: {err}", e.digest)))?;
                 let (raw, _) = convert_one(registry, src, dst, &m, opts, &mut report).await?;
                 if !opts.all_platforms {
                     report.digest = dst
-                        .put_manifest(
-                            registry,
-                            raw,
-                            oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
-                            true,
-                        )
+                        .put_manifest(registry, raw, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE, true)
                         .await?;
                     return Ok(report);
                 }
                 let size = raw.len();
                 let digest = dst
-                    .put_manifest(
-                        registry,
-                        raw,
-                        oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
-                        false,
-                    )
+                    .put_manifest(registry, raw, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE, false)
                     .await?;
-                entries.push(json!({"mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE, "digest": digest, "size": size,
-                                    "platform": serde_json::to_value(&e.platform).unwrap_or_default()}));
+                entries.push(
+                    json!({"mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE, "digest": digest, "size": size,
+                                    "platform": serde_json::to_value(&e.platform).unwrap_or_default()}),
+                );
             }
             let index = json!({"schemaVersion": 2, "mediaType": oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE, "manifests": entries});
-            let raw = Bytes::from(
-                serde_json::to_vec(&index).map_err(|e| ConvertError::Source(e.to_string()))?,
-            );
+            let raw = Bytes::from(serde_json::to_vec(&index).map_err(|e| ConvertError::Source(e.to_string()))?);
             report.digest = dst
-                .put_manifest(
-                    registry,
-                    raw,
-                    oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
-                    true,
-                )
+                .put_manifest(registry, raw, oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE, true)
                 .await?;
         }
     }
@@ -187,9 +159,7 @@ fn progress(opts: &ConvertOptions, len: u64, msg: String) -> ProgressBar {
             ProgressDrawTarget::hidden()
         },
     );
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg:40} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-    {
+    if let Ok(style) = ProgressStyle::with_template("{msg:40} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
         pb.set_style(style.progress_chars("=> "));
     }
     pb.set_message(msg);
@@ -205,9 +175,7 @@ async fn convert_one(
     opts: &ConvertOptions,
     report: &mut ConvertReport,
 ) -> Result<(Bytes, String), ConvertError> {
-    let config = src
-        .blob(registry, &m.config.digest, Some(m.config.size as u64))
-        .await?;
+    let config = src.blob(registry, &m.config.digest, Some(m.config.size as u64)).await?;
     let mut tree = Tree::new(Meta {
         perm: 0o755,
         ..Default::default()
@@ -215,9 +183,7 @@ async fn convert_one(
     let mut blobs = BlobWriter::new(m.layers.len().max(1));
     for (i, l) in m.layers.iter().enumerate() {
         if l.size < 0 {
-            return Err(ConvertError::Source(format!(
-                "layer {i} has a negative size"
-            )));
+            return Err(ConvertError::Source(format!("layer {i} has a negative size")));
         }
         let data = src.blob(registry, &l.digest, Some(l.size as u64)).await?;
         // room for the layer's file data: its size, or a multiple when compressed
@@ -241,8 +207,7 @@ async fn convert_one(
     }
     let chunk = opts.chunk_size;
     let built = tokio::task::block_in_place(|| blobs.finish(tree, chunk))?;
-    let a = assemble(&built, &config)
-        .map_err(|e| ConvertError::Source(format!("image config is not JSON: {e}")))?;
+    let a = assemble(&built, &config).map_err(|e| ConvertError::Source(format!("image config is not JSON: {e}")))?;
     for (digest, b) in a.blobs {
         dst.put_blob_with_digest(registry, b, digest).await?;
     }

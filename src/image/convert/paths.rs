@@ -135,9 +135,7 @@ mod tests {
     fn symlinks_resolve_inside_the_root() {
         let m = Meta::default();
         let mut t = Tree::new(m.clone());
-        let etc = resolve_dir(&mut t, &v("real/etc"), true, &m)
-            .unwrap()
-            .unwrap();
+        let etc = resolve_dir(&mut t, &v("real/etc"), true, &m).unwrap().unwrap();
         t.insert(
             Tree::ROOT,
             b"abs",
@@ -165,19 +163,13 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(
-            resolve_dir(&mut t, &v("abs/etc"), false, &m).unwrap(),
-            Some(etc)
-        );
+        assert_eq!(resolve_dir(&mut t, &v("abs/etc"), false, &m).unwrap(), Some(etc));
         assert_eq!(
             resolve_dir(&mut t, &v("up/etc"), false, &m).unwrap(),
             Some(etc),
             ".. clamps at the root"
         );
-        assert_eq!(
-            resolve_dir(&mut t, &v("loop/x"), true, &m),
-            Err(PathError::Loop)
-        );
+        assert_eq!(resolve_dir(&mut t, &v("loop/x"), true, &m), Err(PathError::Loop));
         t.insert(
             etc,
             b"file",

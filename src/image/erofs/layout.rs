@@ -159,10 +159,7 @@ pub fn xattr_body(xattrs: &[(&[u8], &[u8])]) -> Result<Option<Vec<u8>>, String> 
             )
         })?;
         if suffix.len() > NAME_MAX || value.len() > u16::MAX as usize {
-            return Err(format!(
-                "xattr {:?} too large",
-                String::from_utf8_lossy(name)
-            ));
+            return Err(format!("xattr {:?} too large", String::from_utf8_lossy(name)));
         }
         b.push(suffix.len() as u8);
         b.push(index);
@@ -237,8 +234,7 @@ mod tests {
         let names: Vec<Vec<u8>> = (0..600)
             .map(|i| format!("file-with-a-longish-name-{i:05}").into_bytes())
             .collect();
-        let entries: Vec<(&[u8], u64, u8)> =
-            names.iter().map(|n| (n.as_slice(), 7, ft::REG)).collect();
+        let entries: Vec<(&[u8], u64, u8)> = names.iter().map(|n| (n.as_slice(), 7, ft::REG)).collect();
         let d = dir_data(&entries);
         let mut seen = 0;
         for block in d.chunks(BLOCK as usize) {

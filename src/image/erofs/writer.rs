@@ -44,15 +44,10 @@ fn align(v: u64, a: u64) -> u64 {
 /// files (>= 12).
 pub fn write(tree: &Tree, devices: &[DeviceSlot], chunk_bits: u8) -> Result<Vec<u8>, WriteError> {
     if !(12..=30).contains(&chunk_bits) {
-        return Err(WriteError::Invalid(format!(
-            "chunk bits {chunk_bits} out of range"
-        )));
+        return Err(WriteError::Invalid(format!("chunk bits {chunk_bits} out of range")));
     }
     if devices.len() > 1024 {
-        return Err(WriteError::Invalid(format!(
-            "{} data blobs: too many",
-            devices.len()
-        )));
+        return Err(WriteError::Invalid(format!("{} data blobs: too many", devices.len())));
     }
     // 1. Order inodes breadth-first from the root; find parents and link counts.
     let mut order = vec![Tree::ROOT];
@@ -92,18 +87,14 @@ pub fn write(tree: &Tree, devices: &[DeviceSlot], chunk_bits: u8) -> Result<Vec<
         let xattrs = layout::xattr_body(&xa).map_err(WriteError::Invalid)?;
         let (data, chunks) = match &node.kind {
             Kind::Dir(children) => {
-                let mut entries: Vec<(&[u8], u64, u8)> =
-                    vec![(b".", 0, ft::DIR), (b"..", 0, ft::DIR)];
+                let mut entries: Vec<(&[u8], u64, u8)> = vec![(b".", 0, ft::DIR), (b"..", 0, ft::DIR)];
                 entries.extend(children.keys().map(|k| (k.as_slice(), 0u64, 0u8)));
                 entries.sort_by(|a, b| a.0.cmp(b.0));
                 (layout::dir_data(&entries), 0)
             }
             Kind::Symlink(t) => {
                 if t.is_empty() || t.len() >= BLOCK as usize {
-                    return Err(WriteError::Invalid(format!(
-                        "symlink target of {} bytes",
-                        t.len()
-                    )));
+                    return Err(WriteError::Invalid(format!("symlink target of {} bytes", t.len())));
                 }
                 (t.clone(), 0)
             }
@@ -113,9 +104,7 @@ pub fn write(tree: &Tree, devices: &[DeviceSlot], chunk_bits: u8) -> Result<Vec<
         };
         let header = layout::INODE_EXTENDED_SIZE + xattrs.as_ref().map_or(0, Vec::len);
         if header > BLOCK as usize {
-            return Err(WriteError::Invalid(
-                "xattrs of one inode exceed a block".into(),
-            ));
+            return Err(WriteError::Invalid("xattrs of one inode exceed a block".into()));
         }
         let layout = if chunks > 0 {
             DataLayout::ChunkBased
@@ -152,8 +141,7 @@ pub fn write(tree: &Tree, devices: &[DeviceSlot], chunk_bits: u8) -> Result<Vec<
         }
         p.nid = rel / layout::INODE_SLOT;
         let end = if p.layout == DataLayout::ChunkBased {
-            align(rel + header, layout::CHUNK_INDEX_SIZE as u64)
-                + p.chunks * layout::CHUNK_INDEX_SIZE as u64
+            align(rel + header, layout::CHUNK_INDEX_SIZE as u64) + p.chunks * layout::CHUNK_INDEX_SIZE as u64
         } else {
             rel + header + inline
         };
@@ -163,13 +151,11 @@ pub fn write(tree: &Tree, devices: &[DeviceSlot], chunk_bits: u8) -> Result<Vec<
     let mut blk = (meta_start + rel).div_ceil(BLOCK);
     for p in placed.iter_mut() {
         if p.layout == DataLayout::FlatPlain && !p.data.is_empty() {
-            p.raw_blkaddr = u32::try_from(blk)
-                .map_err(|_| WriteError::Invalid("metadata image too large".into()))?;
+            p.raw_blkaddr = u32::try_from(blk).map_err(|_| WriteError::Invalid("metadata image too large".into()))?;
             blk += (p.data.len() as u64).div_ceil(BLOCK);
         }
     }
-    let total_blocks =
-        u32::try_from(blk).map_err(|_| WriteError::Invalid("metadata image too large".into()))?;
+    let total_blocks = u32::try_from(blk).map_err(|_| WriteError::Invalid("metadata image too large".into()))?;
     let mut img = vec![0u8; (blk * BLOCK) as usize];
 
     // 5. Encode.
@@ -193,15 +179,10 @@ pub fn write(tree: &Tree, devices: &[DeviceSlot], chunk_bits: u8) -> Result<Vec<
         match &node.kind {
             Kind::Dir(children) => {
                 ino.mode = 0o040000 | perm;
-                let subdirs = children
-                    .values()
-                    .filter(|c| tree.children(**c).is_some())
-                    .count() as u32;
+                let subdirs = children.values().filter(|c| tree.children(**c).is_some()).count() as u32;
                 ino.nlink = 2 + subdirs;
-                let mut entries: Vec<(&[u8], u64, u8)> = vec![
-                    (b".", p.nid, ft::DIR),
-                    (b"..", nid_of(parent[&p.node]), ft::DIR),
-                ];
+                let mut entries: Vec<(&[u8], u64, u8)> =
+                    vec![(b".", p.nid, ft::DIR), (b"..", nid_of(parent[&p.node]), ft::DIR)];
                 for (name, &c) in children {
                     entries.push((name.as_slice(), nid_of(c), file_type(&tree.nodes[c].kind)));
                 }
@@ -242,12 +223,9 @@ pub fn write(tree: &Tree, devices: &[DeviceSlot], chunk_bits: u8) -> Result<Vec<
             }
             DataLayout::ChunkBased => {
                 has_chunked = true;
-                ino.i_u = (chunk_bits as u32 - layout::BLKSZ_BITS as u32)
-                    | layout::CHUNK_FORMAT_INDEXES as u32;
+                ino.i_u = (chunk_bits as u32 - layout::BLKSZ_BITS as u32) | layout::CHUNK_FORMAT_INDEXES as u32;
                 let Kind::File(FileData::Blob { device, offset, .. }) = &node.kind else {
-                    return Err(WriteError::Invalid(
-                        "chunk-based inode without blob data".into(),
-                    ));
+                    return Err(WriteError::Invalid("chunk-based inode without blob data".into()));
                 };
                 if *device == 0 || *device as usize > devices.len() || offset % BLOCK != 0 {
                     return Err(WriteError::Invalid(format!(
@@ -257,10 +235,9 @@ pub fn write(tree: &Tree, devices: &[DeviceSlot], chunk_bits: u8) -> Result<Vec<
                 let mut pos = align((at + header) as u64, layout::CHUNK_INDEX_SIZE as u64) as usize;
                 for c in 0..p.chunks {
                     let blkaddr = offset / BLOCK + (c << (chunk_bits - layout::BLKSZ_BITS));
-                    let blkaddr = u32::try_from(blkaddr)
-                        .map_err(|_| WriteError::Invalid("data blob too large".into()))?;
-                    img[pos..pos + layout::CHUNK_INDEX_SIZE]
-                        .copy_from_slice(&layout::chunk_index(*device, blkaddr));
+                    let blkaddr =
+                        u32::try_from(blkaddr).map_err(|_| WriteError::Invalid("data blob too large".into()))?;
+                    img[pos..pos + layout::CHUNK_INDEX_SIZE].copy_from_slice(&layout::chunk_index(*device, blkaddr));
                     pos += layout::CHUNK_INDEX_SIZE;
                 }
             }
@@ -278,8 +255,7 @@ pub fn write(tree: &Tree, devices: &[DeviceSlot], chunk_bits: u8) -> Result<Vec<
             )));
         }
         let off = devt_off as usize + k * layout::DEVT_SLOT_SIZE;
-        img[off..off + layout::DEVT_SLOT_SIZE]
-            .copy_from_slice(&layout::device_slot(d.tag.as_bytes(), d.blocks));
+        img[off..off + layout::DEVT_SLOT_SIZE].copy_from_slice(&layout::device_slot(d.tag.as_bytes(), d.blocks));
     }
     let mut sb = SuperBlock {
         root_nid: 0,
@@ -292,11 +268,7 @@ pub fn write(tree: &Tree, devices: &[DeviceSlot], chunk_bits: u8) -> Result<Vec<
             0
         } else {
             layout::INCOMPAT_DEVICE_TABLE
-        } | if has_chunked {
-            layout::INCOMPAT_CHUNKED_FILE
-        } else {
-            0
-        },
+        } | if has_chunked { layout::INCOMPAT_CHUNKED_FILE } else { 0 },
         ..Default::default()
     };
     sb.volume_name[..8].copy_from_slice(b"lazyblob");
