@@ -130,10 +130,14 @@ impl Catalog {
             digest: d.digest.clone(),
             size: d.size as u64,
         };
-        let table_bytes = self.registry.fetch_blob(&src(&lazy.table)).await?;
+        let table_path = self.store_blob(&src(&lazy.table)).await?;
+        let table_bytes = tokio::fs::read(&table_path).await.map_err(|source| CatalogError::State {
+            path: table_path.clone(),
+            source,
+        })?;
         let table = ChunkTable::parse(&table_bytes)?;
         let meta = src(&lazy.meta);
-        let meta_path = self.store_meta(&meta).await?;
+        let meta_path = self.store_blob(&meta).await?;
         let mut data = Vec::with_capacity(lazy.data.len());
         for d in &lazy.data {
             let entry = table
@@ -165,8 +169,9 @@ impl Catalog {
         Ok(image)
     }
 
-    /// Fetch the metadata blob whole, verify its digest, keep it under the state directory.
-    async fn store_meta(&self, meta: &BlobSource) -> Result<PathBuf, CatalogError> {
+    /// Fetch a small blob (metadata, chunk table) whole, verify its digest, keep it under the
+    /// state directory; a stored copy is reused after re-verification.
+    async fn store_blob(&self, meta: &BlobSource) -> Result<PathBuf, CatalogError> {
         let dir = self.state_dir.join("blobs");
         let path = dir.join(meta.digest.replace(':', "-"));
         if let Ok(existing) = tokio::fs::read(&path).await {

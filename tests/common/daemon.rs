@@ -1,0 +1,166 @@
+//! The real `lazyblob daemon` as a subprocess with its own state, cache and socket, stopped
+//! (and its mounts and guard cleaned up) on drop even when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct DaemonProc {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+pub fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_lazyblob"))
+}
+
+impl DaemonProc {
+    /// Write a config for `hosts` (plain HTTP, loopback) under `dir` and start the daemon.
+    pub fn start(dir: &Path, hosts: &[&str], extra: &str) -> DaemonProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("lazyblob.sock");
+        let mut cfg = format!(
+            "[daemon]\nstate_dir = \"{}\"\ncache_dir = \"{}\"\nsocket = \"{}\"\n{extra}\n[registry]\nrequest_timeout_ms = 10000\nmax_attempts = 3\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\ndeadline_ms = 15000\n",
+            dir.join("state").display(),
+            dir.join("cache").display(),
+            socket.display()
+        );
+        for h in hosts {
+            cfg.push_str(&format!("[[registry.hosts]]\nhost = \"{h}\"\ninsecure = true\n"));
+        }
+        let config = dir.join("config.toml");
+        std::fs::write(&config, cfg).unwrap();
+        let mut d = DaemonProc {
+            dir: dir.to_path_buf(),
+            socket,
+            config,
+            child: None,
+        };
+        d.restart();
+        d
+    }
+
+    /// Start (again) with the same config; waits for the admin socket.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        let _ = std::fs::remove_file(&self.socket);
+        let child = Command::new(binary())
+            .args(["--log", "info", "daemon", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while !self.socket.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "daemon did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// `kill -9` the daemon (its guard survives, by design).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Run a CLI verb against this daemon.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    }
+
+    pub fn mount(&self, image: &str, dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = self.cli(&["mount", image, dir.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "lazyblob mount failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    pub fn umount(&self, dir: &Path) {
+        let out = self.cli(&["umount", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "lazyblob umount failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Guard processes started for this daemon's state directory.
+    fn guards(&self) -> Vec<i32> {
+        let needle = self.dir.join("state").to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| {
+                        let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                        c.contains(" guard ") && c.contains(&needle)
+                    })
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        self.stop();
+        // detach anything still mounted under our directory, then end our guards
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let root = self.dir.to_string_lossy().into_owned();
+            for l in info.lines() {
+                if let Some(t) = l.split_whitespace().nth(4) {
+                    if t.starts_with(&root) {
+                        let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+                    }
+                }
+            }
+        }
+        for pid in self.guards() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}

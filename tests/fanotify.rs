@@ -1,0 +1,181 @@
+//! The fanotify pre-content frontend on this machine's real kernel, through the real daemon
+//! and `lazyblob mount`: converted images from docker-registry and registry-mock, a tree walk
+//! against an independent unpack, laziness from the registry's counters, parallel readers,
+//! and `kill -9` of the daemon during reads (errors, never zeros; restart without refetch).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::daemon::DaemonProc;
+use common::oci::*;
+use common::*;
+use lazyblob::image::convert::{convert, ConvertOptions};
+use lazyblob::registry::{parse_reference, Registry};
+use registry_mock::{Fault, FaultRule, MockConfig, MockRegistry};
+
+/// A two-layer source image: nested dirs, small and large files, a symlink, a whiteout.
+fn source_files() -> (BTreeMap<String, Vec<u8>>, Vec<(Vec<u8>, &'static str)>) {
+    let mut files = BTreeMap::new();
+    let mut l1 = Layer::new();
+    l1.dir("app", 0o755).dir("app/data", 0o755).dir("big", 0o755);
+    for i in 0..40 {
+        let f = format!("app/data/f{i:02}.bin");
+        let d = bytes(100 + i, 20_000 + (i as usize * 3001) % 150_000);
+        l1.file(&f, 0o644, &d);
+        files.insert(f, d);
+    }
+    for k in 0..10 {
+        let f = format!("big/cold{k}.bin");
+        let d = bytes(200 + k, (2 << 20) + k as usize * 12345);
+        l1.file(&f, 0o644, &d);
+        files.insert(f, d);
+    }
+    l1.file("app/gone.txt", 0o644, b"deleted later").symlink("app/link", "data/f01.bin");
+    let mut l2 = Layer::new();
+    l2.dir("app", 0o755).file("app/.wh.gone.txt", 0o644, b"");
+    let one = bytes(7, 100_000);
+    l2.file("app/one.bin", 0o600, &one);
+    files.insert("app/one.bin".into(), one);
+    (
+        files,
+        vec![compress(&l1.tar(), Compression::Gzip), compress(&l2.tar(), Compression::Zstd)],
+    )
+}
+
+async fn convert_into(reg: &Registry, host: &str, layers: &[(Vec<u8>, &str)]) -> String {
+    let src = format!("{host}/src/app:v1");
+    let dst = format!("{host}/lazy/app:v1");
+    push_source(reg, &src, layers).await;
+    convert(reg, &src.parse().unwrap(), &dst.parse().unwrap(), &ConvertOptions::default())
+        .await
+        .unwrap();
+    dst
+}
+
+fn read_all(files: &BTreeMap<String, Vec<u8>>, root: &Path) {
+    for (p, d) in files {
+        let got = std::fs::read(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+        assert!(got == *d, "{p}: contents differ");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_registry_image_mounts_and_matches_the_source() {
+    require_root();
+    let dr = DockerRegistry::start(None);
+    let reg = client(&insecure_config(&[&dr.host]));
+    let (_, layers) = source_files();
+    let image = convert_into(&reg, &dr.host, &layers).await;
+    let work = tempfile::tempdir().unwrap();
+    let reference = walk(&skopeo_unpack(&format!("{}/src/app:v1", dr.host), work.path()));
+    let d = DaemonProc::start(&work.path().join("d"), &[&dr.host], "frontend = \"fanotify\"");
+    let mnt = work.path().join("d/mnt");
+    d.mount(&image, &mnt);
+    assert_same_tree(&walk(&mnt), &reference);
+    let status = String::from_utf8(d.cli(&["status"]).stdout).unwrap();
+    assert!(status.contains("frontend=fanotify") && status.contains(&image), "{status}");
+    d.umount(&mnt);
+    assert!(!lazyblob::frontend::mount::is_erofs_mount(&mnt));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lazy_parallel_and_kill9() {
+    require_root();
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
+    let (files, layers) = source_files();
+    let image = convert_into(&reg, &host, &layers).await;
+    let resolved = reg.resolve(&parse_reference(&image).unwrap()).await.unwrap();
+    let lazy = lazyblob::image::format::LazyManifest::from_manifest(&resolved.manifest).unwrap();
+    let data_digests: Vec<String> = lazy.data.iter().map(|d| d.digest.clone()).collect();
+    let data_total: u64 = lazy.data.iter().map(|d| d.size as u64).sum();
+    mock.reset_counters();
+
+    let work = tempfile::tempdir().unwrap();
+    let mut d = DaemonProc::start(&work.path().join("d"), &[&host], "frontend = \"fanotify\"");
+    let mnt = work.path().join("d/mnt");
+    d.mount(&image, &mnt);
+
+    // laziness: one 100 KB file costs at most one chunk of data (plus metadata and table)
+    assert_eq!(std::fs::read(mnt.join("app/one.bin")).unwrap(), files["app/one.bin"]);
+    let c = mock.counters();
+    let served: u64 = data_digests.iter().map(|dg| c.blob_bytes(dg)).sum();
+    println!("one file: {served} of {data_total} data bytes fetched");
+    assert!(served > 0 && served <= 1 << 20, "fetched {served} bytes for one small file");
+    assert!(c.blob_bytes(&lazy.meta.digest) == lazy.meta.size as u64, "metadata fetched whole");
+
+    // 32 parallel readers across different files
+    let mut handles = Vec::new();
+    for (p, want) in files.iter().filter(|(p, _)| p.starts_with("app/data")).take(32) {
+        let (path, want, p) = (mnt.join(p), want.clone(), p.clone());
+        handles.push(std::thread::spawn(move || {
+            let got = std::fs::read(&path).unwrap_or_else(|e| panic!("{p}: {e}"));
+            assert!(got == want, "{p}: wrong bytes");
+        }));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    let before_kill: Vec<registry_mock::BlobHit> = mock.counters().blob_hits.into_iter().filter(|h| h.status < 300).collect();
+
+    // kill -9 while readers wait on slow fetches: each reader gets an error or the right
+    // bytes, never zeros
+    mock.set_faults(vec![FaultRule::always(Fault::Latency(Duration::from_secs(3)))]);
+    let mut readers = Vec::new();
+    for k in 0..6 {
+        let p = format!("big/cold{k}.bin");
+        let (path, want) = (mnt.join(&p), files[&p].clone());
+        readers.push(std::thread::spawn(move || match std::fs::read(&path) {
+            Ok(got) => {
+                assert!(got == want, "{p}: a reader saw wrong bytes after kill -9");
+                "ok"
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{p}: {e}");
+                "eio"
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    d.kill9();
+    let outcomes: Vec<&str> = readers.into_iter().map(|h| h.join().unwrap()).collect();
+    println!("readers during kill -9: {outcomes:?}");
+    assert!(outcomes.contains(&"eio"), "readers in flight must fail, got {outcomes:?}");
+    // while no daemon runs, the guard denies cold reads
+    let e = std::fs::read(mnt.join("big/cold7.bin")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+
+    // restart: the mount is served again, everything reads back, and nothing fetched before
+    // the kill is fetched again
+    mock.clear_faults();
+    d.restart();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    read_all(&files, &mnt);
+    let after = mock.counters().blob_hits;
+    let refetched: Vec<_> = after
+        .iter()
+        .skip(before_kill.len())
+        .filter(|h| h.status < 300 && data_digests.contains(&h.digest))
+        .filter(|h| {
+            before_kill
+                .iter()
+                .any(|b| b.digest == h.digest && b.offset < h.offset + h.len && h.offset < b.offset + b.len)
+        })
+        .collect();
+    assert!(refetched.is_empty(), "chunks fetched again after restart: {refetched:?}");
+    let small_blobs = [&lazy.meta.digest, &lazy.table.digest];
+    assert!(
+        after.iter().skip(before_kill.len()).all(|h| !small_blobs.contains(&&h.digest)),
+        "metadata and chunk table come from the local state after a restart"
+    );
+    // and the image mounts again after an unmount
+    d.umount(&mnt);
+    d.mount(&image, &mnt);
+    assert_eq!(std::fs::read(mnt.join("app/one.bin")).unwrap(), files["app/one.bin"]);
+    d.umount(&mnt);
+    d.stop();
+}
