@@ -234,8 +234,7 @@ out=$(reg test/badmeta:v1 2>&1); rc=$?
 F=$(reg test/lazy:v1) && mount -t erofs none -o fsid=$F /mnt/lazy; check mount-lazy $?
 s=$(sha256sum /mnt/lazy/small/one.bin | cut -d' ' -f1); [ "$s" = "{lazy_small}" ]; check lazy-read $? "$s"
 
-F=$(reg test/full:v1) && mount -t erofs none -o fsid=$F /mnt/full; check mount-full $?
-FULL_FSID=$F
+$LB mount --socket $SOCK $R/test/full:v1 /mnt/full >/tmp/m 2>&1; check mount-full $? "$(cat /tmp/m)"
 (cd /mnt/full && sha256sum -c /full.sha256 >/tmp/c 2>&1); check full-tree $? "$(grep -v ': OK' /tmp/c | head -3)"
 n=$(find /mnt/full -type f | wc -l); [ "$n" = "{full_count}" ]; check full-count $? "n=$n"
 
@@ -263,13 +262,13 @@ cat /mnt/corrupt/b1.bin >/dev/null 2>/tmp/ec; rc=$?
 wget -q -O /dev/null http://$R/-/clear-faults; check clear-faults $?
 s=$(sha256sum /mnt/corrupt/b1.bin | cut -d' ' -f1); [ "$s" = "{c1}" ]; check corrupt-then-cleared $? "$s"
 
-umount /mnt/lazy /mnt/full /mnt/conc /mnt/fault /mnt/conv /mnt/corrupt; check umount-all $?
+$LB umount --socket $SOCK /mnt/full && umount /mnt/lazy /mnt/conc /mnt/fault /mnt/conv /mnt/corrupt; check umount-all $?
 kill $DPID; wait $DPID; check daemon-stop $?
 start_daemon; check daemon-restart $?
-mount -t erofs none -o fsid=$FULL_FSID /mnt/full; check remount-after-restart $?
+$LB mount --socket $SOCK $R/test/full:v1 /mnt/full >/tmp/m 2>&1; check remount-after-restart $? "$(cat /tmp/m)"
 (cd /mnt/full && sha256sum -c /full.sha256 >/tmp/c 2>&1); check full-tree-after-restart $? "$(grep -v ': OK' /tmp/c | head -3)"
-umount /mnt/full
 $LB status --socket $SOCK
+$LB umount --socket $SOCK /mnt/full; check umount-cli $?
 kill $DPID; wait $DPID
 echo "---- daemon log (warnings) ----"; grep -E "WARN|ERROR" /tmp/daemon.log | tail -40
 exit 0
@@ -316,6 +315,7 @@ exit 0
             "daemon-restart",
             "remount-after-restart",
             "full-tree-after-restart",
+            "umount-cli",
         ],
     );
 
