@@ -9,6 +9,7 @@ pub mod api;
 pub mod catalog;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod engine;
 pub mod frontend;
 pub mod image;

@@ -22,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Mount a built-in sample image lazily from an embedded registry, read a few files and
+    /// show what was read against what was fetched (needs root).
+    Demo,
     /// Run the daemon.
     Daemon {
         /// TOML configuration file (see config/lazyblob.toml).
@@ -126,8 +129,17 @@ fn init_logging(filter: &str, json: bool) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(&cli.log, cli.log_json);
-    if matches!(cli.cmd, Cmd::Daemon { .. } | Cmd::Mkfs { push: Some(_), .. }) {
+    // the demo prints a report on stdout: only warnings on stderr unless asked otherwise
+    let level = if matches!(cli.cmd, Cmd::Demo) && std::env::var_os("LAZYBLOB_LOG").is_none() && cli.log == "info" {
+        "warn"
+    } else {
+        cli.log.as_str()
+    };
+    init_logging(level, cli.log_json);
+    if matches!(
+        cli.cmd,
+        Cmd::Daemon { .. } | Cmd::Demo | Cmd::Mkfs { push: Some(_), .. } | Cmd::Convert { .. }
+    ) {
         // Before any thread exists: registry clients need a CA store to be built at all.
         match lazyblob::registry::roots::ensure_ca_store(&std::env::temp_dir()) {
             Ok(Some(p)) => {
@@ -145,6 +157,7 @@ fn main() -> Result<()> {
         .context("starting the tokio runtime")?;
     rt.block_on(async move {
         match cli.cmd {
+            Cmd::Demo => lazyblob::demo::run().await,
             Cmd::Daemon { config } => {
                 let cfg = match config {
                     Some(p) => Config::load(&p)?,

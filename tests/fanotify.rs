@@ -33,7 +33,8 @@ fn source_files() -> (BTreeMap<String, Vec<u8>>, Vec<(Vec<u8>, &'static str)>) {
         l1.file(&f, 0o644, &d);
         files.insert(f, d);
     }
-    l1.file("app/gone.txt", 0o644, b"deleted later").symlink("app/link", "data/f01.bin");
+    l1.file("app/gone.txt", 0o644, b"deleted later")
+        .symlink("app/link", "data/f01.bin");
     let mut l2 = Layer::new();
     l2.dir("app", 0o755).file("app/.wh.gone.txt", 0o644, b"");
     let one = bytes(7, 100_000);
@@ -41,7 +42,10 @@ fn source_files() -> (BTreeMap<String, Vec<u8>>, Vec<(Vec<u8>, &'static str)>) {
     files.insert("app/one.bin".into(), one);
     (
         files,
-        vec![compress(&l1.tar(), Compression::Gzip), compress(&l2.tar(), Compression::Zstd)],
+        vec![
+            compress(&l1.tar(), Compression::Gzip),
+            compress(&l2.tar(), Compression::Zstd),
+        ],
     )
 }
 
@@ -49,9 +53,14 @@ async fn convert_into(reg: &Registry, host: &str, layers: &[(Vec<u8>, &str)]) ->
     let src = format!("{host}/src/app:v1");
     let dst = format!("{host}/lazy/app:v1");
     push_source(reg, &src, layers).await;
-    convert(reg, &src.parse().unwrap(), &dst.parse().unwrap(), &ConvertOptions::default())
-        .await
-        .unwrap();
+    convert(
+        reg,
+        &src.parse().unwrap(),
+        &dst.parse().unwrap(),
+        &ConvertOptions::default(),
+    )
+    .await
+    .unwrap();
     dst
 }
 
@@ -76,7 +85,10 @@ async fn docker_registry_image_mounts_and_matches_the_source() {
     d.mount(&image, &mnt);
     assert_same_tree(&walk(&mnt), &reference);
     let status = String::from_utf8(d.cli(&["status"]).stdout).unwrap();
-    assert!(status.contains("frontend=fanotify") && status.contains(&image), "{status}");
+    assert!(
+        status.contains("frontend=fanotify") && status.contains(&image),
+        "{status}"
+    );
     d.umount(&mnt);
     assert!(!lazyblob::frontend::mount::is_erofs_mount(&mnt));
 }
@@ -105,8 +117,14 @@ async fn lazy_parallel_and_kill9() {
     let c = mock.counters();
     let served: u64 = data_digests.iter().map(|dg| c.blob_bytes(dg)).sum();
     println!("one file: {served} of {data_total} data bytes fetched");
-    assert!(served > 0 && served <= 1 << 20, "fetched {served} bytes for one small file");
-    assert!(c.blob_bytes(&lazy.meta.digest) == lazy.meta.size as u64, "metadata fetched whole");
+    assert!(
+        served > 0 && served <= 1 << 20,
+        "fetched {served} bytes for one small file"
+    );
+    assert!(
+        c.blob_bytes(&lazy.meta.digest) == lazy.meta.size as u64,
+        "metadata fetched whole"
+    );
 
     // 32 parallel readers across different files
     let mut handles = Vec::new();
@@ -120,7 +138,12 @@ async fn lazy_parallel_and_kill9() {
     for h in handles {
         h.join().unwrap();
     }
-    let before_kill: Vec<registry_mock::BlobHit> = mock.counters().blob_hits.into_iter().filter(|h| h.status < 300).collect();
+    let before_kill: Vec<registry_mock::BlobHit> = mock
+        .counters()
+        .blob_hits
+        .into_iter()
+        .filter(|h| h.status < 300)
+        .collect();
 
     // kill -9 while readers wait on slow fetches: each reader gets an error or the right
     // bytes, never zeros
@@ -144,7 +167,10 @@ async fn lazy_parallel_and_kill9() {
     d.kill9();
     let outcomes: Vec<&str> = readers.into_iter().map(|h| h.join().unwrap()).collect();
     println!("readers during kill -9: {outcomes:?}");
-    assert!(outcomes.contains(&"eio"), "readers in flight must fail, got {outcomes:?}");
+    assert!(
+        outcomes.contains(&"eio"),
+        "readers in flight must fail, got {outcomes:?}"
+    );
     // while no daemon runs, the guard denies cold reads
     let e = std::fs::read(mnt.join("big/cold7.bin")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO));
@@ -166,10 +192,16 @@ async fn lazy_parallel_and_kill9() {
                 .any(|b| b.digest == h.digest && b.offset < h.offset + h.len && h.offset < b.offset + b.len)
         })
         .collect();
-    assert!(refetched.is_empty(), "chunks fetched again after restart: {refetched:?}");
+    assert!(
+        refetched.is_empty(),
+        "chunks fetched again after restart: {refetched:?}"
+    );
     let small_blobs = [&lazy.meta.digest, &lazy.table.digest];
     assert!(
-        after.iter().skip(before_kill.len()).all(|h| !small_blobs.contains(&&h.digest)),
+        after
+            .iter()
+            .skip(before_kill.len())
+            .all(|h| !small_blobs.contains(&&h.digest)),
         "metadata and chunk table come from the local state after a restart"
     );
     // and the image mounts again after an unmount
@@ -178,4 +210,30 @@ async fn lazy_parallel_and_kill9() {
     assert_eq!(std::fs::read(mnt.join("app/one.bin")).unwrap(), files["app/one.bin"]);
     d.umount(&mnt);
     d.stop();
+}
+
+#[test]
+fn the_demo_serves_a_lazy_mount() {
+    require_root();
+    let out = std::process::Command::new(common::daemon::binary())
+        .arg("demo")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("sha256 ok").count(), 4, "{stdout}");
+    // the last table row: | image size | read | fetched | percent |
+    let row = stdout.lines().rev().find(|l| l.ends_with("% |")).expect("summary row");
+    let cols: Vec<u64> = row.split('|').filter_map(|c| c.trim().parse().ok()).collect();
+    let (size, read, fetched) = (cols[0], cols[1], cols[2]);
+    assert!(read > 0 && fetched >= read, "{row}");
+    assert!(
+        fetched * 10 < size,
+        "the demo fetched {fetched} of {size} bytes: not lazy"
+    );
 }

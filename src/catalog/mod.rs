@@ -131,10 +131,12 @@ impl Catalog {
             size: d.size as u64,
         };
         let table_path = self.store_blob(&src(&lazy.table)).await?;
-        let table_bytes = tokio::fs::read(&table_path).await.map_err(|source| CatalogError::State {
-            path: table_path.clone(),
-            source,
-        })?;
+        let table_bytes = tokio::fs::read(&table_path)
+            .await
+            .map_err(|source| CatalogError::State {
+                path: table_path.clone(),
+                source,
+            })?;
         let table = ChunkTable::parse(&table_bytes)?;
         let meta = src(&lazy.meta);
         let meta_path = self.store_blob(&meta).await?;

@@ -61,7 +61,11 @@ impl DaemonProc {
         self.child = Some(child);
         let t0 = Instant::now();
         while !self.socket.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "daemon did not start:\n{}", self.log());
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon did not start:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -85,7 +89,10 @@ impl DaemonProc {
     /// SIGTERM and wait: a clean shutdown.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(20) {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -122,7 +129,11 @@ impl DaemonProc {
 
     pub fn umount(&self, dir: &Path) {
         let out = self.cli(&["umount", dir.to_str().unwrap()]);
-        assert!(out.status.success(), "lazyblob umount failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "lazyblob umount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Guard processes started for this daemon's state directory.
