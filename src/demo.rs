@@ -30,7 +30,10 @@ fn sample(seed: u64, len: usize) -> Vec<u8> {
 
 /// The built-in image: an "application" with a binary, libraries, a model file and many
 /// small files, spread over two data blobs like two layers.
-fn sample_image() -> Result<(BuiltImage, Vec<(&'static str, Vec<u8>)>)> {
+/// Files the demo reads: path and contents.
+type ReadSet = Vec<(&'static str, Vec<u8>)>;
+
+fn sample_image() -> Result<(BuiltImage, ReadSet)> {
     let dir = Meta {
         perm: 0o755,
         ..Default::default()

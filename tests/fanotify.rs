@@ -17,7 +17,10 @@ use lazyblob::registry::{parse_reference, Registry};
 use registry_mock::{Fault, FaultRule, MockConfig, MockRegistry};
 
 /// A two-layer source image: nested dirs, small and large files, a symlink, a whiteout.
-fn source_files() -> (BTreeMap<String, Vec<u8>>, Vec<(Vec<u8>, &'static str)>) {
+/// Files by path, and the compressed layers with their media types.
+type Source = (BTreeMap<String, Vec<u8>>, Vec<(Vec<u8>, &'static str)>);
+
+fn source_files() -> Source {
     let mut files = BTreeMap::new();
     let mut l1 = Layer::new();
     l1.dir("app", 0o755).dir("app/data", 0o755).dir("big", 0o755);
