@@ -85,6 +85,8 @@ pub struct EngineConfig {
     pub inflight_capacity: usize,
     /// Concurrent range requests per registry host.
     pub max_concurrent_fetches: usize,
+    /// Read-ahead for sequential readers: the largest window, in chunks (0 disables it).
+    pub prefetch_chunks: u64,
 }
 
 impl Default for EngineConfig {
@@ -92,8 +94,9 @@ impl Default for EngineConfig {
         EngineConfig {
             chunk_size: 1 << 20,
             merge_max: 4 << 20,
-            inflight_capacity: 256,
+            inflight_capacity: 64,
             max_concurrent_fetches: 16,
+            prefetch_chunks: 16,
         }
     }
 }

@@ -92,8 +92,13 @@ impl Daemon {
                     }),
                 };
                 adopted = group.is_some();
-                let f = FanotifyFrontend::new(&config.daemon.cache_dir, Arc::clone(&engine), group)
-                    .context("creating the fanotify pre-content group")?;
+                let f = FanotifyFrontend::new(
+                    &config.daemon.cache_dir,
+                    Arc::clone(&engine),
+                    group,
+                    config.engine.prefetch_chunks,
+                )
+                .context("creating the fanotify pre-content group")?;
                 loops.push(tokio::spawn(Arc::clone(&f).run(stop_rx.clone())));
                 (None, Some(f))
             }

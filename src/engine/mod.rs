@@ -229,7 +229,10 @@ impl Engine {
             let whole = whole.clone();
             let lo = (geo.start(idx) - start) as usize;
             let hi = (geo.end(idx) - start) as usize;
-            async move { whole.await.map(|b| b.slice(lo..hi)) }.boxed().shared()
+            // each chunk owns its bytes, so a retained LRU entry pins one chunk, not the run
+            async move { whole.await.map(|b| Bytes::copy_from_slice(&b[lo..hi])) }
+                .boxed()
+                .shared()
         })
         .collect()
     }

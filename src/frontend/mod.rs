@@ -3,6 +3,41 @@
 pub mod cachefiles;
 pub mod fanotify;
 pub mod mount;
+pub mod wire;
+
+use std::os::fd::AsRawFd;
+
+/// The event loop both frontends share: whenever the kernel fd is readable, read records
+/// into `buf` and hand each batch to `dispatch` until a read would block; stop on `shutdown`.
+pub async fn drain_loop<T: AsRawFd>(
+    fd: &tokio::io::unix::AsyncFd<T>,
+    buf: &mut [u8],
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut read: impl FnMut(&T, &mut [u8]) -> std::io::Result<usize>,
+    mut dispatch: impl FnMut(&[u8]),
+) -> std::io::Result<()> {
+    loop {
+        let mut guard = tokio::select! {
+            g = fd.readable() => g?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        loop {
+            match read(fd.get_ref(), buf) {
+                Ok(0) => {
+                    guard.clear_ready();
+                    break;
+                }
+                Ok(n) => dispatch(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
 
 use std::path::Path;
 

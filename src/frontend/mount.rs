@@ -6,23 +6,25 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+/// `mount(2)` of a read-only EROFS; errors name what was mounted where.
+fn mount_erofs(source: &Path, target: &Path, opts: &str, what: &str) -> io::Result<()> {
+    mount(Some(source), target, Some("erofs"), MsFlags::MS_RDONLY, Some(opts)).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("mount erofs {what} on {}: {e}", target.display()),
+        )
+    })
+}
+
 /// Mount an image over fscache: `mount -t erofs none -o fsid=FSID TARGET`. Blocks until the
 /// cachefiles frontend answered the kernel's OPENs.
 pub fn mount_fscache(fsid: &str, target: &Path) -> io::Result<()> {
-    let opts = format!("fsid={fsid}");
-    mount(
-        Some("none"),
+    mount_erofs(
+        Path::new("none"),
         target,
-        Some("erofs"),
-        MsFlags::MS_RDONLY,
-        Some(opts.as_str()),
+        &format!("fsid={fsid}"),
+        &format!("fsid={fsid}"),
     )
-    .map_err(|e| {
-        io::Error::new(
-            io::Error::from(e).kind(),
-            format!("mount erofs fsid={fsid} on {}: {e}", target.display()),
-        )
-    })
 }
 
 /// Mount the metadata blob file-backed with one `device=` per data blob cache file.
@@ -32,19 +34,7 @@ pub fn mount_file_backed(meta: &Path, devices: &[PathBuf], target: &Path) -> io:
     if opts.len() >= 4096 {
         return Err(io::Error::other("too many data blobs for one mount option page"));
     }
-    mount(
-        Some(meta),
-        target,
-        Some("erofs"),
-        MsFlags::MS_RDONLY,
-        Some(opts.as_str()),
-    )
-    .map_err(|e| {
-        io::Error::new(
-            io::Error::from(e).kind(),
-            format!("mount erofs {} on {}: {e}", meta.display(), target.display()),
-        )
-    })
+    mount_erofs(meta, target, &opts, &meta.display().to_string())
 }
 
 /// Unmount; `lazy` detaches a busy mount (open files keep working through the frontend).

@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use crate::frontend::wire::{u32_at, u64_at};
+
 /// Largest message the kernel sends (`CACHEFILES_MSG_MAX_SIZE`).
 pub const MSG_MAX_SIZE: usize = 1024;
 /// Size of `struct cachefiles_msg` (the header of every message).
@@ -189,16 +191,6 @@ fn take<const N: usize>(buf: &[u8], at: usize, what: &'static str) -> Result<[u8
             need: N,
             got: buf.len(),
         })
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
 }
 
 /// A text command written to `/dev/cachefiles` (never with a trailing NUL).

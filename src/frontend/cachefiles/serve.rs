@@ -86,29 +86,19 @@ impl Cachefiles {
     }
 
     /// Serve requests until `shutdown` fires or the device fails.
-    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
+    pub async fn run(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
         let mut buf = [0u8; MSG_MAX_SIZE];
-        loop {
-            let mut guard = tokio::select! {
-                g = self.dev.readable() => g?,
-                _ = shutdown.changed() => return Ok(()),
-            };
-            loop {
-                match self.dev.get_ref().read_message(&mut buf) {
-                    Ok(0) => {
-                        guard.clear_ready();
-                        break;
-                    }
-                    Ok(n) => self.dispatch(&buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        guard.clear_ready();
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
+        crate::frontend::drain_loop(
+            &self.dev,
+            &mut buf,
+            shutdown,
+            |dev, b| {
+                let b: &mut [u8; MSG_MAX_SIZE] = b.try_into().map_err(|_| io::Error::other("message buffer size"))?;
+                dev.read_message(b)
+            },
+            |raw| self.dispatch(raw),
+        )
+        .await
     }
 
     fn dispatch(self: &Arc<Self>, raw: &[u8]) {

@@ -2,6 +2,8 @@
 //! info records, of which the range record (`FAN_EVENT_INFO_TYPE_RANGE`, 6.14+) says which
 //! bytes a pre-content event is about. Malformed buffers are errors, never panics.
 
+use crate::frontend::wire::{u16_at, u32_at, u64_at};
+
 /// `FAN_PRE_ACCESS` (6.14+; not in older headers).
 pub const FAN_PRE_ACCESS: u64 = 0x0010_0000;
 /// `FAN_EVENT_INFO_TYPE_RANGE`.
@@ -31,18 +33,6 @@ pub enum EventError {
     Version(u8),
     #[error("info record at offset {0} overflows its event")]
     BadInfo(usize),
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
 }
 
 /// Parse every event in a buffer returned by `read()` on the fanotify fd.

@@ -31,6 +31,7 @@ pub struct FanotifyStats {
     pub allowed: AtomicU64,
     pub denied: AtomicU64,
     pub chunks_filled: AtomicU64,
+    pub chunks_prefetched: AtomicU64,
     pub chunks_present: AtomicU64,
     pub bad_events: AtomicU64,
 }
@@ -40,6 +41,24 @@ struct CachedBlob {
     blob: Arc<DataBlob>,
     path: PathBuf,
     verified: Mutex<HashSet<u64>>,
+    /// Our own handle for prefetch writes (writes raise no pre-content events).
+    writer: File,
+    /// Read-ahead state: the last chunk a reader missed, and the current window.
+    ahead: Mutex<(Option<u64>, u64)>,
+}
+
+impl CachedBlob {
+    /// The chunks overlapping `range` (clamped to the blob), or `None` if empty.
+    fn chunks(&self, range: Option<(u64, u64)>) -> Option<(u64, u64, u64)> {
+        let size = self.blob.source.size;
+        let (off, count) = range.unwrap_or((0, size));
+        if off >= size || count == 0 {
+            return None;
+        }
+        let end = off.saturating_add(count).min(size);
+        let unit = self.blob.table_chunk;
+        Some((off / unit, (end - 1) / unit, unit))
+    }
 }
 
 /// The fanotify frontend.
@@ -49,6 +68,8 @@ pub struct FanotifyFrontend {
     cache_dir: PathBuf,
     /// (dev, ino) of a cache file -> its blob.
     files: Mutex<HashMap<(u64, u64), Arc<CachedBlob>>>,
+    /// Largest read-ahead window in chunks (0: no read-ahead).
+    prefetch_max: u64,
     pub stats: FanotifyStats,
 }
 
@@ -58,7 +79,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl FanotifyFrontend {
     /// Create a pre-content group (or adopt one handed over by the guard).
-    pub fn new(cache_dir: &Path, engine: Arc<Engine>, group: Option<Fanotify>) -> io::Result<Arc<FanotifyFrontend>> {
+    pub fn new(
+        cache_dir: &Path,
+        engine: Arc<Engine>,
+        group: Option<Fanotify>,
+        prefetch_max: u64,
+    ) -> io::Result<Arc<FanotifyFrontend>> {
         let fan = match group {
             Some(g) => g,
             None => sys::init().map_err(|e| {
@@ -73,6 +99,7 @@ impl FanotifyFrontend {
             engine,
             cache_dir: cache_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
+            prefetch_max,
             stats: FanotifyStats::default(),
         }))
     }
@@ -101,6 +128,8 @@ impl FanotifyFrontend {
                     blob: Arc::clone(blob),
                     path: path.clone(),
                     verified: Mutex::new(HashSet::new()),
+                    writer: f,
+                    ahead: Mutex::new((None, 0)),
                 })
             });
             paths.push(path);
@@ -114,29 +143,12 @@ impl FanotifyFrontend {
     }
 
     /// Serve events until `shutdown` fires.
-    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
+    pub async fn run(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let mut guard = tokio::select! {
-                g = self.fan.readable() => g?,
-                _ = shutdown.changed() => return Ok(()),
-            };
-            loop {
-                match sys::read_events(self.fan.get_ref(), &mut buf) {
-                    Ok(0) => {
-                        guard.clear_ready();
-                        break;
-                    }
-                    Ok(n) => self.dispatch(&buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        guard.clear_ready();
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
+        crate::frontend::drain_loop(&self.fan, &mut buf, shutdown, sys::read_events, |raw| {
+            self.dispatch(raw)
+        })
+        .await
     }
 
     fn dispatch(self: &Arc<Self>, raw: &[u8]) {
@@ -151,10 +163,101 @@ impl FanotifyFrontend {
                 tracing::warn!(mask = ev.mask, "fanotify event without fd (queue overflow?)");
                 continue;
             };
+            let file = File::from(fd);
+            if ev.mask & FAN_PRE_ACCESS != 0 && self.all_verified(&file, ev.range) {
+                // fast path: everything asked for is already in the cache and verified
+                if let Err(e) = sys::respond(self.fan.get_ref().as_fd(), file.as_fd(), sys::FAN_ALLOW) {
+                    tracing::error!(error = %e, "fanotify response failed");
+                }
+                self.stats.allowed.fetch_add(1, Relaxed);
+                continue;
+            }
             let me = Arc::clone(self);
             let span = tracing::info_span!("pre_access", pid = ev.pid, range = ?ev.range);
-            tokio::spawn(async move { me.handle(ev, File::from(fd)).await }.instrument(span));
+            tokio::spawn(async move { me.handle(ev, file).await }.instrument(span));
         }
+    }
+
+    /// Once every chunk of a blob is present and verified, stop its events: reads of its
+    /// cache file then cost what a local file costs.
+    fn unmark_if_complete(&self, cached: &CachedBlob) {
+        let n = cached.blob.source.size.div_ceil(cached.blob.table_chunk) as usize;
+        if lock(&cached.verified).len() >= n {
+            match sys::unmark(self.fan.get_ref(), &cached.path) {
+                Ok(()) => tracing::info!(path = %cached.path.display(), "blob complete: pre-content events off"),
+                Err(e) => tracing::debug!(error = %e, "unmark failed"),
+            }
+        }
+    }
+
+    fn cached(&self, file: &File) -> Option<Arc<CachedBlob>> {
+        let md = file.metadata().ok()?;
+        lock(&self.files).get(&(md.dev(), md.ino())).cloned()
+    }
+
+    fn all_verified(&self, file: &File, range: Option<(u64, u64)>) -> bool {
+        let Some(cached) = self.cached(file) else {
+            return false;
+        };
+        match cached.chunks(range) {
+            None => true,
+            Some((first, last, _)) => {
+                let v = lock(&cached.verified);
+                (first..=last).all(|c| v.contains(&c))
+            }
+        }
+    }
+
+    /// Sequential readers: after a miss right behind the previous one, fetch the next chunks
+    /// in the background with a window that doubles up to `max`.
+    fn read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, first_missing: u64, last_missing: u64) {
+        let max = self.prefetch_max;
+        if max == 0 {
+            return;
+        }
+        let window = {
+            let mut a = lock(&cached.ahead);
+            let sequential = a.0.is_some_and(|l| first_missing <= l + 1 + a.1) && first_missing > 0;
+            a.1 = if sequential { (a.1 * 2).clamp(2, max) } else { 0 };
+            a.0 = Some(last_missing);
+            a.1
+        };
+        if window == 0 {
+            return;
+        }
+        let unit = cached.blob.table_chunk;
+        let n_chunks = cached.blob.source.size.div_ceil(unit);
+        let todo: Vec<u64> = {
+            let v = lock(&cached.verified);
+            (last_missing + 1..(last_missing + 1 + window).min(n_chunks))
+                .filter(|c| !v.contains(c))
+                .collect()
+        };
+        if todo.is_empty() {
+            return;
+        }
+        let (me, cached) = (Arc::clone(self), Arc::clone(cached));
+        tokio::spawn(async move {
+            let s = todo[0] * unit;
+            let e = ((todo[todo.len() - 1] + 1) * unit).min(cached.blob.source.size);
+            match me.engine.read(&cached.blob, s, e - s).await {
+                Ok(pieces) => {
+                    for p in &pieces {
+                        let c0 = p.offset / unit;
+                        if lock(&cached.verified).contains(&c0) {
+                            continue;
+                        }
+                        if cached.writer.write_all_at(&p.data, p.offset).is_ok() {
+                            let n = (p.data.len() as u64).div_ceil(unit);
+                            lock(&cached.verified).extend(c0..c0 + n);
+                            me.stats.chunks_prefetched.fetch_add(n, Relaxed);
+                        }
+                    }
+                    me.unmark_if_complete(&cached);
+                }
+                Err(e) => tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
+            }
+        });
     }
 
     async fn handle(self: Arc<Self>, ev: event::Event, file: File) {
@@ -185,7 +288,7 @@ impl FanotifyFrontend {
     }
 
     /// Make `range` of the event's file present and verified; returns chunks written.
-    async fn fill(&self, file: &File, range: Option<(u64, u64)>) -> io::Result<u64> {
+    async fn fill(self: &Arc<Self>, file: &File, range: Option<(u64, u64)>) -> io::Result<u64> {
         let md = file.metadata()?;
         let Some(cached) = lock(&self.files).get(&(md.dev(), md.ino())).cloned() else {
             // a marked file we do not know: never let a hole be read as zeros
@@ -245,6 +348,10 @@ impl FanotifyFrontend {
             i = j + 1;
         }
         self.stats.chunks_filled.fetch_add(written, Relaxed);
+        if let (Some(&f), Some(&l)) = (missing.first(), missing.last()) {
+            self.read_ahead(&cached, f, l);
+        }
+        self.unmark_if_complete(&cached);
         Ok(written)
     }
 
