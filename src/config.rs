@@ -81,7 +81,8 @@ pub struct EngineConfig {
     pub chunk_size: u64,
     /// Adjacent missing chunks are merged into one range request up to this many bytes.
     pub merge_max: u64,
-    /// Entries kept in the LRU of in-flight and recently completed chunk fetches.
+    /// Recently completed chunks kept in memory (an LRU) beside the fetches in flight; each
+    /// entry is one chunk, so this bounds the memory of fetched data.
     pub inflight_capacity: usize,
     /// Concurrent range requests per registry host.
     pub max_concurrent_fetches: usize,
@@ -94,7 +95,7 @@ impl Default for EngineConfig {
         EngineConfig {
             chunk_size: 1 << 20,
             merge_max: 4 << 20,
-            inflight_capacity: 64,
+            inflight_capacity: 8,
             max_concurrent_fetches: 16,
             prefetch_chunks: 16,
         }

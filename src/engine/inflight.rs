@@ -1,9 +1,13 @@
-//! The LRU of in-flight (and recently completed) chunk fetches.
+//! In-flight chunk fetches and a small LRU of recently completed chunks.
 //!
-//! An entry is a shared future: whoever finds it awaits the same registry request. Completed
-//! entries stay until evicted, so a burst of reads of one chunk costs one request even when
-//! the readers arrive one after another; failed entries are removed by their waiters.
+//! A fetch in flight is a shared future in `running`: every reader of that chunk awaits the
+//! same registry request. When it completes, the entry moves to `recent`, an LRU bounded in
+//! entries (so in chunks of memory), which covers readers arriving just after completion,
+//! before the frontend has written the chunk into its cache. Failed fetches are forgotten so
+//! the next read tries again. The memory of fetched data is thus bounded by what is in flight
+//! plus `recent`'s capacity.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, MutexGuard};
 
@@ -32,37 +36,55 @@ impl ChunkKey {
     }
 }
 
-/// The LRU, behind a mutex held only for lookups and inserts (never across an await).
+/// The two tables, behind one mutex held only for lookups and inserts (never across an await).
+pub struct State {
+    pub running: HashMap<ChunkKey, ChunkFuture>,
+    pub recent: LruCache<ChunkKey, Bytes>,
+}
+
 pub struct Inflight {
-    lru: Mutex<LruCache<ChunkKey, ChunkFuture>>,
+    state: Mutex<State>,
 }
 
 impl Inflight {
-    pub fn new(capacity: usize) -> Inflight {
+    /// `recent` holds at most `recent_capacity` completed chunks.
+    pub fn new(recent_capacity: usize) -> Inflight {
         Inflight {
-            lru: Mutex::new(LruCache::new(
-                NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN),
-            )),
+            state: Mutex::new(State {
+                running: HashMap::new(),
+                recent: LruCache::new(NonZeroUsize::new(recent_capacity.max(1)).unwrap_or(NonZeroUsize::MIN)),
+            }),
         }
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, LruCache<ChunkKey, ChunkFuture>> {
-        self.lru.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Fetches in flight.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().running.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Remove `key` if it still holds `fut` (not a newer fetch started since).
+    /// `fut` finished with `data`: move it from `running` to `recent` (if it is still the
+    /// current fetch of `key`).
+    pub fn complete(&self, key: &ChunkKey, fut: &ChunkFuture, data: &Bytes) {
+        let mut st = self.lock();
+        if st.running.get(key).is_some_and(|f| f.ptr_eq(fut)) {
+            st.running.remove(key);
+            st.recent.put(key.clone(), data.clone());
+        }
+    }
+
+    /// `fut` failed: forget it so the next read starts a new fetch.
     pub fn remove_if_same(&self, key: &ChunkKey, fut: &ChunkFuture) {
-        let mut lru = self.lock();
-        if lru.peek(key).is_some_and(|f| f.ptr_eq(fut)) {
-            lru.pop(key);
+        let mut st = self.lock();
+        if st.running.get(key).is_some_and(|f| f.ptr_eq(fut)) {
+            st.running.remove(key);
         }
     }
 }

@@ -142,44 +142,52 @@ impl Engine {
         let geo = ChunkGeometry::new(self.cfg.chunk_size, blob.table_chunk, size);
         let wanted = geo.chunks_for(offset, len);
         let mut waits: Vec<(u64, ChunkFuture)> = Vec::with_capacity(wanted.clone().count());
+        let mut out = Vec::with_capacity(waits.capacity());
         {
             let mut missing = Vec::new();
-            let mut lru = self.inflight.lock();
+            let mut st = self.inflight.lock();
             for idx in wanted.clone() {
                 let key = ChunkKey::new(&blob.source.digest, idx);
-                match lru.get(&key) {
-                    Some(f) => {
-                        self.stats.shared_hits.fetch_add(1, Relaxed);
-                        waits.push((idx, f.clone()));
-                    }
-                    None => missing.push(idx),
+                if let Some(data) = st.recent.get(&key) {
+                    self.stats.shared_hits.fetch_add(1, Relaxed);
+                    out.push(Piece {
+                        offset: geo.start(idx),
+                        data: data.clone(),
+                    });
+                } else if let Some(f) = st.running.get(&key) {
+                    self.stats.shared_hits.fetch_add(1, Relaxed);
+                    waits.push((idx, f.clone()));
+                } else {
+                    missing.push(idx);
                 }
             }
             for run in plan_runs(&missing, &geo, self.cfg.merge_max) {
                 let futs = self.start_run(blob, &geo, run.clone());
                 for (idx, f) in run.zip(futs) {
-                    lru.put(ChunkKey::new(&blob.source.digest, idx), f.clone());
+                    st.running.insert(ChunkKey::new(&blob.source.digest, idx), f.clone());
                     waits.push((idx, f));
                 }
             }
         }
-        waits.sort_by_key(|(i, _)| *i);
-        let mut out = Vec::with_capacity(waits.len());
         let mut first_err = None;
         for (idx, f) in waits {
+            let key = ChunkKey::new(&blob.source.digest, idx);
             match f.clone().await {
-                Ok(data) => out.push(Piece {
-                    offset: geo.start(idx),
-                    data,
-                }),
+                Ok(data) => {
+                    self.inflight.complete(&key, &f, &data);
+                    out.push(Piece {
+                        offset: geo.start(idx),
+                        data,
+                    });
+                }
                 Err(e) => {
                     // Forget the failed fetch so the next read tries again.
-                    self.inflight
-                        .remove_if_same(&ChunkKey::new(&blob.source.digest, idx), &f);
+                    self.inflight.remove_if_same(&key, &f);
                     first_err.get_or_insert(e);
                 }
             }
         }
+        out.sort_by_key(|p| p.offset);
         if let Some(e) = first_err {
             self.stats.failed_reads.fetch_add(1, Relaxed);
             return Err(e);

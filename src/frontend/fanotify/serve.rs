@@ -43,8 +43,17 @@ struct CachedBlob {
     verified: Mutex<HashSet<u64>>,
     /// Our own handle for prefetch writes (writes raise no pre-content events).
     writer: File,
-    /// Read-ahead state: the last chunk a reader missed, and the current window.
-    ahead: Mutex<(Option<u64>, u64)>,
+    /// Read-ahead state of sequential readers.
+    ahead: Mutex<Ahead>,
+}
+
+/// Read-ahead state: the last chunk a reader missed, the window (0: not sequential), and the
+/// chunk the scheduled read-ahead reaches (exclusive).
+#[derive(Debug, Default)]
+struct Ahead {
+    last_miss: Option<u64>,
+    window: u64,
+    until: u64,
 }
 
 impl CachedBlob {
@@ -129,7 +138,7 @@ impl FanotifyFrontend {
                     path: path.clone(),
                     verified: Mutex::new(HashSet::new()),
                     writer: f,
-                    ahead: Mutex::new((None, 0)),
+                    ahead: Mutex::new(Ahead::default()),
                 })
             });
             paths.push(path);
@@ -195,51 +204,78 @@ impl FanotifyFrontend {
         lock(&self.files).get(&(md.dev(), md.ino())).cloned()
     }
 
-    fn all_verified(&self, file: &File, range: Option<(u64, u64)>) -> bool {
+    /// Whether everything `range` asks for is cached and verified; if so, keep a sequential
+    /// reader's read-ahead going.
+    fn all_verified(self: &Arc<Self>, file: &File, range: Option<(u64, u64)>) -> bool {
         let Some(cached) = self.cached(file) else {
             return false;
         };
         match cached.chunks(range) {
             None => true,
             Some((first, last, _)) => {
-                let v = lock(&cached.verified);
-                (first..=last).all(|c| v.contains(&c))
+                let ok = {
+                    let v = lock(&cached.verified);
+                    (first..=last).all(|c| v.contains(&c))
+                };
+                if ok {
+                    self.advance_read_ahead(&cached, last);
+                }
+                ok
             }
         }
     }
 
     /// Sequential readers: after a miss right behind the previous one, fetch the next chunks
-    /// in the background with a window that doubles up to `max`.
+    /// in the background with a window that doubles up to the maximum.
     fn read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, first_missing: u64, last_missing: u64) {
         let max = self.prefetch_max;
         if max == 0 {
             return;
         }
-        let window = {
+        let (from, to) = {
             let mut a = lock(&cached.ahead);
-            let sequential = a.0.is_some_and(|l| first_missing <= l + 1 + a.1) && first_missing > 0;
-            a.1 = if sequential { (a.1 * 2).clamp(2, max) } else { 0 };
-            a.0 = Some(last_missing);
-            a.1
+            let sequential = first_missing > 0 && a.last_miss.is_some_and(|l| first_missing <= l.max(a.until) + 1);
+            a.window = if sequential { (a.window * 2).clamp(2, max) } else { 0 };
+            a.last_miss = Some(last_missing);
+            if a.window == 0 {
+                return;
+            }
+            a.until = last_missing + 1 + a.window;
+            (last_missing + 1, a.until)
         };
-        if window == 0 {
-            return;
-        }
+        self.prefetch(cached, from, to);
+    }
+
+    /// A reader inside the prefetched window: once it passes the middle, schedule the next
+    /// window, so a sequential reader never waits for a cold chunk (the fast path calls this).
+    fn advance_read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, last_chunk: u64) {
+        let (from, to) = {
+            let mut a = lock(&cached.ahead);
+            if a.window == 0 || last_chunk + a.window / 2 < a.until {
+                return;
+            }
+            let from = a.until;
+            a.until += a.window;
+            (from, a.until)
+        };
+        self.prefetch(cached, from, to);
+    }
+
+    /// Fetch chunks `[from, to)` that are not cached yet and write them with our own handle.
+    fn prefetch(self: &Arc<Self>, cached: &Arc<CachedBlob>, from: u64, to: u64) {
         let unit = cached.blob.table_chunk;
         let n_chunks = cached.blob.source.size.div_ceil(unit);
         let todo: Vec<u64> = {
             let v = lock(&cached.verified);
-            (last_missing + 1..(last_missing + 1 + window).min(n_chunks))
-                .filter(|c| !v.contains(c))
-                .collect()
+            (from..to.min(n_chunks)).filter(|c| !v.contains(c)).collect()
         };
-        if todo.is_empty() {
+        let (Some(&first), Some(&last)) = (todo.first(), todo.last()) else {
             return;
-        }
+        };
         let (me, cached) = (Arc::clone(self), Arc::clone(cached));
         tokio::spawn(async move {
-            let s = todo[0] * unit;
-            let e = ((todo[todo.len() - 1] + 1) * unit).min(cached.blob.source.size);
+            let s = first * unit;
+            let e = ((last + 1) * unit).min(cached.blob.source.size);
             match me.engine.read(&cached.blob, s, e - s).await {
                 Ok(pieces) => {
                     for p in &pieces {
