@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
 
 use bytes::Bytes;
 use lazyblob::config::{HostConfig, RegistryConfig};
@@ -17,6 +17,10 @@ use lazyblob::image::format::LazyManifest;
 use lazyblob::registry::{parse_reference, sha256_digest, Registry};
 use rand::{RngCore, SeedableRng};
 use serde_json::json;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::daemon::DaemonProc;
 
 struct Scale {
     small_files: usize,
@@ -65,58 +69,6 @@ fn sh(cmd: &str) -> std::process::Output {
 
 fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_docker_registry(dir: &Path) -> (String, Proc) {
-    std::fs::create_dir_all(dir).unwrap();
-    let port = free_port();
-    let cfg = format!(
-        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-        dir.join("data").display()
-    );
-    std::fs::write(dir.join("config.yml"), cfg).unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(dir.join("config.yml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry (apt-get install docker-registry)");
-    let host = format!("127.0.0.1:{port}");
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(&host).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    (host, Proc(child))
 }
 
 fn registry(hosts: &[&str]) -> Registry {
@@ -177,107 +129,24 @@ fn gzip_tar(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
     b.into_inner().unwrap().finish().unwrap()
 }
 
-/// The lazyblob daemon as a subprocess with a fresh state and cache.
-struct Daemon {
-    proc: Option<Proc>,
-    socket: PathBuf,
-    dir: PathBuf,
+/// Peak RSS (KiB) and CPU seconds of a process so far.
+fn usage(pid: i32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (hwm, (field(11) + field(12)) / 100.0)
 }
 
-fn lazyblob_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/lazyblob");
-    assert!(p.exists(), "build the release binary first: cargo build --release");
-    p
-}
-
-impl Daemon {
-    fn start(dir: &Path, hosts: &[&str]) -> Daemon {
-        Self::start_with(dir, hosts, "")
-    }
-
-    fn start_with(dir: &Path, hosts: &[&str], extra: &str) -> Daemon {
-        std::fs::create_dir_all(dir).unwrap();
-        let socket = dir.join("lb.sock");
-        let mut cfg = format!(
-            "[daemon]\nstate_dir = \"{}\"\ncache_dir = \"{}\"\nsocket = \"{}\"\nfrontend = \"fanotify\"\n",
-            dir.join("state").display(),
-            dir.join("cache").display(),
-            socket.display()
-        );
-        cfg.push_str(extra);
-        for h in hosts {
-            cfg.push_str(&format!("[[registry.hosts]]\nhost = \"{h}\"\ninsecure = true\n"));
-        }
-        std::fs::write(dir.join("cfg.toml"), cfg).unwrap();
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let child = Command::new(lazyblob_bin())
-            .args(["--log", "warn", "daemon", "--config"])
-            .arg(dir.join("cfg.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while !socket.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "daemon did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon {
-            proc: Some(Proc(child)),
-            socket,
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn cli(&self, args: &[&str]) {
-        let out = Command::new(lazyblob_bin())
-            .args(args)
-            .arg("--socket")
-            .arg(&self.socket)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lazyblob {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn pid(&self) -> i32 {
-        self.proc.as_ref().map(|p| p.0.id() as i32).unwrap_or(0)
-    }
-
-    /// Peak RSS (KiB) and CPU seconds of the daemon so far.
-    fn usage(&self) -> (u64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let hwm = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        let f: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (hwm, ticks / 100.0)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.proc.take();
-        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let root = self.dir.to_string_lossy().into_owned();
-            for l in info.lines() {
-                if let Some(t) = l.split_whitespace().nth(4) {
-                    if t.starts_with(&root) {
-                        let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
-                    }
-                }
-            }
-        }
-    }
+/// The daemon (the release binary), fanotify frontend, with `extra` config lines.
+fn daemon(dir: &Path, hosts: &[&str], extra: &str) -> DaemonProc {
+    DaemonProc::start(dir, hosts, &format!("frontend = \"fanotify\"\n{extra}"))
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -306,7 +175,8 @@ async fn main() {
         .tempdir_in("/var/tmp")
         .unwrap();
     let w = work.path();
-    let (host, _dr) = start_docker_registry(&w.join("registry"));
+    let dr = common::DockerRegistry::start(None);
+    let host = dr.host.clone();
     let reg = registry(&[&host]);
     let mut rows: Vec<(String, String, String, String)> = Vec::new();
     let mut json_out = serde_json::Map::new();
@@ -368,11 +238,11 @@ async fn main() {
 
     // ---- 1. cold start: lazyblob mount + startup set, against full pull (download + untar)
     drop_caches();
-    let d = Daemon::start(&w.join("d1"), &[&host]);
+    let d = daemon(&w.join("d1"), &[&host], "");
     let mnt = w.join("d1/mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let t = Instant::now();
-    d.cli(&["mount", &dst, mnt.to_str().unwrap()]);
+    d.mount(&dst, &mnt);
     for (p, off, len) in &startup {
         let got = read_range(&mnt.join(p), *off, *len);
         assert!(
@@ -509,10 +379,10 @@ async fn main() {
     .status
     .success());
     let curl_s = t.elapsed().as_secs_f64();
-    let d = Daemon::start(&w.join("d2"), &[&host]);
+    let d = daemon(&w.join("d2"), &[&host], "");
     let mnt2 = w.join("d2/mnt");
     std::fs::create_dir_all(&mnt2).unwrap();
-    d.cli(&["mount", &seq_dst, mnt2.to_str().unwrap()]);
+    d.mount(&seq_dst, &mnt2);
     drop_caches();
     let t = Instant::now();
     let out = sh(&format!(
@@ -579,10 +449,10 @@ async fn main() {
         ),
     ] {
         let dir = w.join(format!("d3-{}", name.split(' ').next().unwrap_or("x")));
-        let d = Daemon::start_with(&dir, &[&host], extra);
+        let d = daemon(&dir, &[&host], extra);
         let m = dir.join("mnt");
         std::fs::create_dir_all(&m).unwrap();
-        d.cli(&["mount", image, m.to_str().unwrap()]);
+        d.mount(image, &m);
         let mut lazy_lat = Vec::new();
         for off in &offsets {
             let t = Instant::now();
@@ -646,12 +516,12 @@ async fn main() {
         .await
         .unwrap();
     }
-    let d = Daemon::start(&w.join("d4"), &[&mhost]);
+    let d = daemon(&w.join("d4"), &[&mhost], "");
     let mnt4 = w.join("d4/mnt");
     for i in 0..s.images {
         let m = mnt4.join(format!("m{i}"));
         std::fs::create_dir_all(&m).unwrap();
-        d.cli(&["mount", &format!("{mhost}/scale/img{i}:v1"), m.to_str().unwrap()]);
+        d.mount(&format!("{mhost}/scale/img{i}:v1"), &m);
     }
     let target = mnt4.join("m0/big.bin");
     let t = Instant::now();
@@ -667,12 +537,12 @@ async fn main() {
         assert!(got[..] == big_tree["data/big.bin"][off..off + 4096]);
     }
     let burst = t.elapsed().as_secs_f64();
-    let (rss_kib, cpu_s) = d.usage();
+    let (rss_kib, cpu_s) = usage(d.pid());
     // requests per second when the registry answers at once: cold 4 KiB reads, one per chunk
-    let d2 = Daemon::start(&w.join("d5"), &[&mhost]);
+    let d2 = daemon(&w.join("d5"), &[&mhost], "");
     let m5 = w.join("d5/mnt");
     std::fs::create_dir_all(&m5).unwrap();
-    d2.cli(&["mount", &format!("{mhost}/scale/img0:v1"), m5.to_str().unwrap()]);
+    d2.mount(&format!("{mhost}/scale/img0:v1"), &m5);
     let chunks = big_len / (1 << 20);
     let t = Instant::now();
     for c in 0..chunks {

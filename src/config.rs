@@ -96,7 +96,7 @@ impl Default for EngineConfig {
             chunk_size: 1 << 20,
             merge_max: 4 << 20,
             inflight_capacity: 8,
-            max_concurrent_fetches: 16,
+            max_concurrent_fetches: 8,
             prefetch_chunks: 16,
         }
     }

@@ -76,7 +76,8 @@ impl Inflight {
         let mut st = self.lock();
         if st.running.get(key).is_some_and(|f| f.ptr_eq(fut)) {
             st.running.remove(key);
-            st.recent.put(key.clone(), data.clone());
+            // a copy, so a kept chunk does not pin the whole merged range it arrived in
+            st.recent.put(key.clone(), Bytes::copy_from_slice(data));
         }
     }
 

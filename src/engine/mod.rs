@@ -117,6 +117,11 @@ impl Engine {
         &self.registry
     }
 
+    /// Largest merged range request, in bytes.
+    pub fn merge_max(&self) -> u64 {
+        self.cfg.merge_max
+    }
+
     /// Fetch units currently tracked by the in-flight LRU.
     pub fn inflight_len(&self) -> usize {
         self.inflight.len()
@@ -237,10 +242,8 @@ impl Engine {
             let whole = whole.clone();
             let lo = (geo.start(idx) - start) as usize;
             let hi = (geo.end(idx) - start) as usize;
-            // each chunk owns its bytes, so a retained LRU entry pins one chunk, not the run
-            async move { whole.await.map(|b| Bytes::copy_from_slice(&b[lo..hi])) }
-                .boxed()
-                .shared()
+            // a slice of the run's buffer: no copy on the hot path (`recent` copies what it keeps)
+            async move { whole.await.map(|b| b.slice(lo..hi)) }.boxed().shared()
         })
         .collect()
     }

@@ -261,7 +261,8 @@ impl FanotifyFrontend {
         self.prefetch(cached, from, to);
     }
 
-    /// Fetch chunks `[from, to)` that are not cached yet and write them with our own handle.
+    /// Fetch chunks `[from, to)` that are not cached yet and write them with our own handle;
+    /// one task per merged range, so each is written as soon as it arrives.
     fn prefetch(self: &Arc<Self>, cached: &Arc<CachedBlob>, from: u64, to: u64) {
         let unit = cached.blob.table_chunk;
         let n_chunks = cached.blob.source.size.div_ceil(unit);
@@ -269,31 +270,34 @@ impl FanotifyFrontend {
             let v = lock(&cached.verified);
             (from..to.min(n_chunks)).filter(|c| !v.contains(c)).collect()
         };
-        let (Some(&first), Some(&last)) = (todo.first(), todo.last()) else {
-            return;
-        };
-        let (me, cached) = (Arc::clone(self), Arc::clone(cached));
-        tokio::spawn(async move {
-            let s = first * unit;
-            let e = ((last + 1) * unit).min(cached.blob.source.size);
-            match me.engine.read(&cached.blob, s, e - s).await {
-                Ok(pieces) => {
-                    for p in &pieces {
-                        let c0 = p.offset / unit;
-                        if lock(&cached.verified).contains(&c0) {
-                            continue;
+        let per_task = (self.engine.merge_max() / unit).max(1) as usize;
+        for group in todo.chunks(per_task) {
+            let (Some(&first), Some(&last)) = (group.first(), group.last()) else {
+                continue;
+            };
+            let (me, cached) = (Arc::clone(self), Arc::clone(cached));
+            tokio::spawn(async move {
+                let s = first * unit;
+                let e = ((last + 1) * unit).min(cached.blob.source.size);
+                match me.engine.read(&cached.blob, s, e - s).await {
+                    Ok(pieces) => {
+                        for p in &pieces {
+                            let c0 = p.offset / unit;
+                            if lock(&cached.verified).contains(&c0) {
+                                continue;
+                            }
+                            if cached.writer.write_all_at(&p.data, p.offset).is_ok() {
+                                let n = (p.data.len() as u64).div_ceil(unit);
+                                lock(&cached.verified).extend(c0..c0 + n);
+                                me.stats.chunks_prefetched.fetch_add(n, Relaxed);
+                            }
                         }
-                        if cached.writer.write_all_at(&p.data, p.offset).is_ok() {
-                            let n = (p.data.len() as u64).div_ceil(unit);
-                            lock(&cached.verified).extend(c0..c0 + n);
-                            me.stats.chunks_prefetched.fetch_add(n, Relaxed);
-                        }
+                        me.unmark_if_complete(&cached);
                     }
-                    me.unmark_if_complete(&cached);
+                    Err(e) => tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
                 }
-                Err(e) => tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
-            }
-        });
+            });
+        }
     }
 
     async fn handle(self: Arc<Self>, ev: event::Event, file: File) {
