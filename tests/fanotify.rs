@@ -111,7 +111,12 @@ async fn lazy_parallel_and_kill9() {
     mock.reset_counters();
 
     let work = tempfile::tempdir().unwrap();
-    let mut d = DaemonProc::start(&work.path().join("d"), &[&host], "frontend = \"fanotify\"");
+    // read-ahead off: the files this test reads after the kill must still be cold
+    let mut d = DaemonProc::start(
+        &work.path().join("d"),
+        &[&host],
+        "frontend = \"fanotify\"\n[engine]\nprefetch_chunks = 0",
+    );
     let mnt = work.path().join("d/mnt");
     d.mount(&image, &mnt);
 

@@ -21,15 +21,24 @@ pub fn ensure_file(path: &Path, size: u64) -> io::Result<File> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    if f.metadata()?.len() != size {
-        // a different size means a stale or foreign file: start over
-        f.set_len(0)?;
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+    };
+    let mut f = open()?;
+    let len = f.metadata()?.len();
+    if len != size {
+        if len != 0 {
+            // a stale or foreign file: replace the inode rather than truncate it (a file
+            // marked for pre-content events would raise one to ourselves)
+            drop(f);
+            std::fs::remove_file(path)?;
+            f = open()?;
+        }
         f.set_len(size)?;
     }
     Ok(f)

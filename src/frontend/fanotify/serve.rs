@@ -41,8 +41,10 @@ struct CachedBlob {
     blob: Arc<DataBlob>,
     path: PathBuf,
     verified: Mutex<HashSet<u64>>,
-    /// Our own handle for prefetch writes (writes raise no pre-content events).
-    writer: File,
+    /// A duplicate of an event fd for read-ahead writes. Pre-content events fire on writes
+    /// too, so a marked file is only ever written through an event fd's file description,
+    /// which the kernel opened without notifications.
+    writer: Mutex<Option<Arc<File>>>,
     /// Read-ahead state of sequential readers.
     ahead: Mutex<Ahead>,
 }
@@ -137,7 +139,7 @@ impl FanotifyFrontend {
                     blob: Arc::clone(blob),
                     path: path.clone(),
                     verified: Mutex::new(HashSet::new()),
-                    writer: f,
+                    writer: Mutex::new(None),
                     ahead: Mutex::new(Ahead::default()),
                 })
             });
@@ -279,19 +281,16 @@ impl FanotifyFrontend {
             tokio::spawn(async move {
                 let s = first * unit;
                 let e = ((last + 1) * unit).min(cached.blob.source.size);
-                match me.engine.read(&cached.blob, s, e - s).await {
-                    Ok(pieces) => {
-                        for p in &pieces {
-                            let c0 = p.offset / unit;
-                            if lock(&cached.verified).contains(&c0) {
-                                continue;
-                            }
-                            if cached.writer.write_all_at(&p.data, p.offset).is_ok() {
-                                let n = (p.data.len() as u64).div_ceil(unit);
-                                lock(&cached.verified).extend(c0..c0 + n);
-                                me.stats.chunks_prefetched.fetch_add(n, Relaxed);
-                            }
-                        }
+                let Some(via) = lock(&cached.writer).clone() else {
+                    return;
+                };
+                let stored = match me.engine.read(&cached.blob, s, e - s).await {
+                    Ok(pieces) => me.store(&cached, pieces, via).await,
+                    Err(e) => Err(io::Error::other(e.to_string())),
+                };
+                match stored {
+                    Ok(n) => {
+                        me.stats.chunks_prefetched.fetch_add(n, Relaxed);
                         me.unmark_if_complete(&cached);
                     }
                     Err(e) => tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
@@ -373,18 +372,9 @@ impl FanotifyFrontend {
                 .read(&cached.blob, s, e - s)
                 .await
                 .map_err(|err| io::Error::other(err.to_string()))?;
-            for p in &pieces {
-                file.write_all_at(&p.data, p.offset)?;
-            }
-            let mut v = lock(&cached.verified);
-            for p in &pieces {
-                let c0 = p.offset / unit;
-                let n = (p.data.len() as u64).div_ceil(unit);
-                for c in c0..c0 + n {
-                    v.insert(c);
-                }
-            }
-            written += (missing[j] - missing[i]) + 1;
+            let via = Arc::new(file.try_clone()?);
+            lock(&cached.writer).get_or_insert_with(|| Arc::clone(&via));
+            written += self.store(&cached, pieces, via).await?;
             i = j + 1;
         }
         self.stats.chunks_filled.fetch_add(written, Relaxed);
@@ -393,6 +383,35 @@ impl FanotifyFrontend {
         }
         self.unmark_if_complete(&cached);
         Ok(written)
+    }
+
+    /// Write verified pieces whose chunks are not cached yet (through `via`, a non-notifying
+    /// event fd, on the blocking pool so the event loop keeps dispatching) and mark them;
+    /// returns chunks written.
+    async fn store(
+        &self,
+        cached: &Arc<CachedBlob>,
+        pieces: Vec<crate::engine::Piece>,
+        via: Arc<File>,
+    ) -> io::Result<u64> {
+        let c = Arc::clone(cached);
+        tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let unit = c.blob.table_chunk;
+            let mut written = 0;
+            for p in &pieces {
+                let c0 = p.offset / unit;
+                if lock(&c.verified).contains(&c0) {
+                    continue;
+                }
+                via.write_all_at(&p.data, p.offset)?;
+                let n = (p.data.len() as u64).div_ceil(unit);
+                lock(&c.verified).extend(c0..c0 + n);
+                written += n;
+            }
+            Ok(written)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     /// A chunk found on disk (from an earlier run) is trusted only if it matches the table.
