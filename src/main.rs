@@ -152,6 +152,8 @@ fn main() -> Result<()> {
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
+        // cache writes and file I/O run on the blocking pool: bound it (each thread costs memory)
+        .max_blocking_threads(32)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
