@@ -13,7 +13,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use lazyblob::config::{HostConfig, RegistryConfig};
 use lazyblob::image::convert::{convert, ConvertOptions};
-use lazyblob::image::format::LazyManifest;
 use lazyblob::registry::{parse_reference, sha256_digest, Registry};
 use rand::{RngCore, SeedableRng};
 use serde_json::json;
@@ -21,6 +20,7 @@ use serde_json::json;
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::daemon::DaemonProc;
+use common::oci::{convert_ref, lazy_manifest};
 
 struct Scale {
     small_files: usize,
@@ -211,14 +211,7 @@ async fn main() {
 
     // ---- conversion (timed) against mkfs.erofs on the unpacked tree (below)
     let t = Instant::now();
-    let report = convert(
-        &reg,
-        &src.parse().unwrap(),
-        &dst.parse().unwrap(),
-        &ConvertOptions::default(),
-    )
-    .await
-    .unwrap();
+    let report = convert_ref(&reg, &src, &dst).await;
     let convert_s = t.elapsed().as_secs_f64();
 
     // startup set: ~6% of the bytes, small files of a few packages plus the head of one large file
@@ -359,16 +352,8 @@ async fn main() {
         &[gzip_tar(&[("data/large.bin".into(), seq_data.clone())])],
     )
     .await;
-    convert(
-        &reg,
-        &seq_src.parse().unwrap(),
-        &seq_dst.parse().unwrap(),
-        &ConvertOptions::default(),
-    )
-    .await
-    .unwrap();
-    let resolved = reg.resolve(&parse_reference(&seq_dst).unwrap()).await.unwrap();
-    let lazy = LazyManifest::from_manifest(&resolved.manifest).unwrap();
+    convert_ref(&reg, &seq_src, &seq_dst).await;
+    let lazy = lazy_manifest(&reg, &seq_dst).await;
     let blob = lazy.data[0].digest.clone();
     drop_caches();
     let t = Instant::now();

@@ -62,14 +62,7 @@ async fn round_trip(dr: &DockerRegistry, reg: &Registry, name: &str, layers: &[(
     let src = format!("{}/src/{name}:v1", dr.host);
     let dst = format!("{}/lazy/{name}:v1", dr.host);
     push_source(reg, &src, layers).await;
-    let report = convert(
-        reg,
-        &src.parse().unwrap(),
-        &dst.parse().unwrap(),
-        &ConvertOptions::default(),
-    )
-    .await
-    .unwrap();
+    let report = convert_ref(reg, &src, &dst).await;
     let reference = walk(&skopeo_unpack(&src, work.path()));
     let m = fetch_and_mount(reg, &dst, work.path()).await;
     let ours = walk(&m.dir);
@@ -283,14 +276,7 @@ async fn hostile_layers_are_contained_or_refused() {
     let src = format!("{host}/src/contained:v1");
     let dst = format!("{host}/lazy/contained:v1");
     push_source(&reg, &src, &layers).await;
-    convert(
-        &reg,
-        &src.parse().unwrap(),
-        &dst.parse().unwrap(),
-        &ConvertOptions::default(),
-    )
-    .await
-    .unwrap();
+    convert_ref(&reg, &src, &dst).await;
     let work = tempfile::tempdir().unwrap();
     let m = fetch_and_mount(&reg, &dst, work.path()).await;
     assert_eq!(std::fs::read(m.dir.join("etc/evil")).unwrap(), b"evil");
@@ -408,14 +394,7 @@ async fn all_platforms_produces_an_index() {
     }
     // the default converts only this node's platform into a single manifest
     let single = format!("{host}/lazy/multi:single");
-    convert(
-        &reg,
-        &src.parse().unwrap(),
-        &single.parse().unwrap(),
-        &ConvertOptions::default(),
-    )
-    .await
-    .unwrap();
+    convert_ref(&reg, &src, &single).await;
     let resolved = reg.resolve(&parse_reference(&single).unwrap()).await.unwrap();
     assert!(LazyManifest::from_manifest(&resolved.manifest).is_ok());
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::daemon::DaemonProc;
 use common::oci::*;
 use common::*;
-use lazyblob::image::convert::{convert, ConvertOptions};
 use lazyblob::registry::{parse_reference, Registry};
 use registry_mock::{Fault, FaultRule, MockConfig, MockRegistry};
 
@@ -56,14 +55,7 @@ async fn convert_into(reg: &Registry, host: &str, layers: &[(Vec<u8>, &str)]) ->
     let src = format!("{host}/src/app:v1");
     let dst = format!("{host}/lazy/app:v1");
     push_source(reg, &src, layers).await;
-    convert(
-        reg,
-        &src.parse().unwrap(),
-        &dst.parse().unwrap(),
-        &ConvertOptions::default(),
-    )
-    .await
-    .unwrap();
+    convert_ref(reg, &src, &dst).await;
     dst
 }
 

@@ -338,3 +338,16 @@ tar -xpf "$layer" -C "$root" --xattrs --xattrs-include='*' --numeric-owner --exc
     }
     rootfs
 }
+
+/// Convert registry reference `src` into `dst` with the default options.
+pub async fn convert_ref(reg: &Registry, src: &str, dst: &str) -> lazyblob::image::convert::ConvertReport {
+    lazyblob::image::convert::convert(reg, &src.parse().unwrap(), &dst.parse().unwrap(), &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("converting {src} to {dst}: {e}"))
+}
+
+/// The lazyblob manifest `reference` resolves to.
+pub async fn lazy_manifest(reg: &Registry, reference: &str) -> lazyblob::image::format::LazyManifest {
+    let resolved = reg.resolve(&parse_reference(reference).unwrap()).await.unwrap();
+    lazyblob::image::format::LazyManifest::from_manifest(&resolved.manifest).unwrap()
+}
