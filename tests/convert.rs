@@ -247,24 +247,7 @@ async fn hostile_layers_are_contained_or_refused() {
 
     // contained: `..`, absolute paths and paths through symlinks stay inside the image
     let mut l1 = Layer::new();
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_size(4);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.as_gnu_mut().unwrap().name[..16].copy_from_slice(b"../../etc/evil\0\0");
-    l1.raw(&mut h, b"evil");
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_size(3);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.as_gnu_mut().unwrap().name[..10].copy_from_slice(b"/abs/file\0");
-    l1.raw(&mut h, b"abs");
+    l1.raw_file(b"../../etc/evil", b"evil").raw_file(b"/abs/file", b"abs");
     l1.symlink("escape", "../../../../../tmp/outside")
         .symlink("rooted", "/srv");
     let mut l2 = Layer::new();
@@ -287,13 +270,7 @@ async fn hostile_layers_are_contained_or_refused() {
     drop(m);
 
     // refused: an absurd size, a truncated archive, a corrupt gzip stream, a dangling hard link
-    let mut huge = tar::Header::new_gnu();
-    huge.set_entry_type(tar::EntryType::Regular);
-    huge.set_mode(0o644);
-    huge.set_size(1 << 40);
-    huge.set_uid(0);
-    huge.set_gid(0);
-    huge.set_mtime(0);
+    let mut huge = header(tar::EntryType::Regular, 0o644, 1 << 40);
     huge.set_path("huge.bin").unwrap();
     huge.set_cksum();
     let mut t = huge.as_bytes().to_vec();

@@ -97,28 +97,11 @@ async fn register(
     State(d): State<Arc<Daemon>>,
     Json(req): Json<RegisterRequest>,
 ) -> ApiResult<crate::catalog::ImageInfo> {
-    let image = d.catalog.register(&req.reference).await.map_err(|e| {
-        tracing::warn!(reference = %req.reference, error = %e, "register failed");
-        (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(ApiError {
-                error: format!("{}: {e}", req.reference),
-            }),
-        )
-    })?;
     d.catalog
-        .list()
-        .into_iter()
-        .find(|i| i.fsid == image.fsid)
-        .map(Json)
-        .ok_or_else(|| {
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Json(ApiError {
-                    error: "image vanished after registration".into(),
-                }),
-            )
-        })
+        .register(&req.reference)
+        .await
+        .map(|image| Json(image.info()))
+        .map_err(|e| failed(anyhow::Error::new(e).context(req.reference.clone())))
 }
 
 fn failed(e: anyhow::Error) -> (StatusCode, Json<ApiError>) {

@@ -48,6 +48,18 @@ impl Image {
     pub fn total_size(&self) -> u64 {
         self.meta.size + self.data.iter().map(|d| d.source.size).sum::<u64>()
     }
+
+    /// The summary `status` reports.
+    pub fn info(&self) -> ImageInfo {
+        ImageInfo {
+            reference: self.reference.clone(),
+            manifest_digest: self.manifest_digest.clone(),
+            fsid: self.fsid.clone(),
+            meta_size: self.meta.size,
+            data_blobs: self.data.len(),
+            total_size: self.total_size(),
+        }
+    }
 }
 
 /// What a cachefiles (volume key, cookie key) pair names.
@@ -229,17 +241,7 @@ impl Catalog {
 
     pub fn list(&self) -> Vec<ImageInfo> {
         let images = self.images.read().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<ImageInfo> = images
-            .values()
-            .map(|i| ImageInfo {
-                reference: i.reference.clone(),
-                manifest_digest: i.manifest_digest.clone(),
-                fsid: i.fsid.clone(),
-                meta_size: i.meta.size,
-                data_blobs: i.data.len(),
-                total_size: i.total_size(),
-            })
-            .collect();
+        let mut v: Vec<ImageInfo> = images.values().map(|i| i.info()).collect();
         v.sort_by(|a, b| a.reference.cmp(&b.reference));
         v
     }

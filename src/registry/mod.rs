@@ -202,10 +202,10 @@ impl Registry {
     /// Fetch a whole blob and verify it against its digest and size.
     pub async fn fetch_blob(&self, src: &BlobSource) -> Result<Bytes, RegistryError> {
         let what = format!("blob {}", src.digest);
-        self.with_endpoints(&src.repo, "blob", |ep, auth| {
+        self.with_endpoints(&src.repo, "blob", |ep, _| {
             let what = what.clone();
             async move {
-                let data = self.get_range(&ep, &auth, src, 0, src.size).await?;
+                let data = self.get_range(&ep, src, 0, src.size).await?;
                 let got = sha256_digest(&data);
                 if got != src.digest {
                     return Err(RegistryError::DigestMismatch {
@@ -245,8 +245,8 @@ impl Registry {
             )));
         }
         let check = &check;
-        self.with_endpoints(&src.repo, "range", |ep, auth| async move {
-            let data = self.get_range(&ep, &auth, src, offset, len).await?;
+        self.with_endpoints(&src.repo, "range", |ep, _| async move {
+            let data = self.get_range(&ep, src, offset, len).await?;
             check(&data)?;
             Ok(data)
         })
@@ -387,14 +387,7 @@ impl Registry {
     }
 
     /// One range GET on one endpoint; returns exactly `len` bytes or an error.
-    async fn get_range(
-        &self,
-        ep: &Reference,
-        _auth: &RegistryAuth,
-        src: &BlobSource,
-        offset: u64,
-        len: u64,
-    ) -> Result<Bytes, RegistryError> {
+    async fn get_range(&self, ep: &Reference, src: &BlobSource, offset: u64, len: u64) -> Result<Bytes, RegistryError> {
         if len == 0 {
             return Ok(Bytes::new());
         }

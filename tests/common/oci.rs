@@ -15,7 +15,8 @@ pub struct Layer {
     b: tar::Builder<Vec<u8>>,
 }
 
-fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+/// A header with fixed owner (0:0) and time.
+pub fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(mode);
@@ -88,6 +89,13 @@ impl Layer {
         self.b.append_data(&mut h, path, std::io::empty()).unwrap();
         self
     }
+    /// A regular file whose name bytes are written as given, unsanitised (`..`, absolute).
+    pub fn raw_file(&mut self, name: &[u8], data: &[u8]) -> &mut Self {
+        let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        self.raw(&mut h, data)
+    }
+
     /// Raw bytes appended as they are (hostile headers).
     pub fn raw(&mut self, h: &mut tar::Header, data: &[u8]) -> &mut Self {
         h.set_cksum();

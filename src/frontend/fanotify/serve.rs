@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use nix::sys::fanotify::Fanotify;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::io::unix::AsyncFd;
 use tracing::Instrument;
 
@@ -328,22 +327,16 @@ impl FanotifyFrontend {
 
     /// Make `range` of the event's file present and verified; returns chunks written.
     async fn fill(self: &Arc<Self>, file: &File, range: Option<(u64, u64)>) -> io::Result<u64> {
-        let md = file.metadata()?;
-        let Some(cached) = lock(&self.files).get(&(md.dev(), md.ino())).cloned() else {
+        let Some(cached) = self.cached(file) else {
             // a marked file we do not know: never let a hole be read as zeros
             return Err(io::Error::other(
                 "pre-content event for a file this daemon does not serve",
             ));
         };
-        let size = cached.blob.source.size;
-        let (off, count) = range.unwrap_or((0, size));
-        if off >= size || count == 0 {
+        let Some((first, last, unit)) = cached.chunks(range) else {
             return Ok(0);
-        }
-        let end = off.saturating_add(count).min(size);
-        let unit = cached.blob.table_chunk;
-        let first = off / unit;
-        let last = (end - 1) / unit;
+        };
+        let size = cached.blob.source.size;
         let mut missing = Vec::new();
         for c in first..=last {
             let (s, e) = (c * unit, ((c + 1) * unit).min(size));
@@ -419,8 +412,7 @@ impl FanotifyFrontend {
     fn verify_on_disk(&self, cached: &CachedBlob, file: &File, c: u64, s: u64, e: u64) -> io::Result<bool> {
         let mut buf = vec![0u8; (e - s) as usize];
         file.read_exact_at(&mut buf, s)?;
-        let got: [u8; 32] = Sha256::digest(&buf).into();
-        let ok = cached.blob.digests.get(c as usize) == Some(&got);
+        let ok = cached.blob.verify(s, &buf).is_ok();
         if !ok {
             tracing::warn!(path = %cached.path.display(), chunk = c, "cached chunk does not match its digest: fetching it again");
         }
