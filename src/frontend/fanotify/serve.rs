@@ -174,7 +174,8 @@ impl FanotifyFrontend {
                 continue;
             };
             let file = File::from(fd);
-            if ev.mask & FAN_PRE_ACCESS != 0 && self.all_verified(&file, ev.range) {
+            let cached = self.cached(&file);
+            if ev.mask & FAN_PRE_ACCESS != 0 && self.all_verified(cached.as_ref(), ev.range) {
                 // fast path: everything asked for is already in the cache and verified
                 if let Err(e) = sys::respond(self.fan.get_ref().as_fd(), file.as_fd(), sys::FAN_ALLOW) {
                     tracing::error!(error = %e, "fanotify response failed");
@@ -184,7 +185,7 @@ impl FanotifyFrontend {
             }
             let me = Arc::clone(self);
             let span = tracing::info_span!("pre_access", pid = ev.pid, range = ?ev.range);
-            tokio::spawn(async move { me.handle(ev, file).await }.instrument(span));
+            tokio::spawn(async move { me.handle(ev, file, cached).await }.instrument(span));
         }
     }
 
@@ -207,8 +208,8 @@ impl FanotifyFrontend {
 
     /// Whether everything `range` asks for is cached and verified; if so, keep a sequential
     /// reader's read-ahead going.
-    fn all_verified(self: &Arc<Self>, file: &File, range: Option<(u64, u64)>) -> bool {
-        let Some(cached) = self.cached(file) else {
+    fn all_verified(self: &Arc<Self>, cached: Option<&Arc<CachedBlob>>, range: Option<(u64, u64)>) -> bool {
+        let Some(cached) = cached else {
             return false;
         };
         match cached.chunks(range) {
@@ -219,7 +220,7 @@ impl FanotifyFrontend {
                     (first..=last).all(|c| v.contains(&c))
                 };
                 if ok {
-                    self.advance_read_ahead(&cached, last);
+                    self.advance_read_ahead(cached, last);
                 }
                 ok
             }
@@ -298,10 +299,10 @@ impl FanotifyFrontend {
         }
     }
 
-    async fn handle(self: Arc<Self>, ev: event::Event, file: File) {
+    async fn handle(self: Arc<Self>, ev: event::Event, file: File, cached: Option<Arc<CachedBlob>>) {
         let t0 = Instant::now();
         let result = if ev.mask & FAN_PRE_ACCESS != 0 {
-            self.fill(&file, ev.range).await
+            self.fill(&file, cached, ev.range).await
         } else {
             Ok(0)
         };
@@ -326,8 +327,13 @@ impl FanotifyFrontend {
     }
 
     /// Make `range` of the event's file present and verified; returns chunks written.
-    async fn fill(self: &Arc<Self>, file: &File, range: Option<(u64, u64)>) -> io::Result<u64> {
-        let Some(cached) = self.cached(file) else {
+    async fn fill(
+        self: &Arc<Self>,
+        file: &File,
+        cached: Option<Arc<CachedBlob>>,
+        range: Option<(u64, u64)>,
+    ) -> io::Result<u64> {
+        let Some(cached) = cached else {
             // a marked file we do not know: never let a hole be read as zeros
             return Err(io::Error::other(
                 "pre-content event for a file this daemon does not serve",
