@@ -149,6 +149,25 @@ fn daemon(dir: &Path, hosts: &[&str], extra: &str) -> DaemonProc {
     DaemonProc::start(dir, hosts, &format!("frontend = \"fanotify\"\n{extra}"))
 }
 
+/// `LAZYBLOB_BENCH_PROFILE="perf record -a -g -o /tmp/p.data"`: a profiler around the
+/// sequential read, stopped with SIGINT.
+fn profile_start() -> Option<std::process::Child> {
+    let cmd = std::env::var("LAZYBLOB_BENCH_PROFILE").ok()?;
+    let child = Command::new("sh").arg("-c").arg(format!("exec {cmd}")).spawn().ok()?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    Some(child)
+}
+
+fn profile_stop(child: Option<std::process::Child>) {
+    if let Some(mut c) = child {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = c.wait();
+    }
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -165,6 +184,12 @@ fn read_range(path: &Path, off: u64, len: usize) -> Vec<u8> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--only seq,random,scale,start` runs a subset (start = cold start, warm, conversion)
+    let only: Option<Vec<String>> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let want = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     assert!(
         nix::unistd::geteuid().is_root(),
         "the benchmark mounts filesystems: run as root"
@@ -181,379 +206,394 @@ async fn main() {
     let mut rows: Vec<(String, String, String, String)> = Vec::new();
     let mut json_out = serde_json::Map::new();
 
-    // ---- the image: many small files, a few large ones, several layers
-    eprintln!("building the source image...");
-    let mut all: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for i in 0..s.small_files {
-        let len = 2_000 + (i * 7919) % 60_000;
-        all.insert(
-            format!("usr/lib/pkg{:03}/file{i:05}.so", i % 300),
-            rng_bytes(i as u64, len),
-        );
-    }
-    for (k, mib) in s.large_mib.iter().enumerate() {
-        all.insert(
-            format!("opt/big/blob{k}.bin"),
-            rng_bytes(1_000_000 + k as u64, mib << 20),
-        );
-    }
-    let total_bytes: u64 = all.values().map(|d| d.len() as u64).sum();
-    let mut layer_entries: Vec<Vec<(String, Vec<u8>)>> = vec![Vec::new(); s.layers];
-    for (i, (p, d)) in all.iter().enumerate() {
-        layer_entries[i % s.layers].push((p.clone(), d.clone()));
-    }
-    let layers: Vec<Vec<u8>> = layer_entries.iter().map(|e| gzip_tar(e)).collect();
-    drop(layer_entries);
-    let src = format!("{host}/bench/app:src");
-    let dst = format!("{host}/bench/app:lazy");
-    let layer_digests = push_source(&reg, &src, &layers).await;
-    drop(layers);
-
-    // ---- conversion (timed) against mkfs.erofs on the unpacked tree (below)
-    let t = Instant::now();
-    let report = convert_ref(&reg, &src, &dst).await;
-    let convert_s = t.elapsed().as_secs_f64();
-
-    // startup set: ~6% of the bytes, small files of a few packages plus the head of one large file
-    let mut startup: Vec<(String, u64, usize)> = Vec::new();
-    let mut budget = total_bytes * 6 / 100;
-    let big_head = (budget / 3) as usize;
-    startup.push(("opt/big/blob0.bin".into(), 0, big_head.min(s.large_mib[0] << 20)));
-    budget -= big_head as u64;
-    for (p, d) in all.iter().filter(|(p, _)| p.starts_with("usr/")) {
-        if budget < d.len() as u64 {
-            break;
+    if want("start") {
+        // ---- the image: many small files, a few large ones, several layers
+        eprintln!("building the source image...");
+        let mut all: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for i in 0..s.small_files {
+            let len = 2_000 + (i * 7919) % 60_000;
+            all.insert(
+                format!("usr/lib/pkg{:03}/file{i:05}.so", i % 300),
+                rng_bytes(i as u64, len),
+            );
         }
-        budget -= d.len() as u64;
-        startup.push((p.clone(), 0, d.len()));
-    }
-    let startup_bytes: u64 = startup.iter().map(|x| x.2 as u64).sum();
+        for (k, mib) in s.large_mib.iter().enumerate() {
+            all.insert(
+                format!("opt/big/blob{k}.bin"),
+                rng_bytes(1_000_000 + k as u64, mib << 20),
+            );
+        }
+        let total_bytes: u64 = all.values().map(|d| d.len() as u64).sum();
+        let mut layer_entries: Vec<Vec<(String, Vec<u8>)>> = vec![Vec::new(); s.layers];
+        for (i, (p, d)) in all.iter().enumerate() {
+            layer_entries[i % s.layers].push((p.clone(), d.clone()));
+        }
+        let layers: Vec<Vec<u8>> = layer_entries.iter().map(|e| gzip_tar(e)).collect();
+        drop(layer_entries);
+        let src = format!("{host}/bench/app:src");
+        let dst = format!("{host}/bench/app:lazy");
+        let layer_digests = push_source(&reg, &src, &layers).await;
+        drop(layers);
 
-    // ---- 1. cold start: lazyblob mount + startup set, against full pull (download + untar)
-    drop_caches();
-    let d = daemon(&w.join("d1"), &[&host], "");
-    let mnt = w.join("d1/mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let t = Instant::now();
-    d.mount(&dst, &mnt);
-    for (p, off, len) in &startup {
-        let got = read_range(&mnt.join(p), *off, *len);
-        assert!(
-            got[..] == all[p][*off as usize..*off as usize + len],
-            "{p}: wrong bytes"
-        );
-    }
-    let lazy_cold = t.elapsed().as_secs_f64();
-
-    let pull_dir = w.join("pull");
-    std::fs::create_dir_all(pull_dir.join("rootfs")).unwrap();
-    drop_caches();
-    let t = Instant::now();
-    let repo = format!("http://{host}/v2/bench/app/blobs");
-    let downloads: Vec<std::process::Child> = layer_digests
-        .iter()
-        .enumerate()
-        .map(|(i, dg)| {
-            Command::new("curl")
-                .args(["-sf", "-o"])
-                .arg(pull_dir.join(format!("l{i}.tgz")))
-                .arg(format!("{repo}/{dg}"))
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for mut c in downloads {
-        assert!(c.wait().unwrap().success());
-    }
-    for i in 0..layer_digests.len() {
-        let out = sh(&format!(
-            "tar -xzf {}/l{i}.tgz -C {}/rootfs",
-            pull_dir.display(),
-            pull_dir.display()
-        ));
-        assert!(out.status.success());
-    }
-    sh("sync");
-    let full_pull = t.elapsed().as_secs_f64();
-    rows.push((
-        "cold start (mount + read 6% startup set)".into(),
-        format!("{lazy_cold:.2} s"),
-        format!("full pull + untar {full_pull:.2} s"),
-        format!("{:.1}x faster", full_pull / lazy_cold),
-    ));
-    json_out.insert("cold_start".into(), json!({"image_bytes": total_bytes, "startup_bytes": startup_bytes, "lazyblob_s": lazy_cold, "full_pull_s": full_pull, "speedup": full_pull / lazy_cold}));
-
-    // ---- 4. warm reads: the startup set again (page cache dropped) against a local EROFS image
-    let read_set = |root: &Path| {
+        // ---- conversion (timed) against mkfs.erofs on the unpacked tree (below)
         let t = Instant::now();
-        for (p, off, len) in &startup {
-            let _ = read_range(&root.join(p), *off, *len);
-        }
-        t.elapsed().as_secs_f64()
-    };
-    drop_caches();
-    let _ = read_set(&mnt); // first warm pass verifies chunks found on disk once
-    drop_caches();
-    let lazy_warm = read_set(&mnt);
-    let img = w.join("local.erofs");
-    let t = Instant::now();
-    assert!(sh(&format!(
-        "mkfs.erofs --quiet {} {}/rootfs",
-        img.display(),
-        pull_dir.display()
-    ))
-    .status
-    .success());
-    let mkfs_s = t.elapsed().as_secs_f64();
-    let local = w.join("local-mnt");
-    std::fs::create_dir_all(&local).unwrap();
-    nix::mount::mount(
-        Some(&img),
-        &local,
-        Some("erofs"),
-        nix::mount::MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .unwrap();
-    drop_caches();
-    let local_warm = read_set(&local);
-    let _ = nix::mount::umount(&local);
-    rows.push((
-        "warm reads of the startup set (page cache dropped)".into(),
-        format!("{:.3} s", lazy_warm),
-        format!("local EROFS {local_warm:.3} s"),
-        format!("{:.2}x local", lazy_warm / local_warm),
-    ));
-    json_out.insert(
-        "warm".into(),
-        json!({"lazyblob_s": lazy_warm, "local_erofs_s": local_warm, "ratio": lazy_warm / local_warm}),
-    );
-    drop(d);
+        let report = convert_ref(&reg, &src, &dst).await;
+        let convert_s = t.elapsed().as_secs_f64();
 
-    // ---- 6. conversion throughput
-    let conv_mbs = report.layer_bytes as f64 / 1e6 / convert_s;
-    let mkfs_mbs = total_bytes as f64 / 1e6 / mkfs_s;
-    rows.push((
-        "conversion (MB/s of file data)".into(),
-        format!("{conv_mbs:.0} MB/s"),
-        format!("mkfs.erofs {mkfs_mbs:.0} MB/s"),
-        format!("{:.2}x", conv_mbs / mkfs_mbs),
-    ));
-    json_out.insert("conversion".into(), json!({"lazyblob_mbs": conv_mbs, "mkfs_erofs_mbs": mkfs_mbs, "ratio": conv_mbs / mkfs_mbs, "note": "lazyblob pulls from the registry and verifies and hashes every chunk; mkfs.erofs reads a local tree"}));
+        // startup set: ~6% of the bytes, small files of a few packages plus the head of one large file
+        let mut startup: Vec<(String, u64, usize)> = Vec::new();
+        let mut budget = total_bytes * 6 / 100;
+        let big_head = (budget / 3) as usize;
+        startup.push(("opt/big/blob0.bin".into(), 0, big_head.min(s.large_mib[0] << 20)));
+        budget -= big_head as u64;
+        for (p, d) in all.iter().filter(|(p, _)| p.starts_with("usr/")) {
+            if budget < d.len() as u64 {
+                break;
+            }
+            budget -= d.len() as u64;
+            startup.push((p.clone(), 0, d.len()));
+        }
+        let startup_bytes: u64 = startup.iter().map(|x| x.2 as u64).sum();
+
+        // ---- 1. cold start: lazyblob mount + startup set, against full pull (download + untar)
+        drop_caches();
+        let d = daemon(&w.join("d1"), &[&host], "");
+        let mnt = w.join("d1/mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let t = Instant::now();
+        d.mount(&dst, &mnt);
+        for (p, off, len) in &startup {
+            let got = read_range(&mnt.join(p), *off, *len);
+            assert!(
+                got[..] == all[p][*off as usize..*off as usize + len],
+                "{p}: wrong bytes"
+            );
+        }
+        let lazy_cold = t.elapsed().as_secs_f64();
+
+        let pull_dir = w.join("pull");
+        std::fs::create_dir_all(pull_dir.join("rootfs")).unwrap();
+        drop_caches();
+        let t = Instant::now();
+        let repo = format!("http://{host}/v2/bench/app/blobs");
+        let downloads: Vec<std::process::Child> = layer_digests
+            .iter()
+            .enumerate()
+            .map(|(i, dg)| {
+                Command::new("curl")
+                    .args(["-sf", "-o"])
+                    .arg(pull_dir.join(format!("l{i}.tgz")))
+                    .arg(format!("{repo}/{dg}"))
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut c in downloads {
+            assert!(c.wait().unwrap().success());
+        }
+        for i in 0..layer_digests.len() {
+            let out = sh(&format!(
+                "tar -xzf {}/l{i}.tgz -C {}/rootfs",
+                pull_dir.display(),
+                pull_dir.display()
+            ));
+            assert!(out.status.success());
+        }
+        sh("sync");
+        let full_pull = t.elapsed().as_secs_f64();
+        rows.push((
+            "cold start (mount + read 6% startup set)".into(),
+            format!("{lazy_cold:.2} s"),
+            format!("full pull + untar {full_pull:.2} s"),
+            format!("{:.1}x faster", full_pull / lazy_cold),
+        ));
+        json_out.insert("cold_start".into(), json!({"image_bytes": total_bytes, "startup_bytes": startup_bytes, "lazyblob_s": lazy_cold, "full_pull_s": full_pull, "speedup": full_pull / lazy_cold}));
+
+        // ---- 4. warm reads: the startup set again (page cache dropped) against a local EROFS image
+        let read_set = |root: &Path| {
+            let t = Instant::now();
+            for (p, off, len) in &startup {
+                let _ = read_range(&root.join(p), *off, *len);
+            }
+            t.elapsed().as_secs_f64()
+        };
+        drop_caches();
+        let _ = read_set(&mnt); // first warm pass verifies chunks found on disk once
+        drop_caches();
+        let lazy_warm = read_set(&mnt);
+        let img = w.join("local.erofs");
+        let t = Instant::now();
+        assert!(sh(&format!(
+            "mkfs.erofs --quiet {} {}/rootfs",
+            img.display(),
+            pull_dir.display()
+        ))
+        .status
+        .success());
+        let mkfs_s = t.elapsed().as_secs_f64();
+        let local = w.join("local-mnt");
+        std::fs::create_dir_all(&local).unwrap();
+        nix::mount::mount(
+            Some(&img),
+            &local,
+            Some("erofs"),
+            nix::mount::MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .unwrap();
+        drop_caches();
+        let local_warm = read_set(&local);
+        let _ = nix::mount::umount(&local);
+        rows.push((
+            "warm reads of the startup set (page cache dropped)".into(),
+            format!("{:.3} s", lazy_warm),
+            format!("local EROFS {local_warm:.3} s"),
+            format!("{:.2}x local", lazy_warm / local_warm),
+        ));
+        json_out.insert(
+            "warm".into(),
+            json!({"lazyblob_s": lazy_warm, "local_erofs_s": local_warm, "ratio": lazy_warm / local_warm}),
+        );
+        drop(d);
+
+        // ---- 6. conversion throughput
+        let conv_mbs = report.layer_bytes as f64 / 1e6 / convert_s;
+        let mkfs_mbs = total_bytes as f64 / 1e6 / mkfs_s;
+        rows.push((
+            "conversion (MB/s of file data)".into(),
+            format!("{conv_mbs:.0} MB/s"),
+            format!("mkfs.erofs {mkfs_mbs:.0} MB/s"),
+            format!("{:.2}x", conv_mbs / mkfs_mbs),
+        ));
+        json_out.insert("conversion".into(), json!({"lazyblob_mbs": conv_mbs, "mkfs_erofs_mbs": mkfs_mbs, "ratio": conv_mbs / mkfs_mbs, "note": "lazyblob pulls from the registry and verifies and hashes every chunk; mkfs.erofs reads a local tree"}));
+        eprintln!("\nimage: {} files, {:.0} MB in {} layers; startup set {:.0} MB ({:.1}%); all against docker-registry on loopback\n",
+        all.len(), total_bytes as f64 / 1e6, s.layers, startup_bytes as f64 / 1e6, 100.0 * startup_bytes as f64 / total_bytes as f64);
+    }
 
     // ---- 2. sequential cold read of one large file, against curl of the same blob
-    eprintln!("building the sequential-read image ({} MiB)...", s.seq_mib);
     let seq_data = rng_bytes(42, s.seq_mib << 20);
     let seq_src = format!("{host}/bench/seq:src");
     let seq_dst = format!("{host}/bench/seq:lazy");
-    push_source(
-        &reg,
-        &seq_src,
-        &[gzip_tar(&[("data/large.bin".into(), seq_data.clone())])],
-    )
-    .await;
-    convert_ref(&reg, &seq_src, &seq_dst).await;
-    let lazy = lazy_manifest(&reg, &seq_dst).await;
-    let blob = lazy.data[0].digest.clone();
-    drop_caches();
-    let t = Instant::now();
-    assert!(sh(&format!(
-        "curl -sf -o {}/curl.bin http://{host}/v2/bench/seq/blobs/{blob}",
-        w.display()
-    ))
-    .status
-    .success());
-    let curl_s = t.elapsed().as_secs_f64();
-    let d = daemon(&w.join("d2"), &[&host], "");
-    let mnt2 = w.join("d2/mnt");
-    std::fs::create_dir_all(&mnt2).unwrap();
-    d.mount(&seq_dst, &mnt2);
-    drop_caches();
-    let t = Instant::now();
-    let out = sh(&format!(
-        "dd if={}/data/large.bin of=/dev/null bs=1M status=none",
-        mnt2.display()
-    ));
-    assert!(out.status.success());
-    let seq_s = t.elapsed().as_secs_f64();
-    let mb = (s.seq_mib << 20) as f64 / 1e6;
-    rows.push((
-        format!("sequential cold read, {} MiB file (fanotify)", s.seq_mib),
-        format!("{:.0} MB/s", mb / seq_s),
-        format!("curl {:.0} MB/s", mb / curl_s),
-        format!("{:.0}% of curl", 100.0 * curl_s / seq_s),
-    ));
-    json_out.insert(
+    if want("seq") || want("random") {
+        eprintln!("building the sequential-read image ({} MiB)...", s.seq_mib);
+        push_source(
+            &reg,
+            &seq_src,
+            &[gzip_tar(&[("data/large.bin".into(), seq_data.clone())])],
+        )
+        .await;
+        convert_ref(&reg, &seq_src, &seq_dst).await;
+    }
+    let blob = if want("seq") || want("random") {
+        lazy_manifest(&reg, &seq_dst).await.data[0].digest.clone()
+    } else {
+        String::new()
+    };
+    if want("seq") {
+        drop_caches();
+        let t = Instant::now();
+        assert!(sh(&format!(
+            "curl -sf -o {}/curl.bin http://{host}/v2/bench/seq/blobs/{blob}",
+            w.display()
+        ))
+        .status
+        .success());
+        let curl_s = t.elapsed().as_secs_f64();
+        let d = daemon(&w.join("d2"), &[&host], "");
+        let mnt2 = w.join("d2/mnt");
+        std::fs::create_dir_all(&mnt2).unwrap();
+        d.mount(&seq_dst, &mnt2);
+        drop_caches();
+        let profiler = profile_start();
+        let t = Instant::now();
+        let out = sh(&format!(
+            "dd if={}/data/large.bin of=/dev/null bs=1M status=none",
+            mnt2.display()
+        ));
+        assert!(out.status.success());
+        let seq_s = t.elapsed().as_secs_f64();
+        profile_stop(profiler);
+        let mb = (s.seq_mib << 20) as f64 / 1e6;
+        rows.push((
+            format!("sequential cold read, {} MiB file (fanotify)", s.seq_mib),
+            format!("{:.0} MB/s", mb / seq_s),
+            format!("curl {:.0} MB/s", mb / curl_s),
+            format!("{:.0}% of curl", 100.0 * curl_s / seq_s),
+        ));
+        json_out.insert(
         "sequential".into(),
         json!({"bytes": s.seq_mib << 20, "lazyblob_mbs": mb / seq_s, "curl_mbs": mb / curl_s, "ratio": curl_s / seq_s}),
     );
-    drop(d);
+        drop(d);
+    }
 
     // ---- 3. random 4 KiB cold reads, against raw HTTP range GETs of the same size; with the
     // default 1 MiB chunks and with an image converted with 64 KiB chunks
-    let chunks = (s.seq_mib as u64) - 1;
-    let mut r = rand::rngs::SmallRng::seed_from_u64(7);
-    let offsets: Vec<u64> = (0..s.random_reads)
-        .map(|i| ((i as u64 * 7919) % chunks) * (1 << 20) + (r.next_u64() % 250) * 4096)
-        .collect();
-    let http = reqwest::Client::new();
-    let mut raw_lat = Vec::new();
-    for off in &offsets {
-        let t = Instant::now();
-        let body = http
-            .get(format!("http://{host}/v2/bench/seq/blobs/{blob}"))
-            .header("Range", format!("bytes={}-{}", off, off + 4095))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        raw_lat.push(t.elapsed().as_secs_f64() * 1e6);
-        assert_eq!(body.len(), 4096);
-    }
-    let (rp50, rp99) = (percentile(&mut raw_lat.clone(), 0.5), percentile(&mut raw_lat, 0.99));
-    let small_dst = format!("{host}/bench/seq:lazy64k");
-    let opts64 = ConvertOptions {
-        chunk_size: 64 * 1024,
-        ..Default::default()
-    };
-    convert(&reg, &seq_src.parse().unwrap(), &small_dst.parse().unwrap(), &opts64)
-        .await
-        .unwrap();
-    for (name, image, extra) in [
-        (
-            "1 MiB chunks",
-            &seq_dst,
-            "[engine]\nchunk_size = 1048576\nprefetch_chunks = 0\n",
-        ),
-        (
-            "64 KiB chunks",
-            &small_dst,
-            "[engine]\nchunk_size = 65536\nprefetch_chunks = 0\n",
-        ),
-    ] {
-        let dir = w.join(format!("d3-{}", name.split(' ').next().unwrap_or("x")));
-        let d = daemon(&dir, &[&host], extra);
-        let m = dir.join("mnt");
-        std::fs::create_dir_all(&m).unwrap();
-        d.mount(image, &m);
-        let mut lazy_lat = Vec::new();
+    if want("random") {
+        let chunks = (s.seq_mib as u64) - 1;
+        let mut r = rand::rngs::SmallRng::seed_from_u64(7);
+        let offsets: Vec<u64> = (0..s.random_reads)
+            .map(|i| ((i as u64 * 7919) % chunks) * (1 << 20) + (r.next_u64() % 250) * 4096)
+            .collect();
+        let http = reqwest::Client::new();
+        let mut raw_lat = Vec::new();
         for off in &offsets {
             let t = Instant::now();
-            let got = read_range(&m.join("data/large.bin"), *off, 4096);
-            lazy_lat.push(t.elapsed().as_secs_f64() * 1e6);
-            assert!(got[..] == seq_data[*off as usize..*off as usize + 4096]);
+            let body = http
+                .get(format!("http://{host}/v2/bench/seq/blobs/{blob}"))
+                .header("Range", format!("bytes={}-{}", off, off + 4095))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            raw_lat.push(t.elapsed().as_secs_f64() * 1e6);
+            assert_eq!(body.len(), 4096);
         }
-        let (lp50, lp99) = (percentile(&mut lazy_lat.clone(), 0.5), percentile(&mut lazy_lat, 0.99));
-        rows.push((
-            format!("random 4 KiB cold reads p50 / p99, {name}"),
-            format!("{lp50:.0} / {lp99:.0} us"),
-            format!("range GET {rp50:.0} / {rp99:.0} us"),
-            format!("+{:.0} us at p50", lp50 - rp50),
-        ));
-        json_out.insert(format!("random_4k_{}", name.replace(' ', "_")), json!({"lazyblob_p50_us": lp50, "lazyblob_p99_us": lp99, "raw_get_p50_us": rp50, "raw_get_p99_us": rp99, "added_p50_us": lp50 - rp50,
+        let (rp50, rp99) = (percentile(&mut raw_lat.clone(), 0.5), percentile(&mut raw_lat, 0.99));
+        let small_dst = format!("{host}/bench/seq:lazy64k");
+        let opts64 = ConvertOptions {
+            chunk_size: 64 * 1024,
+            ..Default::default()
+        };
+        convert(&reg, &seq_src.parse().unwrap(), &small_dst.parse().unwrap(), &opts64)
+            .await
+            .unwrap();
+        for (name, image, extra) in [
+            (
+                "1 MiB chunks",
+                &seq_dst,
+                "[engine]\nchunk_size = 1048576\nprefetch_chunks = 0\n",
+            ),
+            (
+                "64 KiB chunks",
+                &small_dst,
+                "[engine]\nchunk_size = 65536\nprefetch_chunks = 0\n",
+            ),
+        ] {
+            let dir = w.join(format!("d3-{}", name.split(' ').next().unwrap_or("x")));
+            let d = daemon(&dir, &[&host], extra);
+            let m = dir.join("mnt");
+            std::fs::create_dir_all(&m).unwrap();
+            d.mount(image, &m);
+            let mut lazy_lat = Vec::new();
+            for off in &offsets {
+                let t = Instant::now();
+                let got = read_range(&m.join("data/large.bin"), *off, 4096);
+                lazy_lat.push(t.elapsed().as_secs_f64() * 1e6);
+                assert!(got[..] == seq_data[*off as usize..*off as usize + 4096]);
+            }
+            let (lp50, lp99) = (percentile(&mut lazy_lat.clone(), 0.5), percentile(&mut lazy_lat, 0.99));
+            rows.push((
+                format!("random 4 KiB cold reads p50 / p99, {name}"),
+                format!("{lp50:.0} / {lp99:.0} us"),
+                format!("range GET {rp50:.0} / {rp99:.0} us"),
+                format!("+{:.0} us at p50", lp50 - rp50),
+            ));
+            json_out.insert(format!("random_4k_{}", name.replace(' ', "_")), json!({"lazyblob_p50_us": lp50, "lazyblob_p99_us": lp99, "raw_get_p50_us": rp50, "raw_get_p99_us": rp99, "added_p50_us": lp50 - rp50,
             "note": "a cold 4 KiB read fetches and verifies its whole chunk"}));
+        }
     }
 
     // ---- 5. scale: many registered images and concurrent cold reads, registry answering at once
-    eprintln!(
-        "scale test: {} images, {} concurrent cold reads...",
-        s.images, s.concurrent
-    );
-    let mock = registry_mock::MockRegistry::start(Default::default()).await.unwrap();
-    let mhost = mock.host();
-    let mreg = registry(&[&mhost]);
-    let big_len = s.concurrent * 64 * 1024;
-    let mut big_tree = BTreeMap::new();
-    big_tree.insert("data/big.bin".to_string(), rng_bytes(99, big_len));
-    for i in 0..s.images {
-        let mut tree = lazyblob::image::tree::Tree::new(lazyblob::image::tree::Meta {
-            perm: 0o755,
-            ..Default::default()
-        });
-        let mut bw = lazyblob::image::build::BlobWriter::new(1);
-        let data = if i == 0 {
-            big_tree["data/big.bin"].clone()
-        } else {
-            rng_bytes(5000 + i as u64, 8192)
-        };
-        let fd = bw.add(0, &data);
-        tree.insert(
-            0,
-            b"big.bin",
-            lazyblob::image::tree::Node {
-                meta: lazyblob::image::tree::Meta {
-                    perm: 0o644,
-                    ..Default::default()
-                },
-                kind: lazyblob::image::tree::Kind::File(fd),
-            },
-        )
-        .unwrap();
-        let built = bw.finish(tree, 1 << 20).unwrap();
-        lazyblob::image::build::push(
-            &mreg,
-            &parse_reference(&format!("{mhost}/scale/img{i}:v1")).unwrap(),
-            &built,
-            None,
-        )
-        .await
-        .unwrap();
-    }
-    let d = daemon(&w.join("d4"), &[&mhost], "");
-    let mnt4 = w.join("d4/mnt");
-    for i in 0..s.images {
-        let m = mnt4.join(format!("m{i}"));
-        std::fs::create_dir_all(&m).unwrap();
-        d.mount(&format!("{mhost}/scale/img{i}:v1"), &m);
-    }
-    let target = mnt4.join("m0/big.bin");
-    let t = Instant::now();
-    let handles: Vec<_> = (0..s.concurrent)
-        .map(|i| {
-            let p = target.clone();
-            std::thread::spawn(move || read_range(&p, (i * 64 * 1024) as u64, 4096))
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let got = h.join().unwrap();
-        let off = i * 64 * 1024;
-        assert!(got[..] == big_tree["data/big.bin"][off..off + 4096]);
-    }
-    let burst = t.elapsed().as_secs_f64();
-    let (rss_kib, cpu_s) = usage(d.pid());
-    // requests per second when the registry answers at once: cold 4 KiB reads, one per chunk
-    let d2 = daemon(&w.join("d5"), &[&mhost], "");
-    let m5 = w.join("d5/mnt");
-    std::fs::create_dir_all(&m5).unwrap();
-    d2.mount(&format!("{mhost}/scale/img0:v1"), &m5);
-    let chunks = big_len / (1 << 20);
-    let t = Instant::now();
-    for c in 0..chunks {
-        let _ = read_range(&m5.join("big.bin"), (c << 20) as u64, 4096);
-    }
-    let rps = chunks as f64 / t.elapsed().as_secs_f64();
-    rows.push((
-        format!(
-            "scale: {} images mounted, {} concurrent cold reads",
+    if want("scale") {
+        eprintln!(
+            "scale test: {} images, {} concurrent cold reads...",
             s.images, s.concurrent
-        ),
-        format!("RSS {:.1} MiB, CPU {cpu_s:.2} s", rss_kib as f64 / 1024.0),
-        format!("burst {burst:.2} s"),
-        format!("{rps:.0} cold chunk reads/s"),
-    ));
-    json_out.insert("scale".into(), json!({"images": s.images, "concurrent": s.concurrent, "peak_rss_kib": rss_kib, "cpu_s": cpu_s, "burst_s": burst, "cold_chunk_reads_per_s": rps}));
-    drop(d2);
-    drop(d);
+        );
+        let mock = registry_mock::MockRegistry::start(Default::default()).await.unwrap();
+        let mhost = mock.host();
+        let mreg = registry(&[&mhost]);
+        let big_len = s.concurrent * 64 * 1024;
+        let mut big_tree = BTreeMap::new();
+        big_tree.insert("data/big.bin".to_string(), rng_bytes(99, big_len));
+        for i in 0..s.images {
+            let mut tree = lazyblob::image::tree::Tree::new(lazyblob::image::tree::Meta {
+                perm: 0o755,
+                ..Default::default()
+            });
+            let mut bw = lazyblob::image::build::BlobWriter::new(1);
+            let data = if i == 0 {
+                big_tree["data/big.bin"].clone()
+            } else {
+                rng_bytes(5000 + i as u64, 8192)
+            };
+            let fd = bw.add(0, &data);
+            tree.insert(
+                0,
+                b"big.bin",
+                lazyblob::image::tree::Node {
+                    meta: lazyblob::image::tree::Meta {
+                        perm: 0o644,
+                        ..Default::default()
+                    },
+                    kind: lazyblob::image::tree::Kind::File(fd),
+                },
+            )
+            .unwrap();
+            let built = bw.finish(tree, 1 << 20).unwrap();
+            lazyblob::image::build::push(
+                &mreg,
+                &parse_reference(&format!("{mhost}/scale/img{i}:v1")).unwrap(),
+                &built,
+                None,
+            )
+            .await
+            .unwrap();
+        }
+        let d = daemon(&w.join("d4"), &[&mhost], "");
+        let mnt4 = w.join("d4/mnt");
+        for i in 0..s.images {
+            let m = mnt4.join(format!("m{i}"));
+            std::fs::create_dir_all(&m).unwrap();
+            d.mount(&format!("{mhost}/scale/img{i}:v1"), &m);
+        }
+        let target = mnt4.join("m0/big.bin");
+        let t = Instant::now();
+        let handles: Vec<_> = (0..s.concurrent)
+            .map(|i| {
+                let p = target.clone();
+                std::thread::spawn(move || read_range(&p, (i * 64 * 1024) as u64, 4096))
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let got = h.join().unwrap();
+            let off = i * 64 * 1024;
+            assert!(got[..] == big_tree["data/big.bin"][off..off + 4096]);
+        }
+        let burst = t.elapsed().as_secs_f64();
+        let (rss_kib, cpu_s) = usage(d.pid());
+        // requests per second when the registry answers at once: cold 4 KiB reads, one per chunk
+        let d2 = daemon(&w.join("d5"), &[&mhost], "");
+        let m5 = w.join("d5/mnt");
+        std::fs::create_dir_all(&m5).unwrap();
+        d2.mount(&format!("{mhost}/scale/img0:v1"), &m5);
+        let chunks = big_len / (1 << 20);
+        let t = Instant::now();
+        for c in 0..chunks {
+            let _ = read_range(&m5.join("big.bin"), (c << 20) as u64, 4096);
+        }
+        let rps = chunks as f64 / t.elapsed().as_secs_f64();
+        rows.push((
+            format!(
+                "scale: {} images mounted, {} concurrent cold reads",
+                s.images, s.concurrent
+            ),
+            format!("RSS {:.1} MiB, CPU {cpu_s:.2} s", rss_kib as f64 / 1024.0),
+            format!("burst {burst:.2} s"),
+            format!("{rps:.0} cold chunk reads/s"),
+        ));
+        json_out.insert("scale".into(), json!({"images": s.images, "concurrent": s.concurrent, "peak_rss_kib": rss_kib, "cpu_s": cpu_s, "burst_s": burst, "cold_chunk_reads_per_s": rps}));
+        drop(d2);
+        drop(d);
+    }
 
     // ---- report
     println!("\n| benchmark | lazyblob | baseline | ratio |\n| --- | --- | --- | --- |");
     for (a, b, c, d) in &rows {
         println!("| {a} | {b} | {c} | {d} |");
     }
-    println!("\nimage: {} files, {:.0} MB in {} layers; startup set {:.0} MB ({:.1}%); all against docker-registry on loopback\n",
-        all.len(), total_bytes as f64 / 1e6, s.layers, startup_bytes as f64 / 1e6, 100.0 * startup_bytes as f64 / total_bytes as f64);
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
     let path = out_dir.join("lazyblob-bench.json");

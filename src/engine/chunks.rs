@@ -42,12 +42,16 @@ impl ChunkGeometry {
 /// Group sorted missing unit indices into runs of consecutive units, each at most
 /// `merge_max` bytes (and at least one unit).
 pub fn plan_runs(missing: &[u64], geo: &ChunkGeometry, merge_max: u64) -> Vec<Range<u64>> {
-    let per_run = (merge_max / geo.unit).max(1);
+    consecutive(missing, (merge_max / geo.unit).max(1))
+}
+
+/// Runs of consecutive values of a sorted list, each at most `max_len` long.
+pub fn consecutive(sorted: &[u64], max_len: u64) -> Vec<Range<u64>> {
     let mut runs: Vec<Range<u64>> = Vec::new();
-    for &idx in missing {
+    for &v in sorted {
         match runs.last_mut() {
-            Some(r) if r.end == idx && r.end - r.start < per_run => r.end += 1,
-            _ => runs.push(idx..idx + 1),
+            Some(r) if r.end == v && r.end - r.start < max_len => r.end += 1,
+            _ => runs.push(v..v + 1),
         }
     }
     runs

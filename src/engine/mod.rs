@@ -9,18 +9,21 @@
 
 pub mod chunks;
 pub mod inflight;
+pub mod run;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::future::{BoxFuture, FutureExt};
+use futures::channel::oneshot;
+use futures::future::FutureExt;
 use sha2::{Digest, Sha256};
 
 use crate::config::EngineConfig;
 use crate::registry::{BlobSource, Registry, RegistryError};
 use chunks::{plan_runs, ChunkGeometry};
 use inflight::{ChunkFuture, ChunkKey, Inflight};
+use run::RunSink;
 
 /// Why a read could not be served.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -95,6 +98,40 @@ pub struct Piece {
     pub data: Bytes,
 }
 
+/// A unit being fetched (or just fetched) for a reader; [`Pending::wait`] yields it verified.
+pub struct Pending {
+    pub offset: u64,
+    key: ChunkKey,
+    fut: Option<ChunkFuture>,
+    ready: Option<Bytes>,
+}
+
+impl Pending {
+    /// The verified unit. A failed fetch is forgotten, so the next read tries again.
+    pub async fn wait(self, engine: &Engine) -> Result<Piece, EngineError> {
+        let data = match (self.ready, self.fut) {
+            (Some(d), _) => d,
+            (None, Some(f)) => match f.clone().await {
+                Ok(data) => {
+                    engine.inflight.complete(&self.key, &f, &data);
+                    data
+                }
+                Err(e) => {
+                    engine.inflight.remove_if_same(&self.key, &f);
+                    engine.stats.failed_reads.fetch_add(1, Relaxed);
+                    return Err(e);
+                }
+            },
+            (None, None) => return Err(EngineError::Task("empty pending unit".into())),
+        };
+        engine.stats.bytes_served.fetch_add(data.len() as u64, Relaxed);
+        Ok(Piece {
+            offset: self.offset,
+            data,
+        })
+    }
+}
+
 /// The blob engine.
 pub struct Engine {
     registry: Arc<Registry>,
@@ -135,6 +172,26 @@ impl Engine {
         offset: u64,
         len: u64,
     ) -> Result<Vec<Piece>, EngineError> {
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for p in self.fetch(blob, offset, len)? {
+            match p.wait(self).await {
+                Ok(piece) => out.push(piece),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Start fetching the units covering `[offset, offset + len)` of `blob` that are neither
+    /// in flight nor recent, and return one [`Pending`] per unit, in order; each can be
+    /// awaited as soon as its own bytes are verified.
+    pub fn fetch(self: &Arc<Self>, blob: &Arc<DataBlob>, offset: u64, len: u64) -> Result<Vec<Pending>, EngineError> {
         let size = blob.source.size;
         if offset >= size || len == 0 {
             return Err(EngineError::OutOfRange {
@@ -146,65 +203,45 @@ impl Engine {
         }
         let geo = ChunkGeometry::new(self.cfg.chunk_size, blob.table_chunk, size);
         let wanted = geo.chunks_for(offset, len);
-        let mut waits: Vec<(u64, ChunkFuture)> = Vec::with_capacity(wanted.clone().count());
-        let mut out = Vec::with_capacity(waits.capacity());
-        {
-            let mut missing = Vec::new();
-            let mut st = self.inflight.lock();
-            for idx in wanted.clone() {
-                let key = ChunkKey::new(&blob.source.digest, idx);
-                if let Some(data) = st.recent.get(&key) {
-                    self.stats.shared_hits.fetch_add(1, Relaxed);
-                    out.push(Piece {
-                        offset: geo.start(idx),
-                        data: data.clone(),
-                    });
-                } else if let Some(f) = st.running.get(&key) {
-                    self.stats.shared_hits.fetch_add(1, Relaxed);
-                    waits.push((idx, f.clone()));
-                } else {
-                    missing.push(idx);
-                }
-            }
-            for run in plan_runs(&missing, &geo, self.cfg.merge_max) {
-                let futs = self.start_run(blob, &geo, run.clone());
-                for (idx, f) in run.zip(futs) {
-                    st.running.insert(ChunkKey::new(&blob.source.digest, idx), f.clone());
-                    waits.push((idx, f));
-                }
-            }
-        }
-        let mut first_err = None;
-        for (idx, f) in waits {
+        let first = wanted.start;
+        let mut out: Vec<Pending> = Vec::with_capacity(wanted.clone().count());
+        let mut missing = Vec::new();
+        let mut st = self.inflight.lock();
+        for idx in wanted {
             let key = ChunkKey::new(&blob.source.digest, idx);
-            match f.clone().await {
-                Ok(data) => {
-                    self.inflight.complete(&key, &f, &data);
-                    out.push(Piece {
-                        offset: geo.start(idx),
-                        data,
-                    });
-                }
-                Err(e) => {
-                    // Forget the failed fetch so the next read tries again.
-                    self.inflight.remove_if_same(&key, &f);
-                    first_err.get_or_insert(e);
+            let (fut, ready) = if let Some(data) = st.recent.get(&key) {
+                (None, Some(data.clone()))
+            } else if let Some(f) = st.running.get(&key) {
+                (Some(f.clone()), None)
+            } else {
+                missing.push(idx);
+                (None, None)
+            };
+            if fut.is_some() || ready.is_some() {
+                self.stats.shared_hits.fetch_add(1, Relaxed);
+            }
+            out.push(Pending {
+                offset: geo.start(idx),
+                key,
+                fut,
+                ready,
+            });
+        }
+        for run in plan_runs(&missing, &geo, self.cfg.merge_max) {
+            let futs = self.start_run(blob, &geo, run.clone());
+            for (idx, f) in run.zip(futs) {
+                st.running.insert(ChunkKey::new(&blob.source.digest, idx), f.clone());
+                if let Some(p) = out.get_mut((idx - first) as usize) {
+                    p.fut = Some(f);
                 }
             }
         }
-        out.sort_by_key(|p| p.offset);
-        if let Some(e) = first_err {
-            self.stats.failed_reads.fetch_add(1, Relaxed);
-            return Err(e);
-        }
-        self.stats
-            .bytes_served
-            .fetch_add(out.iter().map(|p| p.data.len() as u64).sum(), Relaxed);
         Ok(out)
     }
 
-    /// Start one range request for the chunks of `run` on its own task (so it finishes even
-    /// if the reader that started it goes away) and return one shared future per chunk.
+    /// Start one range request for the units of `run` on its own task (so it finishes even
+    /// if the reader that started it goes away) and return one shared future per unit, each
+    /// resolved as soon as that unit is verified.
     fn start_run(
         self: &Arc<Self>,
         blob: &Arc<DataBlob>,
@@ -215,36 +252,36 @@ impl Engine {
         let end = geo.end(run.end - 1);
         self.stats.runs.fetch_add(1, Relaxed);
         self.stats.chunks_fetched.fetch_add(run.end - run.start, Relaxed);
+        let (senders, receivers): (Vec<_>, Vec<_>) = run.clone().map(|_| oneshot::channel()).unzip();
+        let sink = std::sync::Mutex::new(RunSink::new(Arc::clone(blob), *geo, run.start, senders));
         let engine = Arc::clone(self);
-        let blob2 = Arc::clone(blob);
+        let src = blob.source.clone();
         let span = tracing::debug_span!("fetch", blob = %blob.source.digest, start, len = end - start);
-        let task = tokio::spawn(tracing::Instrument::instrument(
+        tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let t0 = std::time::Instant::now();
-                let r = engine
-                    .registry
-                    .fetch_range_checked(&blob2.source, start, end - start, |d| blob2.verify(start, d))
-                    .await;
+                let r = engine.registry.fetch_range_into(&src, end, &sink).await;
                 tracing::debug!(elapsed = ?t0.elapsed(), ok = r.is_ok(), "range fetched");
-                r
+                if let Err(e) = r {
+                    sink.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .fail(&EngineError::from(e));
+                }
             },
             span,
         ));
-        let whole: futures::future::Shared<BoxFuture<'static, Result<Bytes, EngineError>>> = async move {
-            match task.await {
-                Ok(r) => r.map_err(EngineError::from),
-                Err(e) => Err(EngineError::Task(e.to_string())),
-            }
-        }
-        .boxed()
-        .shared();
-        run.map(|idx| {
-            let whole = whole.clone();
-            let lo = (geo.start(idx) - start) as usize;
-            let hi = (geo.end(idx) - start) as usize;
-            // a slice of the run's buffer: no copy on the hot path (`recent` copies what it keeps)
-            async move { whole.await.map(|b| b.slice(lo..hi)) }.boxed().shared()
-        })
-        .collect()
+        receivers
+            .into_iter()
+            .map(|rx| {
+                async move {
+                    match rx.await {
+                        Ok(r) => r,
+                        Err(_) => Err(EngineError::Task("fetch task ended without a result".into())),
+                    }
+                }
+                .boxed()
+                .shared()
+            })
+            .collect()
     }
 }

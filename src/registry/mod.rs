@@ -8,6 +8,7 @@
 pub mod credentials;
 pub mod error;
 pub mod platform;
+pub mod range;
 pub mod retry;
 pub mod roots;
 
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciImageManifest, OciManifest};
@@ -205,7 +206,7 @@ impl Registry {
         self.with_endpoints(&src.repo, "blob", |ep, _| {
             let what = what.clone();
             async move {
-                let data = self.get_range(&ep, src, 0, src.size).await?;
+                let data = self.get_whole(&ep, src).await?;
                 let got = sha256_digest(&data);
                 if got != src.digest {
                     return Err(RegistryError::DigestMismatch {
@@ -244,11 +245,32 @@ impl Registry {
                 src.digest, src.size
             )));
         }
-        let check = &check;
+        let sink = Mutex::new(range::Collect::new(offset, len, check));
+        self.fetch_range_into(src, offset + len, &sink).await?;
+        let collected = sink.into_inner().unwrap_or_else(|p| p.into_inner()).into_bytes();
+        Ok(collected.unwrap_or_default())
+    }
+
+    /// Stream `[sink.resume_at(), end)` of a blob into `sink` with retries, mirrors and
+    /// re-authentication; each retry resumes where the sink says.
+    pub async fn fetch_range_into<S: range::RangeSink>(
+        &self,
+        src: &BlobSource,
+        end: u64,
+        sink: &Mutex<S>,
+    ) -> Result<(), RegistryError> {
+        if end > src.size {
+            return Err(RegistryError::Manifest(format!(
+                "range end {end} outside blob {} of {} bytes",
+                src.digest, src.size
+            )));
+        }
         self.with_endpoints(&src.repo, "range", |ep, _| async move {
-            let data = self.get_range(&ep, src, offset, len).await?;
-            check(&data)?;
-            Ok(data)
+            let r = self.stream_range(&ep, src, end, sink).await;
+            if r.is_err() {
+                lock(sink).abort_attempt();
+            }
+            r
         })
         .await
     }
@@ -386,17 +408,34 @@ impl Registry {
         sem.acquire_owned().await.expect("registry semaphore is never closed")
     }
 
-    /// One range GET on one endpoint; returns exactly `len` bytes or an error.
-    async fn get_range(&self, ep: &Reference, src: &BlobSource, offset: u64, len: u64) -> Result<Bytes, RegistryError> {
-        if len == 0 {
-            return Ok(Bytes::new());
+    /// One GET of a whole blob on one endpoint (no retries: the caller's loop has them).
+    async fn get_whole(&self, ep: &Reference, src: &BlobSource) -> Result<Bytes, RegistryError> {
+        let sink = Mutex::new(range::Collect::new(0, src.size, |_: &[u8]| Ok(())));
+        self.stream_range(ep, src, src.size, &sink).await?;
+        let collected = sink.into_inner().unwrap_or_else(|p| p.into_inner()).into_bytes();
+        Ok(collected.unwrap_or_default())
+    }
+
+    /// One range GET of `[sink.resume_at(), end)` on one endpoint, handing the body to `sink`
+    /// as it arrives; an error if the body ends early or the sink refuses a piece.
+    async fn stream_range<S: range::RangeSink>(
+        &self,
+        ep: &Reference,
+        src: &BlobSource,
+        end: u64,
+        sink: &Mutex<S>,
+    ) -> Result<(), RegistryError> {
+        let offset = lock(sink).resume_at();
+        if offset >= end {
+            return Ok(());
         }
+        let len = end - offset;
         let layer = oci_client::manifest::OciDescriptor {
             digest: src.digest.clone(),
             size: src.size as i64,
             ..Default::default()
         };
-        let (stream, skip) = match self
+        let (stream, mut to_skip) = match self
             .client
             .pull_blob_stream_partial(ep, &layer, offset, Some(len))
             .await?
@@ -406,32 +445,38 @@ impl Registry {
             BlobResponse::Full(s) => (s, offset),
         };
         let mut body = stream.stream;
-        let mut buf = BytesMut::with_capacity(len as usize);
-        let mut to_skip = skip;
-        while let Some(piece) = body.next().await {
+        let mut at = offset;
+        while at < end {
+            let Some(piece) = body.next().await else {
+                break;
+            };
             let mut piece = piece.map_err(|e| RegistryError::Transport(format!("body: {e}")))?;
             if to_skip > 0 {
                 let s = to_skip.min(piece.len() as u64);
                 to_skip -= s;
                 piece = piece.slice(s as usize..);
             }
-            let want = len as usize - buf.len();
-            buf.extend_from_slice(&piece[..piece.len().min(want)]);
-            if buf.len() == len as usize {
-                break;
+            piece.truncate(piece.len().min((end - at) as usize));
+            if piece.is_empty() {
+                continue;
             }
+            let n = piece.len() as u64;
+            self.stats.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            lock(sink).accept(at, piece)?;
+            at += n;
         }
-        self.stats
-            .bytes
-            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if (buf.len() as u64) < len {
+        if at < end {
             return Err(RegistryError::Truncated {
                 expected: len,
-                got: buf.len() as u64,
+                got: at - offset,
             });
         }
-        Ok(buf.freeze())
+        Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The same repository and tag/digest on another registry host (a mirror).

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use super::event::{self, FAN_PRE_ACCESS};
 use super::{cache, sys};
 use crate::catalog::Image;
+use crate::engine::chunks::consecutive;
 use crate::engine::{DataBlob, Engine};
 
 /// Counters exported in `status`.
@@ -46,6 +47,8 @@ struct CachedBlob {
     writer: Mutex<Option<Arc<File>>>,
     /// Read-ahead state of sequential readers.
     ahead: Mutex<Ahead>,
+    /// Held while writing into the cache file.
+    write_lock: Mutex<()>,
 }
 
 /// Read-ahead state: the last chunk a reader missed, the window (0: not sequential), and the
@@ -140,6 +143,7 @@ impl FanotifyFrontend {
                     verified: Mutex::new(HashSet::new()),
                     writer: Mutex::new(None),
                     ahead: Mutex::new(Ahead::default()),
+                    write_lock: Mutex::new(()),
                 })
             });
             paths.push(path);
@@ -272,30 +276,36 @@ impl FanotifyFrontend {
             let v = lock(&cached.verified);
             (from..to.min(n_chunks)).filter(|c| !v.contains(c)).collect()
         };
-        let per_task = (self.engine.merge_max() / unit).max(1) as usize;
-        for group in todo.chunks(per_task) {
-            let (Some(&first), Some(&last)) = (group.first(), group.last()) else {
-                continue;
-            };
-            let (me, cached) = (Arc::clone(self), Arc::clone(cached));
-            tokio::spawn(async move {
-                let s = first * unit;
-                let e = ((last + 1) * unit).min(cached.blob.source.size);
-                let Some(via) = lock(&cached.writer).clone() else {
+        let Some(via) = lock(&cached.writer).clone() else {
+            return;
+        };
+        for run in consecutive(&todo, u64::MAX) {
+            let s = run.start * unit;
+            let e = (run.end * unit).min(cached.blob.source.size);
+            let pending = match self.engine.fetch(&cached.blob, s, e - s) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "read-ahead not started");
                     return;
-                };
-                let stored = match me.engine.read(&cached.blob, s, e - s).await {
-                    Ok(pieces) => me.store(&cached, pieces, via).await,
-                    Err(e) => Err(io::Error::other(e.to_string())),
-                };
-                match stored {
-                    Ok(n) => {
-                        me.stats.chunks_prefetched.fetch_add(n, Relaxed);
-                        me.unmark_if_complete(&cached);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
                 }
-            });
+            };
+            // one task per unit: each is written the moment it is verified
+            for p in pending {
+                let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(&via));
+                tokio::spawn(async move {
+                    let stored = match p.wait(&me.engine).await {
+                        Ok(piece) => me.store(&cached, piece, via).await,
+                        Err(e) => Err(io::Error::other(e.to_string())),
+                    };
+                    match stored {
+                        Ok(n) => {
+                            me.stats.chunks_prefetched.fetch_add(n, Relaxed);
+                            me.unmark_if_complete(&cached);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
+                    }
+                });
+            }
         }
     }
 
@@ -357,24 +367,26 @@ impl FanotifyFrontend {
             missing.push(c);
         }
         let mut written = 0;
-        let mut i = 0;
-        while i < missing.len() {
-            // one engine read per run of consecutive missing chunks
-            let mut j = i;
-            while j + 1 < missing.len() && missing[j + 1] == missing[j] + 1 {
-                j += 1;
+        if !missing.is_empty() {
+            // start every run of consecutive missing chunks, then write each unit as it arrives
+            let mut pending = Vec::new();
+            for run in consecutive(&missing, u64::MAX) {
+                let (s, e) = (run.start * unit, (run.end * unit).min(size));
+                pending.extend(
+                    self.engine
+                        .fetch(&cached.blob, s, e - s)
+                        .map_err(|err| io::Error::other(err.to_string()))?,
+                );
             }
-            let s = missing[i] * unit;
-            let e = ((missing[j] + 1) * unit).min(size);
-            let pieces = self
-                .engine
-                .read(&cached.blob, s, e - s)
-                .await
-                .map_err(|err| io::Error::other(err.to_string()))?;
             let via = Arc::new(file.try_clone()?);
             lock(&cached.writer).get_or_insert_with(|| Arc::clone(&via));
-            written += self.store(&cached, pieces, via).await?;
-            i = j + 1;
+            for p in pending {
+                let piece = p
+                    .wait(&self.engine)
+                    .await
+                    .map_err(|err| io::Error::other(err.to_string()))?;
+                written += self.store(&cached, piece, Arc::clone(&via)).await?;
+            }
         }
         self.stats.chunks_filled.fetch_add(written, Relaxed);
         if let (Some(&f), Some(&l)) = (missing.first(), missing.last()) {
@@ -384,30 +396,23 @@ impl FanotifyFrontend {
         Ok(written)
     }
 
-    /// Write verified pieces whose chunks are not cached yet (through `via`, a non-notifying
-    /// event fd, on the blocking pool so the event loop keeps dispatching) and mark them;
-    /// returns chunks written.
-    async fn store(
-        &self,
-        cached: &Arc<CachedBlob>,
-        pieces: Vec<crate::engine::Piece>,
-        via: Arc<File>,
-    ) -> io::Result<u64> {
+    /// Write a verified piece unless its chunks are cached already (through `via`, a
+    /// non-notifying event fd, on the blocking pool so the event loop keeps dispatching; one
+    /// writer per file at a time, so writers sleep instead of spinning on the inode lock) and
+    /// mark it; returns chunks written.
+    async fn store(&self, cached: &Arc<CachedBlob>, piece: crate::engine::Piece, via: Arc<File>) -> io::Result<u64> {
         let c = Arc::clone(cached);
         tokio::task::spawn_blocking(move || -> io::Result<u64> {
             let unit = c.blob.table_chunk;
-            let mut written = 0;
-            for p in &pieces {
-                let c0 = p.offset / unit;
-                if lock(&c.verified).contains(&c0) {
-                    continue;
-                }
-                via.write_all_at(&p.data, p.offset)?;
-                let n = (p.data.len() as u64).div_ceil(unit);
-                lock(&c.verified).extend(c0..c0 + n);
-                written += n;
+            let c0 = piece.offset / unit;
+            let _one_writer = lock(&c.write_lock);
+            if lock(&c.verified).contains(&c0) {
+                return Ok(0);
             }
-            Ok(written)
+            via.write_all_at(&piece.data, piece.offset)?;
+            let n = (piece.data.len() as u64).div_ceil(unit);
+            lock(&c.verified).extend(c0..c0 + n);
+            Ok(n)
         })
         .await
         .map_err(io::Error::other)?

@@ -1,0 +1,183 @@
+//! One merged range request ("run") of consecutive fetch units: the body is cut into units as
+//! it arrives, each unit is verified against the chunk table the moment it is complete and
+//! handed to its waiters at once, so a unit never waits for the rest of its run and only the
+//! unit being assembled is buffered. A retry resumes at the first unit not yet handed out.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::channel::oneshot;
+
+use super::chunks::ChunkGeometry;
+use super::{DataBlob, EngineError};
+use crate::registry::range::RangeSink;
+use crate::registry::RegistryError;
+
+/// Where a unit's waiters learn its outcome.
+pub type UnitSender = oneshot::Sender<Result<Bytes, EngineError>>;
+
+/// The receiving side of a run: assembles, verifies and delivers units in order.
+pub struct RunSink {
+    blob: Arc<DataBlob>,
+    geo: ChunkGeometry,
+    /// The unit being assembled.
+    next: u64,
+    buf: BytesMut,
+    /// Senders of units `next..`, in order.
+    senders: VecDeque<UnitSender>,
+}
+
+impl RunSink {
+    /// A run starting at unit `first`, with one sender per unit.
+    pub fn new(blob: Arc<DataBlob>, geo: ChunkGeometry, first: u64, senders: Vec<UnitSender>) -> RunSink {
+        RunSink {
+            blob,
+            geo,
+            next: first,
+            buf: BytesMut::new(),
+            senders: senders.into(),
+        }
+    }
+
+    /// The run failed for good: every unit not delivered gets the error.
+    pub fn fail(&mut self, e: &EngineError) {
+        for s in self.senders.drain(..) {
+            let _ = s.send(Err(e.clone()));
+        }
+    }
+
+    fn unit_len(&self) -> usize {
+        (self.geo.end(self.next) - self.geo.start(self.next)) as usize
+    }
+}
+
+impl RangeSink for RunSink {
+    fn resume_at(&self) -> u64 {
+        (self.geo.start(self.next) + self.buf.len() as u64).min(self.geo.size)
+    }
+
+    fn accept(&mut self, _at: u64, mut data: Bytes) -> Result<(), RegistryError> {
+        while !data.is_empty() {
+            let want = self.unit_len() - self.buf.len();
+            if self.buf.is_empty() && data.len() >= want {
+                // a whole unit in one piece: no copy
+                let unit = data.split_to(want);
+                self.deliver(unit)?;
+                continue;
+            }
+            if self.buf.capacity() == 0 {
+                self.buf.reserve(self.unit_len());
+            }
+            let take = want.min(data.len());
+            self.buf.extend_from_slice(&data.split_to(take));
+            if self.buf.len() == self.unit_len() {
+                let unit = std::mem::take(&mut self.buf).freeze();
+                self.deliver(unit)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn abort_attempt(&mut self) {
+        // a partial unit is unverified: the retry fetches it whole
+        self.buf.clear();
+    }
+}
+
+impl RunSink {
+    /// Verify a complete unit and hand it to its waiters; a mismatch fails the attempt.
+    fn deliver(&mut self, unit: Bytes) -> Result<(), RegistryError> {
+        self.blob.verify(self.geo.start(self.next), &unit)?;
+        if let Some(s) = self.senders.pop_front() {
+            let _ = s.send(Ok(unit));
+        }
+        self.next += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn blob(data: &[u8], chunk: usize) -> Arc<DataBlob> {
+        Arc::new(DataBlob {
+            source: crate::registry::BlobSource {
+                repo: crate::registry::parse_reference("localhost:1/r:t").unwrap(),
+                digest: "sha256:00".into(),
+                size: data.len() as u64,
+            },
+            table_chunk: chunk as u64,
+            digests: data.chunks(chunk).map(|c| Sha256::digest(c).into()).collect(),
+        })
+    }
+
+    fn sink(data: &[u8], chunk: usize) -> (RunSink, Vec<oneshot::Receiver<Result<Bytes, EngineError>>>) {
+        let b = blob(data, chunk);
+        let geo = ChunkGeometry::new(chunk as u64, chunk as u64, data.len() as u64);
+        let n = data.len().div_ceil(chunk);
+        let (tx, rx): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
+        (RunSink::new(b, geo, 0, tx), rx)
+    }
+
+    #[test]
+    fn units_are_delivered_as_they_complete_whatever_the_piece_sizes() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        for piece in [1usize, 999, 4096, 5000, 10_000] {
+            let (mut s, mut rx) = sink(&data, 4096);
+            let (mut at, mut received) = (0, 0);
+            for p in data.chunks(piece) {
+                s.accept(at, Bytes::copy_from_slice(p)).unwrap();
+                at += p.len() as u64;
+                // every unit that is complete has been handed out already, the next one not
+                let done = (at as usize / 4096).min(2) + usize::from(at as usize == data.len());
+                for (i, r) in rx.iter_mut().enumerate().take(done).skip(received) {
+                    let got = r.try_recv().unwrap().unwrap().unwrap();
+                    assert_eq!(
+                        got,
+                        data[i * 4096..((i + 1) * 4096).min(data.len())],
+                        "piece size {piece}"
+                    );
+                }
+                received = done;
+                if let Some(r) = rx.get_mut(done) {
+                    assert!(r.try_recv().unwrap().is_none(), "unit {done} handed out early");
+                }
+            }
+            assert_eq!(s.resume_at(), data.len() as u64);
+        }
+    }
+
+    #[test]
+    fn a_corrupt_unit_fails_the_attempt_and_the_retry_resumes_at_it() {
+        let data: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
+        let (mut s, mut rx) = sink(&data, 4096);
+        s.accept(0, Bytes::copy_from_slice(&data[..4096])).unwrap();
+        let mut bad = data[4096..].to_vec();
+        bad[5] ^= 1;
+        assert!(matches!(
+            s.accept(4096, Bytes::from(bad)),
+            Err(RegistryError::DigestMismatch { .. })
+        ));
+        s.abort_attempt();
+        assert_eq!(s.resume_at(), 4096, "the verified first unit is not fetched again");
+        s.accept(4096, Bytes::copy_from_slice(&data[4096..5000])).unwrap();
+        s.abort_attempt();
+        assert_eq!(s.resume_at(), 4096, "a partial unit is dropped");
+        s.accept(4096, Bytes::copy_from_slice(&data[4096..])).unwrap();
+        assert_eq!(rx[0].try_recv().unwrap().unwrap().unwrap(), data[..4096]);
+        assert_eq!(rx[1].try_recv().unwrap().unwrap().unwrap(), data[4096..]);
+    }
+
+    #[test]
+    fn a_failed_run_tells_every_waiter_left() {
+        let data = vec![3u8; 8192];
+        let (mut s, mut rx) = sink(&data, 4096);
+        s.accept(0, Bytes::copy_from_slice(&data[..4096])).unwrap();
+        s.fail(&EngineError::Task("gone".into()));
+        assert!(rx[0].try_recv().unwrap().unwrap().is_ok());
+        assert!(rx[1].try_recv().unwrap().unwrap().is_err());
+    }
+}
