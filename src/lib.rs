@@ -13,4 +13,5 @@ pub mod demo;
 pub mod engine;
 pub mod frontend;
 pub mod image;
+pub mod malloc;
 pub mod registry;

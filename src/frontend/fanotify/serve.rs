@@ -401,9 +401,12 @@ impl FanotifyFrontend {
     /// writer per file at a time, so writers sleep instead of spinning on the inode lock) and
     /// mark it; returns chunks written.
     async fn store(&self, cached: &Arc<CachedBlob>, piece: crate::engine::Piece, via: Arc<File>) -> io::Result<u64> {
+        let unit = cached.blob.table_chunk;
+        if lock(&cached.verified).contains(&(piece.offset / unit)) {
+            return Ok(0); // written by another reader of the same unit
+        }
         let c = Arc::clone(cached);
         tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let unit = c.blob.table_chunk;
             let c0 = piece.offset / unit;
             let _one_writer = lock(&c.write_lock);
             if lock(&c.verified).contains(&c0) {
