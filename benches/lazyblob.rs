@@ -132,6 +132,13 @@ fn gzip_tar(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
     b.into_inner().unwrap().finish().unwrap()
 }
 
+/// CPU seconds of this process's finished children (curl, dd) so far.
+fn self_cpu() -> f64 {
+    let r = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    tv(r.user_time()) + tv(r.system_time())
+}
+
 /// Peak RSS (KiB) and CPU seconds of a process so far.
 fn usage(pid: i32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -395,8 +402,10 @@ async fn main() {
     if want("seq") {
         // curl and lazyblob alternate, `REPS` times each, both cold every time; medians reported
         let (mut curl_runs, mut lazy_runs) = (Vec::new(), Vec::new());
+        let (mut curl_cpu, mut lazy_cpu) = ([0.0; 3], [0.0; 3]);
         for rep in 0..REPS {
             drop_caches();
+            let (reg0, me0) = (usage(dr.pid()).1, self_cpu());
             let t = Instant::now();
             assert!(sh(&format!(
                 "curl -sf -o {}/curl.bin http://{host}/v2/bench/seq/blobs/{blob}",
@@ -405,14 +414,21 @@ async fn main() {
             .status
             .success());
             curl_runs.push(t.elapsed().as_secs_f64());
+            curl_cpu[0] += usage(dr.pid()).1 - reg0;
+            curl_cpu[1] += self_cpu() - me0;
             let _ = std::fs::remove_file(w.join("curl.bin"));
             let dir = w.join(format!("d2-{rep}"));
-            let d = daemon(&dir, &[&host], "");
+            let d = daemon(
+                &dir,
+                &[&host],
+                &std::env::var("XCFG").unwrap_or_default().replace("\\n", "\n"),
+            );
             let mnt2 = dir.join("mnt");
             std::fs::create_dir_all(&mnt2).unwrap();
             d.mount(&seq_dst, &mnt2);
             drop_caches();
             let profiler = profile_start();
+            let (reg0, me0, d0) = (usage(dr.pid()).1, self_cpu(), usage(d.pid()).1);
             let t = Instant::now();
             let out = sh(&format!(
                 "dd if={}/data/large.bin of=/dev/null bs=1M status=none",
@@ -420,11 +436,20 @@ async fn main() {
             ));
             assert!(out.status.success());
             lazy_runs.push(t.elapsed().as_secs_f64());
+            lazy_cpu[0] += usage(dr.pid()).1 - reg0;
+            lazy_cpu[1] += self_cpu() - me0;
+            lazy_cpu[2] += usage(d.pid()).1 - d0;
             profile_stop(profiler);
             drop(d);
             let _ = std::fs::remove_dir_all(&dir);
         }
         eprintln!("sequential runs (s): curl {curl_runs:.3?}, lazyblob {lazy_runs:.3?}");
+        let per = |c: [f64; 3]| c.map(|v| v / REPS as f64);
+        let (cc, lc) = (per(curl_cpu), per(lazy_cpu));
+        eprintln!(
+            "CPU seconds per run: curl: registry {:.2}, curl {:.2}; lazyblob: registry {:.2}, dd {:.2}, daemon {:.2}",
+            cc[0], cc[1], lc[0], lc[1], lc[2]
+        );
         let curl_s = percentile(&mut curl_runs, 0.5);
         let seq_s = percentile(&mut lazy_runs, 0.5);
         let mb = (s.seq_mib << 20) as f64 / 1e6;

@@ -200,6 +200,12 @@ impl Daemon {
                 tokio::task::spawn_blocking(move || mount::mount_file_backed(&meta, &devices, &t)).await??;
             }
         }
+        let kib = self.config.engine.read_ahead_kb;
+        if kib > 0 {
+            if let Err(e) = mount::set_read_ahead(&target, kib) {
+                tracing::warn!(target = %target.display(), error = %e, "could not set the mount's read-ahead");
+            }
+        }
         let info = MountInfo {
             reference: reference.to_string(),
             target,

@@ -9,6 +9,7 @@
 
 pub mod chunks;
 pub mod inflight;
+pub mod pool;
 pub mod run;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -137,6 +138,7 @@ pub struct Engine {
     registry: Arc<Registry>,
     cfg: EngineConfig,
     inflight: Inflight,
+    pool: Arc<pool::BufPool>,
     pub stats: EngineStats,
 }
 
@@ -145,6 +147,8 @@ impl Engine {
         Engine {
             registry,
             inflight: Inflight::new(cfg.inflight_capacity),
+            // enough idle buffers for the fetches one host runs at once
+            pool: pool::BufPool::new(cfg.max_concurrent_fetches),
             cfg,
             stats: EngineStats::default(),
         }
@@ -253,7 +257,13 @@ impl Engine {
         self.stats.runs.fetch_add(1, Relaxed);
         self.stats.chunks_fetched.fetch_add(run.end - run.start, Relaxed);
         let (senders, receivers): (Vec<_>, Vec<_>) = run.clone().map(|_| oneshot::channel()).unzip();
-        let sink = std::sync::Mutex::new(RunSink::new(Arc::clone(blob), *geo, run.start, senders));
+        let sink = std::sync::Mutex::new(RunSink::new(
+            Arc::clone(blob),
+            *geo,
+            run.start,
+            senders,
+            Arc::clone(&self.pool),
+        ));
         let engine = Arc::clone(self);
         let src = blob.source.clone();
         let span = tracing::debug_span!("fetch", blob = %blob.source.digest, start, len = end - start);

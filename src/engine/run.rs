@@ -6,10 +6,11 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::channel::oneshot;
 
 use super::chunks::ChunkGeometry;
+use super::pool::{BufPool, PoolBuf};
 use super::{DataBlob, EngineError};
 use crate::registry::range::RangeSink;
 use crate::registry::RegistryError;
@@ -23,21 +24,33 @@ pub struct RunSink {
     geo: ChunkGeometry,
     /// The unit being assembled.
     next: u64,
-    buf: BytesMut,
+    buf: Option<PoolBuf>,
+    pool: Arc<BufPool>,
     /// Senders of units `next..`, in order.
     senders: VecDeque<UnitSender>,
 }
 
 impl RunSink {
     /// A run starting at unit `first`, with one sender per unit.
-    pub fn new(blob: Arc<DataBlob>, geo: ChunkGeometry, first: u64, senders: Vec<UnitSender>) -> RunSink {
+    pub fn new(
+        blob: Arc<DataBlob>,
+        geo: ChunkGeometry,
+        first: u64,
+        senders: Vec<UnitSender>,
+        pool: Arc<BufPool>,
+    ) -> RunSink {
         RunSink {
             blob,
             geo,
             next: first,
-            buf: BytesMut::new(),
+            buf: None,
+            pool,
             senders: senders.into(),
         }
+    }
+
+    fn buffered(&self) -> usize {
+        self.buf.as_ref().map_or(0, PoolBuf::len)
     }
 
     /// The run failed for good: every unit not delivered gets the error.
@@ -54,26 +67,26 @@ impl RunSink {
 
 impl RangeSink for RunSink {
     fn resume_at(&self) -> u64 {
-        (self.geo.start(self.next) + self.buf.len() as u64).min(self.geo.size)
+        (self.geo.start(self.next) + self.buffered() as u64).min(self.geo.size)
     }
 
     fn accept(&mut self, _at: u64, mut data: Bytes) -> Result<(), RegistryError> {
         while !data.is_empty() {
-            let want = self.unit_len() - self.buf.len();
-            if self.buf.is_empty() && data.len() >= want {
+            let unit_len = self.unit_len();
+            let want = unit_len - self.buffered();
+            if self.buffered() == 0 && data.len() >= want {
                 // a whole unit in one piece: no copy
                 let unit = data.split_to(want);
                 self.deliver(unit)?;
                 continue;
             }
-            if self.buf.capacity() == 0 {
-                self.buf.reserve(self.unit_len());
-            }
-            let take = want.min(data.len());
-            self.buf.extend_from_slice(&data.split_to(take));
-            if self.buf.len() == self.unit_len() {
-                let unit = std::mem::take(&mut self.buf).freeze();
-                self.deliver(unit)?;
+            let pool = &self.pool;
+            let buf = self.buf.get_or_insert_with(|| pool.take(unit_len));
+            buf.extend_from_slice(&data.split_to(want.min(data.len())));
+            if buf.len() == unit_len {
+                if let Some(full) = self.buf.take() {
+                    self.deliver(full.freeze())?;
+                }
             }
         }
         Ok(())
@@ -81,7 +94,9 @@ impl RangeSink for RunSink {
 
     fn abort_attempt(&mut self) {
         // a partial unit is unverified: the retry fetches it whole
-        self.buf.clear();
+        if let Some(b) = self.buf.as_mut() {
+            b.clear();
+        }
     }
 }
 
@@ -119,7 +134,7 @@ mod tests {
         let geo = ChunkGeometry::new(chunk as u64, chunk as u64, data.len() as u64);
         let n = data.len().div_ceil(chunk);
         let (tx, rx): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
-        (RunSink::new(b, geo, 0, tx), rx)
+        (RunSink::new(b, geo, 0, tx, BufPool::new(2)), rx)
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! EROFS mounts for both frontends, with `mount(2)` directly (util-linux would turn a
-//! regular-file source into a loop device and bypass the pre-content hooks).
+//! regular-file source into a loop device and bypass the pre-content hooks), and the
+//! per-mount read-ahead (the one ioctl of this family: `FS_IOC_GETFSSYSFSPATH`).
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -56,4 +58,40 @@ pub fn is_erofs_mount(target: &Path) -> bool {
         let fstype = parts.next().and_then(|t| t.split_whitespace().next()).unwrap_or("");
         head.split_whitespace().nth(4) == Some(want.as_str()) && fstype == "erofs"
     })
+}
+
+/// `struct fs_sysfs_path` of `<linux/fs.h>`.
+#[repr(C)]
+pub struct FsSysfsPath {
+    len: u8,
+    name: [u8; 128],
+}
+
+nix::ioctl_read!(
+    /// `ioctl(fd, FS_IOC_GETFSSYSFSPATH, &path)`: `_IOR(0x15, 1, struct fs_sysfs_path)`.
+    get_fs_sysfs_path,
+    0x15,
+    1,
+    FsSysfsPath
+);
+
+/// The sysfs name of the filesystem mounted at `target` (`erofs/erofs-2831`); Linux 6.11+.
+pub fn sysfs_name(target: &Path) -> io::Result<String> {
+    let dir = std::fs::File::open(target)?;
+    let mut out = FsSysfsPath { len: 0, name: [0; 128] };
+    // SAFETY: `dir` is an open fd for the whole call and `out` is a properly sized, writable
+    // `struct fs_sysfs_path`, the only memory this ioctl writes.
+    unsafe { get_fs_sysfs_path(dir.as_raw_fd(), &mut out) }.map_err(io::Error::from)?;
+    let name = out.name.get(..usize::from(out.len)).unwrap_or(&[]);
+    Ok(String::from_utf8_lossy(name).into_owned())
+}
+
+/// Set the kernel read-ahead of the EROFS mounted at `target`, in KiB: how much a page-cache
+/// miss of a sequential reader asks for at once, so how many bytes each pre-content event
+/// or cachefiles READ covers (the kernel's default is 128 KiB).
+pub fn set_read_ahead(target: &Path, kib: u32) -> io::Result<()> {
+    let name = sysfs_name(target)?;
+    let bdi = name.rsplit('/').next().unwrap_or_default();
+    let knob = Path::new("/sys/class/bdi").join(bdi).join("read_ahead_kb");
+    std::fs::write(&knob, kib.to_string()).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", knob.display())))
 }

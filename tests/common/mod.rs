@@ -219,6 +219,12 @@ pub struct DockerRegistry {
 }
 
 impl DockerRegistry {
+    /// Process id of the registry (benchmarks read its CPU time).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     pub fn start(basic: Option<(&str, &str)>) -> DockerRegistry {
         require_tool("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().unwrap();
