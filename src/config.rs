@@ -91,6 +91,10 @@ pub struct EngineConfig {
     /// Kernel read-ahead of each lazyblob mount in KiB (0: leave the kernel's 128 KiB). A
     /// larger window means fewer, larger kernel requests for sequential readers.
     pub read_ahead_kb: u32,
+    /// Background fill (fanotify frontend): once a blob in use has seen no reader miss for
+    /// this long, the rest of it is fetched, one merged run at a time, and its events stop.
+    /// 0 disables it (blobs then hold only what was read).
+    pub fill_after_idle_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -104,6 +108,7 @@ impl Default for EngineConfig {
             max_concurrent_fetches: 8,
             prefetch_chunks: 32,
             read_ahead_kb: 4096,
+            fill_after_idle_ms: 1000,
         }
     }
 }

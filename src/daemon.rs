@@ -97,6 +97,8 @@ impl Daemon {
                     Arc::clone(&engine),
                     group,
                     config.engine.prefetch_chunks,
+                    (config.engine.fill_after_idle_ms > 0)
+                        .then(|| std::time::Duration::from_millis(config.engine.fill_after_idle_ms)),
                 )
                 .context("creating the fanotify pre-content group")?;
                 loops.push(tokio::spawn(Arc::clone(&f).run(stop_rx.clone())));

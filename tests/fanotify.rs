@@ -88,6 +88,79 @@ async fn docker_registry_image_mounts_and_matches_the_source() {
     assert!(!lazyblob::frontend::mount::is_erofs_mount(&mnt));
 }
 
+/// Background fill: once readers are quiet, a blob in use is fetched to the end, verified,
+/// its events stop, and every file reads back; a blob nobody read stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn background_fill_completes_blobs_in_use() {
+    require_root();
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
+    let (files, layers) = source_files();
+    let image = convert_into(&reg, &host, &layers).await;
+    let resolved = reg.resolve(&parse_reference(&image).unwrap()).await.unwrap();
+    let lazy = lazyblob::image::format::LazyManifest::from_manifest(&resolved.manifest).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let d = DaemonProc::start(
+        &work.path().join("d"),
+        &[&host],
+        "frontend = \"fanotify\"\n[engine]\nprefetch_chunks = 0\nfill_after_idle_ms = 300",
+    );
+    let mnt = work.path().join("d/mnt");
+    d.mount(&image, &mnt);
+    mock.reset_counters();
+    // one read touches one data blob (the first layer's, about 24 MB)
+    assert_eq!(
+        std::fs::read(mnt.join("app/data/f00.bin")).unwrap(),
+        files["app/data/f00.bin"]
+    );
+    let touched: Vec<_> = lazy
+        .data
+        .iter()
+        .filter(|b| mock.counters().blob_bytes(&b.digest) > 0)
+        .collect();
+    assert_eq!(touched.len(), 1, "one read, one blob");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let counters = loop {
+        let st = d.status().await;
+        if st.frontend_counters["blobs_complete"].as_u64() == Some(1) {
+            break st.frontend_counters;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "background fill did not complete: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let c = mock.counters();
+    assert_eq!(
+        c.blob_bytes(&touched[0].digest),
+        touched[0].size as u64,
+        "the blob in use was fetched whole, once"
+    );
+    for b in lazy.data.iter().filter(|b| b.digest != touched[0].digest) {
+        assert_eq!(c.blob_bytes(&b.digest), 0, "a blob nobody read is not filled");
+    }
+    assert!(counters["chunks_background"].as_u64() > Some(0), "{counters}");
+    // the blob is complete and unmarked: reading every file of it raises no event
+    let events = counters["events"].as_u64();
+    let before = mock.counters().total_blob_bytes();
+    for (p, want) in files
+        .iter()
+        .filter(|(p, _)| p.starts_with("app/data/") || p.starts_with("big/"))
+    {
+        assert_eq!(&std::fs::read(mnt.join(p)).unwrap(), want, "{p}");
+    }
+    let after = d.status().await.frontend_counters;
+    assert_eq!(mock.counters().total_blob_bytes(), before, "nothing fetched again");
+    assert_eq!(
+        after["events"].as_u64(),
+        events,
+        "reads of a complete blob raise no events"
+    );
+    d.umount(&mnt);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lazy_parallel_and_kill9() {
     require_root();
@@ -107,7 +180,7 @@ async fn lazy_parallel_and_kill9() {
     let mut d = DaemonProc::start(
         &work.path().join("d"),
         &[&host],
-        "frontend = \"fanotify\"\n[engine]\nprefetch_chunks = 0",
+        "frontend = \"fanotify\"\n[engine]\nprefetch_chunks = 0\nfill_after_idle_ms = 0",
     );
     let mnt = work.path().join("d/mnt");
     d.mount(&image, &mnt);

@@ -105,6 +105,16 @@ impl DaemonProc {
         }
     }
 
+    /// The daemon's status through its admin API.
+    #[allow(dead_code)]
+    pub async fn status(&self) -> lazyblob::api::Status {
+        lazyblob::api::client::ApiClient::new(&self.socket)
+            .unwrap()
+            .status()
+            .await
+            .unwrap()
+    }
+
     /// Run a CLI verb against this daemon.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(binary())

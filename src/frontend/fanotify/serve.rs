@@ -9,9 +9,9 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::fanotify::Fanotify;
 use serde::Serialize;
@@ -33,6 +33,10 @@ pub struct FanotifyStats {
     pub chunks_filled: AtomicU64,
     pub chunks_prefetched: AtomicU64,
     pub chunks_present: AtomicU64,
+    /// Chunks fetched by the background fill of idle blobs.
+    pub chunks_background: AtomicU64,
+    /// Blobs complete on disk (their events are off).
+    pub blobs_complete: AtomicU64,
     pub bad_events: AtomicU64,
 }
 
@@ -49,6 +53,12 @@ struct CachedBlob {
     ahead: Mutex<Ahead>,
     /// Held while writing into the cache file.
     write_lock: Mutex<()>,
+    /// When a reader last missed (the background fill waits for a quiet blob).
+    last_miss: Mutex<Instant>,
+    /// A background fill task runs for this blob.
+    filling: AtomicBool,
+    /// Every chunk is on disk and the mark is gone.
+    complete: AtomicBool,
 }
 
 /// Read-ahead state: the last chunk a reader missed, the window (0: not sequential), and the
@@ -83,6 +93,10 @@ pub struct FanotifyFrontend {
     files: Mutex<HashMap<(u64, u64), Arc<CachedBlob>>>,
     /// Largest read-ahead window in chunks (0: no read-ahead).
     prefetch_max: u64,
+    /// Quiet time after which a blob in use is fetched to the end (None: never).
+    fill_after: Option<Duration>,
+    /// One background fill request at a time, daemon-wide: readers come first.
+    fill_slot: tokio::sync::Semaphore,
     pub stats: FanotifyStats,
 }
 
@@ -97,6 +111,7 @@ impl FanotifyFrontend {
         engine: Arc<Engine>,
         group: Option<Fanotify>,
         prefetch_max: u64,
+        fill_after: Option<Duration>,
     ) -> io::Result<Arc<FanotifyFrontend>> {
         let fan = match group {
             Some(g) => g,
@@ -113,6 +128,8 @@ impl FanotifyFrontend {
             cache_dir: cache_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
             prefetch_max,
+            fill_after,
+            fill_slot: tokio::sync::Semaphore::new(1),
             stats: FanotifyStats::default(),
         }))
     }
@@ -144,6 +161,9 @@ impl FanotifyFrontend {
                     writer: Mutex::new(None),
                     ahead: Mutex::new(Ahead::default()),
                     write_lock: Mutex::new(()),
+                    last_miss: Mutex::new(Instant::now()),
+                    filling: AtomicBool::new(false),
+                    complete: AtomicBool::new(false),
                 })
             });
             paths.push(path);
@@ -197,12 +217,103 @@ impl FanotifyFrontend {
     /// cache file then cost what a local file costs.
     fn unmark_if_complete(&self, cached: &CachedBlob) {
         let n = cached.blob.source.size.div_ceil(cached.blob.table_chunk) as usize;
-        if lock(&cached.verified).len() >= n {
+        if lock(&cached.verified).len() >= n && !cached.complete.swap(true, Relaxed) {
+            self.stats.blobs_complete.fetch_add(1, Relaxed);
             match sys::unmark(self.fan.get_ref(), &cached.path) {
                 Ok(()) => tracing::info!(path = %cached.path.display(), "blob complete: pre-content events off"),
                 Err(e) => tracing::debug!(error = %e, "unmark failed"),
             }
         }
+    }
+
+    /// Once a blob in use has been quiet for `fill_after`, fetch what it still misses, one
+    /// merged run at a time, pausing whenever a reader misses; when it is complete its
+    /// events stop, so reads of it cost what a local file costs.
+    fn start_background_fill(self: &Arc<Self>, cached: &Arc<CachedBlob>) {
+        let Some(quiet) = self.fill_after else {
+            return;
+        };
+        if cached.complete.load(Relaxed) || cached.filling.swap(true, Relaxed) {
+            return;
+        }
+        let (me, cached) = (Arc::clone(self), Arc::clone(cached));
+        let span = tracing::info_span!("background_fill", blob = %cached.blob.source.digest);
+        tokio::spawn(
+            async move {
+                let unit = cached.blob.table_chunk;
+                let per_run = (me.engine.merge_max() / unit).max(1);
+                let n_chunks = cached.blob.source.size.div_ceil(unit);
+                let (mut failures, mut cursor) = (0u32, 0u64);
+                loop {
+                    let idle = lock(&cached.last_miss).elapsed();
+                    if idle < quiet {
+                        tokio::time::sleep(quiet - idle).await;
+                        continue;
+                    }
+                    let Ok(_slot) = me.fill_slot.acquire().await else {
+                        break;
+                    };
+                    let Some(via) = lock(&cached.writer).clone() else {
+                        break;
+                    };
+                    // the next run of chunks neither verified nor on disk from an earlier run
+                    let mut todo = Vec::new();
+                    while cursor < n_chunks && (todo.len() as u64) < per_run {
+                        match me.present(&cached, &via, cursor) {
+                            Ok(true) if todo.is_empty() => {}
+                            Ok(true) => break,
+                            Ok(false) => todo.push(cursor),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "background fill: cache file unreadable");
+                                break;
+                            }
+                        }
+                        cursor += 1;
+                    }
+                    let (Some(&first), Some(&last)) = (todo.first(), todo.last()) else {
+                        break;
+                    };
+                    let run = first..last + 1;
+                    let (s, e) = (run.start * unit, (run.end * unit).min(cached.blob.source.size));
+                    match me.fetch_and_store(&cached, s, e, via).await {
+                        Ok(n) => {
+                            failures = 0;
+                            me.stats.chunks_background.fetch_add(n, Relaxed);
+                        }
+                        Err(err) => {
+                            failures += 1;
+                            cursor = run.start;
+                            tracing::warn!(error = %err, failures, "background fill failed; readers still fetch on demand");
+                            if failures >= 5 {
+                                break;
+                            }
+                            tokio::time::sleep(quiet * failures).await;
+                        }
+                    }
+                }
+                me.unmark_if_complete(&cached);
+                cached.filling.store(false, Relaxed);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Fetch `[s, e)` of a blob and write each unit as soon as it is verified; returns
+    /// chunks written.
+    async fn fetch_and_store(&self, cached: &Arc<CachedBlob>, s: u64, e: u64, via: Arc<File>) -> io::Result<u64> {
+        let pending = self
+            .engine
+            .fetch(&cached.blob, s, e - s)
+            .map_err(|err| io::Error::other(err.to_string()))?;
+        let mut written = 0;
+        for p in pending {
+            let piece = p
+                .wait(&self.engine)
+                .await
+                .map_err(|err| io::Error::other(err.to_string()))?;
+            written += self.store(cached, piece, Arc::clone(&via)).await?;
+        }
+        Ok(written)
     }
 
     fn cached(&self, file: &File) -> Option<Arc<CachedBlob>> {
@@ -355,38 +466,20 @@ impl FanotifyFrontend {
         let size = cached.blob.source.size;
         let mut missing = Vec::new();
         for c in first..=last {
-            let (s, e) = (c * unit, ((c + 1) * unit).min(size));
-            if lock(&cached.verified).contains(&c) {
-                continue;
+            if !self.present(&cached, file, c)? {
+                missing.push(c);
             }
-            if cache::is_data(file, s, e)? && self.verify_on_disk(&cached, file, c, s, e)? {
-                self.stats.chunks_present.fetch_add(1, Relaxed);
-                lock(&cached.verified).insert(c);
-                continue;
-            }
-            missing.push(c);
         }
         let mut written = 0;
         if !missing.is_empty() {
-            // start every run of consecutive missing chunks, then write each unit as it arrives
-            let mut pending = Vec::new();
-            for run in consecutive(&missing, u64::MAX) {
-                let (s, e) = (run.start * unit, (run.end * unit).min(size));
-                pending.extend(
-                    self.engine
-                        .fetch(&cached.blob, s, e - s)
-                        .map_err(|err| io::Error::other(err.to_string()))?,
-                );
-            }
+            *lock(&cached.last_miss) = Instant::now();
             let via = Arc::new(file.try_clone()?);
             lock(&cached.writer).get_or_insert_with(|| Arc::clone(&via));
-            for p in pending {
-                let piece = p
-                    .wait(&self.engine)
-                    .await
-                    .map_err(|err| io::Error::other(err.to_string()))?;
-                written += self.store(&cached, piece, Arc::clone(&via)).await?;
+            for run in consecutive(&missing, u64::MAX) {
+                let (s, e) = (run.start * unit, (run.end * unit).min(size));
+                written += self.fetch_and_store(&cached, s, e, Arc::clone(&via)).await?;
             }
+            self.start_background_fill(&cached);
         }
         self.stats.chunks_filled.fetch_add(written, Relaxed);
         if let (Some(&f), Some(&l)) = (missing.first(), missing.last()) {
@@ -419,6 +512,22 @@ impl FanotifyFrontend {
         })
         .await
         .map_err(io::Error::other)?
+    }
+
+    /// Whether chunk `c` is cached and verified: known from this run, or found on disk and
+    /// matching the table (then remembered). `file` is a non-notifying event fd.
+    fn present(&self, cached: &CachedBlob, file: &File, c: u64) -> io::Result<bool> {
+        if lock(&cached.verified).contains(&c) {
+            return Ok(true);
+        }
+        let unit = cached.blob.table_chunk;
+        let (s, e) = (c * unit, ((c + 1) * unit).min(cached.blob.source.size));
+        if cache::is_data(file, s, e)? && self.verify_on_disk(cached, file, c, s, e)? {
+            self.stats.chunks_present.fetch_add(1, Relaxed);
+            lock(&cached.verified).insert(c);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// A chunk found on disk (from an earlier run) is trusted only if it matches the table.
