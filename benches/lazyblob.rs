@@ -416,6 +416,7 @@ async fn main() {
     let seq_data = rng_bytes(42, s.seq_mib << 20);
     let seq_src = format!("{host}/bench/seq:src");
     let seq_dst = format!("{host}/bench/seq:lazy");
+    let small_dst = format!("{host}/bench/seq:lazy64k");
     if want("seq") || want("random") {
         eprintln!("building the sequential-read image ({} MiB)...", s.seq_mib);
         push_source(
@@ -425,6 +426,13 @@ async fn main() {
         )
         .await;
         convert_ref(&reg, &seq_src, &seq_dst).await;
+        let opts64 = ConvertOptions {
+            chunk_size: 64 * 1024,
+            ..Default::default()
+        };
+        convert(&reg, &seq_src.parse().unwrap(), &small_dst.parse().unwrap(), &opts64)
+            .await
+            .unwrap();
     }
     let blob = if want("seq") || want("random") {
         lazy_manifest(&reg, &seq_dst).await.data[0].digest.clone()
@@ -432,9 +440,24 @@ async fn main() {
         String::new()
     };
     if want("seq") {
-        // curl and lazyblob alternate, `REPS` times each, both cold every time; medians reported
-        let (mut curl_runs, mut lazy_runs) = (Vec::new(), Vec::new());
-        let (mut curl_cpu, mut lazy_cpu) = ([0.0; 3], [0.0; 3]);
+        // curl and each lazyblob variant alternate, `REPS` times each, all cold every time;
+        // medians reported, and the CPU seconds each party spent per run
+        let all_variants = [
+            ("1 MiB chunks", &seq_dst, ""),
+            ("64 KiB chunks", &small_dst, "[engine]\nchunk_size = 65536\n"),
+        ];
+        // LAZYBLOB_BENCH_SEQ_VARIANT=0: only the first (profiling)
+        let pick = std::env::var("LAZYBLOB_BENCH_SEQ_VARIANT").ok().and_then(|v| v.parse::<usize>().ok());
+        let variants: Vec<_> = all_variants
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| pick.is_none_or(|p| p == *i))
+            .map(|(_, v)| *v)
+            .collect();
+        let mut curl_runs = Vec::new();
+        let mut curl_cpu = [0.0; 2];
+        let mut lazy_runs = vec![Vec::new(); variants.len()];
+        let mut lazy_cpu = vec![[0.0; 3]; variants.len()];
         for rep in 0..REPS {
             drop_caches();
             let (reg0, me0) = (usage(dr.pid()).1, self_cpu());
@@ -449,48 +472,68 @@ async fn main() {
             curl_cpu[0] += usage(dr.pid()).1 - reg0;
             curl_cpu[1] += self_cpu() - me0;
             let _ = std::fs::remove_file(w.join("curl.bin"));
-            let dir = w.join(format!("d2-{rep}"));
-            let d = daemon(&dir, &[&host], "");
-            let mnt2 = dir.join("mnt");
-            std::fs::create_dir_all(&mnt2).unwrap();
-            d.mount(&seq_dst, &mnt2);
-            drop_caches();
-            let profiler = profile_start();
-            let (reg0, me0, d0) = (usage(dr.pid()).1, self_cpu(), usage(d.pid()).1);
-            let t = Instant::now();
-            let out = sh(&format!(
-                "dd if={}/data/large.bin of=/dev/null bs=1M status=none",
-                mnt2.display()
-            ));
-            assert!(out.status.success());
-            lazy_runs.push(t.elapsed().as_secs_f64());
-            lazy_cpu[0] += usage(dr.pid()).1 - reg0;
-            lazy_cpu[1] += self_cpu() - me0;
-            lazy_cpu[2] += usage(d.pid()).1 - d0;
-            profile_stop(profiler);
-            drop(d);
-            let _ = std::fs::remove_dir_all(&dir);
+            for (v, (_, image, extra)) in variants.iter().enumerate() {
+                let dir = w.join(format!("d2-{rep}-{v}"));
+                let d = daemon(&dir, &[&host], extra);
+                let mnt2 = dir.join("mnt");
+                std::fs::create_dir_all(&mnt2).unwrap();
+                d.mount(image, &mnt2);
+                drop_caches();
+                let profiler = profile_start();
+                let (reg0, me0, d0) = (usage(dr.pid()).1, self_cpu(), usage(d.pid()).1);
+                let t = Instant::now();
+                let out = sh(&format!(
+                    "dd if={}/data/large.bin of=/dev/null bs=1M status=none",
+                    mnt2.display()
+                ));
+                assert!(out.status.success());
+                lazy_runs[v].push(t.elapsed().as_secs_f64());
+                lazy_cpu[v][0] += usage(dr.pid()).1 - reg0;
+                lazy_cpu[v][1] += self_cpu() - me0;
+                lazy_cpu[v][2] += usage(d.pid()).1 - d0;
+                profile_stop(profiler);
+                drop(d);
+                let _ = std::fs::remove_dir_all(&dir);
+            }
         }
-        eprintln!("sequential runs (s): curl {curl_runs:.3?}, lazyblob {lazy_runs:.3?}");
-        let per = |c: [f64; 3]| c.map(|v| v / REPS as f64);
-        let (cc, lc) = (per(curl_cpu), per(lazy_cpu));
+        let n = REPS as f64;
         eprintln!(
-            "CPU seconds per run: curl: registry {:.2}, curl {:.2}; lazyblob: registry {:.2}, dd {:.2}, daemon {:.2}",
-            cc[0], cc[1], lc[0], lc[1], lc[2]
+            "curl runs (s) {curl_runs:.3?}; CPU s per run: registry {:.2}, curl {:.2}",
+            curl_cpu[0] / n,
+            curl_cpu[1] / n
         );
         let curl_s = percentile(&mut curl_runs, 0.5);
-        let seq_s = percentile(&mut lazy_runs, 0.5);
         let mb = (s.seq_mib << 20) as f64 / 1e6;
-        rows.push((
-            format!("sequential cold read, {} MiB file (fanotify)", s.seq_mib),
-            format!("{:.0} MB/s", mb / seq_s),
-            format!("curl {:.0} MB/s", mb / curl_s),
-            format!("{:.0}% of curl", 100.0 * curl_s / seq_s),
-        ));
-        json_out.insert(
-        "sequential".into(),
-        json!({"bytes": s.seq_mib << 20, "lazyblob_mbs": mb / seq_s, "curl_mbs": mb / curl_s, "ratio": curl_s / seq_s}),
-    );
+        let mut seq_json = serde_json::Map::new();
+        seq_json.insert("bytes".into(), json!(s.seq_mib << 20));
+        seq_json.insert("curl_mbs".into(), json!(mb / curl_s));
+        for (v, (name, _, _)) in variants.iter().enumerate() {
+            let c = lazy_cpu[v];
+            eprintln!(
+                "lazyblob {name} runs (s) {:.3?}; CPU s per run: registry {:.2}, dd {:.2}, daemon {:.2}",
+                lazy_runs[v],
+                c[0] / n,
+                c[1] / n,
+                c[2] / n
+            );
+            let seq_s = percentile(&mut lazy_runs[v], 0.5);
+            rows.push((
+                format!("sequential cold read, {} MiB file (fanotify), {name}", s.seq_mib),
+                format!("{:.0} MB/s", mb / seq_s),
+                format!("curl {:.0} MB/s", mb / curl_s),
+                format!("{:.0}% of curl", 100.0 * curl_s / seq_s),
+            ));
+            seq_json.insert(
+                name.replace(' ', "_"),
+                json!({"lazyblob_mbs": mb / seq_s, "ratio": curl_s / seq_s,
+                    "cpu_s_per_run": {"registry": c[0] / n, "reader": c[1] / n, "daemon": c[2] / n}}),
+            );
+        }
+        seq_json.insert(
+            "curl_cpu_s_per_run".into(),
+            json!({"registry": curl_cpu[0] / n, "curl": curl_cpu[1] / n}),
+        );
+        json_out.insert("sequential".into(), serde_json::Value::Object(seq_json));
     }
 
     // ---- 3. random 4 KiB cold reads, against raw HTTP range GETs of the same size; with the
@@ -518,14 +561,6 @@ async fn main() {
             assert_eq!(body.len(), 4096);
         }
         let (rp50, rp99) = (percentile(&mut raw_lat.clone(), 0.5), percentile(&mut raw_lat, 0.99));
-        let small_dst = format!("{host}/bench/seq:lazy64k");
-        let opts64 = ConvertOptions {
-            chunk_size: 64 * 1024,
-            ..Default::default()
-        };
-        convert(&reg, &seq_src.parse().unwrap(), &small_dst.parse().unwrap(), &opts64)
-            .await
-            .unwrap();
         for (name, image, extra) in [
             (
                 "1 MiB chunks",

@@ -71,6 +71,9 @@ enum Cmd {
         /// Verified chunk size of data blobs.
         #[arg(long, default_value_t = lazyblob::image::format::DEFAULT_CHUNK_SIZE)]
         chunk_size: u64,
+        /// Chunk digest algorithm: blake3 (fast to verify) or sha256.
+        #[arg(long, default_value_t = lazyblob::image::format::ChunkDigest::default())]
+        chunk_digest: lazyblob::image::format::ChunkDigest,
         /// Configuration (registry credentials, insecure hosts).
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -228,6 +231,7 @@ fn main() -> Result<()> {
                 platform,
                 all_platforms,
                 chunk_size,
+                chunk_digest,
                 config,
             } => {
                 use lazyblob::image::convert::{convert, ConvertOptions, Location};
@@ -245,6 +249,7 @@ fn main() -> Result<()> {
                     platform: platform.map(|p| p.parse()).transpose().map_err(anyhow::Error::msg)?,
                     all_platforms,
                     chunk_size,
+                    chunk_digest,
                     progress: true,
                     ..Default::default()
                 };

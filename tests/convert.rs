@@ -37,7 +37,7 @@ async fn fetch_and_mount(reg: &Registry, reference: &str, work: &Path) -> Mounte
         // the chunk table describes exactly these bytes
         let entry = table.blobs.iter().find(|b| b.digest == d.digest).expect("table entry");
         assert_eq!(
-            lazyblob::image::format::BlobChunks::of(&data, table.chunk_size).chunks,
+            lazyblob::image::format::BlobChunks::of(&data, table.chunk_size, table.chunk_digest).chunks,
             entry.chunks
         );
         std::fs::write(&p, data).unwrap();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use lazyblob::config::EngineConfig;
 use lazyblob::engine::{DataBlob, Engine};
-use lazyblob::image::format::BlobChunks;
+use lazyblob::image::format::{BlobChunks, ChunkDigest};
 use lazyblob::registry::{parse_reference, BlobSource};
 use registry_mock::{Fault, FaultRule, MockConfig, MockRegistry};
 
@@ -28,7 +28,7 @@ async fn fixture(size: usize, deadline_ms: u64) -> Fixture {
     cfg.max_attempts = 4;
     let reg = Arc::new(client(&cfg));
     let engine = Arc::new(Engine::new(reg, EngineConfig::default()));
-    let table = BlobChunks::of(&data, 1 << 20);
+    let table = BlobChunks::of(&data, 1 << 20, ChunkDigest::Blake3);
     let blob = Arc::new(DataBlob {
         source: BlobSource {
             repo: parse_reference(&format!("{}/t/blob:x", mock.host())).unwrap(),
@@ -37,6 +37,7 @@ async fn fixture(size: usize, deadline_ms: u64) -> Fixture {
         },
         table_chunk: 1 << 20,
         digests: table.digests(1 << 20).unwrap(),
+        algorithm: ChunkDigest::Blake3,
     });
     Fixture {
         mock,

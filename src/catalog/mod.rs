@@ -163,6 +163,7 @@ impl Catalog {
                 source: src(d),
                 table_chunk: table.chunk_size,
                 digests: entry.digests(table.chunk_size)?,
+                algorithm: table.chunk_digest,
             }));
         }
         let image = Arc::new(Image {

@@ -15,10 +15,10 @@ pub mod run;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use crate::image::format::ChunkDigest;
 use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::FutureExt;
-use sha2::{Digest, Sha256};
 
 use crate::config::EngineConfig;
 use crate::registry::{BlobSource, Registry, RegistryError};
@@ -48,8 +48,9 @@ pub struct DataBlob {
     pub source: BlobSource,
     /// Verified chunk size of the table.
     pub table_chunk: u64,
-    /// sha256 of each `table_chunk`-sized piece.
+    /// Digest of each `table_chunk`-sized piece.
     pub digests: Vec<[u8; 32]>,
+    pub algorithm: ChunkDigest,
 }
 
 impl DataBlob {
@@ -65,7 +66,7 @@ impl DataBlob {
                     expected: "a table entry".into(),
                     got: "none".into(),
                 })?;
-            let got: [u8; 32] = Sha256::digest(piece).into();
+            let got = self.algorithm.hash(piece);
             if &got != want {
                 return Err(RegistryError::DigestMismatch {
                     what: format!("chunk {} of {}", first + i, self.source.digest),

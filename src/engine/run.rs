@@ -126,6 +126,7 @@ mod tests {
             },
             table_chunk: chunk as u64,
             digests: data.chunks(chunk).map(|c| Sha256::digest(c).into()).collect(),
+            algorithm: crate::image::format::ChunkDigest::Sha256,
         })
     }
 

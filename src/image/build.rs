@@ -12,8 +12,8 @@ use serde_json::json;
 
 use super::erofs::{self, DeviceSlot};
 use super::format::{
-    device_tag, BlobChunks, ChunkTable, ANNOTATION_FORMAT, FORMAT_VERSION, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_DATA,
-    MEDIA_TYPE_META,
+    device_tag, BlobChunks, ChunkDigest, ChunkTable, ANNOTATION_FORMAT, FORMAT_VERSION, MEDIA_TYPE_CHUNKS,
+    MEDIA_TYPE_DATA, MEDIA_TYPE_META,
 };
 use super::tree::{encode_rdev, FileData, Kind, Meta, Node, Tree};
 use crate::registry::{sha256_digest, Registry, RegistryError};
@@ -120,7 +120,17 @@ impl BlobWriter {
 
     /// Pad blobs to whole blocks, drop empty ones (renumbering devices in `tree`), write the
     /// metadata image and the chunk table.
-    pub fn finish(self, mut tree: Tree, chunk_size: u64) -> Result<BuiltImage, BuildError> {
+    pub fn finish(self, tree: Tree, chunk_size: u64) -> Result<BuiltImage, BuildError> {
+        self.finish_with(tree, chunk_size, ChunkDigest::default())
+    }
+
+    /// [`BlobWriter::finish`] with an explicit chunk digest algorithm.
+    pub fn finish_with(
+        self,
+        mut tree: Tree,
+        chunk_size: u64,
+        chunk_digest: ChunkDigest,
+    ) -> Result<BuiltImage, BuildError> {
         let mut renumber = HashMap::new();
         let mut data = Vec::new();
         for (i, mut b) in self.blobs.into_iter().enumerate() {
@@ -139,7 +149,11 @@ impl BlobWriter {
         let table = ChunkTable {
             version: 1,
             chunk_size,
-            blobs: data.iter().map(|b| BlobChunks::of(b, chunk_size)).collect(),
+            chunk_digest,
+            blobs: data
+                .iter()
+                .map(|b| BlobChunks::of(b, chunk_size, chunk_digest))
+                .collect(),
         };
         let devices: Vec<DeviceSlot> = data
             .iter()

@@ -13,7 +13,7 @@ use oci_client::manifest::{OciImageManifest, OciManifest};
 use serde_json::json;
 
 use super::build::{assemble, BlobWriter, BuildError};
-use super::format::DEFAULT_CHUNK_SIZE;
+use super::format::{ChunkDigest, DEFAULT_CHUNK_SIZE};
 use super::tree::{Meta, Tree};
 use crate::registry::platform::Platform;
 use crate::registry::{Registry, RegistryError};
@@ -41,6 +41,8 @@ pub struct ConvertOptions {
     /// Convert every platform of an index and write an index.
     pub all_platforms: bool,
     pub chunk_size: u64,
+    /// Algorithm of the chunk digest table.
+    pub chunk_digest: ChunkDigest,
     pub limits: Limits,
     /// Show progress bars (only when stderr is a terminal).
     pub progress: bool,
@@ -52,6 +54,7 @@ impl Default for ConvertOptions {
             platform: None,
             all_platforms: false,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            chunk_digest: ChunkDigest::default(),
             limits: Limits::default(),
             progress: false,
         }
@@ -206,7 +209,7 @@ async fn convert_one(
         tracing::info!(layer = %name, entries = stats.entries, bytes = stats.file_bytes, whiteouts = stats.whiteouts, "layer applied");
     }
     let chunk = opts.chunk_size;
-    let built = tokio::task::block_in_place(|| blobs.finish(tree, chunk))?;
+    let built = tokio::task::block_in_place(|| blobs.finish_with(tree, chunk, opts.chunk_digest))?;
     let a = assemble(&built, &config).map_err(|e| ConvertError::Source(format!("image config is not JSON: {e}")))?;
     for (digest, b) in a.blobs {
         dst.put_blob_with_digest(registry, b, digest).await?;
