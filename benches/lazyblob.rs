@@ -447,7 +447,9 @@ async fn main() {
             ("64 KiB chunks", &small_dst, "[engine]\nchunk_size = 65536\n"),
         ];
         // LAZYBLOB_BENCH_SEQ_VARIANT=0: only the first (profiling)
-        let pick = std::env::var("LAZYBLOB_BENCH_SEQ_VARIANT").ok().and_then(|v| v.parse::<usize>().ok());
+        let pick = std::env::var("LAZYBLOB_BENCH_SEQ_VARIANT")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok());
         let variants: Vec<_> = all_variants
             .iter()
             .enumerate()
@@ -491,6 +493,13 @@ async fn main() {
                 lazy_cpu[v][0] += usage(dr.pid()).1 - reg0;
                 lazy_cpu[v][1] += self_cpu() - me0;
                 lazy_cpu[v][2] += usage(d.pid()).1 - d0;
+                if rep == 0 {
+                    let st = d.status().await;
+                    eprintln!(
+                        "{}: {} range requests, {} bytes from the registry",
+                        variants[v].0, st.registry.requests, st.registry.bytes
+                    );
+                }
                 profile_stop(profiler);
                 drop(d);
                 let _ = std::fs::remove_dir_all(&dir);
@@ -565,12 +574,12 @@ async fn main() {
             (
                 "1 MiB chunks",
                 &seq_dst,
-                "[engine]\nchunk_size = 1048576\nprefetch_chunks = 0\nfill_after_idle_ms = 0\n",
+                "[engine]\nchunk_size = 1048576\nread_ahead_max = 0\nfill_after_idle_ms = 0\n",
             ),
             (
                 "64 KiB chunks",
                 &small_dst,
-                "[engine]\nchunk_size = 65536\nprefetch_chunks = 0\nfill_after_idle_ms = 0\n",
+                "[engine]\nchunk_size = 65536\nread_ahead_max = 0\nfill_after_idle_ms = 0\n",
             ),
         ] {
             let dir = w.join(format!("d3-{}", name.split(' ').next().unwrap_or("x")));

@@ -86,8 +86,9 @@ pub struct EngineConfig {
     pub inflight_capacity: usize,
     /// Concurrent range requests per registry host.
     pub max_concurrent_fetches: usize,
-    /// Read-ahead for sequential readers: the largest window, in chunks (0 disables it).
-    pub prefetch_chunks: u64,
+    /// Read-ahead for sequential readers: the largest window in bytes (0 disables it). In
+    /// bytes, not chunks, so images with small chunks still fetch in large runs.
+    pub read_ahead_max: u64,
     /// Kernel read-ahead of each lazyblob mount in KiB (0: leave the kernel's 128 KiB). A
     /// larger window means fewer, larger kernel requests for sequential readers.
     pub read_ahead_kb: u32,
@@ -103,10 +104,10 @@ impl Default for EngineConfig {
             chunk_size: 1 << 20,
             // large: docker-registry spends milliseconds of CPU per request, and a run is
             // streamed unit by unit, so its size costs no memory
-            merge_max: 16 << 20,
+            merge_max: 32 << 20,
             inflight_capacity: 8,
             max_concurrent_fetches: 8,
-            prefetch_chunks: 32,
+            read_ahead_max: 64 << 20,
             read_ahead_kb: 4096,
             fill_after_idle_ms: 1000,
         }

@@ -96,7 +96,7 @@ impl Daemon {
                     &config.daemon.cache_dir,
                     Arc::clone(&engine),
                     group,
-                    config.engine.prefetch_chunks,
+                    config.engine.read_ahead_max,
                     (config.engine.fill_after_idle_ms > 0)
                         .then(|| std::time::Duration::from_millis(config.engine.fill_after_idle_ms)),
                 )

@@ -104,7 +104,7 @@ async fn background_fill_completes_blobs_in_use() {
     let d = DaemonProc::start(
         &work.path().join("d"),
         &[&host],
-        "frontend = \"fanotify\"\n[engine]\nprefetch_chunks = 0\nfill_after_idle_ms = 300",
+        "frontend = \"fanotify\"\n[engine]\nread_ahead_max = 0\nfill_after_idle_ms = 300",
     );
     let mnt = work.path().join("d/mnt");
     d.mount(&image, &mnt);
@@ -180,7 +180,7 @@ async fn lazy_parallel_and_kill9() {
     let mut d = DaemonProc::start(
         &work.path().join("d"),
         &[&host],
-        "frontend = \"fanotify\"\n[engine]\nprefetch_chunks = 0\nfill_after_idle_ms = 0",
+        "frontend = \"fanotify\"\n[engine]\nread_ahead_max = 0\nfill_after_idle_ms = 0",
     );
     let mnt = work.path().join("d/mnt");
     d.mount(&image, &mnt);

@@ -91,8 +91,8 @@ pub struct FanotifyFrontend {
     cache_dir: PathBuf,
     /// (dev, ino) of a cache file -> its blob.
     files: Mutex<HashMap<(u64, u64), Arc<CachedBlob>>>,
-    /// Largest read-ahead window in chunks (0: no read-ahead).
-    prefetch_max: u64,
+    /// Largest read-ahead window in bytes (0: no read-ahead).
+    read_ahead_max: u64,
     /// Quiet time after which a blob in use is fetched to the end (None: never).
     fill_after: Option<Duration>,
     /// One background fill request at a time, daemon-wide: readers come first.
@@ -110,7 +110,7 @@ impl FanotifyFrontend {
         cache_dir: &Path,
         engine: Arc<Engine>,
         group: Option<Fanotify>,
-        prefetch_max: u64,
+        read_ahead_max: u64,
         fill_after: Option<Duration>,
     ) -> io::Result<Arc<FanotifyFrontend>> {
         let fan = match group {
@@ -127,7 +127,7 @@ impl FanotifyFrontend {
             engine,
             cache_dir: cache_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
-            prefetch_max,
+            read_ahead_max,
             fill_after,
             fill_slot: tokio::sync::Semaphore::new(1),
             stats: FanotifyStats::default(),
@@ -345,10 +345,10 @@ impl FanotifyFrontend {
     /// Sequential readers: after a miss right behind the previous one, fetch the next chunks
     /// in the background with a window that doubles up to the maximum.
     fn read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, first_missing: u64, last_missing: u64) {
-        let max = self.prefetch_max;
-        if max == 0 {
+        if self.read_ahead_max == 0 {
             return;
         }
+        let max = (self.read_ahead_max / cached.blob.table_chunk).max(2);
         let (from, to) = {
             let mut a = lock(&cached.ahead);
             let sequential = first_missing > 0 && a.last_miss.is_some_and(|l| first_missing <= l.max(a.until) + 1);
