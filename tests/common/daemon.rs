@@ -51,7 +51,12 @@ impl DaemonProc {
             .unwrap();
         let _ = std::fs::remove_file(&self.socket);
         let child = Command::new(binary())
-            .args(["--log", "info", "daemon", "--config"])
+            // LAZYBLOB_TEST_LOG: a log filter for the daemons of tests and benchmarks
+            .args([
+                "--log",
+                &std::env::var("LAZYBLOB_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            ])
+            .args(["daemon", "--config"])
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
