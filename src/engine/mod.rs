@@ -56,24 +56,29 @@ pub struct DataBlob {
 impl DataBlob {
     /// Check `data`, which starts at `offset` (a multiple of `table_chunk`), against the table.
     pub fn verify(&self, offset: u64, data: &[u8]) -> Result<(), RegistryError> {
-        let first = (offset / self.table_chunk) as usize;
+        let first = offset / self.table_chunk;
         for (i, piece) in data.chunks(self.table_chunk as usize).enumerate() {
-            let want = self
-                .digests
-                .get(first + i)
-                .ok_or_else(|| RegistryError::DigestMismatch {
-                    what: format!("chunk {} of {}", first + i, self.source.digest),
-                    expected: "a table entry".into(),
-                    got: "none".into(),
-                })?;
-            let got = self.algorithm.hash(piece);
-            if &got != want {
-                return Err(RegistryError::DigestMismatch {
-                    what: format!("chunk {} of {}", first + i, self.source.digest),
-                    expected: hex::encode(want),
-                    got: hex::encode(got),
-                });
-            }
+            self.check_chunk(first + i as u64, self.algorithm.hash(piece))?;
+        }
+        Ok(())
+    }
+
+    /// Check the digest `got` of table chunk `index` against the table.
+    pub fn check_chunk(&self, index: u64, got: [u8; 32]) -> Result<(), RegistryError> {
+        let want = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.digests.get(i))
+            .ok_or_else(|| RegistryError::DigestMismatch {
+                what: format!("chunk {index} of {}", self.source.digest),
+                expected: "a table entry".into(),
+                got: "none".into(),
+            })?;
+        if &got != want {
+            return Err(RegistryError::DigestMismatch {
+                what: format!("chunk {index} of {}", self.source.digest),
+                expected: hex::encode(want),
+                got: hex::encode(got),
+            });
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! One merged range request ("run") of consecutive fetch units: the body is cut into units as
-//! it arrives, each unit is verified against the chunk table the moment it is complete and
-//! handed to its waiters at once, so a unit never waits for the rest of its run and only the
-//! unit being assembled is buffered. A retry resumes at the first unit not yet handed out.
+//! it arrives and hashed as it arrives (verification overlaps the transfer), each unit is
+//! checked against the chunk table the moment it is complete and handed to its waiters at
+//! once, so a unit never waits for the rest of its run and only the unit being assembled is
+//! buffered. A retry resumes at the first unit not yet handed out.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use futures::channel::oneshot;
 use super::chunks::ChunkGeometry;
 use super::pool::{BufPool, PoolBuf};
 use super::{DataBlob, EngineError};
+use crate::image::format::ChunkHasher;
 use crate::registry::range::RangeSink;
 use crate::registry::RegistryError;
 
@@ -26,6 +28,9 @@ pub struct RunSink {
     next: u64,
     buf: Option<PoolBuf>,
     pool: Arc<BufPool>,
+    /// Blob offset of the next byte to hash, and the digest of its table chunk so far.
+    hashed_to: u64,
+    hasher: Option<ChunkHasher>,
     /// Senders of units `next..`, in order.
     senders: VecDeque<UnitSender>,
 }
@@ -40,11 +45,13 @@ impl RunSink {
         pool: Arc<BufPool>,
     ) -> RunSink {
         RunSink {
+            hashed_to: geo.start(first),
             blob,
             geo,
             next: first,
             buf: None,
             pool,
+            hasher: None,
             senders: senders.into(),
         }
     }
@@ -77,15 +84,18 @@ impl RangeSink for RunSink {
             if self.buffered() == 0 && data.len() >= want {
                 // a whole unit in one piece: no copy
                 let unit = data.split_to(want);
-                self.deliver(unit)?;
+                self.hash(&unit)?;
+                self.deliver(unit);
                 continue;
             }
+            let part = data.split_to(want.min(data.len()));
+            self.hash(&part)?;
             let pool = &self.pool;
             let buf = self.buf.get_or_insert_with(|| pool.take(unit_len));
-            buf.extend_from_slice(&data.split_to(want.min(data.len())));
+            buf.extend_from_slice(&part);
             if buf.len() == unit_len {
                 if let Some(full) = self.buf.take() {
-                    self.deliver(full.freeze())?;
+                    self.deliver(full.freeze());
                 }
             }
         }
@@ -97,18 +107,39 @@ impl RangeSink for RunSink {
         if let Some(b) = self.buf.as_mut() {
             b.clear();
         }
+        self.hasher = None;
+        self.hashed_to = self.geo.start(self.next).min(self.geo.size);
     }
 }
 
 impl RunSink {
-    /// Verify a complete unit and hand it to its waiters; a mismatch fails the attempt.
-    fn deliver(&mut self, unit: Bytes) -> Result<(), RegistryError> {
-        self.blob.verify(self.geo.start(self.next), &unit)?;
+    /// Feed bytes (the next ones of the body) to the digest of their table chunk; at each
+    /// chunk's end compare with the table. A mismatch fails the attempt.
+    fn hash(&mut self, mut data: &[u8]) -> Result<(), RegistryError> {
+        let tc = self.blob.table_chunk;
+        while !data.is_empty() {
+            let idx = self.hashed_to / tc;
+            let end = ((idx + 1) * tc).min(self.geo.size);
+            let n = ((end - self.hashed_to) as usize).min(data.len());
+            let algorithm = self.blob.algorithm;
+            self.hasher.get_or_insert_with(|| algorithm.hasher()).update(&data[..n]);
+            self.hashed_to += n as u64;
+            data = &data[n..];
+            if self.hashed_to == end {
+                if let Some(h) = self.hasher.take() {
+                    self.blob.check_chunk(idx, h.finalize())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hand a complete unit (all its table chunks checked) to its waiters.
+    fn deliver(&mut self, unit: Bytes) {
         if let Some(s) = self.senders.pop_front() {
             let _ = s.send(Ok(unit));
         }
         self.next += 1;
-        Ok(())
     }
 }
 
@@ -185,6 +216,32 @@ mod tests {
         s.accept(4096, Bytes::copy_from_slice(&data[4096..])).unwrap();
         assert_eq!(rx[0].try_recv().unwrap().unwrap().unwrap(), data[..4096]);
         assert_eq!(rx[1].try_recv().unwrap().unwrap().unwrap(), data[4096..]);
+    }
+
+    #[test]
+    fn units_of_several_table_chunks_check_each_chunk_as_it_streams() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let b = blob(&data, 4096);
+        let geo = ChunkGeometry::new(8192, 4096, data.len() as u64);
+        let (tx, mut rx): (Vec<_>, Vec<_>) = (0..3).map(|_| oneshot::channel()).unzip();
+        let mut s = RunSink::new(Arc::clone(&b), geo, 0, tx, BufPool::new(2));
+        let mut bad = data.clone();
+        bad[4096 + 10] ^= 0xff; // second table chunk of the first unit
+        let err = s.accept(0, Bytes::copy_from_slice(&bad[..6000]));
+        assert!(err.is_ok(), "the first table chunk is fine");
+        assert!(matches!(
+            s.accept(6000, Bytes::copy_from_slice(&bad[6000..9000])),
+            Err(RegistryError::DigestMismatch { .. })
+        ));
+        s.abort_attempt();
+        assert_eq!(s.resume_at(), 0);
+        for (at, piece) in [(0usize, 3000usize), (3000, 9000), (12_000, 8000)] {
+            s.accept(at as u64, Bytes::copy_from_slice(&data[at..at + piece])).unwrap();
+        }
+        for (i, r) in rx.iter_mut().enumerate() {
+            let got = r.try_recv().unwrap().unwrap().unwrap();
+            assert_eq!(got, data[i * 8192..((i + 1) * 8192).min(data.len())]);
+        }
     }
 
     #[test]

@@ -56,6 +56,40 @@ impl ChunkDigest {
     }
 }
 
+impl ChunkDigest {
+    /// An incremental hasher, for bodies verified while they stream in.
+    pub fn hasher(self) -> ChunkHasher {
+        match self {
+            ChunkDigest::Sha256 => ChunkHasher::Sha256(Sha256::new()),
+            ChunkDigest::Blake3 => ChunkHasher::Blake3(Box::new(blake3::Hasher::new())),
+        }
+    }
+}
+
+/// The state of one chunk digest being computed.
+pub enum ChunkHasher {
+    Sha256(Sha256),
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl ChunkHasher {
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            ChunkHasher::Sha256(h) => h.update(data),
+            ChunkHasher::Blake3(h) => {
+                h.update(data);
+            }
+        }
+    }
+
+    pub fn finalize(self) -> [u8; 32] {
+        match self {
+            ChunkHasher::Sha256(h) => h.finalize().into(),
+            ChunkHasher::Blake3(h) => h.finalize().into(),
+        }
+    }
+}
+
 impl std::str::FromStr for ChunkDigest {
     type Err = String;
 

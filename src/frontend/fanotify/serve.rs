@@ -275,7 +275,7 @@ impl FanotifyFrontend {
                     };
                     let run = first..last + 1;
                     let (s, e) = (run.start * unit, (run.end * unit).min(cached.blob.source.size));
-                    match me.fetch_and_store(&cached, s, e, via).await {
+                    match me.fetch_and_store(&cached, s, e, via, None).await {
                         Ok(n) => {
                             failures = 0;
                             me.stats.chunks_background.fetch_add(n, Relaxed);
@@ -299,8 +299,17 @@ impl FanotifyFrontend {
     }
 
     /// Fetch `[s, e)` of a blob and write each unit as soon as it is verified; returns
-    /// chunks written.
-    async fn fetch_and_store(&self, cached: &Arc<CachedBlob>, s: u64, e: u64, via: Arc<File>) -> io::Result<u64> {
+    /// chunks written. A unit that `urgent` (a reader's range) covers only in part gets that
+    /// part written first and the whole unit written in the background, so a small random
+    /// read waits for its own bytes only, not for a whole chunk to reach the page cache.
+    async fn fetch_and_store(
+        self: &Arc<Self>,
+        cached: &Arc<CachedBlob>,
+        s: u64,
+        e: u64,
+        via: Arc<File>,
+        urgent: Option<(u64, u64)>,
+    ) -> io::Result<u64> {
         let pending = self
             .engine
             .fetch(&cached.blob, s, e - s)
@@ -311,9 +320,47 @@ impl FanotifyFrontend {
                 .wait(&self.engine)
                 .await
                 .map_err(|err| io::Error::other(err.to_string()))?;
-            written += self.store(cached, piece, Arc::clone(&via)).await?;
+            let (ps, pe) = (piece.offset, piece.offset + piece.data.len() as u64);
+            match urgent {
+                Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) => {
+                    let (a, b) = (us.max(ps), ue.min(pe));
+                    let part = piece.data.slice((a - ps) as usize..(b - ps) as usize);
+                    self.write_part(cached, part, a, Arc::clone(&via)).await?;
+                    let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(&via));
+                    tokio::spawn(async move {
+                        match me.store(&cached, piece, via).await {
+                            Ok(n) => {
+                                me.stats.chunks_filled.fetch_add(n, Relaxed);
+                                me.unmark_if_complete(&cached);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "writing a fetched chunk failed (it is fetched again when read)")
+                            }
+                        }
+                    });
+                }
+                _ => written += self.store(cached, piece, Arc::clone(&via)).await?,
+            }
         }
         Ok(written)
+    }
+
+    /// Write verified bytes that are only part of a chunk: the chunk stays unmarked until the
+    /// whole of it is written (a later reader of the rest fetches or finds it then).
+    async fn write_part(
+        &self,
+        cached: &Arc<CachedBlob>,
+        part: bytes::Bytes,
+        at: u64,
+        via: Arc<File>,
+    ) -> io::Result<()> {
+        let c = Arc::clone(cached);
+        tokio::task::spawn_blocking(move || {
+            let _one_writer = lock(&c.write_lock);
+            via.write_all_at(&part, at)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     fn cached(&self, file: &File) -> Option<Arc<CachedBlob>> {
@@ -477,7 +524,8 @@ impl FanotifyFrontend {
             lock(&cached.writer).get_or_insert_with(|| Arc::clone(&via));
             for run in consecutive(&missing, u64::MAX) {
                 let (s, e) = (run.start * unit, (run.end * unit).min(size));
-                written += self.fetch_and_store(&cached, s, e, Arc::clone(&via)).await?;
+                let urgent = range.map(|(o, n)| (o, o.saturating_add(n)));
+                written += self.fetch_and_store(&cached, s, e, Arc::clone(&via), urgent).await?;
             }
             self.start_background_fill(&cached);
         }
