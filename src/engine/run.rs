@@ -236,7 +236,8 @@ mod tests {
         s.abort_attempt();
         assert_eq!(s.resume_at(), 0);
         for (at, piece) in [(0usize, 3000usize), (3000, 9000), (12_000, 8000)] {
-            s.accept(at as u64, Bytes::copy_from_slice(&data[at..at + piece])).unwrap();
+            s.accept(at as u64, Bytes::copy_from_slice(&data[at..at + piece]))
+                .unwrap();
         }
         for (i, r) in rx.iter_mut().enumerate() {
             let got = r.try_recv().unwrap().unwrap().unwrap();

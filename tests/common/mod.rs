@@ -107,11 +107,12 @@ pub fn mixed_files(seed: u64, small: usize, large_mib: &[usize]) -> BTreeMap<Str
 }
 
 /// Run the VM rig on `payload` (and `share` at /host), returning (exit code, console).
+/// TCG emulation: nested KVM is not available on the machines this runs on.
 pub async fn run_vm(payload: &Path, share: &Path, libs_for: &Path, timeout_s: u64) -> (i32, String) {
     let rig = vm_rig();
     let out = tokio::process::Command::new("bash")
         .arg(rig.join("run-vm.sh"))
-        .args(["-n", "-t", &timeout_s.to_string(), "-m", "1G", "-d", "512"])
+        .args(["-n", "-t", &timeout_s.to_string(), "-m", "1G", "-d", "768"])
         .arg("-s")
         .arg(share)
         .arg("-L")
