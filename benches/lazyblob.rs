@@ -250,7 +250,7 @@ exit 0
     assert_eq!(code, 0, "VM run failed:\n{console}");
     let mut runs: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for l in console.lines() {
-        let f: Vec<&str> = l.trim().split_whitespace().collect();
+        let f: Vec<&str> = l.split_whitespace().collect();
         if let ["RESULT", who, rc, a, b] = f[..] {
             assert_eq!(rc, "0", "{who} failed in the guest:\n{console}");
             let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
