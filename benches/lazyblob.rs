@@ -73,7 +73,10 @@ fn sh(cmd: &str) -> std::process::Output {
     Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
 }
 
+/// Flush dirty pages (so earlier writes do not compete with the next measurement) and drop
+/// the page cache.
 fn drop_caches() {
+    nix::unistd::sync();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
