@@ -51,6 +51,24 @@ fn source_files() -> Source {
     )
 }
 
+/// The source image converted into a fresh registry-mock: the mock, the files, the lazy
+/// image's reference and manifest.
+async fn mock_image() -> (
+    MockRegistry,
+    BTreeMap<String, Vec<u8>>,
+    String,
+    lazyblob::image::format::LazyManifest,
+) {
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
+    let (files, layers) = source_files();
+    let image = convert_into(&reg, &host, &layers).await;
+    let resolved = reg.resolve(&parse_reference(&image).unwrap()).await.unwrap();
+    let lazy = lazyblob::image::format::LazyManifest::from_manifest(&resolved.manifest).unwrap();
+    (mock, files, image, lazy)
+}
+
 async fn convert_into(reg: &Registry, host: &str, layers: &[(Vec<u8>, &str)]) -> String {
     let src = format!("{host}/src/app:v1");
     let dst = format!("{host}/lazy/app:v1");
@@ -93,13 +111,8 @@ async fn docker_registry_image_mounts_and_matches_the_source() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn background_fill_completes_blobs_in_use() {
     require_root();
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let (mock, files, image, lazy) = mock_image().await;
     let host = mock.host();
-    let reg = client(&insecure_config(&[&host]));
-    let (files, layers) = source_files();
-    let image = convert_into(&reg, &host, &layers).await;
-    let resolved = reg.resolve(&parse_reference(&image).unwrap()).await.unwrap();
-    let lazy = lazyblob::image::format::LazyManifest::from_manifest(&resolved.manifest).unwrap();
     let work = tempfile::tempdir().unwrap();
     let d = DaemonProc::start(
         &work.path().join("d"),
@@ -164,13 +177,8 @@ async fn background_fill_completes_blobs_in_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lazy_parallel_and_kill9() {
     require_root();
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let (mock, files, image, lazy) = mock_image().await;
     let host = mock.host();
-    let reg = client(&insecure_config(&[&host]));
-    let (files, layers) = source_files();
-    let image = convert_into(&reg, &host, &layers).await;
-    let resolved = reg.resolve(&parse_reference(&image).unwrap()).await.unwrap();
-    let lazy = lazyblob::image::format::LazyManifest::from_manifest(&resolved.manifest).unwrap();
     let data_digests: Vec<String> = lazy.data.iter().map(|d| d.digest.clone()).collect();
     let data_total: u64 = lazy.data.iter().map(|d| d.size as u64).sum();
     mock.reset_counters();

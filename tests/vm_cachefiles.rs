@@ -179,10 +179,8 @@ async fn cachefiles_frontend_in_vm() {
     ]);
 
     // payload: binary shared over 9p, config, expected sums, the guest script
-    let share = tempfile::tempdir().unwrap();
+    let (share, payload) = vm_dirs();
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_lazyblob"));
-    std::fs::copy(bin, share.path().join("lazyblob")).unwrap();
-    let payload = tempfile::tempdir().unwrap();
     let p = payload.path();
     std::fs::write(
         p.join("cfg.toml"),
@@ -280,8 +278,7 @@ exit 0
         conc_other = sha256_hex(&big[100 * 4096..101 * 4096]),
         c1 = sha256_hex(&c1),
     );
-    std::fs::write(p.join("run-test"), script).unwrap();
-    std::fs::set_permissions(p.join("run-test"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    write_guest_script(p, &script);
 
     let (code, console) = run_vm(p, share.path(), bin, 600).await;
     println!("{console}");

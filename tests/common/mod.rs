@@ -106,6 +106,23 @@ pub fn mixed_files(seed: u64, small: usize, large_mib: &[usize]) -> BTreeMap<Str
     files
 }
 
+/// The two directories of a VM run: `share` (9p at /host in the guest) holding the lazyblob
+/// binary, and `payload` (copied to the guest's root).
+#[allow(dead_code)]
+pub fn vm_dirs() -> (tempfile::TempDir, tempfile::TempDir) {
+    let share = tempfile::tempdir().unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_lazyblob"), share.path().join("lazyblob")).unwrap();
+    (share, tempfile::tempdir().unwrap())
+}
+
+/// The guest's `/run-test`.
+#[allow(dead_code)]
+pub fn write_guest_script(payload: &Path, script: &str) {
+    let p = payload.join("run-test");
+    std::fs::write(&p, script).unwrap();
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
 /// Run the VM rig on `payload` (and `share` at /host), returning (exit code, console).
 /// TCG emulation: nested KVM is not available on the machines this runs on.
 pub async fn run_vm(payload: &Path, share: &Path, libs_for: &Path, timeout_s: u64) -> (i32, String) {
