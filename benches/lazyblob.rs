@@ -291,7 +291,12 @@ async fn main() {
         nix::unistd::geteuid().is_root(),
         "the benchmark mounts filesystems: run as root"
     );
-    let s = scale(quick);
+    let mut s = scale(quick);
+    // LAZYBLOB_BENCH_LAYERS: how many layers the start image has (default 4; 1 isolates the
+    // on-disk layout of several blob files from the rest of the warm-read cost)
+    if let Some(n) = std::env::var("LAZYBLOB_BENCH_LAYERS").ok().and_then(|v| v.parse().ok()) {
+        s.layers = n;
+    }
     let work = tempfile::Builder::new()
         .prefix("lazyblob-bench.")
         .tempdir_in("/var/tmp")
