@@ -440,12 +440,28 @@ async fn main() {
         d.mount(&dst, &mnt);
         let _ = read_set(&mnt);
         let t = Instant::now();
-        let n_blobs = lazy_manifest(&reg, &dst).await.data.len() as u64;
+        let lazy = lazy_manifest(&reg, &dst).await;
+        let n_blobs = lazy.data.len() as u64;
+        eprintln!("metadata blob: {} bytes (pinned in memory by default)", lazy.meta.size);
         while d.status().await.frontend_counters["blobs_complete"].as_u64() != Some(n_blobs) {
             assert!(t.elapsed().as_secs() < 300, "background fill did not complete");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let fill_s = t.elapsed().as_secs_f64();
+        if std::env::var_os("XFRAG").is_some() {
+            nix::unistd::sync();
+            eprintln!(
+                "{}",
+                String::from_utf8_lossy(
+                    &sh(&format!(
+                        "filefrag {}/d1f/cache/blobs/* {}/d1f/state/blobs/* 2>&1",
+                        w.display(),
+                        w.display()
+                    ))
+                    .stdout
+                )
+            );
+        }
         let lazy_warm = warm(&mnt);
         let img = w.join("local.erofs");
         let t = Instant::now();

@@ -96,6 +96,9 @@ pub struct EngineConfig {
     /// this long, the rest of it is fetched, one merged run at a time, and its events stop.
     /// 0 disables it (blobs then hold only what was read).
     pub fill_after_idle_ms: u64,
+    /// Keep the metadata blob of each mounted image locked in memory (fanotify frontend), so
+    /// lookups and directory reads never wait for the disk. Costs the metadata's size.
+    pub pin_metadata: bool,
 }
 
 impl Default for EngineConfig {
@@ -110,6 +113,7 @@ impl Default for EngineConfig {
             read_ahead_max: 64 << 20,
             read_ahead_kb: 4096,
             fill_after_idle_ms: 1000,
+            pin_metadata: true,
         }
     }
 }

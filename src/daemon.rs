@@ -99,6 +99,7 @@ impl Daemon {
                     config.engine.read_ahead_max,
                     (config.engine.fill_after_idle_ms > 0)
                         .then(|| std::time::Duration::from_millis(config.engine.fill_after_idle_ms)),
+                    config.engine.pin_metadata,
                 )
                 .context("creating the fanotify pre-content group")?;
                 loops.push(tokio::spawn(Arc::clone(&f).run(stop_rx.clone())));

@@ -97,6 +97,8 @@ pub struct FanotifyFrontend {
     fill_after: Option<Duration>,
     /// One background fill request at a time, daemon-wide: readers come first.
     fill_slot: tokio::sync::Semaphore,
+    /// Metadata blobs of mounted images, locked in memory (None: not pinned).
+    pinned: Option<Mutex<HashMap<PathBuf, super::pin::Pinned>>>,
     pub stats: FanotifyStats,
 }
 
@@ -112,6 +114,7 @@ impl FanotifyFrontend {
         group: Option<Fanotify>,
         read_ahead_max: u64,
         fill_after: Option<Duration>,
+        pin_metadata: bool,
     ) -> io::Result<Arc<FanotifyFrontend>> {
         let fan = match group {
             Some(g) => g,
@@ -130,6 +133,7 @@ impl FanotifyFrontend {
             read_ahead_max,
             fill_after,
             fill_slot: tokio::sync::Semaphore::new(1),
+            pinned: pin_metadata.then(|| Mutex::new(HashMap::new())),
             stats: FanotifyStats::default(),
         }))
     }
@@ -142,6 +146,20 @@ impl FanotifyFrontend {
     /// Create the sparse cache files of an image's data blobs and mark them; returns the
     /// `device=` paths in device order.
     pub fn prepare(&self, image: &Image) -> io::Result<Vec<PathBuf>> {
+        if let Some(pinned) = &self.pinned {
+            let mut pinned = lock(pinned);
+            if !pinned.contains_key(&image.meta_path) {
+                // best effort: an image whose metadata cannot be locked still mounts
+                match super::pin::Pinned::new(&image.meta_path) {
+                    Ok(Some(p)) => {
+                        tracing::debug!(path = %image.meta_path.display(), bytes = p.len(), "metadata blob pinned");
+                        pinned.insert(image.meta_path.clone(), p);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "metadata blob not pinned in memory"),
+                }
+            }
+        }
         let mut paths = Vec::with_capacity(image.data.len());
         for blob in &image.data {
             let path = cache::blob_path(&self.cache_dir, &blob.source.digest);
