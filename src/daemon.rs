@@ -234,8 +234,23 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|m| m.target != target);
         self.persist_mounts();
+        self.unpin_unused();
         self.evict();
         Ok(())
+    }
+
+    /// Release the pinned metadata of images no mount uses any more.
+    fn unpin_unused(&self) {
+        let Some(f) = &self.fanotify else {
+            return;
+        };
+        let in_use: Vec<PathBuf> = self
+            .mounts()
+            .iter()
+            .filter_map(|m| self.catalog.get(&m.fsid))
+            .map(|i| i.meta_path.clone())
+            .collect();
+        f.unpin_except(&in_use);
     }
 
     /// Apply the cache limit: drop blobs of images no mount uses.

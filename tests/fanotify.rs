@@ -171,7 +171,15 @@ async fn background_fill_completes_blobs_in_use() {
         events,
         "reads of a complete blob raise no events"
     );
+    // the metadata blob is locked in memory while mounted, released by the unmount
+    assert_eq!(
+        after["metadata_pinned_bytes"].as_u64(),
+        Some(lazy.meta.size as u64),
+        "{after}"
+    );
     d.umount(&mnt);
+    let gone = d.status().await.frontend_counters;
+    assert_eq!(gone["metadata_pinned_bytes"].as_u64(), Some(0), "{gone}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -83,7 +83,13 @@ pub fn snapshot(d: &Daemon) -> Status {
         },
         frontend_counters: match (&d.cachefiles, &d.fanotify) {
             (Some(c), _) => serde_json::to_value(&c.stats).unwrap_or_default(),
-            (_, Some(f)) => serde_json::to_value(&f.stats).unwrap_or_default(),
+            (_, Some(f)) => {
+                let mut v = serde_json::to_value(&f.stats).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("metadata_pinned_bytes".into(), f.pinned_bytes().into());
+                }
+                v
+            }
             _ => serde_json::Value::Null,
         },
     }

@@ -189,6 +189,20 @@ impl FanotifyFrontend {
         Ok(paths)
     }
 
+    /// Unlock the metadata blobs of images not in `in_use` (after unmounts).
+    pub fn unpin_except(&self, in_use: &[PathBuf]) {
+        if let Some(pinned) = &self.pinned {
+            lock(pinned).retain(|p, _| in_use.contains(p));
+        }
+    }
+
+    /// Bytes of metadata locked in memory.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.pinned
+            .as_ref()
+            .map_or(0, |p| lock(p).values().map(|x| x.len() as u64).sum())
+    }
+
     /// Cache files currently served.
     pub fn served_paths(&self) -> Vec<PathBuf> {
         lock(&self.files).values().map(|c| c.path.clone()).collect()
