@@ -3,9 +3,10 @@
 //! A range maps to aligned fetch units ("chunks"). Chunks already fetched or being fetched
 //! are found in an LRU keyed by (blob digest, chunk index), so concurrent readers of one
 //! chunk share a single registry request. Missing adjacent chunks are merged into one range
-//! request up to `merge_max`. Every chunk is checked against the image's chunk digest table
-//! before anyone sees it. The engine knows the registry, never a kernel: frontends write the
-//! bytes into their cache files.
+//! request up to `merge_max`, whose body is verified and handed out chunk by chunk as it
+//! streams in (`run`). Every chunk is checked against the image's chunk digest table before
+//! anyone sees it. The engine knows the registry, never a kernel: frontends write the bytes
+//! into their cache files.
 
 pub mod chunks;
 pub mod inflight;
