@@ -13,5 +13,6 @@ pub mod demo;
 pub mod engine;
 pub mod frontend;
 pub mod image;
+pub mod lock;
 pub mod malloc;
 pub mod registry;

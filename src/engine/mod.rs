@@ -280,9 +280,7 @@ impl Engine {
                 let r = engine.registry.fetch_range_into(&src, end, &sink).await;
                 tracing::debug!(elapsed = ?t0.elapsed(), ok = r.is_ok(), "range fetched");
                 if let Err(e) = r {
-                    sink.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .fail(&EngineError::from(e));
+                    crate::lock::lock(&sink).fail(&EngineError::from(e));
                 }
             },
             span,

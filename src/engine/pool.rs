@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use crate::lock::lock;
+
 /// A bounded stack of reusable buffers.
 pub struct BufPool {
     free: Mutex<Vec<Vec<u8>>>,
@@ -25,7 +27,7 @@ impl BufPool {
     /// An empty buffer with room for `cap` bytes (reused when one of a fitting size is idle).
     pub fn take(self: &Arc<Self>, cap: usize) -> PoolBuf {
         let reused = {
-            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            let mut free = lock(&self.free);
             free.iter()
                 .position(|b| b.capacity() >= cap && b.capacity() <= cap.saturating_mul(2))
                 .map(|i| free.swap_remove(i))
@@ -38,11 +40,11 @@ impl BufPool {
 
     /// Idle buffers held.
     pub fn idle(&self) -> usize {
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).len()
+        lock(&self.free).len()
     }
 
     fn give_back(&self, mut buf: Vec<u8>) {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free = lock(&self.free);
         if free.len() < self.keep {
             buf.clear();
             free.push(buf);

@@ -25,6 +25,7 @@ use oci_client::{Reference, RegistryOperation};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
+use crate::lock::lock;
 pub use error::RegistryError;
 use platform::Platform;
 use retry::RetryPolicy;
@@ -202,21 +203,16 @@ impl Registry {
 
     /// Fetch a whole blob and verify it against its digest and size.
     pub async fn fetch_blob(&self, src: &BlobSource) -> Result<Bytes, RegistryError> {
-        let what = format!("blob {}", src.digest);
-        self.with_endpoints(&src.repo, "blob", |ep, _| {
-            let what = what.clone();
-            async move {
-                let data = self.get_whole(&ep, src).await?;
-                let got = sha256_digest(&data);
-                if got != src.digest {
-                    return Err(RegistryError::DigestMismatch {
-                        what,
-                        expected: src.digest.clone(),
-                        got,
-                    });
-                }
-                Ok(data)
+        self.fetch_range_checked(src, 0, src.size, |data| {
+            let got = sha256_digest(data);
+            if got != src.digest {
+                return Err(RegistryError::DigestMismatch {
+                    what: format!("blob {}", src.digest),
+                    expected: src.digest.clone(),
+                    got,
+                });
             }
+            Ok(())
         })
         .await
     }
@@ -247,8 +243,9 @@ impl Registry {
         }
         let sink = Mutex::new(range::Collect::new(offset, len, check));
         self.fetch_range_into(src, offset + len, &sink).await?;
-        let collected = sink.into_inner().unwrap_or_else(|p| p.into_inner()).into_bytes();
-        Ok(collected.unwrap_or_default())
+        sink.into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .finish()
     }
 
     /// Stream `[sink.resume_at(), end)` of a blob into `sink` with retries, mirrors and
@@ -399,21 +396,13 @@ impl Registry {
 
     async fn permit(&self, host: &str) -> tokio::sync::OwnedSemaphorePermit {
         let sem = {
-            let mut m = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = lock(&self.limits);
             m.entry(host.to_string())
                 .or_insert_with(|| Arc::new(Semaphore::new(self.max_concurrent)))
                 .clone()
         };
         // The semaphore is never closed, so acquiring cannot fail.
         sem.acquire_owned().await.expect("registry semaphore is never closed")
-    }
-
-    /// One GET of a whole blob on one endpoint (no retries: the caller's loop has them).
-    async fn get_whole(&self, ep: &Reference, src: &BlobSource) -> Result<Bytes, RegistryError> {
-        let sink = Mutex::new(range::Collect::new(0, src.size, |_: &[u8]| Ok(())));
-        self.stream_range(ep, src, src.size, &sink).await?;
-        let collected = sink.into_inner().unwrap_or_else(|p| p.into_inner()).into_bytes();
-        Ok(collected.unwrap_or_default())
     }
 
     /// One range GET of `[sink.resume_at(), end)` on one endpoint, handing the body to `sink`
@@ -473,10 +462,6 @@ impl Registry {
         }
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The same repository and tag/digest on another registry host (a mirror).

@@ -38,9 +38,17 @@ impl<C: Fn(&[u8]) -> Result<(), RegistryError>> Collect<C> {
         }
     }
 
-    /// The checked range, once complete.
-    pub fn into_bytes(self) -> Option<Bytes> {
-        self.done
+    /// The checked range; an error if the body never completed it. An empty range is
+    /// checked here, as no body piece ever arrives for it.
+    pub fn finish(self) -> Result<Bytes, RegistryError> {
+        match self.done {
+            Some(b) => Ok(b),
+            None if self.len == 0 => (self.check)(&[]).map(|()| Bytes::new()),
+            None => Err(RegistryError::Truncated {
+                expected: self.len as u64,
+                got: self.buf.len() as u64,
+            }),
+        }
     }
 }
 

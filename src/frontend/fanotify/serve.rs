@@ -23,6 +23,7 @@ use super::{cache, sys};
 use crate::catalog::Image;
 use crate::engine::chunks::consecutive;
 use crate::engine::{DataBlob, Engine};
+use crate::lock::lock;
 
 /// Counters exported in `status`.
 #[derive(Debug, Default, Serialize)]
@@ -100,10 +101,6 @@ pub struct FanotifyFrontend {
     /// Metadata blobs of mounted images, locked in memory (None: not pinned).
     pinned: Option<Mutex<HashMap<PathBuf, super::pin::Pinned>>>,
     pub stats: FanotifyStats,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl FanotifyFrontend {

@@ -1,0 +1,10 @@
+//! Poison-tolerant locking: the daemon's mutexes guard plain tables whose every update is
+//! complete before the guard drops, so a thread that panicked while holding one leaves
+//! nothing half-done behind, and the others carry on with the data.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Lock `m`, taking the data over from a panicked holder if need be.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
