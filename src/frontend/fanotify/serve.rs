@@ -83,6 +83,11 @@ impl CachedBlob {
         let unit = self.blob.table_chunk;
         Some((off / unit, (end - 1) / unit, unit))
     }
+
+    /// Chunks (of the table's size) in the blob.
+    fn n_chunks(&self) -> u64 {
+        self.blob.source.size.div_ceil(self.blob.table_chunk)
+    }
 }
 
 /// The fanotify frontend.
@@ -245,7 +250,7 @@ impl FanotifyFrontend {
     /// Once every chunk of a blob is present and verified, stop its events: reads of its
     /// cache file then cost what a local file costs.
     fn unmark_if_complete(&self, cached: &CachedBlob) {
-        let n = cached.blob.source.size.div_ceil(cached.blob.table_chunk) as usize;
+        let n = cached.n_chunks() as usize;
         if lock(&cached.verified).len() >= n && !cached.complete.swap(true, Relaxed) {
             self.stats.blobs_complete.fetch_add(1, Relaxed);
             match sys::unmark(self.fan.get_ref(), &cached.path) {
@@ -271,7 +276,7 @@ impl FanotifyFrontend {
             async move {
                 let unit = cached.blob.table_chunk;
                 let per_run = (me.engine.merge_max() / unit).max(1);
-                let n_chunks = cached.blob.source.size.div_ceil(unit);
+                let n_chunks = cached.n_chunks();
                 let (mut failures, mut cursor) = (0u32, 0u64);
                 loop {
                     let idle = lock(&cached.last_miss).elapsed();
@@ -279,19 +284,19 @@ impl FanotifyFrontend {
                         tokio::time::sleep(quiet - idle).await;
                         continue;
                     }
-                    let Ok(_slot) = me.fill_slot.acquire().await else {
+                    let Ok(slot) = me.fill_slot.acquire().await else {
                         break;
                     };
                     let Some(via) = lock(&cached.writer).clone() else {
                         break;
                     };
                     // the next run of chunks neither verified nor on disk from an earlier run
-                    let mut todo = Vec::new();
-                    while cursor < n_chunks && (todo.len() as u64) < per_run {
+                    let mut run: Option<std::ops::Range<u64>> = None;
+                    while cursor < n_chunks && run.as_ref().is_none_or(|r| r.end - r.start < per_run) {
                         match me.present(&cached, &via, cursor) {
-                            Ok(true) if todo.is_empty() => {}
+                            Ok(true) if run.is_none() => {}
                             Ok(true) => break,
-                            Ok(false) => todo.push(cursor),
+                            Ok(false) => run.get_or_insert(cursor..cursor).end = cursor + 1,
                             Err(e) => {
                                 tracing::warn!(error = %e, "background fill: cache file unreadable");
                                 break;
@@ -299,12 +304,13 @@ impl FanotifyFrontend {
                         }
                         cursor += 1;
                     }
-                    let (Some(&first), Some(&last)) = (todo.first(), todo.last()) else {
+                    let Some(run) = run else {
                         break;
                     };
-                    let run = first..last + 1;
                     let (s, e) = (run.start * unit, (run.end * unit).min(cached.blob.source.size));
-                    match me.fetch_and_store(&cached, s, e, via, None).await {
+                    let fetched = me.fetch_and_store(&cached, s, e, via, None).await;
+                    drop(slot); // not held while backing off: other blobs may fill meanwhile
+                    match fetched {
                         Ok(n) => {
                             failures = 0;
                             me.stats.chunks_background.fetch_add(n, Relaxed);
@@ -354,42 +360,13 @@ impl FanotifyFrontend {
                 Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) => {
                     let (a, b) = (us.max(ps), ue.min(pe));
                     let part = piece.data.slice((a - ps) as usize..(b - ps) as usize);
-                    self.write_part(cached, part, a, Arc::clone(&via)).await?;
-                    let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(&via));
-                    tokio::spawn(async move {
-                        match me.store(&cached, piece, via).await {
-                            Ok(n) => {
-                                me.stats.chunks_filled.fetch_add(n, Relaxed);
-                                me.unmark_if_complete(&cached);
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "writing a fetched chunk failed (it is fetched again when read)")
-                            }
-                        }
-                    });
+                    self.write(cached, part, a, Arc::clone(&via), false).await?;
+                    self.store_later(cached, &via, async { Ok(piece) }, |s| &s.chunks_filled);
                 }
                 _ => written += self.store(cached, piece, Arc::clone(&via)).await?,
             }
         }
         Ok(written)
-    }
-
-    /// Write verified bytes that are only part of a chunk: the chunk stays unmarked until the
-    /// whole of it is written (a later reader of the rest fetches or finds it then).
-    async fn write_part(
-        &self,
-        cached: &Arc<CachedBlob>,
-        part: bytes::Bytes,
-        at: u64,
-        via: Arc<File>,
-    ) -> io::Result<()> {
-        let c = Arc::clone(cached);
-        tokio::task::spawn_blocking(move || {
-            let _one_writer = lock(&c.write_lock);
-            via.write_all_at(&part, at)
-        })
-        .await
-        .map_err(io::Error::other)?
     }
 
     fn cached(&self, file: &File) -> Option<Arc<CachedBlob>> {
@@ -458,7 +435,7 @@ impl FanotifyFrontend {
     /// one task per merged range, so each is written as soon as it arrives.
     fn prefetch(self: &Arc<Self>, cached: &Arc<CachedBlob>, from: u64, to: u64) {
         let unit = cached.blob.table_chunk;
-        let n_chunks = cached.blob.source.size.div_ceil(unit);
+        let n_chunks = cached.n_chunks();
         let todo: Vec<u64> = {
             let v = lock(&cached.verified);
             (from..to.min(n_chunks)).filter(|c| !v.contains(c)).collect()
@@ -478,22 +455,38 @@ impl FanotifyFrontend {
             };
             // one task per unit: each is written the moment it is verified
             for p in pending {
-                let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(&via));
-                tokio::spawn(async move {
-                    let stored = match p.wait(&me.engine).await {
-                        Ok(piece) => me.store(&cached, piece, via).await,
-                        Err(e) => Err(io::Error::other(e.to_string())),
-                    };
-                    match stored {
-                        Ok(n) => {
-                            me.stats.chunks_prefetched.fetch_add(n, Relaxed);
-                            me.unmark_if_complete(&cached);
-                        }
-                        Err(e) => tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
-                    }
-                });
+                let engine = Arc::clone(&self.engine);
+                let piece = async move { p.wait(&engine).await.map_err(|e| io::Error::other(e.to_string())) };
+                self.store_later(cached, &via, piece, |s| &s.chunks_prefetched);
             }
         }
+    }
+
+    /// On its own task: await `piece`, store it, count its chunks in `counter`. A failure
+    /// costs nothing but a later fetch: the chunk stays unmarked.
+    fn store_later<F>(
+        self: &Arc<Self>,
+        cached: &Arc<CachedBlob>,
+        via: &Arc<File>,
+        piece: F,
+        counter: fn(&FanotifyStats) -> &AtomicU64,
+    ) where
+        F: std::future::Future<Output = io::Result<crate::engine::Piece>> + Send + 'static,
+    {
+        let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(via));
+        tokio::spawn(async move {
+            let piece = match piece.await {
+                Ok(p) => p,
+                Err(e) => return tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
+            };
+            match me.store(&cached, piece, via).await {
+                Ok(n) => {
+                    counter(&me.stats).fetch_add(n, Relaxed);
+                    me.unmark_if_complete(&cached);
+                }
+                Err(e) => tracing::warn!(error = %e, "writing a fetched chunk failed (it is fetched again when read)"),
+            }
+        });
     }
 
     async fn handle(self: Arc<Self>, ev: event::Event, file: File, cached: Option<Arc<CachedBlob>>) {
@@ -551,9 +544,9 @@ impl FanotifyFrontend {
             *lock(&cached.last_miss) = Instant::now();
             let via = Arc::new(file.try_clone()?);
             lock(&cached.writer).get_or_insert_with(|| Arc::clone(&via));
+            let urgent = range.map(|(o, n)| (o, o.saturating_add(n)));
             for run in consecutive(&missing, u64::MAX) {
                 let (s, e) = (run.start * unit, (run.end * unit).min(size));
-                let urgent = range.map(|(o, n)| (o, o.saturating_add(n)));
                 written += self.fetch_and_store(&cached, s, e, Arc::clone(&via), urgent).await?;
             }
             self.start_background_fill(&cached);
@@ -566,24 +559,41 @@ impl FanotifyFrontend {
         Ok(written)
     }
 
-    /// Write a verified piece unless its chunks are cached already (through `via`, a
-    /// non-notifying event fd, on the blocking pool so the event loop keeps dispatching; one
-    /// writer per file at a time, so writers sleep instead of spinning on the inode lock) and
-    /// mark it; returns chunks written.
+    /// Write a verified piece unless its chunks are cached already, and mark them; returns
+    /// chunks written.
     async fn store(&self, cached: &Arc<CachedBlob>, piece: crate::engine::Piece, via: Arc<File>) -> io::Result<u64> {
-        let unit = cached.blob.table_chunk;
-        if lock(&cached.verified).contains(&(piece.offset / unit)) {
+        if lock(&cached.verified).contains(&(piece.offset / cached.blob.table_chunk)) {
             return Ok(0); // written by another reader of the same unit
         }
+        self.write(cached, piece.data, piece.offset, via, true).await
+    }
+
+    /// Write verified bytes at `at` through `via` (a non-notifying event fd), on the blocking
+    /// pool so the event loop keeps dispatching, one writer per file at a time (writers sleep
+    /// instead of spinning on the inode lock). With `mark`, `data` is whole chunks: skipped if
+    /// they are cached already, else marked once written; returns chunks written. Without,
+    /// `data` is part of a chunk, which stays unmarked until the whole of it is written.
+    async fn write(
+        &self,
+        cached: &Arc<CachedBlob>,
+        data: bytes::Bytes,
+        at: u64,
+        via: Arc<File>,
+        mark: bool,
+    ) -> io::Result<u64> {
         let c = Arc::clone(cached);
         tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let c0 = piece.offset / unit;
+            let unit = c.blob.table_chunk;
+            let c0 = at / unit;
             let _one_writer = lock(&c.write_lock);
-            if lock(&c.verified).contains(&c0) {
+            if mark && lock(&c.verified).contains(&c0) {
                 return Ok(0);
             }
-            via.write_all_at(&piece.data, piece.offset)?;
-            let n = (piece.data.len() as u64).div_ceil(unit);
+            via.write_all_at(&data, at)?;
+            if !mark {
+                return Ok(0);
+            }
+            let n = (data.len() as u64).div_ceil(unit);
             lock(&c.verified).extend(c0..c0 + n);
             Ok(n)
         })
