@@ -10,7 +10,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use bytes::Bytes;
 use lazyblob::config::{HostConfig, RegistryConfig};
 use lazyblob::image::convert::{convert, ConvertOptions};
 use lazyblob::registry::{parse_reference, sha256_digest, Registry};
@@ -20,7 +19,7 @@ use serde_json::json;
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::daemon::DaemonProc;
-use common::oci::{convert_ref, lazy_manifest};
+use common::oci::{compress, convert_ref, lazy_manifest, push_source, Compression, Layer};
 
 struct Scale {
     small_files: usize,
@@ -95,47 +94,13 @@ fn registry(hosts: &[&str]) -> Registry {
     Registry::new(&cfg, 16).unwrap()
 }
 
-/// Push an ordinary OCI image made of gzip tar layers; returns the layer digests.
-async fn push_source(reg: &Registry, reference: &str, layers: &[Vec<u8>]) -> Vec<String> {
-    let r = parse_reference(reference).unwrap();
-    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|_| "sha256:00").collect::<Vec<_>>()}}))
-    .unwrap();
-    reg.push_blob(&r, Bytes::from(config.clone())).await.unwrap();
-    let mut descs = Vec::new();
-    let mut digests = Vec::new();
-    for l in layers {
-        let d = reg.push_blob(&r, Bytes::from(l.clone())).await.unwrap();
-        descs.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": l.len()}));
-        digests.push(d);
-    }
-    let m = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_digest(&config), "size": config.len()},
-        "layers": descs});
-    reg.push_manifest(
-        &r,
-        Bytes::from(serde_json::to_vec(&m).unwrap()),
-        "application/vnd.oci.image.manifest.v1+json",
-    )
-    .await
-    .unwrap();
-    digests
-}
-
-fn gzip_tar(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let mut b = tar::Builder::new(gz);
+/// A gzip tar layer of regular files (mode 0644, owner 0:0), with its media type.
+fn gzip_layer(entries: &[(String, Vec<u8>)]) -> (Vec<u8>, &'static str) {
+    let mut l = Layer::new();
     for (p, d) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_size(d.len() as u64);
-        h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        b.append_data(&mut h, p, &d[..]).unwrap();
+        l.file(p, 0o644, d);
     }
-    b.into_inner().unwrap().finish().unwrap()
+    compress(&l.tar(), Compression::Gzip)
 }
 
 /// CPU seconds of this process's finished children (curl, dd) so far.
@@ -208,7 +173,7 @@ async fn vm_sequential(
     let src = format!("{host}/bench/vmseq:src");
     let dst = format!("{host}/bench/vmseq:lazy");
     let data = rng_bytes(43, mib << 20);
-    push_source(reg, &src, &[gzip_tar(&[("data/large.bin".into(), data)])]).await;
+    push_source(reg, &src, &[gzip_layer(&[("data/large.bin".into(), data)])]).await;
     convert_ref(reg, &src, &dst).await;
     let blob = lazy_manifest(reg, &dst).await.data[0].digest.clone();
     let (share, payload) = common::vm_dirs();
@@ -330,11 +295,12 @@ async fn main() {
         for (i, (p, d)) in all.iter().enumerate() {
             layer_entries[i % s.layers].push((p.clone(), d.clone()));
         }
-        let layers: Vec<Vec<u8>> = layer_entries.iter().map(|e| gzip_tar(e)).collect();
+        let layers: Vec<(Vec<u8>, &str)> = layer_entries.iter().map(|e| gzip_layer(e)).collect();
         drop(layer_entries);
         let src = format!("{host}/bench/app:src");
         let dst = format!("{host}/bench/app:lazy");
-        let layer_digests = push_source(&reg, &src, &layers).await;
+        push_source(&reg, &src, &layers).await;
+        let layer_digests: Vec<String> = layers.iter().map(|(l, _)| sha256_digest(l)).collect();
         drop(layers);
 
         // ---- conversion (timed) against mkfs.erofs on the unpacked tree (below)
@@ -530,7 +496,7 @@ async fn main() {
         push_source(
             &reg,
             &seq_src,
-            &[gzip_tar(&[("data/large.bin".into(), seq_data.clone())])],
+            &[gzip_layer(&[("data/large.bin".into(), seq_data.clone())])],
         )
         .await;
         convert_ref(&reg, &seq_src, &seq_dst).await;
