@@ -110,16 +110,23 @@ pub struct Piece {
 pub struct Pending {
     pub offset: u64,
     key: ChunkKey,
-    fut: Option<ChunkFuture>,
-    ready: Option<Bytes>,
+    unit: Unit,
+}
+
+/// Where a pending unit's bytes come from.
+enum Unit {
+    /// Recently completed: at hand.
+    Ready(Bytes),
+    /// A fetch in flight, shared with every other reader of the unit.
+    Fetch(ChunkFuture),
 }
 
 impl Pending {
     /// The verified unit. A failed fetch is forgotten, so the next read tries again.
     pub async fn wait(self, engine: &Engine) -> Result<Piece, EngineError> {
-        let data = match (self.ready, self.fut) {
-            (Some(d), _) => d,
-            (None, Some(f)) => match f.clone().await {
+        let data = match self.unit {
+            Unit::Ready(d) => d,
+            Unit::Fetch(f) => match f.clone().await {
                 Ok(data) => {
                     engine.inflight.complete(&self.key, &f, &data);
                     data
@@ -130,7 +137,6 @@ impl Pending {
                     return Err(e);
                 }
             },
-            (None, None) => return Err(EngineError::Task("empty pending unit".into())),
         };
         engine.stats.bytes_served.fetch_add(data.len() as u64, Relaxed);
         Ok(Piece {
@@ -215,39 +221,45 @@ impl Engine {
         let geo = ChunkGeometry::new(self.cfg.chunk_size, blob.table_chunk, size);
         let wanted = geo.chunks_for(offset, len);
         let first = wanted.start;
-        let mut out: Vec<Pending> = Vec::with_capacity(wanted.clone().count());
-        let mut missing = Vec::new();
         let mut st = self.inflight.lock();
+        let mut slots: Vec<(ChunkKey, Option<Unit>)> = Vec::with_capacity(wanted.clone().count());
+        let mut missing = Vec::new();
         for idx in wanted {
             let key = ChunkKey::new(&blob.source.digest, idx);
-            let (fut, ready) = if let Some(data) = st.recent.get(&key) {
-                (None, Some(data.clone()))
-            } else if let Some(f) = st.running.get(&key) {
-                (Some(f.clone()), None)
+            let unit = if let Some(data) = st.recent.get(&key) {
+                Some(Unit::Ready(data.clone()))
+            } else {
+                st.running.get(&key).map(|f| Unit::Fetch(f.clone()))
+            };
+            if unit.is_some() {
+                self.stats.shared_hits.fetch_add(1, Relaxed);
             } else {
                 missing.push(idx);
-                (None, None)
-            };
-            if fut.is_some() || ready.is_some() {
-                self.stats.shared_hits.fetch_add(1, Relaxed);
             }
-            out.push(Pending {
-                offset: geo.start(idx),
-                key,
-                fut,
-                ready,
-            });
+            slots.push((key, unit));
         }
         for run in plan_runs(&missing, &geo, self.cfg.merge_max) {
             let futs = self.start_run(blob, &geo, run.clone());
             for (idx, f) in run.zip(futs) {
-                st.running.insert(ChunkKey::new(&blob.source.digest, idx), f.clone());
-                if let Some(p) = out.get_mut((idx - first) as usize) {
-                    p.fut = Some(f);
+                if let Some((key, unit)) = slots.get_mut((idx - first) as usize) {
+                    st.running.insert(key.clone(), f.clone());
+                    *unit = Some(Unit::Fetch(f));
                 }
             }
         }
-        Ok(out)
+        slots
+            .into_iter()
+            .zip(first..)
+            .map(|((key, unit), idx)| {
+                let unit = unit
+                    .ok_or_else(|| EngineError::Task(format!("chunk {idx} of {} has no fetch", blob.source.digest)))?;
+                Ok(Pending {
+                    offset: geo.start(idx),
+                    key,
+                    unit,
+                })
+            })
+            .collect()
     }
 
     /// Start one range request for the units of `run` on its own task (so it finishes even
