@@ -244,13 +244,13 @@ impl Daemon {
         let Some(f) = &self.fanotify else {
             return;
         };
-        let in_use: Vec<PathBuf> = self
-            .mounts()
-            .iter()
-            .filter_map(|m| self.catalog.get(&m.fsid))
-            .map(|i| i.meta_path.clone())
-            .collect();
+        let in_use: Vec<PathBuf> = self.mounted_images().iter().map(|i| i.meta_path.clone()).collect();
         f.unpin_except(&in_use);
+    }
+
+    /// The images the current mounts use.
+    fn mounted_images(&self) -> Vec<Arc<crate::catalog::Image>> {
+        self.mounts().iter().filter_map(|m| self.catalog.get(&m.fsid)).collect()
     }
 
     /// Apply the cache limit: drop blobs of images no mount uses.
@@ -260,9 +260,8 @@ impl Daemon {
             return;
         }
         let keep: Vec<PathBuf> = self
-            .mounts()
+            .mounted_images()
             .iter()
-            .filter_map(|m| self.catalog.get(&m.fsid))
             .flat_map(|i| {
                 i.data
                     .iter()
