@@ -21,7 +21,7 @@ use tracing::Instrument;
 use super::event::{self, FAN_PRE_ACCESS};
 use super::{cache, sys};
 use crate::catalog::Image;
-use crate::engine::chunks::consecutive;
+use crate::engine::chunks::{consecutive, ChunkGeometry};
 use crate::engine::{DataBlob, Engine};
 use crate::lock::lock;
 
@@ -72,16 +72,12 @@ struct Ahead {
 }
 
 impl CachedBlob {
-    /// The chunks overlapping `range` (clamped to the blob), or `None` if empty.
-    fn chunks(&self, range: Option<(u64, u64)>) -> Option<(u64, u64, u64)> {
-        let size = self.blob.source.size;
+    /// The chunks (of the table's size) overlapping `range`, clamped to the blob; the whole
+    /// blob when the event names no range.
+    fn chunks(&self, range: Option<(u64, u64)>) -> std::ops::Range<u64> {
+        let (size, unit) = (self.blob.source.size, self.blob.table_chunk);
         let (off, count) = range.unwrap_or((0, size));
-        if off >= size || count == 0 {
-            return None;
-        }
-        let end = off.saturating_add(count).min(size);
-        let unit = self.blob.table_chunk;
-        Some((off / unit, (end - 1) / unit, unit))
+        ChunkGeometry::new(unit, unit, size).chunks_for(off, count)
     }
 
     /// Chunks (of the table's size) in the blob.
@@ -380,19 +376,15 @@ impl FanotifyFrontend {
         let Some(cached) = cached else {
             return false;
         };
-        match cached.chunks(range) {
-            None => true,
-            Some((first, last, _)) => {
-                let ok = {
-                    let v = lock(&cached.verified);
-                    (first..=last).all(|c| v.contains(&c))
-                };
-                if ok {
-                    self.advance_read_ahead(cached, last);
-                }
-                ok
-            }
+        let chunks = cached.chunks(range);
+        let ok = {
+            let v = lock(&cached.verified);
+            chunks.clone().all(|c| v.contains(&c))
+        };
+        if ok && !chunks.is_empty() {
+            self.advance_read_ahead(cached, chunks.end - 1);
         }
+        ok
     }
 
     /// Sequential readers: after a miss right behind the previous one, fetch the next chunks
@@ -529,12 +521,9 @@ impl FanotifyFrontend {
                 "pre-content event for a file this daemon does not serve",
             ));
         };
-        let Some((first, last, unit)) = cached.chunks(range) else {
-            return Ok(0);
-        };
-        let size = cached.blob.source.size;
+        let (size, unit) = (cached.blob.source.size, cached.blob.table_chunk);
         let mut missing = Vec::new();
-        for c in first..=last {
+        for c in cached.chunks(range) {
             if !self.present(&cached, file, c)? {
                 missing.push(c);
             }
