@@ -123,7 +123,8 @@ impl Default for EngineConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
     pub connect_timeout_ms: u64,
-    /// Limit for one HTTP request, body included.
+    /// Limit for one HTTP request that moves no bulk data, and for a connection without a
+    /// byte; transfers get more (see `min_rate_kib_s`).
     pub request_timeout_ms: u64,
     /// Attempts per endpoint (first try included) on retryable faults.
     pub max_attempts: u32,
@@ -131,6 +132,12 @@ pub struct RegistryConfig {
     pub backoff_max_ms: u64,
     /// Upper bound for one fetch across all retries and mirrors: after it, readers get EIO.
     pub deadline_ms: u64,
+    /// Slowest transfer rate (KiB/s) still taken for progress: a request moving `n` KiB gets
+    /// `n / min_rate_kib_s` seconds on top of `request_timeout_ms` and of `deadline_ms`, so
+    /// large blobs (layers, whole metadata blobs, pushes) are not cut off by limits sized for
+    /// chunks. 0 gives no allowance. A connection that stalls is still dropped after
+    /// `request_timeout_ms` without a byte.
+    pub min_rate_kib_s: u64,
     /// docker `config.json` for `auths`, `credHelpers` and `credsStore` (default: $DOCKER_CONFIG
     /// or ~/.docker/config.json when present).
     pub docker_config: Option<PathBuf>,
@@ -148,6 +155,7 @@ impl Default for RegistryConfig {
             backoff_initial_ms: 100,
             backoff_max_ms: 4_000,
             deadline_ms: 60_000,
+            min_rate_kib_s: 512,
             docker_config: None,
             platform: None,
             hosts: Vec::new(),

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use common::*;
 use lazyblob::config::HostConfig;
 use lazyblob::registry::{parse_reference, sha256_digest, BlobSource, RegistryError};
-use registry_mock::{AuthMode, MockConfig, MockRegistry, Store};
+use registry_mock::{AuthMode, Fault, FaultRule, MockConfig, MockRegistry, Store};
 
 fn with_creds(host: &str, user: &str, pass: &str) -> lazyblob::config::RegistryConfig {
     let mut cfg = insecure_config(&[host]);
@@ -170,6 +170,33 @@ async fn mirrors_first_then_origin() {
     let reg2 = client(&cfg2);
     assert_eq!(reg2.fetch_range(&src, 0, 100).await.unwrap(), data[..100]);
     assert_eq!(origin.counters().blob_requests(&d), 1);
+}
+
+#[tokio::test]
+async fn large_transfers_get_time_in_proportion_to_their_size() {
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let data = bytes(9, 4 << 20);
+    let d = mock.store().put_blob(data.clone());
+    // 4 MiB at 2 MiB/s takes 2 s, four times the 500 ms request timeout.
+    mock.set_faults(vec![FaultRule::always(Fault::Throttle(2 << 20))]);
+    let mut cfg = insecure_config(&[&mock.host()]);
+    cfg.request_timeout_ms = 500;
+    cfg.deadline_ms = 1_500;
+    cfg.max_attempts = 2;
+    cfg.min_rate_kib_s = 1024;
+    let src = blob_at(&mock.host(), &d, data.len());
+    let got = client(&cfg).fetch_blob(&src).await.unwrap();
+    assert!(got == data, "throttled blob differs");
+    assert_eq!(mock.counters().blob_requests(&d), 1, "one slow transfer, no retries");
+    // Without the allowance the same transfer is cut off after each attempt's 500 ms.
+    mock.reset_counters();
+    cfg.min_rate_kib_s = 0;
+    let err = client(&cfg).fetch_blob(&src).await.unwrap_err();
+    assert!(
+        matches!(err, RegistryError::Exhausted { .. } | RegistryError::Timeout(_)),
+        "expected a timeout, got {err}"
+    );
+    assert_eq!(mock.counters().blob_requests(&d), 2);
 }
 
 #[tokio::test]

@@ -13,6 +13,8 @@ pub enum Fault {
     DropMidBody,
     /// Flip bits in the body (same length, wrong bytes).
     Corrupt,
+    /// Send the body at this many bytes per second (in 64 KiB pieces).
+    Throttle(u64),
 }
 
 /// A fault applied to blob GETs (of one blob, or all), for the next `times` requests or

@@ -272,6 +272,7 @@ async fn blob(s: &Shared, method: &Method, name: &str, digest: &str, headers: &H
     let applied = faults::take(&mut lock(&s.faults), digest);
     let mut body = data.slice(start as usize..end as usize);
     let mut drop_mid = false;
+    let mut rate = None;
     for f in &applied {
         match f {
             Fault::Latency(d) => tokio::time::sleep(*d).await,
@@ -288,6 +289,7 @@ async fn blob(s: &Shared, method: &Method, name: &str, digest: &str, headers: &H
                 body = Bytes::from(v);
             }
             Fault::DropMidBody => drop_mid = true,
+            Fault::Throttle(bytes_per_s) => rate = Some((*bytes_per_s).max(1)),
         }
     }
     record(s, digest, start, end - start, if partial { 206 } else { 200 }, had_auth);
@@ -302,6 +304,8 @@ async fn blob(s: &Shared, method: &Method, name: &str, digest: &str, headers: &H
             )),
         ];
         Body::from_stream(futures::stream::iter(parts))
+    } else if let Some(rate) = rate {
+        Body::from_stream(throttled(body, rate))
     } else {
         Body::from(body)
     };
@@ -320,6 +324,24 @@ async fn blob(s: &Shared, method: &Method, name: &str, digest: &str, headers: &H
     }
     b.body(out)
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `body` in 64 KiB pieces, each sent when `rate` bytes per second allow it.
+fn throttled(body: Bytes, rate: u64) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    const PIECE: usize = 64 << 10;
+    let start = tokio::time::Instant::now();
+    futures::stream::unfold(0usize, move |sent| {
+        let body = body.clone();
+        async move {
+            if sent >= body.len() {
+                return None;
+            }
+            let next = (sent + PIECE).min(body.len());
+            let due = std::time::Duration::from_secs_f64(next as f64 / rate as f64);
+            tokio::time::sleep_until(start + due).await;
+            Some((Ok(body.slice(sent..next)), next))
+        }
+    })
 }
 
 fn record(s: &Shared, digest: &str, offset: u64, len: u64, status: u16, had_authorization: bool) {

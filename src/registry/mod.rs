@@ -134,6 +134,7 @@ impl Registry {
                 max: Duration::from_millis(cfg.backoff_max_ms),
                 deadline: cfg.deadline(),
                 attempt_timeout: cfg.request_timeout(),
+                min_rate: cfg.min_rate_kib_s.saturating_mul(1024),
             },
             cfg: cfg.clone(),
             platform,
@@ -179,7 +180,7 @@ impl Registry {
     /// verified).
     pub async fn fetch_manifest_raw(&self, reference: &Reference) -> Result<(Bytes, String), RegistryError> {
         let (raw, digest) = self
-            .with_endpoints(reference, "manifest", |ep, auth| async move {
+            .with_endpoints(reference, "manifest", 0, |ep, auth| async move {
                 let (raw, digest) = self.client.pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES).await?;
                 Ok((raw, digest))
             })
@@ -262,7 +263,8 @@ impl Registry {
                 src.digest, src.size
             )));
         }
-        self.with_endpoints(&src.repo, "range", |ep, _| async move {
+        let bytes = end.saturating_sub(lock(sink).resume_at());
+        self.with_endpoints(&src.repo, "range", bytes, |ep, _| async move {
             let r = self.stream_range(&ep, src, end, sink).await;
             if r.is_err() {
                 lock(sink).abort_attempt();
@@ -291,6 +293,7 @@ impl Registry {
             return Ok(digest);
         }
         self.policy
+            .for_transfer(data.len() as u64)
             .run("push blob", |_| {
                 let data = data.clone();
                 let digest = digest.clone();
@@ -336,14 +339,21 @@ impl Registry {
         eps
     }
 
-    /// Run `op` against each endpoint (mirrors first) with retries, re-authenticating once on
-    /// 401, within one deadline for the whole operation.
-    async fn with_endpoints<T, F, Fut>(&self, reference: &Reference, what: &str, op: F) -> Result<T, RegistryError>
+    /// Run `op`, which moves about `bytes` of data, against each endpoint (mirrors first) with
+    /// retries, re-authenticating once on 401, within one deadline for the whole operation.
+    async fn with_endpoints<T, F, Fut>(
+        &self,
+        reference: &Reference,
+        what: &str,
+        bytes: u64,
+        op: F,
+    ) -> Result<T, RegistryError>
     where
         F: Fn(Reference, RegistryAuth) -> Fut,
         Fut: std::future::Future<Output = Result<T, RegistryError>>,
     {
-        let until = Instant::now() + self.policy.deadline;
+        let policy = self.policy.for_transfer(bytes);
+        let until = Instant::now() + policy.deadline;
         let eps = self.endpoints(reference);
         let mut last = None;
         let n_eps = eps.len();
@@ -351,8 +361,7 @@ impl Registry {
             let auth = self.auth_for(&ep)?;
             self.client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
             let _permit = self.permit(ep.registry()).await;
-            let res = self
-                .policy
+            let res = policy
                 .run_until(what, until, |n| {
                     let ep = ep.clone();
                     let auth = auth.clone();

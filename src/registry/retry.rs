@@ -15,8 +15,13 @@ pub struct RetryPolicy {
     pub max: Duration,
     /// Limit for the whole operation, attempts and sleeps included.
     pub deadline: Duration,
-    /// Limit for one attempt.
+    /// Limit for one attempt that moves no bulk data (a manifest, a token).
     pub attempt_timeout: Duration,
+    /// Slowest transfer rate, in bytes per second, still taken for progress: an attempt that
+    /// moves `n` bytes gets `n / min_rate` on top of `attempt_timeout`, and the operation as
+    /// much on top of `deadline`, so a large blob is not cut off by limits sized for small
+    /// requests. 0 gives no allowance. Stalls are caught sooner by the client's read timeout.
+    pub min_rate: u64,
 }
 
 impl RetryPolicy {
@@ -28,6 +33,19 @@ impl RetryPolicy {
         let half = capped / 2;
         let jitter = rand::rng().random_range(0..=half.as_micros() as u64);
         half + Duration::from_micros(jitter)
+    }
+
+    /// This policy for an operation that moves `bytes` of data (see [`min_rate`](Self::min_rate)).
+    pub fn for_transfer(&self, bytes: u64) -> RetryPolicy {
+        let allowance = match self.min_rate {
+            0 => Duration::ZERO,
+            rate => Duration::from_secs_f64(bytes as f64 / rate as f64),
+        };
+        RetryPolicy {
+            attempt_timeout: self.attempt_timeout.saturating_add(allowance),
+            deadline: self.deadline.saturating_add(allowance),
+            ..self.clone()
+        }
     }
 
     /// Run `attempt` until it succeeds, fails with a final error, or the budget is spent.
@@ -92,7 +110,27 @@ mod tests {
             max: Duration::from_millis(4),
             deadline: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(1),
+            min_rate: 1 << 20,
         }
+    }
+
+    #[test]
+    fn transfers_get_time_in_proportion_to_their_size() {
+        let p = policy();
+        let small = p.for_transfer(0);
+        assert_eq!(small.attempt_timeout, p.attempt_timeout);
+        assert_eq!(small.deadline, p.deadline);
+        let big = p.for_transfer(256 << 20);
+        assert_eq!(big.attempt_timeout, p.attempt_timeout + Duration::from_secs(256));
+        assert_eq!(big.deadline, p.deadline + Duration::from_secs(256));
+        let half = p.for_transfer(1 << 19);
+        assert_eq!(half.attempt_timeout, p.attempt_timeout + Duration::from_millis(500));
+        let off = RetryPolicy {
+            min_rate: 0,
+            ..p.clone()
+        }
+        .for_transfer(1 << 30);
+        assert_eq!(off.attempt_timeout, p.attempt_timeout);
     }
 
     #[test]
