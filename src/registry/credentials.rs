@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use oci_client::secrets::RegistryAuth;
@@ -12,6 +14,12 @@ use serde::Deserialize;
 
 use super::error::RegistryError;
 use crate::config::HostConfig;
+use crate::lock::lock;
+
+/// How long a credential helper's answer is reused. Helpers are processes (cloud ones make a
+/// network call); every chunk fetch asks for credentials, so each host's answer is kept this
+/// long, or until the registry refuses it ([`Credentials::forget`]).
+const HELPER_TTL: Duration = Duration::from_secs(300);
 
 /// The parts of docker's `config.json` that hold credentials.
 #[derive(Debug, Default, Deserialize)]
@@ -61,6 +69,8 @@ pub struct Credentials {
     docker: DockerConfig,
     /// Directory searched first for `docker-credential-*` helpers (tests); then `$PATH`.
     helper_dir: Option<PathBuf>,
+    /// Recent helper answers by host, with the time they were given.
+    helper_answers: Mutex<HashMap<String, (Instant, RegistryAuth)>>,
 }
 
 impl Credentials {
@@ -77,6 +87,7 @@ impl Credentials {
             hosts: hosts.to_vec(),
             docker,
             helper_dir: None,
+            helper_answers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -105,15 +116,33 @@ impl Credentials {
             }
         }
         if let Some(helper) = self.docker.cred_helpers.get(host) {
-            return self.run_helper(helper, host);
+            return self.ask_helper(helper, host);
         }
         if let Some(entry) = self.auth_entry(host) {
             return entry_auth(host, entry);
         }
         if let Some(store) = &self.docker.creds_store {
-            return self.run_helper(store, host);
+            return self.ask_helper(store, host);
         }
         Ok(RegistryAuth::Anonymous)
+    }
+
+    /// Drop what a helper said for `host` (the registry refused it): the next request asks
+    /// the helper again.
+    pub fn forget(&self, host: &str) {
+        lock(&self.helper_answers).remove(host);
+    }
+
+    /// A helper's answer for `host`, reused for [`HELPER_TTL`].
+    fn ask_helper(&self, helper: &str, host: &str) -> Result<RegistryAuth, RegistryError> {
+        if let Some((at, auth)) = lock(&self.helper_answers).get(host) {
+            if at.elapsed() < HELPER_TTL {
+                return Ok(auth.clone());
+            }
+        }
+        let auth = self.run_helper(helper, host)?;
+        lock(&self.helper_answers).insert(host.to_string(), (Instant::now(), auth.clone()));
+        Ok(auth)
     }
 
     fn auth_entry(&self, host: &str) -> Option<&DockerAuthEntry> {
@@ -263,6 +292,40 @@ mod tests {
         assert!(matches!(c.for_host("tok.example").unwrap(), RegistryAuth::Bearer(t) if t == "idt"));
         // credsStore answers "not found" for other hosts: anonymous
         assert!(matches!(c.for_host("other.example").unwrap(), RegistryAuth::Anonymous));
+    }
+
+    #[test]
+    fn helper_answers_are_reused_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = dir.path().join("calls");
+        std::fs::write(
+            dir.path().join("docker-credential-count"),
+            format!(
+                "#!/bin/sh\nread host\necho \"$host\" >> {}\necho '{{\"Username\":\"u\",\"Secret\":\"s\"}}'\n",
+                calls.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            dir.path().join("docker-credential-count"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let cfg = dir.path().join("config.json");
+        std::fs::write(&cfg, r#"{"credHelpers":{"a.example":"count","b.example":"count"}}"#).unwrap();
+        let c = Credentials::new(&[], Some(&cfg))
+            .unwrap()
+            .with_helper_dir(dir.path().into());
+        let n_calls = || std::fs::read_to_string(&calls).unwrap_or_default().lines().count();
+        for _ in 0..5 {
+            assert_eq!(basic(&c.for_host("a.example").unwrap()), ("u".into(), "s".into()));
+        }
+        assert_eq!(n_calls(), 1, "one helper run for five lookups of one host");
+        c.for_host("b.example").unwrap();
+        assert_eq!(n_calls(), 2, "each host has its own answer");
+        c.forget("a.example");
+        c.for_host("a.example").unwrap();
+        assert_eq!(n_calls(), 3, "a refused answer is asked for again");
     }
 
     #[test]

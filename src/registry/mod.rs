@@ -375,6 +375,9 @@ impl Registry {
                         match op(ep.clone(), auth.clone()).await {
                             Err(RegistryError::Unauthorized(url)) => {
                                 tracing::info!(registry = ep.registry(), "401 from registry, re-authenticating");
+                                // a credential helper's answer may have expired: ask again
+                                self.creds.forget(ep.registry());
+                                let auth = self.auth_for(&ep)?;
                                 self.client
                                     .auth(&ep, &auth, RegistryOperation::Pull)
                                     .await

@@ -25,6 +25,9 @@ use crate::engine::chunks::{consecutive, ChunkGeometry};
 use crate::engine::{DataBlob, Engine};
 use crate::lock::lock;
 
+/// Largest part of a unit a reader waits for that is written without the blocking pool.
+const INLINE_WRITE_MAX: usize = 128 << 10;
+
 /// Counters exported in `status`.
 #[derive(Debug, Default, Serialize)]
 pub struct FanotifyStats {
@@ -356,7 +359,7 @@ impl FanotifyFrontend {
                 Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) => {
                     let (a, b) = (us.max(ps), ue.min(pe));
                     let part = piece.data.slice((a - ps) as usize..(b - ps) as usize);
-                    self.write(cached, part, a, Arc::clone(&via), false).await?;
+                    self.write_urgent(cached, part, a, Arc::clone(&via)).await?;
                     self.store_later(cached, &via, async { Ok(piece) }, |s| &s.chunks_filled);
                 }
                 _ => written += self.store(cached, piece, Arc::clone(&via)).await?,
@@ -562,6 +565,23 @@ impl FanotifyFrontend {
     /// instead of spinning on the inode lock). With `mark`, `data` is whole chunks: skipped if
     /// they are cached already, else marked once written; returns chunks written. Without,
     /// `data` is part of a chunk, which stays unmarked until the whole of it is written.
+    /// Write the verified part of a unit that a reader waits for. A small part (a random
+    /// read's few pages) is written from this task: a page-cache write of that size costs less
+    /// than the trip to the blocking pool and back. No lock: a concurrent writer of the same
+    /// range writes the same verified bytes.
+    async fn write_urgent(
+        &self,
+        cached: &Arc<CachedBlob>,
+        part: bytes::Bytes,
+        at: u64,
+        via: Arc<File>,
+    ) -> io::Result<()> {
+        if part.len() <= INLINE_WRITE_MAX {
+            return via.write_all_at(&part, at);
+        }
+        self.write(cached, part, at, via, false).await.map(|_| ())
+    }
+
     async fn write(
         &self,
         cached: &Arc<CachedBlob>,
