@@ -466,19 +466,13 @@ async fn main() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let fill_s = t.elapsed().as_secs_f64();
-        if std::env::var_os("XFRAG").is_some() {
-            nix::unistd::sync();
-            eprintln!(
-                "{}",
-                String::from_utf8_lossy(
-                    &sh(&format!(
-                        "filefrag {}/d1f/cache/blobs/* {}/d1f/state/blobs/* 2>&1",
-                        w.display(),
-                        w.display()
-                    ))
-                    .stdout
-                )
-            );
+        // and until the daemon has put the mount's own read-ahead back (it follows the last
+        // completion at once)
+        while lazyblob::frontend::mount::read_ahead(&mnt).unwrap()
+            == lazyblob::config::EngineConfig::default().read_ahead_kb
+        {
+            assert!(t.elapsed().as_secs() < 310, "read-ahead not restored after the fill");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let lazy_warm = warm(&mnt);
         let img = w.join("local.erofs");

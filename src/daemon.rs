@@ -23,6 +23,10 @@ pub struct MountInfo {
     pub target: PathBuf,
     pub fsid: String,
     pub frontend: Frontend,
+    /// The mount's own kernel read-ahead (KiB) while a raised one is in force: it is put back
+    /// once every blob of the image is complete, so a fully cached image reads like a local one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_ahead_kb_after_fill: Option<u32>,
 }
 
 /// The running daemon's shared parts.
@@ -124,6 +128,21 @@ impl Daemon {
             loops: Mutex::new(loops),
         });
         daemon.recover_mounts(adopted);
+        if let Some(f) = &daemon.fanotify {
+            let (f, weak, mut stop) = (Arc::clone(f), Arc::downgrade(&daemon), daemon.stop.subscribe());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = f.blob_completed() => {}
+                        _ = stop.changed() => return,
+                    }
+                    match weak.upgrade() {
+                        Some(d) => d.settle_read_ahead(),
+                        None => return,
+                    }
+                }
+            });
+        }
         Ok(daemon)
     }
 
@@ -203,14 +222,9 @@ impl Daemon {
                 tokio::task::spawn_blocking(move || mount::mount_file_backed(&meta, &devices, &t)).await??;
             }
         }
-        let kib = self.config.engine.read_ahead_kb;
-        if kib > 0 {
-            if let Err(e) = mount::set_read_ahead(&target, kib) {
-                tracing::warn!(target = %target.display(), error = %e, "could not set the mount's read-ahead");
-            }
-        }
         let info = MountInfo {
             reference: reference.to_string(),
+            read_ahead_kb_after_fill: self.raise_read_ahead(&target),
             target,
             fsid: image.fsid.clone(),
             frontend: self.frontend,
@@ -219,6 +233,51 @@ impl Daemon {
         self.persist_mounts();
         tracing::info!(reference, target = %info.target.display(), fsid = %info.fsid, "mounted");
         Ok(info)
+    }
+
+    /// Raise the read-ahead of a new mount to `read_ahead_kb` (fewer, larger fetches while
+    /// cold); returns the mount's own value to put back after the fill (fanotify only: the
+    /// cachefiles frontend never learns that an image is complete).
+    fn raise_read_ahead(&self, target: &Path) -> Option<u32> {
+        let kib = self.config.engine.read_ahead_kb;
+        if kib == 0 {
+            return None;
+        }
+        let own = mount::read_ahead(target).ok();
+        if let Err(e) = mount::set_read_ahead(target, kib) {
+            tracing::warn!(target = %target.display(), error = %e, "could not set the mount's read-ahead");
+            return None;
+        }
+        own.filter(|&own| own != kib && self.fanotify.is_some())
+    }
+
+    /// Put back the own read-ahead of mounts whose image is now complete in the cache.
+    fn settle_read_ahead(&self) {
+        let Some(f) = &self.fanotify else {
+            return;
+        };
+        let mut changed = false;
+        for m in self.mounts.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+            let Some(kib) = m.read_ahead_kb_after_fill else {
+                continue;
+            };
+            if !self.catalog.get(&m.fsid).is_some_and(|img| f.image_complete(&img)) {
+                continue;
+            }
+            match mount::set_read_ahead(&m.target, kib) {
+                Ok(()) => {
+                    tracing::info!(target = %m.target.display(), kib, "image complete: the mount's own read-ahead is back")
+                }
+                Err(e) => {
+                    tracing::warn!(target = %m.target.display(), error = %e, "could not restore the mount's read-ahead")
+                }
+            }
+            m.read_ahead_kb_after_fill = None;
+            changed = true;
+        }
+        if changed {
+            self.persist_mounts();
+        }
     }
 
     /// Unmount a mount of this daemon; `lazy` detaches it if busy.

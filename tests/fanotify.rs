@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::daemon::DaemonProc;
 use common::oci::*;
 use common::*;
+use lazyblob::frontend::mount;
 use lazyblob::registry::{parse_reference, Registry};
 use registry_mock::{Fault, FaultRule, MockConfig, MockRegistry};
 
@@ -171,6 +172,27 @@ async fn background_fill_completes_blobs_in_use() {
         events,
         "reads of a complete blob raise no events"
     );
+    // the image is not complete yet: the mount's read-ahead stays raised (config default)
+    assert_eq!(mount::read_ahead(&mnt).unwrap(), 4096);
+    // read from every blob: once all are complete, the mount's own read-ahead is back
+    for (p, want) in &files {
+        assert_eq!(&std::fs::read(mnt.join(p)).unwrap(), want, "{p}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while mount::read_ahead(&mnt).unwrap() != KERNEL_READ_AHEAD_KB {
+        let st = d.status().await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read-ahead not restored after the fill: {}",
+            st.frontend_counters
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        d.status().await.frontend_counters["blobs_complete"].as_u64(),
+        Some(lazy.data.len() as u64),
+        "restored only once every blob is complete"
+    );
     // the metadata blob is locked in memory while mounted, released by the unmount
     assert_eq!(
         after["metadata_pinned_bytes"].as_u64(),
@@ -181,6 +203,9 @@ async fn background_fill_completes_blobs_in_use() {
     let gone = d.status().await.frontend_counters;
     assert_eq!(gone["metadata_pinned_bytes"].as_u64(), Some(0), "{gone}");
 }
+
+/// The read-ahead Linux gives every new mount's bdi (`VM_READAHEAD_PAGES`, 128 KiB).
+const KERNEL_READ_AHEAD_KB: u32 = 128;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lazy_parallel_and_kill9() {

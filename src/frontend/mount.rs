@@ -90,8 +90,23 @@ pub fn sysfs_name(target: &Path) -> io::Result<String> {
 /// miss of a sequential reader asks for at once, so how many bytes each pre-content event
 /// or cachefiles READ covers (the kernel's default is 128 KiB).
 pub fn set_read_ahead(target: &Path, kib: u32) -> io::Result<()> {
+    let knob = read_ahead_knob(target)?;
+    std::fs::write(&knob, kib.to_string()).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", knob.display())))
+}
+
+/// The kernel read-ahead of the EROFS mounted at `target`, in KiB.
+pub fn read_ahead(target: &Path) -> io::Result<u32> {
+    let knob = read_ahead_knob(target)?;
+    let text =
+        std::fs::read_to_string(&knob).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", knob.display())))?;
+    text.trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {text:?}: {e}", knob.display())))
+}
+
+/// `/sys/class/bdi/<the mount's bdi>/read_ahead_kb`.
+fn read_ahead_knob(target: &Path) -> io::Result<PathBuf> {
     let name = sysfs_name(target)?;
     let bdi = name.rsplit('/').next().unwrap_or_default();
-    let knob = Path::new("/sys/class/bdi").join(bdi).join("read_ahead_kb");
-    std::fs::write(&knob, kib.to_string()).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", knob.display())))
+    Ok(Path::new("/sys/class/bdi").join(bdi).join("read_ahead_kb"))
 }

@@ -104,6 +104,8 @@ pub struct FanotifyFrontend {
     fill_slot: tokio::sync::Semaphore,
     /// Metadata blobs of mounted images, locked in memory (None: not pinned).
     pinned: Option<Mutex<HashMap<PathBuf, super::pin::Pinned>>>,
+    /// Signalled each time a blob becomes complete.
+    completions: tokio::sync::Notify,
     pub stats: FanotifyStats,
 }
 
@@ -135,6 +137,7 @@ impl FanotifyFrontend {
             fill_after,
             fill_slot: tokio::sync::Semaphore::new(1),
             pinned: pin_metadata.then(|| Mutex::new(HashMap::new())),
+            completions: tokio::sync::Notify::new(),
             stats: FanotifyStats::default(),
         }))
     }
@@ -204,6 +207,21 @@ impl FanotifyFrontend {
             .map_or(0, |p| lock(p).values().map(|x| x.len() as u64).sum())
     }
 
+    /// Wait until some blob becomes complete (a completion while nobody waits is kept for
+    /// the next call).
+    pub async fn blob_completed(&self) {
+        self.completions.notified().await
+    }
+
+    /// Whether every data blob of `image` is complete in the cache (its events are off).
+    pub fn image_complete(&self, image: &Image) -> bool {
+        let files = lock(&self.files);
+        image.data.iter().all(|blob| {
+            let path = cache::blob_path(&self.cache_dir, &blob.source.digest);
+            files.values().any(|c| c.path == path && c.complete.load(Relaxed))
+        })
+    }
+
     /// Cache files currently served.
     pub fn served_paths(&self) -> Vec<PathBuf> {
         lock(&self.files).values().map(|c| c.path.clone()).collect()
@@ -252,6 +270,7 @@ impl FanotifyFrontend {
         let n = cached.n_chunks() as usize;
         if lock(&cached.verified).len() >= n && !cached.complete.swap(true, Relaxed) {
             self.stats.blobs_complete.fetch_add(1, Relaxed);
+            self.completions.notify_one();
             match sys::unmark(self.fan.get_ref(), &cached.path) {
                 Ok(()) => tracing::info!(path = %cached.path.display(), "blob complete: pre-content events off"),
                 Err(e) => tracing::debug!(error = %e, "unmark failed"),
