@@ -1,4 +1,5 @@
-//! The blob engine against registry-mock: single flight, merging, verification, faults.
+//! The blob engine against registry-mock: single flight, merging, verification, faults; and
+//! the catalog restoring its images after a restart while the registry is gone.
 
 mod common;
 
@@ -6,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use lazyblob::catalog::Catalog;
 use lazyblob::config::EngineConfig;
 use lazyblob::engine::{DataBlob, Engine};
 use lazyblob::image::format::{BlobChunks, ChunkDigest};
@@ -161,4 +163,39 @@ async fn reads_outside_the_blob_are_errors() {
     assert!(f.engine.read(&f.blob, 100_000, 1).await.is_err());
     let pieces = f.engine.read(&f.blob, 99_990, 1 << 20).await.unwrap();
     assert_eq!(assemble(&pieces, 99_990, 10), f.data[99_990..]);
+}
+
+#[tokio::test]
+async fn a_restart_restores_images_without_the_registry() {
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let reg = Arc::new(client(&insecure_config(&[&host])));
+    let img = build_files(&mixed_files(3, 20, &[1]), 2);
+    push_image(&reg, &host, "app/restore:v1", &img).await;
+    let state = tempfile::tempdir().unwrap();
+    let first = Catalog::new(Arc::clone(&reg), state.path())
+        .register(&format!("{host}/app/restore:v1"))
+        .await
+        .unwrap();
+    // the registry goes away: what the catalog kept is enough to serve the image again
+    drop(mock);
+    let mut cfg = insecure_config(&[&host]);
+    cfg.max_attempts = 1;
+    cfg.deadline_ms = 500;
+    let offline = Arc::new(client(&cfg));
+    let restored = Catalog::new(Arc::clone(&offline), state.path());
+    let failed = restored.restore().await.unwrap();
+    assert!(failed.is_empty(), "restore needed the registry: {failed:?}");
+    let again = restored.get(&first.fsid).expect("image restored");
+    assert_eq!(again.manifest_digest, first.manifest_digest);
+    assert_eq!(again.meta.digest, first.meta.digest);
+    let digests = |i: &lazyblob::catalog::Image| i.data.iter().map(|d| d.digests.clone()).collect::<Vec<_>>();
+    assert_eq!(digests(&again), digests(&first));
+    // a kept manifest that fails verification is not used: the registry is asked, and is gone
+    let kept = state.path().join("blobs").join(first.manifest_digest.replace(':', "-"));
+    let mut raw = std::fs::read(&kept).unwrap();
+    raw[10] ^= 1;
+    std::fs::write(&kept, raw).unwrap();
+    let failed = Catalog::new(offline, state.path()).restore().await.unwrap();
+    assert_eq!(failed.len(), 1, "a corrupt kept manifest must not be trusted");
 }

@@ -1,6 +1,8 @@
 //! The image catalog: images registered by reference, resolved to their metadata blob,
 //! chunk table and data blobs, and the kernel keys that name them (EROFS fsid, device tags).
-//! Registrations persist in `state.json` so a restarted daemon serves the same images.
+//! Registrations persist in `state.json`, and the manifest, metadata blob and chunk table of
+//! each image are kept beside it, so a restarted daemon serves the same images without asking
+//! the registry (it is only asked for what is missing or fails verification).
 
 pub mod state;
 
@@ -13,7 +15,7 @@ use serde::Serialize;
 
 use crate::engine::DataBlob;
 use crate::image::format::{device_tag, fsid_for, ChunkTable, FormatError, LazyManifest};
-use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, RegistryError};
+use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, RegistryError, ResolvedManifest};
 
 /// Why an image could not be registered.
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +132,14 @@ impl Catalog {
 
     async fn register_pinned(&self, reference: &str, resolve_as: &str) -> Result<Arc<Image>, CatalogError> {
         let r = parse_reference(resolve_as)?;
-        let resolved = self.registry.resolve(&r).await?;
+        let resolved = match self.stored_manifest(&r).await {
+            Some(m) => m,
+            None => {
+                let m = self.registry.resolve(&r).await?;
+                self.keep(&m.digest, &m.raw).await?;
+                m
+            }
+        };
         let fsid = fsid_for(&resolved.digest);
         if let Some(img) = self.get(&fsid) {
             return Ok(img);
@@ -187,24 +196,57 @@ impl Catalog {
     /// Fetch a small blob (metadata, chunk table) whole, verify its digest, keep it under the
     /// state directory; a stored copy is reused after re-verification.
     async fn store_blob(&self, meta: &BlobSource) -> Result<PathBuf, CatalogError> {
-        let dir = self.state_dir.join("blobs");
-        let path = dir.join(meta.digest.replace(':', "-"));
-        if let Ok(existing) = tokio::fs::read(&path).await {
-            if sha256_digest(&existing) == meta.digest {
-                return Ok(path);
-            }
-            tracing::warn!(path = %path.display(), "stored metadata blob is corrupt, fetching again");
+        if let Some(path) = self.stored(&meta.digest).await.map(|(path, _)| path) {
+            return Ok(path);
         }
         let data: Bytes = self.registry.fetch_blob(meta).await?;
+        self.keep(&meta.digest, &data).await
+    }
+
+    /// The image manifest a digest reference names, from the copy kept when it was first
+    /// registered: a restart needs no registry for the images it already has.
+    async fn stored_manifest(&self, r: &oci_client::Reference) -> Option<ResolvedManifest> {
+        let digest = r.digest()?;
+        let (_, raw) = self.stored(digest).await?;
+        match serde_json::from_slice(&raw) {
+            Ok(oci_client::manifest::OciManifest::Image(manifest)) => Some(ResolvedManifest {
+                manifest,
+                digest: digest.to_string(),
+                raw: Bytes::from(raw),
+            }),
+            _ => None,
+        }
+    }
+
+    /// A kept copy of the blob or manifest `digest` (path and bytes) if it is there and intact.
+    async fn stored(&self, digest: &str) -> Option<(PathBuf, Vec<u8>)> {
+        let path = self.kept_path(digest);
+        let bytes = tokio::fs::read(&path).await.ok()?;
+        if sha256_digest(&bytes) == digest {
+            return Some((path, bytes));
+        }
+        tracing::warn!(path = %path.display(), "a kept copy is corrupt; it is fetched again");
+        None
+    }
+
+    /// Keep `data` (verified content of `digest`) under the state directory.
+    async fn keep(&self, digest: &str, data: &[u8]) -> Result<PathBuf, CatalogError> {
+        let path = self.kept_path(digest);
         let io = |source| CatalogError::State {
             path: path.clone(),
             source,
         };
-        tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+        tokio::fs::create_dir_all(self.state_dir.join("blobs"))
+            .await
+            .map_err(io)?;
         let tmp = path.with_extension("tmp");
-        tokio::fs::write(&tmp, &data).await.map_err(io)?;
+        tokio::fs::write(&tmp, data).await.map_err(io)?;
         tokio::fs::rename(&tmp, &path).await.map_err(io)?;
         Ok(path)
+    }
+
+    fn kept_path(&self, digest: &str) -> PathBuf {
+        self.state_dir.join("blobs").join(digest.replace(':', "-"))
     }
 
     fn persist(&self) -> Result<(), CatalogError> {
