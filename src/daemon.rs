@@ -128,6 +128,7 @@ impl Daemon {
             loops: Mutex::new(loops),
         });
         daemon.recover_mounts(adopted);
+        daemon.settle_read_ahead();
         if let Some(f) = &daemon.fanotify {
             let (f, weak, mut stop) = (Arc::clone(f), Arc::downgrade(&daemon), daemon.stop.subscribe());
             tokio::spawn(async move {
@@ -231,6 +232,8 @@ impl Daemon {
         };
         self.mounts.lock().unwrap_or_else(|p| p.into_inner()).push(info.clone());
         self.persist_mounts();
+        // an image whose blobs are all complete already (mounted before) raises no completion
+        self.settle_read_ahead();
         tracing::info!(reference, target = %info.target.display(), fsid = %info.fsid, "mounted");
         Ok(info)
     }

@@ -193,6 +193,11 @@ async fn background_fill_completes_blobs_in_use() {
         Some(lazy.data.len() as u64),
         "restored only once every blob is complete"
     );
+    // a second mount of the complete image gets its own read-ahead at once
+    let mnt2 = work.path().join("d/mnt2");
+    d.mount(&image, &mnt2);
+    assert_eq!(mount::read_ahead(&mnt2).unwrap(), KERNEL_READ_AHEAD_KB);
+    d.umount(&mnt2);
     // the metadata blob is locked in memory while mounted, released by the unmount
     assert_eq!(
         after["metadata_pinned_bytes"].as_u64(),
