@@ -239,11 +239,13 @@ impl Daemon {
     }
 
     /// Raise the read-ahead of a new mount to `read_ahead_kb` (fewer, larger fetches while
-    /// cold); returns the mount's own value to put back after the fill (fanotify only: the
-    /// cachefiles frontend never learns that an image is complete).
+    /// cold); returns the mount's own value to put back after the fill. Fanotify only: an
+    /// fscache-mode EROFS mount's bdi is not named after anything the mount reports (its
+    /// sysfs name is the fsid, its bdi `erofs-<n>`), and the cachefiles frontend never learns
+    /// that an image is complete.
     fn raise_read_ahead(&self, target: &Path) -> Option<u32> {
         let kib = self.config.engine.read_ahead_kb;
-        if kib == 0 {
+        if kib == 0 || self.frontend != Frontend::Fanotify {
             return None;
         }
         let own = mount::read_ahead(target).ok();
@@ -251,7 +253,7 @@ impl Daemon {
             tracing::warn!(target = %target.display(), error = %e, "could not set the mount's read-ahead");
             return None;
         }
-        own.filter(|&own| own != kib && self.fanotify.is_some())
+        own.filter(|&own| own != kib)
     }
 
     /// Put back the own read-ahead of mounts whose image is now complete in the cache.
