@@ -2,9 +2,8 @@
 //! `credsStore`) and credential helpers. Secrets are never logged.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,9 @@ use crate::lock::lock;
 /// network call); every chunk fetch asks for credentials, so each host's answer is kept this
 /// long, or until the registry refuses it ([`Credentials::forget`]).
 const HELPER_TTL: Duration = Duration::from_secs(300);
+
+/// How long a credential helper may take to answer.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The parts of docker's `config.json` that hold credentials.
 #[derive(Debug, Default, Deserialize)]
@@ -98,7 +100,7 @@ impl Credentials {
     }
 
     /// The credentials to use for `host` (`host[:port]`).
-    pub fn for_host(&self, host: &str) -> Result<RegistryAuth, RegistryError> {
+    pub async fn for_host(&self, host: &str) -> Result<RegistryAuth, RegistryError> {
         if let Some(h) = self.hosts.iter().find(|h| h.host == host) {
             if let Some(t) = &h.token {
                 return Ok(RegistryAuth::Bearer(t.clone()));
@@ -116,13 +118,13 @@ impl Credentials {
             }
         }
         if let Some(helper) = self.docker.cred_helpers.get(host) {
-            return self.ask_helper(helper, host);
+            return self.ask_helper(helper, host).await;
         }
         if let Some(entry) = self.auth_entry(host) {
             return entry_auth(host, entry);
         }
         if let Some(store) = &self.docker.creds_store {
-            return self.ask_helper(store, host);
+            return self.ask_helper(store, host).await;
         }
         Ok(RegistryAuth::Anonymous)
     }
@@ -134,13 +136,13 @@ impl Credentials {
     }
 
     /// A helper's answer for `host`, reused for [`HELPER_TTL`].
-    fn ask_helper(&self, helper: &str, host: &str) -> Result<RegistryAuth, RegistryError> {
+    async fn ask_helper(&self, helper: &str, host: &str) -> Result<RegistryAuth, RegistryError> {
         if let Some((at, auth)) = lock(&self.helper_answers).get(host) {
             if at.elapsed() < HELPER_TTL {
                 return Ok(auth.clone());
             }
         }
-        let auth = self.run_helper(helper, host)?;
+        let auth = self.run_helper(helper, host).await?;
         lock(&self.helper_answers).insert(host.to_string(), (Instant::now(), auth.clone()));
         Ok(auth)
     }
@@ -152,7 +154,8 @@ impl Credentials {
             .find_map(|(k, v)| (normalize_host(k) == host).then_some(v))
     }
 
-    fn run_helper(&self, helper: &str, host: &str) -> Result<RegistryAuth, RegistryError> {
+    /// Run `docker-credential-<helper> get` for `host` (without blocking the runtime).
+    async fn run_helper(&self, helper: &str, host: &str) -> Result<RegistryAuth, RegistryError> {
         if helper.is_empty() || helper.contains('/') {
             return Err(RegistryError::Credentials(format!(
                 "invalid credential helper name {helper:?}"
@@ -165,20 +168,24 @@ impl Credentials {
             .map(|d| d.join(&prog))
             .filter(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from(&prog));
-        let mut child = Command::new(&path)
+        let mut child = tokio::process::Command::new(&path)
             .arg("get")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .kill_on_drop(true)
             .spawn()
             .map_err(|e| RegistryError::Credentials(format!("cannot run {prog}: {e}")))?;
         if let Some(mut stdin) = child.stdin.take() {
+            use tokio::io::AsyncWriteExt;
             stdin
                 .write_all(host.as_bytes())
+                .await
                 .map_err(|e| RegistryError::Credentials(format!("{prog}: {e}")))?;
         }
-        let out = child
-            .wait_with_output()
+        let out = tokio::time::timeout(HELPER_TIMEOUT, child.wait_with_output())
+            .await
+            .map_err(|_| RegistryError::Credentials(format!("{prog} did not answer within {HELPER_TIMEOUT:?}")))?
             .map_err(|e| RegistryError::Credentials(format!("{prog}: {e}")))?;
         if !out.status.success() {
             // The helper's stderr may say "credentials not found"; it never holds the secret.
@@ -258,8 +265,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn docker_config_auths_and_helpers() {
+    #[tokio::test]
+    async fn docker_config_auths_and_helpers() {
         let dir = tempfile::tempdir().unwrap();
         let helper = dir.path().join("docker-credential-fake");
         std::fs::write(
@@ -282,20 +289,23 @@ mod tests {
             .unwrap()
             .with_helper_dir(dir.path().into());
         assert_eq!(
-            basic(&c.for_host("plain.example").unwrap()),
+            basic(&c.for_host("plain.example").await.unwrap()),
             ("alice".into(), "s3cret".into())
         );
         assert_eq!(
-            basic(&c.for_host("helped.example").unwrap()),
+            basic(&c.for_host("helped.example").await.unwrap()),
             ("hu".into(), "hs".into())
         );
-        assert!(matches!(c.for_host("tok.example").unwrap(), RegistryAuth::Bearer(t) if t == "idt"));
+        assert!(matches!(c.for_host("tok.example").await.unwrap(), RegistryAuth::Bearer(t) if t == "idt"));
         // credsStore answers "not found" for other hosts: anonymous
-        assert!(matches!(c.for_host("other.example").unwrap(), RegistryAuth::Anonymous));
+        assert!(matches!(
+            c.for_host("other.example").await.unwrap(),
+            RegistryAuth::Anonymous
+        ));
     }
 
-    #[test]
-    fn helper_answers_are_reused_until_forgotten() {
+    #[tokio::test]
+    async fn helper_answers_are_reused_until_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let calls = dir.path().join("calls");
         std::fs::write(
@@ -318,18 +328,18 @@ mod tests {
             .with_helper_dir(dir.path().into());
         let n_calls = || std::fs::read_to_string(&calls).unwrap_or_default().lines().count();
         for _ in 0..5 {
-            assert_eq!(basic(&c.for_host("a.example").unwrap()), ("u".into(), "s".into()));
+            assert_eq!(basic(&c.for_host("a.example").await.unwrap()), ("u".into(), "s".into()));
         }
         assert_eq!(n_calls(), 1, "one helper run for five lookups of one host");
-        c.for_host("b.example").unwrap();
+        c.for_host("b.example").await.unwrap();
         assert_eq!(n_calls(), 2, "each host has its own answer");
         c.forget("a.example");
-        c.for_host("a.example").unwrap();
+        c.for_host("a.example").await.unwrap();
         assert_eq!(n_calls(), 3, "a refused answer is asked for again");
     }
 
-    #[test]
-    fn host_config_wins_and_reads_password_file() {
+    #[tokio::test]
+    async fn host_config_wins_and_reads_password_file() {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "p4ss\n").unwrap();
@@ -350,17 +360,23 @@ mod tests {
             ..Default::default()
         };
         let c = Credentials::new(&[host], Some(&empty)).unwrap();
-        assert_eq!(basic(&c.for_host("r.example").unwrap()), ("bob".into(), "p4ss".into()));
-        assert!(matches!(c.for_host("x.example").unwrap(), RegistryAuth::Anonymous));
+        assert_eq!(
+            basic(&c.for_host("r.example").await.unwrap()),
+            ("bob".into(), "p4ss".into())
+        );
+        assert!(matches!(
+            c.for_host("x.example").await.unwrap(),
+            RegistryAuth::Anonymous
+        ));
     }
 
-    #[test]
-    fn malformed_auth_is_a_clear_error() {
+    #[tokio::test]
+    async fn malformed_auth_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("config.json");
         std::fs::write(&cfg, r#"{"auths":{"h.example":{"auth":"%%%"}}}"#).unwrap();
         let c = Credentials::new(&[], Some(&cfg)).unwrap();
-        let e = c.for_host("h.example").unwrap_err().to_string();
+        let e = c.for_host("h.example").await.unwrap_err().to_string();
         assert!(e.contains("not base64"), "{e}");
     }
 }

@@ -287,7 +287,7 @@ impl Registry {
         data: Bytes,
         digest: String,
     ) -> Result<String, RegistryError> {
-        let auth = self.auth_for(repo)?;
+        let auth = self.auth_for(repo).await?;
         self.client.auth(repo, &auth, RegistryOperation::Push).await?;
         if self.client.blob_exists(repo, &digest).await.unwrap_or(false) {
             return Ok(digest);
@@ -310,7 +310,7 @@ impl Registry {
         raw: Bytes,
         media_type: &str,
     ) -> Result<String, RegistryError> {
-        let auth = self.auth_for(reference)?;
+        let auth = self.auth_for(reference).await?;
         self.client.auth(reference, &auth, RegistryOperation::Push).await?;
         let ct = reqwest::header::HeaderValue::from_str(media_type)
             .map_err(|_| RegistryError::Manifest(format!("bad media type {media_type:?}")))?;
@@ -324,8 +324,8 @@ impl Registry {
         Ok(sha256_digest(&raw))
     }
 
-    fn auth_for(&self, reference: &Reference) -> Result<RegistryAuth, RegistryError> {
-        self.creds.for_host(reference.registry())
+    async fn auth_for(&self, reference: &Reference) -> Result<RegistryAuth, RegistryError> {
+        self.creds.for_host(reference.registry()).await
     }
 
     /// Mirrors of the reference's registry in order, then the origin.
@@ -358,7 +358,7 @@ impl Registry {
         let mut last = None;
         let n_eps = eps.len();
         for (i, ep) in eps.into_iter().enumerate() {
-            let auth = self.auth_for(&ep)?;
+            let auth = self.auth_for(&ep).await?;
             self.client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
             let _permit = self.permit(ep.registry()).await;
             let res = policy
@@ -377,7 +377,7 @@ impl Registry {
                                 tracing::info!(registry = ep.registry(), "401 from registry, re-authenticating");
                                 // a credential helper's answer may have expired: ask again
                                 self.creds.forget(ep.registry());
-                                let auth = self.auth_for(&ep)?;
+                                let auth = self.auth_for(&ep).await?;
                                 self.client
                                     .auth(&ep, &auth, RegistryOperation::Pull)
                                     .await
