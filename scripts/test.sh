@@ -33,4 +33,4 @@ cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 
 echo "== benchmark: conversion throughput against mkfs.erofs (release build)"
 cargo build --release --locked --bin lazyblob
-./benches/convert.sh target/release/lazyblob 128
+./benches/convert.sh "${CARGO_TARGET_DIR:-target}/release/lazyblob" 128
