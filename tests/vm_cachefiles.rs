@@ -233,6 +233,11 @@ F=$(reg test/lazy:v1) && mount -t erofs none -o fsid=$F /mnt/lazy; check mount-l
 s=$(sha256sum /mnt/lazy/small/one.bin | cut -d' ' -f1); [ "$s" = "{lazy_small}" ]; check lazy-read $? "$s"
 
 $LB mount --socket $SOCK $R/test/full:v1 /mnt/full >/tmp/m 2>&1; check mount-full $? "$(cat /tmp/m)"
+# a sequential read of a 3 MiB file: one READ per 1 MiB chunk (plus the edges), not one per
+# 128 KiB kernel read-ahead window (at least 24)
+reads() {{ $LB status --socket $SOCK --json | sed -n 's/.*"reads": *\([0-9]*\).*/\1/p' | head -1; }}
+r0=$(reads); s=$(sha256sum /mnt/full/big/large0.bin | cut -d' ' -f1); r1=$(reads)
+[ "$s" = "{full_large0}" ] && [ $((r1 - r0)) -le 8 ]; check sequential-one-read-per-chunk $? "reads=$((r1 - r0)) $s"
 (cd /mnt/full && sha256sum -c /full.sha256 >/tmp/c 2>&1); check full-tree $? "$(grep -v ': OK' /tmp/c | head -3)"
 n=$(find /mnt/full -type f | wc -l); [ "$n" = "{full_count}" ]; check full-count $? "n=$n"
 
@@ -272,6 +277,7 @@ echo "---- daemon log (warnings) ----"; grep -E "WARN|ERROR" /tmp/daemon.log | t
 exit 0
 "#,
         lazy_small = sha256_hex(&lazy_files["small/one.bin"]),
+        full_large0 = sha256_hex(&full_files["big/large0.bin"]),
         full_count = full_files.len(),
         f1 = sha256_hex(&f1),
         f2 = sha256_hex(&f2),
@@ -292,6 +298,7 @@ exit 0
             "mount-lazy",
             "lazy-read",
             "mount-full",
+            "sequential-one-read-per-chunk",
             "full-tree",
             "full-count",
             "mount-conc",

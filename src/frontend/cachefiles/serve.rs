@@ -195,8 +195,11 @@ impl Cachefiles {
 
     async fn read(self: Arc<Self>, obj: Arc<Object>, msg_id: u32, offset: u64, len: u64) {
         let t0 = Instant::now();
-        let start = offset / DIO_ALIGN as u64 * DIO_ALIGN as u64;
-        let end = (offset.saturating_add(len)).div_ceil(DIO_ALIGN as u64) * DIO_ALIGN as u64;
+        let chunks = match &obj.target {
+            Target::Data(_, blob) => Some((blob.table_chunk, blob.source.size)),
+            Target::Meta(_) => None,
+        };
+        let (start, end) = span(offset, len, chunks);
         let filled = self.fill(&obj, start, end - start).await;
         let ok = filled.is_ok();
         let stats_obj = Arc::clone(&obj);
@@ -271,5 +274,54 @@ impl Cachefiles {
             }
         }
         Ok(buf)
+    }
+}
+
+/// What a READ of `[offset, offset + len)` writes: for a data blob, every chunk the range
+/// touches, since the engine fetched and verified them whole anyway; once written, the kernel
+/// reads the rest of those chunks from the cache file without asking again (a sequential
+/// reader then costs one READ per chunk, not one per kernel read-ahead window). Aligned for
+/// the anon fd's direct I/O; never less than the range asked for. `chunks`: the blob's
+/// chunk size and size (None for the metadata blob, read from its local copy).
+fn span(offset: u64, len: u64, chunks: Option<(u64, u64)>) -> (u64, u64) {
+    let align = DIO_ALIGN as u64;
+    let (start, end) = (
+        offset / align * align,
+        offset.saturating_add(len).div_ceil(align) * align,
+    );
+    match chunks {
+        Some((chunk, size)) if chunk % align == 0 && offset < size => {
+            let blob_end = size.div_ceil(align) * align;
+            let wide_end = offset
+                .saturating_add(len)
+                .div_ceil(chunk)
+                .saturating_mul(chunk)
+                .min(blob_end);
+            ((offset / chunk * chunk).min(start), wide_end.max(end))
+        }
+        _ => (start, end),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::span;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_read_writes_the_chunks_it_touches() {
+        let blob = Some((MIB, 10 * MIB + 1000));
+        // one kernel read-ahead window inside chunk 2: all of chunk 2
+        assert_eq!(span(2 * MIB + 4096, 128 << 10, blob), (2 * MIB, 3 * MIB));
+        // across a chunk boundary: both chunks
+        assert_eq!(span(3 * MIB - 4096, 8192, blob), (2 * MIB, 4 * MIB));
+        // the last, partial chunk: up to the blob's end, rounded up for direct I/O
+        assert_eq!(span(10 * MIB + 10, 100, blob), (10 * MIB, 10 * MIB + 4096));
+        // the metadata blob, and reads past the blob, keep the aligned range asked for
+        assert_eq!(span(5000, 100, None), (4096, 8192));
+        assert_eq!(span(11 * MIB, 4096, blob), (11 * MIB, 11 * MIB + 4096));
+        // a range larger than its chunks is never cut
+        assert_eq!(span(0, 3 * MIB, Some((MIB, 2 * MIB))), (0, 3 * MIB));
     }
 }
