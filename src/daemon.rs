@@ -128,7 +128,6 @@ impl Daemon {
             loops: Mutex::new(loops),
         });
         daemon.recover_mounts(adopted);
-        daemon.settle_read_ahead();
         if let Some(f) = &daemon.fanotify {
             let (f, weak, mut stop) = (Arc::clone(f), Arc::downgrade(&daemon), daemon.stop.subscribe());
             tokio::spawn(async move {

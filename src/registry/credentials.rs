@@ -265,16 +265,21 @@ mod tests {
         }
     }
 
+    /// Install `docker-credential-<name>` in `dir` as a shell script reading the host on stdin.
+    fn helper_script(dir: &Path, name: &str, body: &str) {
+        let helper = dir.join(format!("docker-credential-{name}"));
+        std::fs::write(&helper, format!("#!/bin/sh\nread host\n{body}\n")).unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
     #[tokio::test]
     async fn docker_config_auths_and_helpers() {
         let dir = tempfile::tempdir().unwrap();
-        let helper = dir.path().join("docker-credential-fake");
-        std::fs::write(
-            &helper,
-            "#!/bin/sh\nread host\nif [ \"$host\" = helped.example ]; then echo '{\"ServerURL\":\"x\",\"Username\":\"hu\",\"Secret\":\"hs\"}'; else echo 'credentials not found' >&2; exit 1; fi\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        helper_script(
+            dir.path(),
+            "fake",
+            "if [ \"$host\" = helped.example ]; then echo '{\"ServerURL\":\"x\",\"Username\":\"hu\",\"Secret\":\"hs\"}'; else echo 'credentials not found' >&2; exit 1; fi",
+        );
         let cfg = dir.path().join("config.json");
         let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
         std::fs::write(
@@ -308,19 +313,14 @@ mod tests {
     async fn helper_answers_are_reused_until_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let calls = dir.path().join("calls");
-        std::fs::write(
-            dir.path().join("docker-credential-count"),
-            format!(
-                "#!/bin/sh\nread host\necho \"$host\" >> {}\necho '{{\"Username\":\"u\",\"Secret\":\"s\"}}'\n",
+        helper_script(
+            dir.path(),
+            "count",
+            &format!(
+                "echo \"$host\" >> {}\necho '{{\"Username\":\"u\",\"Secret\":\"s\"}}'",
                 calls.display()
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(
-            dir.path().join("docker-credential-count"),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
+        );
         let cfg = dir.path().join("config.json");
         std::fs::write(&cfg, r#"{"credHelpers":{"a.example":"count","b.example":"count"}}"#).unwrap();
         let c = Credentials::new(&[], Some(&cfg))

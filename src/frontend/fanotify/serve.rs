@@ -217,8 +217,9 @@ impl FanotifyFrontend {
     pub fn image_complete(&self, image: &Image) -> bool {
         let files = lock(&self.files);
         image.data.iter().all(|blob| {
-            let path = cache::blob_path(&self.cache_dir, &blob.source.digest);
-            files.values().any(|c| c.path == path && c.complete.load(Relaxed))
+            files
+                .values()
+                .any(|c| c.blob.source.digest == blob.source.digest && c.complete.load(Relaxed))
         })
     }
 
@@ -579,11 +580,6 @@ impl FanotifyFrontend {
         self.write(cached, piece.data, piece.offset, via, true).await
     }
 
-    /// Write verified bytes at `at` through `via` (a non-notifying event fd), on the blocking
-    /// pool so the event loop keeps dispatching, one writer per file at a time (writers sleep
-    /// instead of spinning on the inode lock). With `mark`, `data` is whole chunks: skipped if
-    /// they are cached already, else marked once written; returns chunks written. Without,
-    /// `data` is part of a chunk, which stays unmarked until the whole of it is written.
     /// Write the verified part of a unit that a reader waits for. A small part (a random
     /// read's few pages) is written from this task: a page-cache write of that size costs less
     /// than the trip to the blocking pool and back. No lock: a concurrent writer of the same
@@ -601,6 +597,11 @@ impl FanotifyFrontend {
         self.write(cached, part, at, via, false).await.map(|_| ())
     }
 
+    /// Write verified bytes at `at` through `via` (a non-notifying event fd), on the blocking
+    /// pool so the event loop keeps dispatching, one writer per file at a time (writers sleep
+    /// instead of spinning on the inode lock). With `mark`, `data` is whole chunks: skipped if
+    /// they are cached already, else marked once written; returns chunks written. Without,
+    /// `data` is part of a chunk, which stays unmarked until the whole of it is written.
     async fn write(
         &self,
         cached: &Arc<CachedBlob>,
