@@ -164,7 +164,7 @@ async fn copy_image(reg: &Registry, reference: &str, mock: &registry_mock::MockR
     for d in std::iter::once(&m.config).chain(&m.layers) {
         let src = lazyblob::registry::BlobSource {
             repo: r.clone(),
-            digest: d.digest.clone(),
+            digest: d.digest.parse().unwrap(),
             size: d.size as u64,
         };
         mock.store().put_blob(reg.fetch_blob(&src).await.unwrap());
@@ -555,7 +555,7 @@ async fn main() {
             .unwrap();
     }
     let blob = if want("seq") || want("random") {
-        lazy_manifest(&reg, &seq_dst).await.data[0].digest.clone()
+        lazy_manifest(&reg, &seq_dst).await.data[0].digest.to_string()
     } else {
         String::new()
     };

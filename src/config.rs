@@ -143,7 +143,37 @@ pub struct RegistryConfig {
     pub docker_config: Option<PathBuf>,
     /// Platform picked from an image index, `os/arch[/variant]` (default: this node's).
     pub platform: Option<String>,
+    /// Ceilings on what a registry may make the daemon hold, checked before allocating.
+    pub limits: LimitsConfig,
     pub hosts: Vec<HostConfig>,
+}
+
+/// Ceilings on sizes a registry announces (`[registry.limits]`), enforced before any buffer
+/// is sized from them. The defaults fit real images with room to spare: a manifest of a
+/// 100-layer image is about 30 KB, the metadata blob of 1.6 M files about 200 MB, the chunk
+/// table of 1 TB of data at 1 MiB chunks 64 MB.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest manifest or index body (the distribution registry itself refuses over 4 MiB).
+    pub max_manifest_bytes: u64,
+    /// Largest EROFS metadata blob (fetched whole, kept and locked in memory while mounted).
+    pub max_metadata_bytes: u64,
+    /// Largest chunk digest table (fetched whole and parsed in memory).
+    pub max_table_bytes: u64,
+    /// Largest verified chunk a table may declare (sizes fetch units and their buffers).
+    pub max_chunk_size: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_manifest_bytes: 4 << 20,
+            max_metadata_bytes: 512 << 20,
+            max_table_bytes: 128 << 20,
+            max_chunk_size: 16 << 20,
+        }
+    }
 }
 
 impl Default for RegistryConfig {
@@ -158,6 +188,7 @@ impl Default for RegistryConfig {
             min_rate_kib_s: 512,
             docker_config: None,
             platform: None,
+            limits: LimitsConfig::default(),
             hosts: Vec::new(),
         }
     }
@@ -249,6 +280,13 @@ impl Config {
             ));
         }
         let r = &self.registry;
+        let l = &r.limits;
+        if l.max_manifest_bytes == 0 || l.max_metadata_bytes == 0 || l.max_table_bytes == 0 {
+            return Err(ConfigError::Invalid("registry.limits must be > 0".into()));
+        }
+        if l.max_chunk_size < 4096 {
+            return Err(ConfigError::Invalid("registry.limits.max_chunk_size must be >= 4096".into()));
+        }
         if r.max_attempts == 0 {
             return Err(ConfigError::Invalid("registry.max_attempts must be >= 1".into()));
         }

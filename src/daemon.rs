@@ -64,7 +64,7 @@ impl Daemon {
         );
         let engine = Arc::new(Engine::new(Arc::clone(&registry), config.engine.clone()));
         let catalog = Arc::new(Catalog::new(Arc::clone(&registry), &config.daemon.state_dir));
-        for (reference, err) in catalog.restore().await.context("restoring registered images")? {
+        for (reference, err) in catalog.restore().await {
             tracing::error!(reference, error = %err, "a persisted image could not be restored");
         }
         for reference in &config.daemon.images {
@@ -328,7 +328,7 @@ impl Daemon {
             .flat_map(|i| {
                 i.data
                     .iter()
-                    .map(|d| cache::blob_path(&self.config.daemon.cache_dir, &d.source.digest))
+                    .map(|d| cache::blob_path(&self.config.daemon.cache_dir, d.key()))
                     .collect::<Vec<_>>()
             })
             .collect();

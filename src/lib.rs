@@ -15,4 +15,5 @@ pub mod frontend;
 pub mod image;
 pub mod lock;
 pub mod malloc;
+pub mod private_fs;
 pub mod registry;

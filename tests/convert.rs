@@ -19,11 +19,11 @@ async fn fetch_and_mount(reg: &Registry, reference: &str, work: &Path) -> Mounte
     let r = parse_reference(reference).unwrap();
     let resolved = reg.resolve(&r).await.unwrap();
     let lazy = LazyManifest::from_manifest(&resolved.manifest).unwrap();
-    let get = |d: &oci_client::manifest::OciDescriptor| {
+    let get = |d: &lazyblob::image::format::BlobRef| {
         let src = BlobSource {
             repo: r.clone(),
             digest: d.digest.clone(),
-            size: d.size as u64,
+            size: d.size,
         };
         async move { reg.fetch_blob(&src).await.unwrap() }
     };
@@ -166,7 +166,7 @@ async fn multi_layer_whiteouts_links_devices_xattrs() {
     let cfg = reg
         .fetch_blob(&BlobSource {
             repo: r.clone(),
-            digest: m.config.digest.clone(),
+            digest: m.config.digest.parse().unwrap(),
             size: m.config.size as u64,
         })
         .await

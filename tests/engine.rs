@@ -31,16 +31,16 @@ async fn fixture(size: usize, deadline_ms: u64) -> Fixture {
     let reg = Arc::new(client(&cfg));
     let engine = Arc::new(Engine::new(reg, EngineConfig::default()));
     let table = BlobChunks::of(&data, 1 << 20, ChunkDigest::Blake3);
-    let blob = Arc::new(DataBlob {
-        source: BlobSource {
+    let blob = Arc::new(DataBlob::new(
+        BlobSource {
             repo: parse_reference(&format!("{}/t/blob:x", mock.host())).unwrap(),
-            digest,
+            digest: digest.parse().unwrap(),
             size: data.len() as u64,
         },
-        table_chunk: 1 << 20,
-        digests: table.digests(1 << 20).unwrap(),
-        algorithm: ChunkDigest::Blake3,
-    });
+        1 << 20,
+        table.digests(1 << 20).unwrap(),
+        ChunkDigest::Blake3,
+    ));
     Fixture {
         mock,
         engine,
@@ -184,7 +184,7 @@ async fn a_restart_restores_images_without_the_registry() {
     cfg.deadline_ms = 500;
     let offline = Arc::new(client(&cfg));
     let restored = Catalog::new(Arc::clone(&offline), state.path());
-    let failed = restored.restore().await.unwrap();
+    let failed = restored.restore().await;
     assert!(failed.is_empty(), "restore needed the registry: {failed:?}");
     let again = restored.get(&first.fsid).expect("image restored");
     assert_eq!(again.manifest_digest, first.manifest_digest);
@@ -192,10 +192,10 @@ async fn a_restart_restores_images_without_the_registry() {
     let digests = |i: &lazyblob::catalog::Image| i.data.iter().map(|d| d.digests.clone()).collect::<Vec<_>>();
     assert_eq!(digests(&again), digests(&first));
     // a kept manifest that fails verification is not used: the registry is asked, and is gone
-    let kept = state.path().join("blobs").join(first.manifest_digest.replace(':', "-"));
+    let kept = state.path().join("blobs").join(first.manifest_digest.file_name());
     let mut raw = std::fs::read(&kept).unwrap();
     raw[10] ^= 1;
     std::fs::write(&kept, raw).unwrap();
-    let failed = Catalog::new(offline, state.path()).restore().await.unwrap();
+    let failed = Catalog::new(offline, state.path()).restore().await;
     assert_eq!(failed.len(), 1, "a corrupt kept manifest must not be trusted");
 }

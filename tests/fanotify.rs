@@ -217,7 +217,7 @@ async fn lazy_parallel_and_kill9() {
     require_root();
     let (mock, files, image, lazy) = mock_image().await;
     let host = mock.host();
-    let data_digests: Vec<String> = lazy.data.iter().map(|d| d.digest.clone()).collect();
+    let data_digests: Vec<String> = lazy.data.iter().map(|d| d.digest.to_string()).collect();
     let data_total: u64 = lazy.data.iter().map(|d| d.size as u64).sum();
     mock.reset_counters();
 
@@ -315,12 +315,12 @@ async fn lazy_parallel_and_kill9() {
         refetched.is_empty(),
         "chunks fetched again after restart: {refetched:?}"
     );
-    let small_blobs = [&lazy.meta.digest, &lazy.table.digest];
+    let small_blobs = [lazy.meta.digest.to_string(), lazy.table.digest.to_string()];
     assert!(
         after
             .iter()
             .skip(before_kill.len())
-            .all(|h| !small_blobs.contains(&&h.digest)),
+            .all(|h| !small_blobs.contains(&h.digest)),
         "metadata and chunk table come from the local state after a restart"
     );
     // and the image mounts again after an unmount

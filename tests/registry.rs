@@ -21,7 +21,7 @@ fn with_creds(host: &str, user: &str, pass: &str) -> lazyblob::config::RegistryC
 fn blob_at(host: &str, digest: &str, size: usize) -> BlobSource {
     BlobSource {
         repo: parse_reference(&format!("{host}/lib/app:1")).unwrap(),
-        digest: digest.to_string(),
+        digest: digest.parse().unwrap(),
         size: size as u64,
     }
 }
@@ -295,13 +295,13 @@ async fn docker_registry_with_htpasswd_basic_auth() {
     let data = &img.data[0];
     let src = BlobSource {
         repo: r.clone(),
-        digest: sha256_digest(data),
+        digest: sha256_digest(data).parse().unwrap(),
         size: data.len() as u64,
     };
     assert_eq!(good.fetch_range(&src, 4096, 10_000).await.unwrap(), data[4096..14_096]);
     let meta = BlobSource {
         repo: r.clone(),
-        digest: sha256_digest(&img.meta),
+        digest: sha256_digest(&img.meta).parse().unwrap(),
         size: img.meta.len() as u64,
     };
     assert_eq!(good.fetch_blob(&meta).await.unwrap(), img.meta);

@@ -41,7 +41,8 @@ pub struct Counters {
 
 impl Counters {
     /// Blob GETs of `digest` that succeeded.
-    pub fn blob_requests(&self, digest: &str) -> usize {
+    pub fn blob_requests(&self, digest: impl AsRef<str>) -> usize {
+        let digest = digest.as_ref();
         self.blob_hits
             .iter()
             .filter(|h| h.digest == digest && h.status < 300)
@@ -49,7 +50,8 @@ impl Counters {
     }
 
     /// Bytes of `digest` served by successful GETs.
-    pub fn blob_bytes(&self, digest: &str) -> u64 {
+    pub fn blob_bytes(&self, digest: impl AsRef<str>) -> u64 {
+        let digest = digest.as_ref();
         self.blob_hits
             .iter()
             .filter(|h| h.digest == digest && h.status < 300)
@@ -63,7 +65,8 @@ impl Counters {
     }
 
     /// Successful GETs of `digest` whose range overlaps `[offset, offset + len)`.
-    pub fn requests_overlapping(&self, digest: &str, offset: u64, len: u64) -> usize {
+    pub fn requests_overlapping(&self, digest: impl AsRef<str>, offset: u64, len: u64) -> usize {
+        let digest = digest.as_ref();
         self.blob_hits
             .iter()
             .filter(|h| h.digest == digest && h.status < 300 && h.offset < offset + len && offset < h.offset + h.len)

@@ -14,8 +14,10 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::engine::DataBlob;
-use crate::image::format::{device_tag, fsid_for, ChunkTable, FormatError, LazyManifest};
-use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, RegistryError, ResolvedManifest};
+use crate::image::digest::Digest;
+use crate::image::format::{device_tag, fsid_for, BlobRef, ChunkTable, FormatError, LazyManifest};
+use crate::private_fs;
+use crate::registry::{parse_reference, BlobSource, Registry, RegistryError, ResolvedManifest};
 
 /// Why an image could not be registered.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +39,7 @@ pub struct Image {
     pub reference: String,
     /// `repo@digest` of the resolved image manifest: what a restart re-resolves.
     pub pinned: String,
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     pub fsid: String,
     pub meta: BlobSource,
     /// Where the verified metadata blob is stored locally.
@@ -55,7 +57,7 @@ impl Image {
     pub fn info(&self) -> ImageInfo {
         ImageInfo {
             reference: self.reference.clone(),
-            manifest_digest: self.manifest_digest.clone(),
+            manifest_digest: self.manifest_digest.to_string(),
             fsid: self.fsid.clone(),
             meta_size: self.meta.size,
             data_blobs: self.data.len(),
@@ -111,17 +113,18 @@ impl Catalog {
         self.state_dir.join("state.json")
     }
 
-    /// Re-register every image of the state file; returns the ones that failed.
-    pub async fn restore(&self) -> Result<Vec<(String, CatalogError)>, CatalogError> {
-        let path = self.state_file();
-        let saved = state::load(&path).map_err(|source| CatalogError::State { path, source })?;
+    /// Re-register every image of the state file; returns the ones that failed. A state file
+    /// that cannot be read is set aside (logged, kept for inspection) and the daemon starts
+    /// with the records it could read.
+    pub async fn restore(&self) -> Vec<(String, CatalogError)> {
+        let saved = state::load(&self.state_file());
         let mut failed = Vec::new();
         for entry in saved.images {
             if let Err(e) = self.register_pinned(&entry.reference, &entry.pinned).await {
                 failed.push((entry.reference, e));
             }
         }
-        Ok(failed)
+        failed
     }
 
     /// Register an image by reference: resolve, fetch and verify its metadata blob and chunk
@@ -144,36 +147,33 @@ impl Catalog {
         if let Some(img) = self.get(&fsid) {
             return Ok(img);
         }
-        let lazy = LazyManifest::from_manifest(&resolved.manifest)?;
+        let limits = self.registry.limits();
+        let lazy = LazyManifest::from_manifest_within(&resolved.manifest, limits)?;
         let repo = r.clone();
-        let src = |d: &oci_client::manifest::OciDescriptor| BlobSource {
+        let src = |d: &BlobRef| BlobSource {
             repo: repo.clone(),
             digest: d.digest.clone(),
-            size: d.size as u64,
+            size: d.size,
         };
-        let table_path = self.store_blob(&src(&lazy.table)).await?;
-        let table_bytes = tokio::fs::read(&table_path)
-            .await
-            .map_err(|source| CatalogError::State {
-                path: table_path.clone(),
-                source,
-            })?;
-        let table = ChunkTable::parse(&table_bytes)?;
+        // parsed from the bytes just verified, not read back from disk
+        let (_, table_bytes) = self.store_blob(&src(&lazy.table)).await?;
+        let table = ChunkTable::parse_within(&table_bytes, limits)?;
+        drop(table_bytes);
         let meta = src(&lazy.meta);
-        let meta_path = self.store_blob(&meta).await?;
+        let (meta_path, _) = self.store_blob(&meta).await?;
         let mut data = Vec::with_capacity(lazy.data.len());
         for d in &lazy.data {
             let entry = table
                 .blobs
                 .iter()
-                .find(|b| b.digest == d.digest && b.size == d.size as u64)
-                .ok_or_else(|| CatalogError::TableMismatch(d.digest.clone()))?;
-            data.push(Arc::new(DataBlob {
-                source: src(d),
-                table_chunk: table.chunk_size,
-                digests: entry.digests(table.chunk_size)?,
-                algorithm: table.chunk_digest,
-            }));
+                .find(|b| b.digest == d.digest && b.size == d.size)
+                .ok_or_else(|| CatalogError::TableMismatch(d.digest.to_string()))?;
+            data.push(Arc::new(DataBlob::new(
+                src(d),
+                table.chunk_size,
+                entry.digests(table.chunk_size)?,
+                table.chunk_digest,
+            )));
         }
         let image = Arc::new(Image {
             reference: reference.to_string(),
@@ -194,59 +194,69 @@ impl Catalog {
     }
 
     /// Fetch a small blob (metadata, chunk table) whole, verify its digest, keep it under the
-    /// state directory; a stored copy is reused after re-verification.
-    async fn store_blob(&self, meta: &BlobSource) -> Result<PathBuf, CatalogError> {
-        if let Some(path) = self.stored(&meta.digest).await.map(|(path, _)| path) {
-            return Ok(path);
+    /// state directory; a stored copy is reused after re-verification. Returns the kept file
+    /// and the verified bytes.
+    async fn store_blob(&self, blob: &BlobSource) -> Result<(PathBuf, Vec<u8>), CatalogError> {
+        if let Some(kept) = self.stored(&blob.digest, blob.size).await {
+            return Ok(kept);
         }
-        let data: Bytes = self.registry.fetch_blob(meta).await?;
-        self.keep(&meta.digest, &data).await
+        let data: Bytes = self.registry.fetch_blob(blob).await?;
+        let path = self.keep(&blob.digest, &data).await?;
+        Ok((path, data.to_vec()))
     }
 
     /// The image manifest a digest reference names, from the copy kept when it was first
     /// registered: a restart needs no registry for the images it already has.
     async fn stored_manifest(&self, r: &oci_client::Reference) -> Option<ResolvedManifest> {
-        let digest = r.digest()?;
-        let (_, raw) = self.stored(digest).await?;
+        let digest = Digest::parse(r.digest()?).ok()?;
+        let max = self.registry.limits().max_manifest_bytes;
+        let (_, raw) = self.stored(&digest, max).await?;
         match serde_json::from_slice(&raw) {
             Ok(oci_client::manifest::OciManifest::Image(manifest)) => Some(ResolvedManifest {
                 manifest,
-                digest: digest.to_string(),
+                digest,
                 raw: Bytes::from(raw),
             }),
             _ => None,
         }
     }
 
-    /// A kept copy of the blob or manifest `digest` (path and bytes) if it is there and intact.
-    async fn stored(&self, digest: &str) -> Option<(PathBuf, Vec<u8>)> {
+    /// A kept copy of the blob or manifest `digest` (path and bytes) if it is there, at most
+    /// `max` bytes and intact.
+    async fn stored(&self, digest: &Digest, max: u64) -> Option<(PathBuf, Vec<u8>)> {
         let path = self.kept_path(digest);
+        let len = tokio::fs::metadata(&path).await.ok()?.len();
+        if len > max {
+            tracing::warn!(path = %path.display(), len, max, "a kept copy is larger than expected; it is fetched again");
+            return None;
+        }
         let bytes = tokio::fs::read(&path).await.ok()?;
-        if sha256_digest(&bytes) == digest {
+        if digest.matches(&bytes) {
             return Some((path, bytes));
         }
         tracing::warn!(path = %path.display(), "a kept copy is corrupt; it is fetched again");
         None
     }
 
-    /// Keep `data` (verified content of `digest`) under the state directory.
-    async fn keep(&self, digest: &str, data: &[u8]) -> Result<PathBuf, CatalogError> {
+    /// Keep `data` (verified content of `digest`) under the state directory, root only,
+    /// written atomically (unique temporary file, fsync, rename).
+    async fn keep(&self, digest: &Digest, data: &[u8]) -> Result<PathBuf, CatalogError> {
         let path = self.kept_path(digest);
-        let io = |source| CatalogError::State {
-            path: path.clone(),
-            source,
-        };
-        tokio::fs::create_dir_all(self.state_dir.join("blobs"))
+        let (p, data) = (path.clone(), data.to_vec());
+        tokio::task::spawn_blocking(move || private_fs::write_atomic(&p, &data))
             .await
-            .map_err(io)?;
-        let tmp = path.with_extension("tmp");
-        tokio::fs::write(&tmp, data).await.map_err(io)?;
-        tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|source| CatalogError::State {
+                path: path.clone(),
+                source,
+            })?;
         Ok(path)
     }
 
-    fn kept_path(&self, digest: &str) -> PathBuf {
-        self.state_dir.join("blobs").join(digest.replace(':', "-"))
+    /// Where a blob or manifest is kept: named only from a validated digest.
+    fn kept_path(&self, digest: &Digest) -> PathBuf {
+        self.state_dir.join("blobs").join(digest.file_name())
     }
 
     fn persist(&self) -> Result<(), CatalogError> {

@@ -20,17 +20,18 @@ use super::EngineError;
 /// A fetch of one chunk that any number of readers can await.
 pub type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, EngineError>>>;
 
-/// (blob digest, chunk index).
+/// (blob key, chunk index): the blob key covers the chunk digests the bytes were verified
+/// against, so two images that claim one blob digest with different tables never share.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ChunkKey {
-    digest: String,
+    blob: super::BlobKey,
     index: u64,
 }
 
 impl ChunkKey {
-    pub fn new(digest: &str, index: u64) -> ChunkKey {
+    pub fn new(blob: &super::BlobKey, index: u64) -> ChunkKey {
         ChunkKey {
-            digest: digest.to_string(),
+            blob: blob.clone(),
             index,
         }
     }

@@ -1,8 +1,11 @@
 //! The blob engine: turns a byte range of a data blob into verified bytes.
 //!
 //! A range maps to aligned fetch units ("chunks"). Chunks already fetched or being fetched
-//! are found in an LRU keyed by (blob digest, chunk index), so concurrent readers of one
-//! chunk share a single registry request. Missing adjacent chunks are merged into one range
+//! are found in an LRU keyed by (blob key, chunk index), so concurrent readers of one
+//! chunk share a single registry request. The blob key ([`BlobKey`]) names the blob digest
+//! together with the chunk digests its bytes are verified against: an image that claims
+//! another image's blob digest with its own table gets its own key, so its bytes never reach
+//! the other image's readers. Missing adjacent chunks are merged into one range
 //! request up to `merge_max`, whose body is verified and handed out chunk by chunk as it
 //! streams in (`run`). Every chunk is checked against the image's chunk digest table before
 //! anyone sees it. The engine knows the registry, never a kernel: frontends write the bytes
@@ -16,6 +19,7 @@ pub mod run;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use crate::image::digest::Digest;
 use crate::image::format::ChunkDigest;
 use bytes::Bytes;
 use futures::channel::oneshot;
@@ -34,13 +38,48 @@ pub enum EngineError {
     Registry(#[from] RegistryError),
     #[error("range {offset}+{len} is outside blob {digest} ({size} bytes)")]
     OutOfRange {
-        digest: String,
+        digest: Digest,
         offset: u64,
         len: u64,
         size: u64,
     },
     #[error("fetch task failed: {0}")]
     Task(String),
+}
+
+/// What the bytes of a blob are verified against: the blob digest, its size and every chunk
+/// digest of the table that describes it (with chunk size and algorithm), hashed into one
+/// digest. Everything that holds a blob's bytes (in-flight fetches, cache files) is keyed by
+/// it, never by the blob digest alone, which an image can claim without owning the bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BlobKey(Digest);
+
+impl BlobKey {
+    fn new(source: &BlobSource, table_chunk: u64, algorithm: ChunkDigest, digests: &[[u8; 32]]) -> BlobKey {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(b"lazyblob blob key v1\0");
+        h.update(source.digest.as_str().as_bytes());
+        h.update(source.size.to_le_bytes());
+        h.update(table_chunk.to_le_bytes());
+        h.update(algorithm.to_string().as_bytes());
+        h.update(b"\0");
+        for d in digests {
+            h.update(d);
+        }
+        BlobKey(Digest::from_raw(h.finalize().into()))
+    }
+
+    /// A file name for the blob's cache file: 64 hex digits.
+    pub fn file_name(&self) -> &str {
+        self.0.hex()
+    }
+}
+
+impl std::fmt::Display for BlobKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.hex())
+    }
 }
 
 /// A data blob the engine can serve: where it lives and the digests of its chunks.
@@ -52,9 +91,26 @@ pub struct DataBlob {
     /// Digest of each `table_chunk`-sized piece.
     pub digests: Vec<[u8; 32]>,
     pub algorithm: ChunkDigest,
+    key: BlobKey,
 }
 
 impl DataBlob {
+    pub fn new(source: BlobSource, table_chunk: u64, digests: Vec<[u8; 32]>, algorithm: ChunkDigest) -> DataBlob {
+        let key = BlobKey::new(&source, table_chunk, algorithm, &digests);
+        DataBlob {
+            source,
+            table_chunk,
+            digests,
+            algorithm,
+            key,
+        }
+    }
+
+    /// The key of everything that holds this blob's verified bytes.
+    pub fn key(&self) -> &BlobKey {
+        &self.key
+    }
+
     /// Check `data`, which starts at `offset` (a multiple of `table_chunk`), against the table.
     pub fn verify(&self, offset: u64, data: &[u8]) -> Result<(), RegistryError> {
         let first = offset / self.table_chunk;
@@ -225,7 +281,7 @@ impl Engine {
         let mut slots: Vec<(ChunkKey, Option<Unit>)> = Vec::with_capacity(wanted.clone().count());
         let mut missing = Vec::new();
         for idx in wanted {
-            let key = ChunkKey::new(&blob.source.digest, idx);
+            let key = ChunkKey::new(blob.key(), idx);
             let unit = if let Some(data) = st.recent.get(&key) {
                 Some(Unit::Ready(data.clone()))
             } else {

@@ -149,16 +149,16 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     fn blob(data: &[u8], chunk: usize) -> Arc<DataBlob> {
-        Arc::new(DataBlob {
-            source: crate::registry::BlobSource {
+        Arc::new(DataBlob::new(
+            crate::registry::BlobSource {
                 repo: crate::registry::parse_reference("localhost:1/r:t").unwrap(),
-                digest: "sha256:00".into(),
+                digest: crate::image::digest::Digest::of(data),
                 size: data.len() as u64,
             },
-            table_chunk: chunk as u64,
-            digests: data.chunks(chunk).map(|c| Sha256::digest(c).into()).collect(),
-            algorithm: crate::image::format::ChunkDigest::Sha256,
-        })
+            chunk as u64,
+            data.chunks(chunk).map(|c| Sha256::digest(c).into()).collect(),
+            crate::image::format::ChunkDigest::Sha256,
+        ))
     }
 
     fn sink(data: &[u8], chunk: usize) -> (RunSink, Vec<oneshot::Receiver<Result<Bytes, EngineError>>>) {

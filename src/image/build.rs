@@ -296,7 +296,7 @@ pub fn assemble(img: &BuiltImage, config: &[u8]) -> Result<Assembled, serde_json
         .table
         .blobs
         .iter()
-        .map(|c| c.digest.clone())
+        .map(|c| c.digest.to_string())
         .zip(img.data.iter().cloned())
         .collect();
     let mut layers = vec![(MEDIA_TYPE_META, &meta), (MEDIA_TYPE_CHUNKS, &table)];

@@ -5,7 +5,10 @@
 
 use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
+
+pub use super::digest::{Digest, DigestError};
+use crate::config::LimitsConfig;
 
 /// The EROFS metadata blob (4 KiB blocks, device table naming the data blobs).
 pub const MEDIA_TYPE_META: &str = "application/vnd.lazyblob.meta.v1.erofs";
@@ -21,6 +24,8 @@ pub const FORMAT_VERSION: &str = "1";
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 /// Largest data blob the format accepts (guards size arithmetic against hostile tables).
 pub const MAX_BLOB_SIZE: u64 = 1 << 44;
+/// Smallest verified chunk: one page.
+pub const MIN_CHUNK_SIZE: u64 = 4096;
 
 /// Errors in a manifest or chunk table that claims to be a lazyblob image.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -29,6 +34,15 @@ pub enum FormatError {
     NotLazyblob(String),
     #[error("bad chunk table: {0}")]
     ChunkTable(String),
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    #[error("{what} of {size} bytes exceeds limits.{limit} ({max} bytes)")]
+    TooLarge {
+        what: String,
+        size: u64,
+        limit: &'static str,
+        max: u64,
+    },
 }
 
 /// How chunk digests are computed. BLAKE3 is the default for new images: per byte it costs a
@@ -126,7 +140,7 @@ pub struct ChunkTable {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlobChunks {
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
     /// Concatenated lowercase hex digests of each chunk (64 characters per chunk).
     pub chunks: String,
@@ -144,7 +158,7 @@ impl BlobChunks {
             }
             chunks
         };
-        let whole = || format!("sha256:{}", hex::encode(Sha256::digest(data)));
+        let whole = || Digest::from_raw(Sha256::digest(data).into());
         let (digest, chunks) = if data.len() >= 8 << 20 {
             std::thread::scope(|s| {
                 let w = s.spawn(whole);
@@ -187,15 +201,23 @@ impl BlobChunks {
 }
 
 impl ChunkTable {
-    /// Parse and validate a table fetched from a registry.
+    /// Parse and validate a table with the default limits (tools, tests).
     pub fn parse(bytes: &[u8]) -> Result<ChunkTable, FormatError> {
+        ChunkTable::parse_within(bytes, &LimitsConfig::default())
+    }
+
+    /// Parse and validate a table fetched from a registry: every blob digest well formed,
+    /// the chunk size a power of two within `limits.max_chunk_size`, one digest per chunk.
+    pub fn parse_within(bytes: &[u8], limits: &LimitsConfig) -> Result<ChunkTable, FormatError> {
+        limits.check("chunk table", bytes.len() as u64, "max_table_bytes", limits.max_table_bytes)?;
         let t: ChunkTable = serde_json::from_slice(bytes).map_err(|e| FormatError::ChunkTable(e.to_string()))?;
         if t.version != 1 {
             return Err(FormatError::ChunkTable(format!("unsupported version {}", t.version)));
         }
-        if t.chunk_size < 4096 || !t.chunk_size.is_power_of_two() || t.chunk_size > 1 << 30 {
+        if t.chunk_size < MIN_CHUNK_SIZE || !t.chunk_size.is_power_of_two() {
             return Err(FormatError::ChunkTable(format!("chunk size {} invalid", t.chunk_size)));
         }
+        limits.check("chunk size", t.chunk_size, "max_chunk_size", limits.max_chunk_size)?;
         for b in &t.blobs {
             b.digests(t.chunk_size)?;
         }
@@ -207,17 +229,60 @@ impl ChunkTable {
     }
 }
 
-/// The descriptors of a lazyblob manifest, by role.
+impl LimitsConfig {
+    /// `size` of `what` within `max` (named `limit` in errors)?
+    pub fn check(&self, what: &str, size: u64, limit: &'static str, max: u64) -> Result<(), FormatError> {
+        if size > max {
+            return Err(FormatError::TooLarge {
+                what: what.to_string(),
+                size,
+                limit,
+                max,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A blob a manifest names: its validated digest and its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRef {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+impl BlobRef {
+    /// Validate a descriptor's digest and size (not negative, at most [`MAX_BLOB_SIZE`]).
+    pub fn from_descriptor(d: &OciDescriptor) -> Result<BlobRef, FormatError> {
+        let digest = Digest::parse(&d.digest)?;
+        if d.size < 0 || d.size as u64 > MAX_BLOB_SIZE {
+            return Err(FormatError::NotLazyblob(format!("layer {digest} has size {}", d.size)));
+        }
+        Ok(BlobRef {
+            digest,
+            size: d.size as u64,
+        })
+    }
+}
+
+/// The blobs of a lazyblob manifest, by role.
 #[derive(Debug, Clone)]
 pub struct LazyManifest {
-    pub meta: OciDescriptor,
-    pub table: OciDescriptor,
-    pub data: Vec<OciDescriptor>,
+    pub meta: BlobRef,
+    pub table: BlobRef,
+    pub data: Vec<BlobRef>,
 }
 
 impl LazyManifest {
-    /// Pick the roles out of an image manifest, rejecting anything else.
+    /// Pick the roles out of an image manifest with the default limits.
     pub fn from_manifest(m: &OciImageManifest) -> Result<LazyManifest, FormatError> {
+        LazyManifest::from_manifest_within(m, &LimitsConfig::default())
+    }
+
+    /// Pick the roles out of an image manifest, rejecting anything else: every digest is
+    /// validated and the metadata blob and chunk table are within `limits` before a byte
+    /// of them is fetched.
+    pub fn from_manifest_within(m: &OciImageManifest, limits: &LimitsConfig) -> Result<LazyManifest, FormatError> {
         let version = m.annotations.as_ref().and_then(|a| a.get(ANNOTATION_FORMAT));
         if version.map(String::as_str) != Some(FORMAT_VERSION) {
             return Err(FormatError::NotLazyblob(format!(
@@ -228,37 +293,31 @@ impl LazyManifest {
         let mut table = None;
         let mut data = Vec::new();
         for l in &m.layers {
-            if l.size < 0 || l.size as u64 > MAX_BLOB_SIZE {
-                return Err(FormatError::NotLazyblob(format!(
-                    "layer {} has size {}",
-                    l.digest, l.size
-                )));
-            }
+            let blob = BlobRef::from_descriptor(l)?;
             match l.media_type.as_str() {
-                MEDIA_TYPE_META if meta.is_none() => meta = Some(l.clone()),
-                MEDIA_TYPE_CHUNKS if table.is_none() => table = Some(l.clone()),
-                MEDIA_TYPE_DATA => data.push(l.clone()),
+                MEDIA_TYPE_META if meta.is_none() => meta = Some(blob),
+                MEDIA_TYPE_CHUNKS if table.is_none() => table = Some(blob),
+                MEDIA_TYPE_DATA => data.push(blob),
                 other => return Err(FormatError::NotLazyblob(format!("unexpected layer media type {other}"))),
             }
         }
-        Ok(LazyManifest {
-            meta: meta.ok_or_else(|| FormatError::NotLazyblob("no metadata blob".into()))?,
-            table: table.ok_or_else(|| FormatError::NotLazyblob("no chunk table".into()))?,
-            data,
-        })
+        let meta = meta.ok_or_else(|| FormatError::NotLazyblob("no metadata blob".into()))?;
+        let table = table.ok_or_else(|| FormatError::NotLazyblob("no chunk table".into()))?;
+        limits.check("metadata blob", meta.size, "max_metadata_bytes", limits.max_metadata_bytes)?;
+        limits.check("chunk table", table.size, "max_table_bytes", limits.max_table_bytes)?;
+        Ok(LazyManifest { meta, table, data })
     }
 }
 
 /// The EROFS fsid under which an image is mounted over fscache: derived from the manifest
 /// digest, so the same image always gets the same fsid and cache files.
-pub fn fsid_for(manifest_digest: &str) -> String {
-    let hex = manifest_digest.strip_prefix("sha256:").unwrap_or(manifest_digest);
-    format!("lb-{}", &hex[..hex.len().min(32)])
+pub fn fsid_for(manifest_digest: &Digest) -> String {
+    format!("lb-{}", &manifest_digest.hex()[..32])
 }
 
 /// The 64-byte EROFS device tag of a data blob: its digest in hex.
-pub fn device_tag(digest: &str) -> String {
-    digest.strip_prefix("sha256:").unwrap_or(digest).to_string()
+pub fn device_tag(digest: &Digest) -> String {
+    digest.hex().to_string()
 }
 
 #[cfg(test)]
@@ -309,7 +368,7 @@ mod tests {
 
     #[test]
     fn fsid_and_tag() {
-        let d = format!("sha256:{}", "ab".repeat(32));
+        let d = Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
         assert_eq!(fsid_for(&d), format!("lb-{}", "ab".repeat(16)));
         assert_eq!(device_tag(&d).len(), 64);
     }

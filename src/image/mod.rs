@@ -2,6 +2,7 @@
 
 pub mod build;
 pub mod convert;
+pub mod digest;
 pub mod erofs;
 pub mod format;
 pub mod tree;

@@ -22,9 +22,10 @@ use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientC
 use oci_client::manifest::{OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
+use crate::image::digest::Digest;
 use crate::lock::lock;
 pub use error::RegistryError;
 use platform::Platform;
@@ -45,8 +46,7 @@ pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
 pub struct BlobSource {
     /// Registry and repository (tag or digest of the reference is ignored).
     pub repo: Reference,
-    /// `sha256:<hex>`.
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
 }
 
@@ -55,7 +55,7 @@ pub struct BlobSource {
 pub struct ResolvedManifest {
     pub manifest: OciImageManifest,
     /// Digest of the image manifest itself (not of an index that pointed to it).
-    pub digest: String,
+    pub digest: Digest,
     pub raw: Bytes,
 }
 
@@ -163,7 +163,9 @@ impl Registry {
                         self.platform
                     ))
                 })?;
-                let by_digest = reference.clone_with_digest(chosen.clone());
+                // validated before it names anything: it becomes a URL and a kept file's name
+                let chosen = Digest::parse(&chosen).map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
+                let by_digest = reference.clone_with_digest(chosen.to_string());
                 let (raw, digest) = self.fetch_manifest_raw(&by_digest).await?;
                 match serde_json::from_slice::<OciManifest>(&raw) {
                     Ok(OciManifest::Image(manifest)) => Ok(ResolvedManifest { manifest, digest, raw }),
@@ -177,26 +179,39 @@ impl Registry {
     }
 
     /// Fetch a manifest or index as raw bytes with its content digest (a digest reference is
-    /// verified).
-    pub async fn fetch_manifest_raw(&self, reference: &Reference) -> Result<(Bytes, String), RegistryError> {
+    /// verified; a body over `limits.max_manifest_bytes` is refused).
+    pub async fn fetch_manifest_raw(&self, reference: &Reference) -> Result<(Bytes, Digest), RegistryError> {
+        let want = reference
+            .digest()
+            .map(Digest::parse)
+            .transpose()
+            .map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
+        let max = self.cfg.limits.max_manifest_bytes;
         let (raw, digest) = self
             .with_endpoints(reference, "manifest", 0, |ep, auth| async move {
                 let (raw, digest) = self.client.pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES).await?;
                 Ok((raw, digest))
             })
             .await?;
+        if raw.len() as u64 > max {
+            return Err(RegistryError::TooLarge {
+                what: format!("manifest {reference}"),
+                size: raw.len() as u64,
+                max,
+            });
+        }
         // oci-client checks a digest reference; check it again so a mirror cannot lie.
-        let actual = sha256_digest(&raw);
-        if let Some(want) = reference.digest() {
+        let actual = Digest::of(&raw);
+        if let Some(want) = want {
             if want != actual {
                 return Err(RegistryError::DigestMismatch {
                     what: format!("manifest {reference}"),
                     expected: want.to_string(),
-                    got: actual,
+                    got: actual.to_string(),
                 });
             }
         }
-        if digest != actual {
+        if digest != actual.as_str() {
             tracing::debug!(header = %digest, %actual, "registry digest header differs from content; using content");
         }
         Ok((raw, actual))
@@ -205,12 +220,12 @@ impl Registry {
     /// Fetch a whole blob and verify it against its digest and size.
     pub async fn fetch_blob(&self, src: &BlobSource) -> Result<Bytes, RegistryError> {
         self.fetch_range_checked(src, 0, src.size, |data| {
-            let got = sha256_digest(data);
+            let got = Digest::of(data);
             if got != src.digest {
                 return Err(RegistryError::DigestMismatch {
                     what: format!("blob {}", src.digest),
-                    expected: src.digest.clone(),
-                    got,
+                    expected: src.digest.to_string(),
+                    got: got.to_string(),
                 });
             }
             Ok(())
@@ -278,6 +293,11 @@ impl Registry {
     pub async fn push_blob(&self, repo: &Reference, data: Bytes) -> Result<String, RegistryError> {
         let digest = sha256_digest(&data);
         self.push_blob_with_digest(repo, data, digest).await
+    }
+
+    /// The ceilings on what a registry may make this client hold.
+    pub fn limits(&self) -> &crate::config::LimitsConfig {
+        &self.cfg.limits
     }
 
     /// Push a blob whose digest the caller already computed (the registry verifies it).
@@ -432,7 +452,7 @@ impl Registry {
         }
         let len = end - offset;
         let layer = oci_client::manifest::OciDescriptor {
-            digest: src.digest.clone(),
+            digest: src.digest.to_string(),
             size: src.size as i64,
             ..Default::default()
         };

@@ -174,7 +174,7 @@ impl Cachefiles {
         let size = target.size();
         let name = match &target {
             Target::Meta(i) => format!("{}:meta", i.fsid),
-            Target::Data(i, d) => format!("{}:{}", i.fsid, &d.source.digest[..19.min(d.source.digest.len())]),
+            Target::Data(i, d) => format!("{}:{}", i.fsid, &d.source.digest.as_str()[..19]),
         };
         let obj = Arc::new(Object { fd: anon, target, name });
         self.objects

@@ -1,5 +1,7 @@
 //! The fanotify frontend's persistent cache: one sparse file per data blob under
-//! `<cache_dir>/blobs/`, holes where chunks were never fetched. Presence is read back with
+//! `<cache_dir>/blobs/`, named by the blob's key (its digest bound to the chunk digests its
+//! bytes are verified against, never a name from the registry), root-only, holes where
+//! chunks were never fetched. Presence is read back with
 //! SEEK_DATA/SEEK_HOLE, so a restarted daemon never fetches a chunk twice; chunks found on
 //! disk are verified against the chunk table before they are trusted.
 
@@ -11,26 +13,44 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{lseek, Whence};
 
+use crate::engine::BlobKey;
+use crate::private_fs;
+
 /// Path of the cache file of a blob.
-pub fn blob_path(cache_dir: &Path, digest: &str) -> PathBuf {
-    cache_dir.join("blobs").join(digest.replace(':', "-"))
+pub fn blob_path(cache_dir: &Path, key: &BlobKey) -> PathBuf {
+    cache_dir.join("blobs").join(key.file_name())
 }
 
-/// Create (or reuse) the sparse cache file of a blob with the right size.
+/// Create (or reuse) the sparse cache file of a blob with the right size: `0600` in `0700`
+/// directories, never through a symlink.
 pub fn ensure_file(path: &Path, size: u64) -> io::Result<File> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        if let Some(cache) = dir.parent() {
+            private_fs::private_dir(cache)?;
+        }
+        private_fs::private_dir(dir)?;
     }
     let open = || {
+        use std::os::unix::fs::OpenOptionsExt;
         OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(private_fs::FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
     };
     let mut f = open()?;
-    let len = f.metadata()?.len();
+    let md = f.metadata()?;
+    if !md.is_file() {
+        return Err(io::Error::other(format!("{} is not a regular file", path.display())));
+    }
+    if md.mode() & 0o077 != 0 {
+        // a file of an older version, created world-readable
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(private_fs::FILE_MODE))?;
+    }
+    let len = md.len();
     if len != size {
         if len != 0 {
             // a stale or foreign file: replace the inode rather than truncate it (a file
@@ -100,11 +120,29 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
+    fn key(seed: u8) -> BlobKey {
+        let data = vec![seed; 10];
+        let b = crate::engine::DataBlob::new(
+            crate::registry::BlobSource {
+                repo: crate::registry::parse_reference("localhost:1/r:t").unwrap(),
+                digest: crate::image::digest::Digest::of(&data),
+                size: 10,
+            },
+            4096,
+            vec![[seed; 32]],
+            crate::image::format::ChunkDigest::Blake3,
+        );
+        b.key().clone()
+    }
+
     #[test]
     fn holes_and_data() {
         let d = tempfile::tempdir().unwrap();
-        let p = blob_path(d.path(), "sha256:ab");
+        let p = blob_path(d.path(), &key(1));
+        assert_eq!(std::fs::metadata(&p).map(|m| m.mode() & 0o777).ok(), None);
         let f = ensure_file(&p, 8 << 20).unwrap();
+        assert_eq!(f.metadata().unwrap().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(d.path()).unwrap().mode() & 0o777, 0o700);
         assert!(!is_data(&f, 0, 4096).unwrap());
         f.write_all_at(&vec![1u8; 1 << 20], 1 << 20).unwrap();
         assert!(is_data(&f, 1 << 20, 2 << 20).unwrap());
@@ -121,8 +159,8 @@ mod tests {
     #[test]
     fn eviction_spares_kept_files() {
         let d = tempfile::tempdir().unwrap();
-        let a = blob_path(d.path(), "sha256:a");
-        let b = blob_path(d.path(), "sha256:b");
+        let a = blob_path(d.path(), &key(2));
+        let b = blob_path(d.path(), &key(3));
         for p in [&a, &b] {
             let f = ensure_file(p, 1 << 20).unwrap();
             f.write_all_at(&vec![1u8; 1 << 20], 0).unwrap();

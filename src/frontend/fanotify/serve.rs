@@ -87,6 +87,13 @@ impl CachedBlob {
     fn n_chunks(&self) -> u64 {
         self.blob.source.size.div_ceil(self.blob.table_chunk)
     }
+
+    /// Whether every table chunk overlapping `[at, at + len)` is verified in the cache.
+    fn all_marked(&self, at: u64, len: u64) -> bool {
+        let chunks = self.chunks(Some((at, len)));
+        let v = lock(&self.verified);
+        chunks.into_iter().all(|c| v.contains(&c))
+    }
 }
 
 /// The fanotify frontend.
@@ -166,7 +173,7 @@ impl FanotifyFrontend {
         }
         let mut paths = Vec::with_capacity(image.data.len());
         for blob in &image.data {
-            let path = cache::blob_path(&self.cache_dir, &blob.source.digest);
+            let path = cache::blob_path(&self.cache_dir, blob.key());
             let f = cache::ensure_file(&path, blob.source.size)?;
             let md = f.metadata()?;
             sys::mark_pre_access(self.fan.get_ref(), &path).map_err(|e| {
@@ -219,7 +226,7 @@ impl FanotifyFrontend {
         image.data.iter().all(|blob| {
             files
                 .values()
-                .any(|c| c.blob.source.digest == blob.source.digest && c.complete.load(Relaxed))
+                .any(|c| c.blob.key() == blob.key() && c.complete.load(Relaxed))
         })
     }
 
@@ -564,6 +571,18 @@ impl FanotifyFrontend {
             self.start_background_fill(&cached);
         }
         self.stats.chunks_filled.fetch_add(written, Relaxed);
+        // the last line of defence against zeros: whatever path wrote (or skipped) what,
+        // the range the reader waits for must be on disk before it is allowed
+        let (rs, re) = match range {
+            Some((o, n)) => (o.min(size), o.saturating_add(n).min(size)),
+            None => (0, size),
+        };
+        if !cache::is_data(file, rs, re)? {
+            return Err(io::Error::other(format!(
+                "range {rs}..{re} of {} still has holes after the fill",
+                cached.path.display()
+            )));
+        }
         if let (Some(&f), Some(&l)) = (missing.first(), missing.last()) {
             self.read_ahead(&cached, f, l);
         }
@@ -571,10 +590,12 @@ impl FanotifyFrontend {
         Ok(written)
     }
 
-    /// Write a verified piece unless its chunks are cached already, and mark them; returns
-    /// chunks written.
+    /// Write a verified piece unless every one of its chunks is cached already, and mark
+    /// them; returns chunks written. A unit may span several table chunks of which only some
+    /// are on disk (a reader's part written first, a crash between writes): one missing
+    /// chunk is enough to write the whole piece.
     async fn store(&self, cached: &Arc<CachedBlob>, piece: crate::engine::Piece, via: Arc<File>) -> io::Result<u64> {
-        if lock(&cached.verified).contains(&(piece.offset / cached.blob.table_chunk)) {
+        if cached.all_marked(piece.offset, piece.data.len() as u64) {
             return Ok(0); // written by another reader of the same unit
         }
         self.write(cached, piece.data, piece.offset, via, true).await
@@ -615,7 +636,7 @@ impl FanotifyFrontend {
             let unit = c.blob.table_chunk;
             let c0 = at / unit;
             let _one_writer = lock(&c.write_lock);
-            if mark && lock(&c.verified).contains(&c0) {
+            if mark && c.all_marked(at, data.len() as u64) {
                 return Ok(0);
             }
             via.write_all_at(&data, at)?;

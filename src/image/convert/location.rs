@@ -9,6 +9,7 @@ use bytes::Bytes;
 use oci_client::Reference;
 use serde_json::json;
 
+use crate::image::digest::Digest;
 use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, RegistryError};
 
 /// An image location.
@@ -58,20 +59,22 @@ fn io_err(path: &Path, e: std::io::Error) -> RegistryError {
 }
 
 fn layout_blob_path(dir: &Path, digest: &str) -> Result<PathBuf, RegistryError> {
-    let (alg, hex) = digest
-        .split_once(':')
-        .ok_or_else(|| RegistryError::Manifest(format!("bad digest {digest}")))?;
-    if alg != "sha256" || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(RegistryError::Manifest(format!("unsupported digest {digest}")));
-    }
-    Ok(dir.join("blobs").join(alg).join(hex))
+    let d = parse_digest(digest)?;
+    Ok(dir.join("blobs").join("sha256").join(d.hex()))
+}
+
+fn parse_digest(digest: &str) -> Result<Digest, RegistryError> {
+    Digest::parse(digest).map_err(|e| RegistryError::Manifest(e.to_string()))
 }
 
 impl Location {
     /// The root manifest or index (raw, digest).
     pub async fn root_manifest(&self, registry: &Registry) -> Result<(Bytes, String), RegistryError> {
         match self {
-            Location::Registry(r) => registry.fetch_manifest_raw(r).await,
+            Location::Registry(r) => registry
+                .fetch_manifest_raw(r)
+                .await
+                .map(|(raw, d)| (raw, d.to_string())),
             Location::Layout { dir, tag } => {
                 let path = dir.join("index.json");
                 let index: serde_json::Value =
@@ -113,7 +116,7 @@ impl Location {
                 registry
                     .fetch_blob(&BlobSource {
                         repo: r.clone(),
-                        digest: digest.to_string(),
+                        digest: parse_digest(digest)?,
                         size,
                     })
                     .await

@@ -1,0 +1,71 @@
+//! Files and directories that hold image data, state or credentials: directories `0700`,
+//! files `0600` (root only), and whole-file writes that a crash cannot leave half done
+//! (a unique temporary file, fsync, rename, fsync of the directory).
+
+use std::fs::{self, DirBuilder, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+/// Mode of directories holding image data or state.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of files holding image data or state.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Create `dir` (and missing parents, those `0700` too) and make sure `dir` itself is `0700`,
+/// also when it existed with a wider mode (an older version, an operator's `mkdir`).
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
+    let md = fs::metadata(dir)?;
+    if md.permissions().mode() & 0o777 != DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
+    }
+    Ok(())
+}
+
+/// Replace `path` with `data` atomically and durably: a unique `0600` temporary file in the
+/// same directory (concurrent writers never share one), fsync, rename, fsync of the
+/// directory. The directory is created `0700` if missing.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    private_dir(dir)?;
+    // tempfile creates the file with O_EXCL and mode 0600
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    File::open(dir)?.sync_all()
+}
+
+/// Make an existing file `0600`.
+pub fn private_file(path: &Path) -> io::Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(FILE_MODE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn modes_and_atomic_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let wide = d.path().join("wide");
+        fs::create_dir(&wide).unwrap();
+        fs::set_permissions(&wide, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&wide).unwrap();
+        assert_eq!(fs::metadata(&wide).unwrap().mode() & 0o777, 0o700);
+
+        let f = d.path().join("a/b/state.json");
+        write_atomic(&f, b"one").unwrap();
+        write_atomic(&f, b"two").unwrap();
+        assert_eq!(fs::read(&f).unwrap(), b"two");
+        assert_eq!(fs::metadata(&f).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(d.path().join("a/b")).unwrap().mode() & 0o777, 0o700);
+        // no temporary file is left behind
+        assert_eq!(fs::read_dir(d.path().join("a/b")).unwrap().count(), 1);
+    }
+}
