@@ -55,6 +55,9 @@ impl Daemon {
     /// Bring up registry client, engine, catalog (restoring persisted images) and the kernel
     /// frontend with its event loop. `group` is a fanotify group handed over by a guard.
     pub async fn start(config: Config, group: Option<nix::sys::fanotify::Fanotify>) -> Result<Arc<Daemon>> {
+        for dir in [&config.daemon.state_dir, &config.daemon.cache_dir] {
+            crate::private_fs::private_dir(dir).with_context(|| format!("creating {} (mode 0700)", dir.display()))?;
+        }
         let kernel = KernelFacts::read();
         let frontend = frontend::choose(&kernel, config.daemon.frontend).context("choosing a kernel frontend")?;
         tracing::info!(kernel = %kernel.release, ?frontend, "starting lazyblob");
@@ -153,8 +156,7 @@ impl Daemon {
     fn persist_mounts(&self) {
         let body = serde_json::to_vec_pretty(&self.mounts()).unwrap_or_default();
         let path = self.mounts_file();
-        let tmp = path.with_extension("json.tmp");
-        if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &path)) {
+        if let Err(e) = crate::private_fs::write_atomic(&path, &body) {
             tracing::error!(error = %e, path = %path.display(), "could not persist the mount table");
         }
     }
@@ -163,10 +165,7 @@ impl Daemon {
     /// handed over; otherwise they have no listener and are detached, so they cannot serve
     /// zeros from holes.
     fn recover_mounts(&self, adopted: bool) {
-        let Ok(body) = std::fs::read(self.mounts_file()) else {
-            return;
-        };
-        let old: Vec<MountInfo> = serde_json::from_slice(&body).unwrap_or_default();
+        let old: Vec<MountInfo> = crate::catalog::state::load_records(&self.mounts_file(), "");
         for m in old {
             if !mount::is_erofs_mount(&m.target) {
                 continue;

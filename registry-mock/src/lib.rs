@@ -3,10 +3,12 @@
 //! Serves pushes and pulls of manifests and blobs (`HEAD`, `Range` -> 206), with anonymous,
 //! basic or token auth. Faults are injected per test and per blob (latency, 5xx bursts,
 //! connections dropped mid-body, corrupted bytes), and counters record every request and byte
-//! served per blob, so tests can prove laziness and single-flight.
+//! served per blob, so tests can prove laziness and single-flight. Hostile mode
+//! ([`HostileImage`]) rewrites stored images the way an attacker's registry would serve them.
 
 mod auth;
 mod faults;
+mod hostile;
 mod server;
 mod store;
 
@@ -15,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 pub use auth::AuthMode;
 pub use faults::{Fault, FaultRule};
+pub use hostile::HostileImage;
 pub use store::Store;
 
 /// One request the registry answered for a blob.
