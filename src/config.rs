@@ -47,8 +47,11 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// The cachefiles cache directory (ext4 or xfs: the kernel refuses tmpfs).
     pub cache_dir: PathBuf,
-    /// Admin API unix socket.
+    /// Admin API unix socket (mode 0600, root only; peers are checked with SO_PEERCRED).
     pub socket: PathBuf,
+    /// A group whose members (by primary gid) may use the read-only part of the admin API
+    /// (`lazyblob status`); the socket is then 0660 with this group.
+    pub socket_group: Option<String>,
     /// The cachefiles cache tag.
     pub tag: String,
     pub frontend: FrontendChoice,
@@ -65,6 +68,7 @@ impl Default for DaemonConfig {
             state_dir: PathBuf::from("/var/lib/lazyblob"),
             cache_dir: PathBuf::from("/var/cache/lazyblob"),
             socket: PathBuf::from("/run/lazyblob/lazyblob.sock"),
+            socket_group: None,
             tag: "lazyblob".into(),
             frontend: FrontendChoice::Auto,
             images: Vec::new(),

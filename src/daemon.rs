@@ -23,6 +23,9 @@ pub struct MountInfo {
     pub target: PathBuf,
     pub fsid: String,
     pub frontend: Frontend,
+    /// Whether setuid bits and device nodes take effect (`nosuid,nodev` unless honoured).
+    #[serde(default)]
+    pub special_files: mount::SpecialFiles,
     /// The mount's own kernel read-ahead (KiB) while a raised one is in force: it is put back
     /// once every blob of the image is complete, so a fully cached image reads like a local one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,7 +199,7 @@ impl Daemon {
     }
 
     /// Register `reference` if needed and mount it lazily on `target`.
-    pub async fn mount(&self, reference: &str, target: &Path) -> Result<MountInfo> {
+    pub async fn mount(&self, reference: &str, target: &Path, special: mount::SpecialFiles) -> Result<MountInfo> {
         let target = std::fs::canonicalize(target).with_context(|| format!("mount point {}", target.display()))?;
         if !target.is_dir() {
             bail!("mount point {} is not a directory", target.display());
@@ -212,13 +215,13 @@ impl Daemon {
         match self.frontend {
             Frontend::Cachefiles => {
                 let (fsid, t) = (image.fsid.clone(), target.clone());
-                tokio::task::spawn_blocking(move || mount::mount_fscache(&fsid, &t)).await??;
+                tokio::task::spawn_blocking(move || mount::mount_fscache(&fsid, &t, special)).await??;
             }
             Frontend::Fanotify => {
                 let f = self.fanotify.as_ref().context("fanotify frontend missing")?;
                 let devices = f.prepare(&image)?;
                 let (meta, t) = (image.meta_path.clone(), target.clone());
-                tokio::task::spawn_blocking(move || mount::mount_file_backed(&meta, &devices, &t)).await??;
+                tokio::task::spawn_blocking(move || mount::mount_file_backed(&meta, &devices, &t, special)).await??;
             }
         }
         let info = MountInfo {
@@ -227,6 +230,7 @@ impl Daemon {
             target,
             fsid: image.fsid.clone(),
             frontend: self.frontend,
+            special_files: special,
         };
         self.mounts.lock().unwrap_or_else(|p| p.into_inner()).push(info.clone());
         self.persist_mounts();

@@ -148,7 +148,9 @@ async fn demo_reads(
     image_size: u64,
 ) -> Result<()> {
     let t0 = Instant::now();
-    daemon.mount(reference, mnt).await?;
+    daemon
+        .mount(reference, mnt, crate::frontend::mount::SpecialFiles::Ignored)
+        .await?;
     let mount_time = t0.elapsed();
     let files = std::fs::read_dir(mnt.join("share"))?.count();
     println!(

@@ -82,6 +82,10 @@ enum Cmd {
     Mount {
         image: String,
         dir: PathBuf,
+        /// Let setuid/setgid binaries and device nodes of the image take effect (mounts are
+        /// `nosuid,nodev` by default: the image comes from a registry).
+        #[arg(long)]
+        allow_suid_dev: bool,
         #[arg(long, default_value = "/run/lazyblob/lazyblob.sock")]
         socket: PathBuf,
     },
@@ -269,9 +273,21 @@ fn main() -> Result<()> {
                 println!("{}", r.digest);
                 Ok(())
             }
-            Cmd::Mount { image, dir, socket } => {
+            Cmd::Mount {
+                image,
+                dir,
+                allow_suid_dev,
+                socket,
+            } => {
+                use lazyblob::frontend::mount::SpecialFiles;
                 let dir = std::fs::canonicalize(&dir).with_context(|| format!("mount point {}", dir.display()))?;
-                let m = lazyblob::api::client::ApiClient::new(&socket)?.mount(&image, &dir).await?;
+                let special = match allow_suid_dev {
+                    true => SpecialFiles::Honoured,
+                    false => SpecialFiles::Ignored,
+                };
+                let m = lazyblob::api::client::ApiClient::new(&socket)?
+                    .mount(&image, &dir, special)
+                    .await?;
                 println!("{} mounted on {} (fsid {}, {:?})", m.reference, m.target.display(), m.fsid, m.frontend);
                 Ok(())
             }

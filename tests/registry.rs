@@ -172,6 +172,26 @@ async fn mirrors_first_then_origin() {
     assert_eq!(origin.counters().blob_requests(&d), 1);
 }
 
+/// `insecure` belongs to its host: a mirror of an insecure origin is spoken to over TLS
+/// unless it is marked insecure itself (here it speaks plain HTTP, so TLS to it fails and
+/// the origin serves).
+#[tokio::test]
+async fn a_mirror_of_an_insecure_host_is_not_plain_http() {
+    let origin = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let mirror = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let data = bytes(6, 10_000);
+    let d = origin.store().put_blob(data.clone());
+    mirror.store().put_blob(data.clone());
+    let mut cfg = insecure_config(&[&origin.host()]);
+    cfg.hosts[0].mirrors = vec![mirror.host()];
+    cfg.max_attempts = 1;
+    let reg = client(&cfg);
+    let src = blob_at(&origin.host(), &d, data.len());
+    assert_eq!(reg.fetch_range(&src, 0, 100).await.unwrap(), data[..100]);
+    assert_eq!(mirror.counters().requests, 0, "plain HTTP reached the mirror");
+    assert_eq!(origin.counters().blob_requests(&d), 1);
+}
+
 #[tokio::test]
 async fn large_transfers_get_time_in_proportion_to_their_size() {
     let mock = MockRegistry::start(MockConfig::default()).await.unwrap();

@@ -38,12 +38,18 @@ impl ApiClient {
         .await
     }
 
-    pub async fn mount(&self, reference: &str, target: &Path) -> Result<crate::daemon::MountInfo> {
+    pub async fn mount(
+        &self,
+        reference: &str,
+        target: &Path,
+        special_files: crate::frontend::mount::SpecialFiles,
+    ) -> Result<crate::daemon::MountInfo> {
         self.post(
             "/v1/mounts",
             &MountRequest {
                 reference: reference.to_string(),
                 target: target.to_path_buf(),
+                special_files,
             },
         )
         .await

@@ -2,6 +2,7 @@
 //! the daemon, `client` is what the CLI verbs (`status`, `register`) use.
 
 pub mod client;
+pub mod peer;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,9 @@ pub struct RegisterRequest {
 pub struct MountRequest {
     pub reference: String,
     pub target: std::path::PathBuf,
+    /// `nosuid,nodev` unless `honoured`.
+    #[serde(default)]
+    pub special_files: crate::frontend::mount::SpecialFiles,
 }
 
 /// `POST /v1/umount`.

@@ -1,4 +1,4 @@
-//! The admin API server (axum over a unix socket).
+//! The admin API server (axum over a unix socket whose peers are checked, see `peer`).
 
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
@@ -21,6 +21,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/images", post(register).get(images))
         .route("/v1/mounts", post(mount).get(mounts))
         .route("/v1/umount", post(umount))
+        .layer(axum::middleware::from_fn(super::peer::enforce))
         .with_state(daemon)
 }
 
@@ -30,21 +31,20 @@ pub async fn serve(
     socket: &Path,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = tokio::net::UnixListener::bind(socket)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    }
-    tracing::info!(socket = %socket.display(), "admin API listening");
-    axum::serve(listener, router(daemon))
+    let group = match &daemon.config.daemon.socket_group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)?
+                .ok_or_else(|| std::io::Error::other(format!("daemon.socket_group {name:?}: no such group")))?
+                .gid,
+        ),
+        None => None,
+    };
+    let listener = super::peer::PeerListener::bind(socket, group)?;
+    tracing::info!(socket = %socket.display(), read_only_group = ?daemon.config.daemon.socket_group, "admin API listening");
+    axum::serve(
+        listener,
+        router(daemon).into_make_service_with_connect_info::<super::peer::Access>(),
+    )
         .with_graceful_shutdown(async move {
             let _ = shutdown.changed().await;
         })
@@ -125,7 +125,10 @@ async fn mounts(State(d): State<Arc<Daemon>>) -> Json<Vec<crate::daemon::MountIn
 }
 
 async fn mount(State(d): State<Arc<Daemon>>, Json(req): Json<MountRequest>) -> ApiResult<crate::daemon::MountInfo> {
-    d.mount(&req.reference, &req.target).await.map(Json).map_err(failed)
+    d.mount(&req.reference, &req.target, req.special_files)
+        .await
+        .map(Json)
+        .map_err(failed)
 }
 
 async fn umount(State(d): State<Arc<Daemon>>, Json(req): Json<UmountRequest>) -> ApiResult<serde_json::Value> {

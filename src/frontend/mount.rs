@@ -8,9 +8,31 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+/// Whether setuid/setgid bits and device nodes of an image take effect on its mount. A
+/// registry's image mounted on the host is `Ignored` (`nosuid,nodev`) unless the user says
+/// they trust it; a container's runtime applies its own rules to its rootfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpecialFiles {
+    /// `nosuid,nodev`: a setuid binary runs with the caller's rights, device nodes fail.
+    #[default]
+    Ignored,
+    /// Setuid binaries and device nodes work (`lazyblob mount --allow-suid-dev`).
+    Honoured,
+}
+
+impl SpecialFiles {
+    fn flags(self) -> MsFlags {
+        match self {
+            SpecialFiles::Ignored => MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            SpecialFiles::Honoured => MsFlags::MS_RDONLY,
+        }
+    }
+}
+
 /// `mount(2)` of a read-only EROFS; errors name what was mounted where.
-fn mount_erofs(source: &Path, target: &Path, opts: &str, what: &str) -> io::Result<()> {
-    mount(Some(source), target, Some("erofs"), MsFlags::MS_RDONLY, Some(opts)).map_err(|e| {
+fn mount_erofs(source: &Path, target: &Path, opts: &str, what: &str, special: SpecialFiles) -> io::Result<()> {
+    mount(Some(source), target, Some("erofs"), special.flags(), Some(opts)).map_err(|e| {
         io::Error::new(
             io::Error::from(e).kind(),
             format!("mount erofs {what} on {}: {e}", target.display()),
@@ -20,23 +42,24 @@ fn mount_erofs(source: &Path, target: &Path, opts: &str, what: &str) -> io::Resu
 
 /// Mount an image over fscache: `mount -t erofs none -o fsid=FSID TARGET`. Blocks until the
 /// cachefiles frontend answered the kernel's OPENs.
-pub fn mount_fscache(fsid: &str, target: &Path) -> io::Result<()> {
+pub fn mount_fscache(fsid: &str, target: &Path, special: SpecialFiles) -> io::Result<()> {
     mount_erofs(
         Path::new("none"),
         target,
         &format!("fsid={fsid}"),
         &format!("fsid={fsid}"),
+        special,
     )
 }
 
 /// Mount the metadata blob file-backed with one `device=` per data blob cache file.
-pub fn mount_file_backed(meta: &Path, devices: &[PathBuf], target: &Path) -> io::Result<()> {
+pub fn mount_file_backed(meta: &Path, devices: &[PathBuf], target: &Path, special: SpecialFiles) -> io::Result<()> {
     let opts: Vec<String> = devices.iter().map(|d| format!("device={}", d.display())).collect();
     let opts = opts.join(",");
     if opts.len() >= 4096 {
         return Err(io::Error::other("too many data blobs for one mount option page"));
     }
-    mount_erofs(meta, target, &opts, &meta.display().to_string())
+    mount_erofs(meta, target, &opts, &meta.display().to_string(), special)
 }
 
 /// Unmount; `lazy` detaches a busy mount (open files keep working through the frontend).

@@ -73,6 +73,8 @@ pub struct Credentials {
     helper_dir: Option<PathBuf>,
     /// Recent helper answers by host, with the time they were given.
     helper_answers: Mutex<HashMap<String, (Instant, RegistryAuth)>>,
+    /// One helper run per host at a time: concurrent lookups wait for its answer.
+    helper_runs: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Credentials {
@@ -90,6 +92,7 @@ impl Credentials {
             docker,
             helper_dir: None,
             helper_answers: Mutex::new(HashMap::new()),
+            helper_runs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -135,16 +138,27 @@ impl Credentials {
         lock(&self.helper_answers).remove(host);
     }
 
-    /// A helper's answer for `host`, reused for [`HELPER_TTL`].
+    /// A helper's answer for `host`, reused for [`HELPER_TTL`]. Single flight: when the
+    /// answer is missing or stale, one lookup runs the helper and the others wait for it.
     async fn ask_helper(&self, helper: &str, host: &str) -> Result<RegistryAuth, RegistryError> {
-        if let Some((at, auth)) = lock(&self.helper_answers).get(host) {
-            if at.elapsed() < HELPER_TTL {
-                return Ok(auth.clone());
-            }
+        if let Some(auth) = self.fresh_answer(host) {
+            return Ok(auth);
+        }
+        let run = lock(&self.helper_runs).entry(host.to_string()).or_default().clone();
+        let _one_run = run.lock().await;
+        if let Some(auth) = self.fresh_answer(host) {
+            return Ok(auth); // answered while this lookup waited
         }
         let auth = self.run_helper(helper, host).await?;
         lock(&self.helper_answers).insert(host.to_string(), (Instant::now(), auth.clone()));
         Ok(auth)
+    }
+
+    fn fresh_answer(&self, host: &str) -> Option<RegistryAuth> {
+        lock(&self.helper_answers)
+            .get(host)
+            .filter(|(at, _)| at.elapsed() < HELPER_TTL)
+            .map(|(_, auth)| auth.clone())
     }
 
     fn auth_entry(&self, host: &str) -> Option<&DockerAuthEntry> {
@@ -336,6 +350,42 @@ mod tests {
         c.forget("a.example");
         c.for_host("a.example").await.unwrap();
         assert_eq!(n_calls(), 3, "a refused answer is asked for again");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_lookups_run_a_slow_helper_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = dir.path().join("calls");
+        helper_script(
+            dir.path(),
+            "slow",
+            &format!(
+                "echo \"$host\" >> {}\nsleep 0.5\necho '{{\"Username\":\"u\",\"Secret\":\"s\"}}'",
+                calls.display()
+            ),
+        );
+        let cfg = dir.path().join("config.json");
+        std::fs::write(&cfg, r#"{"credHelpers":{"a.example":"slow"}}"#).unwrap();
+        let c = std::sync::Arc::new(
+            Credentials::new(&[], Some(&cfg))
+                .unwrap()
+                .with_helper_dir(dir.path().into()),
+        );
+        let n_calls = || std::fs::read_to_string(&calls).unwrap_or_default().lines().count();
+        for round in 1..=2 {
+            let lookups: Vec<_> = (0..500)
+                .map(|_| {
+                    let c = std::sync::Arc::clone(&c);
+                    tokio::spawn(async move { c.for_host("a.example").await })
+                })
+                .collect();
+            for l in lookups {
+                assert_eq!(basic(&l.await.unwrap().unwrap()), ("u".into(), "s".into()));
+            }
+            assert_eq!(n_calls(), round, "500 concurrent lookups, one helper run");
+            // a 401 makes every fetch forget the answer at once: still one run
+            c.forget("a.example");
+        }
     }
 
     #[tokio::test]

@@ -56,6 +56,66 @@ impl RegistryError {
 
 impl From<OciDistributionError> for RegistryError {
     fn from(e: OciDistributionError) -> Self {
+        classify(e).redacted()
+    }
+}
+
+impl RegistryError {
+    /// The same error with every URL in it stripped of query strings (presigned blob URLs
+    /// carry their signature there) and userinfo: errors end up in logs and API answers.
+    fn redacted(self) -> RegistryError {
+        use RegistryError as R;
+        match self {
+            R::Unauthorized(u) => R::Unauthorized(redact_urls(&u)),
+            R::NotFound { what, url } => R::NotFound {
+                what,
+                url: redact_urls(&url),
+            },
+            R::Status { status, url } => R::Status {
+                status,
+                url: redact_urls(&url),
+            },
+            R::Transport(m) => R::Transport(redact_urls(&m)),
+            R::Manifest(m) => R::Manifest(redact_urls(&m)),
+            other => other,
+        }
+    }
+}
+
+/// `text` with each `http(s)://` URL's userinfo removed and its query replaced by
+/// `?<redacted>`.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = ["https://", "http://"].iter().filter_map(|p| rest.find(p)).min() {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '>' | ','))
+            .unwrap_or(tail.len());
+        let url = &tail[..end];
+        let (scheme, after) = url.split_once("://").unwrap_or(("", url));
+        let authority_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+        let (authority, path) = after.split_at(authority_end);
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        out.push_str(scheme);
+        out.push_str("://");
+        out.push_str(host);
+        match path.split_once('?') {
+            Some((p, _)) => {
+                out.push_str(p);
+                out.push_str("?<redacted>");
+            }
+            None => out.push_str(path),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn classify(e: OciDistributionError) -> RegistryError {
+    {
         use OciDistributionError as E;
         match e {
             E::UnauthorizedError { url } => RegistryError::Unauthorized(url),
@@ -88,6 +148,7 @@ impl From<OciDistributionError> for RegistryError {
                 }
             }
             E::RequestError(r) => {
+                let r = r.without_url();
                 if r.is_timeout() {
                     RegistryError::Timeout(std::time::Duration::ZERO)
                 } else if let Some(s) = r.status() {
@@ -154,5 +215,21 @@ mod tests {
         .is_retryable());
         assert!(RegistryError::Truncated { expected: 2, got: 1 }.is_retryable());
         assert!(!RegistryError::Unauthorized(String::new()).is_retryable());
+    }
+
+    #[test]
+    fn urls_in_errors_lose_query_strings_and_userinfo() {
+        let text = "error sending request for url (https://user:pw@s3.example/b/sha256?X-Amz-Signature=abc&X-Amz-Credential=k) and http://r.example:5000/v2/x/blobs/y";
+        let r = redact_urls(text);
+        assert_eq!(
+            r,
+            "error sending request for url (https://s3.example/b/sha256?<redacted>) and http://r.example:5000/v2/x/blobs/y"
+        );
+        let e = RegistryError::Status {
+            status: 403,
+            url: "https://s3.example/o?sig=secret".into(),
+        }
+        .redacted();
+        assert!(!e.to_string().contains("secret"), "{e}");
     }
 }

@@ -93,12 +93,9 @@ impl Registry {
         max_concurrent: usize,
         creds: credentials::Credentials,
     ) -> Result<Registry, RegistryError> {
-        let insecure: Vec<String> = cfg
-            .hosts
-            .iter()
-            .filter(|h| h.insecure)
-            .flat_map(|h| std::iter::once(h.host.clone()).chain(h.mirrors.iter().cloned()))
-            .collect();
+        // plain HTTP only for the hosts marked insecure themselves: a mirror of an insecure
+        // host is TLS unless it has its own `insecure = true` entry
+        let insecure: Vec<String> = cfg.hosts.iter().filter(|h| h.insecure).map(|h| h.host.clone()).collect();
         let mut extra = Vec::new();
         for h in &cfg.hosts {
             if let Some(ca) = &h.ca_file {

@@ -31,7 +31,9 @@ pub fn bundled_pem() -> String {
 }
 
 /// If neither `SSL_CERT_FILE`/`SSL_CERT_DIR` nor a system bundle exists, write the bundled
-/// roots under `dir` and set `SSL_CERT_FILE`. Call before any thread starts.
+/// roots into a new private directory (`0700`, random name) under `dir`, with `O_EXCL`, and
+/// set `SSL_CERT_FILE`: nobody else can have planted or swapped the file. Call before any
+/// thread starts.
 pub fn ensure_ca_store(dir: &Path) -> std::io::Result<Option<PathBuf>> {
     if std::env::var_os("SSL_CERT_FILE").is_some() || std::env::var_os("SSL_CERT_DIR").is_some() {
         return Ok(None);
@@ -40,8 +42,19 @@ pub fn ensure_ca_store(dir: &Path) -> std::io::Result<Option<PathBuf>> {
         return Ok(None);
     }
     std::fs::create_dir_all(dir)?;
-    let path = dir.join("lazyblob-bundled-roots.pem");
-    std::fs::write(&path, bundled_pem())?;
+    // tempdir: mkdir 0700 with a random name; kept for the life of the process
+    let private = tempfile::Builder::new().prefix("lazyblob-roots-").tempdir_in(dir)?.keep();
+    let path = private.join("bundled-roots.pem");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)?;
+        f.write_all(bundled_pem().as_bytes())?;
+    }
     // Edition 2021: set_var is safe; this runs single-threaded, before the runtime exists.
     std::env::set_var("SSL_CERT_FILE", &path);
     Ok(Some(path))

@@ -7,6 +7,19 @@ use std::os::unix::net::UnixStream;
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
+/// Whether the peer of `sock` runs as root (`SO_PEERCRED`): the group is handed only to,
+/// and only taken from, root.
+pub fn peer_is_root(sock: &UnixStream) -> io::Result<bool> {
+    let cred = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials).map_err(io::Error::from)?;
+    Ok(cred.uid() == 0)
+}
+
+/// Whether `fd` is a fanotify group (its `/proc/self/fd` link is `anon_inode:[fanotify]`).
+pub fn is_fanotify(fd: &OwnedFd) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|l| l.as_os_str() == "anon_inode:[fanotify]")
+}
+
 /// Send `fd` with a one-byte message.
 pub fn send_fd(sock: &UnixStream, fd: BorrowedFd<'_>) -> io::Result<()> {
     let fds = [fd.as_raw_fd()];

@@ -83,7 +83,13 @@ pub fn reclaim(state_dir: &Path) -> io::Result<Option<Fanotify>> {
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
         Err(e) => return Err(e),
     };
+    if !fdpass::peer_is_root(&sock)? {
+        return Err(io::Error::other(format!("{} is served by a process that is not root", path.display())));
+    }
     let fd = fdpass::recv_fd(&sock)?;
+    if !fdpass::is_fanotify(&fd) {
+        return Err(io::Error::other(format!("{} handed over something that is not a fanotify group", path.display())));
+    }
     tracing::warn!("took over the fanotify group from the guard of a daemon that died");
     Ok(Some(sys::adopt_group(fd)))
 }
@@ -130,6 +136,10 @@ fn take_over(group: &Fanotify, max_fd: u64, state_dir: &Path) -> io::Result<()> 
         }
         if client_ready {
             if let Ok((sock, _)) = listener.accept() {
+                if !fdpass::peer_is_root(&sock).unwrap_or(false) {
+                    eprintln!("lazyblob guard: refused a peer that is not root");
+                    continue;
+                }
                 // answer what is queued, hand over, and leave
                 deny_all(group, &mut buf);
                 if fdpass::send_fd(&sock, group.as_fd()).is_ok() {
