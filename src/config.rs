@@ -289,7 +289,9 @@ impl Config {
             return Err(ConfigError::Invalid("registry.limits must be > 0".into()));
         }
         if l.max_chunk_size < 4096 {
-            return Err(ConfigError::Invalid("registry.limits.max_chunk_size must be >= 4096".into()));
+            return Err(ConfigError::Invalid(
+                "registry.limits.max_chunk_size must be >= 4096".into(),
+            ));
         }
         if r.max_attempts == 0 {
             return Err(ConfigError::Invalid("registry.max_attempts must be >= 1".into()));

@@ -149,7 +149,7 @@ async fn background_fill_completes_blobs_in_use() {
     let c = mock.counters();
     assert_eq!(
         c.blob_bytes(&touched[0].digest),
-        touched[0].size as u64,
+        touched[0].size,
         "the blob in use was fetched whole, once"
     );
     for b in lazy.data.iter().filter(|b| b.digest != touched[0].digest) {
@@ -199,11 +199,7 @@ async fn background_fill_completes_blobs_in_use() {
     assert_eq!(mount::read_ahead(&mnt2).unwrap(), KERNEL_READ_AHEAD_KB);
     d.umount(&mnt2);
     // the metadata blob is locked in memory while mounted, released by the unmount
-    assert_eq!(
-        after["metadata_pinned_bytes"].as_u64(),
-        Some(lazy.meta.size as u64),
-        "{after}"
-    );
+    assert_eq!(after["metadata_pinned_bytes"].as_u64(), Some(lazy.meta.size), "{after}");
     d.umount(&mnt);
     let gone = d.status().await.frontend_counters;
     assert_eq!(gone["metadata_pinned_bytes"].as_u64(), Some(0), "{gone}");
@@ -218,7 +214,7 @@ async fn lazy_parallel_and_kill9() {
     let (mock, files, image, lazy) = mock_image().await;
     let host = mock.host();
     let data_digests: Vec<String> = lazy.data.iter().map(|d| d.digest.to_string()).collect();
-    let data_total: u64 = lazy.data.iter().map(|d| d.size as u64).sum();
+    let data_total: u64 = lazy.data.iter().map(|d| d.size).sum();
     mock.reset_counters();
 
     let work = tempfile::tempdir().unwrap();
@@ -241,7 +237,7 @@ async fn lazy_parallel_and_kill9() {
         "fetched {served} bytes for one small file"
     );
     assert!(
-        c.blob_bytes(&lazy.meta.digest) == lazy.meta.size as u64,
+        c.blob_bytes(&lazy.meta.digest) == lazy.meta.size,
         "metadata fetched whole"
     );
 

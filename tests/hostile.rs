@@ -101,14 +101,18 @@ async fn digests_that_name_paths_are_refused_and_no_file_appears() {
         (
             "data-abs",
             base()
-                .edit_json_blob(MEDIA_TYPE_CHUNKS, 0, |t| t["blobs"][0]["digest"] = outside.clone().into())
+                .edit_json_blob(MEDIA_TYPE_CHUNKS, 0, |t| {
+                    t["blobs"][0]["digest"] = outside.clone().into()
+                })
                 .layer_digest(MEDIA_TYPE_DATA, 0, &outside),
         ),
         // ... a path that climbs out of the cache directory
         (
             "data-climb",
             base()
-                .edit_json_blob(MEDIA_TYPE_CHUNKS, 0, |t| t["blobs"][0]["digest"] = climbing.clone().into())
+                .edit_json_blob(MEDIA_TYPE_CHUNKS, 0, |t| {
+                    t["blobs"][0]["digest"] = climbing.clone().into()
+                })
                 .layer_digest(MEDIA_TYPE_DATA, 0, &climbing),
         ),
         // the metadata blob, kept under the state directory, names a path
@@ -116,7 +120,9 @@ async fn digests_that_name_paths_are_refused_and_no_file_appears() {
         // only the table entry is hostile
         (
             "table-entry",
-            base().edit_json_blob(MEDIA_TYPE_CHUNKS, 0, |t| t["blobs"][0]["digest"] = climbing.clone().into()),
+            base().edit_json_blob(MEDIA_TYPE_CHUNKS, 0, |t| {
+                t["blobs"][0]["digest"] = climbing.clone().into()
+            }),
         ),
         // a non-ASCII digest (sliced by byte index before)
         (
@@ -126,7 +132,11 @@ async fn digests_that_name_paths_are_refused_and_no_file_appears() {
     ];
     for (name, img) in scenarios {
         img.publish("evil/app", name);
-        let err = mount_fails(&d, &format!("{host}/evil/app:{name}"), &work.path().join(format!("mnt-{name}")));
+        let err = mount_fails(
+            &d,
+            &format!("{host}/evil/app:{name}"),
+            &work.path().join(format!("mnt-{name}")),
+        );
         assert!(err.contains("invalid digest"), "{name}: unclear error: {err}");
     }
     assert!(!Path::new(&outside).exists(), "{outside} was created");
@@ -135,7 +145,10 @@ async fn digests_that_name_paths_are_refused_and_no_file_appears() {
         .chain(all_paths(work.path()))
         .filter(|p| p.contains(&tag))
         .collect();
-    assert!(tmp_hits.is_empty(), "files named by the registry appeared: {tmp_hits:?}");
+    assert!(
+        tmp_hits.is_empty(),
+        "files named by the registry appeared: {tmp_hits:?}"
+    );
     // the daemon still serves a good image
     let mnt = work.path().join("mnt-good");
     d.mount(&format!("{host}/good/app:v1"), &mnt);
@@ -233,8 +246,14 @@ async fn units_partly_on_disk_are_completed_not_skipped() {
     assert_eq!(cache_files.len(), 1, "one data blob: {cache_files:?}");
     let f = std::fs::OpenOptions::new().write(true).open(&cache_files[0]).unwrap();
     let mut head = vec![0u8; 128 << 10];
-    std::fs::File::open(&cache_files[0]).unwrap().read_exact_at(&mut head, 0).unwrap();
-    assert!(head == big[..128 << 10], "the file starts the data blob (layout assumption)");
+    std::fs::File::open(&cache_files[0])
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert!(
+        head == big[..128 << 10],
+        "the file starts the data blob (layout assumption)"
+    );
     nix::fcntl::fallocate(
         &f,
         nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
@@ -269,7 +288,9 @@ async fn announced_sizes_are_bounded_before_allocating() {
     let files = mixed_files(41, 8, &[1]);
     image_in(&mock, "good/app", &files, 1 << 20).await;
     let base = || HostileImage::from_store(mock.store(), "good/app", "v1");
-    base().layer_size(MEDIA_TYPE_META, 0, 1 << 43).publish("evil/app", "huge-meta");
+    base()
+        .layer_size(MEDIA_TYPE_META, 0, 1 << 43)
+        .publish("evil/app", "huge-meta");
     base()
         .edit_json_blob(MEDIA_TYPE_CHUNKS, 0, |t| {
             t["chunk_size"] = (1u64 << 30).into();
@@ -286,7 +307,11 @@ async fn announced_sizes_are_bounded_before_allocating() {
         ("gib-chunks", "max_chunk_size"),
         ("huge-manifest", "limits"),
     ] {
-        let err = mount_fails(&d, &format!("{host}/evil/app:{tag}"), &work.path().join(format!("mnt-{tag}")));
+        let err = mount_fails(
+            &d,
+            &format!("{host}/evil/app:{tag}"),
+            &work.path().join(format!("mnt-{tag}")),
+        );
         assert!(
             err.contains(limit) && err.contains("exceeds"),
             "{tag}: error does not name the limit: {err}"
@@ -342,7 +367,10 @@ async fn cache_and_state_are_unreadable_to_other_users() {
     let control = dir.join("control");
     std::fs::write(&control, b"x").unwrap();
     std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o644)).unwrap();
-    assert!(as_nobody(&["cat"], &control).status.success(), "setpriv does not work here");
+    assert!(
+        as_nobody(&["cat"], &control).status.success(),
+        "setpriv does not work here"
+    );
     for t in &targets {
         let verb: &[&str] = if t.is_dir() { &["ls"] } else { &["cat"] };
         let out = as_nobody(verb, t);
@@ -384,7 +412,12 @@ async fn host_mounts_ignore_setuid_and_the_admin_socket_checks_its_peers() {
     std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let status_as = |uid: &str| {
         std::process::Command::new("setpriv")
-            .args([&format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", "--"])
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "--",
+            ])
             .arg(common::daemon::binary())
             .args(["status", "--socket"])
             .arg(&d.socket)
@@ -393,6 +426,9 @@ async fn host_mounts_ignore_setuid_and_the_admin_socket_checks_its_peers() {
     };
     assert!(status_as("0").status.success(), "root is refused");
     let nobody = status_as("65534");
-    assert!(!nobody.status.success(), "uid 65534 got an answer from the admin socket");
+    assert!(
+        !nobody.status.success(),
+        "uid 65534 got an answer from the admin socket"
+    );
     assert!(d.log().contains("refused a peer"), "the refusal is logged");
 }

@@ -329,7 +329,7 @@ exit 0
 
     let c = mock.counters();
     // Laziness: one 10 KB file read -> at most one fetch unit of data, far below the total.
-    let lazy_data: u64 = lazy.data.iter().map(|d| c.blob_bytes(&sha256_digest(d))).sum();
+    let lazy_data: u64 = lazy.data.iter().map(|d| c.blob_bytes(sha256_digest(d))).sum();
     println!("lazy image: served {lazy_data} of {} data bytes", data_total(&lazy));
     assert!(
         lazy_data > 0 && lazy_data <= 1 << 20,

@@ -48,7 +48,10 @@ impl HostileImage {
 
     /// The digest of the `n`th layer of `media_type`.
     pub fn layer_digest_of(&mut self, media_type: &str, n: usize) -> String {
-        self.layer(media_type, n)["digest"].as_str().unwrap_or_default().to_string()
+        self.layer(media_type, n)["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Let the `n`th layer of `media_type` claim `digest` (any string: a path, another

@@ -113,7 +113,11 @@ impl Connected<IncomingStream<'_, PeerListener>> for Access {
 /// Middleware: read-only peers may only `GET`.
 pub async fn enforce(ConnectInfo(access): ConnectInfo<Access>, req: Request, next: Next) -> Response {
     if access == Access::ReadOnly && req.method() != Method::GET {
-        return (StatusCode::FORBIDDEN, "read-only peer: only status requests are allowed").into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            "read-only peer: only status requests are allowed",
+        )
+            .into_response();
     }
     next.run(req).await
 }

@@ -45,10 +45,10 @@ pub async fn serve(
         listener,
         router(daemon).into_make_service_with_connect_info::<super::peer::Access>(),
     )
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.changed().await;
-        })
-        .await
+    .with_graceful_shutdown(async move {
+        let _ = shutdown.changed().await;
+    })
+    .await
 }
 
 async fn status(State(d): State<Arc<Daemon>>) -> Json<Status> {

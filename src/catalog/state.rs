@@ -125,7 +125,11 @@ mod tests {
         .unwrap();
         assert_eq!(load(&p).images[0].pinned, "r/a@sha256:00");
         // one bad record is skipped, the others load
-        std::fs::write(&p, r#"{"images":[{"reference":1},{"reference":"r/b:1","pinned":"r/b@sha256:11"}]}"#).unwrap();
+        std::fs::write(
+            &p,
+            r#"{"images":[{"reference":1},{"reference":"r/b:1","pinned":"r/b@sha256:11"}]}"#,
+        )
+        .unwrap();
         let s = load(&p);
         assert_eq!(s.images.len(), 1);
         assert_eq!(s.images[0].reference, "r/b:1");

@@ -33,6 +33,12 @@ pub async fn drain_loop<T: AsRawFd>(
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // out of fds or memory for an event's fd: back-pressure, not an exit; the
+                // loop pauses and reads again while in-flight work closes its fds
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)) => {
+                    tracing::warn!(error = %e, "kernel event read failed for lack of resources; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -209,7 +209,12 @@ impl ChunkTable {
     /// Parse and validate a table fetched from a registry: every blob digest well formed,
     /// the chunk size a power of two within `limits.max_chunk_size`, one digest per chunk.
     pub fn parse_within(bytes: &[u8], limits: &LimitsConfig) -> Result<ChunkTable, FormatError> {
-        limits.check("chunk table", bytes.len() as u64, "max_table_bytes", limits.max_table_bytes)?;
+        limits.check(
+            "chunk table",
+            bytes.len() as u64,
+            "max_table_bytes",
+            limits.max_table_bytes,
+        )?;
         let t: ChunkTable = serde_json::from_slice(bytes).map_err(|e| FormatError::ChunkTable(e.to_string()))?;
         if t.version != 1 {
             return Err(FormatError::ChunkTable(format!("unsupported version {}", t.version)));
@@ -303,7 +308,12 @@ impl LazyManifest {
         }
         let meta = meta.ok_or_else(|| FormatError::NotLazyblob("no metadata blob".into()))?;
         let table = table.ok_or_else(|| FormatError::NotLazyblob("no chunk table".into()))?;
-        limits.check("metadata blob", meta.size, "max_metadata_bytes", limits.max_metadata_bytes)?;
+        limits.check(
+            "metadata blob",
+            meta.size,
+            "max_metadata_bytes",
+            limits.max_metadata_bytes,
+        )?;
         limits.check("chunk table", table.size, "max_table_bytes", limits.max_table_bytes)?;
         Ok(LazyManifest { meta, table, data })
     }
@@ -364,6 +374,36 @@ mod tests {
         let mut huge = t;
         huge.blobs[0].size = u64::MAX;
         assert!(ChunkTable::parse(&huge.to_json()).is_err());
+    }
+
+    proptest::proptest! {
+        /// Hostile tables and manifests: arbitrary bytes and arbitrary JSON with the right
+        /// shape are errors or valid values, never panics.
+        #[test]
+        fn parsers_never_panic_on_hostile_input(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            digest in "\\PC{0,80}",
+            size in proptest::prelude::any::<i64>(),
+            chunk_size in proptest::prelude::any::<u64>(),
+            chunks in "[0-9a-fA-Z]{0,200}",
+        ) {
+            let _ = ChunkTable::parse(&raw);
+            let table = format!(
+                r#"{{"version":1,"chunk_size":{chunk_size},"blobs":[{{"digest":{},"size":{},"chunks":"{chunks}"}}]}}"#,
+                serde_json::to_string(&digest).unwrap(),
+                size.unsigned_abs()
+            );
+            let _ = ChunkTable::parse(table.as_bytes());
+            let manifest = format!(
+                r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"sha256:00","size":1}},
+                   "annotations":{{"{ANNOTATION_FORMAT}":"{FORMAT_VERSION}"}},
+                   "layers":[{{"mediaType":"{MEDIA_TYPE_DATA}","digest":{},"size":{size}}}]}}"#,
+                serde_json::to_string(&digest).unwrap()
+            );
+            if let Ok(m) = serde_json::from_str::<OciImageManifest>(&manifest) {
+                let _ = LazyManifest::from_manifest(&m);
+            }
+        }
     }
 
     #[test]

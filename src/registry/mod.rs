@@ -95,7 +95,12 @@ impl Registry {
     ) -> Result<Registry, RegistryError> {
         // plain HTTP only for the hosts marked insecure themselves: a mirror of an insecure
         // host is TLS unless it has its own `insecure = true` entry
-        let insecure: Vec<String> = cfg.hosts.iter().filter(|h| h.insecure).map(|h| h.host.clone()).collect();
+        let insecure: Vec<String> = cfg
+            .hosts
+            .iter()
+            .filter(|h| h.insecure)
+            .map(|h| h.host.clone())
+            .collect();
         let mut extra = Vec::new();
         for h in &cfg.hosts {
             if let Some(ca) = &h.ca_file {
@@ -161,7 +166,8 @@ impl Registry {
                     ))
                 })?;
                 // validated before it names anything: it becomes a URL and a kept file's name
-                let chosen = Digest::parse(&chosen).map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
+                let chosen =
+                    Digest::parse(&chosen).map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
                 let by_digest = reference.clone_with_digest(chosen.to_string());
                 let (raw, digest) = self.fetch_manifest_raw(&by_digest).await?;
                 match serde_json::from_slice::<OciManifest>(&raw) {

@@ -43,7 +43,10 @@ pub fn ensure_ca_store(dir: &Path) -> std::io::Result<Option<PathBuf>> {
     }
     std::fs::create_dir_all(dir)?;
     // tempdir: mkdir 0700 with a random name; kept for the life of the process
-    let private = tempfile::Builder::new().prefix("lazyblob-roots-").tempdir_in(dir)?.keep();
+    let private = tempfile::Builder::new()
+        .prefix("lazyblob-roots-")
+        .tempdir_in(dir)?
+        .keep();
     let path = private.join("bundled-roots.pem");
     {
         use std::io::Write;

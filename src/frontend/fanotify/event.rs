@@ -38,9 +38,12 @@ pub enum EventError {
 /// Parse every event in a buffer returned by `read()` on the fanotify fd.
 ///
 /// On error the events parsed so far are returned with it, so their fds can still be answered
-/// and closed.
+/// and closed. A bad info record does not end the batch: its event's own length is valid, so
+/// the event is kept without a range (served as a whole-file access, never left unanswered)
+/// and parsing goes on with the next one; only a bad event length ends it.
 pub fn parse(buf: &[u8]) -> (Vec<Event>, Option<EventError>) {
     let mut out = Vec::new();
+    let mut first_err = None;
     let mut at = 0;
     while at < buf.len() {
         let avail = buf.len() - at;
@@ -66,8 +69,9 @@ pub fn parse(buf: &[u8]) -> (Vec<Event>, Option<EventError>) {
         while info + 4 <= len {
             let ilen = u16_at(ev, info + 2) as usize;
             if ilen < 4 || info + ilen > len {
-                out.push(event);
-                return (out, Some(EventError::BadInfo(at + info)));
+                event.range = None;
+                first_err.get_or_insert(EventError::BadInfo(at + info));
+                break;
             }
             if ev[info] == INFO_TYPE_RANGE && ilen >= 24 {
                 event.range = Some((u64_at(ev, info + 8), u64_at(ev, info + 16)));
@@ -77,7 +81,7 @@ pub fn parse(buf: &[u8]) -> (Vec<Event>, Option<EventError>) {
         out.push(event);
         at += len;
     }
-    (out, None)
+    (out, first_err)
 }
 
 /// Encode an event the way the kernel lays it out (tests and fuzzing).
@@ -124,6 +128,25 @@ mod tests {
         let mut buf = encode(&a);
         buf.extend(encode(&b));
         assert_eq!(parse(&buf), (vec![a, b], None));
+    }
+
+    #[test]
+    fn a_bad_info_record_does_not_drop_the_rest_of_the_batch() {
+        let first = Event {
+            mask: FAN_PRE_ACCESS,
+            fd: 7,
+            pid: 1,
+            range: Some((0, 4096)),
+        };
+        let second = Event { fd: 8, ..first.clone() };
+        let mut buf = encode(&first);
+        buf[METADATA_LEN + 2] = 200; // the range record claims more than its event holds
+        buf.extend_from_slice(&encode(&second));
+        let (events, err) = parse(&buf);
+        assert_eq!(err, Some(EventError::BadInfo(METADATA_LEN)));
+        assert_eq!(events.len(), 2, "both fds are answered");
+        assert_eq!((events[0].fd, events[0].range), (7, None));
+        assert_eq!(events[1], second);
     }
 
     #[test]

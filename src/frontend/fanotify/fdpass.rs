@@ -10,7 +10,8 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 /// Whether the peer of `sock` runs as root (`SO_PEERCRED`): the group is handed only to,
 /// and only taken from, root.
 pub fn peer_is_root(sock: &UnixStream) -> io::Result<bool> {
-    let cred = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials).map_err(io::Error::from)?;
+    let cred =
+        nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials).map_err(io::Error::from)?;
     Ok(cred.uid() == 0)
 }
 

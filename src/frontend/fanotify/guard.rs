@@ -84,11 +84,17 @@ pub fn reclaim(state_dir: &Path) -> io::Result<Option<Fanotify>> {
         Err(e) => return Err(e),
     };
     if !fdpass::peer_is_root(&sock)? {
-        return Err(io::Error::other(format!("{} is served by a process that is not root", path.display())));
+        return Err(io::Error::other(format!(
+            "{} is served by a process that is not root",
+            path.display()
+        )));
     }
     let fd = fdpass::recv_fd(&sock)?;
     if !fdpass::is_fanotify(&fd) {
-        return Err(io::Error::other(format!("{} handed over something that is not a fanotify group", path.display())));
+        return Err(io::Error::other(format!(
+            "{} handed over something that is not a fanotify group",
+            path.display()
+        )));
     }
     tracing::warn!("took over the fanotify group from the guard of a daemon that died");
     Ok(Some(sys::adopt_group(fd)))
