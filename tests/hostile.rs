@@ -72,6 +72,15 @@ fn mount_fails(d: &DaemonProc, image: &str, dir: &Path) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Mount `image` on `mnt` and check that every file reads back as `files` says.
+fn mount_and_check(d: &DaemonProc, image: &str, mnt: &Path, files: &BTreeMap<String, Vec<u8>>) {
+    d.mount(image, mnt);
+    for (p, data) in files {
+        let got = std::fs::read(mnt.join(p)).unwrap_or_else(|e| panic!("{image}: {p}: {e}"));
+        assert!(got == *data, "{image}: {p} differs");
+    }
+}
+
 fn vm_kib(pid: i32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -151,10 +160,7 @@ async fn digests_that_name_paths_are_refused_and_no_file_appears() {
     );
     // the daemon still serves a good image
     let mnt = work.path().join("mnt-good");
-    d.mount(&format!("{host}/good/app:v1"), &mnt);
-    for (p, data) in &files {
-        assert!(std::fs::read(mnt.join(p)).unwrap() == *data, "{p} differs");
-    }
+    mount_and_check(&d, &format!("{host}/good/app:v1"), &mnt, &files);
     d.umount(&mnt);
 }
 
@@ -192,15 +198,14 @@ async fn one_image_cannot_poison_another_images_cache() {
         "frontend = \"fanotify\"",
     );
     let (ma, mv) = (work.path().join("mnt-a"), work.path().join("mnt-v"));
-    d.mount(&format!("{}/evil/base:claims-victim", evil.host()), &ma);
-    for (p, data) in &attacker_files {
-        assert!(std::fs::read(ma.join(p)).unwrap() == *data, "attacker's {p} differs");
-    }
-    d.mount(&victim, &mv);
-    for (p, data) in &victim_files {
-        let got = std::fs::read(mv.join(p)).unwrap_or_else(|e| panic!("victim's {p}: {e}"));
-        assert!(got == *data, "the victim's {p} holds the attacker's bytes");
-    }
+    mount_and_check(
+        &d,
+        &format!("{}/evil/base:claims-victim", evil.host()),
+        &ma,
+        &attacker_files,
+    );
+    // the victim reads its own bytes, not the attacker's
+    mount_and_check(&d, &victim, &mv, &victim_files);
     assert!(
         honest.counters().blob_bytes(&victim_digest) > 0,
         "the victim's bytes came from its own registry"
@@ -323,10 +328,7 @@ async fn announced_sizes_are_bounded_before_allocating() {
         "daemon RSS grew from {rss_before} to {rss_after} KiB"
     );
     let mnt = work.path().join("mnt-good");
-    d.mount(&format!("{host}/good/app:v1"), &mnt);
-    for (p, data) in &files {
-        assert!(std::fs::read(mnt.join(p)).unwrap() == *data, "{p} differs");
-    }
+    mount_and_check(&d, &format!("{host}/good/app:v1"), &mnt, &files);
     d.umount(&mnt);
 }
 
@@ -346,10 +348,7 @@ async fn cache_and_state_are_unreadable_to_other_users() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let d = DaemonProc::start(&dir, &[&host], "frontend = \"fanotify\"");
     let mnt = work.path().join("mnt");
-    d.mount(&image, &mnt);
-    for (p, data) in &files {
-        assert!(std::fs::read(mnt.join(p)).unwrap() == *data);
-    }
+    mount_and_check(&d, &image, &mnt, &files);
     let mut targets = vec![dir.join("state"), dir.join("cache"), dir.join("cache/blobs")];
     for sub in ["state", "cache"] {
         targets.extend(all_paths(&dir.join(sub)).into_iter().map(Into::into));
