@@ -200,10 +200,9 @@ impl Daemon {
 
     /// Register `reference` if needed and mount it lazily on `target`.
     pub async fn mount(&self, reference: &str, target: &Path, special: mount::SpecialFiles) -> Result<MountInfo> {
-        let target = std::fs::canonicalize(target).with_context(|| format!("mount point {}", target.display()))?;
-        if !target.is_dir() {
-            bail!("mount point {} is not a directory", target.display());
-        }
+        // opened now, mounted on later by fd: the path cannot be swapped during registration
+        let point = mount::MountPoint::open(target)?;
+        let target = point.path().to_path_buf();
         if self.mounts().iter().any(|m| m.target == target) {
             bail!("{} is already a lazyblob mount", target.display());
         }
@@ -214,14 +213,15 @@ impl Daemon {
             .with_context(|| format!("registering {reference}"))?;
         match self.frontend {
             Frontend::Cachefiles => {
-                let (fsid, t) = (image.fsid.clone(), target.clone());
-                tokio::task::spawn_blocking(move || mount::mount_fscache(&fsid, &t, special)).await??;
+                let fsid = image.fsid.clone();
+                tokio::task::spawn_blocking(move || mount::mount_fscache(&fsid, &point, special)).await??;
             }
             Frontend::Fanotify => {
                 let f = self.fanotify.as_ref().context("fanotify frontend missing")?;
                 let devices = f.prepare(&image)?;
-                let (meta, t) = (image.meta_path.clone(), target.clone());
-                tokio::task::spawn_blocking(move || mount::mount_file_backed(&meta, &devices, &t, special)).await??;
+                let meta = image.meta_path.clone();
+                tokio::task::spawn_blocking(move || mount::mount_file_backed(&meta, &devices, &point, special))
+                    .await??;
             }
         }
         let info = MountInfo {

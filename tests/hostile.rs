@@ -431,3 +431,58 @@ async fn host_mounts_ignore_setuid_and_the_admin_socket_checks_its_peers() {
     );
     assert!(d.log().contains("refused a peer"), "the refusal is logged");
 }
+
+/// The mount point is opened when the mount is asked for: a user who swaps a component of
+/// its path for a symlink while the registration waits for the registry does not move the
+/// mount onto the symlink's target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_point_swapped_during_registration_is_not_followed() {
+    use registry_mock::{Fault, FaultRule};
+    require_root();
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let files = mixed_files(71, 4, &[]);
+    image_in(&mock, "swap/app", &files, 1 << 20).await;
+    let work = open_workdir();
+    let d = DaemonProc::start(&work.path().join("d"), &[&host], "frontend = \"fanotify\"");
+    let (user_dir, victim) = (work.path().join("user"), work.path().join("victim"));
+    std::fs::create_dir_all(user_dir.join("mnt")).unwrap();
+    std::fs::create_dir_all(victim.join("mnt")).unwrap();
+    // registration fetches the metadata blob and the chunk table: make it slow
+    mock.set_faults(vec![FaultRule::always(Fault::Latency(
+        std::time::Duration::from_millis(1500),
+    ))]);
+    let mount = std::process::Command::new(common::daemon::binary())
+        .args(["mount", &format!("{host}/swap/app:v1")])
+        .arg(user_dir.join("mnt"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let moved = work.path().join("user.old");
+    std::fs::rename(&user_dir, &moved).unwrap();
+    std::os::unix::fs::symlink(&victim, &user_dir).unwrap();
+    let out = mount.wait_with_output().unwrap();
+    mock.clear_faults();
+    let on_victim = lazyblob::frontend::mount::is_erofs_mount(&victim.join("mnt"));
+    let on_asked = lazyblob::frontend::mount::is_erofs_mount(&moved.join("mnt"));
+    let reads_back = on_asked
+        && files
+            .iter()
+            .all(|(p, data)| std::fs::read(moved.join("mnt").join(p)).is_ok_and(|got| got == *data));
+    // clean up before judging: these mounts are outside the daemon's directory
+    for m in [victim.join("mnt"), moved.join("mnt")] {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    assert!(!on_victim, "the mount followed the swapped-in symlink");
+    assert!(
+        out.status.success(),
+        "mount failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(on_asked, "the mount is not on the directory that was asked for");
+    assert!(reads_back, "the files do not read back through the mount");
+}

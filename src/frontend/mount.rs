@@ -3,10 +3,52 @@
 //! per-mount read-ahead (the one ioctl of this family: `FS_IOC_GETFSSYSFSPATH`).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// A mount point opened once, when the mount is asked for: the mount lands on that directory
+/// whatever happens to the path meanwhile (a registration waits for the network, and a user
+/// who can write a component of the path could swap in a symlink to `/etc`). Opened with
+/// `O_PATH` and `RESOLVE_NO_SYMLINKS` on its canonical path, mounted on through
+/// `/proc/self/fd/N`.
+#[derive(Debug)]
+pub struct MountPoint {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl MountPoint {
+    pub fn open(path: &Path) -> io::Result<MountPoint> {
+        let canonical = std::fs::canonicalize(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("mount point {}: {e}", path.display())))?;
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let fd = openat2(AT_FDCWD, &canonical, how).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!(
+                    "mount point {}: {e} (a directory, reached without symlinks)",
+                    canonical.display()
+                ),
+            )
+        })?;
+        Ok(MountPoint { fd, path: canonical })
+    }
+
+    /// The canonical path it had when opened.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path `mount(2)` is given: the opened directory itself.
+    fn by_fd(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
 
 /// Whether setuid/setgid bits and device nodes of an image take effect on its mount. A
 /// registry's image mounted on the host is `Ignored` (`nosuid,nodev`) unless the user says
@@ -31,18 +73,25 @@ impl SpecialFiles {
 }
 
 /// `mount(2)` of a read-only EROFS; errors name what was mounted where.
-fn mount_erofs(source: &Path, target: &Path, opts: &str, what: &str, special: SpecialFiles) -> io::Result<()> {
-    mount(Some(source), target, Some("erofs"), special.flags(), Some(opts)).map_err(|e| {
+fn mount_erofs(source: &Path, target: &MountPoint, opts: &str, what: &str, special: SpecialFiles) -> io::Result<()> {
+    mount(
+        Some(source),
+        &target.by_fd(),
+        Some("erofs"),
+        special.flags(),
+        Some(opts),
+    )
+    .map_err(|e| {
         io::Error::new(
             io::Error::from(e).kind(),
-            format!("mount erofs {what} on {}: {e}", target.display()),
+            format!("mount erofs {what} on {}: {e}", target.path().display()),
         )
     })
 }
 
 /// Mount an image over fscache: `mount -t erofs none -o fsid=FSID TARGET`. Blocks until the
 /// cachefiles frontend answered the kernel's OPENs.
-pub fn mount_fscache(fsid: &str, target: &Path, special: SpecialFiles) -> io::Result<()> {
+pub fn mount_fscache(fsid: &str, target: &MountPoint, special: SpecialFiles) -> io::Result<()> {
     mount_erofs(
         Path::new("none"),
         target,
@@ -53,7 +102,12 @@ pub fn mount_fscache(fsid: &str, target: &Path, special: SpecialFiles) -> io::Re
 }
 
 /// Mount the metadata blob file-backed with one `device=` per data blob cache file.
-pub fn mount_file_backed(meta: &Path, devices: &[PathBuf], target: &Path, special: SpecialFiles) -> io::Result<()> {
+pub fn mount_file_backed(
+    meta: &Path,
+    devices: &[PathBuf],
+    target: &MountPoint,
+    special: SpecialFiles,
+) -> io::Result<()> {
     let opts: Vec<String> = devices.iter().map(|d| format!("device={}", d.display())).collect();
     let opts = opts.join(",");
     if opts.len() >= 4096 {
