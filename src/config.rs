@@ -169,6 +169,63 @@ pub struct LimitsConfig {
     pub max_chunk_size: u64,
 }
 
+/// One ceiling of [`LimitsConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Manifest,
+    Metadata,
+    Table,
+    ChunkSize,
+}
+
+impl Limit {
+    /// The key under `[registry.limits]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Manifest => "max_manifest_bytes",
+            Limit::Metadata => "max_metadata_bytes",
+            Limit::Table => "max_table_bytes",
+            Limit::ChunkSize => "max_chunk_size",
+        }
+    }
+}
+
+/// A size a registry announced or sent over one of the [`LimitsConfig`] ceilings.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{what} of {size} bytes exceeds registry.limits.{name} ({max} bytes)", name = .limit.name())]
+pub struct TooLarge {
+    pub what: String,
+    pub size: u64,
+    pub limit: Limit,
+    pub max: u64,
+}
+
+impl LimitsConfig {
+    /// The value of one ceiling.
+    pub fn max(&self, limit: Limit) -> u64 {
+        match limit {
+            Limit::Manifest => self.max_manifest_bytes,
+            Limit::Metadata => self.max_metadata_bytes,
+            Limit::Table => self.max_table_bytes,
+            Limit::ChunkSize => self.max_chunk_size,
+        }
+    }
+
+    /// `size` of `what` within `limit`?
+    pub fn check(&self, limit: Limit, what: &str, size: u64) -> Result<(), TooLarge> {
+        let max = self.max(limit);
+        if size > max {
+            return Err(TooLarge {
+                what: what.to_string(),
+                size,
+                limit,
+                max,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {

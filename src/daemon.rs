@@ -168,7 +168,7 @@ impl Daemon {
     /// handed over; otherwise they have no listener and are detached, so they cannot serve
     /// zeros from holes.
     fn recover_mounts(&self, adopted: bool) {
-        let old: Vec<MountInfo> = crate::catalog::state::load_records(&self.mounts_file(), "");
+        let old: Vec<MountInfo> = crate::catalog::state::load_records(&self.mounts_file(), None);
         for m in old {
             if !mount::is_erofs_mount(&m.target) {
                 continue;

@@ -44,6 +44,29 @@ fn open_workdir() -> tempfile::TempDir {
     work
 }
 
+/// The real daemon in `work/d`, a directory every user may traverse (see [`open_workdir`]).
+fn traversable_daemon(work: &Path, hosts: &[&str]) -> DaemonProc {
+    let dir = work.join("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    DaemonProc::start(&dir, hosts, "frontend = \"fanotify\"")
+}
+
+/// Run `program args...` as user and group `uid`, without supplementary groups.
+fn run_as(uid: u32, program: impl AsRef<std::ffi::OsStr>, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--",
+        ])
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// Every path under `dir` (recursively), as strings.
 fn all_paths(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -343,10 +366,8 @@ async fn cache_and_state_are_unreadable_to_other_users() {
     let files = mixed_files(51, 8, &[1]);
     let image = image_in(&mock, "private/app", &files, 1 << 20).await;
     let work = open_workdir();
-    let dir = work.path().join("d");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let d = DaemonProc::start(&dir, &[&host], "frontend = \"fanotify\"");
+    let d = traversable_daemon(work.path(), &[&host]);
+    let dir = d.dir.clone();
     let mnt = work.path().join("mnt");
     mount_and_check(&d, &image, &mnt, &files);
     let mut targets = vec![dir.join("state"), dir.join("cache"), dir.join("cache/blobs")];
@@ -354,24 +375,17 @@ async fn cache_and_state_are_unreadable_to_other_users() {
         targets.extend(all_paths(&dir.join(sub)).into_iter().map(Into::into));
     }
     assert!(targets.len() > 6, "nothing to check: {targets:?}");
-    let as_nobody = |args: &[&str], path: &Path| {
-        std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .args(args)
-            .arg(path)
-            .output()
-            .unwrap()
-    };
+    let as_nobody = |program: &str, path: &Path| run_as(65534, program, &[path.as_os_str()]);
     // the check can fail: the same command reads a world-readable file
     let control = dir.join("control");
     std::fs::write(&control, b"x").unwrap();
     std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert!(
-        as_nobody(&["cat"], &control).status.success(),
+        as_nobody("cat", &control).status.success(),
         "setpriv does not work here"
     );
     for t in &targets {
-        let verb: &[&str] = if t.is_dir() { &["ls"] } else { &["cat"] };
+        let verb = if t.is_dir() { "ls" } else { "cat" };
         let out = as_nobody(verb, t);
         assert!(!out.status.success(), "uid 65534 can read {}", t.display());
     }
@@ -390,10 +404,7 @@ async fn host_mounts_ignore_setuid_and_the_admin_socket_checks_its_peers() {
     let files = mixed_files(61, 4, &[]);
     let image = image_in(&mock, "suid/app", &files, 1 << 20).await;
     let work = open_workdir();
-    let dir = work.path().join("d");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let d = DaemonProc::start(&dir, &[&host], "frontend = \"fanotify\"");
+    let d = traversable_daemon(work.path(), &[&host]);
     let (plain, trusted) = (work.path().join("plain"), work.path().join("trusted"));
     d.mount(&image, &plain);
     std::fs::create_dir_all(&trusted).unwrap();
@@ -409,22 +420,15 @@ async fn host_mounts_ignore_setuid_and_the_admin_socket_checks_its_peers() {
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "admin socket mode");
     std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let status_as = |uid: &str| {
-        std::process::Command::new("setpriv")
-            .args([
-                &format!("--reuid={uid}"),
-                &format!("--regid={uid}"),
-                "--clear-groups",
-                "--",
-            ])
-            .arg(common::daemon::binary())
-            .args(["status", "--socket"])
-            .arg(&d.socket)
-            .output()
-            .unwrap()
+    let status_as = |uid| {
+        run_as(
+            uid,
+            common::daemon::binary(),
+            &["status".as_ref(), "--socket".as_ref(), d.socket.as_os_str()],
+        )
     };
-    assert!(status_as("0").status.success(), "root is refused");
-    let nobody = status_as("65534");
+    assert!(status_as(0).status.success(), "root is refused");
+    let nobody = status_as(65534);
     assert!(
         !nobody.status.success(),
         "uid 65534 got an answer from the admin socket"

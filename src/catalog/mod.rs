@@ -196,34 +196,30 @@ impl Catalog {
     /// Fetch a small blob (metadata, chunk table) whole, verify its digest, keep it under the
     /// state directory; a stored copy is reused after re-verification. Returns the kept file
     /// and the verified bytes.
-    async fn store_blob(&self, blob: &BlobSource) -> Result<(PathBuf, Vec<u8>), CatalogError> {
+    async fn store_blob(&self, blob: &BlobSource) -> Result<(PathBuf, Bytes), CatalogError> {
         if let Some(kept) = self.stored(&blob.digest, blob.size).await {
             return Ok(kept);
         }
-        let data: Bytes = self.registry.fetch_blob(blob).await?;
+        let data = self.registry.fetch_blob(blob).await?;
         let path = self.keep(&blob.digest, &data).await?;
-        Ok((path, data.to_vec()))
+        Ok((path, data))
     }
 
     /// The image manifest a digest reference names, from the copy kept when it was first
     /// registered: a restart needs no registry for the images it already has.
     async fn stored_manifest(&self, r: &oci_client::Reference) -> Option<ResolvedManifest> {
         let digest = Digest::parse(r.digest()?).ok()?;
-        let max = self.registry.limits().max_manifest_bytes;
+        let max = self.registry.limits().max(crate::config::Limit::Manifest);
         let (_, raw) = self.stored(&digest, max).await?;
         match serde_json::from_slice(&raw) {
-            Ok(oci_client::manifest::OciManifest::Image(manifest)) => Some(ResolvedManifest {
-                manifest,
-                digest,
-                raw: Bytes::from(raw),
-            }),
+            Ok(oci_client::manifest::OciManifest::Image(manifest)) => Some(ResolvedManifest { manifest, digest, raw }),
             _ => None,
         }
     }
 
     /// A kept copy of the blob or manifest `digest` (path and bytes) if it is there, at most
     /// `max` bytes and intact.
-    async fn stored(&self, digest: &Digest, max: u64) -> Option<(PathBuf, Vec<u8>)> {
+    async fn stored(&self, digest: &Digest, max: u64) -> Option<(PathBuf, Bytes)> {
         let path = self.kept_path(digest);
         let len = tokio::fs::metadata(&path).await.ok()?.len();
         if len > max {
@@ -232,7 +228,7 @@ impl Catalog {
         }
         let bytes = tokio::fs::read(&path).await.ok()?;
         if digest.matches(&bytes) {
-            return Some((path, bytes));
+            return Some((path, Bytes::from(bytes)));
         }
         tracing::warn!(path = %path.display(), "a kept copy is corrupt; it is fetched again");
         None
@@ -240,9 +236,9 @@ impl Catalog {
 
     /// Keep `data` (verified content of `digest`) under the state directory, root only,
     /// written atomically (unique temporary file, fsync, rename).
-    async fn keep(&self, digest: &Digest, data: &[u8]) -> Result<PathBuf, CatalogError> {
+    async fn keep(&self, digest: &Digest, data: &Bytes) -> Result<PathBuf, CatalogError> {
         let path = self.kept_path(digest);
-        let (p, data) = (path.clone(), data.to_vec());
+        let (p, data) = (path.clone(), data.clone());
         tokio::task::spawn_blocking(move || private_fs::write_atomic(&p, &data))
             .await
             .map_err(std::io::Error::other)

@@ -25,11 +25,11 @@ pub struct Entry {
 /// Largest state file read (a record is about 200 bytes).
 const MAX_STATE_BYTES: u64 = 64 << 20;
 
-/// The records of a state file, as far as they can be read: a missing file is an empty
-/// state; a record that does not parse is skipped; a file that is not a JSON list of records
-/// is moved aside to `<name>.corrupt` (nothing is lost) and counts as empty. Every problem
-/// is logged.
-pub fn load_records<T: serde::de::DeserializeOwned>(path: &Path, list: &str) -> Vec<T> {
+/// The records of a state file, as far as they can be read: the file is a JSON list of
+/// records, or an object holding that list under `field`. A missing file is an empty state;
+/// a record that does not parse is skipped; a file of any other shape is moved aside to
+/// `<name>.corrupt` (nothing is lost) and counts as empty. Every problem is logged.
+pub fn load_records<T: serde::de::DeserializeOwned>(path: &Path, field: Option<&str>) -> Vec<T> {
     let read = std::fs::metadata(path).and_then(|m| {
         if m.len() > MAX_STATE_BYTES {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} bytes", m.len())));
@@ -51,12 +51,12 @@ pub fn load_records<T: serde::de::DeserializeOwned>(path: &Path, list: &str) -> 
             return Vec::new();
         }
     };
-    let records = match value {
-        serde_json::Value::Array(a) if list.is_empty() => a,
-        serde_json::Value::Object(mut o) if !list.is_empty() => match o.remove(list) {
+    let records = match (value, field) {
+        (serde_json::Value::Array(a), None) => a,
+        (serde_json::Value::Object(mut o), Some(field)) => match o.remove(field) {
             Some(serde_json::Value::Array(a)) => a,
             _ => {
-                set_aside(path, &format!("no list {list:?}"));
+                set_aside(path, &format!("no list {field:?}"));
                 return Vec::new();
             }
         },
@@ -94,7 +94,7 @@ fn set_aside(path: &Path, why: &str) {
 /// Load the catalog state (see [`load_records`]).
 pub fn load(path: &Path) -> State {
     State {
-        images: load_records(path, "images"),
+        images: load_records(path, Some("images")),
     }
 }
 

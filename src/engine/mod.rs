@@ -76,12 +76,6 @@ impl BlobKey {
     }
 }
 
-impl std::fmt::Display for BlobKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.hex())
-    }
-}
-
 /// A data blob the engine can serve: where it lives and the digests of its chunks.
 #[derive(Debug)]
 pub struct DataBlob {

@@ -7,8 +7,8 @@ use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-pub use super::digest::{Digest, DigestError};
-use crate::config::LimitsConfig;
+use super::digest::{Digest, DigestError};
+use crate::config::{Limit, LimitsConfig, TooLarge};
 
 /// The EROFS metadata blob (4 KiB blocks, device table naming the data blobs).
 pub const MEDIA_TYPE_META: &str = "application/vnd.lazyblob.meta.v1.erofs";
@@ -36,13 +36,8 @@ pub enum FormatError {
     ChunkTable(String),
     #[error(transparent)]
     Digest(#[from] DigestError),
-    #[error("{what} of {size} bytes exceeds limits.{limit} ({max} bytes)")]
-    TooLarge {
-        what: String,
-        size: u64,
-        limit: &'static str,
-        max: u64,
-    },
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
 }
 
 /// How chunk digests are computed. BLAKE3 is the default for new images: per byte it costs a
@@ -209,12 +204,7 @@ impl ChunkTable {
     /// Parse and validate a table fetched from a registry: every blob digest well formed,
     /// the chunk size a power of two within `limits.max_chunk_size`, one digest per chunk.
     pub fn parse_within(bytes: &[u8], limits: &LimitsConfig) -> Result<ChunkTable, FormatError> {
-        limits.check(
-            "chunk table",
-            bytes.len() as u64,
-            "max_table_bytes",
-            limits.max_table_bytes,
-        )?;
+        limits.check(Limit::Table, "chunk table", bytes.len() as u64)?;
         let t: ChunkTable = serde_json::from_slice(bytes).map_err(|e| FormatError::ChunkTable(e.to_string()))?;
         if t.version != 1 {
             return Err(FormatError::ChunkTable(format!("unsupported version {}", t.version)));
@@ -222,7 +212,7 @@ impl ChunkTable {
         if t.chunk_size < MIN_CHUNK_SIZE || !t.chunk_size.is_power_of_two() {
             return Err(FormatError::ChunkTable(format!("chunk size {} invalid", t.chunk_size)));
         }
-        limits.check("chunk size", t.chunk_size, "max_chunk_size", limits.max_chunk_size)?;
+        limits.check(Limit::ChunkSize, "chunk size", t.chunk_size)?;
         for b in &t.blobs {
             b.digests(t.chunk_size)?;
         }
@@ -231,21 +221,6 @@ impl ChunkTable {
 
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
-    }
-}
-
-impl LimitsConfig {
-    /// `size` of `what` within `max` (named `limit` in errors)?
-    pub fn check(&self, what: &str, size: u64, limit: &'static str, max: u64) -> Result<(), FormatError> {
-        if size > max {
-            return Err(FormatError::TooLarge {
-                what: what.to_string(),
-                size,
-                limit,
-                max,
-            });
-        }
-        Ok(())
     }
 }
 
@@ -308,13 +283,8 @@ impl LazyManifest {
         }
         let meta = meta.ok_or_else(|| FormatError::NotLazyblob("no metadata blob".into()))?;
         let table = table.ok_or_else(|| FormatError::NotLazyblob("no chunk table".into()))?;
-        limits.check(
-            "metadata blob",
-            meta.size,
-            "max_metadata_bytes",
-            limits.max_metadata_bytes,
-        )?;
-        limits.check("chunk table", table.size, "max_table_bytes", limits.max_table_bytes)?;
+        limits.check(Limit::Metadata, "metadata blob", meta.size)?;
+        limits.check(Limit::Table, "chunk table", table.size)?;
         Ok(LazyManifest { meta, table, data })
     }
 }

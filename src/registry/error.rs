@@ -27,8 +27,8 @@ pub enum RegistryError {
     },
     #[error("bad manifest: {0}")]
     Manifest(String),
-    #[error("{what} of {size} bytes exceeds registry.limits ({max} bytes)")]
-    TooLarge { what: String, size: u64, max: u64 },
+    #[error(transparent)]
+    TooLarge(#[from] crate::config::TooLarge),
     #[error("credentials: {0}")]
     Credentials(String),
     #[error("gave up after {attempts} attempts in {elapsed:?}: {last}")]

@@ -22,7 +22,6 @@ use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientC
 use oci_client::manifest::{OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
-use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::image::digest::Digest;
@@ -31,7 +30,7 @@ pub use error::RegistryError;
 use platform::Platform;
 use retry::RetryPolicy;
 
-use crate::config::RegistryConfig;
+use crate::config::{Limit, RegistryConfig};
 
 /// Media types accepted when resolving a reference.
 pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
@@ -189,20 +188,15 @@ impl Registry {
             .map(Digest::parse)
             .transpose()
             .map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
-        let max = self.cfg.limits.max_manifest_bytes;
         let (raw, digest) = self
             .with_endpoints(reference, "manifest", 0, |ep, auth| async move {
                 let (raw, digest) = self.client.pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES).await?;
                 Ok((raw, digest))
             })
             .await?;
-        if raw.len() as u64 > max {
-            return Err(RegistryError::TooLarge {
-                what: format!("manifest {reference}"),
-                size: raw.len() as u64,
-                max,
-            });
-        }
+        self.cfg
+            .limits
+            .check(Limit::Manifest, &format!("manifest {reference}"), raw.len() as u64)?;
         // oci-client checks a digest reference; check it again so a mirror cannot lie.
         let actual = Digest::of(&raw);
         if let Some(want) = want {
@@ -508,9 +502,9 @@ fn retarget(r: &Reference, host: &str) -> Reference {
     }
 }
 
-/// `sha256:<hex>` of some bytes.
+/// `sha256:<hex>` of some bytes, as a string (see [`Digest::of`]).
 pub fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    Digest::of(data).to_string()
 }
 
 /// Parse an image reference (`host[:port]/repo[:tag|@digest]`).
