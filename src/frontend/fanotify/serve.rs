@@ -1,13 +1,14 @@
 //! The fanotify frontend's event loop: every `FAN_PRE_ACCESS` event names a range of a data
 //! blob's sparse cache file; missing chunks are fetched through the blob engine (verified),
 //! written through the event's fd, and the read is allowed. A failed fetch denies the read
-//! with `EIO`: a reader never gets a hole's zeros.
+//! with `EIO`: a reader never gets a hole's zeros. Writing into cache files lives in `store`,
+//! read-ahead and the background fill in `ahead`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,10 @@ use crate::catalog::Image;
 use crate::engine::chunks::{consecutive, ChunkGeometry};
 use crate::engine::{DataBlob, Engine};
 use crate::lock::lock;
+use ahead::Ahead;
+
+mod ahead;
+mod store;
 
 /// Largest part of a unit a reader waits for that is written without the blocking pool.
 const INLINE_WRITE_MAX: usize = 128 << 10;
@@ -63,15 +68,6 @@ struct CachedBlob {
     filling: AtomicBool,
     /// Every chunk is on disk and the mark is gone.
     complete: AtomicBool,
-}
-
-/// Read-ahead state: the last chunk a reader missed, the window (0: not sequential), and the
-/// chunk the scheduled read-ahead reaches (exclusive).
-#[derive(Debug, Default)]
-struct Ahead {
-    last_miss: Option<u64>,
-    window: u64,
-    until: u64,
 }
 
 impl CachedBlob {
@@ -286,79 +282,6 @@ impl FanotifyFrontend {
         }
     }
 
-    /// Once a blob in use has been quiet for `fill_after`, fetch what it still misses, one
-    /// merged run at a time, pausing whenever a reader misses; when it is complete its
-    /// events stop, so reads of it cost what a local file costs.
-    fn start_background_fill(self: &Arc<Self>, cached: &Arc<CachedBlob>) {
-        let Some(quiet) = self.fill_after else {
-            return;
-        };
-        if cached.complete.load(Relaxed) || cached.filling.swap(true, Relaxed) {
-            return;
-        }
-        let (me, cached) = (Arc::clone(self), Arc::clone(cached));
-        let span = tracing::info_span!("background_fill", blob = %cached.blob.source.digest);
-        tokio::spawn(
-            async move {
-                let unit = cached.blob.table_chunk;
-                let per_run = (me.engine.merge_max() / unit).max(1);
-                let n_chunks = cached.n_chunks();
-                let (mut failures, mut cursor) = (0u32, 0u64);
-                loop {
-                    let idle = lock(&cached.last_miss).elapsed();
-                    if idle < quiet {
-                        tokio::time::sleep(quiet - idle).await;
-                        continue;
-                    }
-                    let Ok(slot) = me.fill_slot.acquire().await else {
-                        break;
-                    };
-                    let Some(via) = lock(&cached.writer).clone() else {
-                        break;
-                    };
-                    // the next run of chunks neither verified nor on disk from an earlier run
-                    let mut run: Option<std::ops::Range<u64>> = None;
-                    while cursor < n_chunks && run.as_ref().is_none_or(|r| r.end - r.start < per_run) {
-                        match me.present(&cached, &via, cursor) {
-                            Ok(true) if run.is_none() => {}
-                            Ok(true) => break,
-                            Ok(false) => run.get_or_insert(cursor..cursor).end = cursor + 1,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "background fill: cache file unreadable");
-                                break;
-                            }
-                        }
-                        cursor += 1;
-                    }
-                    let Some(run) = run else {
-                        break;
-                    };
-                    let (s, e) = (run.start * unit, (run.end * unit).min(cached.blob.source.size));
-                    let fetched = me.fetch_and_store(&cached, s, e, via, None).await;
-                    drop(slot); // not held while backing off: other blobs may fill meanwhile
-                    match fetched {
-                        Ok(n) => {
-                            failures = 0;
-                            me.stats.chunks_background.fetch_add(n, Relaxed);
-                        }
-                        Err(err) => {
-                            failures += 1;
-                            cursor = run.start;
-                            tracing::warn!(error = %err, failures, "background fill failed; readers still fetch on demand");
-                            if failures >= 5 {
-                                break;
-                            }
-                            tokio::time::sleep(quiet * failures).await;
-                        }
-                    }
-                }
-                me.unmark_if_complete(&cached);
-                cached.filling.store(false, Relaxed);
-            }
-            .instrument(span),
-        );
-    }
-
     /// Fetch `[s, e)` of a blob and write each unit as soon as it is verified; returns
     /// chunks written. A unit that `urgent` (a reader's range) covers only in part gets that
     /// part written first and the whole unit written in the background, so a small random
@@ -415,73 +338,6 @@ impl FanotifyFrontend {
             self.advance_read_ahead(cached, chunks.end - 1);
         }
         ok
-    }
-
-    /// Sequential readers: after a miss right behind the previous one, fetch the next chunks
-    /// in the background with a window that doubles up to the maximum.
-    fn read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, first_missing: u64, last_missing: u64) {
-        if self.read_ahead_max == 0 {
-            return;
-        }
-        let max = (self.read_ahead_max / cached.blob.table_chunk).max(2);
-        let (from, to) = {
-            let mut a = lock(&cached.ahead);
-            let sequential = first_missing > 0 && a.last_miss.is_some_and(|l| first_missing <= l.max(a.until) + 1);
-            a.window = if sequential { (a.window * 2).clamp(2, max) } else { 0 };
-            a.last_miss = Some(last_missing);
-            if a.window == 0 {
-                return;
-            }
-            a.until = last_missing + 1 + a.window;
-            (last_missing + 1, a.until)
-        };
-        self.prefetch(cached, from, to);
-    }
-
-    /// A reader inside the prefetched window: once it passes the middle, schedule the next
-    /// window, so a sequential reader never waits for a cold chunk (the fast path calls this).
-    fn advance_read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, last_chunk: u64) {
-        let (from, to) = {
-            let mut a = lock(&cached.ahead);
-            if a.window == 0 || last_chunk + a.window / 2 < a.until {
-                return;
-            }
-            let from = a.until;
-            a.until += a.window;
-            (from, a.until)
-        };
-        self.prefetch(cached, from, to);
-    }
-
-    /// Fetch chunks `[from, to)` that are not cached yet and write them with our own handle;
-    /// one task per merged range, so each is written as soon as it arrives.
-    fn prefetch(self: &Arc<Self>, cached: &Arc<CachedBlob>, from: u64, to: u64) {
-        let unit = cached.blob.table_chunk;
-        let n_chunks = cached.n_chunks();
-        let todo: Vec<u64> = {
-            let v = lock(&cached.verified);
-            (from..to.min(n_chunks)).filter(|c| !v.contains(c)).collect()
-        };
-        let Some(via) = lock(&cached.writer).clone() else {
-            return;
-        };
-        for run in consecutive(&todo, u64::MAX) {
-            let s = run.start * unit;
-            let e = (run.end * unit).min(cached.blob.source.size);
-            let pending = match self.engine.fetch(&cached.blob, s, e - s) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::debug!(error = %e, "read-ahead not started");
-                    return;
-                }
-            };
-            // one task per unit: each is written the moment it is verified
-            for p in pending {
-                let engine = Arc::clone(&self.engine);
-                let piece = async move { p.wait(&engine).await.map_err(|e| io::Error::other(e.to_string())) };
-                self.store_later(cached, &via, piece, |s| &s.chunks_prefetched);
-            }
-        }
     }
 
     /// On its own task: await `piece`, store it, count its chunks in `counter`. A failure
@@ -588,94 +444,5 @@ impl FanotifyFrontend {
         }
         self.unmark_if_complete(&cached);
         Ok(written)
-    }
-
-    /// Write a verified piece unless every one of its chunks is cached already, and mark
-    /// them; returns chunks written. A unit may span several table chunks of which only some
-    /// are on disk (a reader's part written first, a crash between writes): one missing
-    /// chunk is enough to write the whole piece.
-    async fn store(&self, cached: &Arc<CachedBlob>, piece: crate::engine::Piece, via: Arc<File>) -> io::Result<u64> {
-        if cached.all_marked(piece.offset, piece.data.len() as u64) {
-            return Ok(0); // written by another reader of the same unit
-        }
-        self.write(cached, piece.data, piece.offset, via, true).await
-    }
-
-    /// Write the verified part of a unit that a reader waits for. A small part (a random
-    /// read's few pages) is written from this task: a page-cache write of that size costs less
-    /// than the trip to the blocking pool and back. No lock: a concurrent writer of the same
-    /// range writes the same verified bytes.
-    async fn write_urgent(
-        &self,
-        cached: &Arc<CachedBlob>,
-        part: bytes::Bytes,
-        at: u64,
-        via: Arc<File>,
-    ) -> io::Result<()> {
-        if part.len() <= INLINE_WRITE_MAX {
-            return via.write_all_at(&part, at);
-        }
-        self.write(cached, part, at, via, false).await.map(|_| ())
-    }
-
-    /// Write verified bytes at `at` through `via` (a non-notifying event fd), on the blocking
-    /// pool so the event loop keeps dispatching, one writer per file at a time (writers sleep
-    /// instead of spinning on the inode lock). With `mark`, `data` is whole chunks: skipped if
-    /// they are cached already, else marked once written; returns chunks written. Without,
-    /// `data` is part of a chunk, which stays unmarked until the whole of it is written.
-    async fn write(
-        &self,
-        cached: &Arc<CachedBlob>,
-        data: bytes::Bytes,
-        at: u64,
-        via: Arc<File>,
-        mark: bool,
-    ) -> io::Result<u64> {
-        let c = Arc::clone(cached);
-        tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let unit = c.blob.table_chunk;
-            let c0 = at / unit;
-            let _one_writer = lock(&c.write_lock);
-            if mark && c.all_marked(at, data.len() as u64) {
-                return Ok(0);
-            }
-            via.write_all_at(&data, at)?;
-            if !mark {
-                return Ok(0);
-            }
-            let n = (data.len() as u64).div_ceil(unit);
-            lock(&c.verified).extend(c0..c0 + n);
-            Ok(n)
-        })
-        .await
-        .map_err(io::Error::other)?
-    }
-
-    /// Whether chunk `c` is cached and verified: known from this run, or found on disk and
-    /// matching the table (then remembered). `file` is a non-notifying event fd.
-    fn present(&self, cached: &CachedBlob, file: &File, c: u64) -> io::Result<bool> {
-        if lock(&cached.verified).contains(&c) {
-            return Ok(true);
-        }
-        let unit = cached.blob.table_chunk;
-        let (s, e) = (c * unit, ((c + 1) * unit).min(cached.blob.source.size));
-        if cache::is_data(file, s, e)? && self.verify_on_disk(cached, file, c, s, e)? {
-            self.stats.chunks_present.fetch_add(1, Relaxed);
-            lock(&cached.verified).insert(c);
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
-    /// A chunk found on disk (from an earlier run) is trusted only if it matches the table.
-    /// Read through the event fd, which raises no further events.
-    fn verify_on_disk(&self, cached: &CachedBlob, file: &File, c: u64, s: u64, e: u64) -> io::Result<bool> {
-        let mut buf = vec![0u8; (e - s) as usize];
-        file.read_exact_at(&mut buf, s)?;
-        let ok = cached.blob.verify(s, &buf).is_ok();
-        if !ok {
-            tracing::warn!(path = %cached.path.display(), chunk = c, "cached chunk does not match its digest: fetching it again");
-        }
-        Ok(ok)
     }
 }

@@ -1,0 +1,108 @@
+//! Writing verified bytes into a blob's cache file and knowing which chunks are there:
+//! whole units marked once written, a reader's part first, chunks found on disk from an
+//! earlier run verified before they are trusted.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use super::{cache, CachedBlob, FanotifyFrontend, INLINE_WRITE_MAX};
+use crate::lock::lock;
+
+impl FanotifyFrontend {
+    /// Write a verified piece unless every one of its chunks is cached already, and mark
+    /// them; returns chunks written. A unit may span several table chunks of which only some
+    /// are on disk (a reader's part written first, a crash between writes): one missing
+    /// chunk is enough to write the whole piece.
+    pub(super) async fn store(
+        &self,
+        cached: &Arc<CachedBlob>,
+        piece: crate::engine::Piece,
+        via: Arc<File>,
+    ) -> io::Result<u64> {
+        if cached.all_marked(piece.offset, piece.data.len() as u64) {
+            return Ok(0); // written by another reader of the same unit
+        }
+        self.write(cached, piece.data, piece.offset, via, true).await
+    }
+
+    /// Write the verified part of a unit that a reader waits for. A small part (a random
+    /// read's few pages) is written from this task: a page-cache write of that size costs less
+    /// than the trip to the blocking pool and back. No lock: a concurrent writer of the same
+    /// range writes the same verified bytes.
+    pub(super) async fn write_urgent(
+        &self,
+        cached: &Arc<CachedBlob>,
+        part: bytes::Bytes,
+        at: u64,
+        via: Arc<File>,
+    ) -> io::Result<()> {
+        if part.len() <= INLINE_WRITE_MAX {
+            return via.write_all_at(&part, at);
+        }
+        self.write(cached, part, at, via, false).await.map(|_| ())
+    }
+
+    /// Write verified bytes at `at` through `via` (a non-notifying event fd), on the blocking
+    /// pool so the event loop keeps dispatching, one writer per file at a time (writers sleep
+    /// instead of spinning on the inode lock). With `mark`, `data` is whole chunks: skipped if
+    /// they are cached already, else marked once written; returns chunks written. Without,
+    /// `data` is part of a chunk, which stays unmarked until the whole of it is written.
+    pub(super) async fn write(
+        &self,
+        cached: &Arc<CachedBlob>,
+        data: bytes::Bytes,
+        at: u64,
+        via: Arc<File>,
+        mark: bool,
+    ) -> io::Result<u64> {
+        let c = Arc::clone(cached);
+        tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let unit = c.blob.table_chunk;
+            let c0 = at / unit;
+            let _one_writer = lock(&c.write_lock);
+            if mark && c.all_marked(at, data.len() as u64) {
+                return Ok(0);
+            }
+            via.write_all_at(&data, at)?;
+            if !mark {
+                return Ok(0);
+            }
+            let n = (data.len() as u64).div_ceil(unit);
+            lock(&c.verified).extend(c0..c0 + n);
+            Ok(n)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Whether chunk `c` is cached and verified: known from this run, or found on disk and
+    /// matching the table (then remembered). `file` is a non-notifying event fd.
+    pub(super) fn present(&self, cached: &CachedBlob, file: &File, c: u64) -> io::Result<bool> {
+        if lock(&cached.verified).contains(&c) {
+            return Ok(true);
+        }
+        let unit = cached.blob.table_chunk;
+        let (s, e) = (c * unit, ((c + 1) * unit).min(cached.blob.source.size));
+        if cache::is_data(file, s, e)? && self.verify_on_disk(cached, file, c, s, e)? {
+            self.stats.chunks_present.fetch_add(1, Relaxed);
+            lock(&cached.verified).insert(c);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A chunk found on disk (from an earlier run) is trusted only if it matches the table.
+    /// Read through the event fd, which raises no further events.
+    pub(super) fn verify_on_disk(&self, cached: &CachedBlob, file: &File, c: u64, s: u64, e: u64) -> io::Result<bool> {
+        let mut buf = vec![0u8; (e - s) as usize];
+        file.read_exact_at(&mut buf, s)?;
+        let ok = cached.blob.verify(s, &buf).is_ok();
+        if !ok {
+            tracing::warn!(path = %cached.path.display(), chunk = c, "cached chunk does not match its digest: fetching it again");
+        }
+        Ok(ok)
+    }
+}
