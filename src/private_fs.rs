@@ -40,11 +40,6 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Make an existing file `0600`.
-pub fn private_file(path: &Path) -> io::Result<()> {
-    fs::set_permissions(path, fs::Permissions::from_mode(FILE_MODE))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

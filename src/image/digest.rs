@@ -113,18 +113,6 @@ impl AsRef<str> for Digest {
     }
 }
 
-impl PartialEq<str> for Digest {
-    fn eq(&self, other: &str) -> bool {
-        self.0 == other
-    }
-}
-
-impl PartialEq<&str> for Digest {
-    fn eq(&self, other: &&str) -> bool {
-        self.0 == *other
-    }
-}
-
 impl PartialEq<String> for Digest {
     fn eq(&self, other: &String) -> bool {
         &self.0 == other
