@@ -90,6 +90,14 @@ pub struct EngineConfig {
     pub inflight_capacity: usize,
     /// Concurrent range requests per registry host.
     pub max_concurrent_fetches: usize,
+    /// Kernel read requests (fanotify events, cachefiles READs) served at once. More wait in
+    /// the kernel's queue, their readers blocked, until a slot frees: nothing is dropped, and
+    /// the daemon's tasks, fds and buffers stay bounded however many readers arrive.
+    pub max_reads_in_flight: usize,
+    /// A chunk whose fetch failed fails at once for this long (0: never). Readers of one
+    /// page queue behind each other in the kernel, one request at a time; without the hold,
+    /// a stalled registry costs each of them a whole fetch deadline in turn.
+    pub failed_fetch_hold_ms: u64,
     /// Read-ahead for sequential readers: the largest window in bytes (0 disables it). In
     /// bytes, not chunks, so images with small chunks still fetch in large runs.
     pub read_ahead_max: u64,
@@ -114,6 +122,8 @@ impl Default for EngineConfig {
             merge_max: 32 << 20,
             inflight_capacity: 8,
             max_concurrent_fetches: 8,
+            max_reads_in_flight: 1024,
+            failed_fetch_hold_ms: 1000,
             read_ahead_max: 64 << 20,
             read_ahead_kb: 4096,
             fill_after_idle_ms: 1000,
@@ -335,9 +345,10 @@ impl Config {
                 "engine.merge_max must be >= engine.chunk_size".into(),
             ));
         }
-        if e.inflight_capacity == 0 || e.max_concurrent_fetches == 0 {
+        if e.inflight_capacity == 0 || e.max_concurrent_fetches == 0 || e.max_reads_in_flight == 0 {
             return Err(ConfigError::Invalid(
-                "engine.inflight_capacity and engine.max_concurrent_fetches must be > 0".into(),
+                "engine.inflight_capacity, engine.max_concurrent_fetches and engine.max_reads_in_flight must be > 0"
+                    .into(),
             ));
         }
         let r = &self.registry;

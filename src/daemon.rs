@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::frontend::admission::Admission;
 use crate::frontend::fanotify::{cache, guard, FanotifyFrontend};
 use crate::frontend::{self, cachefiles::Cachefiles, mount, Frontend, KernelFacts};
 use crate::registry::Registry;
@@ -88,6 +89,7 @@ impl Daemon {
                     &config.daemon.tag,
                     Arc::clone(&catalog),
                     Arc::clone(&engine),
+                    Admission::new(config.engine.max_reads_in_flight),
                 )
                 .context("binding the cachefiles on-demand cache")?;
                 loops.push(tokio::spawn(Arc::clone(&c).run(stop_rx.clone())));
@@ -110,6 +112,7 @@ impl Daemon {
                     (config.engine.fill_after_idle_ms > 0)
                         .then(|| std::time::Duration::from_millis(config.engine.fill_after_idle_ms)),
                     config.engine.pin_metadata,
+                    Admission::new(config.engine.max_reads_in_flight),
                 )
                 .context("creating the fanotify pre-content group")?;
                 loops.push(tokio::spawn(Arc::clone(&f).run(stop_rx.clone())));
@@ -133,7 +136,7 @@ impl Daemon {
             stop,
             loops: Mutex::new(loops),
         });
-        daemon.recover_mounts(adopted);
+        daemon.recover_mounts(adopted).await;
         if let Some(f) = &daemon.fanotify {
             let (f, weak, mut stop) = (Arc::clone(f), Arc::downgrade(&daemon), daemon.stop.subscribe());
             tokio::spawn(async move {
@@ -143,7 +146,7 @@ impl Daemon {
                         _ = stop.changed() => return,
                     }
                     match weak.upgrade() {
-                        Some(d) => d.settle_read_ahead(),
+                        Some(d) => d.settle_read_ahead().await,
                         None => return,
                     }
                 }
@@ -156,10 +159,15 @@ impl Daemon {
         self.config.daemon.state_dir.join("mounts.json")
     }
 
-    fn persist_mounts(&self) {
+    /// Write the mount table durably (on the blocking pool: it fsyncs).
+    async fn persist_mounts(&self) {
         let body = serde_json::to_vec_pretty(&self.mounts()).unwrap_or_default();
         let path = self.mounts_file();
-        if let Err(e) = crate::private_fs::write_atomic(&path, &body) {
+        let p = path.clone();
+        let written = tokio::task::spawn_blocking(move || crate::private_fs::write_atomic(&p, &body))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = written {
             tracing::error!(error = %e, path = %path.display(), "could not persist the mount table");
         }
     }
@@ -167,7 +175,7 @@ impl Daemon {
     /// Mounts of a previous daemon: resume them when its fanotify group (with the marks) was
     /// handed over; otherwise they have no listener and are detached, so they cannot serve
     /// zeros from holes.
-    fn recover_mounts(&self, adopted: bool) {
+    async fn recover_mounts(&self, adopted: bool) {
         let old: Vec<MountInfo> = crate::catalog::state::load_records(&self.mounts_file(), None);
         for m in old {
             if !mount::is_erofs_mount(&m.target) {
@@ -190,7 +198,7 @@ impl Daemon {
                 }
             }
         }
-        self.persist_mounts();
+        self.persist_mounts().await;
     }
 
     /// Mounts made by this daemon.
@@ -218,7 +226,9 @@ impl Daemon {
             }
             Frontend::Fanotify => {
                 let f = self.fanotify.as_ref().context("fanotify frontend missing")?;
-                let devices = f.prepare(&image)?;
+                // creating files, marking them and `mlock`ing the metadata block: blocking pool
+                let (f, img) = (Arc::clone(f), Arc::clone(&image));
+                let devices = tokio::task::spawn_blocking(move || f.prepare(&img)).await??;
                 let meta = image.meta_path.clone();
                 tokio::task::spawn_blocking(move || mount::mount_file_backed(&meta, &devices, &point, special))
                     .await??;
@@ -233,9 +243,9 @@ impl Daemon {
             special_files: special,
         };
         self.mounts.lock().unwrap_or_else(|p| p.into_inner()).push(info.clone());
-        self.persist_mounts();
+        self.persist_mounts().await;
         // an image whose blobs are all complete already (mounted before) raises no completion
-        self.settle_read_ahead();
+        self.settle_read_ahead().await;
         tracing::info!(reference, target = %info.target.display(), fsid = %info.fsid, "mounted");
         Ok(info)
     }
@@ -259,7 +269,7 @@ impl Daemon {
     }
 
     /// Put back the own read-ahead of mounts whose image is now complete in the cache.
-    fn settle_read_ahead(&self) {
+    async fn settle_read_ahead(&self) {
         let Some(f) = &self.fanotify else {
             return;
         };
@@ -283,7 +293,7 @@ impl Daemon {
             changed = true;
         }
         if changed {
-            self.persist_mounts();
+            self.persist_mounts().await;
         }
     }
 
@@ -299,9 +309,9 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|m| m.target != target);
-        self.persist_mounts();
+        self.persist_mounts().await;
         self.unpin_unused();
-        self.evict();
+        self.evict().await;
         Ok(())
     }
 
@@ -320,7 +330,7 @@ impl Daemon {
     }
 
     /// Apply the cache limit: drop blobs of images no mount uses.
-    fn evict(&self) {
+    async fn evict(&self) {
         let limit = self.config.daemon.cache_limit_bytes;
         if limit == 0 || self.fanotify.is_none() {
             return;
@@ -335,7 +345,11 @@ impl Daemon {
                     .collect::<Vec<_>>()
             })
             .collect();
-        if let Err(e) = cache::evict(&self.config.daemon.cache_dir, limit, &keep) {
+        let dir = self.config.daemon.cache_dir.clone();
+        let evicted = tokio::task::spawn_blocking(move || cache::evict(&dir, limit, &keep))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = evicted {
             tracing::warn!(error = %e, "cache eviction failed");
         }
     }
@@ -365,7 +379,7 @@ impl Daemon {
             }
         }
         self.mounts.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.persist_mounts();
+        self.persist_mounts().await;
         // nothing is mounted any more: the guard can go without taking over
         if let Some(g) = self.guard.lock().unwrap_or_else(|p| p.into_inner()).take() {
             g.release();

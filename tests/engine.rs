@@ -118,6 +118,8 @@ async fn corrupted_chunks_fail_then_succeed_after_the_fault_clears() {
     let err = f.engine.read(&f.blob, 0, 100).await.unwrap_err().to_string();
     assert!(err.contains("digest mismatch"), "{err}");
     f.mock.clear_faults();
+    // past the hold of failed fetches (see a_failed_fetch_is_held_briefly_then_retried)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let pieces = f.engine.read(&f.blob, 0, 100).await.unwrap();
     assert_eq!(assemble(&pieces, 0, 100), f.data[..100]);
 }
@@ -198,4 +200,29 @@ async fn a_restart_restores_images_without_the_registry() {
     std::fs::write(&kept, raw).unwrap();
     let failed = Catalog::new(offline, state.path()).restore().await;
     assert_eq!(failed.len(), 1, "a corrupt kept manifest must not be trusted");
+}
+
+/// A failed fetch is held for `failed_fetch_hold_ms`: reads of its chunk in that time fail
+/// at once without another request (readers queued behind a stall do not each wait a
+/// deadline); after it, a read fetches again and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fetch_is_held_briefly_then_retried() {
+    let f = fixture(4 << 20, 300).await;
+    f.mock.set_faults(vec![FaultRule::always(Fault::Status(404))]);
+    let err = f.engine.read(&f.blob, 1 << 20, 4096).await.unwrap_err();
+    let requests = f.mock.counters().blob_hits.len();
+    assert!(requests >= 1, "{err}");
+    f.mock.clear_faults();
+    let t0 = Instant::now();
+    let held = f.engine.read(&f.blob, (1 << 20) + 8192, 4096).await.unwrap_err();
+    assert!(t0.elapsed() < Duration::from_millis(100), "a held failure waited");
+    assert_eq!(held.to_string(), err.to_string());
+    assert_eq!(
+        f.mock.counters().blob_hits.len(),
+        requests,
+        "a held failure made a request"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let pieces = f.engine.read(&f.blob, 1 << 20, 4096).await.unwrap();
+    assert_eq!(assemble(&pieces, 1 << 20, 4096), f.data[1 << 20..(1 << 20) + 4096]);
 }

@@ -267,6 +267,7 @@ F=$(reg test/corrupt:v1) && mkdir -p /mnt/corrupt && mount -t erofs none -o fsid
 cat /mnt/corrupt/b1.bin >/dev/null 2>/tmp/ec; rc=$?
 [ $rc != 0 ] && grep -qiE "I/O error|Input/output error" /tmp/ec; check corrupt-chunk-eio $? "rc=$rc $(cat /tmp/ec)"
 wget -q -O /dev/null http://$R/-/clear-faults; check clear-faults $?
+sleep 1.2 # past the daemon's hold of failed fetches (engine.failed_fetch_hold_ms)
 s=$(sha256sum /mnt/corrupt/b1.bin | cut -d' ' -f1); [ "$s" = "{c1}" ]; check corrupt-then-cleared $? "$s"
 
 $LB umount --socket $SOCK /mnt/full && umount /mnt/lazy /mnt/conc /mnt/fault /mnt/conv /mnt/corrupt; check umount-all $?

@@ -51,8 +51,12 @@ pub async fn serve(
     .await
 }
 
-async fn status(State(d): State<Arc<Daemon>>) -> Json<Status> {
-    Json(snapshot(&d))
+async fn status(State(d): State<Arc<Daemon>>) -> ApiResult<Status> {
+    // the cache size is a directory scan: on the blocking pool
+    tokio::task::spawn_blocking(move || snapshot(&d))
+        .await
+        .map(Json)
+        .map_err(|e| failed(anyhow::anyhow!("status: {e}")))
 }
 
 /// The daemon's state as `status` reports it.

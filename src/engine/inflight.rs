@@ -3,13 +3,16 @@
 //! A fetch in flight is a shared future in `running`: every reader of that chunk awaits the
 //! same registry request. When it completes, the entry moves to `recent`, an LRU bounded in
 //! entries (so in chunks of memory), which covers readers arriving just after completion,
-//! before the frontend has written the chunk into its cache. Failed fetches are forgotten so
-//! the next read tries again. The memory of fetched data is thus bounded by what is in flight
-//! plus `recent`'s capacity.
+//! before the frontend has written the chunk into its cache. A failed fetch is held in
+//! `failed` for a short time (`failed_fetch_hold_ms`): readers that were queued behind it
+//! (the kernel makes readers of one page wait for each other, one request at a time) get its
+//! error at once instead of one deadline each; after that the next read tries again. The
+//! memory of fetched data is thus bounded by what is in flight plus `recent`'s capacity.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, Shared};
@@ -41,19 +44,40 @@ impl ChunkKey {
 pub struct State {
     pub running: HashMap<ChunkKey, ChunkFuture>,
     pub recent: LruCache<ChunkKey, Bytes>,
+    /// Fetches that failed lately: when, and why.
+    failed: LruCache<ChunkKey, (Instant, EngineError)>,
+    hold: Duration,
 }
+
+impl State {
+    /// The error of a fetch of `key` that failed less than the hold time ago.
+    pub fn recent_failure(&mut self, key: &ChunkKey) -> Option<EngineError> {
+        let (at, err) = self.failed.get(key)?;
+        if at.elapsed() < self.hold {
+            return Some(err.clone());
+        }
+        self.failed.pop(key);
+        None
+    }
+}
+
+/// Failed fetches remembered at most (older ones are forgotten first).
+const FAILED_CAPACITY: usize = 4096;
 
 pub struct Inflight {
     state: Mutex<State>,
 }
 
 impl Inflight {
-    /// `recent` holds at most `recent_capacity` completed chunks.
-    pub fn new(recent_capacity: usize) -> Inflight {
+    /// `recent` holds at most `recent_capacity` completed chunks; a failure is held for `hold`.
+    pub fn new(recent_capacity: usize, hold: Duration) -> Inflight {
+        let cap = |n: usize| NonZeroUsize::new(n.max(1)).unwrap_or(NonZeroUsize::MIN);
         Inflight {
             state: Mutex::new(State {
                 running: HashMap::new(),
-                recent: LruCache::new(NonZeroUsize::new(recent_capacity.max(1)).unwrap_or(NonZeroUsize::MIN)),
+                recent: LruCache::new(cap(recent_capacity)),
+                failed: LruCache::new(cap(FAILED_CAPACITY)),
+                hold,
             }),
         }
     }
@@ -82,11 +106,15 @@ impl Inflight {
         }
     }
 
-    /// `fut` failed: forget it so the next read starts a new fetch.
-    pub fn remove_if_same(&self, key: &ChunkKey, fut: &ChunkFuture) {
+    /// `fut` failed with `err`: hold the failure (see the module comment), then a read
+    /// starts a new fetch.
+    pub fn fail(&self, key: &ChunkKey, fut: &ChunkFuture, err: &EngineError) {
         let mut st = self.lock();
         if st.running.get(key).is_some_and(|f| f.ptr_eq(fut)) {
             st.running.remove(key);
+            if !st.hold.is_zero() {
+                st.failed.put(key.clone(), (Instant::now(), err.clone()));
+            }
         }
     }
 }

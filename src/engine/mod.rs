@@ -169,20 +169,26 @@ enum Unit {
     Ready(Bytes),
     /// A fetch in flight, shared with every other reader of the unit.
     Fetch(ChunkFuture),
+    /// A fetch of the unit failed a moment ago (see [`inflight`]).
+    Failed(EngineError),
 }
 
 impl Pending {
-    /// The verified unit. A failed fetch is forgotten, so the next read tries again.
+    /// The verified unit. A failed fetch is held briefly, then the next read tries again.
     pub async fn wait(self, engine: &Engine) -> Result<Piece, EngineError> {
         let data = match self.unit {
             Unit::Ready(d) => d,
+            Unit::Failed(e) => {
+                engine.stats.failed_reads.fetch_add(1, Relaxed);
+                return Err(e);
+            }
             Unit::Fetch(f) => match f.clone().await {
                 Ok(data) => {
                     engine.inflight.complete(&self.key, &f, &data);
                     data
                 }
                 Err(e) => {
-                    engine.inflight.remove_if_same(&self.key, &f);
+                    engine.inflight.fail(&self.key, &f, &e);
                     engine.stats.failed_reads.fetch_add(1, Relaxed);
                     return Err(e);
                 }
@@ -209,7 +215,10 @@ impl Engine {
     pub fn new(registry: Arc<Registry>, cfg: EngineConfig) -> Engine {
         Engine {
             registry,
-            inflight: Inflight::new(cfg.inflight_capacity),
+            inflight: Inflight::new(
+                cfg.inflight_capacity,
+                std::time::Duration::from_millis(cfg.failed_fetch_hold_ms),
+            ),
             // enough idle buffers for the fetches one host runs at once
             pool: pool::BufPool::new(cfg.max_concurrent_fetches),
             cfg,
@@ -278,12 +287,14 @@ impl Engine {
             let key = ChunkKey::new(blob.key(), idx);
             let unit = if let Some(data) = st.recent.get(&key) {
                 Some(Unit::Ready(data.clone()))
+            } else if let Some(e) = st.recent_failure(&key) {
+                Some(Unit::Failed(e))
             } else {
                 st.running.get(&key).map(|f| Unit::Fetch(f.clone()))
             };
-            if unit.is_some() {
+            if matches!(unit, Some(Unit::Ready(_) | Unit::Fetch(_))) {
                 self.stats.shared_hits.fetch_add(1, Relaxed);
-            } else {
+            } else if unit.is_none() {
                 missing.push(idx);
             }
             slots.push((key, unit));

@@ -1,5 +1,6 @@
 //! Kernel frontends and the probe that picks one for the running kernel.
 
+pub mod admission;
 pub mod cachefiles;
 pub mod fanotify;
 pub mod mount;
@@ -9,11 +10,14 @@ use std::os::fd::AsRawFd;
 
 /// The event loop both frontends share: whenever the kernel fd is readable, read records
 /// into `buf` and hand each batch to `dispatch` until a read would block; stop on `shutdown`.
+/// Nothing is read while `admission` has no free slot; `read` is told how many records
+/// there is room for (and may read fewer).
 pub async fn drain_loop<T: AsRawFd>(
     fd: &tokio::io::unix::AsyncFd<T>,
     buf: &mut [u8],
+    admission: &admission::Admission,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
-    mut read: impl FnMut(&T, &mut [u8]) -> std::io::Result<usize>,
+    mut read: impl FnMut(&T, &mut [u8], usize) -> std::io::Result<usize>,
     mut dispatch: impl FnMut(&[u8]),
 ) -> std::io::Result<()> {
     loop {
@@ -22,7 +26,11 @@ pub async fn drain_loop<T: AsRawFd>(
             _ = shutdown.changed() => return Ok(()),
         };
         loop {
-            match read(fd.get_ref(), buf) {
+            let room = tokio::select! {
+                r = admission.room() => r,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            match read(fd.get_ref(), buf, room) {
                 Ok(0) => {
                     guard.clear_ready();
                     break;

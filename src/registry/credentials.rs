@@ -111,7 +111,9 @@ impl Credentials {
             if let Some(user) = &h.username {
                 let password = match (&h.password, &h.password_file) {
                     (Some(p), _) => p.clone(),
-                    (None, Some(f)) => std::fs::read_to_string(f)
+                    // read when needed (a mounted secret may rotate), off the async workers
+                    (None, Some(f)) => tokio::fs::read_to_string(f)
+                        .await
                         .map_err(|e| RegistryError::Credentials(format!("password_file {}: {e}", f.display())))?
                         .trim_end_matches(['\n', '\r'])
                         .to_string(),

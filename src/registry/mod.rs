@@ -328,37 +328,42 @@ impl Registry {
         for (i, ep) in eps.into_iter().enumerate() {
             let auth = self.auth_for(&ep).await?;
             self.client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
-            let _permit = self.permit(ep.registry()).await;
+            let host = ep.registry().to_string();
             let res = policy
-                .run_until(what, until, |n| {
-                    let ep = ep.clone();
-                    let auth = auth.clone();
-                    let op = &op;
-                    async move {
-                        use std::sync::atomic::Ordering::Relaxed;
-                        self.stats.requests.fetch_add(1, Relaxed);
-                        if n > 1 {
-                            self.stats.retries.fetch_add(1, Relaxed);
-                        }
-                        match op(ep.clone(), auth.clone()).await {
-                            Err(RegistryError::Unauthorized(url)) => {
-                                tracing::info!(registry = ep.registry(), "401 from registry, re-authenticating");
-                                // a credential helper's answer may have expired: ask again
-                                self.creds.forget(ep.registry());
-                                let auth = self.auth_for(&ep).await?;
-                                self.client
-                                    .auth(&ep, &auth, RegistryOperation::Pull)
-                                    .await
-                                    .map_err(|e| match RegistryError::from(e) {
-                                        RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),
-                                        other => other,
-                                    })?;
-                                op(ep, auth).await
+                .run_until(
+                    what,
+                    until,
+                    || self.permit(&host),
+                    |n| {
+                        let ep = ep.clone();
+                        let auth = auth.clone();
+                        let op = &op;
+                        async move {
+                            use std::sync::atomic::Ordering::Relaxed;
+                            self.stats.requests.fetch_add(1, Relaxed);
+                            if n > 1 {
+                                self.stats.retries.fetch_add(1, Relaxed);
                             }
-                            other => other,
+                            match op(ep.clone(), auth.clone()).await {
+                                Err(RegistryError::Unauthorized(url)) => {
+                                    tracing::info!(registry = ep.registry(), "401 from registry, re-authenticating");
+                                    // a credential helper's answer may have expired: ask again
+                                    self.creds.forget(ep.registry());
+                                    let auth = self.auth_for(&ep).await?;
+                                    self.client
+                                        .auth(&ep, &auth, RegistryOperation::Pull)
+                                        .await
+                                        .map_err(|e| match RegistryError::from(e) {
+                                            RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),
+                                            other => other,
+                                        })?;
+                                    op(ep, auth).await
+                                }
+                                other => other,
+                            }
                         }
-                    }
-                })
+                    },
+                )
                 .await;
             match res {
                 Ok(v) => return Ok(v),

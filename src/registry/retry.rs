@@ -54,12 +54,24 @@ impl RetryPolicy {
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,
     {
-        self.run_until(what, Instant::now() + self.deadline, attempt).await
+        let open = || std::future::ready(());
+        self.run_until(what, Instant::now() + self.deadline, open, attempt)
+            .await
     }
 
-    /// Like [`run`](Self::run), with an absolute deadline shared by several endpoints.
-    pub async fn run_until<T, F, Fut>(&self, what: &str, until: Instant, mut attempt: F) -> Result<T, RegistryError>
+    /// Like [`run`](Self::run), with an absolute deadline shared by several endpoints, and a
+    /// `gate` (a per-host connection permit) awaited before each attempt and held only while
+    /// it runs: never across the backoff sleep, so a host's other fetches use the slot.
+    /// Waiting at the gate counts against the deadline, not against the attempt's timeout.
+    pub async fn run_until<T, G, Gf, F, Fut>(
+        &self,
+        what: &str,
+        until: Instant,
+        gate: impl Fn() -> Gf,
+        mut attempt: F,
+    ) -> Result<T, RegistryError>
     where
+        Gf: Future<Output = G>,
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,
     {
@@ -67,6 +79,10 @@ impl RetryPolicy {
         let mut n = 0;
         loop {
             n += 1;
+            let left = until.saturating_duration_since(Instant::now());
+            let Ok(permit) = tokio::time::timeout(left, gate()).await else {
+                return Err(RegistryError::Timeout(start.elapsed()));
+            };
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(RegistryError::Timeout(start.elapsed()));
@@ -76,6 +92,7 @@ impl RetryPolicy {
                 Ok(r) => r,
                 Err(_) => Err(RegistryError::Timeout(limit)),
             };
+            drop(permit);
             let err = match result {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
@@ -205,5 +222,37 @@ mod tests {
             .await;
         assert!(matches!(r, Err(RegistryError::Exhausted { .. })));
         assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn the_gate_is_free_while_an_attempt_backs_off() {
+        let p = RetryPolicy {
+            initial: Duration::from_millis(400),
+            max: Duration::from_millis(400),
+            max_attempts: 2,
+            ..policy()
+        };
+        let slot = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let calls = AtomicU32::new(0);
+        let gate = || std::sync::Arc::clone(&slot).acquire_owned();
+        let calls = &calls;
+        let retried = p.run_until("t", Instant::now() + p.deadline, gate, |n| async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if n == 1 {
+                Err(RegistryError::Transport("reset".into()))
+            } else {
+                Ok(n)
+            }
+        });
+        let other = async {
+            // while the first operation sleeps (>= 200 ms of backoff), its slot is free
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let got = slot.try_acquire().is_ok();
+            got
+        };
+        let (r, got) = tokio::join!(retried, other);
+        assert_eq!(r.unwrap(), 2);
+        assert!(got, "the permit was held across the backoff sleep");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }

@@ -18,15 +18,33 @@ pub fn binary() -> &'static Path {
 
 impl DaemonProc {
     /// Write a config for `hosts` (plain HTTP, loopback) under `dir` and start the daemon.
+    /// `extra` follows the `[daemon]` keys (and may open further tables).
     pub fn start(dir: &Path, hosts: &[&str], extra: &str) -> DaemonProc {
+        DaemonProc::start_with(dir, hosts, extra, "")
+    }
+
+    /// Like [`start`](Self::start), with `[registry]` keys that replace the tests' defaults.
+    pub fn start_with(dir: &Path, hosts: &[&str], extra: &str, registry: &str) -> DaemonProc {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("lazyblob.sock");
         let mut cfg = format!(
-            "[daemon]\nstate_dir = \"{}\"\ncache_dir = \"{}\"\nsocket = \"{}\"\n{extra}\n[registry]\nrequest_timeout_ms = 10000\nmax_attempts = 3\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\ndeadline_ms = 15000\n",
+            "[daemon]\nstate_dir = \"{}\"\ncache_dir = \"{}\"\nsocket = \"{}\"\n{extra}\n[registry]\n{registry}\n",
             dir.join("state").display(),
             dir.join("cache").display(),
             socket.display()
         );
+        let defaults = [
+            ("request_timeout_ms", "10000"),
+            ("max_attempts", "3"),
+            ("backoff_initial_ms", "50"),
+            ("backoff_max_ms", "200"),
+            ("deadline_ms", "15000"),
+        ];
+        for (k, v) in defaults {
+            if !registry.lines().any(|l| l.split('=').next().map(str::trim) == Some(k)) {
+                cfg.push_str(&format!("{k} = {v}\n"));
+            }
+        }
         for h in hosts {
             cfg.push_str(&format!("[[registry.hosts]]\nhost = \"{h}\"\ninsecure = true\n"));
         }

@@ -16,6 +16,7 @@ use super::device::{AlignedBuf, AnonFd, Device, DIO_ALIGN};
 use super::protocol::{erofs_fsid, Command, Message, MSG_MAX_SIZE};
 use crate::catalog::{Catalog, Target};
 use crate::engine::Engine;
+use crate::frontend::admission::Admission;
 
 /// Counters exported in `status`.
 #[derive(Debug, Default, Serialize)]
@@ -42,12 +43,20 @@ pub struct Cachefiles {
     catalog: Arc<Catalog>,
     engine: Arc<Engine>,
     objects: Mutex<HashMap<u32, Arc<Object>>>,
+    /// Slots of READs being served.
+    admission: Admission,
     pub stats: CachefilesStats,
 }
 
 impl Cachefiles {
     /// Open `/dev/cachefiles`, set the cache directory and tag, `bind ondemand`.
-    pub fn bind(dir: &Path, tag: &str, catalog: Arc<Catalog>, engine: Arc<Engine>) -> io::Result<Arc<Cachefiles>> {
+    pub fn bind(
+        dir: &Path,
+        tag: &str,
+        catalog: Arc<Catalog>,
+        engine: Arc<Engine>,
+        admission: Admission,
+    ) -> io::Result<Arc<Cachefiles>> {
         std::fs::create_dir_all(dir)?;
         let dev = Device::open().map_err(|e| match e.raw_os_error() {
             Some(libc::EBUSY) => io::Error::new(
@@ -76,6 +85,7 @@ impl Cachefiles {
             catalog,
             engine,
             objects: Mutex::new(HashMap::new()),
+            admission,
             stats: CachefilesStats::default(),
         }))
     }
@@ -88,11 +98,14 @@ impl Cachefiles {
     /// Serve requests until `shutdown` fires or the device fails.
     pub async fn run(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
         let mut buf = [0u8; MSG_MAX_SIZE];
+        let admission = self.admission.clone();
         crate::frontend::drain_loop(
             &self.dev,
             &mut buf,
+            &admission,
             shutdown,
-            |dev, b| {
+            // one message per read
+            |dev, b, _room| {
                 let b: &mut [u8; MSG_MAX_SIZE] = b.try_into().map_err(|_| io::Error::other("message buffer size"))?;
                 dev.read_message(b)
             },
@@ -130,7 +143,14 @@ impl Cachefiles {
                     Some(obj) => {
                         let me = Arc::clone(self);
                         let span = tracing::info_span!("read", object = %obj.name, msg_id = header.msg_id, offset, len);
-                        tokio::spawn(async move { me.read(obj, header.msg_id, offset, len).await }.instrument(span));
+                        let ticket = self.admission.admit();
+                        tokio::spawn(
+                            async move {
+                                let _slot = ticket.enter().await;
+                                me.read(obj, header.msg_id, offset, len).await
+                            }
+                            .instrument(span),
+                        );
                     }
                     None => {
                         self.stats.reads_failed.fetch_add(1, Relaxed);
@@ -230,36 +250,38 @@ impl Cachefiles {
     }
 
     /// The bytes of `[start, start + len)` of the object's blob in an aligned buffer (zeros
-    /// past the end of the blob).
+    /// past the end of the blob). The buffer is allocated once the bytes are here, so a READ
+    /// waiting for a slow registry holds no memory of its own.
     async fn fill(&self, obj: &Object, start: u64, len: u64) -> io::Result<AlignedBuf> {
         let len_usize = usize::try_from(len).map_err(|_| io::Error::other("READ too large"))?;
         if len_usize > 256 << 20 {
             return Err(io::Error::other(format!("READ of {len} bytes refused")));
         }
-        let mut buf = AlignedBuf::zeroed(len_usize)?;
         match &obj.target {
             Target::Meta(img) => {
                 let path = img.meta_path.clone();
                 let size = img.meta.size;
-                return tokio::task::spawn_blocking(move || {
+                tokio::task::spawn_blocking(move || {
                     use std::os::unix::fs::FileExt;
+                    let mut buf = AlignedBuf::zeroed(len_usize)?;
                     let f = std::fs::File::open(&path)?;
                     let avail = size.saturating_sub(start).min(len) as usize;
                     f.read_exact_at(&mut buf.as_mut_slice()[..avail], start)?;
                     Ok(buf)
                 })
                 .await
-                .map_err(io::Error::other)?;
+                .map_err(io::Error::other)?
             }
             Target::Data(_, blob) => {
                 if start >= blob.source.size {
-                    return Ok(buf);
+                    return AlignedBuf::zeroed(len_usize);
                 }
                 let pieces = self
                     .engine
                     .read(blob, start, len)
                     .await
                     .map_err(|e| io::Error::other(e.to_string()))?;
+                let mut buf = AlignedBuf::zeroed(len_usize)?;
                 let out = buf.as_mut_slice();
                 let end = start + len;
                 for p in pieces {
@@ -271,9 +293,9 @@ impl Cachefiles {
                             .copy_from_slice(&p.data[(lo - p.offset) as usize..(hi - p.offset) as usize]);
                     }
                 }
+                Ok(buf)
             }
         }
-        Ok(buf)
     }
 }
 

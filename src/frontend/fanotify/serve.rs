@@ -24,6 +24,7 @@ use super::{cache, sys};
 use crate::catalog::Image;
 use crate::engine::chunks::{consecutive, ChunkGeometry};
 use crate::engine::{DataBlob, Engine};
+use crate::frontend::admission::Admission;
 use crate::lock::lock;
 use ahead::Ahead;
 
@@ -62,6 +63,9 @@ struct CachedBlob {
     ahead: Mutex<Ahead>,
     /// Held while writing into the cache file.
     write_lock: Mutex<()>,
+    /// Offsets of the units a background store is pending for (one per unit, however many
+    /// readers fetched it).
+    storing: Mutex<HashSet<u64>>,
     /// When a reader last missed (the background fill waits for a quiet blob).
     last_miss: Mutex<Instant>,
     /// A background fill task runs for this blob.
@@ -109,6 +113,8 @@ pub struct FanotifyFrontend {
     pinned: Option<Mutex<HashMap<PathBuf, super::pin::Pinned>>>,
     /// Signalled each time a blob becomes complete.
     completions: tokio::sync::Notify,
+    /// Slots of events being served.
+    admission: Admission,
     pub stats: FanotifyStats,
 }
 
@@ -121,6 +127,7 @@ impl FanotifyFrontend {
         read_ahead_max: u64,
         fill_after: Option<Duration>,
         pin_metadata: bool,
+        admission: Admission,
     ) -> io::Result<Arc<FanotifyFrontend>> {
         let fan = match group {
             Some(g) => g,
@@ -141,6 +148,7 @@ impl FanotifyFrontend {
             fill_slot: tokio::sync::Semaphore::new(1),
             pinned: pin_metadata.then(|| Mutex::new(HashMap::new())),
             completions: tokio::sync::Notify::new(),
+            admission,
             stats: FanotifyStats::default(),
         }))
     }
@@ -186,6 +194,7 @@ impl FanotifyFrontend {
                     writer: Mutex::new(None),
                     ahead: Mutex::new(Ahead::default()),
                     write_lock: Mutex::new(()),
+                    storing: Mutex::new(HashSet::new()),
                     last_miss: Mutex::new(Instant::now()),
                     filling: AtomicBool::new(false),
                     complete: AtomicBool::new(false),
@@ -234,7 +243,14 @@ impl FanotifyFrontend {
     /// Serve events until `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
-        crate::frontend::drain_loop(&self.fan, &mut buf, shutdown, sys::read_events, |raw| {
+        let admission = self.admission.clone();
+        // a buffer for about as many events as there are free slots (a pre-access event with
+        // its range is 48 bytes; never less than 512, so one event always fits)
+        let read = |fan: &Fanotify, b: &mut [u8], room: usize| {
+            let len = room.saturating_mul(48).clamp(512, b.len());
+            sys::read_events(fan, &mut b[..len])
+        };
+        crate::frontend::drain_loop(&self.fan, &mut buf, &admission, shutdown, read, |raw| {
             self.dispatch(raw)
         })
         .await
@@ -264,7 +280,14 @@ impl FanotifyFrontend {
             }
             let me = Arc::clone(self);
             let span = tracing::info_span!("pre_access", pid = ev.pid, range = ?ev.range);
-            tokio::spawn(async move { me.handle(ev, file, cached).await }.instrument(span));
+            let ticket = self.admission.admit();
+            tokio::spawn(
+                async move {
+                    let _slot = ticket.enter().await;
+                    me.handle(ev, Arc::new(file), cached).await
+                }
+                .instrument(span),
+            );
         }
     }
 
@@ -310,12 +333,41 @@ impl FanotifyFrontend {
                     let (a, b) = (us.max(ps), ue.min(pe));
                     let part = piece.data.slice((a - ps) as usize..(b - ps) as usize);
                     self.write_urgent(cached, part, a, Arc::clone(&via)).await?;
-                    self.store_later(cached, &via, async { Ok(piece) }, |s| &s.chunks_filled);
+                    self.store_later(cached, &via, ps, async { Ok(piece) }, |s| &s.chunks_filled);
                 }
                 _ => written += self.store(cached, piece, Arc::clone(&via)).await?,
             }
         }
         Ok(written)
+    }
+
+    /// The chunks of `range` not yet verified in the cache. Those unknown to this run are
+    /// looked for on disk and hashed if there, on the blocking pool.
+    async fn missing(
+        self: &Arc<Self>,
+        cached: &Arc<CachedBlob>,
+        file: &Arc<File>,
+        range: Option<(u64, u64)>,
+    ) -> io::Result<Vec<u64>> {
+        let unknown: Vec<u64> = {
+            let v = lock(&cached.verified);
+            cached.chunks(range).filter(|c| !v.contains(c)).collect()
+        };
+        if unknown.is_empty() {
+            return Ok(unknown);
+        }
+        let (me, cached, file) = (Arc::clone(self), Arc::clone(cached), Arc::clone(file));
+        tokio::task::spawn_blocking(move || {
+            let mut missing = Vec::with_capacity(unknown.len());
+            for c in unknown {
+                if !me.present(&cached, &file, c)? {
+                    missing.push(c);
+                }
+            }
+            Ok(missing)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     fn cached(&self, file: &File) -> Option<Arc<CachedBlob>> {
@@ -340,19 +392,25 @@ impl FanotifyFrontend {
         ok
     }
 
-    /// On its own task: await `piece`, store it, count its chunks in `counter`. A failure
-    /// costs nothing but a later fetch: the chunk stays unmarked.
+    /// On its own task: await `piece` (the unit at `offset`), store it, count its chunks in
+    /// `counter`; nothing if a store of that unit is pending already. A failure costs nothing
+    /// but a later fetch: the chunk stays unmarked.
     fn store_later<F>(
         self: &Arc<Self>,
         cached: &Arc<CachedBlob>,
         via: &Arc<File>,
+        offset: u64,
         piece: F,
         counter: fn(&FanotifyStats) -> &AtomicU64,
     ) where
         F: std::future::Future<Output = io::Result<crate::engine::Piece>> + Send + 'static,
     {
+        if !lock(&cached.storing).insert(offset) {
+            return;
+        }
         let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(via));
         tokio::spawn(async move {
+            let _pending = Unmark(&cached.storing, offset);
             let piece = match piece.await {
                 Ok(p) => p,
                 Err(e) => return tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
@@ -367,7 +425,7 @@ impl FanotifyFrontend {
         });
     }
 
-    async fn handle(self: Arc<Self>, ev: event::Event, file: File, cached: Option<Arc<CachedBlob>>) {
+    async fn handle(self: &Arc<Self>, ev: event::Event, file: Arc<File>, cached: Option<Arc<CachedBlob>>) {
         let t0 = Instant::now();
         let result = if ev.mask & FAN_PRE_ACCESS != 0 {
             self.fill(&file, cached, ev.range).await
@@ -397,7 +455,7 @@ impl FanotifyFrontend {
     /// Make `range` of the event's file present and verified; returns chunks written.
     async fn fill(
         self: &Arc<Self>,
-        file: &File,
+        file: &Arc<File>,
         cached: Option<Arc<CachedBlob>>,
         range: Option<(u64, u64)>,
     ) -> io::Result<u64> {
@@ -408,17 +466,18 @@ impl FanotifyFrontend {
             ));
         };
         let (size, unit) = (cached.blob.source.size, cached.blob.table_chunk);
-        let mut missing = Vec::new();
-        for c in cached.chunks(range) {
-            if !self.present(&cached, file, c)? {
-                missing.push(c);
-            }
-        }
+        let missing = self.missing(&cached, file, range).await?;
         let mut written = 0;
         if !missing.is_empty() {
             *lock(&cached.last_miss) = Instant::now();
-            let via = Arc::new(file.try_clone()?);
-            lock(&cached.writer).get_or_insert_with(|| Arc::clone(&via));
+            // one writer per blob, kept: an event costs no fd beyond its own
+            let via = {
+                let mut w = lock(&cached.writer);
+                match &*w {
+                    Some(v) => Arc::clone(v),
+                    None => Arc::clone(w.insert(Arc::new(file.try_clone()?))),
+                }
+            };
             let urgent = range.map(|(o, n)| (o, o.saturating_add(n)));
             for run in consecutive(&missing, u64::MAX) {
                 let (s, e) = (run.start * unit, (run.end * unit).min(size));
@@ -444,5 +503,14 @@ impl FanotifyFrontend {
         }
         self.unmark_if_complete(&cached);
         Ok(written)
+    }
+}
+
+/// Takes a unit's offset out of a blob's `storing` set when its store ends, however it ends.
+struct Unmark<'a>(&'a Mutex<HashSet<u64>>, u64);
+
+impl Drop for Unmark<'_> {
+    fn drop(&mut self) {
+        lock(self.0).remove(&self.1);
     }
 }

@@ -154,9 +154,9 @@ impl FanotifyFrontend {
             };
             // one task per unit: each is written the moment it is verified
             for p in pending {
-                let engine = Arc::clone(&self.engine);
+                let (engine, offset) = (Arc::clone(&self.engine), p.offset);
                 let piece = async move { p.wait(&engine).await.map_err(|e| io::Error::other(e.to_string())) };
-                self.store_later(cached, &via, piece, |s| &s.chunks_prefetched);
+                self.store_later(cached, &via, offset, piece, |s| &s.chunks_prefetched);
             }
         }
     }
