@@ -333,3 +333,101 @@ async fn docker_registry_with_htpasswd_basic_auth() {
     let anon = client(&insecure_config(&[&dr.host]));
     assert!(anon.resolve(&r).await.is_err());
 }
+
+/// A private CA and a certificate it signs for 127.0.0.1, made with `openssl` in `dir`:
+/// returns (CA certificate, server certificate, server key).
+fn private_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    require_tool("openssl", "openssl");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=lazyblob test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &["-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1"],
+    ]
+    .concat());
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    (dir.join("ca.pem"), dir.join("srv.pem"), dir.join("srv.key"))
+}
+
+/// A `ca_file` is trusted for its own host only: two HTTPS `docker-registry` instances with
+/// certificates of one private CA, the CA configured for the first; the first serves, the
+/// second is refused at the TLS handshake (one shared client used to trust it for both).
+#[tokio::test]
+async fn a_ca_file_is_trusted_for_its_host_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(dir.path());
+    let (a, b) = (
+        DockerRegistry::start_with(None, Some((&cert, &key))),
+        DockerRegistry::start_with(None, Some((&cert, &key))),
+    );
+    let host = |h: &str, ca_file: Option<&std::path::Path>| HostConfig {
+        host: h.to_string(),
+        ca_file: ca_file.map(|p| p.to_path_buf()),
+        ..Default::default()
+    };
+    let mut cfg = insecure_config(&[]);
+    cfg.max_attempts = 1;
+    cfg.hosts = vec![host(&a.host, Some(&ca)), host(&b.host, Some(&ca))];
+    let both = client(&cfg);
+    let data = bytes(8, 5000);
+    let d = sha256_digest(&data);
+    for h in [&a.host, &b.host] {
+        let repo = parse_reference(&format!("{h}/lib/app:1")).unwrap();
+        both.push_blob(&repo, Bytes::from(data.clone())).await.unwrap();
+    }
+    cfg.hosts = vec![host(&a.host, Some(&ca)), host(&b.host, None)];
+    let scoped = client(&cfg);
+    let got = scoped
+        .fetch_range(&blob_at(&a.host, &d, data.len()), 0, 5000)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &data[..], "the host whose CA is configured");
+    let Err(err) = scoped.fetch_range(&blob_at(&b.host, &d, data.len()), 0, 5000).await else {
+        panic!("a host without a ca_file trusted another host's CA");
+    };
+    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+}

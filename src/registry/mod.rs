@@ -70,7 +70,11 @@ pub struct RegistryStats {
 
 /// The registry client shared by the catalog and the blob engine.
 pub struct Registry {
+    /// The client for hosts without a `ca_file` (the bundled public roots).
     client: oci_client::Client,
+    /// One client per host with a `ca_file`: a private CA is trusted for its host only
+    /// (and for what that host redirects to), never for the others.
+    host_clients: HashMap<String, oci_client::Client>,
     creds: credentials::Credentials,
     cfg: RegistryConfig,
     policy: RetryPolicy,
@@ -101,34 +105,35 @@ impl Registry {
             .filter(|h| h.insecure)
             .map(|h| h.host.clone())
             .collect();
-        let mut extra = Vec::new();
-        for h in &cfg.hosts {
-            if let Some(ca) = &h.ca_file {
-                let data = std::fs::read(ca)
-                    .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
-                extra.push(Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data,
-                });
-            }
-        }
-        let client_cfg = |extra: Vec<Certificate>, only: Vec<Certificate>| ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(insecure),
+        let client_cfg = |extra: Vec<Certificate>| ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure.clone()),
             extra_root_certificates: extra,
-            tls_certs_only: only,
             connect_timeout: Some(cfg.connect_timeout()),
             read_timeout: Some(cfg.request_timeout()),
             platform_resolver: None,
             user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
             ..Default::default()
         };
-        let client = oci_client::Client::try_from(client_cfg(extra, Vec::new()))?;
+        let client = oci_client::Client::try_from(client_cfg(Vec::new()))?;
+        let mut host_clients = HashMap::new();
+        for h in &cfg.hosts {
+            if let Some(ca) = &h.ca_file {
+                let data = std::fs::read(ca)
+                    .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
+                let extra = vec![Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data,
+                }];
+                host_clients.insert(h.host.clone(), oci_client::Client::try_from(client_cfg(extra))?);
+            }
+        }
         let platform = match &cfg.platform {
             Some(p) => p.parse().map_err(RegistryError::Manifest)?,
             None => Platform::current(),
         };
         Ok(Registry {
             client,
+            host_clients,
             creds,
             policy: RetryPolicy {
                 max_attempts: cfg.max_attempts,
@@ -144,6 +149,11 @@ impl Registry {
             max_concurrent,
             stats: RegistryStats::default(),
         })
+    }
+
+    /// The client that talks to `reference`'s host.
+    fn client(&self, reference: &Reference) -> &oci_client::Client {
+        self.host_clients.get(reference.registry()).unwrap_or(&self.client)
     }
 
     /// The platform chosen from image indexes.
@@ -191,7 +201,10 @@ impl Registry {
             .map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
         let (raw, digest) = self
             .with_endpoints(reference, "manifest", 0, |ep, auth| async move {
-                let (raw, digest) = self.client.pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES).await?;
+                let (raw, digest) = self
+                    .client(&ep)
+                    .pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES)
+                    .await?;
                 Ok((raw, digest))
             })
             .await?;
@@ -327,7 +340,9 @@ impl Registry {
         let n_eps = eps.len();
         for (i, ep) in eps.into_iter().enumerate() {
             let auth = self.auth_for(&ep).await?;
-            self.client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
+            self.client(&ep)
+                .store_auth_if_needed(ep.resolve_registry(), &auth)
+                .await;
             let host = ep.registry().to_string();
             let res = policy
                 .run_until(
@@ -350,7 +365,7 @@ impl Registry {
                                     // a credential helper's answer may have expired: ask again
                                     self.creds.forget(ep.registry());
                                     let auth = self.auth_for(&ep).await?;
-                                    self.client
+                                    self.client(&ep)
                                         .auth(&ep, &auth, RegistryOperation::Pull)
                                         .await
                                         .map_err(|e| match RegistryError::from(e) {
@@ -410,7 +425,7 @@ impl Registry {
             ..Default::default()
         };
         let (stream, mut to_skip) = match self
-            .client
+            .client(ep)
             .pull_blob_stream_partial(ep, &layer, offset, Some(len))
             .await?
         {

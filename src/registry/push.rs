@@ -21,8 +21,8 @@ impl Registry {
         digest: String,
     ) -> Result<String, RegistryError> {
         let auth = self.auth_for(repo).await?;
-        self.client.auth(repo, &auth, RegistryOperation::Push).await?;
-        if self.client.blob_exists(repo, &digest).await.unwrap_or(false) {
+        self.client(repo).auth(repo, &auth, RegistryOperation::Push).await?;
+        if self.client(repo).blob_exists(repo, &digest).await.unwrap_or(false) {
             return Ok(digest);
         }
         self.policy
@@ -30,7 +30,7 @@ impl Registry {
             .run("push blob", |_| {
                 let data = data.clone();
                 let digest = digest.clone();
-                async move { Ok(self.client.push_blob(repo, data, &digest).await?) }
+                async move { Ok(self.client(repo).push_blob(repo, data, &digest).await?) }
             })
             .await?;
         Ok(digest)
@@ -44,14 +44,16 @@ impl Registry {
         media_type: &str,
     ) -> Result<String, RegistryError> {
         let auth = self.auth_for(reference).await?;
-        self.client.auth(reference, &auth, RegistryOperation::Push).await?;
+        self.client(reference)
+            .auth(reference, &auth, RegistryOperation::Push)
+            .await?;
         let ct = reqwest::header::HeaderValue::from_str(media_type)
             .map_err(|_| RegistryError::Manifest(format!("bad media type {media_type:?}")))?;
         self.policy
             .run("push manifest", |_| {
                 let raw = raw.clone();
                 let ct = ct.clone();
-                async move { Ok(self.client.push_manifest_raw(reference, raw, ct).await?) }
+                async move { Ok(self.client(reference).push_manifest_raw(reference, raw, ct).await?) }
             })
             .await?;
         Ok(sha256_digest(&raw))

@@ -244,6 +244,11 @@ impl DockerRegistry {
     }
 
     pub fn start(basic: Option<(&str, &str)>) -> DockerRegistry {
+        DockerRegistry::start_with(basic, None)
+    }
+
+    /// Like [`start`](Self::start), serving HTTPS with `tls` (certificate and key, PEM).
+    pub fn start_with(basic: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> DockerRegistry {
         require_tool("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -265,8 +270,15 @@ impl DockerRegistry {
                 dir.path().join("htpasswd").display()
             );
         }
+        let tls = tls.map_or(String::new(), |(cert, key)| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            )
+        });
         let cfg = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
