@@ -431,3 +431,62 @@ async fn a_ca_file_is_trusted_for_its_host_only() {
     };
     assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
 }
+
+/// A manifest body is bounded while it streams: a registry that sends an endless manifest
+/// gets a "too large" error naming the limit once 4 MiB have arrived, and the daemon stops
+/// reading (the server manages to send little more than the limit plus socket buffers).
+#[tokio::test]
+async fn an_endless_manifest_is_cut_off_at_the_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&sent);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let counter = std::sync::Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if req.starts_with(b"GET /v2/ ") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let piece = [b' '; 1 << 16];
+                let chunk = [format!("{:x}\r\n", piece.len()).as_bytes(), &piece[..], b"\r\n"].concat();
+                while s.write_all(&chunk).await.is_ok() {
+                    counter.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let mut cfg = insecure_config(&[&host]);
+    cfg.max_attempts = 1;
+    let reg = client(&cfg);
+    let err = reg
+        .resolve(&parse_reference(&format!("{host}/endless/app:v1")).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("max_manifest_bytes"),
+        "expected the manifest limit to stop it: {err}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let n = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(n < 64 << 20, "the client kept reading: {n} bytes sent");
+}

@@ -7,6 +7,7 @@
 
 pub mod credentials;
 pub mod error;
+mod manifest;
 pub mod platform;
 pub mod push;
 pub mod range;
@@ -31,7 +32,7 @@ pub use error::RegistryError;
 use platform::Platform;
 use retry::RetryPolicy;
 
-use crate::config::{Limit, RegistryConfig};
+use crate::config::RegistryConfig;
 
 /// Media types accepted when resolving a reference.
 pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
@@ -68,13 +69,21 @@ pub struct RegistryStats {
     pub failures: std::sync::atomic::AtomicU64,
 }
 
+/// The clients of one TLS trust setting.
+struct Clients {
+    oci: oci_client::Client,
+    http: reqwest::Client,
+}
+
 /// The registry client shared by the catalog and the blob engine.
 pub struct Registry {
-    /// The client for hosts without a `ca_file` (the bundled public roots).
-    client: oci_client::Client,
-    /// One client per host with a `ca_file`: a private CA is trusted for its host only
-    /// (and for what that host redirects to), never for the others.
-    host_clients: HashMap<String, oci_client::Client>,
+    /// The clients for hosts without a `ca_file` (the bundled public roots).
+    clients: Clients,
+    /// Clients per host with a `ca_file`: a private CA is trusted for its host only (and
+    /// for what that host redirects to), never for the others.
+    host_clients: HashMap<String, Clients>,
+    /// Hosts spoken to over plain HTTP.
+    insecure: Vec<String>,
     creds: credentials::Credentials,
     cfg: RegistryConfig,
     policy: RetryPolicy,
@@ -114,17 +123,35 @@ impl Registry {
             user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
             ..Default::default()
         };
-        let client = oci_client::Client::try_from(client_cfg(Vec::new()))?;
+        let clients = |pem: Option<Vec<u8>>| -> Result<Clients, RegistryError> {
+            let mut http = reqwest::Client::builder()
+                .connect_timeout(cfg.connect_timeout())
+                .read_timeout(cfg.request_timeout())
+                .user_agent(concat!("lazyblob/", env!("CARGO_PKG_VERSION")));
+            let mut extra = Vec::new();
+            if let Some(data) = pem {
+                let certs = reqwest::Certificate::from_pem_bundle(&data)
+                    .map_err(|e| RegistryError::Credentials(format!("ca_file: {e}")))?;
+                http = http.tls_certs_merge(certs);
+                extra.push(Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data,
+                });
+            }
+            Ok(Clients {
+                oci: oci_client::Client::try_from(client_cfg(extra))?,
+                http: http
+                    .build()
+                    .map_err(|e| RegistryError::Transport(error::error_chain(&e)))?,
+            })
+        };
+        let default_clients = clients(None)?;
         let mut host_clients = HashMap::new();
         for h in &cfg.hosts {
             if let Some(ca) = &h.ca_file {
                 let data = std::fs::read(ca)
                     .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
-                let extra = vec![Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data,
-                }];
-                host_clients.insert(h.host.clone(), oci_client::Client::try_from(client_cfg(extra))?);
+                host_clients.insert(h.host.clone(), clients(Some(data))?);
             }
         }
         let platform = match &cfg.platform {
@@ -132,8 +159,9 @@ impl Registry {
             None => Platform::current(),
         };
         Ok(Registry {
-            client,
+            clients: default_clients,
             host_clients,
+            insecure,
             creds,
             policy: RetryPolicy {
                 max_attempts: cfg.max_attempts,
@@ -151,9 +179,34 @@ impl Registry {
         })
     }
 
-    /// The client that talks to `reference`'s host.
+    /// The `oci-client` that talks to `reference`'s host.
     fn client(&self, reference: &Reference) -> &oci_client::Client {
-        self.host_clients.get(reference.registry()).unwrap_or(&self.client)
+        &self.host_clients.get(reference.registry()).unwrap_or(&self.clients).oci
+    }
+
+    /// The HTTP client for `reference`'s host (bounded manifest GETs).
+    fn http(&self, reference: &Reference) -> &reqwest::Client {
+        &self
+            .host_clients
+            .get(reference.registry())
+            .unwrap_or(&self.clients)
+            .http
+    }
+
+    /// The manifest URL of `reference`, as `oci-client` would build it.
+    fn manifest_url(&self, reference: &Reference) -> String {
+        let registry = reference.resolve_registry();
+        let scheme = if self.insecure.iter().any(|h| h == registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let name = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let ns = reference.namespace().map(|ns| format!("?ns={ns}")).unwrap_or_default();
+        format!(
+            "{scheme}://{registry}/v2/{}/manifests/{name}{ns}",
+            reference.repository()
+        )
     }
 
     /// The platform chosen from image indexes.
@@ -201,16 +254,19 @@ impl Registry {
             .map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
         let (raw, digest) = self
             .with_endpoints(reference, "manifest", 0, |ep, auth| async move {
-                let (raw, digest) = self
-                    .client(&ep)
-                    .pull_manifest_raw(&ep, &auth, MANIFEST_MEDIA_TYPES)
-                    .await?;
-                Ok((raw, digest))
+                let token = self.client(&ep).auth(&ep, &auth, RegistryOperation::Pull).await?;
+                let credential = manifest::Credential::after_auth(token, &auth);
+                let accept = MANIFEST_MEDIA_TYPES.join(", ");
+                manifest::get(
+                    self.http(&ep),
+                    &self.manifest_url(&ep),
+                    &accept,
+                    credential,
+                    &self.cfg.limits,
+                )
+                .await
             })
             .await?;
-        self.cfg
-            .limits
-            .check(Limit::Manifest, &format!("manifest {reference}"), raw.len() as u64)?;
         // oci-client checks a digest reference; check it again so a mirror cannot lie.
         let actual = Digest::of(&raw);
         if let Some(want) = want {
@@ -222,8 +278,8 @@ impl Registry {
                 });
             }
         }
-        if digest != actual.as_str() {
-            tracing::debug!(header = %digest, %actual, "registry digest header differs from content; using content");
+        if digest.as_deref().is_some_and(|d| d != actual.as_str()) {
+            tracing::debug!(header = ?digest, %actual, "registry digest header differs from content; using content");
         }
         Ok((raw, actual))
     }
