@@ -26,6 +26,17 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub engine: EngineConfig,
     pub registry: RegistryConfig,
+    pub snapshotter: SnapshotterConfig,
+}
+
+/// containerd's snapshots API (`[proxy_plugins.lazyblob] type = "snapshot"`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotterConfig {
+    /// Serve the snapshots API on this unix socket (root only); unset: no snapshotter.
+    pub socket: Option<PathBuf>,
+    /// Snapshot directories and their table (default: `<state_dir>/snapshotter`).
+    pub root: Option<PathBuf>,
 }
 
 /// Which kernel frontend serves mounts.

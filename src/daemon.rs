@@ -137,6 +137,23 @@ impl Daemon {
             loops: Mutex::new(loops),
         });
         daemon.recover_mounts(adopted).await;
+        if let Some(socket) = daemon.config.snapshotter.socket.clone() {
+            let root = daemon
+                .config
+                .snapshotter
+                .root
+                .clone()
+                .unwrap_or_else(|| daemon.config.daemon.state_dir.join("snapshotter"));
+            let store = crate::snapshotter::store::Store::open(&root)
+                .with_context(|| format!("opening the snapshot store in {}", root.display()))?;
+            let service = crate::snapshotter::service::Service::new(Arc::new(store));
+            let stop = daemon.stop.subscribe();
+            tokio::spawn(async move {
+                if let Err(e) = service.serve(&socket, stop).await {
+                    tracing::error!(error = %e, "the containerd snapshotter stopped");
+                }
+            });
+        }
         if let Some(f) = &daemon.fanotify {
             let (f, weak, mut stop) = (Arc::clone(f), Arc::downgrade(&daemon), daemon.stop.subscribe());
             tokio::spawn(async move {

@@ -17,3 +17,4 @@ pub mod lock;
 pub mod malloc;
 pub mod private_fs;
 pub mod registry;
+pub mod snapshotter;
