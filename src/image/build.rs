@@ -12,8 +12,8 @@ use serde_json::json;
 
 use super::erofs::{self, DeviceSlot};
 use super::format::{
-    device_tag, BlobChunks, ChunkDigest, ChunkTable, ANNOTATION_FORMAT, FORMAT_VERSION, MEDIA_TYPE_CHUNKS,
-    MEDIA_TYPE_DATA, MEDIA_TYPE_META,
+    device_tag, BlobChunks, ChunkDigest, ChunkTable, ANNOTATION_FORMAT, ANNOTATION_LAYER, FORMAT_VERSION,
+    MEDIA_TYPE_CHUNKS, MEDIA_TYPE_DATA, MEDIA_TYPE_META,
 };
 use super::tree::{encode_rdev, FileData, Kind, Meta, Node, Tree};
 use crate::registry::{sha256_digest, Registry, RegistryError};
@@ -299,12 +299,14 @@ pub fn assemble(img: &BuiltImage, config: &[u8]) -> Result<Assembled, serde_json
         .map(|c| c.digest.to_string())
         .zip(img.data.iter().cloned())
         .collect();
-    let mut layers = vec![(MEDIA_TYPE_META, &meta), (MEDIA_TYPE_CHUNKS, &table)];
-    layers.extend(data.iter().map(|d| (MEDIA_TYPE_DATA, d)));
+    let mut layers = vec![(MEDIA_TYPE_META, "meta", &meta), (MEDIA_TYPE_CHUNKS, "chunks", &table)];
+    layers.extend(data.iter().map(|d| (MEDIA_TYPE_DATA, "data", d)));
     let mut cfg: serde_json::Value = serde_json::from_slice(config)?;
     if let Some(obj) = cfg.as_object_mut() {
         obj.remove("history");
-        let diff_ids: Vec<&String> = layers.iter().map(|(_, (d, _))| d).collect();
+        // one diff id per layer, as containerd counts them; lazyblob layers are never
+        // unpacked, so their digests stand in
+        let diff_ids: Vec<&String> = layers.iter().map(|(_, _, (d, _))| d).collect();
         obj.insert("rootfs".into(), json!({"type": "layers", "diff_ids": diff_ids}));
     }
     let config = with_digest(Bytes::from(serde_json::to_vec(&cfg)?));
@@ -313,7 +315,14 @@ pub fn assemble(img: &BuiltImage, config: &[u8]) -> Result<Assembled, serde_json
         "schemaVersion": 2,
         "mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
         "config": desc(oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE, &config),
-        "layers": layers.iter().map(|(mt, d)| desc(mt, d)).collect::<Vec<_>>(),
+        "layers": layers
+            .iter()
+            .map(|(mt, role, d)| {
+                let mut l = desc(mt, d);
+                l["annotations"] = json!({ ANNOTATION_LAYER: role });
+                l
+            })
+            .collect::<Vec<_>>(),
         "annotations": {ANNOTATION_FORMAT: FORMAT_VERSION},
     });
     let mut blobs = data;

@@ -1,7 +1,9 @@
-//! The lazyblob image format, version 1 (see `docs/format.md`): an OCI image manifest whose
+//! The lazyblob image format, version 2 (see `docs/format.md`): an OCI image manifest whose
 //! layers are an EROFS metadata blob, a chunk digest table, and one data blob per source
 //! layer. Everything a reader sees is verified through the chain manifest digest ->
-//! descriptor digests -> chunk digests.
+//! descriptor digests -> chunk digests. Version 2 gives the layers media types containerd
+//! treats as layers and annotations that reach its snapshotter; version 1 images are read
+//! too.
 
 use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use serde::{Deserialize, Serialize};
@@ -11,15 +13,24 @@ use super::digest::{Digest, DigestError};
 use crate::config::{Limit, LimitsConfig, TooLarge};
 
 /// The EROFS metadata blob (4 KiB blocks, device table naming the data blobs).
-pub const MEDIA_TYPE_META: &str = "application/vnd.lazyblob.meta.v1.erofs";
+pub const MEDIA_TYPE_META: &str = "application/vnd.oci.image.layer.lazyblob.meta.v2.erofs";
 /// A data blob: file contents, each file starting on a 4 KiB boundary.
-pub const MEDIA_TYPE_DATA: &str = "application/vnd.lazyblob.data.v1";
+pub const MEDIA_TYPE_DATA: &str = "application/vnd.oci.image.layer.lazyblob.data.v2";
 /// The chunk digest table (JSON, [`ChunkTable`]).
-pub const MEDIA_TYPE_CHUNKS: &str = "application/vnd.lazyblob.chunks.v1+json";
+pub const MEDIA_TYPE_CHUNKS: &str = "application/vnd.oci.image.layer.lazyblob.chunks.v2+json";
+/// Version 1 media types (read only).
+pub const V1_MEDIA_TYPE_META: &str = "application/vnd.lazyblob.meta.v1.erofs";
+pub const V1_MEDIA_TYPE_DATA: &str = "application/vnd.lazyblob.data.v1";
+pub const V1_MEDIA_TYPE_CHUNKS: &str = "application/vnd.lazyblob.chunks.v1+json";
 /// Manifest annotation naming the format version.
 pub const ANNOTATION_FORMAT: &str = "org.lazyblob.format";
-/// The format version this build reads and writes.
-pub const FORMAT_VERSION: &str = "1";
+/// The format version this build writes.
+pub const FORMAT_VERSION: &str = "2";
+/// Format versions this build reads.
+pub const READ_VERSIONS: &[&str] = &["1", "2"];
+/// Layer annotation naming a layer's role (`meta`, `chunks`, `data`); containerd passes
+/// `containerd.io/snapshot/` annotations to the snapshotter as labels.
+pub const ANNOTATION_LAYER: &str = "containerd.io/snapshot/lazyblob.layer";
 /// Default verified chunk size of data blobs.
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 /// Largest data blob the format accepts (guards size arithmetic against hostile tables).
@@ -264,20 +275,24 @@ impl LazyManifest {
     /// of them is fetched.
     pub fn from_manifest_within(m: &OciImageManifest, limits: &LimitsConfig) -> Result<LazyManifest, FormatError> {
         let version = m.annotations.as_ref().and_then(|a| a.get(ANNOTATION_FORMAT));
-        if version.map(String::as_str) != Some(FORMAT_VERSION) {
+        let Some(version) = version.filter(|v| READ_VERSIONS.contains(&v.as_str())) else {
             return Err(FormatError::NotLazyblob(format!(
-                "annotation {ANNOTATION_FORMAT} is {version:?}, expected {FORMAT_VERSION:?}"
+                "annotation {ANNOTATION_FORMAT} is {version:?}, expected one of {READ_VERSIONS:?}"
             )));
-        }
+        };
+        let (meta_type, chunks_type, data_type) = match version.as_str() {
+            "1" => (V1_MEDIA_TYPE_META, V1_MEDIA_TYPE_CHUNKS, V1_MEDIA_TYPE_DATA),
+            _ => (MEDIA_TYPE_META, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_DATA),
+        };
         let mut meta = None;
         let mut table = None;
         let mut data = Vec::new();
         for l in &m.layers {
             let blob = BlobRef::from_descriptor(l)?;
             match l.media_type.as_str() {
-                MEDIA_TYPE_META if meta.is_none() => meta = Some(blob),
-                MEDIA_TYPE_CHUNKS if table.is_none() => table = Some(blob),
-                MEDIA_TYPE_DATA => data.push(blob),
+                t if t == meta_type && meta.is_none() => meta = Some(blob),
+                t if t == chunks_type && table.is_none() => table = Some(blob),
+                t if t == data_type => data.push(blob),
                 other => return Err(FormatError::NotLazyblob(format!("unexpected layer media type {other}"))),
             }
         }
@@ -374,6 +389,29 @@ mod tests {
                 let _ = LazyManifest::from_manifest(&m);
             }
         }
+    }
+
+    #[test]
+    fn version_1_images_are_still_read() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let manifest = |version: &str, types: [&str; 3]| {
+            let layers: Vec<serde_json::Value> = types
+                .iter()
+                .zip(['a', 'b', 'c'])
+                .map(|(t, c)| serde_json::json!({"mediaType": t, "digest": d(c), "size": 10}))
+                .collect();
+            let m = serde_json::json!({"schemaVersion": 2, "config": {"mediaType": "x", "digest": d('f'), "size": 1},
+                "annotations": {ANNOTATION_FORMAT: version}, "layers": layers});
+            serde_json::from_value::<OciImageManifest>(m).unwrap()
+        };
+        let v1 = [V1_MEDIA_TYPE_META, V1_MEDIA_TYPE_CHUNKS, V1_MEDIA_TYPE_DATA];
+        let v2 = [MEDIA_TYPE_META, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_DATA];
+        assert_eq!(LazyManifest::from_manifest(&manifest("1", v1)).unwrap().data.len(), 1);
+        assert_eq!(LazyManifest::from_manifest(&manifest("2", v2)).unwrap().data.len(), 1);
+        assert!(LazyManifest::from_manifest(&manifest("2", v1)).is_err());
+        assert!(LazyManifest::from_manifest(&manifest("3", v2)).is_err());
+        // containerd treats version 2 layers as layers
+        assert!(v2.iter().all(|t| t.starts_with("application/vnd.oci.image.layer.")));
     }
 
     #[test]
