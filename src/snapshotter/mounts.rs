@@ -2,35 +2,65 @@
 //! a bind mount when there is one tree (read-write for an active snapshot without parent,
 //! read-only for a view of one layer), else an `overlay` whose lower directories are the
 //! committed ancestors, nearest first, with an upper and work directory for active ones.
+//! The first remote (lazyblob) ancestor stands for itself and everything below it: its
+//! image's lazy EROFS mount is the last lower directory.
 
 use std::path::Path;
 
 use super::api::Mount;
-use super::store::{Kind, Snapshot, Store, StoreError};
+use super::store::{Kind, Snapshot, Source, Store, StoreError};
+
+/// The directories of a snapshot's lower layers, nearest first: local ancestors' trees up to
+/// the first remote one, whose image mount (`image_mount`) ends the list.
+pub fn lower_dirs(
+    store: &Store,
+    key: &str,
+    image_mount: &dyn Fn(&str) -> std::path::PathBuf,
+) -> Result<Vec<std::path::PathBuf>, StoreError> {
+    let mut out = Vec::new();
+    for (id, source) in store.ancestors(key)? {
+        match source {
+            Source::Local => out.push(store.fs_dir(id)),
+            Source::Remote { image } => {
+                out.push(image_mount(&image));
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
 
 /// The mounts of snapshot `s` (key `key`).
-pub fn for_snapshot(store: &Store, key: &str, s: &Snapshot) -> Result<Vec<Mount>, StoreError> {
-    let parents = store.ancestors(key)?;
-    let lower = |ids: &[u64]| {
-        ids.iter()
-            .map(|&id| store.fs_dir(id).display().to_string())
+pub fn for_snapshot(
+    store: &Store,
+    key: &str,
+    s: &Snapshot,
+    image_mount: &dyn Fn(&str) -> std::path::PathBuf,
+) -> Result<Vec<Mount>, StoreError> {
+    let parents = lower_dirs(store, key, image_mount)?;
+    let lower = |dirs: &[std::path::PathBuf]| {
+        dirs.iter()
+            .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
             .join(":")
     };
-    Ok(vec![match (s.kind, parents.as_slice()) {
-        (Kind::Active, []) => bind(&store.fs_dir(s.id), "rw"),
-        (Kind::View, []) => bind(&store.fs_dir(s.id), "ro"),
-        (Kind::View, [only]) => bind(&store.fs_dir(*only), "ro"),
-        (Kind::View, ids) => overlay(vec![format!("lowerdir={}", lower(ids))]),
-        (Kind::Active, ids) => overlay(vec![
+    Ok(vec![match (s.kind, &s.source, parents.as_slice()) {
+        (Kind::Committed, Source::Remote { image }, _) => bind(&image_mount(image), "ro"),
+        (Kind::Active, _, []) => bind(&store.fs_dir(s.id), "rw"),
+        (Kind::View, _, []) => bind(&store.fs_dir(s.id), "ro"),
+        (Kind::View, _, [only]) => bind(only, "ro"),
+        (Kind::View, _, dirs) => overlay(vec![format!("lowerdir={}", lower(dirs))]),
+        (Kind::Active, _, dirs) => overlay(vec![
             format!("workdir={}", store.work_dir(s.id).display()),
             format!("upperdir={}", store.fs_dir(s.id).display()),
-            format!("lowerdir={}", lower(ids)),
+            format!("lowerdir={}", lower(dirs)),
         ]),
         // a committed snapshot reads as a view of itself over its ancestors
-        (Kind::Committed, []) => bind(&store.fs_dir(s.id), "ro"),
-        (Kind::Committed, ids) => {
-            let all: Vec<u64> = std::iter::once(s.id).chain(ids.iter().copied()).collect();
+        (Kind::Committed, Source::Local, []) => bind(&store.fs_dir(s.id), "ro"),
+        (Kind::Committed, Source::Local, dirs) => {
+            let all: Vec<std::path::PathBuf> = std::iter::once(store.fs_dir(s.id))
+                .chain(dirs.iter().cloned())
+                .collect();
             overlay(vec![format!("lowerdir={}", lower(&all))])
         }
     }])
@@ -61,25 +91,29 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    fn none_mount(_: &str) -> std::path::PathBuf {
+        unreachable!("no remote layers here")
+    }
+
     #[test]
     fn overlay_layout_like_containerd() {
         let root = tempfile::tempdir().unwrap();
         let st = Store::open(root.path()).unwrap();
         let none = BTreeMap::new;
         let a = st.create(Kind::Active, "a", None, none()).unwrap();
-        let m = for_snapshot(&st, "a", &a).unwrap();
+        let m = for_snapshot(&st, "a", &a, &none_mount).unwrap();
         assert_eq!(
             (m[0].r#type.as_str(), m[0].options.clone()),
             ("bind", vec!["rw".into(), "rbind".into()])
         );
         st.commit("A", "a", none()).unwrap();
         let v = st.create(Kind::View, "v", Some("A"), none()).unwrap();
-        let m = for_snapshot(&st, "v", &v).unwrap();
+        let m = for_snapshot(&st, "v", &v, &none_mount).unwrap();
         assert_eq!(m[0].source, st.fs_dir(a.id).display().to_string());
         let b = st.create(Kind::Active, "b", Some("A"), none()).unwrap();
         st.commit("B", "b", none()).unwrap();
         let c = st.create(Kind::Active, "c", Some("B"), none()).unwrap();
-        let m = for_snapshot(&st, "c", &c).unwrap();
+        let m = for_snapshot(&st, "c", &c, &none_mount).unwrap();
         assert_eq!(m[0].r#type, "overlay");
         let lower = format!("lowerdir={}:{}", st.fs_dir(b.id).display(), st.fs_dir(a.id).display());
         assert_eq!(m[0].options.last(), Some(&lower));

@@ -15,16 +15,135 @@ use super::api::snapshots::snapshots_server::{Snapshots, SnapshotsServer};
 use super::api::snapshots::{self as pb};
 use super::filter::{self, Filter};
 use super::mounts;
-use super::store::{Kind, Snapshot, Store, StoreError};
+use super::remote::{self, Images, Layer};
+use super::store::{Kind, Snapshot, Source, Store, StoreError};
 
 /// The snapshots service.
 pub struct Service {
     store: Arc<Store>,
+    root: std::path::PathBuf,
+    images: Arc<dyn Images>,
+    /// Serialises image mounts and unmounts.
+    mounting: tokio::sync::Mutex<()>,
 }
 
 impl Service {
-    pub fn new(store: Arc<Store>) -> Service {
-        Service { store }
+    /// The service over `store` (kept in `root`), mounting lazy images through `images`.
+    pub fn new(store: Arc<Store>, root: &Path, images: Arc<dyn Images>) -> Service {
+        Service {
+            store,
+            root: root.to_path_buf(),
+            images,
+            mounting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn image_mount(&self) -> impl Fn(&str) -> std::path::PathBuf + '_ {
+        move |pinned| remote::mount_point(&self.root, pinned)
+    }
+
+    /// The mounts of `key`, with the lazy image below it mounted.
+    async fn mounts_of(&self, key: &str, s: &Snapshot) -> Result<Vec<super::api::Mount>, Status> {
+        if let Some(pinned) = self.remote_image(key, s)? {
+            let _one = self.mounting.lock().await;
+            let target = remote::mount_point(&self.root, &pinned);
+            self.images
+                .ensure_mounted(&pinned, &target)
+                .await
+                .map_err(|e| Status::unavailable(format!("mounting lazyblob image {pinned}: {e}")))?;
+        }
+        mounts::for_snapshot(&self.store, key, s, &self.image_mount()).map_err(status)
+    }
+
+    /// The lazyblob image `key` reads through, if any: its own or its first remote ancestor's.
+    fn remote_image(&self, key: &str, s: &Snapshot) -> Result<Option<String>, Status> {
+        if let Source::Remote { image } = &s.source {
+            return Ok(Some(image.clone()));
+        }
+        Ok(self
+            .store
+            .ancestors(key)
+            .map_err(status)?
+            .into_iter()
+            .find_map(|(_, src)| match src {
+                Source::Remote { image } => Some(image),
+                Source::Local => None,
+            }))
+    }
+
+    /// Commit a lazyblob layer under its chain ID without unpacking anything; containerd is
+    /// told ALREADY_EXISTS and downloads nothing.
+    async fn commit_remote(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: std::collections::HashMap<String, String>,
+        (chain, role, pinned, layer): (String, String, Result<String, String>, Option<String>),
+    ) -> Status {
+        let pinned = match pinned {
+            Ok(p) => p,
+            Err(e) => return Status::failed_precondition(e),
+        };
+        let layers = match self.images.register(&pinned).await {
+            Ok(l) => l,
+            Err(e) => return Status::failed_precondition(format!("lazyblob image {pinned}: {e}")),
+        };
+        if role != "chunks" && layer.as_ref().is_some_and(|l| !layers.contains(l)) {
+            return Status::failed_precondition(format!("layer {layer:?} is not part of lazyblob image {pinned}"));
+        }
+        let parent = (!parent.is_empty()).then_some(parent);
+        let labels: BTreeMap<String, String> = labels.into_iter().collect();
+        if let Err(e) = self.store.create(Kind::Active, key, parent, labels) {
+            return status(e);
+        }
+        let remote = BTreeMap::from([(remote::LABEL_REMOTE.to_string(), "remote".to_string())]);
+        let committed = self
+            .store
+            .commit_as(&chain, key, remote, Source::Remote { image: pinned.clone() });
+        if committed.is_err() {
+            let _ = self.store.remove(key);
+        }
+        match committed {
+            Ok(s) => {
+                tracing::info!(
+                    chain,
+                    role,
+                    image = pinned,
+                    id = s.id,
+                    "lazyblob layer committed remotely"
+                );
+                Status::already_exists(format!("{chain}: lazyblob layer committed remotely"))
+            }
+            Err(StoreError::AlreadyExists(_)) => Status::already_exists(format!("{chain} exists")),
+            Err(e) => status(e),
+        }
+    }
+
+    /// Unmount the lazy images no snapshot reads through any more.
+    async fn release_unused_images(&self) {
+        let _one = self.mounting.lock().await;
+        let mut in_use = std::collections::HashSet::new();
+        for (key, s) in self.store.all() {
+            if s.source != Source::Local {
+                continue;
+            }
+            if let Ok(Some(image)) = self.remote_image(&key, &s) {
+                in_use.insert(remote::mount_point(&self.root, &image));
+            }
+        }
+        let Ok(dir) = std::fs::read_dir(self.root.join("images")) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let target = e.path();
+            if in_use.contains(&target) || !crate::frontend::mount::is_erofs_mount(&target) {
+                continue;
+            }
+            match self.images.unmount(&target).await {
+                Ok(()) => tracing::info!(target = %target.display(), "lazyblob image no longer used: unmounted"),
+                Err(e) => tracing::warn!(target = %target.display(), error = %e, "could not unmount an unused image"),
+            }
+        }
     }
 
     /// Serve on `socket` until `shutdown` fires.
@@ -64,19 +183,39 @@ impl Service {
         }
     }
 
-    /// Prepare or View: create the snapshot and answer its mounts.
-    fn create(
+    /// Prepare or View: create the snapshot and answer its mounts (a lazyblob layer is
+    /// committed remotely instead).
+    async fn create(
         &self,
         kind: Kind,
         key: &str,
         parent: &str,
         labels: std::collections::HashMap<String, String>,
     ) -> Result<Vec<super::api::Mount>, Status> {
+        if kind == Kind::Active {
+            if let Layer::Lazyblob {
+                chain,
+                role,
+                pinned,
+                layer,
+            } = remote::classify(&labels)
+            {
+                return Err(self
+                    .commit_remote(key, parent, labels, (chain, role, pinned, layer))
+                    .await);
+            }
+        }
         let parent = (!parent.is_empty()).then_some(parent);
         let labels: BTreeMap<String, String> = labels.into_iter().collect();
         let s = self.store.create(kind, key, parent, labels).map_err(status)?;
         tracing::debug!(key, ?parent, ?kind, id = s.id, "snapshot created");
-        mounts::for_snapshot(&self.store, key, &s).map_err(status)
+        match self.mounts_of(key, &s).await {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                let _ = self.store.remove(key);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -137,20 +276,20 @@ impl Snapshots for Service {
         req: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let mounts = self.create(Kind::Active, &r.key, &r.parent, r.labels)?;
+        let mounts = self.create(Kind::Active, &r.key, &r.parent, r.labels).await?;
         Ok(Response::new(pb::PrepareSnapshotResponse { mounts }))
     }
 
     async fn view(&self, req: Request<pb::ViewSnapshotRequest>) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let mounts = self.create(Kind::View, &r.key, &r.parent, r.labels)?;
+        let mounts = self.create(Kind::View, &r.key, &r.parent, r.labels).await?;
         Ok(Response::new(pb::ViewSnapshotResponse { mounts }))
     }
 
     async fn mounts(&self, req: Request<pb::MountsRequest>) -> Result<Response<pb::MountsResponse>, Status> {
         let key = req.into_inner().key;
         let s = self.store.get(&key).map_err(status)?;
-        let mounts = mounts::for_snapshot(&self.store, &key, &s).map_err(status)?;
+        let mounts = self.mounts_of(&key, &s).await?;
         Ok(Response::new(pb::MountsResponse { mounts }))
     }
 
@@ -173,6 +312,7 @@ impl Snapshots for Service {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(status)?;
         tracing::debug!(key, id = s.id, "snapshot removed");
+        self.release_unused_images().await;
         Ok(Response::new(()))
     }
 

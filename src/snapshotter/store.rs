@@ -26,11 +26,25 @@ pub enum Kind {
     Committed,
 }
 
+/// Where a committed snapshot's tree comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Its own directory (unpacked by containerd, or a committed container).
+    #[default]
+    Local,
+    /// A layer of a lazyblob image (pinned `repo@digest`), committed without unpacking: the
+    /// image's lazy EROFS mount holds it and every layer below it.
+    Remote { image: String },
+}
+
 /// One snapshot's record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
     pub id: u64,
     pub kind: Kind,
+    #[serde(default)]
+    pub source: Source,
     pub parent: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub created: SystemTime,
@@ -145,6 +159,7 @@ impl Store {
         let s = Snapshot {
             id,
             kind,
+            source: Source::Local,
             parent: parent.map(str::to_string),
             labels,
             created: now,
@@ -161,6 +176,17 @@ impl Store {
 
     /// Commit active snapshot `key` as `name`, with `labels` added.
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<Snapshot, StoreError> {
+        self.commit_as(name, key, labels, Source::Local)
+    }
+
+    /// Commit active snapshot `key` as `name` with its tree from `source`.
+    pub fn commit_as(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        source: Source,
+    ) -> Result<Snapshot, StoreError> {
         let mut t = lock(&self.table);
         if t.snapshots.contains_key(name) {
             return Err(StoreError::AlreadyExists(name.to_string()));
@@ -176,6 +202,7 @@ impl Store {
             )));
         }
         s.kind = Kind::Committed;
+        s.source = source;
         s.labels.extend(labels);
         s.updated = SystemTime::now();
         t.snapshots.remove(key);
@@ -251,8 +278,8 @@ impl Store {
             .collect()
     }
 
-    /// The ids of `key`'s ancestors, nearest first.
-    pub fn ancestors(&self, key: &str) -> Result<Vec<u64>, StoreError> {
+    /// `key`'s ancestors (id and source), nearest first.
+    pub fn ancestors(&self, key: &str) -> Result<Vec<(u64, Source)>, StoreError> {
         let t = lock(&self.table);
         let mut out = Vec::new();
         let mut cur = t
@@ -266,7 +293,7 @@ impl Store {
                 .snapshots
                 .get(&p)
                 .ok_or_else(|| StoreError::FailedPrecondition(format!("parent {p:?} of {key:?} is gone")))?;
-            out.push(s.id);
+            out.push((s.id, s.source.clone()));
             if out.len() > t.snapshots.len() {
                 return Err(StoreError::FailedPrecondition(format!("{key:?} has a parent cycle")));
             }
@@ -319,7 +346,7 @@ mod tests {
         let c = st.get("A").unwrap();
         assert_eq!((c.id, c.kind, c.labels.len()), (a.id, Kind::Committed, 2));
         let b = st.create(Kind::Active, "b", Some("A"), BTreeMap::new()).unwrap();
-        assert_eq!(st.ancestors("b").unwrap(), vec![a.id]);
+        assert_eq!(st.ancestors("b").unwrap(), vec![(a.id, Source::Local)]);
         assert!(matches!(st.remove("A"), Err(StoreError::FailedPrecondition(_))));
         // a restart gives the same table
         drop(st);

@@ -1,0 +1,116 @@
+//! Remote layers: what tells a lazyblob layer from any other in a Prepare, and the lazy
+//! images behind such layers. containerd prepares each layer with
+//! `containerd.io/snapshot.ref = <chainID>` and the layer's `containerd.io/snapshot/`
+//! annotations (lazyblob's `lazyblob.layer`); its CRI plugin adds the image reference and
+//! manifest digest (`cri.*`). A lazyblob layer is committed at once under its chain ID
+//! (containerd then downloads nothing); the rootfs over such layers is an overlay over the
+//! image's lazy EROFS mount.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::image::digest::Digest;
+use crate::image::format::{fsid_for, ANNOTATION_LAYER};
+
+pub const LABEL_REF: &str = "containerd.io/snapshot.ref";
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const LABEL_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+/// Set on remotely committed layers (the convention of stargz and nydus).
+pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
+
+/// The lazy images behind remote layers: the daemon registers and mounts them.
+#[tonic::async_trait]
+pub trait Images: Send + Sync {
+    /// Register (fetch and verify) the image `pinned` (`repo@digest`); the digests of its
+    /// metadata and data layers.
+    async fn register(&self, pinned: &str) -> Result<Vec<String>, String>;
+    /// Mount `pinned` lazily on `target` unless it is mounted there already.
+    async fn ensure_mounted(&self, pinned: &str, target: &Path) -> Result<(), String>;
+    /// Unmount `target`, which no snapshot uses any more.
+    async fn unmount(&self, target: &Path) -> Result<(), String>;
+}
+
+/// What a Prepare asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Layer {
+    /// Anything but a lazyblob layer: prepared and unpacked as overlayfs would.
+    Plain,
+    /// A layer of a lazyblob image, to commit under `chain`.
+    Lazyblob {
+        chain: String,
+        role: String,
+        /// The image, pinned by digest (from the CRI labels), or why there is none.
+        pinned: Result<String, String>,
+        layer: Option<String>,
+    },
+}
+
+/// Read a Prepare's labels.
+pub fn classify(labels: &HashMap<String, String>) -> Layer {
+    let (Some(chain), Some(role)) = (labels.get(LABEL_REF), labels.get(ANNOTATION_LAYER)) else {
+        return Layer::Plain;
+    };
+    let pinned = match (labels.get(LABEL_IMAGE_REF), labels.get(LABEL_MANIFEST)) {
+        (Some(r), Some(m)) => pin(r, m),
+        _ => Err(format!(
+            "a lazyblob layer prepared without the {LABEL_IMAGE_REF} and {LABEL_MANIFEST} labels: pull through CRI \
+             (kubelet, crictl) with disable_snapshot_annotations = false"
+        )),
+    };
+    Layer::Lazyblob {
+        chain: chain.clone(),
+        role: role.clone(),
+        pinned,
+        layer: labels.get(LABEL_LAYER).cloned(),
+    }
+}
+
+/// `registry/repo@<manifest digest>` for an image reference and its manifest digest.
+fn pin(reference: &str, manifest: &str) -> Result<String, String> {
+    let digest = Digest::parse(manifest).map_err(|e| format!("{LABEL_MANIFEST}: {e}"))?;
+    let r = crate::registry::parse_reference(reference).map_err(|e| format!("{LABEL_IMAGE_REF}: {e}"))?;
+    Ok(format!("{}/{}@{digest}", r.registry(), r.repository()))
+}
+
+/// Where the lazy mount of `pinned` lives under the snapshotter root (one per image, named
+/// by its fsid; the root is root-only).
+pub fn mount_point(root: &Path, pinned: &str) -> PathBuf {
+    let name = pinned
+        .rsplit_once('@')
+        .and_then(|(_, d)| Digest::parse(d).ok())
+        .map(|d| fsid_for(&d))
+        .unwrap_or_else(|| "invalid".into());
+    root.join("images").join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lazyblob_layers_are_told_apart() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let mut l: HashMap<String, String> = [(LABEL_REF.to_string(), "sha256:chain".to_string())].into();
+        assert_eq!(classify(&l), Layer::Plain);
+        l.insert(ANNOTATION_LAYER.into(), "data".into());
+        let Layer::Lazyblob { pinned, .. } = classify(&l) else {
+            panic!()
+        };
+        assert!(pinned.unwrap_err().contains("disable_snapshot_annotations"));
+        l.insert(LABEL_IMAGE_REF.into(), "127.0.0.1:5000/lazy/app:v1".into());
+        l.insert(LABEL_MANIFEST.into(), digest.clone());
+        let Layer::Lazyblob { chain, pinned, .. } = classify(&l) else {
+            panic!()
+        };
+        assert_eq!(chain, "sha256:chain");
+        let pinned = pinned.unwrap();
+        assert_eq!(pinned, format!("127.0.0.1:5000/lazy/app@{digest}"));
+        assert!(mount_point(Path::new("/r"), &pinned).ends_with(format!("images/lb-{}", "ab".repeat(16))));
+        l.insert(LABEL_MANIFEST.into(), "sha256:../../etc".into());
+        let Layer::Lazyblob { pinned, .. } = classify(&l) else {
+            panic!()
+        };
+        assert!(pinned.is_err());
+    }
+}
