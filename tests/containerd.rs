@@ -10,152 +10,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::containerd::Containerd;
 use common::daemon::DaemonProc;
 use common::*;
 use lazyblob::registry::{parse_reference, sha256_digest, Registry};
 use serde_json::json;
-
-/// Debian's containerd with a private root, state and socket; stopped (with its shims and
-/// mounts) on drop.
-struct Containerd {
-    dir: PathBuf,
-    socket: PathBuf,
-    child: Option<Child>,
-}
-
-impl Containerd {
-    fn start(dir: &Path, snapshotter_socket: &Path) -> Containerd {
-        require_tool("containerd", "containerd");
-        require_tool("runc", "runc");
-        std::fs::create_dir_all(dir).unwrap();
-        let socket = dir.join("containerd.sock");
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[debug]
-  address = "{sock}.debug"
-[proxy_plugins.lazyblob]
-  type = "snapshot"
-  address = "{snap}"
-"#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            sock = socket.display(),
-            snap = snapshotter_socket.display(),
-        );
-        std::fs::write(dir.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let c = Containerd {
-            dir: dir.to_path_buf(),
-            socket,
-            child: Some(child),
-        };
-        let t0 = Instant::now();
-        while !c.ctr(&["version"]).status.success() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "containerd did not start:\n{}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
-    }
-
-    /// `ctr` against this containerd, namespace `test`.
-    fn ctr(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", "test"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    /// `ctr` that must succeed; its stdout.
-    fn ctr_ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        assert!(
-            out.status.success(),
-            "ctr {args:?} failed: {}\n--- containerd log (tail)\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            tail(&self.log(), 30)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // shims started for our containerd (their command line names our state dir)
-        let state = self.dir.join("state").to_string_lossy().into_owned();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmd).contains(&state) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        let root = self.dir.to_string_lossy().into_owned();
-        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let mut targets: Vec<&str> = info
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(4))
-                .filter(|t| t.starts_with(&root))
-                .collect();
-            targets.reverse();
-            for t in targets {
-                let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 /// Push an ordinary OCI image whose layers are these tars (gzip-compressed), with the
 /// config's `rootfs.diff_ids` right, as containerd checks them.
@@ -247,7 +110,7 @@ async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let c = Containerd::start(&work.path().join("c"), &snap_sock);
+    let c = Containerd::start(&work.path().join("c"), &snap_sock, None);
     let plugins = c.ctr_ok(&["plugins", "ls"]);
     assert!(
         plugins
@@ -311,4 +174,150 @@ async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs() {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "snapshot directories left: {left:?}");
+}
+
+/// A lazyblob image (converted with `lazyblob convert`) pulled through containerd's CRI image
+/// service, as kubelet pulls: every layer is committed remotely (containerd's content store
+/// holds no layer blob, lazyblob fetched only the metadata and table), then `ctr run` reads
+/// two files through the lazy mount: their sha256 are right and a 16 MiB file nobody read
+/// was never fetched. Removing the image releases the lazy mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazyblob_image_pulled_through_cri_runs_lazily() {
+    require_root();
+    let dr = DockerRegistry::start(None);
+    let reg = client(&insecure_config(&[&dr.host]));
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .map(|p| std::fs::read(p).unwrap())
+        .expect("busybox-static");
+    let (small, big1, big2) = (bytes(11, 5000), bytes(12, 8 << 20), bytes(13, 16 << 20));
+    let mut base = oci::Layer::new();
+    base.dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .symlink("bin/sh", "busybox")
+        .dir("data", 0o755)
+        .file("data/small.txt", 0o644, &small)
+        .file("data/big1.bin", 0o644, &big1);
+    let mut top = oci::Layer::new();
+    top.dir("data", 0o755).file("data/big2.bin", 0o644, &big2);
+    let src = format!("{}/plain/app:v1", dr.host);
+    let dst = format!("{}/lazy/app:v1", dr.host);
+    push_runnable(&reg, &src, &[base.tar(), top.tar()]).await;
+    oci::convert_ref(&reg, &src, &dst).await;
+    let lazy = oci::lazy_manifest(&reg, &dst).await;
+    let layers = 2 + lazy.data.len();
+
+    let work = tempfile::tempdir().unwrap();
+    let snap_sock = work.path().join("d/snapshotter.sock");
+    let d = DaemonProc::start(
+        &work.path().join("d"),
+        &[&dr.host],
+        &format!(
+            "frontend = \"fanotify\"\n[snapshotter]\nsocket = \"{}\"",
+            snap_sock.display()
+        ),
+    );
+    let t0 = Instant::now();
+    while !snap_sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no snapshotter socket:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c = Containerd::start(&work.path().join("c"), &snap_sock, Some(&[&dr.host]));
+    let t0 = Instant::now();
+    let image_ref = common::containerd::cri_pull(&c.socket, &dst).await.unwrap_or_else(|e| {
+        panic!(
+            "CRI PullImage: {e}\n{}\n{}",
+            common::containerd::tail(&c.log(), 30),
+            d.log()
+        )
+    });
+    let pull = t0.elapsed();
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+
+    // every layer was committed remotely, and containerd downloaded none of them
+    let log = d.log();
+    assert_eq!(
+        log.matches("lazyblob layer committed remotely").count(),
+        layers,
+        "remote commits:\n{log}"
+    );
+    let content = c.ctr_ok_in("k8s.io", &["content", "ls"]);
+    let stored: Vec<&str> = content
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        stored.len(),
+        2,
+        "containerd should hold the manifest and config only:\n{content}"
+    );
+    for blob in std::iter::once(&lazy.meta).chain(&lazy.data) {
+        assert!(
+            !stored.contains(&blob.digest.as_str()),
+            "containerd fetched {}:\n{content}",
+            blob.digest
+        );
+    }
+    let after_pull = d.status().await.registry.bytes;
+    let data_bytes: u64 = lazy.data.iter().map(|b| b.size).sum();
+    assert!(after_pull < data_bytes / 10, "the pull fetched {after_pull} bytes");
+
+    let out = c.ctr_ok_in(
+        "k8s.io",
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazyblob",
+            &dst,
+            "lazy-reader",
+            "/bin/sh",
+            "-c",
+            "sha256sum /data/small.txt /data/big1.bin",
+        ],
+    );
+    for (name, data) in [("/data/small.txt", &small), ("/data/big1.bin", &big1)] {
+        let want = format!("{}  {name}", sha256_hex(data));
+        assert!(out.lines().any(|l| l == want), "{name}: expected {want}, got:\n{out}");
+    }
+    let fetched = d.status().await.registry.bytes;
+    assert!(
+        fetched < data_bytes - big2.len() as u64 / 2,
+        "fetched {fetched} of {data_bytes} data bytes: the unread 16 MiB file was fetched"
+    );
+    eprintln!("cri: pull {pull:?}, {after_pull} bytes fetched by the pull, {fetched} after the run, of {data_bytes}");
+
+    // the image goes: containerd's GC removes the snapshots, lazyblob releases the mount
+    // (CRI names an image by tag, by manifest digest and by its id)
+    let names = c.ctr_ok_in("k8s.io", &["images", "ls", "-q"]);
+    let mut rm = vec!["images", "rm", "--sync"];
+    rm.extend(names.lines().filter(|l| !l.is_empty()));
+    c.ctr_ok_in("k8s.io", &rm);
+    let images_dir = work.path().join("d/state/snapshotter/images");
+    let t0 = Instant::now();
+    loop {
+        let snaps = c.ctr_ok_in("k8s.io", &["snapshots", "--snapshotter", "lazyblob", "ls"]);
+        let mounted: Vec<_> = std::fs::read_dir(&images_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| lazyblob::frontend::mount::is_erofs_mount(p))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if snaps.lines().count() <= 1 && mounted.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "after image rm: snapshots\n{snaps}\nmounted {mounted:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -2,6 +2,7 @@
 //! test trees, building and pushing images, and running the VM rig.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod daemon;
 pub mod oci;
 

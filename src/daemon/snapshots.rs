@@ -1,0 +1,90 @@
+//! The containerd snapshotter's wiring: its service started on the configured socket, and
+//! the daemon seen through the snapshotter's `Images` (registration and lazy mounts with the
+//! same catalog, engine and kernel frontend as `lazyblob mount`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use super::Daemon;
+use crate::frontend::mount;
+
+/// Serve containerd's snapshots API if `[snapshotter] socket` is set.
+pub(super) fn start(daemon: &Arc<Daemon>) -> Result<()> {
+    let Some(socket) = daemon.config.snapshotter.socket.clone() else {
+        return Ok(());
+    };
+    let root = daemon
+        .config
+        .snapshotter
+        .root
+        .clone()
+        .unwrap_or_else(|| daemon.config.daemon.state_dir.join("snapshotter"));
+    let store = crate::snapshotter::store::Store::open(&root)
+        .with_context(|| format!("opening the snapshot store in {}", root.display()))?;
+    let images = Arc::new(SnapshotImages(Arc::downgrade(&daemon)));
+    let service = crate::snapshotter::service::Service::new(Arc::new(store), &root, images);
+    let stop = daemon.stop.subscribe();
+    tokio::spawn(async move {
+        if let Err(e) = service.serve(&socket, stop).await {
+            tracing::error!(error = %e, "the containerd snapshotter stopped");
+        }
+    });
+    Ok(())
+}
+
+/// The daemon as the snapshotter sees it: it registers lazyblob images and mounts them, with
+/// the same catalog, engine and kernel frontend as `lazyblob mount`.
+struct SnapshotImages(std::sync::Weak<Daemon>);
+
+impl SnapshotImages {
+    fn daemon(&self) -> Result<Arc<Daemon>, String> {
+        self.0
+            .upgrade()
+            .ok_or_else(|| "the daemon is shutting down".to_string())
+    }
+}
+
+#[tonic::async_trait]
+impl crate::snapshotter::remote::Images for SnapshotImages {
+    async fn register(&self, pinned: &str) -> Result<Vec<String>, String> {
+        let img = self
+            .daemon()?
+            .catalog
+            .register(pinned)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(std::iter::once(img.meta.digest.to_string())
+            .chain(img.data.iter().map(|d| d.source.digest.to_string()))
+            .collect())
+    }
+
+    async fn ensure_mounted(&self, pinned: &str, target: &Path) -> Result<(), String> {
+        let d = self.daemon()?;
+        crate::private_fs::private_dir(target.parent().unwrap_or(target)).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(target).map_err(|e| e.to_string())?;
+        let target = &std::fs::canonicalize(target).map_err(|e| e.to_string())?;
+        let known = d.mounts().iter().any(|m| &m.target == target);
+        if known && mount::is_erofs_mount(target) {
+            return Ok(());
+        }
+        if known {
+            // known but gone (detached while no daemon served it): forget it, mount again
+            d.mounts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|m| &m.target != target);
+        }
+        // a container's lower layer: setuid binaries and device nodes of the image work, and
+        // the mount lives under the snapshotter's root-only directory
+        d.mount(pinned, target, mount::SpecialFiles::Honoured)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    async fn unmount(&self, target: &Path) -> Result<(), String> {
+        self.daemon()?.umount(target, false).await.map_err(|e| format!("{e:#}"))
+    }
+}
