@@ -23,7 +23,7 @@ pub(super) fn start(daemon: &Arc<Daemon>) -> Result<()> {
         .unwrap_or_else(|| daemon.config.daemon.state_dir.join("snapshotter"));
     let store = crate::snapshotter::store::Store::open(&root)
         .with_context(|| format!("opening the snapshot store in {}", root.display()))?;
-    let images = Arc::new(SnapshotImages(Arc::downgrade(&daemon)));
+    let images = Arc::new(SnapshotImages(Arc::downgrade(daemon)));
     let service = crate::snapshotter::service::Service::new(Arc::new(store), &root, images);
     let stop = daemon.stop.subscribe();
     tokio::spawn(async move {
