@@ -1,4 +1,4 @@
-//! Generates the containerd snapshots service (server side) from the vendored protos in
+//! Generates the containerd snapshots service (server, and a client for tests) from the vendored protos in
 //! `proto/containerd`, compiled by `protox` (no `protoc` needed; it carries the
 //! `google/protobuf` well-known types).
 
@@ -9,8 +9,10 @@ fn main() {
         ["proto/containerd"],
     )
     .unwrap_or_else(|e| panic!("compiling containerd's snapshots protos: {e}"));
+    // the client (no transport of its own) serves the tests that speak to the service
     tonic_prost_build::configure()
-        .build_client(false)
+        .build_client(true)
+        .build_transport(false)
         .compile_fds(fds)
         .unwrap_or_else(|e| panic!("generating the containerd snapshots API: {e}"));
 }
