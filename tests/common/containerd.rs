@@ -37,14 +37,10 @@ state = "{state}"
   address = "{sock}.ttrpc"
 [debug]
   address = "{sock}.debug"
-[proxy_plugins.lazyblob]
-  type = "snapshot"
-  address = "{snap}"
 "#,
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             sock = socket.display(),
-            snap = snapshotter_socket.display(),
             disabled = if cri.is_some() {
                 ""
             } else {
@@ -52,6 +48,20 @@ state = "{state}"
             },
         );
         let mut config = config;
+        // the snippet the README and deploy/ ship, with this test's socket
+        let shipped =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/containerd/config-v2.toml"))
+                .unwrap()
+                .replace(
+                    "/run/lazyblob/snapshotter.sock",
+                    &snapshotter_socket.display().to_string(),
+                );
+        config.extend(
+            shipped
+                .lines()
+                .filter(|l| !l.starts_with("version"))
+                .map(|l| format!("{l}\n")),
+        );
         if let Some(hosts) = cri {
             config.push_str(&format!(
                 r#"[plugins."io.containerd.grpc.v1.cri"]
@@ -59,10 +69,6 @@ state = "{state}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{dir}/cni-bin"
     conf_dir = "{dir}/cni-conf"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "lazyblob"
-    disable_snapshot_annotations = false
-    discard_unpacked_layers = false
 "#,
                 dir = dir.display()
             ));
