@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::containerd::Containerd;
+use common::containerd::{Containerd, Cri};
 use common::daemon::DaemonProc;
 use common::*;
 use lazyblob::registry::{parse_reference, sha256_digest, Registry};
@@ -183,9 +183,25 @@ async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs() {
 /// was never fetched. Removing the image releases the lazy mount.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lazyblob_image_pulled_through_cri_runs_lazily() {
+    cri_pull_and_run(None).await;
+}
+
+/// The same from a `docker-registry` with htpasswd basic auth: containerd has the credentials
+/// in its CRI registry config, lazyblob in a docker `config.json` (`registry.docker_config`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_registry_works_through_cri() {
+    cri_pull_and_run(Some(("puller", "s3cret-pass"))).await;
+}
+
+async fn cri_pull_and_run(auth: Option<(&str, &str)>) {
     require_root();
-    let dr = DockerRegistry::start(None);
-    let reg = client(&insecure_config(&[&dr.host]));
+    let dr = DockerRegistry::start(auth);
+    let mut cfg = insecure_config(&[&dr.host]);
+    if let Some((u, p)) = auth {
+        cfg.hosts[0].username = Some(u.into());
+        cfg.hosts[0].password = Some(p.into());
+    }
+    let reg = client(&cfg);
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .iter()
         .find(|p| Path::new(p).exists())
@@ -210,13 +226,25 @@ async fn a_lazyblob_image_pulled_through_cri_runs_lazily() {
 
     let work = tempfile::tempdir().unwrap();
     let snap_sock = work.path().join("d/snapshotter.sock");
-    let d = DaemonProc::start(
+    // lazyblob's credentials, if any, from a docker config.json
+    let docker_config = work.path().join("docker-config.json");
+    let auths = match auth {
+        Some((u, p)) => {
+            use base64::Engine;
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            json!({"auths": {dr.host.clone(): {"auth": token}}})
+        }
+        None => json!({"auths": {}}),
+    };
+    std::fs::write(&docker_config, auths.to_string()).unwrap();
+    let d = DaemonProc::start_with(
         &work.path().join("d"),
         &[&dr.host],
         &format!(
             "frontend = \"fanotify\"\n[snapshotter]\nsocket = \"{}\"",
             snap_sock.display()
         ),
+        &format!("docker_config = \"{}\"", docker_config.display()),
     );
     let t0 = Instant::now();
     while !snap_sock.exists() {
@@ -227,7 +255,11 @@ async fn a_lazyblob_image_pulled_through_cri_runs_lazily() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let c = Containerd::start(&work.path().join("c"), &snap_sock, Some(&[&dr.host]));
+    let cri = Cri {
+        hosts: &[&dr.host],
+        auth,
+    };
+    let c = Containerd::start(&work.path().join("c"), &snap_sock, Some(cri));
     let t0 = Instant::now();
     let image_ref = common::containerd::cri_pull(&c.socket, &dst).await.unwrap_or_else(|e| {
         panic!(

@@ -11,6 +11,13 @@ use super::require_tool;
 
 /// Debian's containerd with a private root, state and socket; stopped (with its shims and
 /// mounts) on drop.
+/// The CRI plugin's settings: plain HTTP registries, and basic credentials for them.
+#[derive(Clone, Copy)]
+pub struct Cri<'a> {
+    pub hosts: &'a [&'a str],
+    pub auth: Option<(&'a str, &'a str)>,
+}
+
 pub struct Containerd {
     pub dir: PathBuf,
     pub socket: PathBuf,
@@ -19,9 +26,8 @@ pub struct Containerd {
 
 impl Containerd {
     /// Start with the lazyblob proxy plugin at `snapshotter_socket`; `cri`: the CRI plugin
-    /// on, pulling with the lazyblob snapshotter and snapshot annotations, from these plain
-    /// HTTP registries.
-    pub fn start(dir: &Path, snapshotter_socket: &Path, cri: Option<&[&str]>) -> Containerd {
+    /// on, pulling with the lazyblob snapshotter and snapshot annotations.
+    pub fn start(dir: &Path, snapshotter_socket: &Path, cri: Option<Cri<'_>>) -> Containerd {
         require_tool("containerd", "containerd");
         require_tool("runc", "runc");
         std::fs::create_dir_all(dir).unwrap();
@@ -62,7 +68,7 @@ state = "{state}"
                 .filter(|l| !l.starts_with("version"))
                 .map(|l| format!("{l}\n")),
         );
-        if let Some(hosts) = cri {
+        if let Some(Cri { hosts, auth }) = cri {
             config.push_str(&format!(
                 r#"[plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "registry.invalid/pause:3.6"
@@ -76,6 +82,11 @@ state = "{state}"
                 config.push_str(&format!(
                     "  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{h}\"]\n    endpoint = [\"http://{h}\"]\n"
                 ));
+                if let Some((u, p)) = auth {
+                    config.push_str(&format!(
+                        "  [plugins.\"io.containerd.grpc.v1.cri\".registry.configs.\"{h}\".auth]\n    username = \"{u}\"\n    password = \"{p}\"\n"
+                    ));
+                }
             }
         }
         std::fs::write(dir.join("config.toml"), config).unwrap();
