@@ -128,7 +128,8 @@ async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs() {
             "--snapshotter",
             snapshotter,
             &image,
-            &format!("list-{snapshotter}"),
+            // runc's state is per namespace, not per containerd: ids unique across tests
+            &format!("list-{snapshotter}-{}", rand::random::<u32>()),
             "/bin/sh",
             "-c",
             LIST,
@@ -237,7 +238,7 @@ async fn cri_pull_and_run(auth: Option<(&str, &str)>) {
         None => json!({"auths": {}}),
     };
     std::fs::write(&docker_config, auths.to_string()).unwrap();
-    let d = DaemonProc::start_with(
+    let mut d = DaemonProc::start_with(
         &work.path().join("d"),
         &[&dr.host],
         &format!(
@@ -308,7 +309,7 @@ async fn cri_pull_and_run(auth: Option<(&str, &str)>) {
             "--snapshotter",
             "lazyblob",
             &dst,
-            "lazy-reader",
+            &format!("lazy-reader-{}", rand::random::<u32>()),
             "/bin/sh",
             "-c",
             "sha256sum /data/small.txt /data/big1.bin",
@@ -324,6 +325,94 @@ async fn cri_pull_and_run(auth: Option<(&str, &str)>) {
         "fetched {fetched} of {data_bytes} data bytes: the unread 16 MiB file was fetched"
     );
     eprintln!("cri: pull {pull:?}, {after_pull} bytes fetched by the pull, {fetched} after the run, of {data_bytes}");
+
+    // a container snapshot over the image answers the same Mounts after a lazyblob restart,
+    // and the image's lazy mount is there again to serve it
+    let snaps = c.ctr_ok_in("k8s.io", &["snapshots", "--snapshotter", "lazyblob", "ls"]);
+    let rows: Vec<Vec<&str>> = snaps.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    let top = rows
+        .iter()
+        .map(|r| r[0])
+        .find(|k| !rows.iter().any(|r| r.len() == 3 && r[1] == *k))
+        .expect("a top layer");
+    c.ctr_ok_in(
+        "k8s.io",
+        &[
+            "snapshots",
+            "--snapshotter",
+            "lazyblob",
+            "prepare",
+            "restart-probe",
+            top,
+        ],
+    );
+    let mounts = |c: &Containerd| {
+        c.ctr_ok_in(
+            "k8s.io",
+            &[
+                "snapshots",
+                "--snapshotter",
+                "lazyblob",
+                "mounts",
+                "/mnt",
+                "restart-probe",
+            ],
+        )
+    };
+    let before = mounts(&c);
+    assert!(
+        before.contains("lowerdir=") && before.contains("/images/lb-"),
+        "{before}"
+    );
+    d.stop();
+    d.restart();
+    let t0 = Instant::now();
+    while !snap_sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no snapshotter socket after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // containerd keeps its proxy connection and redials
+    let t0 = Instant::now();
+    let after = loop {
+        let out = c.ctr_in(
+            "k8s.io",
+            &[
+                "snapshots",
+                "--snapshotter",
+                "lazyblob",
+                "mounts",
+                "/mnt",
+                "restart-probe",
+            ],
+        );
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "Mounts after the restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(before, after, "Mounts changed across a lazyblob restart");
+    let lower = after
+        .split("lowerdir=")
+        .nth(1)
+        .and_then(|l| l.split([',', ' ', '\n']).next())
+        .expect("lowerdir");
+    let image_mount = lower.rsplit(':').next().unwrap();
+    assert!(
+        lazyblob::frontend::mount::is_erofs_mount(Path::new(image_mount)),
+        "{image_mount} is not mounted after the restart"
+    );
+    c.ctr_ok_in(
+        "k8s.io",
+        &["snapshots", "--snapshotter", "lazyblob", "rm", "restart-probe"],
+    );
 
     // the image goes: containerd's GC removes the snapshots, lazyblob releases the mount
     // (CRI names an image by tag, by manifest digest and by its id)

@@ -198,8 +198,12 @@ pub fn client(cfg: &lazyblob::config::RegistryConfig) -> lazyblob::registry::Reg
 }
 
 fn empty_docker_config() -> PathBuf {
+    // written whole under a unique name, then renamed: tests running at once never read it
+    // half written
     let p = std::env::temp_dir().join("lazyblob-test-empty-docker-config.json");
-    std::fs::write(&p, "{}").unwrap();
+    let tmp = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
+    std::fs::write(tmp.path(), "{}").unwrap();
+    tmp.persist(&p).unwrap();
     p
 }
 
