@@ -8,10 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use lazyblob::registry::{parse_reference, sha256_digest, Registry};
+use lazyblob::registry::Registry;
 use rand::{RngCore, SeedableRng};
-use serde_json::json;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -45,29 +43,7 @@ async fn push_source(reg: &Registry, reference: &str, startup: usize, bulk: usiz
         }
         tars.push(layer.tar());
     }
-    let r = parse_reference(reference).unwrap();
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64", "os": "linux", "config": {"Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": tars.iter().map(|t| sha256_digest(t)).collect::<Vec<_>>()},
-    }))
-    .unwrap();
-    reg.push_blob(&r, Bytes::from(config.clone())).await.unwrap();
-    let mut descs = Vec::new();
-    for t in &tars {
-        let (data, mt) = common::oci::compress(t, common::oci::Compression::Gzip);
-        reg.push_blob(&r, Bytes::from(data.clone())).await.unwrap();
-        descs.push(json!({"mediaType": mt, "digest": sha256_digest(&data), "size": data.len()}));
-    }
-    let manifest = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_digest(&config), "size": config.len()},
-        "layers": descs});
-    reg.push_manifest(
-        &r,
-        Bytes::from(serde_json::to_vec(&manifest).unwrap()),
-        "application/vnd.oci.image.manifest.v1+json",
-    )
-    .await
-    .unwrap();
+    common::oci::push_runnable(reg, reference, &tars).await;
 }
 
 /// `ctr run` of a reader of the startup set; its wall time.

@@ -13,43 +13,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::containerd::{Containerd, Cri};
 use common::daemon::DaemonProc;
 use common::*;
-use lazyblob::registry::{parse_reference, sha256_digest, Registry};
 use serde_json::json;
-
-/// Push an ordinary OCI image whose layers are these tars (gzip-compressed), with the
-/// config's `rootfs.diff_ids` right, as containerd checks them.
-async fn push_runnable(reg: &Registry, reference: &str, tars: &[Vec<u8>]) {
-    let r = parse_reference(reference).unwrap();
-    let config = json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": tars.iter().map(|t| sha256_digest(t)).collect::<Vec<_>>()},
-    });
-    let config = serde_json::to_vec(&config).unwrap();
-    reg.push_blob(&r, Bytes::from(config.clone())).await.unwrap();
-    let mut descs = Vec::new();
-    for t in tars {
-        let (data, mt) = oci::compress(t, oci::Compression::Gzip);
-        reg.push_blob(&r, Bytes::from(data.clone())).await.unwrap();
-        descs.push(json!({"mediaType": mt, "digest": sha256_digest(&data), "size": data.len()}));
-    }
-    let manifest = json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_digest(&config), "size": config.len()},
-        "layers": descs
-    });
-    reg.push_manifest(
-        &r,
-        Bytes::from(serde_json::to_vec(&manifest).unwrap()),
-        "application/vnd.oci.image.manifest.v1+json",
-    )
-    .await
-    .unwrap();
-}
 
 /// Two layers: busybox and data files; then a whiteout, a hard link, a replaced file.
 fn plain_layers() -> Vec<Vec<u8>> {
@@ -89,7 +56,7 @@ async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs() {
     let dr = DockerRegistry::start(None);
     let reg = client(&insecure_config(&[&dr.host]));
     let image = format!("{}/plain/app:v1", dr.host);
-    push_runnable(&reg, &image, &plain_layers()).await;
+    oci::push_runnable(&reg, &image, &plain_layers()).await;
 
     let work = tempfile::tempdir().unwrap();
     let snap_sock = work.path().join("d/snapshotter.sock");
@@ -101,15 +68,7 @@ async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs() {
             snap_sock.display()
         ),
     );
-    let t0 = Instant::now();
-    while !snap_sock.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no snapshotter socket:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::containerd::wait_for_socket(&snap_sock, &d);
     let c = Containerd::start(&work.path().join("c"), &snap_sock, None);
     let plugins = c.ctr_ok(&["plugins", "ls"]);
     assert!(
@@ -220,7 +179,7 @@ async fn cri_pull_and_run(auth: Option<(&str, &str)>) {
     top.dir("data", 0o755).file("data/big2.bin", 0o644, &big2);
     let src = format!("{}/plain/app:v1", dr.host);
     let dst = format!("{}/lazy/app:v1", dr.host);
-    push_runnable(&reg, &src, &[base.tar(), top.tar()]).await;
+    oci::push_runnable(&reg, &src, &[base.tar(), top.tar()]).await;
     oci::convert_ref(&reg, &src, &dst).await;
     let lazy = oci::lazy_manifest(&reg, &dst).await;
     let layers = 2 + lazy.data.len();
@@ -247,15 +206,7 @@ async fn cri_pull_and_run(auth: Option<(&str, &str)>) {
         ),
         &format!("docker_config = \"{}\"", docker_config.display()),
     );
-    let t0 = Instant::now();
-    while !snap_sock.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no snapshotter socket:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::containerd::wait_for_socket(&snap_sock, &d);
     let cri = Cri {
         hosts: &[&dr.host],
         auth,
@@ -366,14 +317,7 @@ async fn cri_pull_and_run(auth: Option<(&str, &str)>) {
     );
     d.stop();
     d.restart();
-    let t0 = Instant::now();
-    while !snap_sock.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no snapshotter socket after the restart"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::containerd::wait_for_socket(&snap_sock, &d);
     // containerd keeps its proxy connection and redials
     let t0 = Instant::now();
     let after = loop {

@@ -23,20 +23,7 @@ use tonic::Code;
 type Client = SnapshotsClient<tonic::transport::Channel>;
 
 async fn connect(socket: &Path) -> Client {
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    SnapshotsClient::new(channel)
+    SnapshotsClient::new(common::containerd::unix_channel(socket).await.unwrap())
 }
 
 /// The labels containerd's CRI plugin gives a lazyblob layer.
@@ -102,15 +89,7 @@ async fn bad_prepares_get_clear_grpc_errors_and_the_service_keeps_serving() {
         ),
         "deadline_ms = 2000\nrequest_timeout_ms = 1000\nmax_attempts = 2",
     );
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no snapshotter socket:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::containerd::wait_for_socket(&sock, &d);
     let mut c = connect(&sock).await;
     let any_layer = format!("sha256:{}", "d".repeat(64));
 

@@ -5,6 +5,7 @@
 //!
 //! The registry knows nothing of caches or kernels: it hands bytes to the blob engine.
 
+mod clients;
 pub mod credentials;
 pub mod error;
 mod manifest;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::BlobResponse;
 use oci_client::manifest::{OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
@@ -69,19 +70,13 @@ pub struct RegistryStats {
     pub failures: std::sync::atomic::AtomicU64,
 }
 
-/// The clients of one TLS trust setting.
-struct Clients {
-    oci: oci_client::Client,
-    http: reqwest::Client,
-}
-
 /// The registry client shared by the catalog and the blob engine.
 pub struct Registry {
     /// The clients for hosts without a `ca_file` (the bundled public roots).
-    clients: Clients,
+    clients: clients::Clients,
     /// Clients per host with a `ca_file`: a private CA is trusted for its host only (and
     /// for what that host redirects to), never for the others.
-    host_clients: HashMap<String, Clients>,
+    host_clients: HashMap<String, clients::Clients>,
     /// Hosts spoken to over plain HTTP.
     insecure: Vec<String>,
     creds: credentials::Credentials,
@@ -106,54 +101,11 @@ impl Registry {
         max_concurrent: usize,
         creds: credentials::Credentials,
     ) -> Result<Registry, RegistryError> {
-        // plain HTTP only for the hosts marked insecure themselves: a mirror of an insecure
-        // host is TLS unless it has its own `insecure = true` entry
-        let insecure: Vec<String> = cfg
-            .hosts
-            .iter()
-            .filter(|h| h.insecure)
-            .map(|h| h.host.clone())
-            .collect();
-        let client_cfg = |extra: Vec<Certificate>| ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(insecure.clone()),
-            extra_root_certificates: extra,
-            connect_timeout: Some(cfg.connect_timeout()),
-            read_timeout: Some(cfg.request_timeout()),
-            platform_resolver: None,
-            user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
-            ..Default::default()
-        };
-        let clients = |pem: Option<Vec<u8>>| -> Result<Clients, RegistryError> {
-            let mut http = reqwest::Client::builder()
-                .connect_timeout(cfg.connect_timeout())
-                .read_timeout(cfg.request_timeout())
-                .user_agent(concat!("lazyblob/", env!("CARGO_PKG_VERSION")));
-            let mut extra = Vec::new();
-            if let Some(data) = pem {
-                let certs = reqwest::Certificate::from_pem_bundle(&data)
-                    .map_err(|e| RegistryError::Credentials(format!("ca_file: {e}")))?;
-                http = http.tls_certs_merge(certs);
-                extra.push(Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data,
-                });
-            }
-            Ok(Clients {
-                oci: oci_client::Client::try_from(client_cfg(extra))?,
-                http: http
-                    .build()
-                    .map_err(|e| RegistryError::Transport(error::error_chain(&e)))?,
-            })
-        };
-        let default_clients = clients(None)?;
-        let mut host_clients = HashMap::new();
-        for h in &cfg.hosts {
-            if let Some(ca) = &h.ca_file {
-                let data = std::fs::read(ca)
-                    .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
-                host_clients.insert(h.host.clone(), clients(Some(data))?);
-            }
-        }
+        let clients::HostClients {
+            default: default_clients,
+            by_host: host_clients,
+            insecure,
+        } = clients::HostClients::new(cfg)?;
         let platform = match &cfg.platform {
             Some(p) => p.parse().map_err(RegistryError::Manifest)?,
             None => Platform::current(),

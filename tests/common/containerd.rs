@@ -209,17 +209,7 @@ pub fn tail(s: &str, n: usize) -> String {
 pub async fn cri_pull(socket: &Path, image: &str) -> Result<String, tonic::Status> {
     use k8s_cri::v1::image_service_client::ImageServiceClient;
     use k8s_cri::v1::{ImageSpec, PullImageRequest};
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    let channel = unix_channel(socket)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client = ImageServiceClient::new(channel);
@@ -233,4 +223,33 @@ pub async fn cri_pull(socket: &Path, image: &str) -> Result<String, tonic::Statu
         })
         .await?;
     Ok(r.into_inner().image_ref)
+}
+
+/// A gRPC channel over the unix socket `socket`.
+pub async fn unix_channel(socket: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let path = socket.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://[::1]:1")
+        .expect("a static URI")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+}
+
+/// Wait until the daemon `d` has created its snapshotter socket `socket`.
+pub fn wait_for_socket(socket: &Path, d: &super::daemon::DaemonProc) {
+    let t0 = Instant::now();
+    while !socket.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no snapshotter socket:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

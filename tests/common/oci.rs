@@ -161,6 +161,37 @@ pub async fn push_source(reg: &Registry, reference: &str, layers: &[(Vec<u8>, &s
     .unwrap()
 }
 
+/// Push an ordinary OCI image whose layers are these tars (gzip-compressed), with the
+/// config's `rootfs.diff_ids` right, as containerd checks them.
+pub async fn push_runnable(reg: &Registry, reference: &str, tars: &[Vec<u8>]) {
+    let r = parse_reference(reference).unwrap();
+    let config = json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": tars.iter().map(|t| sha256_digest(t)).collect::<Vec<_>>()},
+    });
+    let config = serde_json::to_vec(&config).unwrap();
+    reg.push_blob(&r, Bytes::from(config.clone())).await.unwrap();
+    let mut descs = Vec::new();
+    for t in tars {
+        let (data, mt) = compress(t, Compression::Gzip);
+        reg.push_blob(&r, Bytes::from(data.clone())).await.unwrap();
+        descs.push(json!({"mediaType": mt, "digest": sha256_digest(&data), "size": data.len()}));
+    }
+    let manifest = json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_digest(&config), "size": config.len()},
+        "layers": descs
+    });
+    reg.push_manifest(
+        &r,
+        Bytes::from(serde_json::to_vec(&manifest).unwrap()),
+        "application/vnd.oci.image.manifest.v1+json",
+    )
+    .await
+    .unwrap();
+}
+
 /// A mounted filesystem, unmounted (lazily, if busy) on drop.
 pub struct Mounted {
     pub dir: PathBuf,

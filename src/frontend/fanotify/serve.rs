@@ -392,39 +392,6 @@ impl FanotifyFrontend {
         ok
     }
 
-    /// On its own task: await `piece` (the unit at `offset`), store it, count its chunks in
-    /// `counter`; nothing if a store of that unit is pending already. A failure costs nothing
-    /// but a later fetch: the chunk stays unmarked.
-    fn store_later<F>(
-        self: &Arc<Self>,
-        cached: &Arc<CachedBlob>,
-        via: &Arc<File>,
-        offset: u64,
-        piece: F,
-        counter: fn(&FanotifyStats) -> &AtomicU64,
-    ) where
-        F: std::future::Future<Output = io::Result<crate::engine::Piece>> + Send + 'static,
-    {
-        if !lock(&cached.storing).insert(offset) {
-            return;
-        }
-        let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(via));
-        tokio::spawn(async move {
-            let _pending = Unmark(&cached.storing, offset);
-            let piece = match piece.await {
-                Ok(p) => p,
-                Err(e) => return tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
-            };
-            match me.store(&cached, piece, via).await {
-                Ok(n) => {
-                    counter(&me.stats).fetch_add(n, Relaxed);
-                    me.unmark_if_complete(&cached);
-                }
-                Err(e) => tracing::warn!(error = %e, "writing a fetched chunk failed (it is fetched again when read)"),
-            }
-        });
-    }
-
     async fn handle(self: &Arc<Self>, ev: event::Event, file: Arc<File>, cached: Option<Arc<CachedBlob>>) {
         let t0 = Instant::now();
         let result = if ev.mask & FAN_PRE_ACCESS != 0 {
@@ -503,14 +470,5 @@ impl FanotifyFrontend {
         }
         self.unmark_if_complete(&cached);
         Ok(written)
-    }
-}
-
-/// Takes a unit's offset out of a blob's `storing` set when its store ends, however it ends.
-struct Unmark<'a>(&'a Mutex<HashSet<u64>>, u64);
-
-impl Drop for Unmark<'_> {
-    fn drop(&mut self) {
-        lock(self.0).remove(&self.1);
     }
 }

@@ -1,14 +1,16 @@
-//! Writing verified bytes into a blob's cache file and knowing which chunks are there:
+//! Writing verified bytes into a blob's cache file (now, or on a task of its own, once per
+//! unit) and knowing which chunks are there:
 //! whole units marked once written, a reader's part first, chunks found on disk from an
 //! earlier run verified before they are trusted.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
-use super::{cache, CachedBlob, FanotifyFrontend, INLINE_WRITE_MAX};
+use super::{cache, CachedBlob, FanotifyFrontend, FanotifyStats, INLINE_WRITE_MAX};
 use crate::lock::lock;
 
 impl FanotifyFrontend {
@@ -104,5 +106,47 @@ impl FanotifyFrontend {
             tracing::warn!(path = %cached.path.display(), chunk = c, "cached chunk does not match its digest: fetching it again");
         }
         Ok(ok)
+    }
+
+    /// On its own task: await `piece` (the unit at `offset`), store it, count its chunks in
+    /// `counter`; nothing if a store of that unit is pending already. A failure costs nothing
+    /// but a later fetch: the chunk stays unmarked.
+    pub(super) fn store_later<F>(
+        self: &Arc<Self>,
+        cached: &Arc<CachedBlob>,
+        via: &Arc<File>,
+        offset: u64,
+        piece: F,
+        counter: fn(&FanotifyStats) -> &AtomicU64,
+    ) where
+        F: std::future::Future<Output = io::Result<crate::engine::Piece>> + Send + 'static,
+    {
+        if !lock(&cached.storing).insert(offset) {
+            return;
+        }
+        let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(via));
+        tokio::spawn(async move {
+            let _pending = Unmark(&cached.storing, offset);
+            let piece = match piece.await {
+                Ok(p) => p,
+                Err(e) => return tracing::debug!(error = %e, "read-ahead failed (the reader will fetch on demand)"),
+            };
+            match me.store(&cached, piece, via).await {
+                Ok(n) => {
+                    counter(&me.stats).fetch_add(n, Relaxed);
+                    me.unmark_if_complete(&cached);
+                }
+                Err(e) => tracing::warn!(error = %e, "writing a fetched chunk failed (it is fetched again when read)"),
+            }
+        });
+    }
+}
+
+/// Takes a unit's offset out of a blob's `storing` set when its store ends, however it ends.
+struct Unmark<'a>(&'a Mutex<HashSet<u64>>, u64);
+
+impl Drop for Unmark<'_> {
+    fn drop(&mut self) {
+        lock(self.0).remove(&self.1);
     }
 }

@@ -1,0 +1,80 @@
+//! The HTTP clients of the registry, one set per TLS trust setting: the bundled public roots
+//! for every host, plus the host's own CA for each host with a `ca_file` (trusted for that
+//! host only). Each set is an `oci-client` (blobs, auth, pushes) and a plain `reqwest` client
+//! (bounded manifest GETs) built with the same roots and timeouts.
+
+use std::collections::HashMap;
+
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+
+use super::error::{error_chain, RegistryError};
+use crate::config::RegistryConfig;
+
+/// The clients of one TLS trust setting.
+pub(super) struct Clients {
+    pub oci: oci_client::Client,
+    pub http: reqwest::Client,
+}
+
+/// Every set of clients a configuration needs.
+pub(super) struct HostClients {
+    pub default: Clients,
+    pub by_host: HashMap<String, Clients>,
+    /// Hosts spoken to over plain HTTP: only those marked insecure themselves (a mirror of an
+    /// insecure host is TLS unless it has its own `insecure = true` entry).
+    pub insecure: Vec<String>,
+}
+
+impl HostClients {
+    pub fn new(cfg: &RegistryConfig) -> Result<HostClients, RegistryError> {
+        let insecure: Vec<String> = cfg
+            .hosts
+            .iter()
+            .filter(|h| h.insecure)
+            .map(|h| h.host.clone())
+            .collect();
+        let build = |pem: Option<Vec<u8>>| -> Result<Clients, RegistryError> {
+            let mut http = reqwest::Client::builder()
+                .connect_timeout(cfg.connect_timeout())
+                .read_timeout(cfg.request_timeout())
+                .user_agent(concat!("lazyblob/", env!("CARGO_PKG_VERSION")));
+            let mut extra = Vec::new();
+            if let Some(data) = pem {
+                let certs = reqwest::Certificate::from_pem_bundle(&data)
+                    .map_err(|e| RegistryError::Credentials(format!("ca_file: {e}")))?;
+                http = http.tls_certs_merge(certs);
+                extra.push(Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data,
+                });
+            }
+            let oci = ClientConfig {
+                protocol: ClientProtocol::HttpsExcept(insecure.clone()),
+                extra_root_certificates: extra,
+                connect_timeout: Some(cfg.connect_timeout()),
+                read_timeout: Some(cfg.request_timeout()),
+                platform_resolver: None,
+                user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
+                ..Default::default()
+            };
+            Ok(Clients {
+                oci: oci_client::Client::try_from(oci)?,
+                http: http.build().map_err(|e| RegistryError::Transport(error_chain(&e)))?,
+            })
+        };
+        let default = build(None)?;
+        let mut by_host = HashMap::new();
+        for h in &cfg.hosts {
+            if let Some(ca) = &h.ca_file {
+                let data = std::fs::read(ca)
+                    .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
+                by_host.insert(h.host.clone(), build(Some(data))?);
+            }
+        }
+        Ok(HostClients {
+            default,
+            by_host,
+            insecure,
+        })
+    }
+}
