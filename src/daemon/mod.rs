@@ -368,30 +368,60 @@ impl Daemon {
     /// Unmount everything (detaching busy mounts) while the frontend still serves, then stop
     /// the event loops.
     pub async fn shutdown(&self) {
+        // a mount still in use (a container's overlay over a lazy image, an open file) stays
+        // mounted and listed, and the guard keeps the frontend's group: readers get EIO,
+        // never a hole's zeros, until the next daemon takes it over
+        let mut busy = Vec::new();
+        let lowers = self.snapshotter_root().join("images");
         for m in self.mounts() {
+            if m.target.starts_with(&lowers) {
+                // a container's lower layer: overlayfs holds a private clone of the mount, so
+                // an unmount here would succeed and leave the container reading holes
+                tracing::info!(target = %m.target.display(), "a container image mount: kept for the next daemon");
+                busy.push(m);
+                continue;
+            }
             let t = m.target.clone();
-            let r =
-                tokio::task::spawn_blocking(move || mount::unmount(&t, false).or_else(|_| mount::unmount(&t, true)))
-                    .await;
-            match r {
+            match tokio::task::spawn_blocking(move || mount::unmount(&t, false)).await {
                 Ok(Ok(())) => tracing::info!(target = %m.target.display(), "unmounted"),
                 Ok(Err(e)) => {
-                    tracing::error!(target = %m.target.display(), error = %e, "unmount failed")
+                    tracing::warn!(target = %m.target.display(), error = %e, "still in use: left mounted for the next daemon");
+                    busy.push(m);
                 }
-                Err(e) => tracing::error!(error = %e, "unmount task failed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "unmount task failed");
+                    busy.push(m);
+                }
             }
         }
-        self.mounts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let keep_guard = !busy.is_empty();
+        *self.mounts.lock().unwrap_or_else(|p| p.into_inner()) = busy;
         self.persist_mounts().await;
-        // nothing is mounted any more: the guard can go without taking over
-        if let Some(g) = self.guard.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            g.release();
+        let guard = self.guard.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match (guard, keep_guard) {
+            // nothing is mounted any more: the guard can go without taking over
+            (Some(g), false) => g.release(),
+            (Some(g), true) => {
+                // kept until this process ends: then the guard takes the group over
+                tracing::warn!("mounts in use: the guard keeps their group until the next daemon");
+                *self.guard.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+            }
+            (None, _) => {}
         }
         let _ = self.stop.send(true);
         let loops: Vec<_> = std::mem::take(&mut *self.loops.lock().unwrap_or_else(|p| p.into_inner()));
         for l in loops {
             let _ = l.await;
         }
+    }
+
+    /// Where the containerd snapshotter keeps its snapshots and image mounts.
+    pub fn snapshotter_root(&self) -> PathBuf {
+        self.config
+            .snapshotter
+            .root
+            .clone()
+            .unwrap_or_else(|| self.config.daemon.state_dir.join("snapshotter"))
     }
 
     /// Wait until an event loop ends on its own (an error), returning it.
