@@ -241,10 +241,11 @@ pub async fn unix_channel(socket: &Path) -> Result<tonic::transport::Channel, to
         .await
 }
 
-/// Wait until the daemon `d` has created its snapshotter socket `socket`.
+/// Wait until the daemon `d` accepts connections on its snapshotter socket `socket` (a
+/// stale socket file of a previous daemon does not count).
 pub fn wait_for_socket(socket: &Path, d: &super::daemon::DaemonProc) {
     let t0 = Instant::now();
-    while !socket.exists() {
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "no snapshotter socket:\n{}",
