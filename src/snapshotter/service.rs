@@ -38,6 +38,17 @@ impl Service {
         }
     }
 
+    /// Run a store operation on the blocking pool: it creates directories and fsyncs.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || op(&store))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e))))
+    }
+
     fn image_mount(&self) -> impl Fn(&str) -> std::path::PathBuf + '_ {
         move |pinned| remote::mount_point(&self.root, pinned)
     }
@@ -91,18 +102,20 @@ impl Service {
         if role != "chunks" && layer.as_ref().is_some_and(|l| !layers.contains(l)) {
             return Status::failed_precondition(format!("layer {layer:?} is not part of lazyblob image {pinned}"));
         }
-        let parent = (!parent.is_empty()).then_some(parent);
+        let parent = (!parent.is_empty()).then(|| parent.to_string());
         let labels: BTreeMap<String, String> = labels.into_iter().collect();
-        if let Err(e) = self.store.create(Kind::Active, key, parent, labels) {
-            return status(e);
-        }
         let remote = BTreeMap::from([(remote::LABEL_REMOTE.to_string(), "remote".to_string())]);
+        let (k, c, source) = (key.to_string(), chain.clone(), Source::Remote { image: pinned.clone() });
         let committed = self
-            .store
-            .commit_as(&chain, key, remote, Source::Remote { image: pinned.clone() });
-        if committed.is_err() {
-            let _ = self.store.remove(key);
-        }
+            .blocking(move |st| {
+                st.create(Kind::Active, &k, parent.as_deref(), labels)?;
+                let committed = st.commit_as(&c, &k, remote, source);
+                if committed.is_err() {
+                    let _ = st.remove(&k);
+                }
+                committed
+            })
+            .await;
         match committed {
             Ok(s) => {
                 tracing::info!(
@@ -205,14 +218,19 @@ impl Service {
                     .await);
             }
         }
-        let parent = (!parent.is_empty()).then_some(parent);
+        let parent = (!parent.is_empty()).then(|| parent.to_string());
         let labels: BTreeMap<String, String> = labels.into_iter().collect();
-        let s = self.store.create(kind, key, parent, labels).map_err(status)?;
+        let (k, p) = (key.to_string(), parent.clone());
+        let s = self
+            .blocking(move |st| st.create(kind, &k, p.as_deref(), labels))
+            .await
+            .map_err(status)?;
         tracing::debug!(key, ?parent, ?kind, id = s.id, "snapshot created");
         match self.mounts_of(key, &s).await {
             Ok(m) => Ok(m),
             Err(e) => {
-                let _ = self.store.remove(key);
+                let k = key.to_string();
+                let _ = self.blocking(move |st| st.remove(&k)).await;
                 Err(e)
             }
         }
@@ -295,9 +313,10 @@ impl Snapshots for Service {
 
     async fn commit(&self, req: Request<pb::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
+        let (name, key, labels) = (r.name.clone(), r.key.clone(), r.labels.into_iter().collect());
         let s = self
-            .store
-            .commit(&r.name, &r.key, r.labels.into_iter().collect())
+            .blocking(move |st| st.commit(&name, &key, labels))
+            .await
             .map_err(status)?;
         tracing::debug!(key = r.key, name = r.name, id = s.id, "snapshot committed");
         Ok(Response::new(()))
@@ -305,12 +324,8 @@ impl Snapshots for Service {
 
     async fn remove(&self, req: Request<pb::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
         let key = req.into_inner().key;
-        let store = Arc::clone(&self.store);
         let k = key.clone();
-        let s = tokio::task::spawn_blocking(move || store.remove(&k))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(status)?;
+        let s = self.blocking(move |st| st.remove(&k)).await.map_err(status)?;
         tracing::debug!(key, id = s.id, "snapshot removed");
         self.release_unused_images().await;
         Ok(Response::new(()))
@@ -340,9 +355,10 @@ impl Snapshots for Service {
                 },
             }
         }
+        let (name, labels) = (info.name.clone(), info.labels.into_iter().collect());
         let s = self
-            .store
-            .set_labels(&info.name, info.labels.into_iter().collect(), &only)
+            .blocking(move |st| st.set_labels(&name, labels, &only))
+            .await
             .map_err(status)?;
         Ok(Response::new(pb::UpdateSnapshotResponse {
             info: Some(self.info(&info.name, &s)),
@@ -395,11 +411,7 @@ impl Snapshots for Service {
     }
 
     async fn cleanup(&self, _req: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
-        let store = Arc::clone(&self.store);
-        let n = tokio::task::spawn_blocking(move || store.cleanup())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(status)?;
+        let n = self.blocking(|st| st.cleanup()).await.map_err(status)?;
         tracing::info!(removed = n, "snapshotter cleanup");
         Ok(Response::new(()))
     }
