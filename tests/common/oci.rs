@@ -140,25 +140,7 @@ pub async fn push_source(reg: &Registry, reference: &str, layers: &[(Vec<u8>, &s
         "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|_| "sha256:00").collect::<Vec<_>>()},
         "history": [{"created_by": "test"}]
     });
-    let config = serde_json::to_vec(&config).unwrap();
-    reg.push_blob(&r, Bytes::from(config.clone())).await.unwrap();
-    let mut descs = Vec::new();
-    for (data, mt) in layers {
-        reg.push_blob(&r, Bytes::from(data.clone())).await.unwrap();
-        descs.push(json!({"mediaType": mt, "digest": sha256_digest(data), "size": data.len()}));
-    }
-    let manifest = json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_digest(&config), "size": config.len()},
-        "layers": descs
-    });
-    reg.push_manifest(
-        &r,
-        Bytes::from(serde_json::to_vec(&manifest).unwrap()),
-        "application/vnd.oci.image.manifest.v1+json",
-    )
-    .await
-    .unwrap()
+    push_image_of(reg, &r, &config, layers).await
 }
 
 /// Push an ordinary OCI image whose layers are these tars (gzip-compressed), with the
@@ -170,13 +152,23 @@ pub async fn push_runnable(reg: &Registry, reference: &str, tars: &[Vec<u8>]) {
         "config": {"Env": ["PATH=/bin"], "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": tars.iter().map(|t| sha256_digest(t)).collect::<Vec<_>>()},
     });
-    let config = serde_json::to_vec(&config).unwrap();
-    reg.push_blob(&r, Bytes::from(config.clone())).await.unwrap();
+    let layers: Vec<(Vec<u8>, &str)> = tars.iter().map(|t| compress(t, Compression::Gzip)).collect();
+    push_image_of(reg, &r, &config, &layers).await;
+}
+
+/// Push `config` and these (compressed) layers as an OCI image manifest; its digest.
+async fn push_image_of(
+    reg: &Registry,
+    r: &oci_client::Reference,
+    config: &serde_json::Value,
+    layers: &[(Vec<u8>, &str)],
+) -> String {
+    let config = serde_json::to_vec(config).unwrap();
+    reg.push_blob(r, Bytes::from(config.clone())).await.unwrap();
     let mut descs = Vec::new();
-    for t in tars {
-        let (data, mt) = compress(t, Compression::Gzip);
-        reg.push_blob(&r, Bytes::from(data.clone())).await.unwrap();
-        descs.push(json!({"mediaType": mt, "digest": sha256_digest(&data), "size": data.len()}));
+    for (data, mt) in layers {
+        reg.push_blob(r, Bytes::from(data.clone())).await.unwrap();
+        descs.push(json!({"mediaType": mt, "digest": sha256_digest(data), "size": data.len()}));
     }
     let manifest = json!({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -184,12 +176,12 @@ pub async fn push_runnable(reg: &Registry, reference: &str, tars: &[Vec<u8>]) {
         "layers": descs
     });
     reg.push_manifest(
-        &r,
+        r,
         Bytes::from(serde_json::to_vec(&manifest).unwrap()),
         "application/vnd.oci.image.manifest.v1+json",
     )
     .await
-    .unwrap();
+    .unwrap()
 }
 
 /// A mounted filesystem, unmounted (lazily, if busy) on drop.
