@@ -104,15 +104,6 @@ fn mount_and_check(d: &DaemonProc, image: &str, mnt: &Path, files: &BTreeMap<Str
     }
 }
 
-fn vm_kib(pid: i32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} missing in /proc/{pid}/status"))
-}
-
 /// Digests that are paths (`/tmp/<random>`, `sha256:x/../../<random>`) in a data layer, the
 /// metadata layer or a chunk table entry are refused at registration; no file appears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +320,7 @@ async fn announced_sizes_are_bounded_before_allocating() {
     base().pad_to(100_000_000).publish("evil/app", "huge-manifest");
     let work = open_workdir();
     let d = DaemonProc::start(&work.path().join("d"), &[&host], "frontend = \"fanotify\"");
-    let rss_before = vm_kib(d.pid(), "VmRSS:");
+    let rss_before = common::procs::vm_kib(d.pid(), "VmRSS:");
     for (tag, limit) in [
         ("huge-meta", "max_metadata_bytes"),
         ("gib-chunks", "max_chunk_size"),
@@ -345,7 +336,7 @@ async fn announced_sizes_are_bounded_before_allocating() {
             "{tag}: error does not name the limit: {err}"
         );
     }
-    let rss_after = vm_kib(d.pid(), "VmRSS:");
+    let rss_after = common::procs::vm_kib(d.pid(), "VmRSS:");
     assert!(
         rss_after < rss_before + 48 * 1024,
         "daemon RSS grew from {rss_before} to {rss_after} KiB"

@@ -105,15 +105,6 @@ impl Drop for FdSampler {
     }
 }
 
-fn vm_kib(pid: i32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} missing in /proc/{pid}/status"))
-}
-
 fn count(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for o in outcomes {
@@ -156,7 +147,7 @@ async fn ten_thousand_cold_readers_against_a_stalling_registry() {
     let mnt = work.path().join("mnt");
     d.mount(&format!("{host}/storm/app:v1"), &mnt);
     let path = mnt.join("a.bin");
-    let rss_before = vm_kib(d.pid(), "VmRSS:");
+    let rss_before = common::procs::vm_kib(d.pid(), "VmRSS:");
     let fds_before = std::fs::read_dir(format!("/proc/{}/fd", d.pid())).unwrap().count();
 
     // a stall that never ends: every reader gets EIO, in waves of at most SLOTS admitted
@@ -215,7 +206,7 @@ async fn ten_thousand_cold_readers_against_a_stalling_registry() {
             "{phase}: the daemon held {n} fds for {READERS} readers (bound {fd_bound})"
         );
     }
-    let hwm = vm_kib(d.pid(), "VmHWM:");
+    let hwm = common::procs::vm_kib(d.pid(), "VmHWM:");
     assert!(
         hwm < rss_before + 128 * 1024,
         "peak RSS {hwm} KiB, {rss_before} KiB before the storm"

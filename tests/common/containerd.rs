@@ -159,43 +159,12 @@ state = "{state}"
 impl Drop for Containerd {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            super::procs::terminate(&mut c, Duration::from_secs(10));
         }
         // shims started for our containerd (their command line names our state dir)
         let state = self.dir.join("state").to_string_lossy().into_owned();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmd).contains(&state) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        let root = self.dir.to_string_lossy().into_owned();
-        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let mut targets: Vec<&str> = info
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(4))
-                .filter(|t| t.starts_with(&root))
-                .collect();
-            targets.reverse();
-            for t in targets {
-                let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
+        super::procs::kill_all(&super::procs::pids_with_cmdline(|c| c.contains(&state)));
+        super::procs::detach_mounts_under(&self.dir);
     }
 }
 

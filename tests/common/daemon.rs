@@ -112,19 +112,7 @@ impl DaemonProc {
     /// SIGTERM and wait: a clean shutdown.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(20) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            super::procs::terminate(&mut c, Duration::from_secs(20));
         }
     }
 
@@ -172,20 +160,7 @@ impl DaemonProc {
     /// Guard processes started for this daemon's state directory.
     fn guards(&self) -> Vec<i32> {
         let needle = self.dir.join("state").to_string_lossy().into_owned();
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| {
-                        let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                        c.contains(" guard ") && c.contains(&needle)
-                    })
-                    .unwrap_or(false)
-            })
-            .collect()
+        super::procs::pids_with_cmdline(|c| c.contains(" guard ") && c.contains(&needle))
     }
 }
 
@@ -193,18 +168,7 @@ impl Drop for DaemonProc {
     fn drop(&mut self) {
         self.stop();
         // detach anything still mounted under our directory, then end our guards
-        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let root = self.dir.to_string_lossy().into_owned();
-            for l in info.lines() {
-                if let Some(t) = l.split_whitespace().nth(4) {
-                    if t.starts_with(&root) {
-                        let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
-                    }
-                }
-            }
-        }
-        for pid in self.guards() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
+        super::procs::detach_mounts_under(&self.dir);
+        super::procs::kill_all(&self.guards());
     }
 }

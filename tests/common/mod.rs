@@ -5,6 +5,7 @@
 pub mod containerd;
 pub mod daemon;
 pub mod oci;
+pub mod procs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,74 @@
+//! Processes and mounts the tests started: ending a child (SIGTERM, then SIGKILL after a
+//! grace period), finding processes by command line, detaching mounts under a directory, and
+//! reading a process's memory counters.
+
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// SIGTERM `child`, wait up to `grace` for it to exit, then SIGKILL it; true if it exited
+/// within the grace period.
+pub fn terminate(child: &mut Child, grace: Duration) -> bool {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let t0 = Instant::now();
+    while t0.elapsed() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// Processes whose command line (arguments joined by spaces) satisfies `matches`.
+pub fn pids_with_cmdline(matches: impl Fn(&str) -> bool) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| matches(&String::from_utf8_lossy(&c).replace('\0', " ")))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// SIGKILL each of `pids`.
+pub fn kill_all(pids: &[i32]) {
+    for &pid in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Detach every mount under `root`, the most recent first (mounts over mounts go before
+/// what they cover).
+pub fn detach_mounts_under(root: &Path) {
+    let root = root.to_string_lossy().into_owned();
+    if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+        let targets: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|t| t.starts_with(&root))
+            .collect();
+        for t in targets.into_iter().rev() {
+            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// A `/proc/<pid>/status` counter in KiB (`VmRSS:`, `VmHWM:`...).
+pub fn vm_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} missing in /proc/{pid}/status"))
+}
