@@ -14,7 +14,6 @@ pub struct Admission {
     slots: Arc<Semaphore>,
     /// Requests read from the kernel that wait for a slot, and a signal when none do.
     queue: Arc<Queue>,
-    capacity: usize,
 }
 
 #[derive(Debug, Default)]
@@ -56,11 +55,9 @@ impl Ticket {
 impl Admission {
     /// `capacity` requests at once (at least one).
     pub fn new(capacity: usize) -> Admission {
-        let capacity = capacity.max(1);
         Admission {
-            slots: Arc::new(Semaphore::new(capacity)),
+            slots: Arc::new(Semaphore::new(capacity.max(1))),
             queue: Arc::default(),
-            capacity,
         }
     }
 
@@ -94,11 +91,6 @@ impl Admission {
             }
         }
     }
-
-    /// Requests being served now.
-    pub fn in_flight(&self) -> usize {
-        self.capacity - self.slots.available_permits()
-    }
 }
 
 #[cfg(test)]
@@ -111,7 +103,7 @@ mod tests {
         let a = Admission::new(2);
         let s1 = a.admit().enter().await;
         let s2 = a.admit().enter().await;
-        assert_eq!(a.in_flight(), 2);
+        assert_eq!(a.slots.available_permits(), 0, "both slots taken");
         let queued = a.admit();
         assert!(matches!(queued, Ticket::Queued(_)), "a third request got a slot");
         let waited = tokio::time::timeout(Duration::from_millis(50), a.room()).await;
@@ -124,6 +116,6 @@ mod tests {
         assert_eq!(a.room().await, 1);
         drop(s3);
         assert_eq!(a.room().await, 2);
-        assert_eq!(a.in_flight(), 0);
+        assert_eq!(a.slots.available_permits(), 2, "both slots free");
     }
 }

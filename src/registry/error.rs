@@ -114,6 +114,28 @@ pub fn redact_urls(text: &str) -> String {
     out
 }
 
+impl From<reqwest::Error> for RegistryError {
+    fn from(e: reqwest::Error) -> Self {
+        request_error(e).redacted()
+    }
+}
+
+/// An HTTP client error: a timeout, a status, or a transport failure with its causes (the
+/// URL left out: it may carry a presigned signature).
+fn request_error(r: reqwest::Error) -> RegistryError {
+    let r = r.without_url();
+    if r.is_timeout() {
+        RegistryError::Timeout(std::time::Duration::ZERO)
+    } else if let Some(s) = r.status() {
+        RegistryError::Status {
+            status: s.as_u16(),
+            url: r.url().map(|u| u.to_string()).unwrap_or_default(),
+        }
+    } else {
+        RegistryError::Transport(error_chain(&r))
+    }
+}
+
 fn classify(e: OciDistributionError) -> RegistryError {
     {
         use OciDistributionError as E;
@@ -147,19 +169,7 @@ fn classify(e: OciDistributionError) -> RegistryError {
                     }
                 }
             }
-            E::RequestError(r) => {
-                let r = r.without_url();
-                if r.is_timeout() {
-                    RegistryError::Timeout(std::time::Duration::ZERO)
-                } else if let Some(s) = r.status() {
-                    RegistryError::Status {
-                        status: s.as_u16(),
-                        url: r.url().map(|u| u.to_string()).unwrap_or_default(),
-                    }
-                } else {
-                    RegistryError::Transport(error_chain(&r))
-                }
-            }
+            E::RequestError(r) => request_error(r),
             E::IoError(io) => RegistryError::Transport(io.to_string()),
             E::ImageManifestNotFoundError(m) => RegistryError::Manifest(m),
             E::ManifestParsingError(m) | E::VersionedParsingError(m) => RegistryError::Manifest(m),

@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use oci_client::secrets::RegistryAuth;
 
-use super::error::{error_chain, redact_urls};
+use super::error::redact_urls;
 use super::RegistryError;
 use crate::config::{Limit, LimitsConfig};
 
@@ -47,7 +47,7 @@ pub(super) async fn get(
         Credential::Bearer(t) => req.bearer_auth(t),
         Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
     };
-    let res = req.send().await.map_err(transport)?;
+    let res = req.send().await?;
     let status = res.status();
     if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
         return Err(RegistryError::Unauthorized(redact_urls(url)));
@@ -75,18 +75,9 @@ pub(super) async fn get(
     let mut body = BytesMut::new();
     let mut stream = res.bytes_stream();
     while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(transport)?;
+        let piece = piece?;
         limits.check(Limit::Manifest, &what(), (body.len() + piece.len()) as u64)?;
         body.extend_from_slice(&piece);
     }
     Ok((body.freeze(), digest))
-}
-
-fn transport(e: reqwest::Error) -> RegistryError {
-    let e = e.without_url();
-    if e.is_timeout() {
-        RegistryError::Timeout(std::time::Duration::ZERO)
-    } else {
-        RegistryError::Transport(redact_urls(&error_chain(&e)))
-    }
 }
