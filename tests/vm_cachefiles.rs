@@ -291,7 +291,7 @@ exit 0
     );
     write_guest_script(p, &script);
 
-    let (code, console) = run_vm(p, share.path(), bin, 600).await;
+    let (code, console) = run_vm(p, share.path(), &[bin], 600).await;
     println!("{console}");
     assert_eq!(code, 0, "VM run failed");
     assert_checks(

@@ -127,15 +127,17 @@ pub fn write_guest_script(payload: &Path, script: &str) {
 
 /// Run the VM rig on `payload` (and `share` at /host), returning (exit code, console).
 /// TCG emulation: nested KVM is not available on the machines this runs on.
-pub async fn run_vm(payload: &Path, share: &Path, libs_for: &Path, timeout_s: u64) -> (i32, String) {
+pub async fn run_vm(payload: &Path, share: &Path, libs_for: &[&Path], timeout_s: u64) -> (i32, String) {
     let rig = vm_rig();
-    let out = tokio::process::Command::new("bash")
-        .arg(rig.join("run-vm.sh"))
+    let mut cmd = tokio::process::Command::new("bash");
+    cmd.arg(rig.join("run-vm.sh"))
         .args(["-n", "-t", &timeout_s.to_string(), "-m", "1G", "-d", "768"])
         .arg("-s")
-        .arg(share)
-        .arg("-L")
-        .arg(libs_for)
+        .arg(share);
+    for b in libs_for {
+        cmd.arg("-L").arg(b);
+    }
+    let out = cmd
         .arg(payload)
         .kill_on_drop(true)
         .output();
