@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::containerd::{Containerd, Cri};
+use common::containerd::{Containerd, Cri, Release};
 use common::daemon::DaemonProc;
 use common::*;
 use serde_json::json;
@@ -21,17 +21,25 @@ use serde_json::json;
 /// was never fetched. Removing the image releases the lazy mount.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lazyblob_image_pulled_through_cri_runs_lazily() {
-    cri_pull_and_run(None).await;
+    cri_pull_and_run(Release::Installed, None).await;
+}
+
+/// The same through containerd 2.x (Debian's package, unpacked by `scripts/test.sh`) with
+/// `deploy/containerd/config-v3.toml`; there `ctr image pull` goes through the transfer
+/// service, which must commit the layers remotely too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_2_pulls_lazily_through_cri_and_the_transfer_service() {
+    cri_pull_and_run(Release::v2(), None).await;
 }
 
 /// The same from a `docker-registry` with htpasswd basic auth: containerd has the credentials
 /// in its CRI registry config, lazyblob in a docker `config.json` (`registry.docker_config`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_registry_works_through_cri() {
-    cri_pull_and_run(Some(("puller", "s3cret-pass"))).await;
+    cri_pull_and_run(Release::Installed, Some(("puller", "s3cret-pass"))).await;
 }
 
-async fn cri_pull_and_run(auth: Option<(&str, &str)>) {
+async fn cri_pull_and_run(release: Release, auth: Option<(&str, &str)>) {
     require_root();
     let dr = DockerRegistry::start(auth);
     let mut cfg = insecure_config(&[&dr.host]);
@@ -91,7 +99,7 @@ async fn cri_pull_and_run(auth: Option<(&str, &str)>) {
         hosts: &[&dr.host],
         auth,
     };
-    let c = Containerd::start(&work.path().join("c"), &snap_sock, Some(cri));
+    let c = Containerd::start_release(release.clone(), &work.path().join("c"), &snap_sock, Some(cri));
     let t0 = Instant::now();
     let image_ref = common::containerd::cri_pull(&c.socket, &dst).await.unwrap_or_else(|e| {
         panic!(
@@ -257,6 +265,44 @@ async fn cri_pull_and_run(auth: Option<(&str, &str)>) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // (after the GC: containerd would otherwise reuse the CRI namespace's snapshots)
+    if matches!(release, Release::V2(_)) {
+        transfer_service_pull(&c, &d, &dst, layers, &small);
+    }
+}
+
+/// containerd 2.x: `ctr image pull` (the transfer service, with the `unpack_config` and the
+/// `enable_remote_snapshot_annotations` export of config-v3.toml) into another namespace
+/// commits every layer remotely too, containerd stores no layer, and a container reads.
+fn transfer_service_pull(c: &Containerd, d: &DaemonProc, image: &str, layers: usize, small: &[u8]) {
+    let before = d.log().matches("lazyblob layer committed remotely").count();
+    c.ctr_ok(&["image", "pull", "--plain-http", "--snapshotter", "lazyblob", image]);
+    let log = d.log();
+    assert_eq!(
+        log.matches("lazyblob layer committed remotely").count() - before,
+        layers,
+        "remote commits of the transfer service's pull:\n{log}"
+    );
+    let content = c.ctr_ok(&["content", "ls"]);
+    assert_eq!(
+        content.lines().skip(1).count(),
+        2,
+        "manifest and config only:\n{content}"
+    );
+    let id = format!("transfer-{}", rand::random::<u32>());
+    let out = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazyblob",
+        image,
+        &id,
+        "/bin/sh",
+        "-c",
+        "sha256sum /data/small.txt",
+    ]);
+    assert_eq!(out.trim(), format!("{}  /data/small.txt", sha256_hex(small)));
+    c.ctr_ok(&["image", "rm", "--sync", image]);
 }
 
 /// How lazyblob goes down under the container.

@@ -1,5 +1,5 @@
-//! lazyblob as the snapshotter of ordinary images, against Debian's real `containerd` (1.6)
-//! and `runc`: an OCI image (gzip layers, a whiteout, a hard link, busybox to run) is pulled
+//! lazyblob as the snapshotter of ordinary images, against Debian's real `containerd` (1.6,
+//! and 2.1 through its transfer service) and `runc`: an OCI image (gzip layers, a whiteout, a hard link, busybox to run) is pulled
 //! and unpacked through lazyblob's snapshots service and run with `ctr run`; the container
 //! sees the same tree (names, modes, link counts, sha256 of every file) as with containerd's
 //! own overlayfs snapshotter; after `ctr image rm` and containerd's GC, lazyblob's snapshots
@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::containerd::Containerd;
+use common::containerd::{Containerd, Release};
 use common::daemon::DaemonProc;
 use common::*;
 
@@ -48,6 +48,16 @@ const LIST: &str = "cd / && for p in $(find data etc | sort); do \
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs() {
+    plain_image_on(Release::Installed).await;
+}
+
+/// The same on containerd 2.x, where `ctr images pull` unpacks through the transfer service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs_with_containerd_2() {
+    plain_image_on(Release::v2()).await;
+}
+
+async fn plain_image_on(release: Release) {
     require_root();
     let dr = DockerRegistry::start(None);
     let reg = client(&insecure_config(&[&dr.host]));
@@ -65,7 +75,7 @@ async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs() {
         ),
     );
     common::containerd::wait_for_socket(&snap_sock, &d);
-    let c = Containerd::start(&work.path().join("c"), &snap_sock, None);
+    let c = Containerd::start_release(release, &work.path().join("c"), &snap_sock, None);
     let plugins = c.ctr_ok(&["plugins", "ls"]);
     assert!(
         plugins

@@ -101,14 +101,10 @@ async fn snapshotter_over_cachefiles_in_vm() {
         socket: "/run/lazyblob-snapshotter.sock".into(),
         snapshotter_root: "/var/cache/snapshotter".into(),
         layers,
-        files: [
-            ("etc/small.conf", &small),
-            ("lib/mid.so", &mid),
-            ("etc/top.txt", &top),
-        ]
-        .into_iter()
-        .map(|(p, d)| (p.to_string(), sha256_hex(d)))
-        .collect(),
+        files: [("etc/small.conf", &small), ("lib/mid.so", &mid), ("etc/top.txt", &top)]
+            .into_iter()
+            .map(|(p, d)| (p.to_string(), sha256_hex(d)))
+            .collect(),
     };
 
     let (share, payload) = vm_dirs();
@@ -164,7 +160,12 @@ exit 0
     assert_eq!(code, 0, "VM run failed");
     assert_checks(
         &console,
-        &["snapshotter-socket", "frontend-cachefiles", "guest-client", "daemon-stop"],
+        &[
+            "snapshotter-socket",
+            "frontend-cachefiles",
+            "guest-client",
+            "daemon-stop",
+        ],
     );
 
     // lazy: the metadata and chunk table whole, of the data only what was read (the 6 MiB
@@ -344,7 +345,11 @@ fn mount_all(mounts: &[Mount], target: &Path) {
             cmd.args(["-t", &m.r#type, &m.source, "-o", &m.options.join(",")]);
         }
         let out = cmd.arg(target).output().unwrap();
-        assert!(out.status.success(), "mount {m:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mount {m:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -55,7 +55,9 @@ pub fn classify(labels: &HashMap<String, String>) -> Layer {
         (Some(r), Some(m)) => pin(r, m),
         _ => Err(format!(
             "a lazyblob layer prepared without the {LABEL_IMAGE_REF} and {LABEL_MANIFEST} labels: pull through CRI \
-             (kubelet, crictl) with disable_snapshot_annotations = false"
+             (kubelet, crictl) with disable_snapshot_annotations = false, or on containerd 2.1+ through the \
+             transfer service with the unpack_config and enable_remote_snapshot_annotations export of \
+             deploy/containerd/config-v3.toml"
         )),
     };
     Layer::Lazyblob {

@@ -1,16 +1,16 @@
-//! Debian's real `containerd` for the tests: a private root, state and socket, the lazyblob
-//! proxy snapshotter, optionally the CRI plugin (pulling with lazyblob and snapshot
-//! annotations, as a Kubernetes node would); a CRI image-service client (`k8s-cri`, what
-//! kubelet calls). Stopped with its shims and mounts on drop.
+//! A real `containerd` for the tests (Debian's 1.6, or 2.x unpacked by `scripts/test.sh`): a
+//! private root, state and socket, the lazyblob proxy snapshotter, optionally the CRI plugin
+//! (pulling with lazyblob and snapshot annotations, as a Kubernetes node would); a CRI
+//! image-service client (`k8s-cri`, what kubelet calls). Stopped with its shims and mounts on
+//! drop.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::containerd_config::{config_v2, config_v3};
 use super::require_tool;
 
-/// Debian's containerd with a private root, state and socket; stopped (with its shims and
-/// mounts) on drop.
 /// The CRI plugin's settings: plain HTTP registries, and basic credentials for them.
 #[derive(Clone, Copy)]
 pub struct Cri<'a> {
@@ -18,80 +18,80 @@ pub struct Cri<'a> {
     pub auth: Option<(&'a str, &'a str)>,
 }
 
+/// Which containerd runs, with which of the shipped configs.
+#[derive(Clone, Debug)]
+pub enum Release {
+    /// Debian's installed `containerd` (1.6), `deploy/containerd/config-v2.toml`.
+    Installed,
+    /// containerd 2.x binaries in this directory (Debian's package unpacked by
+    /// `scripts/test.sh`), `deploy/containerd/config-v3.toml`.
+    V2(PathBuf),
+}
+
+impl Release {
+    /// containerd 2.x as `scripts/test.sh` unpacks it (`$LAZYBLOB_CONTAINERD2` overrides).
+    pub fn v2() -> Release {
+        let dir = std::env::var_os("LAZYBLOB_CONTAINERD2")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/containerd-2/usr/bin"));
+        super::require(
+            dir.join("containerd").is_file() && dir.join("ctr").is_file(),
+            &format!(
+                "containerd 2.x in {} (scripts/test.sh downloads Debian's package with apt-get)",
+                dir.display()
+            ),
+        );
+        Release::V2(dir)
+    }
+
+    fn binary(&self, name: &str) -> PathBuf {
+        match self {
+            Release::Installed => PathBuf::from(name),
+            Release::V2(dir) => dir.join(name),
+        }
+    }
+}
+
+/// A real containerd with a private root, state and socket; stopped (with its shims and
+/// mounts) on drop.
 pub struct Containerd {
     pub dir: PathBuf,
     pub socket: PathBuf,
+    release: Release,
     child: Option<Child>,
 }
 
 impl Containerd {
-    /// Start with the lazyblob proxy plugin at `snapshotter_socket`; `cri`: the CRI plugin
-    /// on, pulling with the lazyblob snapshotter and snapshot annotations.
+    /// Debian's containerd with the lazyblob proxy plugin at `snapshotter_socket`; `cri`: the
+    /// CRI plugin on, pulling with the lazyblob snapshotter and snapshot annotations.
     pub fn start(dir: &Path, snapshotter_socket: &Path, cri: Option<Cri<'_>>) -> Containerd {
-        require_tool("containerd", "containerd");
+        Containerd::start_release(Release::Installed, dir, snapshotter_socket, cri)
+    }
+
+    /// `release` with the lazyblob proxy plugin at `snapshotter_socket` and, with `cri`, the
+    /// CRI plugin on.
+    pub fn start_release(release: Release, dir: &Path, snapshotter_socket: &Path, cri: Option<Cri<'_>>) -> Containerd {
         require_tool("runc", "runc");
-        std::fs::create_dir_all(dir).unwrap();
-        let socket = dir.join("containerd.sock");
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-{disabled}
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[debug]
-  address = "{sock}.debug"
-"#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            sock = socket.display(),
-            disabled = if cri.is_some() {
-                ""
-            } else {
-                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]"
-            },
-        );
-        let mut config = config;
-        // the snippet the README and deploy/ ship, with this test's socket
-        let shipped =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/containerd/config-v2.toml"))
-                .unwrap()
-                .replace(
-                    "/run/lazyblob/snapshotter.sock",
-                    &snapshotter_socket.display().to_string(),
-                );
-        config.extend(
-            shipped
-                .lines()
-                .filter(|l| !l.starts_with("version"))
-                .map(|l| format!("{l}\n")),
-        );
-        if let Some(Cri { hosts, auth }) = cri {
-            config.push_str(&format!(
-                r#"[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.invalid/pause:3.6"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{dir}/cni-bin"
-    conf_dir = "{dir}/cni-conf"
-"#,
-                dir = dir.display()
-            ));
-            for h in hosts {
-                config.push_str(&format!(
-                    "  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{h}\"]\n    endpoint = [\"http://{h}\"]\n"
-                ));
-                if let Some((u, p)) = auth {
-                    config.push_str(&format!(
-                        "  [plugins.\"io.containerd.grpc.v1.cri\".registry.configs.\"{h}\".auth]\n    username = \"{u}\"\n    password = \"{p}\"\n"
-                    ));
-                }
-            }
+        if matches!(release, Release::Installed) {
+            require_tool("containerd", "containerd");
         }
+        std::fs::create_dir_all(dir.join("cni-bin")).unwrap();
+        std::fs::create_dir_all(dir.join("cni-conf")).unwrap();
+        let socket = dir.join("containerd.sock");
+        let config = match release {
+            Release::Installed => config_v2(dir, &socket, snapshotter_socket, cri),
+            Release::V2(_) => config_v3(dir, &socket, snapshotter_socket, cri),
+        };
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
+        let mut cmd = Command::new(release.binary("containerd"));
+        if let Release::V2(bin) = &release {
+            // its own shim first
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let paths = std::iter::once(bin.clone()).chain(std::env::split_paths(&path).collect::<Vec<_>>());
+            cmd.env("PATH", std::env::join_paths(paths).unwrap());
+        }
+        let child = cmd
             .arg("--config")
             .arg(dir.join("config.toml"))
             .stdout(log.try_clone().unwrap())
@@ -101,11 +101,10 @@ state = "{state}"
         let c = Containerd {
             dir: dir.to_path_buf(),
             socket,
+            release,
             child: Some(child),
         };
         let t0 = Instant::now();
-        std::fs::create_dir_all(dir.join("cni-bin")).unwrap();
-        std::fs::create_dir_all(dir.join("cni-conf")).unwrap();
         while !c.ctr(&["version"]).status.success() {
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
@@ -113,6 +112,11 @@ state = "{state}"
                 c.log()
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Release::V2(_) = &c.release {
+            let version = c.ctr_ok(&["version"]);
+            let server = version.split("Server:").nth(1).unwrap_or_default();
+            assert!(server.contains("Version:  2."), "not containerd 2.x:\n{version}");
         }
         c
     }
@@ -128,7 +132,7 @@ state = "{state}"
 
     /// `ctr` in namespace `ns` (`k8s.io` is the CRI plugin's).
     pub fn ctr_in(&self, ns: &str, args: &[&str]) -> std::process::Output {
-        Command::new("ctr")
+        Command::new(self.release.binary("ctr"))
             .arg("--address")
             .arg(&self.socket)
             .args(["--namespace", ns])

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod containerd_config;
 pub mod daemon;
 pub mod oci;
 pub mod procs;
@@ -137,10 +138,7 @@ pub async fn run_vm(payload: &Path, share: &Path, libs_for: &[&Path], timeout_s:
     for b in libs_for {
         cmd.arg("-L").arg(b);
     }
-    let out = cmd
-        .arg(payload)
-        .kill_on_drop(true)
-        .output();
+    let out = cmd.arg(payload).kill_on_drop(true).output();
     let out = tokio::time::timeout(Duration::from_secs(timeout_s + 60), out)
         .await
         .expect("VM run did not end")
