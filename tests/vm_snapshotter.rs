@@ -172,7 +172,7 @@ exit 0
     // file never)
     let c = mock.counters();
     let data_total: u64 = lazy.data.iter().map(|d| d.size).sum();
-    let data_served: u64 = lazy.data.iter().map(|d| c.blob_bytes(d.digest.to_string())).sum();
+    let data_served: u64 = lazy.data.iter().map(|d| c.blob_bytes(&d.digest)).sum();
     println!("served {data_served} of {data_total} data bytes");
     assert!(data_served > 0, "the reads went through the registry");
     assert!(
