@@ -263,7 +263,7 @@ exit 0
     );
     common::write_guest_script(p, &script);
     let accel = "TCG"; // what the rig runs (nested KVM is not available here)
-    let (code, console) = common::run_vm(p, share.path(), bin, 900).await;
+    let (code, console) = common::run_vm(p, share.path(), &[bin], 900).await;
     assert_eq!(code, 0, "VM run failed:\n{console}");
     let mut runs: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for l in console.lines() {
