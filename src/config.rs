@@ -3,6 +3,8 @@
 //! Every field has a default, so an empty file is a valid configuration; see
 //! `config/lazyblob.toml` for a documented example.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -78,7 +80,7 @@ impl Default for DaemonConfig {
         DaemonConfig {
             state_dir: PathBuf::from("/var/lib/lazyblob"),
             cache_dir: PathBuf::from("/var/cache/lazyblob"),
-            socket: PathBuf::from("/run/lazyblob/lazyblob.sock"),
+            socket: PathBuf::from(crate::api::DEFAULT_SOCKET),
             socket_group: None,
             tag: "lazyblob".into(),
             frontend: FrontendChoice::Auto,
@@ -328,6 +330,11 @@ impl std::fmt::Debug for HostConfig {
 }
 
 impl Config {
+    /// Read and validate `path`, or the defaults without one.
+    pub fn load_or_default(path: Option<&Path>) -> Result<Config, ConfigError> {
+        path.map_or_else(|| Ok(Config::default()), Config::load)
+    }
+
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -345,7 +352,7 @@ impl Config {
     /// Check values that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let e = &self.engine;
-        if e.chunk_size < 4096 || !e.chunk_size.is_power_of_two() {
+        if !crate::image::format::is_valid_chunk_size(e.chunk_size) {
             return Err(ConfigError::Invalid(format!(
                 "engine.chunk_size {} must be a power of two >= 4096",
                 e.chunk_size

@@ -3,6 +3,8 @@
 //! offers, mounts the image, reads a few files, prints what was read against what was
 //! fetched, and cleans up.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 use std::time::Instant;
 

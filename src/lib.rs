@@ -3,12 +3,15 @@
 //! The data path of one cold read, top to bottom:
 //! `frontend` (kernel requests) -> `catalog` (which blob) -> `engine` (chunks, single-flight,
 //! verification) -> `registry` (auth, mirrors, retries). `image` holds the format and the
-//! EROFS writer; `api` the admin socket; `daemon` wires them together.
+//! EROFS writer; `daemon` wires them together, `snapshotter` serves containerd, `api` is the
+//! admin socket and `service` runs the daemon with it (what `lazyblob daemon` does).
 
 pub mod api;
 pub mod catalog;
+pub mod commands;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod engine;
 pub mod frontend;
@@ -17,4 +20,5 @@ pub mod lock;
 pub mod malloc;
 pub mod private_fs;
 pub mod registry;
+pub mod service;
 pub mod snapshotter;

@@ -2,6 +2,8 @@
 //! complete before the guard drops, so a thread that panicked while holding one leaves
 //! nothing half-done behind, and the others carry on with the data.
 
+#![forbid(unsafe_code)]
+
 use std::sync::{Mutex, MutexGuard};
 
 /// Lock `m`, taking the data over from a panicked holder if need be.

@@ -1,11 +1,21 @@
-//! The `lazyblob` command line.
+//! The `lazyblob` command line: arguments, logging, the runtime; what each verb does lives
+//! in `lazyblob::commands`.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+use lazyblob::commands;
 use lazyblob::config::Config;
+use lazyblob::frontend::mount::SpecialFiles;
+
+/// The daemon's admin socket.
+#[derive(Args)]
+struct Socket {
+    #[arg(long, default_value = lazyblob::api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
 
 #[derive(Parser)]
 #[command(name = "lazyblob", version, about = "Lazy-loading EROFS images from OCI registries")]
@@ -33,8 +43,8 @@ enum Cmd {
     },
     /// Show the running daemon's images, objects and counters.
     Status {
-        #[arg(long, default_value = "/run/lazyblob/lazyblob.sock")]
-        socket: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
         /// Print JSON instead of a summary.
         #[arg(long)]
         json: bool,
@@ -68,8 +78,8 @@ enum Cmd {
         /// Convert every platform of an index and write an index.
         #[arg(long)]
         all_platforms: bool,
-        /// Verified chunk size of data blobs.
-        #[arg(long, default_value_t = lazyblob::image::format::DEFAULT_CHUNK_SIZE)]
+        /// Verified chunk size of data blobs (a power of two >= 4096).
+        #[arg(long, default_value_t = lazyblob::image::format::DEFAULT_CHUNK_SIZE, value_parser = chunk_size)]
         chunk_size: u64,
         /// Chunk digest algorithm: blake3 (fast to verify) or sha256.
         #[arg(long, default_value_t = lazyblob::image::format::ChunkDigest::default())]
@@ -86,8 +96,8 @@ enum Cmd {
         /// `nosuid,nodev` by default: the image comes from a registry).
         #[arg(long)]
         allow_suid_dev: bool,
-        #[arg(long, default_value = "/run/lazyblob/lazyblob.sock")]
-        socket: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// Unmount a lazyblob mount.
     Umount {
@@ -95,8 +105,8 @@ enum Cmd {
         /// Detach a busy mount (open files keep being served).
         #[arg(long)]
         lazy: bool,
-        #[arg(long, default_value = "/run/lazyblob/lazyblob.sock")]
-        socket: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// (internal) The guard the daemon starts: keeps the fanotify group alive if the daemon
     /// dies and denies reads with EIO until a new daemon takes over.
@@ -114,9 +124,18 @@ enum Cmd {
     /// Register an image with the running daemon; prints its fsid.
     Register {
         reference: String,
-        #[arg(long, default_value = "/run/lazyblob/lazyblob.sock")]
-        socket: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
     },
+}
+
+/// `--chunk-size`: the format's rule.
+fn chunk_size(s: &str) -> Result<u64, String> {
+    let n: u64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !lazyblob::image::format::is_valid_chunk_size(n) {
+        return Err("must be a power of two >= 4096".into());
+    }
+    Ok(n)
 }
 
 fn init_logging(filter: &str, json: bool) {
@@ -158,6 +177,17 @@ fn main() -> Result<()> {
             }
         }
     }
+    if let Cmd::Guard {
+        group_fd,
+        pipe_fd,
+        max_fd,
+        state_dir,
+    } = &cli.cmd
+    {
+        return Ok(lazyblob::frontend::fanotify::guard::run(
+            *group_fd, *pipe_fd, *max_fd, state_dir,
+        )?);
+    }
     lazyblob::malloc::pin_mmap_threshold(256 * 1024);
     let rt = tokio::runtime::Builder::new_multi_thread()
         // cache writes and file I/O run on the blocking pool: bound it (each thread costs memory)
@@ -165,148 +195,80 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(async move {
-        match cli.cmd {
-            Cmd::Demo => lazyblob::demo::run().await,
-            Cmd::Daemon { config } => {
-                let cfg = match config {
-                    Some(p) => Config::load(&p)?,
-                    None => Config::default(),
-                };
-                lazyblob::daemon::run(cfg, None).await
-            }
-            Cmd::Status { socket, json } => {
-                let s = lazyblob::api::client::ApiClient::new(&socket)?.status().await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&s)?);
-                } else {
-                    println!("lazyblob {} frontend={} kernel={}", s.version, s.frontend, s.kernel);
-                    println!(
-                        "registry: {} requests, {} bytes, {} retries, {} failures; engine: {} chunks fetched, {} shared, {} in flight",
-                        s.registry.requests, s.registry.bytes, s.registry.retries, s.registry.failures,
-                        s.engine.chunks_fetched, s.engine.shared_hits, s.inflight_chunks
-                    );
-                    println!("cache: {} bytes on disk", s.cache_bytes);
-                    for i in &s.images {
-                        println!("image {}  fsid={}  {} data blobs  {} bytes", i.reference, i.fsid, i.data_blobs, i.total_size);
-                    }
-                    for m in &s.mounts {
-                        println!("mount {} on {}  ({:?})", m.reference, m.target.display(), m.frontend);
-                    }
-                }
-                Ok(())
-            }
-            Cmd::Mkfs {
-                source,
-                out,
+    let out = rt.block_on(run(cli.cmd))?;
+    print(&out)
+}
+
+/// Do what `cmd` asks; what to print on stdout.
+async fn run(cmd: Cmd) -> Result<String> {
+    match cmd {
+        #[cfg(feature = "demo")]
+        Cmd::Demo => lazyblob::demo::run().await.map(|()| String::new()),
+        #[cfg(not(feature = "demo"))]
+        Cmd::Demo => anyhow::bail!("this lazyblob was built without the `demo` feature"),
+        Cmd::Daemon { config } => {
+            let cfg = Config::load_or_default(config.as_deref())?;
+            lazyblob::service::run(cfg, None).await.map(|()| String::new())
+        }
+        Cmd::Status { socket, json } => commands::status(&socket.socket, json).await,
+        Cmd::Mkfs {
+            source,
+            out,
+            blobs,
+            inline_max,
+            push,
+            config,
+        } => {
+            let opts = lazyblob::image::build::BuildOptions {
                 blobs,
                 inline_max,
-                push,
-                config,
-            } => {
-                let opts = lazyblob::image::build::BuildOptions {
-                    blobs,
-                    inline_max,
-                    ..Default::default()
-                };
-                let img = lazyblob::image::build::from_dir(&source, &opts)
-                    .with_context(|| format!("building an image from {}", source.display()))?;
-                std::fs::create_dir_all(&out)?;
-                std::fs::write(out.join("meta.erofs"), &img.meta)?;
-                std::fs::write(out.join("chunks.json"), img.table.to_json())?;
-                for (i, d) in img.data.iter().enumerate() {
-                    std::fs::write(out.join(format!("data-{}.blob", i + 1)), d)?;
-                }
-                if let Some(reference) = push {
-                    let cfg = match config {
-                        Some(p) => Config::load(&p)?,
-                        None => Config::default(),
-                    };
-                    let registry = lazyblob::registry::Registry::new(&cfg.registry, cfg.engine.max_concurrent_fetches)?;
-                    let r = lazyblob::registry::parse_reference(&reference)?;
-                    let digest = lazyblob::image::build::push(&registry, &r, &img, None).await?;
-                    println!("{digest}");
-                }
-                Ok(())
-            }
-            Cmd::Convert {
-                src,
-                dst,
-                platform,
+                ..Default::default()
+            };
+            commands::mkfs(&source, &out, &opts, push.as_deref(), config.as_deref()).await
+        }
+        Cmd::Convert {
+            src,
+            dst,
+            platform,
+            all_platforms,
+            chunk_size,
+            chunk_digest,
+            config,
+        } => {
+            let opts = lazyblob::image::convert::ConvertOptions {
+                platform: platform.map(|p| p.parse()).transpose().map_err(anyhow::Error::msg)?,
                 all_platforms,
                 chunk_size,
                 chunk_digest,
-                config,
-            } => {
-                use lazyblob::image::convert::{convert, ConvertOptions, Location};
-                if chunk_size < 4096 || !chunk_size.is_power_of_two() {
-                    anyhow::bail!("--chunk-size must be a power of two >= 4096");
-                }
-                let cfg = match config {
-                    Some(p) => Config::load(&p)?,
-                    None => Config::default(),
-                };
-                let registry = lazyblob::registry::Registry::new(&cfg.registry, cfg.engine.max_concurrent_fetches)?;
-                let src_loc: Location = src.parse().with_context(|| format!("source {src}"))?;
-                let dst_loc: Location = dst.parse().with_context(|| format!("destination {dst}"))?;
-                let opts = ConvertOptions {
-                    platform: platform.map(|p| p.parse()).transpose().map_err(anyhow::Error::msg)?,
-                    all_platforms,
-                    chunk_size,
-                    chunk_digest,
-                    progress: true,
-                    ..Default::default()
-                };
-                let t0 = std::time::Instant::now();
-                let r = convert(&registry, &src_loc, &dst_loc, &opts)
-                    .await
-                    .with_context(|| format!("converting {src} to {dst}"))?;
-                let secs = t0.elapsed().as_secs_f64();
-                eprintln!(
-                    "converted {} image(s), {} entries, {} bytes of file data in {:.2}s ({:.1} MB/s)",
-                    r.images,
-                    r.files,
-                    r.layer_bytes,
-                    secs,
-                    r.layer_bytes as f64 / 1e6 / secs.max(1e-9)
-                );
-                println!("{}", r.digest);
-                Ok(())
-            }
-            Cmd::Mount {
-                image,
-                dir,
-                allow_suid_dev,
-                socket,
-            } => {
-                use lazyblob::frontend::mount::SpecialFiles;
-                let dir = std::fs::canonicalize(&dir).with_context(|| format!("mount point {}", dir.display()))?;
-                let special = match allow_suid_dev {
-                    true => SpecialFiles::Honoured,
-                    false => SpecialFiles::Ignored,
-                };
-                let m = lazyblob::api::client::ApiClient::new(&socket)?
-                    .mount(&image, &dir, special)
-                    .await?;
-                println!("{} mounted on {} (fsid {}, {:?})", m.reference, m.target.display(), m.fsid, m.frontend);
-                Ok(())
-            }
-            Cmd::Umount { dir, lazy, socket } => {
-                let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-                lazyblob::api::client::ApiClient::new(&socket)?.umount(&dir, lazy).await?;
-                Ok(())
-            }
-            Cmd::Guard {
-                group_fd,
-                pipe_fd,
-                max_fd,
-                state_dir,
-            } => Ok(lazyblob::frontend::fanotify::guard::run(group_fd, pipe_fd, max_fd, &state_dir)?),
-            Cmd::Register { reference, socket } => {
-                let info = lazyblob::api::client::ApiClient::new(&socket)?.register(&reference).await?;
-                println!("{}", info.fsid);
-                Ok(())
-            }
+                progress: true,
+                ..Default::default()
+            };
+            commands::convert(&src, &dst, &opts, config.as_deref()).await
         }
-    })
+        Cmd::Mount {
+            image,
+            dir,
+            allow_suid_dev,
+            socket,
+        } => {
+            let special = match allow_suid_dev {
+                true => SpecialFiles::Honoured,
+                false => SpecialFiles::Ignored,
+            };
+            commands::mount(&socket.socket, &image, &dir, special).await
+        }
+        Cmd::Umount { dir, lazy, socket } => commands::umount(&socket.socket, &dir, lazy).await,
+        Cmd::Register { reference, socket } => commands::register(&socket.socket, &reference).await,
+        Cmd::Guard { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// Print `text` on stdout; a reader that went away (`| head`, `| grep -q`) is not an error.
+fn print(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }

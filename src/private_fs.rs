@@ -2,6 +2,8 @@
 //! files `0600` (root only), and whole-file writes that a crash cannot leave half done
 //! (a unique temporary file, fsync, rename, fsync of the directory).
 
+#![forbid(unsafe_code)]
+
 use std::fs::{self, DirBuilder, File};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};

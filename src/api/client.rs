@@ -5,8 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 
-use super::{ApiError, MountRequest, RegisterRequest, Status, UmountRequest};
-use crate::catalog::ImageInfo;
+use super::{ApiError, ImageInfo, MountInfo, MountRequest, RegisterRequest, Status, UmountRequest};
 
 /// A connection to a running daemon's admin socket.
 pub struct ApiClient {
@@ -43,7 +42,7 @@ impl ApiClient {
         reference: &str,
         target: &Path,
         special_files: crate::frontend::mount::SpecialFiles,
-    ) -> Result<crate::daemon::MountInfo> {
+    ) -> Result<MountInfo> {
         self.post(
             "/v1/mounts",
             &MountRequest {

@@ -1,7 +1,8 @@
-//! The admin API server (axum over a unix socket whose peers are checked, see `peer`).
+//! The admin API server (axum over a unix socket whose peers are checked, see `peer`): the
+//! routes, each answered by an [`Admin`] implementation.
 
+use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -9,41 +10,45 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{ApiError, EngineCounters, MountRequest, RegisterRequest, RegistryCounters, Status, UmountRequest};
-use crate::daemon::Daemon;
+use super::{ApiError, ImageInfo, MountInfo, MountRequest, RegisterRequest, Status, UmountRequest};
+
+/// What answers the admin API (the daemon). Errors are reported to the client with their
+/// whole context chain.
+pub trait Admin: Send + Sync + 'static {
+    fn status(&self) -> impl Future<Output = anyhow::Result<Status>> + Send;
+    fn images(&self) -> Vec<ImageInfo>;
+    fn register(&self, reference: &str) -> impl Future<Output = anyhow::Result<ImageInfo>> + Send;
+    fn mounts(&self) -> Vec<MountInfo>;
+    fn mount(&self, req: MountRequest) -> impl Future<Output = anyhow::Result<MountInfo>> + Send;
+    fn umount(&self, req: &UmountRequest) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
 
 type ApiResult<T> = Result<Json<T>, (StatusCode, Json<ApiError>)>;
 
 /// The routes of the admin API.
-pub fn router(daemon: Arc<Daemon>) -> Router {
+pub fn router<A: Admin>(admin: Arc<A>) -> Router {
     Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/images", post(register).get(images))
-        .route("/v1/mounts", post(mount).get(mounts))
-        .route("/v1/umount", post(umount))
+        .route("/v1/status", get(status::<A>))
+        .route("/v1/images", post(register::<A>).get(images::<A>))
+        .route("/v1/mounts", post(mount::<A>).get(mounts::<A>))
+        .route("/v1/umount", post(umount::<A>))
         .layer(axum::middleware::from_fn(super::peer::enforce))
-        .with_state(daemon)
+        .with_state(admin)
 }
 
-/// Bind the socket (replacing a stale one) and serve until `shutdown` fires.
-pub async fn serve(
-    daemon: Arc<Daemon>,
+/// Bind the socket (replacing a stale one; `read_only_group` may read status) and serve
+/// until `shutdown` fires.
+pub async fn serve<A: Admin>(
+    admin: Arc<A>,
     socket: &Path,
+    read_only_group: Option<nix::unistd::Gid>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let group = match &daemon.config.daemon.socket_group {
-        Some(name) => Some(
-            nix::unistd::Group::from_name(name)?
-                .ok_or_else(|| std::io::Error::other(format!("daemon.socket_group {name:?}: no such group")))?
-                .gid,
-        ),
-        None => None,
-    };
-    let listener = super::peer::PeerListener::bind(socket, group)?;
-    tracing::info!(socket = %socket.display(), read_only_group = ?daemon.config.daemon.socket_group, "admin API listening");
+    let listener = super::peer::PeerListener::bind(socket, read_only_group)?;
+    tracing::info!(socket = %socket.display(), ?read_only_group, "admin API listening");
     axum::serve(
         listener,
-        router(daemon).into_make_service_with_connect_info::<super::peer::Access>(),
+        router(admin).into_make_service_with_connect_info::<super::peer::Access>(),
     )
     .with_graceful_shutdown(async move {
         let _ = shutdown.changed().await;
@@ -51,67 +56,34 @@ pub async fn serve(
     .await
 }
 
-async fn status(State(d): State<Arc<Daemon>>) -> ApiResult<Status> {
-    // the cache size is a directory scan: on the blocking pool
-    tokio::task::spawn_blocking(move || snapshot(&d))
+async fn status<A: Admin>(State(a): State<Arc<A>>) -> ApiResult<Status> {
+    a.status().await.map(Json).map_err(failed)
+}
+
+async fn images<A: Admin>(State(a): State<Arc<A>>) -> Json<Vec<ImageInfo>> {
+    Json(a.images())
+}
+
+async fn register<A: Admin>(State(a): State<Arc<A>>, Json(req): Json<RegisterRequest>) -> ApiResult<ImageInfo> {
+    a.register(&req.reference)
         .await
         .map(Json)
-        .map_err(|e| failed(anyhow::anyhow!("status: {e}")))
+        .map_err(|e| failed(e.context(req.reference.clone())))
 }
 
-/// The daemon's state as `status` reports it.
-pub fn snapshot(d: &Daemon) -> Status {
-    let e = &d.engine.stats;
-    let r = &d.engine.registry().stats;
-    Status {
-        version: env!("CARGO_PKG_VERSION").into(),
-        frontend: d.frontend_name().into(),
-        kernel: d.kernel.release.clone(),
-        images: d.catalog.list(),
-        mounts: d.mounts(),
-        cache_bytes: d.cache_bytes(),
-        open_objects: d.cachefiles.as_ref().map_or(0, |c| c.open_objects()),
-        inflight_chunks: d.engine.inflight_len(),
-        engine: EngineCounters {
-            chunks_fetched: e.chunks_fetched.load(Relaxed),
-            range_requests: e.runs.load(Relaxed),
-            shared_hits: e.shared_hits.load(Relaxed),
-            bytes_served: e.bytes_served.load(Relaxed),
-            failed_reads: e.failed_reads.load(Relaxed),
-        },
-        registry: RegistryCounters {
-            requests: r.requests.load(Relaxed),
-            bytes: r.bytes.load(Relaxed),
-            retries: r.retries.load(Relaxed),
-            failures: r.failures.load(Relaxed),
-        },
-        frontend_counters: match (&d.cachefiles, &d.fanotify) {
-            (Some(c), _) => serde_json::to_value(&c.stats).unwrap_or_default(),
-            (_, Some(f)) => {
-                let mut v = serde_json::to_value(&f.stats).unwrap_or_default();
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("metadata_pinned_bytes".into(), f.pinned_bytes().into());
-                }
-                v
-            }
-            _ => serde_json::Value::Null,
-        },
-    }
+async fn mounts<A: Admin>(State(a): State<Arc<A>>) -> Json<Vec<MountInfo>> {
+    Json(a.mounts())
 }
 
-async fn images(State(d): State<Arc<Daemon>>) -> Json<Vec<crate::catalog::ImageInfo>> {
-    Json(d.catalog.list())
+async fn mount<A: Admin>(State(a): State<Arc<A>>, Json(req): Json<MountRequest>) -> ApiResult<MountInfo> {
+    a.mount(req).await.map(Json).map_err(failed)
 }
 
-async fn register(
-    State(d): State<Arc<Daemon>>,
-    Json(req): Json<RegisterRequest>,
-) -> ApiResult<crate::catalog::ImageInfo> {
-    d.catalog
-        .register(&req.reference)
+async fn umount<A: Admin>(State(a): State<Arc<A>>, Json(req): Json<UmountRequest>) -> ApiResult<serde_json::Value> {
+    a.umount(&req)
         .await
-        .map(|image| Json(image.info()))
-        .map_err(|e| failed(anyhow::Error::new(e).context(req.reference.clone())))
+        .map(|()| Json(serde_json::json!({"unmounted": req.target})))
+        .map_err(failed)
 }
 
 fn failed(e: anyhow::Error) -> (StatusCode, Json<ApiError>) {
@@ -122,22 +94,4 @@ fn failed(e: anyhow::Error) -> (StatusCode, Json<ApiError>) {
             error: format!("{e:#}"),
         }),
     )
-}
-
-async fn mounts(State(d): State<Arc<Daemon>>) -> Json<Vec<crate::daemon::MountInfo>> {
-    Json(d.mounts())
-}
-
-async fn mount(State(d): State<Arc<Daemon>>, Json(req): Json<MountRequest>) -> ApiResult<crate::daemon::MountInfo> {
-    d.mount(&req.reference, &req.target, req.special_files)
-        .await
-        .map(Json)
-        .map_err(failed)
-}
-
-async fn umount(State(d): State<Arc<Daemon>>, Json(req): Json<UmountRequest>) -> ApiResult<serde_json::Value> {
-    d.umount(&req.target, req.lazy)
-        .await
-        .map(|()| Json(serde_json::json!({"unmounted": req.target})))
-        .map_err(failed)
 }

@@ -4,6 +4,8 @@
 //! each image are kept beside it, so a restarted daemon serves the same images without asking
 //! the registry (it is only asked for what is missing or fails verification).
 
+#![forbid(unsafe_code)]
+
 pub mod state;
 
 use std::collections::HashMap;
@@ -11,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use serde::Serialize;
 
 use crate::engine::DataBlob;
 use crate::image::digest::Digest;
@@ -52,18 +53,6 @@ impl Image {
     pub fn total_size(&self) -> u64 {
         self.meta.size + self.data.iter().map(|d| d.source.size).sum::<u64>()
     }
-
-    /// The summary `status` reports.
-    pub fn info(&self) -> ImageInfo {
-        ImageInfo {
-            reference: self.reference.clone(),
-            manifest_digest: self.manifest_digest.to_string(),
-            fsid: self.fsid.clone(),
-            meta_size: self.meta.size,
-            data_blobs: self.data.len(),
-            total_size: self.total_size(),
-        }
-    }
 }
 
 /// What a cachefiles (volume key, cookie key) pair names.
@@ -80,17 +69,6 @@ impl Target {
             Target::Data(_, d) => d.source.size,
         }
     }
-}
-
-/// Summary of an image for `status`.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct ImageInfo {
-    pub reference: String,
-    pub manifest_digest: String,
-    pub fsid: String,
-    pub meta_size: u64,
-    pub data_blobs: usize,
-    pub total_size: u64,
 }
 
 /// All registered images.
@@ -288,9 +266,10 @@ impl Catalog {
         Some(Target::Data(image, blob))
     }
 
-    pub fn list(&self) -> Vec<ImageInfo> {
+    /// Every registered image, by reference.
+    pub fn list(&self) -> Vec<Arc<Image>> {
         let images = self.images.read().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<ImageInfo> = images.values().map(|i| i.info()).collect();
+        let mut v: Vec<Arc<Image>> = images.values().cloned().collect();
         v.sort_by(|a, b| a.reference.cmp(&b.reference));
         v
     }

@@ -20,7 +20,7 @@ pub(super) fn start(daemon: &Arc<Daemon>) -> Result<()> {
         .with_context(|| format!("opening the snapshot store in {}", root.display()))?;
     let images = Arc::new(SnapshotImages(Arc::downgrade(daemon)));
     let service = crate::snapshotter::service::Service::new(Arc::new(store), &root, images);
-    let stop = daemon.stop.subscribe();
+    let stop = daemon.stopping();
     tokio::spawn(async move {
         if let Err(e) = service.serve(&socket, stop).await {
             tracing::error!(error = %e, "the containerd snapshotter stopped");
@@ -66,10 +66,7 @@ impl crate::snapshotter::remote::Images for SnapshotImages {
         }
         if known {
             // known but gone (detached while no daemon served it): forget it, mount again
-            d.mounts
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|m| &m.target != target);
+            d.forget_mount(target);
         }
         // a container's lower layer: setuid binaries and device nodes of the image work, and
         // the mount lives under the snapshotter's root-only directory

@@ -91,10 +91,6 @@ impl Inflight {
         self.lock().running.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// `fut` finished with `data`: move it from `running` to `recent` (if it is still the
     /// current fetch of `key`).
     pub fn complete(&self, key: &ChunkKey, fut: &ChunkFuture, data: &Bytes) {

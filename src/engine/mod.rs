@@ -11,9 +11,11 @@
 //! anyone sees it. The engine knows the registry, never a kernel: frontends write the bytes
 //! into their cache files.
 
+#![forbid(unsafe_code)]
+
 pub mod chunks;
-pub mod inflight;
-pub mod pool;
+pub(crate) mod inflight;
+pub(crate) mod pool;
 pub mod run;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

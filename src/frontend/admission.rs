@@ -3,6 +3,8 @@
 //! wait there (their readers stay blocked; nothing is dropped), and the daemon's tasks, event
 //! fds and buffers stay bounded however many readers arrive.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 

@@ -1,10 +1,11 @@
 //! Kernel frontends and the probe that picks one for the running kernel.
 
+pub mod active;
 pub mod admission;
 pub mod cachefiles;
 pub mod fanotify;
 pub mod mount;
-pub mod wire;
+pub(crate) mod wire;
 
 use std::os::fd::AsRawFd;
 
@@ -65,6 +66,16 @@ pub enum Frontend {
     Cachefiles,
     /// fanotify pre-content + EROFS file-backed mounts (`device=`).
     Fanotify,
+}
+
+impl Frontend {
+    /// Its name in config and status.
+    pub fn name(self) -> &'static str {
+        match self {
+            Frontend::Cachefiles => "cachefiles",
+            Frontend::Fanotify => "fanotify",
+        }
+    }
 }
 
 /// Why no frontend can run on this kernel.

@@ -1,6 +1,8 @@
 //! Little-endian field readers for the kernel's binary records. Callers check lengths first:
 //! these index directly.
 
+#![forbid(unsafe_code)]
+
 pub fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }

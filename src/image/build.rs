@@ -60,6 +60,20 @@ pub struct BuiltImage {
     pub table: ChunkTable,
 }
 
+impl BuiltImage {
+    /// Write the image into directory `out` as `lazyblob mkfs` lays it out: `meta.erofs`,
+    /// `chunks.json` and `data-N.blob` (N from 1, in device order).
+    pub fn write_to(&self, out: &std::path::Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(out)?;
+        std::fs::write(out.join("meta.erofs"), &self.meta)?;
+        std::fs::write(out.join("chunks.json"), self.table.to_json())?;
+        for (i, d) in self.data.iter().enumerate() {
+            std::fs::write(out.join(format!("data-{}.blob", i + 1)), d)?;
+        }
+        Ok(())
+    }
+}
+
 /// Accumulates file contents into data blobs.
 pub struct BlobWriter {
     blobs: Vec<Vec<u8>>,

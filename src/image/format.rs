@@ -38,6 +38,12 @@ pub const MAX_BLOB_SIZE: u64 = 1 << 44;
 /// Smallest verified chunk: one page.
 pub const MIN_CHUNK_SIZE: u64 = 4096;
 
+/// The rule for chunk sizes (of images, and of the engine's fetch unit): a power of two of at
+/// least [`MIN_CHUNK_SIZE`].
+pub fn is_valid_chunk_size(n: u64) -> bool {
+    n >= MIN_CHUNK_SIZE && n.is_power_of_two()
+}
+
 /// Errors in a manifest or chunk table that claims to be a lazyblob image.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FormatError {
@@ -220,7 +226,7 @@ impl ChunkTable {
         if t.version != 1 {
             return Err(FormatError::ChunkTable(format!("unsupported version {}", t.version)));
         }
-        if t.chunk_size < MIN_CHUNK_SIZE || !t.chunk_size.is_power_of_two() {
+        if !is_valid_chunk_size(t.chunk_size) {
             return Err(FormatError::ChunkTable(format!("chunk size {} invalid", t.chunk_size)));
         }
         limits.check(Limit::ChunkSize, "chunk size", t.chunk_size)?;

@@ -1,5 +1,7 @@
 //! Image format types, the EROFS writer and building/pushing lazyblob images.
 
+#![forbid(unsafe_code)]
+
 pub mod build;
 pub mod convert;
 pub mod digest;

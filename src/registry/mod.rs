@@ -5,13 +5,15 @@
 //!
 //! The registry knows nothing of caches or kernels: it hands bytes to the blob engine.
 
+#![forbid(unsafe_code)]
+
 mod clients;
 pub mod credentials;
 pub mod error;
 mod manifest;
 pub mod platform;
 pub mod push;
-pub mod range;
+pub(crate) mod range;
 pub mod retry;
 pub mod roots;
 

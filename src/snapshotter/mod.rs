@@ -8,6 +8,8 @@
 //! lazyblob layers apart, `mounts` turns a snapshot into the mounts containerd performs,
 //! `service` answers the gRPC calls.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod filter;
 pub mod mounts;

@@ -5,6 +5,8 @@
 //! buffer, a header length that disagrees with the bytes read, keys that overflow the
 //! message or an unknown opcode all come back as a [`ProtocolError`].
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 use crate::frontend::wire::{u32_at, u64_at};

@@ -1,6 +1,8 @@
 //! The cachefiles event loop: one task reads messages from `/dev/cachefiles`; every READ is
 //! served on its own task, so a slow fetch never holds up another request.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;

@@ -5,6 +5,8 @@
 //! SEEK_DATA/SEEK_HOLE, so a restarted daemon never fetches a chunk twice; chunks found on
 //! disk are verified against the chunk table before they are trusted.
 
+#![forbid(unsafe_code)]
+
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;

@@ -2,6 +2,8 @@
 //! info records, of which the range record (`FAN_EVENT_INFO_TYPE_RANGE`, 6.14+) says which
 //! bytes a pre-content event is about. Malformed buffers are errors, never panics.
 
+#![forbid(unsafe_code)]
+
 use crate::frontend::wire::{u16_at, u32_at, u64_at};
 
 /// `FAN_PRE_ACCESS` (6.14+; not in older headers).

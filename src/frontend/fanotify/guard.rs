@@ -10,8 +10,10 @@
 //! `<state_dir>/guard.sock` to hand the group (with its marks) to the next daemon, which then
 //! resumes serving the same mounts.
 
+#![forbid(unsafe_code)]
+
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -102,11 +104,8 @@ pub fn reclaim(state_dir: &Path) -> io::Result<Option<Fanotify>> {
 
 /// Entry point of `lazyblob guard`: never returns normally.
 pub fn run(group_fd: RawFd, pipe_fd: RawFd, max_fd: u64, state_dir: &Path) -> io::Result<()> {
-    // SAFETY: both fds were inherited from the daemon for this process alone (passed by
-    // number on our command line by `Guard::spawn`); nothing else here owns them.
-    let group = sys::adopt_group(unsafe { OwnedFd::from_raw_fd(group_fd) });
-    // SAFETY: as above.
-    let mut pipe = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(pipe_fd) });
+    let group = sys::adopt_group(sys::inherited_fd(group_fd)?);
+    let mut pipe = std::fs::File::from(sys::inherited_fd(pipe_fd)?);
     let mut msg = Vec::new();
     let _ = pipe.read_to_end(&mut msg);
     if msg.starts_with(b"bye") {

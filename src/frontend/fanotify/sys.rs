@@ -71,6 +71,22 @@ pub fn adopt_group(fd: OwnedFd) -> Fanotify {
     unsafe { Fanotify::from_raw_fd(raw) }
 }
 
+/// Take ownership of fd number `raw`, inherited from the daemon for this process alone (the
+/// guard's group and pipe, passed by number on its command line by `Guard::spawn`). Only
+/// the guard's entry point calls this, once per fd, before anything else runs; a number
+/// that is not an open fd is refused.
+pub fn inherited_fd(raw: std::os::fd::RawFd) -> io::Result<OwnedFd> {
+    nix::fcntl::fcntl(
+        // SAFETY: only borrowed for the F_GETFD check below, while nothing closes it.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("fd {raw} is not open: {e}")))?;
+    // SAFETY: `raw` is open (checked above) and was inherited for this process alone; no
+    // other owner exists (see the contract above), so exactly one OwnedFd closes it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
+}
+
 /// Read raw events (non-blocking: `WouldBlock` when none).
 pub fn read_events(fan: &Fanotify, buf: &mut [u8]) -> io::Result<usize> {
     nix::unistd::read(fan.as_fd(), buf).map_err(io::Error::from)

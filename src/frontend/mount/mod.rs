@@ -1,6 +1,6 @@
 //! EROFS mounts for both frontends, with `mount(2)` directly (util-linux would turn a
 //! regular-file source into a loop device and bypass the pre-content hooks), and the
-//! per-mount read-ahead (the one ioctl of this family: `FS_IOC_GETFSSYSFSPATH`).
+//! per-mount read-ahead (the one ioctl of this family, `FS_IOC_GETFSSYSFSPATH`, is in `sys`).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+mod sys;
 
 /// A mount point opened once, when the mount is asked for: the mount lands on that directory
 /// whatever happens to the path meanwhile (a registration waits for the network, and a user
@@ -137,32 +139,6 @@ pub fn is_erofs_mount(target: &Path) -> bool {
     })
 }
 
-/// `struct fs_sysfs_path` of `<linux/fs.h>`.
-#[repr(C)]
-pub struct FsSysfsPath {
-    len: u8,
-    name: [u8; 128],
-}
-
-nix::ioctl_read!(
-    /// `ioctl(fd, FS_IOC_GETFSSYSFSPATH, &path)`: `_IOR(0x15, 1, struct fs_sysfs_path)`.
-    get_fs_sysfs_path,
-    0x15,
-    1,
-    FsSysfsPath
-);
-
-/// The sysfs name of the filesystem mounted at `target` (`erofs/erofs-2831`); Linux 6.11+.
-pub fn sysfs_name(target: &Path) -> io::Result<String> {
-    let dir = std::fs::File::open(target)?;
-    let mut out = FsSysfsPath { len: 0, name: [0; 128] };
-    // SAFETY: `dir` is an open fd for the whole call and `out` is a properly sized, writable
-    // `struct fs_sysfs_path`, the only memory this ioctl writes.
-    unsafe { get_fs_sysfs_path(dir.as_raw_fd(), &mut out) }.map_err(io::Error::from)?;
-    let name = out.name.get(..usize::from(out.len)).unwrap_or(&[]);
-    Ok(String::from_utf8_lossy(name).into_owned())
-}
-
 /// Set the kernel read-ahead of the EROFS mounted at `target`, in KiB: how much a page-cache
 /// miss of a sequential reader asks for at once, so how many bytes each pre-content event
 /// or cachefiles READ covers (the kernel's default is 128 KiB).
@@ -183,7 +159,7 @@ pub fn read_ahead(target: &Path) -> io::Result<u32> {
 
 /// `/sys/class/bdi/<the mount's bdi>/read_ahead_kb`.
 fn read_ahead_knob(target: &Path) -> io::Result<PathBuf> {
-    let name = sysfs_name(target)?;
+    let name = sys::sysfs_name(target)?;
     let bdi = name.rsplit('/').next().unwrap_or_default();
     Ok(Path::new("/sys/class/bdi").join(bdi).join("read_ahead_kb"))
 }

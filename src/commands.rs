@@ -1,0 +1,138 @@
+//! What the command-line verbs do, so that `main.rs` only parses arguments and prints: each
+//! function returns the text the verb prints on stdout.
+
+#![forbid(unsafe_code)]
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::api::client::ApiClient;
+use crate::api::Status;
+use crate::config::Config;
+use crate::frontend::mount::SpecialFiles;
+use crate::image::build::{self, BuildOptions};
+use crate::image::convert::{convert as convert_image, ConvertOptions, ConvertReport, Location};
+use crate::registry::{parse_reference, Registry};
+
+/// A registry client configured by `config` (or the defaults).
+fn registry(config: Option<&Path>) -> Result<Registry> {
+    let cfg = Config::load_or_default(config)?;
+    Ok(Registry::new(&cfg.registry, cfg.engine.max_concurrent_fetches)?)
+}
+
+/// `lazyblob status`: a summary, or the whole status as JSON.
+pub async fn status(socket: &Path, json: bool) -> Result<String> {
+    let s = ApiClient::new(socket)?.status().await?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&s)? + "\n");
+    }
+    Ok(summary(&s))
+}
+
+/// The human-readable `status`.
+fn summary(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "lazyblob {} frontend={} kernel={}",
+        s.version, s.frontend, s.kernel
+    );
+    let _ = writeln!(
+        out,
+        "registry: {} requests, {} bytes, {} retries, {} failures; engine: {} chunks fetched, {} shared, {} in flight",
+        s.registry.requests,
+        s.registry.bytes,
+        s.registry.retries,
+        s.registry.failures,
+        s.engine.chunks_fetched,
+        s.engine.shared_hits,
+        s.inflight_chunks
+    );
+    let _ = writeln!(out, "cache: {} bytes on disk", s.cache_bytes);
+    for i in &s.images {
+        let _ = writeln!(
+            out,
+            "image {}  fsid={}  {} data blobs  {} bytes",
+            i.reference, i.fsid, i.data_blobs, i.total_size
+        );
+    }
+    for m in &s.mounts {
+        let _ = writeln!(
+            out,
+            "mount {} on {}  ({})",
+            m.reference,
+            m.target.display(),
+            m.frontend.name()
+        );
+    }
+    out
+}
+
+/// `lazyblob mkfs`: build an image from `source` into `out`; with `push`, push it there too
+/// and return its manifest digest.
+pub async fn mkfs(
+    source: &Path,
+    out: &Path,
+    opts: &BuildOptions,
+    push: Option<&str>,
+    config: Option<&Path>,
+) -> Result<String> {
+    let img = build::from_dir(source, opts).with_context(|| format!("building an image from {}", source.display()))?;
+    img.write_to(out)
+        .with_context(|| format!("writing the image to {}", out.display()))?;
+    let Some(reference) = push else {
+        return Ok(String::new());
+    };
+    let registry = registry(config)?;
+    let digest = build::push(&registry, &parse_reference(reference)?, &img, None).await?;
+    Ok(format!("{digest}\n"))
+}
+
+/// `lazyblob convert`: the converted image's digest; a summary goes to stderr.
+pub async fn convert(src: &str, dst: &str, opts: &ConvertOptions, config: Option<&Path>) -> Result<String> {
+    let registry = registry(config)?;
+    let src_loc: Location = src.parse().with_context(|| format!("source {src}"))?;
+    let dst_loc: Location = dst.parse().with_context(|| format!("destination {dst}"))?;
+    let t0 = std::time::Instant::now();
+    let r: ConvertReport = convert_image(&registry, &src_loc, &dst_loc, opts)
+        .await
+        .with_context(|| format!("converting {src} to {dst}"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "converted {} image(s), {} entries, {} bytes of file data in {:.2}s ({:.1} MB/s)",
+        r.images,
+        r.files,
+        r.layer_bytes,
+        secs,
+        r.layer_bytes as f64 / 1e6 / secs.max(1e-9)
+    );
+    Ok(format!("{}\n", r.digest))
+}
+
+/// `lazyblob mount`: mount `image` on `dir` through the daemon.
+pub async fn mount(socket: &Path, image: &str, dir: &Path, special: SpecialFiles) -> Result<String> {
+    let dir = std::fs::canonicalize(dir).with_context(|| format!("mount point {}", dir.display()))?;
+    let m = ApiClient::new(socket)?.mount(image, &dir, special).await?;
+    Ok(format!(
+        "{} mounted on {} (fsid {}, {})\n",
+        m.reference,
+        m.target.display(),
+        m.fsid,
+        m.frontend.name()
+    ))
+}
+
+/// `lazyblob umount`.
+pub async fn umount(socket: &Path, dir: &Path, lazy: bool) -> Result<String> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    ApiClient::new(socket)?.umount(&dir, lazy).await?;
+    Ok(String::new())
+}
+
+/// `lazyblob register`: the image's fsid.
+pub async fn register(socket: &Path, reference: &str) -> Result<String> {
+    let info = ApiClient::new(socket)?.register(reference).await?;
+    Ok(format!("{}\n", info.fsid))
+}

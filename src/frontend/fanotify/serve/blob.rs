@@ -1,0 +1,164 @@
+//! The blobs the frontend serves: each data blob's sparse cache file (created and marked
+//! when an image is mounted, its metadata pinned in memory), which of its chunks are
+//! verified, and its completion: once every chunk is there, its events stop.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::readahead::ReadAhead;
+use super::{cache, sys, FanotifyFrontend};
+use crate::catalog::Image;
+use crate::engine::chunks::ChunkGeometry;
+use crate::engine::DataBlob;
+use crate::lock::lock;
+
+/// A data blob's cache file and which of its chunks were verified in this run.
+pub(super) struct CachedBlob {
+    pub(super) blob: Arc<DataBlob>,
+    pub(super) path: PathBuf,
+    pub(super) verified: Mutex<HashSet<u64>>,
+    /// A duplicate of an event fd for read-ahead writes. Pre-content events fire on writes
+    /// too, so a marked file is only ever written through an event fd's file description,
+    /// which the kernel opened without notifications.
+    pub(super) writer: Mutex<Option<Arc<File>>>,
+    /// Read-ahead state of sequential readers.
+    pub(super) ahead: Mutex<ReadAhead>,
+    /// Held while writing into the cache file.
+    pub(super) write_lock: Mutex<()>,
+    /// Offsets of the units a background store is pending for (one per unit, however many
+    /// readers fetched it).
+    pub(super) storing: Mutex<HashSet<u64>>,
+    /// When a reader last missed (the background fill waits for a quiet blob).
+    pub(super) last_miss: Mutex<Instant>,
+    /// A background fill task runs for this blob.
+    pub(super) filling: AtomicBool,
+    /// Every chunk is on disk and the mark is gone.
+    pub(super) complete: AtomicBool,
+}
+
+impl CachedBlob {
+    /// The chunks (of the table's size) overlapping `range`, clamped to the blob; the whole
+    /// blob when the event names no range.
+    pub(super) fn chunks(&self, range: Option<(u64, u64)>) -> std::ops::Range<u64> {
+        let (size, unit) = (self.blob.source.size, self.blob.table_chunk);
+        let (off, count) = range.unwrap_or((0, size));
+        ChunkGeometry::new(unit, unit, size).chunks_for(off, count)
+    }
+
+    /// Chunks (of the table's size) in the blob.
+    pub(super) fn n_chunks(&self) -> u64 {
+        self.blob.source.size.div_ceil(self.blob.table_chunk)
+    }
+
+    /// Whether every table chunk overlapping `[at, at + len)` is verified in the cache.
+    pub(super) fn all_marked(&self, at: u64, len: u64) -> bool {
+        let chunks = self.chunks(Some((at, len)));
+        let v = lock(&self.verified);
+        chunks.into_iter().all(|c| v.contains(&c))
+    }
+}
+
+impl FanotifyFrontend {
+    /// Create the sparse cache files of an image's data blobs and mark them; returns the
+    /// `device=` paths in device order.
+    pub fn prepare(&self, image: &Image) -> io::Result<Vec<PathBuf>> {
+        if let Some(pinned) = &self.pinned {
+            let mut pinned = lock(pinned);
+            if !pinned.contains_key(&image.meta_path) {
+                // best effort: an image whose metadata cannot be locked still mounts
+                match crate::frontend::fanotify::pin::Pinned::new(&image.meta_path) {
+                    Ok(Some(p)) => {
+                        tracing::debug!(path = %image.meta_path.display(), bytes = p.len(), "metadata blob pinned");
+                        pinned.insert(image.meta_path.clone(), p);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "metadata blob not pinned in memory"),
+                }
+            }
+        }
+        let mut paths = Vec::with_capacity(image.data.len());
+        for blob in &image.data {
+            let path = cache::blob_path(&self.cache_dir, blob.key());
+            let f = cache::ensure_file(&path, blob.source.size)?;
+            let md = f.metadata()?;
+            sys::mark_pre_access(self.fan.get_ref(), &path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("fanotify_mark(FAN_PRE_ACCESS) on {}: {e}", path.display()),
+                )
+            })?;
+            lock(&self.files).entry((md.dev(), md.ino())).or_insert_with(|| {
+                Arc::new(CachedBlob {
+                    blob: Arc::clone(blob),
+                    path: path.clone(),
+                    verified: Mutex::new(HashSet::new()),
+                    writer: Mutex::new(None),
+                    ahead: Mutex::new(ReadAhead::new(self.read_ahead_chunks(blob.table_chunk))),
+                    write_lock: Mutex::new(()),
+                    storing: Mutex::new(HashSet::new()),
+                    last_miss: Mutex::new(Instant::now()),
+                    filling: AtomicBool::new(false),
+                    complete: AtomicBool::new(false),
+                })
+            });
+            paths.push(path);
+        }
+        Ok(paths)
+    }
+
+    /// Unlock the metadata blobs of images not in `in_use` (after unmounts).
+    pub fn unpin_except(&self, in_use: &[PathBuf]) {
+        if let Some(pinned) = &self.pinned {
+            lock(pinned).retain(|p, _| in_use.contains(p));
+        }
+    }
+
+    /// Bytes of metadata locked in memory.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.pinned
+            .as_ref()
+            .map_or(0, |p| lock(p).values().map(|x| x.len() as u64).sum())
+    }
+
+    /// Wait until some blob becomes complete (a completion while nobody waits is kept for
+    /// the next call).
+    pub async fn blob_completed(&self) {
+        self.completions.notified().await
+    }
+
+    /// Whether every data blob of `image` is complete in the cache (its events are off).
+    pub fn image_complete(&self, image: &Image) -> bool {
+        let files = lock(&self.files);
+        image.data.iter().all(|blob| {
+            files
+                .values()
+                .any(|c| c.blob.key() == blob.key() && c.complete.load(Relaxed))
+        })
+    }
+
+    /// Once every chunk of a blob is present and verified, stop its events: reads of its
+    /// cache file then cost what a local file costs.
+    pub(super) fn unmark_if_complete(&self, cached: &CachedBlob) {
+        let n = cached.n_chunks() as usize;
+        if lock(&cached.verified).len() >= n && !cached.complete.swap(true, Relaxed) {
+            self.stats.blobs_complete.fetch_add(1, Relaxed);
+            self.completions.notify_one();
+            match sys::unmark(self.fan.get_ref(), &cached.path) {
+                Ok(()) => tracing::info!(path = %cached.path.display(), "blob complete: pre-content events off"),
+                Err(e) => tracing::debug!(error = %e, "unmark failed"),
+            }
+        }
+    }
+
+    /// The blob behind an event's file, if this daemon serves it.
+    pub(super) fn cached(&self, file: &File) -> Option<Arc<CachedBlob>> {
+        let md = file.metadata().ok()?;
+        lock(&self.files).get(&(md.dev(), md.ino())).cloned()
+    }
+}

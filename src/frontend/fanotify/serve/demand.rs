@@ -1,0 +1,151 @@
+//! On-demand fill: the chunks a reader's event names that are not verified in the cache
+//! are fetched (merged runs, through the engine's single flight), the reader's own part
+//! written first, and the range checked for holes before the read is allowed.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::blob::CachedBlob;
+use super::{cache, FanotifyFrontend};
+use crate::engine::chunks::consecutive;
+use crate::lock::lock;
+
+impl FanotifyFrontend {
+    /// Make `range` of the event's file present and verified; returns chunks written.
+    pub(super) async fn fill(
+        self: &Arc<Self>,
+        file: &Arc<File>,
+        cached: Option<Arc<CachedBlob>>,
+        range: Option<(u64, u64)>,
+    ) -> io::Result<u64> {
+        let Some(cached) = cached else {
+            // a marked file we do not know: never let a hole be read as zeros
+            return Err(io::Error::other(
+                "pre-content event for a file this daemon does not serve",
+            ));
+        };
+        let (size, unit) = (cached.blob.source.size, cached.blob.table_chunk);
+        let missing = self.missing(&cached, file, range).await?;
+        let mut written = 0;
+        if !missing.is_empty() {
+            *lock(&cached.last_miss) = Instant::now();
+            // one writer per blob, kept: an event costs no fd beyond its own
+            let via = {
+                let mut w = lock(&cached.writer);
+                match &*w {
+                    Some(v) => Arc::clone(v),
+                    None => Arc::clone(w.insert(Arc::new(file.try_clone()?))),
+                }
+            };
+            let urgent = range.map(|(o, n)| (o, o.saturating_add(n)));
+            for run in consecutive(&missing, u64::MAX) {
+                let (s, e) = (run.start * unit, (run.end * unit).min(size));
+                written += self.fetch_and_store(&cached, s, e, Arc::clone(&via), urgent).await?;
+            }
+            self.start_background_fill(&cached);
+        }
+        self.stats.chunks_filled.fetch_add(written, Relaxed);
+        // the last line of defence against zeros: whatever path wrote (or skipped) what,
+        // the range the reader waits for must be on disk before it is allowed
+        let (rs, re) = match range {
+            Some((o, n)) => (o.min(size), o.saturating_add(n).min(size)),
+            None => (0, size),
+        };
+        if !cache::is_data(file, rs, re)? {
+            return Err(io::Error::other(format!(
+                "range {rs}..{re} of {} still has holes after the fill",
+                cached.path.display()
+            )));
+        }
+        if let (Some(&f), Some(&l)) = (missing.first(), missing.last()) {
+            self.read_ahead(&cached, f, l);
+        }
+        self.unmark_if_complete(&cached);
+        Ok(written)
+    }
+
+    /// Fetch `[s, e)` of a blob and write each unit as soon as it is verified; returns
+    /// chunks written. A unit that `urgent` (a reader's range) covers only in part gets that
+    /// part written first and the whole unit written in the background, so a small random
+    /// read waits for its own bytes only, not for a whole chunk to reach the page cache.
+    pub(super) async fn fetch_and_store(
+        self: &Arc<Self>,
+        cached: &Arc<CachedBlob>,
+        s: u64,
+        e: u64,
+        via: Arc<File>,
+        urgent: Option<(u64, u64)>,
+    ) -> io::Result<u64> {
+        let pending = self
+            .engine
+            .fetch(&cached.blob, s, e - s)
+            .map_err(|err| io::Error::other(err.to_string()))?;
+        let mut written = 0;
+        for p in pending {
+            let piece = p
+                .wait(&self.engine)
+                .await
+                .map_err(|err| io::Error::other(err.to_string()))?;
+            let (ps, pe) = (piece.offset, piece.offset + piece.data.len() as u64);
+            match urgent {
+                Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) => {
+                    let (a, b) = (us.max(ps), ue.min(pe));
+                    let part = piece.data.slice((a - ps) as usize..(b - ps) as usize);
+                    self.write_urgent(cached, part, a, Arc::clone(&via)).await?;
+                    self.store_later(cached, &via, ps, async { Ok(piece) }, |s| &s.chunks_filled);
+                }
+                _ => written += self.store(cached, piece, Arc::clone(&via)).await?,
+            }
+        }
+        Ok(written)
+    }
+
+    /// The chunks of `range` not yet verified in the cache. Those unknown to this run are
+    /// looked for on disk and hashed if there, on the blocking pool.
+    async fn missing(
+        self: &Arc<Self>,
+        cached: &Arc<CachedBlob>,
+        file: &Arc<File>,
+        range: Option<(u64, u64)>,
+    ) -> io::Result<Vec<u64>> {
+        let unknown: Vec<u64> = {
+            let v = lock(&cached.verified);
+            cached.chunks(range).filter(|c| !v.contains(c)).collect()
+        };
+        if unknown.is_empty() {
+            return Ok(unknown);
+        }
+        let (me, cached, file) = (Arc::clone(self), Arc::clone(cached), Arc::clone(file));
+        tokio::task::spawn_blocking(move || {
+            let mut missing = Vec::with_capacity(unknown.len());
+            for c in unknown {
+                if !me.present(&cached, &file, c)? {
+                    missing.push(c);
+                }
+            }
+            Ok(missing)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Whether everything `range` asks for is cached and verified; if so, keep a sequential
+    /// reader's read-ahead going.
+    pub(super) fn all_verified(self: &Arc<Self>, cached: Option<&Arc<CachedBlob>>, range: Option<(u64, u64)>) -> bool {
+        let Some(cached) = cached else {
+            return false;
+        };
+        let chunks = cached.chunks(range);
+        let ok = {
+            let v = lock(&cached.verified);
+            chunks.clone().all(|c| v.contains(&c))
+        };
+        if ok && !chunks.is_empty() {
+            self.advance_read_ahead(cached, chunks.end - 1);
+        }
+        ok
+    }
+}

@@ -1,0 +1,68 @@
+//! Read-ahead fetches: the windows the `readahead` state machine opens are fetched in
+//! merged runs and written with the blob's own writer, one task per unit.
+
+use std::io;
+use std::sync::Arc;
+
+use super::blob::CachedBlob;
+use super::FanotifyFrontend;
+use crate::engine::chunks::consecutive;
+use crate::lock::lock;
+
+impl FanotifyFrontend {
+    /// Sequential readers: the window after a reader's miss of chunks `first..=last`.
+    pub(super) fn read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, first: u64, last: u64) {
+        let ahead = lock(&cached.ahead).on_miss(first, last);
+        if let Some(r) = ahead {
+            self.prefetch(cached, r.start, r.end);
+        }
+    }
+
+    /// A reader inside the prefetched window (the fast path calls this): the next window
+    /// once it has passed the middle.
+    pub(super) fn advance_read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, last_chunk: u64) {
+        let ahead = lock(&cached.ahead).on_hit(last_chunk);
+        if let Some(r) = ahead {
+            self.prefetch(cached, r.start, r.end);
+        }
+    }
+
+    /// Largest read-ahead window in chunks of `chunk` bytes (0: off).
+    pub(super) fn read_ahead_chunks(&self, chunk: u64) -> u64 {
+        match self.read_ahead_max {
+            0 => 0,
+            max => (max / chunk).max(2),
+        }
+    }
+
+    /// Fetch chunks `[from, to)` that are not cached yet and write them with our own handle;
+    /// one task per merged range, so each is written as soon as it arrives.
+    pub(super) fn prefetch(self: &Arc<Self>, cached: &Arc<CachedBlob>, from: u64, to: u64) {
+        let unit = cached.blob.table_chunk;
+        let n_chunks = cached.n_chunks();
+        let todo: Vec<u64> = {
+            let v = lock(&cached.verified);
+            (from..to.min(n_chunks)).filter(|c| !v.contains(c)).collect()
+        };
+        let Some(via) = lock(&cached.writer).clone() else {
+            return;
+        };
+        for run in consecutive(&todo, u64::MAX) {
+            let s = run.start * unit;
+            let e = (run.end * unit).min(cached.blob.source.size);
+            let pending = match self.engine.fetch(&cached.blob, s, e - s) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "read-ahead not started");
+                    return;
+                }
+            };
+            // one task per unit: each is written the moment it is verified
+            for p in pending {
+                let (engine, offset) = (Arc::clone(&self.engine), p.offset);
+                let piece = async move { p.wait(&engine).await.map_err(|e| io::Error::other(e.to_string())) };
+                self.store_later(cached, &via, offset, piece, |s| &s.chunks_prefetched);
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Read-ahead of one blob's sequential readers, in chunks, as a pure state machine: a miss
+//! right behind the previous one opens a window that doubles up to the maximum; a reader
+//! that finds its chunks cached past the middle of the window moves it on. What to fetch
+//! is returned; the frontend fetches it (`prefetch`).
+
+use std::ops::Range;
+
+/// Read-ahead state of one blob.
+#[derive(Debug)]
+pub(super) struct ReadAhead {
+    /// Largest window in chunks (0: read-ahead off).
+    max_window: u64,
+    /// The last chunk a reader missed.
+    last_miss: Option<u64>,
+    /// The current window (0: the reader is not sequential).
+    window: u64,
+    /// The chunk the scheduled read-ahead reaches (exclusive).
+    until: u64,
+}
+
+impl ReadAhead {
+    /// Read-ahead with windows up to `max_window` chunks (0: none).
+    pub(super) fn new(max_window: u64) -> ReadAhead {
+        ReadAhead {
+            max_window,
+            last_miss: None,
+            window: 0,
+            until: 0,
+        }
+    }
+
+    /// A reader missed chunks `first..=last`: the chunks to fetch ahead of it, if it reads
+    /// sequentially (its miss starts right behind the previous miss or the window).
+    pub(super) fn on_miss(&mut self, first: u64, last: u64) -> Option<Range<u64>> {
+        if self.max_window == 0 {
+            return None;
+        }
+        // forward, right behind the last miss or inside the window scheduled after it: a
+        // jump back is a random reader, not a sequential one
+        let sequential = self
+            .last_miss
+            .is_some_and(|l| first > l && first <= l.max(self.until) + 1);
+        self.window = if sequential {
+            (self.window * 2).clamp(2, self.max_window)
+        } else {
+            0
+        };
+        self.last_miss = Some(last);
+        if self.window == 0 {
+            return None;
+        }
+        self.until = last + 1 + self.window;
+        Some(last + 1..self.until)
+    }
+
+    /// A reader found its chunks up to `last` cached: the next window, once it has passed
+    /// the middle of the current one, so a sequential reader never waits for a cold chunk.
+    pub(super) fn on_hit(&mut self, last: u64) -> Option<Range<u64>> {
+        if self.window == 0 || last + self.window / 2 < self.until {
+            return None;
+        }
+        let from = self.until;
+        self.until += self.window;
+        Some(from..self.until)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_misses_fetch_nothing_ahead() {
+        let mut r = ReadAhead::new(64);
+        for c in [10, 500, 3, 77, 1000, 200, 199, 150] {
+            assert_eq!(r.on_miss(c, c), None, "miss at {c}");
+        }
+        assert_eq!(r.on_hit(150), None);
+    }
+
+    #[test]
+    fn sequential_misses_double_the_window_up_to_the_maximum() {
+        let mut r = ReadAhead::new(8);
+        assert_eq!(r.on_miss(0, 0), None, "chunk 0 alone says nothing");
+        assert_eq!(r.on_miss(1, 1), Some(2..4));
+        // the reader misses right after the window: 4, then 8 (the maximum), then 8 again
+        assert_eq!(r.on_miss(4, 4), Some(5..9));
+        assert_eq!(r.on_miss(9, 9), Some(10..18));
+        assert_eq!(r.on_miss(18, 18), Some(19..27));
+    }
+
+    #[test]
+    fn hits_past_the_middle_move_the_window_on() {
+        let mut r = ReadAhead::new(4);
+        r.on_miss(5, 5);
+        assert_eq!(r.on_miss(6, 6), Some(7..9));
+        assert_eq!(r.on_miss(9, 9), Some(10..14));
+        assert_eq!(r.on_hit(10), None, "before the middle of 10..14");
+        assert_eq!(r.on_hit(12), Some(14..18));
+        assert_eq!(r.on_hit(13), None, "14..18 is scheduled");
+        assert_eq!(r.on_hit(16), Some(18..22));
+        // a jump elsewhere ends the sequence
+        assert_eq!(r.on_miss(100, 100), None);
+        assert_eq!(r.on_hit(101), None);
+    }
+
+    #[test]
+    fn off_means_never() {
+        let mut r = ReadAhead::new(0);
+        for c in 0..10 {
+            assert_eq!(r.on_miss(c, c), None);
+            assert_eq!(r.on_hit(c), None);
+        }
+    }
+}
