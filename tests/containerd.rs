@@ -140,19 +140,14 @@ async fn cri_pull_and_run(release: Release, auth: Option<(&str, &str)>) {
     let data_bytes: u64 = lazy.data.iter().map(|b| b.size).sum();
     assert!(after_pull < data_bytes / 10, "the pull fetched {after_pull} bytes");
 
-    let out = c.ctr_ok_in(
+    let id = format!("lazy-reader-{}", rand::random::<u32>());
+    let out = c.run_sh_ok(
         "k8s.io",
-        &[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazyblob",
-            &dst,
-            &format!("lazy-reader-{}", rand::random::<u32>()),
-            "/bin/sh",
-            "-c",
-            "sha256sum /data/small.txt /data/big1.bin",
-        ],
+        "--rm",
+        "lazyblob",
+        &dst,
+        &id,
+        "sha256sum /data/small.txt /data/big1.bin",
     );
     for (name, data) in [("/data/small.txt", &small), ("/data/big1.bin", &big1)] {
         let want = format!("{}  {name}", sha256_hex(data));
@@ -290,17 +285,7 @@ fn transfer_service_pull(c: &Containerd, d: &DaemonProc, image: &str, layers: us
         "manifest and config only:\n{content}"
     );
     let id = format!("transfer-{}", rand::random::<u32>());
-    let out = c.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazyblob",
-        image,
-        &id,
-        "/bin/sh",
-        "-c",
-        "sha256sum /data/small.txt",
-    ]);
+    let out = c.run_sh_ok("test", "--rm", "lazyblob", image, &id, "sha256sum /data/small.txt");
     assert_eq!(out.trim(), format!("{}  /data/small.txt", sha256_hex(small)));
     c.ctr_ok(&["image", "rm", "--sync", image]);
 }
@@ -330,20 +315,7 @@ fn lazyblob_stops_under_a_running_container(
     let t0 = Instant::now();
     let id = loop {
         let id = format!("restart-{how:?}-{}", rand::random::<u32>()).to_lowercase();
-        let run = c.ctr_in(
-            "k8s.io",
-            &[
-                "run",
-                "-d",
-                "--snapshotter",
-                "lazyblob",
-                image,
-                &id,
-                "/bin/sh",
-                "-c",
-                "sleep 120",
-            ],
-        );
+        let run = c.run_sh("k8s.io", "-d", "lazyblob", image, &id, "sleep 120");
         if run.status.success() {
             break id;
         }

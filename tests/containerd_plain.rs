@@ -87,18 +87,8 @@ async fn plain_image_on(release: Release) {
     let mut trees = Vec::new();
     for snapshotter in ["lazyblob", "overlayfs"] {
         c.ctr_ok(&["images", "pull", "--plain-http", "--snapshotter", snapshotter, &image]);
-        let out = c.ctr_ok(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            snapshotter,
-            &image,
-            // runc's state is per namespace, not per containerd: ids unique across tests
-            &format!("list-{snapshotter}-{}", rand::random::<u32>()),
-            "/bin/sh",
-            "-c",
-            LIST,
-        ]);
+        let id = format!("list-{snapshotter}-{}", rand::random::<u32>());
+        let out = c.run_sh_ok("test", "--rm", snapshotter, &image, &id, LIST);
         trees.push(out);
     }
     assert!(

@@ -5,47 +5,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use lazyblob::config::{HostConfig, RegistryConfig};
-use lazyblob::image::build::{self, BlobWriter, BuildOptions, BuiltImage};
+use lazyblob::image::build::{BlobWriter, BuiltImage};
 use lazyblob::image::tree::{Kind, Meta, Node, Tree};
-use lazyblob::registry::{parse_reference, sha256_digest, Registry};
+use lazyblob::registry::sha256_digest;
 use registry_mock::{Fault, FaultRule, MockConfig, MockRegistry};
-
-fn push_registry(host: &str) -> Registry {
-    let cfg = RegistryConfig {
-        hosts: vec![HostConfig {
-            host: host.to_string(),
-            insecure: true,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    Registry::new(&cfg, 4).unwrap()
-}
-
-async fn push(reg: &Registry, host: &str, name: &str, img: &BuiltImage) -> String {
-    build::push(reg, &parse_reference(&format!("{host}/{name}")).unwrap(), img, None)
-        .await
-        .unwrap()
-}
-
-fn build_dir(files: &BTreeMap<String, Vec<u8>>, blobs: usize) -> BuiltImage {
-    let dir = tempfile::tempdir().unwrap();
-    write_tree(dir.path(), files);
-    build::from_dir(
-        dir.path(),
-        &BuildOptions {
-            blobs,
-            inline_max: 512,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
 
 /// An image whose file `bN.bin` lives in data blob N (1..=3).
 fn one_file_per_blob(contents: &[Vec<u8>]) -> BuiltImage {
@@ -84,23 +50,23 @@ async fn cachefiles_frontend_in_vm() {
     let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
     let host = mock.host();
     let port = mock.addr().port();
-    let reg = push_registry(&host);
+    let reg = client(&insecure_config(&[&host]));
 
     // lazy: a few large files and one small file that lives in a data blob
     let mut lazy_files = mixed_files(1, 40, &[8, 8, 4]);
     lazy_files.insert("small/one.bin".into(), bytes(4242, 10_000));
-    let lazy = build_dir(&lazy_files, 3);
-    push(&reg, &host, "test/lazy:v1", &lazy).await;
+    let lazy = build_files(&lazy_files, 3);
+    push_image(&reg, &host, "test/lazy:v1", &lazy).await;
 
     // full: a tree walk compares every file
     let full_files = mixed_files(2, 300, &[3, 2]);
-    let full = build_dir(&full_files, 3);
-    push(&reg, &host, "test/full:v1", &full).await;
+    let full = build_files(&full_files, 3);
+    push_image(&reg, &host, "test/full:v1", &full).await;
 
     // conc: 64 readers of one cold chunk
     let big = bytes(77, 4 << 20);
     let conc = one_file_per_blob(std::slice::from_ref(&big));
-    push(&reg, &host, "test/conc:v1", &conc).await;
+    push_image(&reg, &host, "test/conc:v1", &conc).await;
     let conc_blob = sha256_digest(&conc.data[0]);
     let chunk2 = &big[2 << 20..3 << 20];
     let page_sums: Vec<String> = (0..64).map(|i| sha256_hex(&chunk2[i * 4096..(i + 1) * 4096])).collect();
@@ -110,7 +76,7 @@ async fn cachefiles_frontend_in_vm() {
     let f2 = bytes(12, 300_000);
     let f3 = bytes(13, 300_000);
     let fault_img = one_file_per_blob(&[f1.clone(), f2.clone(), f3.clone()]);
-    push(&reg, &host, "test/faults:v1", &fault_img).await;
+    push_image(&reg, &host, "test/faults:v1", &fault_img).await;
     let (d1, d2, d3) = (
         sha256_digest(&fault_img.data[0]),
         sha256_digest(&fault_img.data[1]),
@@ -118,8 +84,8 @@ async fn cachefiles_frontend_in_vm() {
     );
 
     // badmeta: the registry serves wrong bytes for the metadata blob
-    let bad = build_dir(&mixed_files(5, 5, &[]), 1);
-    push(&reg, &host, "test/badmeta:v1", &bad).await;
+    let bad = build_files(&mixed_files(5, 5, &[]), 1);
+    push_image(&reg, &host, "test/badmeta:v1", &bad).await;
     let mut wrong = bad.meta.clone();
     wrong[5000] ^= 0xff;
     mock.store().corrupt_blob(&sha256_digest(&bad.meta), wrong);
@@ -166,7 +132,7 @@ async fn cachefiles_frontend_in_vm() {
     // next read succeeds
     let c1 = bytes(41, 200_000);
     let corrupt_img = one_file_per_blob(std::slice::from_ref(&c1));
-    push(&reg, &host, "test/corrupt:v1", &corrupt_img).await;
+    push_image(&reg, &host, "test/corrupt:v1", &corrupt_img).await;
     let corrupt_blob = sha256_digest(&corrupt_img.data[0]);
 
     mock.set_faults(vec![
@@ -184,22 +150,10 @@ async fn cachefiles_frontend_in_vm() {
     let p = payload.path();
     std::fs::write(
         p.join("cfg.toml"),
-        format!(
-            r#"[daemon]
-state_dir = "/var/lib/lazyblob"
-cache_dir = "/var/cache/lazyblob"
-socket = "/run/lazyblob.sock"
-frontend = "cachefiles"
-[registry]
-request_timeout_ms = 3000
-max_attempts = 4
-backoff_initial_ms = 100
-backoff_max_ms = 800
-deadline_ms = 8000
-[[registry.hosts]]
-host = "10.0.2.2:{port}"
-insecure = true
-"#
+        guest_config(
+            port,
+            "",
+            "request_timeout_ms = 3000\nmax_attempts = 4\nbackoff_initial_ms = 100\nbackoff_max_ms = 800\ndeadline_ms = 8000",
         ),
     )
     .unwrap();

@@ -112,26 +112,14 @@ async fn snapshotter_over_cachefiles_in_vm() {
     std::fs::copy(&me, share.path().join("client")).unwrap();
     let p = payload.path();
     std::fs::write(p.join("plan.json"), serde_json::to_vec(&plan).unwrap()).unwrap();
+    let snapshotter = format!(
+        "[snapshotter]\nsocket = \"{}\"\nroot = \"{}\"",
+        plan.socket.display(),
+        plan.snapshotter_root.display()
+    );
     std::fs::write(
         p.join("cfg.toml"),
-        format!(
-            r#"[daemon]
-state_dir = "/var/lib/lazyblob"
-cache_dir = "/var/cache/lazyblob"
-socket = "/run/lazyblob.sock"
-frontend = "cachefiles"
-[snapshotter]
-socket = "{}"
-root = "{}"
-[registry]
-request_timeout_ms = 5000
-[[registry.hosts]]
-host = "10.0.2.2:{port}"
-insecure = true
-"#,
-            plan.socket.display(),
-            plan.snapshotter_root.display()
-        ),
+        guest_config(port, &snapshotter, "request_timeout_ms = 5000"),
     )
     .unwrap();
     write_guest_script(

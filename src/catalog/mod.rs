@@ -162,10 +162,7 @@ impl Catalog {
             meta_path,
             data,
         });
-        self.images
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(fsid.clone(), Arc::clone(&image));
+        crate::lock::write(&self.images).insert(fsid.clone(), Arc::clone(&image));
         self.persist()?;
         tracing::info!(reference, fsid, digest = %resolved.digest, "image registered");
         Ok(image)
@@ -234,7 +231,7 @@ impl Catalog {
     }
 
     fn persist(&self) -> Result<(), CatalogError> {
-        let images = self.images.read().unwrap_or_else(|p| p.into_inner());
+        let images = crate::lock::read(&self.images);
         let mut entries: Vec<state::Entry> = images
             .values()
             .map(|i| state::Entry {
@@ -248,7 +245,7 @@ impl Catalog {
     }
 
     pub fn get(&self, fsid: &str) -> Option<Arc<Image>> {
-        self.images.read().unwrap_or_else(|p| p.into_inner()).get(fsid).cloned()
+        crate::lock::read(&self.images).get(fsid).cloned()
     }
 
     /// Find the blob a cachefiles OPEN names: volume key `erofs,<fsid>`; cookie key the fsid
@@ -268,7 +265,7 @@ impl Catalog {
 
     /// Every registered image, by reference.
     pub fn list(&self) -> Vec<Arc<Image>> {
-        let images = self.images.read().unwrap_or_else(|p| p.into_inner());
+        let images = crate::lock::read(&self.images);
         let mut v: Vec<Arc<Image>> = images.values().cloned().collect();
         v.sort_by(|a, b| a.reference.cmp(&b.reference));
         v

@@ -142,6 +142,46 @@ impl Containerd {
             .unwrap()
     }
 
+    /// `ctr run <how> --snapshotter <snapshotter> <image> <id> /bin/sh -c <script>` in
+    /// namespace `ns`; `how` is `--rm` (wait for it) or `-d` (detached). Container ids must be
+    /// unique across tests: runc's state is per namespace, not per containerd.
+    pub fn run_sh(
+        &self,
+        ns: &str,
+        how: &str,
+        snapshotter: &str,
+        image: &str,
+        id: &str,
+        script: &str,
+    ) -> std::process::Output {
+        self.ctr_in(
+            ns,
+            &[
+                "run",
+                how,
+                "--snapshotter",
+                snapshotter,
+                image,
+                id,
+                "/bin/sh",
+                "-c",
+                script,
+            ],
+        )
+    }
+
+    /// [`Containerd::run_sh`] that must succeed; its stdout.
+    pub fn run_sh_ok(&self, ns: &str, how: &str, snapshotter: &str, image: &str, id: &str, script: &str) -> String {
+        let out = self.run_sh(ns, how, snapshotter, image, id, script);
+        assert!(
+            out.status.success(),
+            "ctr run {image} ({id}): {}\n--- containerd log (tail)\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `ctr` that must succeed; its stdout.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
         self.ctr_ok_in("test", args)

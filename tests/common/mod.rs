@@ -118,6 +118,26 @@ pub fn vm_dirs() -> (tempfile::TempDir, tempfile::TempDir) {
     (share, tempfile::tempdir().unwrap())
 }
 
+/// The daemon's config in the guest (`/cfg.toml`): state in `/var/lib/lazyblob`, the
+/// cachefiles cache on the rig's ext4 disk, the host's registry at `10.0.2.2:port`, and
+/// `extra` sections (`[registry]` settings go in `registry`).
+pub fn guest_config(port: u16, extra: &str, registry: &str) -> String {
+    format!(
+        r#"[daemon]
+state_dir = "/var/lib/lazyblob"
+cache_dir = "/var/cache/lazyblob"
+socket = "/run/lazyblob.sock"
+frontend = "cachefiles"
+{extra}
+[registry]
+{registry}
+[[registry.hosts]]
+host = "10.0.2.2:{port}"
+insecure = true
+"#
+    )
+}
+
 /// The guest's `/run-test`.
 #[allow(dead_code)]
 pub fn write_guest_script(payload: &Path, script: &str) {

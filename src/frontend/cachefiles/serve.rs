@@ -94,7 +94,7 @@ impl Cachefiles {
 
     /// Objects the kernel currently has open.
     pub fn open_objects(&self) -> usize {
-        self.objects.lock().unwrap_or_else(|p| p.into_inner()).len()
+        crate::lock::lock(&self.objects).len()
     }
 
     /// Serve requests until `shutdown` fires or the device fails.
@@ -135,12 +135,7 @@ impl Cachefiles {
             } => self.open(header.msg_id, header.object_id, &volume_key, &cookie_key, fd),
             Message::Read { header, offset, len } => {
                 self.stats.reads.fetch_add(1, Relaxed);
-                let obj = self
-                    .objects
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&header.object_id)
-                    .cloned();
+                let obj = crate::lock::lock(&self.objects).get(&header.object_id).cloned();
                 match obj {
                     Some(obj) => {
                         let me = Arc::clone(self);
@@ -162,11 +157,7 @@ impl Cachefiles {
             }
             Message::Close { header } => {
                 self.stats.closes.fetch_add(1, Relaxed);
-                let gone = self
-                    .objects
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&header.object_id);
+                let gone = crate::lock::lock(&self.objects).remove(&header.object_id);
                 tracing::debug!(object_id = header.object_id, known = gone.is_some(), "CLOSE");
             }
         }
@@ -199,17 +190,11 @@ impl Cachefiles {
             Target::Data(i, d) => format!("{}:{}", i.fsid, &d.source.digest.as_str()[..19]),
         };
         let obj = Arc::new(Object { fd: anon, target, name });
-        self.objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(object_id, Arc::clone(&obj));
+        crate::lock::lock(&self.objects).insert(object_id, Arc::clone(&obj));
         match self.dev.get_ref().command(&Command::Copen { msg_id, size }) {
             Ok(()) => tracing::info!(object = %obj.name, object_id, size, "OPEN"),
             Err(e) => {
-                self.objects
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&object_id);
+                crate::lock::lock(&self.objects).remove(&object_id);
                 tracing::error!(error = %e, "copen failed");
             }
         }

@@ -1,0 +1,222 @@
+//! Cold start, warm re-reads and conversion throughput.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use lazyblob::registry::sha256_digest;
+use serde_json::json;
+
+use crate::common::oci::{convert_ref, lazy_manifest, push_source};
+use crate::util::*;
+
+/// Cold start (mount + startup set) against a full pull, warm re-reads against a local
+/// EROFS image, and conversion throughput against mkfs.erofs.
+pub async fn start(b: &Bench<'_>, r: &mut Report) {
+    let (s, w, host, reg) = (&b.scale, b.work, b.host.as_str(), &b.reg);
+    // ---- the image: many small files, a few large ones, several layers
+    eprintln!("building the source image...");
+    let mut all: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for i in 0..s.small_files {
+        let len = 2_000 + (i * 7919) % 60_000;
+        all.insert(
+            format!("usr/lib/pkg{:03}/file{i:05}.so", i % 300),
+            rng_bytes(i as u64, len),
+        );
+    }
+    for (k, mib) in s.large_mib.iter().enumerate() {
+        all.insert(
+            format!("opt/big/blob{k}.bin"),
+            rng_bytes(1_000_000 + k as u64, mib << 20),
+        );
+    }
+    let total_bytes: u64 = all.values().map(|d| d.len() as u64).sum();
+    let mut layer_entries: Vec<Vec<(String, Vec<u8>)>> = vec![Vec::new(); s.layers];
+    for (i, (p, d)) in all.iter().enumerate() {
+        layer_entries[i % s.layers].push((p.clone(), d.clone()));
+    }
+    let layers: Vec<(Vec<u8>, &str)> = layer_entries.iter().map(|e| gzip_layer(e)).collect();
+    drop(layer_entries);
+    let src = format!("{host}/bench/app:src");
+    let dst = format!("{host}/bench/app:lazy");
+    push_source(reg, &src, &layers).await;
+    let layer_digests: Vec<String> = layers.iter().map(|(l, _)| sha256_digest(l)).collect();
+    drop(layers);
+
+    // ---- conversion (timed) against mkfs.erofs on the unpacked tree (below)
+    let t = Instant::now();
+    let report = convert_ref(reg, &src, &dst).await;
+    let convert_s = t.elapsed().as_secs_f64();
+
+    // startup set: ~6% of the bytes, small files of a few packages plus the head of one large file
+    let mut startup: Vec<(String, u64, usize)> = Vec::new();
+    let mut budget = total_bytes * 6 / 100;
+    let big_head = (budget / 3) as usize;
+    startup.push(("opt/big/blob0.bin".into(), 0, big_head.min(s.large_mib[0] << 20)));
+    budget -= big_head as u64;
+    for (p, d) in all.iter().filter(|(p, _)| p.starts_with("usr/")) {
+        if budget < d.len() as u64 {
+            break;
+        }
+        budget -= d.len() as u64;
+        startup.push((p.clone(), 0, d.len()));
+    }
+    let startup_bytes: u64 = startup.iter().map(|x| x.2 as u64).sum();
+
+    // ---- 1. cold start: lazyblob mount + startup set, against full pull (download + untar)
+    // background fill off here: this daemon also gives the "partially cached" warm row
+    drop_caches();
+    let d = daemon(&w.join("d1"), &[host], "[engine]\nfill_after_idle_ms = 0\n");
+    let mnt = w.join("d1/mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let t = Instant::now();
+    d.mount(&dst, &mnt);
+    for (p, off, len) in &startup {
+        let got = read_range(&mnt.join(p), *off, *len);
+        assert!(
+            got[..] == all[p][*off as usize..*off as usize + len],
+            "{p}: wrong bytes"
+        );
+    }
+    let lazy_cold = t.elapsed().as_secs_f64();
+
+    let pull_dir = w.join("pull");
+    std::fs::create_dir_all(pull_dir.join("rootfs")).unwrap();
+    drop_caches();
+    let t = Instant::now();
+    let repo = format!("http://{host}/v2/bench/app/blobs");
+    let downloads: Vec<std::process::Child> = layer_digests
+        .iter()
+        .enumerate()
+        .map(|(i, dg)| {
+            Command::new("curl")
+                .args(["-sf", "-o"])
+                .arg(pull_dir.join(format!("l{i}.tgz")))
+                .arg(format!("{repo}/{dg}"))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in downloads {
+        assert!(c.wait().unwrap().success());
+    }
+    for i in 0..layer_digests.len() {
+        let out = sh(&format!(
+            "tar -xzf {}/l{i}.tgz -C {}/rootfs",
+            pull_dir.display(),
+            pull_dir.display()
+        ));
+        assert!(out.status.success());
+    }
+    sh("sync");
+    let full_pull = t.elapsed().as_secs_f64();
+    r.rows.push((
+        "cold start (mount + read 6% startup set)".into(),
+        format!("{lazy_cold:.2} s"),
+        format!("full pull + untar {full_pull:.2} s"),
+        format!("{:.1}x faster", full_pull / lazy_cold),
+    ));
+    r.json.insert("cold_start".into(), json!({"image_bytes": total_bytes, "startup_bytes": startup_bytes, "lazyblob_s": lazy_cold, "full_pull_s": full_pull, "speedup": full_pull / lazy_cold}));
+
+    // ---- 4. warm reads: the startup set again (page cache dropped) against a local EROFS image
+    let read_set = |root: &Path| {
+        let t = Instant::now();
+        for (p, off, len) in &startup {
+            let _ = read_range(&root.join(p), *off, *len);
+        }
+        t.elapsed().as_secs_f64()
+    };
+    // median of REPS passes, each with the page cache dropped
+    let warm = |root: &Path| {
+        let mut v: Vec<f64> = (0..REPS)
+            .map(|_| {
+                drop_caches();
+                read_set(root)
+            })
+            .collect();
+        percentile(&mut v, 0.5)
+    };
+    let lazy_partial = warm(&mnt);
+    drop(d);
+    // a second daemon with background fill: cold start again, then wait until every
+    // blob in use is complete (its events off) before the warm passes
+    let d = daemon(&w.join("d1f"), &[host], "[engine]\nfill_after_idle_ms = 200\n");
+    let mnt = w.join("d1f/mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    d.mount(&dst, &mnt);
+    let _ = read_set(&mnt);
+    let t = Instant::now();
+    let lazy = lazy_manifest(reg, &dst).await;
+    let n_blobs = lazy.data.len() as u64;
+    eprintln!("metadata blob: {} bytes (pinned in memory by default)", lazy.meta.size);
+    while d.status().await.frontend_counters["blobs_complete"].as_u64() != Some(n_blobs) {
+        assert!(t.elapsed().as_secs() < 300, "background fill did not complete");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let fill_s = t.elapsed().as_secs_f64();
+    // and until the daemon has put the mount's own read-ahead back (it follows the last
+    // completion at once)
+    while lazyblob::frontend::mount::read_ahead(&mnt).unwrap()
+        == lazyblob::config::EngineConfig::default().read_ahead_kb
+    {
+        assert!(t.elapsed().as_secs() < 310, "read-ahead not restored after the fill");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let lazy_warm = warm(&mnt);
+    let img = w.join("local.erofs");
+    let t = Instant::now();
+    assert!(sh(&format!(
+        "mkfs.erofs --quiet {} {}/rootfs",
+        img.display(),
+        pull_dir.display()
+    ))
+    .status
+    .success());
+    let mkfs_s = t.elapsed().as_secs_f64();
+    let local = w.join("local-mnt");
+    std::fs::create_dir_all(&local).unwrap();
+    nix::mount::mount(
+        Some(&img),
+        &local,
+        Some("erofs"),
+        nix::mount::MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .unwrap();
+    let local_warm = warm(&local);
+    let _ = nix::mount::umount(&local);
+    r.rows.push((
+        "warm reads of the startup set, after background fill (page cache dropped)".into(),
+        format!("{:.3} s", lazy_warm),
+        format!("local EROFS {local_warm:.3} s"),
+        format!("{:.2}x local", lazy_warm / local_warm),
+    ));
+    r.rows.push((
+        "warm reads of the startup set, blobs partly cached (fill off)".into(),
+        format!("{:.3} s", lazy_partial),
+        format!("local EROFS {local_warm:.3} s"),
+        format!("{:.2}x local", lazy_partial / local_warm),
+    ));
+    r.json.insert(
+        "warm".into(),
+        json!({"lazyblob_s": lazy_warm, "lazyblob_partial_s": lazy_partial, "local_erofs_s": local_warm,
+            "ratio": lazy_warm / local_warm, "ratio_partial": lazy_partial / local_warm,
+            "background_fill_s": fill_s}),
+    );
+    eprintln!("background fill of the rest of the image took {fill_s:.2} s");
+    drop(d);
+
+    // ---- 6. conversion throughput
+    let conv_mbs = report.layer_bytes as f64 / 1e6 / convert_s;
+    let mkfs_mbs = total_bytes as f64 / 1e6 / mkfs_s;
+    r.rows.push((
+        "conversion (MB/s of file data)".into(),
+        format!("{conv_mbs:.0} MB/s"),
+        format!("mkfs.erofs {mkfs_mbs:.0} MB/s"),
+        format!("{:.2}x", conv_mbs / mkfs_mbs),
+    ));
+    r.json.insert("conversion".into(), json!({"lazyblob_mbs": conv_mbs, "mkfs_erofs_mbs": mkfs_mbs, "ratio": conv_mbs / mkfs_mbs, "note": "lazyblob pulls from the registry and verifies and hashes every chunk; mkfs.erofs reads a local tree"}));
+    eprintln!("\nimage: {} files, {:.0} MB in {} layers; startup set {:.0} MB ({:.1}%); all against docker-registry on loopback\n",
+    all.len(), total_bytes as f64 / 1e6, s.layers, startup_bytes as f64 / 1e6, 100.0 * startup_bytes as f64 / total_bytes as f64);
+}
