@@ -236,7 +236,7 @@ async fn run(cmd: Cmd) -> Result<String> {
             config,
         } => {
             let opts = lazyblob::image::convert::ConvertOptions {
-                platform: platform.map(|p| p.parse()).transpose().map_err(anyhow::Error::msg)?,
+                platform: platform.map(|p| p.parse()).transpose()?,
                 all_platforms,
                 chunk_size,
                 chunk_digest,

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 
 use super::Daemon;
 use crate::frontend::mount;
+use crate::snapshotter::remote::ImageError;
 
 /// Serve containerd's snapshots API if `[snapshotter] socket` is set.
 pub(super) fn start(daemon: &Arc<Daemon>) -> Result<()> {
@@ -34,32 +35,29 @@ pub(super) fn start(daemon: &Arc<Daemon>) -> Result<()> {
 struct SnapshotImages(std::sync::Weak<Daemon>);
 
 impl SnapshotImages {
-    fn daemon(&self) -> Result<Arc<Daemon>, String> {
-        self.0
-            .upgrade()
-            .ok_or_else(|| "the daemon is shutting down".to_string())
+    fn daemon(&self) -> Result<Arc<Daemon>, ImageError> {
+        self.0.upgrade().ok_or(ImageError::ShuttingDown)
     }
 }
 
 #[tonic::async_trait]
 impl crate::snapshotter::remote::Images for SnapshotImages {
-    async fn register(&self, pinned: &str) -> Result<Vec<String>, String> {
-        let img = self
-            .daemon()?
-            .catalog
-            .register(pinned)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn register(&self, pinned: &str) -> Result<Vec<String>, ImageError> {
+        let img = self.daemon()?.catalog.register(pinned).await?;
         Ok(std::iter::once(img.meta.digest.to_string())
             .chain(img.data.iter().map(|d| d.source.digest.to_string()))
             .collect())
     }
 
-    async fn ensure_mounted(&self, pinned: &str, target: &Path) -> Result<(), String> {
+    async fn ensure_mounted(&self, pinned: &str, target: &Path) -> Result<(), ImageError> {
         let d = self.daemon()?;
-        crate::private_fs::private_dir(target.parent().unwrap_or(target)).map_err(|e| e.to_string())?;
-        std::fs::create_dir_all(target).map_err(|e| e.to_string())?;
-        let target = &std::fs::canonicalize(target).map_err(|e| e.to_string())?;
+        let io = |source| ImageError::Io {
+            path: target.to_path_buf(),
+            source,
+        };
+        crate::private_fs::private_dir(target.parent().unwrap_or(target)).map_err(io)?;
+        std::fs::create_dir_all(target).map_err(io)?;
+        let target = &std::fs::canonicalize(target).map_err(io)?;
         let known = d.mounts().iter().any(|m| &m.target == target);
         if known && mount::is_erofs_mount(target) {
             return Ok(());
@@ -73,10 +71,10 @@ impl crate::snapshotter::remote::Images for SnapshotImages {
         d.mount(pinned, target, mount::SpecialFiles::Honoured)
             .await
             .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
+            .map_err(ImageError::Mount)
     }
 
-    async fn unmount(&self, target: &Path) -> Result<(), String> {
-        self.daemon()?.umount(target, false).await.map_err(|e| format!("{e:#}"))
+    async fn unmount(&self, target: &Path) -> Result<(), ImageError> {
+        self.daemon()?.umount(target, false).await.map_err(ImageError::Mount)
     }
 }

@@ -27,6 +27,15 @@ pub enum RegistryError {
     },
     #[error("bad manifest: {0}")]
     Manifest(String),
+    #[error("range {start}..{end} is outside blob {blob} of {size} bytes")]
+    Range {
+        start: u64,
+        end: u64,
+        blob: String,
+        size: u64,
+    },
+    #[error(transparent)]
+    Platform(#[from] super::platform::BadPlatform),
     #[error(transparent)]
     TooLarge(#[from] crate::config::TooLarge),
     #[error("credentials: {0}")]

@@ -109,7 +109,7 @@ impl Registry {
             insecure,
         } = clients::HostClients::new(cfg)?;
         let platform = match &cfg.platform {
-            Some(p) => p.parse().map_err(RegistryError::Manifest)?,
+            Some(p) => p.parse()?,
             None => Platform::current(),
         };
         Ok(Registry {
@@ -273,10 +273,12 @@ impl Registry {
         C: Fn(&[u8]) -> Result<(), RegistryError>,
     {
         if offset.checked_add(len).is_none_or(|end| end > src.size) {
-            return Err(RegistryError::Manifest(format!(
-                "range {offset}+{len} outside blob {} of {} bytes",
-                src.digest, src.size
-            )));
+            return Err(RegistryError::Range {
+                start: offset,
+                end: offset.saturating_add(len),
+                blob: src.digest.to_string(),
+                size: src.size,
+            });
         }
         let sink = Mutex::new(range::Collect::new(offset, len, check));
         self.fetch_range_into(src, offset + len, &sink).await?;
@@ -294,10 +296,12 @@ impl Registry {
         sink: &Mutex<S>,
     ) -> Result<(), RegistryError> {
         if end > src.size {
-            return Err(RegistryError::Manifest(format!(
-                "range end {end} outside blob {} of {} bytes",
-                src.digest, src.size
-            )));
+            return Err(RegistryError::Range {
+                start: lock(sink).resume_at(),
+                end,
+                blob: src.digest.to_string(),
+                size: src.size,
+            });
         }
         let bytes = end.saturating_sub(lock(sink).resume_at());
         self.with_endpoints(&src.repo, "range", bytes, |ep, _| async move {

@@ -60,9 +60,14 @@ impl std::fmt::Display for Platform {
     }
 }
 
+/// A platform string that is not `os/arch[/variant]`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("platform {0:?} is not os/arch[/variant]")]
+pub struct BadPlatform(pub String);
+
 impl std::str::FromStr for Platform {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Platform, String> {
+    type Err = BadPlatform;
+    fn from_str(s: &str) -> Result<Platform, BadPlatform> {
         let parts: Vec<&str> = s.split('/').collect();
         match parts.as_slice() {
             [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
@@ -75,7 +80,7 @@ impl std::str::FromStr for Platform {
                 arch: arch.to_string(),
                 variant: Some(v.to_string()),
             }),
-            _ => Err(format!("platform {s:?} is not os/arch[/variant]")),
+            _ => Err(BadPlatform(s.to_string())),
         }
     }
 }

@@ -46,11 +46,24 @@ impl Subject<'_> {
     }
 }
 
+/// A filter containerd sent that this snapshotter cannot apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    #[error("filter {filter:?}: operator {op:?} is not supported")]
+    Operator { filter: String, op: String },
+    #[error("unterminated quote in {0:?}")]
+    UnterminatedQuote(String),
+    #[error("dangling escape in {0:?}")]
+    DanglingEscape(String),
+    #[error("unknown filter field {0:?}")]
+    Field(String),
+}
+
 impl Filter {
     /// Parse one filter string.
-    pub fn parse(s: &str) -> Result<Filter, String> {
+    pub fn parse(s: &str) -> Result<Filter, FilterError> {
         let mut conds = Vec::new();
-        for part in split_unquoted(s, ',') {
+        for part in split_unquoted(s, ',')? {
             let part = part.trim();
             if part.is_empty() {
                 continue;
@@ -61,7 +74,12 @@ impl Filter {
                 ("==", Some(v)) => Condition::Equals(field, unquote(v)?),
                 ("!=", Some(v)) => Condition::Differs(field, unquote(v)?),
                 ("", None) => Condition::Present(field),
-                (op, _) => return Err(format!("filter {s:?}: operator {op:?} is not supported")),
+                (op, _) => {
+                    return Err(FilterError::Operator {
+                        filter: s.to_string(),
+                        op: op.to_string(),
+                    })
+                }
             });
         }
         Ok(Filter(conds))
@@ -82,71 +100,75 @@ pub fn any_matches(filters: &[Filter], subject: &Subject<'_>) -> bool {
     filters.is_empty() || filters.iter().any(|f| f.matches(subject))
 }
 
-/// Split on `sep` outside double quotes (a backslash escapes inside quotes).
-fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
-    let (mut out, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+/// The characters of `s` outside double quotes, with their byte offsets (a backslash
+/// escapes inside quotes); an error if a quote is left open.
+fn unquoted(s: &str) -> Result<Vec<(usize, char)>, FilterError> {
+    let (mut out, mut quoted, mut escaped) = (Vec::new(), false, false);
     for (i, c) in s.char_indices() {
         match c {
             _ if escaped => escaped = false,
             '\\' if quoted => escaped = true,
             '"' => quoted = !quoted,
-            c if c == sep && !quoted => {
-                out.push(&s[start..i]);
-                start = i + c.len_utf8();
-            }
-            _ => {}
-        }
-    }
-    out.push(&s[start..]);
-    out
-}
-
-/// `field`, operator and value of one condition (the operator is the first `==`, `!=` or
-/// `~=` outside quotes).
-fn split_condition(part: &str) -> Result<(&str, &str, Option<&str>), String> {
-    let (mut quoted, mut escaped) = (false, false);
-    let bytes = part.as_bytes();
-    for (i, c) in part.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            '=' | '!' | '~' if !quoted && bytes.get(i + 1) == Some(&b'=') => {
-                return Ok((part[..i].trim(), &part[i..i + 2], Some(part[i + 2..].trim())));
-            }
+            c if !quoted => out.push((i, c)),
             _ => {}
         }
     }
     if quoted {
-        return Err(format!("unterminated quote in {part:?}"));
+        return Err(FilterError::UnterminatedQuote(s.to_string()));
+    }
+    Ok(out)
+}
+
+/// Split on `sep` outside double quotes.
+fn split_unquoted(s: &str, sep: char) -> Result<Vec<&str>, FilterError> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, c) in unquoted(s)? {
+        if c == sep {
+            out.push(&s[start..i]);
+            start = i + c.len_utf8();
+        }
+    }
+    out.push(&s[start..]);
+    Ok(out)
+}
+
+/// `field`, operator and value of one condition (the operator is the first `==`, `!=` or
+/// `~=` outside quotes).
+fn split_condition(part: &str) -> Result<(&str, &str, Option<&str>), FilterError> {
+    let bytes = part.as_bytes();
+    for (i, c) in unquoted(part)? {
+        if matches!(c, '=' | '!' | '~') && bytes.get(i + 1) == Some(&b'=') {
+            return Ok((part[..i].trim(), &part[i..i + 2], Some(part[i + 2..].trim())));
+        }
     }
     Ok((part.trim(), "", None))
 }
 
-fn parse_field(f: &str) -> Result<Field, String> {
+fn parse_field(f: &str) -> Result<Field, FilterError> {
     match f {
         "name" => Ok(Field::Name),
         "parent" => Ok(Field::Parent),
         "kind" => Ok(Field::Kind),
         _ => match f.strip_prefix("labels.") {
             Some(k) if !k.is_empty() => Ok(Field::Label(unquote(k)?)),
-            _ => Err(format!("unknown filter field {f:?}")),
+            _ => Err(FilterError::Field(f.to_string())),
         },
     }
 }
 
-fn unquote(s: &str) -> Result<String, String> {
+fn unquote(s: &str) -> Result<String, FilterError> {
     let Some(inner) = s.strip_prefix('"') else {
         return Ok(s.to_string());
     };
     let inner = inner
         .strip_suffix('"')
-        .ok_or_else(|| format!("unterminated quote in {s:?}"))?;
+        .ok_or_else(|| FilterError::UnterminatedQuote(s.to_string()))?;
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars();
     while let Some(c) = chars.next() {
         if c == '\\' {
-            out.push(chars.next().ok_or_else(|| format!("dangling escape in {s:?}"))?);
+            out.push(chars.next().ok_or_else(|| FilterError::DanglingEscape(s.to_string()))?);
         } else {
             out.push(c);
         }

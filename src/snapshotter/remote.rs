@@ -19,16 +19,46 @@ pub const LABEL_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
 /// Set on remotely committed layers (the convention of stargz and nydus).
 pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
 
+/// Why an image behind remote layers could not be registered, mounted or unmounted.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Register(#[from] crate::catalog::CatalogError),
+    #[error("{}: {source}", .path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A mount or unmount of the daemon failed (with its whole context chain).
+    #[error("{0:#}")]
+    Mount(anyhow::Error),
+}
+
 /// The lazy images behind remote layers: the daemon registers and mounts them.
 #[tonic::async_trait]
 pub trait Images: Send + Sync {
     /// Register (fetch and verify) the image `pinned` (`repo@digest`); the digests of its
     /// metadata and data layers.
-    async fn register(&self, pinned: &str) -> Result<Vec<String>, String>;
+    async fn register(&self, pinned: &str) -> Result<Vec<String>, ImageError>;
     /// Mount `pinned` lazily on `target` unless it is mounted there already.
-    async fn ensure_mounted(&self, pinned: &str, target: &Path) -> Result<(), String>;
+    async fn ensure_mounted(&self, pinned: &str, target: &Path) -> Result<(), ImageError>;
     /// Unmount `target`, which no snapshot uses any more.
-    async fn unmount(&self, target: &Path) -> Result<(), String>;
+    async fn unmount(&self, target: &Path) -> Result<(), ImageError>;
+}
+
+/// Why a lazyblob layer's labels do not name an image.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    #[error(
+        "a lazyblob layer prepared without the {LABEL_IMAGE_REF} and {LABEL_MANIFEST} labels: pull through CRI \
+         (kubelet, crictl) with disable_snapshot_annotations = false, or on containerd 2.1+ through the \
+         transfer service with the unpack_config and enable_remote_snapshot_annotations export of \
+         deploy/containerd/config-v3.toml"
+    )]
+    Missing,
+    #[error("{LABEL_MANIFEST}: {0}")]
+    Manifest(String),
+    #[error("{LABEL_IMAGE_REF}: {0}")]
+    Reference(String),
 }
 
 /// What a Prepare asks for.
@@ -41,7 +71,7 @@ pub enum Layer {
         chain: String,
         role: String,
         /// The image, pinned by digest (from the CRI labels), or why there is none.
-        pinned: Result<String, String>,
+        pinned: Result<String, LabelError>,
         layer: Option<String>,
     },
 }
@@ -53,12 +83,7 @@ pub fn classify(labels: &HashMap<String, String>) -> Layer {
     };
     let pinned = match (labels.get(LABEL_IMAGE_REF), labels.get(LABEL_MANIFEST)) {
         (Some(r), Some(m)) => pin(r, m),
-        _ => Err(format!(
-            "a lazyblob layer prepared without the {LABEL_IMAGE_REF} and {LABEL_MANIFEST} labels: pull through CRI \
-             (kubelet, crictl) with disable_snapshot_annotations = false, or on containerd 2.1+ through the \
-             transfer service with the unpack_config and enable_remote_snapshot_annotations export of \
-             deploy/containerd/config-v3.toml"
-        )),
+        _ => Err(LabelError::Missing),
     };
     Layer::Lazyblob {
         chain: chain.clone(),
@@ -69,9 +94,9 @@ pub fn classify(labels: &HashMap<String, String>) -> Layer {
 }
 
 /// `registry/repo@<manifest digest>` for an image reference and its manifest digest.
-fn pin(reference: &str, manifest: &str) -> Result<String, String> {
-    let digest = Digest::parse(manifest).map_err(|e| format!("{LABEL_MANIFEST}: {e}"))?;
-    let r = crate::registry::parse_reference(reference).map_err(|e| format!("{LABEL_IMAGE_REF}: {e}"))?;
+fn pin(reference: &str, manifest: &str) -> Result<String, LabelError> {
+    let digest = Digest::parse(manifest).map_err(|e| LabelError::Manifest(e.to_string()))?;
+    let r = crate::registry::parse_reference(reference).map_err(|e| LabelError::Reference(e.to_string()))?;
     Ok(format!("{}/{}@{digest}", r.registry(), r.repository()))
 }
 
@@ -99,7 +124,7 @@ mod tests {
         let Layer::Lazyblob { pinned, .. } = classify(&l) else {
             panic!()
         };
-        assert!(pinned.unwrap_err().contains("disable_snapshot_annotations"));
+        assert!(pinned.unwrap_err().to_string().contains("disable_snapshot_annotations"));
         l.insert(LABEL_IMAGE_REF.into(), "127.0.0.1:5000/lazy/app:v1".into());
         l.insert(LABEL_MANIFEST.into(), digest.clone());
         let Layer::Lazyblob { chain, pinned, .. } = classify(&l) else {

@@ -89,11 +89,16 @@ impl Service {
         key: &str,
         parent: &str,
         labels: std::collections::HashMap<String, String>,
-        (chain, role, pinned, layer): (String, String, Result<String, String>, Option<String>),
+        (chain, role, pinned, layer): (
+            String,
+            String,
+            Result<String, super::remote::LabelError>,
+            Option<String>,
+        ),
     ) -> Status {
         let pinned = match pinned {
             Ok(p) => p,
-            Err(e) => return Status::failed_precondition(e),
+            Err(e) => return Status::failed_precondition(e.to_string()),
         };
         let layers = match self.images.register(&pinned).await {
             Ok(l) => l,
@@ -374,7 +379,7 @@ impl Snapshots for Service {
             .iter()
             .map(|f| Filter::parse(f))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(Status::invalid_argument)?;
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let info: Vec<pb::Info> = self
             .store
             .all()

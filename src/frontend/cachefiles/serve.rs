@@ -263,11 +263,7 @@ impl Cachefiles {
                 if start >= blob.source.size {
                     return AlignedBuf::zeroed(len_usize);
                 }
-                let pieces = self
-                    .engine
-                    .read(blob, start, len)
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let pieces = self.engine.read(blob, start, len).await.map_err(io::Error::other)?;
                 let mut buf = AlignedBuf::zeroed(len_usize)?;
                 let out = buf.as_mut_slice();
                 let end = start + len;

@@ -79,16 +79,10 @@ impl FanotifyFrontend {
         via: Arc<File>,
         urgent: Option<(u64, u64)>,
     ) -> io::Result<u64> {
-        let pending = self
-            .engine
-            .fetch(&cached.blob, s, e - s)
-            .map_err(|err| io::Error::other(err.to_string()))?;
+        let pending = self.engine.fetch(&cached.blob, s, e - s).map_err(io::Error::other)?;
         let mut written = 0;
         for p in pending {
-            let piece = p
-                .wait(&self.engine)
-                .await
-                .map_err(|err| io::Error::other(err.to_string()))?;
+            let piece = p.wait(&self.engine).await.map_err(io::Error::other)?;
             let (ps, pe) = (piece.offset, piece.offset + piece.data.len() as u64);
             match urgent {
                 Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) => {

@@ -60,7 +60,7 @@ impl FanotifyFrontend {
             // one task per unit: each is written the moment it is verified
             for p in pending {
                 let (engine, offset) = (Arc::clone(&self.engine), p.offset);
-                let piece = async move { p.wait(&engine).await.map_err(|e| io::Error::other(e.to_string())) };
+                let piece = async move { p.wait(&engine).await.map_err(io::Error::other) };
                 self.store_later(cached, &via, offset, piece, |s| &s.chunks_prefetched);
             }
         }
