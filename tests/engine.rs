@@ -26,7 +26,7 @@ async fn fixture(size: usize, deadline_ms: u64) -> Fixture {
     let data = bytes(5, size);
     let digest = mock.store().put_blob(data.clone());
     let mut cfg = insecure_config(&[&mock.host()]);
-    cfg.deadline_ms = deadline_ms;
+    cfg.deadline = Duration::from_millis(deadline_ms);
     cfg.max_attempts = 4;
     let reg = Arc::new(client(&cfg));
     let engine = Arc::new(Engine::new(reg, EngineConfig::default()));
@@ -183,7 +183,7 @@ async fn a_restart_restores_images_without_the_registry() {
     drop(mock);
     let mut cfg = insecure_config(&[&host]);
     cfg.max_attempts = 1;
-    cfg.deadline_ms = 500;
+    cfg.deadline = Duration::from_millis(500);
     let offline = Arc::new(client(&cfg));
     let restored = Catalog::new(Arc::clone(&offline), state.path());
     let failed = restored.restore().await;

@@ -200,17 +200,17 @@ async fn large_transfers_get_time_in_proportion_to_their_size() {
     // 4 MiB at 2 MiB/s takes 2 s, four times the 500 ms request timeout.
     mock.set_faults(vec![FaultRule::always(Fault::Throttle(2 << 20))]);
     let mut cfg = insecure_config(&[&mock.host()]);
-    cfg.request_timeout_ms = 500;
-    cfg.deadline_ms = 1_500;
+    cfg.request_timeout = Duration::from_millis(500);
+    cfg.deadline = Duration::from_millis(1_500);
     cfg.max_attempts = 2;
-    cfg.min_rate_kib_s = 1024;
+    cfg.min_rate_kib_s = std::num::NonZeroU64::new(1024);
     let src = blob_at(&mock.host(), &d, data.len());
     let got = client(&cfg).fetch_blob(&src).await.unwrap();
     assert!(got == data, "throttled blob differs");
     assert_eq!(mock.counters().blob_requests(&d), 1, "one slow transfer, no retries");
     // Without the allowance the same transfer is cut off after each attempt's 500 ms.
     mock.reset_counters();
-    cfg.min_rate_kib_s = 0;
+    cfg.min_rate_kib_s = None;
     let err = client(&cfg).fetch_blob(&src).await.unwrap_err();
     assert!(
         matches!(err, RegistryError::Exhausted { .. } | RegistryError::Timeout(_)),
@@ -267,9 +267,9 @@ async fn index_resolves_to_the_platform_and_docker_manifests_parse() {
     };
     assert_eq!(&resolved.digest, want);
     let mut cfg = insecure_config(&[&host]);
-    cfg.platform = Some("linux/arm64".into());
+    cfg.platform = Some("linux/arm64".parse().unwrap());
     assert_eq!(client(&cfg).resolve(&r).await.unwrap().digest, arm);
-    cfg.platform = Some("linux/s390x".into());
+    cfg.platform = Some("linux/s390x".parse().unwrap());
     assert!(matches!(
         client(&cfg).resolve(&r).await,
         Err(RegistryError::Manifest(_))

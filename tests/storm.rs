@@ -130,7 +130,7 @@ async fn ten_thousand_cold_readers_against_a_stalling_registry() {
     let data = Arc::new(bytes(77, PAGES * STRIDE * 4096));
     let files: BTreeMap<String, Vec<u8>> = [("a.bin".to_string(), data.to_vec())].into();
     let mut cfg = insecure_config(&[&host]);
-    (cfg.request_timeout_ms, cfg.deadline_ms) = (60_000, 120_000);
+    (cfg.request_timeout, cfg.deadline) = (Duration::from_secs(60), Duration::from_secs(120));
     push_image(&client(&cfg), &host, "storm/app:v1", &build_files(&files, 1)).await;
     let blob = HostileImage::from_store(mock.store(), "storm/app", "v1").layer_digest_of(MEDIA_TYPE_DATA, 0);
     let work = tempfile::tempdir().unwrap();

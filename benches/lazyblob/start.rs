@@ -158,7 +158,9 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     // and until the daemon has put the mount's own read-ahead back (it follows the last
     // completion at once)
     while lazyblob::frontend::mount::read_ahead(&mnt).unwrap()
-        == lazyblob::config::EngineConfig::default().read_ahead_kb
+        == lazyblob::config::EngineConfig::default()
+            .read_ahead_kb
+            .map_or(0, |k| k.get())
     {
         assert!(t.elapsed().as_secs() < 310, "read-ahead not restored after the fill");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

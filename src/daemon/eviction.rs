@@ -22,8 +22,10 @@ impl Daemon {
 
     /// Apply the cache limit: drop blobs of images no mount uses.
     pub(super) async fn evict(&self) {
-        let limit = self.config.daemon.cache_limit_bytes;
-        if limit == 0 || !self.frontend.owns_blob_cache() {
+        let Some(limit) = self.config.daemon.cache_limit_bytes else {
+            return;
+        };
+        if !self.frontend.owns_blob_cache() {
             return;
         }
         let keep: Vec<PathBuf> = self
@@ -37,7 +39,7 @@ impl Daemon {
             })
             .collect();
         let dir = self.config.daemon.cache_dir.clone();
-        let evicted = tokio::task::spawn_blocking(move || cache::evict(&dir, limit, &keep))
+        let evicted = tokio::task::spawn_blocking(move || cache::evict(&dir, limit.get(), &keep))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         if let Err(e) = evicted {

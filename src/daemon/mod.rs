@@ -184,8 +184,7 @@ fn bring_up(
                 Arc::clone(engine),
                 group,
                 config.engine.read_ahead_max,
-                (config.engine.fill_after_idle_ms > 0)
-                    .then(|| std::time::Duration::from_millis(config.engine.fill_after_idle_ms)),
+                config.engine.fill_after_idle,
                 config.engine.pin_metadata,
                 admission,
             )

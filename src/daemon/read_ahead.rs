@@ -36,8 +36,8 @@ impl Daemon {
     /// Raise the read-ahead of a new mount to `read_ahead_kb`; returns the mount's own value
     /// to put back after the fill.
     pub(super) fn raise_read_ahead(&self, target: &Path) -> Option<u32> {
-        let kib = self.config.engine.read_ahead_kb;
-        if kib == 0 || !matches!(self.frontend, ActiveFrontend::Fanotify(_)) {
+        let kib = self.config.engine.read_ahead_kb?.get();
+        if !matches!(self.frontend, ActiveFrontend::Fanotify(_)) {
             return None;
         }
         let own = mount::read_ahead(target).ok();

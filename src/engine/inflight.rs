@@ -4,7 +4,7 @@
 //! same registry request. When it completes, the entry moves to `recent`, an LRU bounded in
 //! entries (so in chunks of memory), which covers readers arriving just after completion,
 //! before the frontend has written the chunk into its cache. A failed fetch is held in
-//! `failed` for a short time (`failed_fetch_hold_ms`): readers that were queued behind it
+//! `failed` for a short time (`engine.failed_fetch_hold_ms`): readers that were queued behind it
 //! (the kernel makes readers of one page wait for each other, one request at a time) get its
 //! error at once instead of one deadline each; after that the next read tries again. The
 //! memory of fetched data is thus bounded by what is in flight plus `recent`'s capacity.
@@ -46,14 +46,15 @@ pub struct State {
     pub recent: LruCache<ChunkKey, Bytes>,
     /// Fetches that failed lately: when, and why.
     failed: LruCache<ChunkKey, (Instant, EngineError)>,
-    hold: Duration,
+    /// How long a failure is held (None: not at all).
+    hold: Option<Duration>,
 }
 
 impl State {
     /// The error of a fetch of `key` that failed less than the hold time ago.
     pub fn recent_failure(&mut self, key: &ChunkKey) -> Option<EngineError> {
         let (at, err) = self.failed.get(key)?;
-        if at.elapsed() < self.hold {
+        if self.hold.is_some_and(|h| at.elapsed() < h) {
             return Some(err.clone());
         }
         self.failed.pop(key);
@@ -70,7 +71,7 @@ pub struct Inflight {
 
 impl Inflight {
     /// `recent` holds at most `recent_capacity` completed chunks; a failure is held for `hold`.
-    pub fn new(recent_capacity: usize, hold: Duration) -> Inflight {
+    pub fn new(recent_capacity: usize, hold: Option<Duration>) -> Inflight {
         let cap = |n: usize| NonZeroUsize::new(n.max(1)).unwrap_or(NonZeroUsize::MIN);
         Inflight {
             state: Mutex::new(State {
@@ -108,7 +109,7 @@ impl Inflight {
         let mut st = self.lock();
         if st.running.get(key).is_some_and(|f| f.ptr_eq(fut)) {
             st.running.remove(key);
-            if !st.hold.is_zero() {
+            if st.hold.is_some() {
                 st.failed.put(key.clone(), (Instant::now(), err.clone()));
             }
         }

@@ -217,10 +217,7 @@ impl Engine {
     pub fn new(registry: Arc<Registry>, cfg: EngineConfig) -> Engine {
         Engine {
             registry,
-            inflight: Inflight::new(
-                cfg.inflight_capacity,
-                std::time::Duration::from_millis(cfg.failed_fetch_hold_ms),
-            ),
+            inflight: Inflight::new(cfg.completed_chunks_kept, cfg.failed_fetch_hold),
             // enough idle buffers for the fetches one host runs at once
             pool: pool::BufPool::new(cfg.max_concurrent_fetches),
             cfg,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 
 use super::error::{error_chain, RegistryError};
-use crate::config::RegistryConfig;
+use crate::config::{RegistryConfig, Transport};
 
 /// The clients of one TLS trust setting.
 pub(super) struct Clients {
@@ -30,13 +30,13 @@ impl HostClients {
         let insecure: Vec<String> = cfg
             .hosts
             .iter()
-            .filter(|h| h.insecure)
+            .filter(|h| h.transport() == Transport::Plain)
             .map(|h| h.host.clone())
             .collect();
         let build = |pem: Option<Vec<u8>>| -> Result<Clients, RegistryError> {
             let mut http = reqwest::Client::builder()
-                .connect_timeout(cfg.connect_timeout())
-                .read_timeout(cfg.request_timeout())
+                .connect_timeout(cfg.connect_timeout)
+                .read_timeout(cfg.request_timeout)
                 .user_agent(concat!("lazyblob/", env!("CARGO_PKG_VERSION")));
             let mut extra = Vec::new();
             if let Some(data) = pem {
@@ -51,8 +51,8 @@ impl HostClients {
             let oci = ClientConfig {
                 protocol: ClientProtocol::HttpsExcept(insecure.clone()),
                 extra_root_certificates: extra,
-                connect_timeout: Some(cfg.connect_timeout()),
-                read_timeout: Some(cfg.request_timeout()),
+                connect_timeout: Some(cfg.connect_timeout),
+                read_timeout: Some(cfg.request_timeout),
                 platform_resolver: None,
                 user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
                 ..Default::default()
@@ -65,7 +65,7 @@ impl HostClients {
         let default = build(None)?;
         let mut by_host = HashMap::new();
         for h in &cfg.hosts {
-            if let Some(ca) = &h.ca_file {
+            if let Transport::TlsWithCa(ca) = h.transport() {
                 let data = std::fs::read(ca)
                     .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
                 by_host.insert(h.host.clone(), build(Some(data))?);

@@ -19,7 +19,7 @@ pub mod roots;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -108,10 +108,7 @@ impl Registry {
             by_host: host_clients,
             insecure,
         } = clients::HostClients::new(cfg)?;
-        let platform = match &cfg.platform {
-            Some(p) => p.parse()?,
-            None => Platform::current(),
-        };
+        let platform = cfg.platform.clone().unwrap_or_else(Platform::current);
         Ok(Registry {
             clients: default_clients,
             host_clients,
@@ -119,11 +116,11 @@ impl Registry {
             creds,
             policy: RetryPolicy {
                 max_attempts: cfg.max_attempts,
-                initial: Duration::from_millis(cfg.backoff_initial_ms),
-                max: Duration::from_millis(cfg.backoff_max_ms),
-                deadline: cfg.deadline(),
-                attempt_timeout: cfg.request_timeout(),
-                min_rate: cfg.min_rate_kib_s.saturating_mul(1024),
+                initial: cfg.backoff_initial,
+                max: cfg.backoff_max,
+                deadline: cfg.deadline,
+                attempt_timeout: cfg.request_timeout,
+                min_rate: cfg.min_rate_kib_s.map_or(0, |r| r.get().saturating_mul(1024)),
             },
             cfg: cfg.clone(),
             platform,

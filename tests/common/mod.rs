@@ -204,10 +204,10 @@ pub fn insecure_config(hosts: &[&str]) -> lazyblob::config::RegistryConfig {
                 ..Default::default()
             })
             .collect(),
-        backoff_initial_ms: 10,
-        backoff_max_ms: 100,
-        request_timeout_ms: 2_000,
-        deadline_ms: 5_000,
+        backoff_initial: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(100),
+        request_timeout: Duration::from_secs(2),
+        deadline: Duration::from_secs(5),
         ..Default::default()
     }
 }

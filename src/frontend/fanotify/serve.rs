@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::num::NonZeroU64;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -61,8 +62,8 @@ pub struct FanotifyFrontend {
     cache_dir: PathBuf,
     /// (dev, ino) of a cache file -> its blob.
     files: Mutex<HashMap<(u64, u64), Arc<CachedBlob>>>,
-    /// Largest read-ahead window in bytes (0: no read-ahead).
-    read_ahead_max: u64,
+    /// Largest read-ahead window in bytes (None: no read-ahead).
+    read_ahead_max: Option<NonZeroU64>,
     /// Quiet time after which a blob in use is fetched to the end (None: never).
     fill_after: Option<Duration>,
     /// One background fill request at a time, daemon-wide: readers come first.
@@ -82,7 +83,7 @@ impl FanotifyFrontend {
         cache_dir: &Path,
         engine: Arc<Engine>,
         group: Option<Fanotify>,
-        read_ahead_max: u64,
+        read_ahead_max: Option<NonZeroU64>,
         fill_after: Option<Duration>,
         pin_metadata: bool,
         admission: Admission,

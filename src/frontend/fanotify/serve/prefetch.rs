@@ -29,10 +29,7 @@ impl FanotifyFrontend {
 
     /// Largest read-ahead window in chunks of `chunk` bytes (0: off).
     pub(super) fn read_ahead_chunks(&self, chunk: u64) -> u64 {
-        match self.read_ahead_max {
-            0 => 0,
-            max => (max / chunk).max(2),
-        }
+        self.read_ahead_max.map_or(0, |max| (max.get() / chunk).max(2))
     }
 
     /// Fetch chunks `[from, to)` that are not cached yet and write them with our own handle;

@@ -1,14 +1,21 @@
 //! The daemon's TOML configuration, read and validated once at start.
 //!
 //! Every field has a default, so an empty file is a valid configuration; see
-//! `config/lazyblob.toml` for a documented example.
+//! `config/lazyblob.toml` for a documented example. Values are typed once, here, as the file
+//! is read: milliseconds become `Duration`s, "0 means off" becomes `None`, the platform is
+//! parsed; the rest of the daemon never decodes a setting again.
 
 #![forbid(unsafe_code)]
 
+use std::num::{NonZeroU32, NonZeroU64};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::registry::platform::Platform;
+
+mod units;
 
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +77,10 @@ pub struct DaemonConfig {
     pub frontend: FrontendChoice,
     /// Images registered at start, in addition to the persisted ones.
     pub images: Vec<String>,
-    /// Upper bound of the fanotify frontend's blob cache in bytes (0: unlimited); blobs no
-    /// mount uses are evicted, least recently written first.
-    pub cache_limit_bytes: u64,
+    /// Upper bound of the fanotify frontend's blob cache in bytes (0 in the file: unlimited);
+    /// blobs no mount uses are evicted, least recently written first.
+    #[serde(deserialize_with = "units::nonzero_u64")]
+    pub cache_limit_bytes: Option<NonZeroU64>,
 }
 
 impl Default for DaemonConfig {
@@ -85,7 +93,7 @@ impl Default for DaemonConfig {
             tag: "lazyblob".into(),
             frontend: FrontendChoice::Auto,
             images: Vec::new(),
-            cache_limit_bytes: 0,
+            cache_limit_bytes: None,
         }
     }
 }
@@ -100,27 +108,33 @@ pub struct EngineConfig {
     pub merge_max: u64,
     /// Recently completed chunks kept in memory (an LRU) beside the fetches in flight; each
     /// entry is one chunk, so this bounds the memory of fetched data.
-    pub inflight_capacity: usize,
+    #[serde(alias = "inflight_capacity")]
+    pub completed_chunks_kept: usize,
     /// Concurrent range requests per registry host.
     pub max_concurrent_fetches: usize,
     /// Kernel read requests (fanotify events, cachefiles READs) served at once. More wait in
     /// the kernel's queue, their readers blocked, until a slot frees: nothing is dropped, and
     /// the daemon's tasks, fds and buffers stay bounded however many readers arrive.
     pub max_reads_in_flight: usize,
-    /// A chunk whose fetch failed fails at once for this long (0: never). Readers of one
-    /// page queue behind each other in the kernel, one request at a time; without the hold,
-    /// a stalled registry costs each of them a whole fetch deadline in turn.
-    pub failed_fetch_hold_ms: u64,
+    /// A chunk whose fetch failed fails at once for this long (`failed_fetch_hold_ms`, 0:
+    /// never). Readers of one page queue behind each other in the kernel, one request at a
+    /// time; without the hold, a stalled registry costs each of them a whole fetch deadline
+    /// in turn.
+    #[serde(rename = "failed_fetch_hold_ms", deserialize_with = "units::millis_or_off")]
+    pub failed_fetch_hold: Option<Duration>,
     /// Read-ahead for sequential readers: the largest window in bytes (0 disables it). In
     /// bytes, not chunks, so images with small chunks still fetch in large runs.
-    pub read_ahead_max: u64,
+    #[serde(deserialize_with = "units::nonzero_u64")]
+    pub read_ahead_max: Option<NonZeroU64>,
     /// Kernel read-ahead of each lazyblob mount in KiB (0: leave the kernel's 128 KiB). A
     /// larger window means fewer, larger kernel requests for sequential readers.
-    pub read_ahead_kb: u32,
+    #[serde(deserialize_with = "units::nonzero_u32")]
+    pub read_ahead_kb: Option<NonZeroU32>,
     /// Background fill (fanotify frontend): once a blob in use has seen no reader miss for
-    /// this long, the rest of it is fetched, one merged run at a time, and its events stop.
-    /// 0 disables it (blobs then hold only what was read).
-    pub fill_after_idle_ms: u64,
+    /// this long (`fill_after_idle_ms`), the rest of it is fetched, one merged run at a time,
+    /// and its events stop. 0 disables it (blobs then hold only what was read).
+    #[serde(rename = "fill_after_idle_ms", deserialize_with = "units::millis_or_off")]
+    pub fill_after_idle: Option<Duration>,
     /// Keep the metadata blob of each mounted image locked in memory (fanotify frontend), so
     /// lookups and directory reads never wait for the disk. Costs the metadata's size.
     pub pin_metadata: bool,
@@ -133,13 +147,13 @@ impl Default for EngineConfig {
             // large: docker-registry spends milliseconds of CPU per request, and a run is
             // streamed unit by unit, so its size costs no memory
             merge_max: 32 << 20,
-            inflight_capacity: 8,
+            completed_chunks_kept: 8,
             max_concurrent_fetches: 8,
             max_reads_in_flight: 1024,
-            failed_fetch_hold_ms: 1000,
-            read_ahead_max: 64 << 20,
-            read_ahead_kb: 4096,
-            fill_after_idle_ms: 1000,
+            failed_fetch_hold: Some(Duration::from_secs(1)),
+            read_ahead_max: NonZeroU64::new(64 << 20),
+            read_ahead_kb: NonZeroU32::new(4096),
+            fill_after_idle: Some(Duration::from_secs(1)),
             pin_metadata: true,
         }
     }
@@ -149,27 +163,38 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
-    pub connect_timeout_ms: u64,
+    /// `connect_timeout_ms`.
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "units::millis")]
+    pub connect_timeout: Duration,
     /// Limit for one HTTP request that moves no bulk data, and for a connection without a
-    /// byte; transfers get more (see `min_rate_kib_s`).
-    pub request_timeout_ms: u64,
+    /// byte (`request_timeout_ms`); transfers get more (see `min_rate_kib_s`).
+    #[serde(rename = "request_timeout_ms", deserialize_with = "units::millis")]
+    pub request_timeout: Duration,
     /// Attempts per endpoint (first try included) on retryable faults.
     pub max_attempts: u32,
-    pub backoff_initial_ms: u64,
-    pub backoff_max_ms: u64,
-    /// Upper bound for one fetch across all retries and mirrors: after it, readers get EIO.
-    pub deadline_ms: u64,
+    /// First pause between attempts (`backoff_initial_ms`), doubling up to `backoff_max`.
+    #[serde(rename = "backoff_initial_ms", deserialize_with = "units::millis")]
+    pub backoff_initial: Duration,
+    /// `backoff_max_ms`.
+    #[serde(rename = "backoff_max_ms", deserialize_with = "units::millis")]
+    pub backoff_max: Duration,
+    /// Upper bound for one fetch across all retries and mirrors (`deadline_ms`): after it,
+    /// readers get EIO.
+    #[serde(rename = "deadline_ms", deserialize_with = "units::millis")]
+    pub deadline: Duration,
     /// Slowest transfer rate (KiB/s) still taken for progress: a request moving `n` KiB gets
     /// `n / min_rate_kib_s` seconds on top of `request_timeout_ms` and of `deadline_ms`, so
     /// large blobs (layers, whole metadata blobs, pushes) are not cut off by limits sized for
     /// chunks. 0 gives no allowance. A connection that stalls is still dropped after
     /// `request_timeout_ms` without a byte.
-    pub min_rate_kib_s: u64,
+    #[serde(deserialize_with = "units::nonzero_u64")]
+    pub min_rate_kib_s: Option<NonZeroU64>,
     /// docker `config.json` for `auths`, `credHelpers` and `credsStore` (default: $DOCKER_CONFIG
     /// or ~/.docker/config.json when present).
     pub docker_config: Option<PathBuf>,
     /// Platform picked from an image index, `os/arch[/variant]` (default: this node's).
-    pub platform: Option<String>,
+    #[serde(deserialize_with = "units::parsed")]
+    pub platform: Option<Platform>,
     /// Ceilings on what a registry may make the daemon hold, checked before allocating.
     pub limits: LimitsConfig,
     pub hosts: Vec<HostConfig>,
@@ -263,13 +288,13 @@ impl Default for LimitsConfig {
 impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
-            connect_timeout_ms: 5_000,
-            request_timeout_ms: 30_000,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
             max_attempts: 5,
-            backoff_initial_ms: 100,
-            backoff_max_ms: 4_000,
-            deadline_ms: 60_000,
-            min_rate_kib_s: 512,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(4),
+            deadline: Duration::from_secs(60),
+            min_rate_kib_s: NonZeroU64::new(512),
             docker_config: None,
             platform: None,
             limits: LimitsConfig::default(),
@@ -279,16 +304,6 @@ impl Default for RegistryConfig {
 }
 
 impl RegistryConfig {
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.request_timeout_ms)
-    }
-    pub fn deadline(&self) -> Duration {
-        Duration::from_millis(self.deadline_ms)
-    }
-
     /// Settings for one registry host, if configured.
     pub fn host(&self, host: &str) -> Option<&HostConfig> {
         self.hosts.iter().find(|h| h.host == host)
@@ -302,7 +317,7 @@ pub struct HostConfig {
     pub host: String,
     /// Plain HTTP instead of TLS. Only for registries you trust on a trusted network.
     pub insecure: bool,
-    /// Extra PEM CA certificates to trust for this and every other host.
+    /// Extra PEM CA certificates to trust for this host only (with TLS).
     pub ca_file: Option<PathBuf>,
     /// Mirrors tried in order before the origin (`host[:port]`).
     pub mirrors: Vec<String>,
@@ -312,6 +327,28 @@ pub struct HostConfig {
     pub password_file: Option<PathBuf>,
     /// A static bearer token.
     pub token: Option<String>,
+}
+
+/// How lazyblob talks to one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport<'a> {
+    /// TLS verified against the system (or bundled) roots.
+    Tls,
+    /// TLS verified against those roots and this host's own CA file.
+    TlsWithCa(&'a Path),
+    /// Plain HTTP (`insecure = true`).
+    Plain,
+}
+
+impl HostConfig {
+    /// The transport of this host (validation refuses `insecure` with a `ca_file`).
+    pub fn transport(&self) -> Transport<'_> {
+        match (self.insecure, &self.ca_file) {
+            (true, _) => Transport::Plain,
+            (false, Some(ca)) => Transport::TlsWithCa(ca),
+            (false, None) => Transport::Tls,
+        }
+    }
 }
 
 impl std::fmt::Debug for HostConfig {
@@ -363,9 +400,9 @@ impl Config {
                 "engine.merge_max must be >= engine.chunk_size".into(),
             ));
         }
-        if e.inflight_capacity == 0 || e.max_concurrent_fetches == 0 || e.max_reads_in_flight == 0 {
+        if e.completed_chunks_kept == 0 || e.max_concurrent_fetches == 0 || e.max_reads_in_flight == 0 {
             return Err(ConfigError::Invalid(
-                "engine.inflight_capacity, engine.max_concurrent_fetches and engine.max_reads_in_flight must be > 0"
+                "engine.completed_chunks_kept, engine.max_concurrent_fetches and engine.max_reads_in_flight must be > 0"
                     .into(),
             ));
         }
@@ -385,6 +422,12 @@ impl Config {
         for h in &r.hosts {
             if h.host.is_empty() {
                 return Err(ConfigError::Invalid("registry.hosts entry without host".into()));
+            }
+            if h.insecure && h.ca_file.is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "registry host {}: insecure (plain HTTP) and ca_file (TLS) are exclusive",
+                    h.host
+                )));
             }
             if h.token.is_some() && (h.username.is_some() || h.password.is_some()) {
                 return Err(ConfigError::Invalid(format!(
@@ -409,6 +452,26 @@ mod tests {
         let c: Config = toml::from_str("").unwrap();
         c.validate().unwrap();
         assert_eq!(c.engine.chunk_size, 1 << 20);
+    }
+
+    #[test]
+    fn values_are_typed_as_read() {
+        let c: Config = toml::from_str(
+            "[engine]\nfill_after_idle_ms = 0\nread_ahead_max = 0\nfailed_fetch_hold_ms = 250\ninflight_capacity = 3\n\
+             [daemon]\ncache_limit_bytes = 0\n[registry]\ndeadline_ms = 1500\nmin_rate_kib_s = 0\nplatform = 'linux/arm64/v8'",
+        )
+        .unwrap();
+        assert_eq!(c.engine.fill_after_idle, None);
+        assert_eq!(c.engine.read_ahead_max, None);
+        assert_eq!(c.engine.failed_fetch_hold, Some(Duration::from_millis(250)));
+        assert_eq!(c.engine.completed_chunks_kept, 3, "the old key still reads");
+        assert_eq!(c.daemon.cache_limit_bytes, None);
+        assert_eq!(c.registry.deadline, Duration::from_millis(1500));
+        assert_eq!(c.registry.min_rate_kib_s, None);
+        assert_eq!(c.registry.platform.unwrap().to_string(), "linux/arm64/v8");
+        assert!(toml::from_str::<Config>("[registry]\nplatform = 'linux'").is_err());
+        let c: Config = toml::from_str("[[registry.hosts]]\nhost='a'\ninsecure=true\nca_file='/ca.pem'").unwrap();
+        assert!(c.validate().is_err(), "plain HTTP with a CA file");
     }
 
     #[test]
