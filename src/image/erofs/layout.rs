@@ -1,6 +1,10 @@
-//! EROFS on-disk structures (Linux `fs/erofs/erofs_fs.h`), encoded little-endian by hand.
-//! Only what the writer produces: 4 KiB blocks, extended inodes, flat/inline/chunk-based
-//! data layouts, inline xattrs, a device table.
+//! EROFS on-disk structures (Linux `fs/erofs/erofs_fs.h`) as `#[repr(C)]` types of
+//! little-endian fields (`zerocopy`): their bytes are the on-disk bytes, and an image can be
+//! read back into them. Only what the writer produces: 4 KiB blocks, extended inodes,
+//! flat/inline/chunk-based data layouts, inline xattrs, a device table.
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 pub const BLOCK: u64 = 4096;
 pub const BLKSZ_BITS: u8 = 12;
@@ -37,95 +41,147 @@ pub mod ft {
     pub const LNK: u8 = 7;
 }
 
-/// The superblock fields the writer sets.
-#[derive(Debug, Clone, Default)]
+/// `struct erofs_super_block` (128 bytes at offset 1024).
+#[derive(Debug, Clone, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
 pub struct SuperBlock {
-    pub root_nid: u16,
-    pub inos: u64,
-    pub build_time: u64,
-    pub blocks: u32,
-    pub meta_blkaddr: u32,
+    pub magic: U32,
+    pub checksum: U32,
+    pub feature_compat: U32,
+    pub blkszbits: u8,
+    pub sb_extslots: u8,
+    pub root_nid: U16,
+    pub inos: U64,
+    pub build_time: U64,
+    pub build_time_nsec: U32,
+    pub blocks: U32,
+    pub meta_blkaddr: U32,
+    pub xattr_blkaddr: U32,
     pub uuid: [u8; 16],
     pub volume_name: [u8; 16],
-    pub feature_incompat: u32,
-    pub extra_devices: u16,
-    pub devt_slotoff: u16,
+    pub feature_incompat: U32,
+    /// `available_compr_algs` / `lz4_max_distance` (no compression here).
+    pub compr: U16,
+    pub extra_devices: U16,
+    pub devt_slotoff: U16,
+    pub dirblkbits: u8,
+    pub xattr_prefix_count: u8,
+    pub xattr_prefix_start: U32,
+    pub packed_nid: U64,
+    pub xattr_filter_reserved: u8,
+    pub reserved: [u8; 23],
 }
 
 impl SuperBlock {
-    pub fn encode(&self) -> [u8; SUPER_SIZE] {
-        let mut b = [0u8; SUPER_SIZE];
-        put32(&mut b, 0, MAGIC);
-        b[12] = BLKSZ_BITS;
-        put16(&mut b, 14, self.root_nid);
-        put64(&mut b, 16, self.inos);
-        put64(&mut b, 24, self.build_time);
-        put32(&mut b, 36, self.blocks);
-        put32(&mut b, 40, self.meta_blkaddr);
-        b[48..64].copy_from_slice(&self.uuid);
-        b[64..80].copy_from_slice(&self.volume_name);
-        put32(&mut b, 80, self.feature_incompat);
-        put16(&mut b, 86, self.extra_devices);
-        put16(&mut b, 88, self.devt_slotoff);
-        b
+    /// A superblock of 4 KiB blocks with the magic set.
+    pub fn new() -> SuperBlock {
+        SuperBlock {
+            magic: MAGIC.into(),
+            blkszbits: BLKSZ_BITS,
+            ..Default::default()
+        }
     }
 }
 
-/// One device table slot: the blob's tag (its digest hex) and size in blocks.
-pub fn device_slot(tag: &[u8], blocks: u32) -> [u8; DEVT_SLOT_SIZE] {
-    let mut b = [0u8; DEVT_SLOT_SIZE];
-    let n = tag.len().min(64);
-    b[..n].copy_from_slice(&tag[..n]);
-    put32(&mut b, 64, blocks);
-    b
+/// `struct erofs_deviceslot` (128 bytes): a data blob's tag (its digest hex) and size.
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct DeviceSlot {
+    pub tag: [u8; 64],
+    pub blocks: U32,
+    pub mapped_blkaddr: U32,
+    pub reserved: [u8; 56],
 }
 
-/// The fields of a 64-byte extended inode.
-#[derive(Debug, Clone, Default)]
+impl DeviceSlot {
+    /// The slot of a blob tagged `tag` (at most 64 bytes) of `blocks` 4 KiB blocks.
+    pub fn new(tag: &[u8], blocks: u32) -> DeviceSlot {
+        let mut slot = DeviceSlot {
+            tag: [0; 64],
+            blocks: blocks.into(),
+            mapped_blkaddr: 0.into(),
+            reserved: [0; 56],
+        };
+        let n = tag.len().min(64);
+        slot.tag[..n].copy_from_slice(&tag[..n]);
+        slot
+    }
+}
+
+/// `struct erofs_inode_extended` (64 bytes).
+#[derive(Debug, Clone, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
 pub struct Inode {
-    pub layout_bits: u16,
-    pub xattr_icount: u16,
-    pub mode: u16,
-    pub size: u64,
+    /// Bit 0: extended inode; bits 1-3: data layout.
+    pub format: U16,
+    pub xattr_icount: U16,
+    pub mode: U16,
+    pub nb: U16,
+    pub size: U64,
     /// raw_blkaddr, rdev or chunk format, by layout and type.
-    pub i_u: u32,
-    pub ino: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime: u64,
-    pub mtime_nsec: u32,
-    pub nlink: u32,
+    pub i_u: U32,
+    pub ino: U32,
+    pub uid: U32,
+    pub gid: U32,
+    pub mtime: U64,
+    pub mtime_nsec: U32,
+    pub nlink: U32,
+    pub reserved: [u8; 16],
 }
 
 impl Inode {
+    /// Mark it extended with data layout `l`.
     pub fn set_layout(&mut self, l: DataLayout) {
-        // bit 0: extended inode; bits 1-3: data layout
-        self.layout_bits = 1 | ((l as u16) << 1);
+        self.format = (1 | ((l as u16) << 1)).into();
     }
 
-    pub fn encode(&self) -> [u8; INODE_EXTENDED_SIZE] {
-        let mut b = [0u8; INODE_EXTENDED_SIZE];
-        put16(&mut b, 0, self.layout_bits);
-        put16(&mut b, 2, self.xattr_icount);
-        put16(&mut b, 4, self.mode);
-        put64(&mut b, 8, self.size);
-        put32(&mut b, 16, self.i_u);
-        put32(&mut b, 20, self.ino);
-        put32(&mut b, 24, self.uid);
-        put32(&mut b, 28, self.gid);
-        put64(&mut b, 32, self.mtime);
-        put32(&mut b, 40, self.mtime_nsec);
-        put32(&mut b, 44, self.nlink);
-        b
+    /// Its data layout, if it is one the writer produces.
+    pub fn layout(&self) -> Option<DataLayout> {
+        match (self.format.get() >> 1) & 0x7 {
+            0 => Some(DataLayout::FlatPlain),
+            2 => Some(DataLayout::FlatInline),
+            4 => Some(DataLayout::ChunkBased),
+            _ => None,
+        }
     }
 }
 
-/// One chunk index: which device and block a chunk of a file lives at.
-pub fn chunk_index(device_id: u16, blkaddr: u32) -> [u8; CHUNK_INDEX_SIZE] {
-    let mut b = [0u8; CHUNK_INDEX_SIZE];
-    put16(&mut b, 2, device_id);
-    put32(&mut b, 4, blkaddr);
-    b
+/// `struct erofs_inode_chunk_index` (8 bytes): which device and block a chunk of a file
+/// lives at.
+#[derive(Debug, Clone, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct ChunkIndex {
+    pub advise: U16,
+    pub device_id: U16,
+    pub blkaddr: U32,
+}
+
+/// `struct erofs_dirent` (12 bytes); names follow the dirents of a block.
+#[derive(Debug, Clone, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Dirent {
+    pub nid: U64,
+    pub nameoff: U16,
+    pub file_type: u8,
+    pub reserved: u8,
+}
+
+/// `struct erofs_xattr_ibody_header` (12 bytes) before inline xattr entries.
+#[derive(Debug, Clone, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct XattrIbodyHeader {
+    name_filter: U32,
+    shared_count: u8,
+    reserved: [u8; 7],
+}
+
+/// `struct erofs_xattr_entry` (4 bytes), followed by the name suffix and the value.
+#[derive(Debug, Clone, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct XattrEntry {
+    name_len: u8,
+    name_index: u8,
+    value_size: U16,
 }
 
 /// Known xattr name prefixes and their indexes.
@@ -150,7 +206,7 @@ pub fn xattr_body(xattrs: &[(&[u8], &[u8])]) -> Result<Option<Vec<u8>>, String> 
     if xattrs.is_empty() {
         return Ok(None);
     }
-    let mut b = vec![0u8; XATTR_IBODY_HEADER];
+    let mut b = XattrIbodyHeader::default().as_bytes().to_vec();
     for (name, value) in xattrs {
         let (index, suffix) = xattr_prefix(name).ok_or_else(|| {
             format!(
@@ -161,9 +217,12 @@ pub fn xattr_body(xattrs: &[(&[u8], &[u8])]) -> Result<Option<Vec<u8>>, String> 
         if suffix.len() > NAME_MAX || value.len() > u16::MAX as usize {
             return Err(format!("xattr {:?} too large", String::from_utf8_lossy(name)));
         }
-        b.push(suffix.len() as u8);
-        b.push(index);
-        b.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        let entry = XattrEntry {
+            name_len: suffix.len() as u8,
+            name_index: index,
+            value_size: (value.len() as u16).into(),
+        };
+        b.extend_from_slice(entry.as_bytes());
         b.extend_from_slice(suffix);
         b.extend_from_slice(value);
         while b.len() % 4 != 0 {
@@ -198,10 +257,13 @@ pub fn dir_data(entries: &[(&[u8], u64, u8)]) -> Vec<u8> {
         let block_start = out.len();
         let mut nameoff = (j - i) * DIRENT_SIZE;
         for (name, nid, ft) in &entries[i..j] {
-            out.extend_from_slice(&nid.to_le_bytes());
-            out.extend_from_slice(&(nameoff as u16).to_le_bytes());
-            out.push(*ft);
-            out.push(0);
+            let d = Dirent {
+                nid: (*nid).into(),
+                nameoff: (nameoff as u16).into(),
+                file_type: *ft,
+                reserved: 0,
+            };
+            out.extend_from_slice(d.as_bytes());
             nameoff += name.len();
         }
         for (name, _, _) in &entries[i..j] {
@@ -215,14 +277,32 @@ pub fn dir_data(entries: &[(&[u8], u64, u8)]) -> Vec<u8> {
     out
 }
 
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-fn put64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+/// The dirents and names of one directory block, as the kernel reads them.
+pub fn read_dir_block(block: &[u8]) -> Vec<(Vec<u8>, u64, u8)> {
+    let Ok((first, _)) = Dirent::read_from_prefix(block) else {
+        return Vec::new();
+    };
+    let n = usize::from(first.nameoff.get()) / DIRENT_SIZE;
+    let dirents: Vec<Dirent> = (0..n)
+        .filter_map(|k| Dirent::read_from_prefix(&block[k * DIRENT_SIZE..]).ok().map(|(d, _)| d))
+        .collect();
+    dirents
+        .iter()
+        .enumerate()
+        .map(|(k, d)| {
+            let start = usize::from(d.nameoff.get());
+            let end = dirents.get(k + 1).map_or_else(
+                || {
+                    block[start..]
+                        .iter()
+                        .position(|&b| b == 0)
+                        .map_or(block.len(), |p| start + p)
+                },
+                |n| usize::from(n.nameoff.get()),
+            );
+            (block[start..end].to_vec(), d.nid.get(), d.file_type)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -263,17 +343,46 @@ mod tests {
     }
 
     #[test]
+    fn structures_have_their_uapi_sizes() {
+        assert_eq!(std::mem::size_of::<SuperBlock>(), SUPER_SIZE);
+        assert_eq!(std::mem::size_of::<Inode>(), INODE_EXTENDED_SIZE);
+        assert_eq!(std::mem::size_of::<DeviceSlot>(), DEVT_SLOT_SIZE);
+        assert_eq!(std::mem::size_of::<ChunkIndex>(), CHUNK_INDEX_SIZE);
+        assert_eq!(std::mem::size_of::<Dirent>(), DIRENT_SIZE);
+        assert_eq!(std::mem::size_of::<XattrIbodyHeader>(), XATTR_IBODY_HEADER);
+    }
+
+    #[test]
     fn superblock_fields_at_uapi_offsets() {
-        let sb = SuperBlock {
-            root_nid: 3,
-            extra_devices: 2,
-            devt_slotoff: 9,
-            ..Default::default()
+        let mut sb = SuperBlock::new();
+        sb.root_nid = 3.into();
+        sb.extra_devices = 2.into();
+        sb.devt_slotoff = 9.into();
+        let b = sb.as_bytes();
+        assert_eq!(&b[0..4], &MAGIC.to_le_bytes());
+        assert_eq!(b[12], 12);
+        assert_eq!(u16::from_le_bytes([b[14], b[15]]), 3);
+        assert_eq!(u16::from_le_bytes([b[86], b[87]]), 2);
+        assert_eq!(u16::from_le_bytes([b[88], b[89]]), 9);
+        let back = SuperBlock::read_from_bytes(b).unwrap();
+        assert_eq!(back.devt_slotoff.get(), 9);
+    }
+
+    #[test]
+    fn dir_blocks_read_back() {
+        let names: Vec<Vec<u8>> = (0..300).map(|i| format!("n{i:04}").into_bytes()).collect();
+        let entries: Vec<(&[u8], u64, u8)> = names
+            .iter()
+            .enumerate()
+            .map(|(k, n)| (n.as_slice(), k as u64 * 2, ft::REG))
+            .collect();
+        let d = dir_data(&entries);
+        let back: Vec<(Vec<u8>, u64, u8)> = d.chunks(BLOCK as usize).flat_map(read_dir_block).collect();
+        assert_eq!(back.len(), 300);
+        for (k, (name, nid, t)) in back.iter().enumerate() {
+            assert_eq!(name, &names[k]);
+            assert_eq!(*nid, k as u64 * 2);
+            assert_eq!(*t, ft::REG);
         }
-        .encode();
-        assert_eq!(&sb[0..4], &MAGIC.to_le_bytes());
-        assert_eq!(sb[12], 12);
-        assert_eq!(u16::from_le_bytes([sb[86], sb[87]]), 2);
-        assert_eq!(u16::from_le_bytes([sb[88], sb[89]]), 9);
     }
 }
