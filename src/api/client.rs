@@ -13,6 +13,7 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    /// A client of the daemon listening on `socket`.
     pub fn new(socket: &Path) -> Result<ApiClient> {
         let http = reqwest::Client::builder()
             .unix_socket(socket)
@@ -23,10 +24,12 @@ impl ApiClient {
         Ok(ApiClient { http })
     }
 
+    /// `GET /v1/status`.
     pub async fn status(&self) -> Result<Status> {
         decode(self.http.get("http://lazyblob/v1/status").send().await).await
     }
 
+    /// `POST /v1/images`: register an image; its summary.
     pub async fn register(&self, reference: &str) -> Result<ImageInfo> {
         self.post(
             "/v1/images",
@@ -37,6 +40,7 @@ impl ApiClient {
         .await
     }
 
+    /// `POST /v1/mounts`: mount `reference` lazily on `target`.
     pub async fn mount(
         &self,
         reference: &str,
@@ -54,6 +58,7 @@ impl ApiClient {
         .await
     }
 
+    /// `POST /v1/umount`: unmount `target` (`lazy`: detach it if busy).
     pub async fn umount(&self, target: &Path, lazy: bool) -> Result<serde_json::Value> {
         self.post(
             "/v1/umount",

@@ -15,11 +15,17 @@ use super::{ApiError, ImageInfo, MountInfo, MountRequest, RegisterRequest, Statu
 /// What answers the admin API (the daemon). Errors are reported to the client with their
 /// whole context chain.
 pub trait Admin: Send + Sync + 'static {
+    /// The daemon's state and counters.
     fn status(&self) -> impl Future<Output = anyhow::Result<Status>> + Send;
+    /// Registered images.
     fn images(&self) -> Vec<ImageInfo>;
+    /// Register `reference` (fetch and verify its metadata).
     fn register(&self, reference: &str) -> impl Future<Output = anyhow::Result<ImageInfo>> + Send;
+    /// The daemon's lazy mounts.
     fn mounts(&self) -> Vec<MountInfo>;
+    /// Mount an image lazily.
     fn mount(&self, req: MountRequest) -> impl Future<Output = anyhow::Result<MountInfo>> + Send;
+    /// Unmount a lazy mount.
     fn umount(&self, req: &UmountRequest) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 

@@ -23,12 +23,21 @@ use crate::registry::{parse_reference, BlobSource, Registry, RegistryError, Reso
 /// Why an image could not be registered.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
+    /// The registry failed (after retries).
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The image is not a valid lazyblob image.
     #[error(transparent)]
     Format(#[from] FormatError),
+    /// The state file could not be read or written.
     #[error("state file {path}: {source}")]
-    State { path: PathBuf, source: std::io::Error },
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// Why it could not be read or written.
+        source: std::io::Error,
+    },
+    /// A kept chunk table does not match the image's.
     #[error("chunk table does not describe data blob {0}")]
     TableMismatch(String),
 }
@@ -40,11 +49,15 @@ pub struct Image {
     pub reference: String,
     /// `repo@digest` of the resolved image manifest: what a restart re-resolves.
     pub pinned: String,
+    /// Digest of its image manifest.
     pub manifest_digest: Digest,
+    /// The EROFS fsid (`lb-<manifest digest prefix>`), also its cachefiles volume.
     pub fsid: String,
+    /// Where the metadata blob comes from.
     pub meta: BlobSource,
     /// Where the verified metadata blob is stored locally.
     pub meta_path: PathBuf,
+    /// The data blobs, in device order.
     pub data: Vec<Arc<DataBlob>>,
 }
 
@@ -58,11 +71,14 @@ impl Image {
 /// What a cachefiles (volume key, cookie key) pair names.
 #[derive(Debug, Clone)]
 pub enum Target {
+    /// The image's metadata blob.
     Meta(Arc<Image>),
+    /// One data blob of the image.
     Data(Arc<Image>, Arc<DataBlob>),
 }
 
 impl Target {
+    /// Size in bytes of the blob named.
     pub fn size(&self) -> u64 {
         match self {
             Target::Meta(i) => i.meta.size,
@@ -79,6 +95,7 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// A catalog keeping its state in `state_dir`.
     pub fn new(registry: Arc<Registry>, state_dir: &Path) -> Catalog {
         Catalog {
             registry,
@@ -244,6 +261,7 @@ impl Catalog {
         state::save(&path, &state::State { images: entries }).map_err(|source| CatalogError::State { path, source })
     }
 
+    /// The image of fsid `fsid`.
     pub fn get(&self, fsid: &str) -> Option<Arc<Image>> {
         crate::lock::read(&self.images).get(fsid).cloned()
     }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 /// What survives a restart.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct State {
+    /// The registered images.
     pub images: Vec<Entry>,
 }
 

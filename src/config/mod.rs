@@ -20,10 +20,23 @@ mod units;
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
     #[error("invalid config {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong in it.
+        source: toml::de::Error,
+    },
+    /// A value out of its range, or values that exclude each other.
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -32,9 +45,13 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Where state, cache and sockets live; the kernel frontend.
     pub daemon: DaemonConfig,
+    /// Blob engine tuning.
     pub engine: EngineConfig,
+    /// Registry access.
     pub registry: RegistryConfig,
+    /// The containerd snapshotter.
     pub snapshotter: SnapshotterConfig,
 }
 
@@ -55,7 +72,9 @@ pub enum FrontendChoice {
     /// Probe the kernel: cachefiles on-demand if present, else fanotify pre-content.
     #[default]
     Auto,
+    /// cachefiles on-demand only.
     Cachefiles,
+    /// fanotify pre-content only.
     Fanotify,
 }
 
@@ -74,6 +93,7 @@ pub struct DaemonConfig {
     pub socket_group: Option<String>,
     /// The cachefiles cache tag.
     pub tag: String,
+    /// Which kernel frontend serves mounts.
     pub frontend: FrontendChoice,
     /// Images registered at start, in addition to the persisted ones.
     pub images: Vec<String>,
@@ -197,6 +217,7 @@ pub struct RegistryConfig {
     pub platform: Option<Platform>,
     /// Ceilings on what a registry may make the daemon hold, checked before allocating.
     pub limits: LimitsConfig,
+    /// Per-host settings: transport, mirrors, credentials.
     pub hosts: Vec<HostConfig>,
 }
 
@@ -220,9 +241,13 @@ pub struct LimitsConfig {
 /// One ceiling of [`LimitsConfig`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
+    /// `max_manifest_bytes`.
     Manifest,
+    /// `max_metadata_bytes`.
     Metadata,
+    /// `max_table_bytes`.
     Table,
+    /// `max_chunk_size`.
     ChunkSize,
 }
 
@@ -242,9 +267,13 @@ impl Limit {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{what} of {size} bytes exceeds registry.limits.{name} ({max} bytes)", name = .limit.name())]
 pub struct TooLarge {
+    /// What was too large (a manifest, a blob...).
     pub what: String,
+    /// Its size.
     pub size: u64,
+    /// The ceiling it exceeds.
     pub limit: Limit,
+    /// That ceiling's value.
     pub max: u64,
 }
 
@@ -314,6 +343,7 @@ impl RegistryConfig {
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HostConfig {
+    /// The host (`host` or `host:port`) these settings are for.
     pub host: String,
     /// Plain HTTP instead of TLS. Only for registries you trust on a trusted network.
     pub insecure: bool,
@@ -321,7 +351,9 @@ pub struct HostConfig {
     pub ca_file: Option<PathBuf>,
     /// Mirrors tried in order before the origin (`host[:port]`).
     pub mirrors: Vec<String>,
+    /// Basic-auth user name.
     pub username: Option<String>,
+    /// Basic-auth password (prefer `password_file`).
     pub password: Option<String>,
     /// Read the password from a file instead (trailing newline trimmed).
     pub password_file: Option<PathBuf>,

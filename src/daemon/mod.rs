@@ -31,10 +31,15 @@ use crate::registry::Registry;
 
 /// The running daemon's shared parts.
 pub struct Daemon {
+    /// The configuration it started with.
     pub config: Config,
+    /// What the running kernel offers.
     pub kernel: KernelFacts,
+    /// The kernel frontend serving its mounts.
     pub frontend: ActiveFrontend,
+    /// The blob engine.
     pub engine: Arc<Engine>,
+    /// The registered images.
     pub catalog: Arc<Catalog>,
     mounts: Mutex<Vec<MountRecord>>,
     /// The fanotify group's keeper should this process die (None: cachefiles, or released).

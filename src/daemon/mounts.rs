@@ -15,9 +15,13 @@ use crate::lock::lock;
 /// A mount made by this daemon.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MountRecord {
+    /// The image reference mounted.
     pub reference: String,
+    /// The mount point.
     pub target: PathBuf,
+    /// The image's fsid.
     pub fsid: String,
+    /// The frontend that serves it.
     pub frontend: Frontend,
     /// Whether setuid bits and device nodes take effect (`nosuid,nodev` unless honoured).
     #[serde(default)]

@@ -8,6 +8,7 @@ use std::ops::Range;
 pub struct ChunkGeometry {
     /// Fetch unit: the configured chunk size rounded up to a multiple of the table's.
     pub unit: u64,
+    /// Blob size in bytes.
     pub size: u64,
 }
 
@@ -30,10 +31,12 @@ impl ChunkGeometry {
         offset / self.unit..end.div_ceil(self.unit)
     }
 
+    /// First byte of unit `idx`.
     pub fn start(&self, idx: u64) -> u64 {
         idx * self.unit
     }
 
+    /// End (exclusive) of unit `idx`, clamped to the blob.
     pub fn end(&self, idx: u64) -> u64 {
         ((idx + 1) * self.unit).min(self.size)
     }

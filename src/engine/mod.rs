@@ -36,15 +36,22 @@ use run::RunSink;
 /// Why a read could not be served.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
+    /// The registry failed (after retries and the deadline).
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// A read outside the blob.
     #[error("range {offset}+{len} is outside blob {digest} ({size} bytes)")]
     OutOfRange {
+        /// The blob.
         digest: Digest,
+        /// Where the read starts.
         offset: u64,
+        /// Its length.
         len: u64,
+        /// The blob's size.
         size: u64,
     },
+    /// A fetch task ended without an answer.
     #[error("fetch task failed: {0}")]
     Task(String),
 }
@@ -81,16 +88,19 @@ impl BlobKey {
 /// A data blob the engine can serve: where it lives and the digests of its chunks.
 #[derive(Debug)]
 pub struct DataBlob {
+    /// Where the blob is fetched from.
     pub source: BlobSource,
     /// Verified chunk size of the table.
     pub table_chunk: u64,
     /// Digest of each `table_chunk`-sized piece.
     pub digests: Vec<[u8; 32]>,
+    /// How its chunks are hashed.
     pub algorithm: ChunkDigest,
     key: BlobKey,
 }
 
 impl DataBlob {
+    /// A blob of `table_chunk`-byte chunks with these digests.
     pub fn new(source: BlobSource, table_chunk: u64, digests: Vec<[u8; 32]>, algorithm: ChunkDigest) -> DataBlob {
         let key = BlobKey::new(&source, table_chunk, algorithm, &digests);
         DataBlob {
@@ -148,18 +158,22 @@ pub struct EngineStats {
     pub shared_hits: AtomicU64,
     /// Verified bytes handed to frontends.
     pub bytes_served: AtomicU64,
+    /// Reads that failed.
     pub failed_reads: AtomicU64,
 }
 
 /// One piece of a served range: the chunk starting at `offset`.
 #[derive(Debug, Clone)]
 pub struct Piece {
+    /// Blob offset of the first byte.
     pub offset: u64,
+    /// Verified bytes.
     pub data: Bytes,
 }
 
 /// A unit being fetched (or just fetched) for a reader; [`Pending::wait`] yields it verified.
 pub struct Pending {
+    /// Blob offset of the unit.
     pub offset: u64,
     key: ChunkKey,
     unit: Unit,
@@ -210,10 +224,12 @@ pub struct Engine {
     cfg: EngineConfig,
     inflight: Inflight,
     pool: Arc<pool::BufPool>,
+    /// Counters for `status`.
     pub stats: EngineStats,
 }
 
 impl Engine {
+    /// An engine fetching through `registry`.
     pub fn new(registry: Arc<Registry>, cfg: EngineConfig) -> Engine {
         Engine {
             registry,
@@ -225,6 +241,7 @@ impl Engine {
         }
     }
 
+    /// The registry client.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }

@@ -16,7 +16,9 @@ use crate::catalog::Image;
 /// The running kernel frontend.
 #[derive(Clone)]
 pub enum ActiveFrontend {
+    /// cachefiles on-demand (EROFS over fscache).
     Cachefiles(Arc<Cachefiles>),
+    /// fanotify pre-content (file-backed EROFS).
     Fanotify(Arc<FanotifyFrontend>),
 }
 

@@ -30,6 +30,7 @@ pub type Slot = OwnedSemaphorePermit;
 /// A request's claim on a slot.
 #[derive(Debug)]
 pub enum Ticket {
+    /// A slot was free: the request runs now.
     Admitted(Slot),
     /// No slot was free when the request was read: wait for one.
     Queued(Admission),

@@ -81,10 +81,13 @@ impl Frontend {
 /// Why no frontend can run on this kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// Neither frontend is available.
     #[error("no lazy-loading frontend on kernel {0}: needs /dev/cachefiles with CONFIG_CACHEFILES_ONDEMAND (Linux 5.19-7.1) or fanotify pre-content events (Linux 6.14+, CONFIG_FANOTIFY_ACCESS_PERMISSIONS) with EROFS file-backed mounts (CONFIG_EROFS_FS_BACKED_BY_FILE), and root")]
     NoFrontend(String),
+    /// The configured frontend is not available.
     #[error("frontend {0:?} was forced by the config but the kernel lacks it: {1}")]
     Forced(FrontendChoice, String),
+    /// The kernel has no EROFS.
     #[error("EROFS is not available: /proc/filesystems has no erofs (needs CONFIG_EROFS_FS)")]
     NoErofs,
 }
@@ -92,8 +95,11 @@ pub enum ProbeError {
 /// What the running kernel offers.
 #[derive(Debug, Clone)]
 pub struct KernelFacts {
+    /// The kernel release.
     pub release: String,
+    /// EROFS is available.
     pub erofs: bool,
+    /// `/dev/cachefiles` exists.
     pub cachefiles_device: bool,
     /// A `FAN_CLASS_PRE_CONTENT` group with `FAN_PRE_ACCESS` could be created.
     pub fanotify_pre_content: bool,

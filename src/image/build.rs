@@ -21,12 +21,21 @@ use crate::registry::{sha256_digest, Registry, RegistryError};
 /// Errors building an image.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// A file of the source tree could not be read.
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        /// The file.
+        path: String,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The tree could not be built.
     #[error("{0}")]
     Tree(#[from] super::tree::TreeError),
+    /// The EROFS image could not be written.
     #[error("{0}")]
     Write(#[from] erofs::WriteError),
+    /// A file type the format cannot hold.
     #[error("{0}")]
     Unsupported(String),
 }
@@ -55,8 +64,11 @@ impl Default for BuildOptions {
 /// A built image, in memory. `table.blobs[i].digest` is the digest of `data[i]`.
 #[derive(Debug, Clone)]
 pub struct BuiltImage {
+    /// The EROFS metadata blob.
     pub meta: Vec<u8>,
+    /// The data blobs, in device order.
     pub data: Vec<Bytes>,
+    /// The chunk digest table.
     pub table: ChunkTable,
 }
 
@@ -80,6 +92,7 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
+    /// A writer of `n` data blobs.
     pub fn new(n: usize) -> BlobWriter {
         BlobWriter {
             blobs: vec![Vec::new(); n.max(1)],
@@ -285,6 +298,7 @@ fn meta_of(md: &std::fs::Metadata) -> Meta {
 pub struct Assembled {
     /// (digest, bytes) of data blobs, chunk table, metadata blob and config.
     pub blobs: Vec<(String, Bytes)>,
+    /// The image manifest pushed.
     pub manifest: Bytes,
 }
 

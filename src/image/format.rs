@@ -20,7 +20,9 @@ pub const MEDIA_TYPE_DATA: &str = "application/vnd.oci.image.layer.lazyblob.data
 pub const MEDIA_TYPE_CHUNKS: &str = "application/vnd.oci.image.layer.lazyblob.chunks.v2+json";
 /// Version 1 media types (read only).
 pub const V1_MEDIA_TYPE_META: &str = "application/vnd.lazyblob.meta.v1.erofs";
+/// Media type of a data layer (format version 1).
 pub const V1_MEDIA_TYPE_DATA: &str = "application/vnd.lazyblob.data.v1";
+/// Media type of the chunk table (format version 1).
 pub const V1_MEDIA_TYPE_CHUNKS: &str = "application/vnd.lazyblob.chunks.v1+json";
 /// Manifest annotation naming the format version.
 pub const ANNOTATION_FORMAT: &str = "org.lazyblob.format";
@@ -47,12 +49,16 @@ pub fn is_valid_chunk_size(n: u64) -> bool {
 /// Errors in a manifest or chunk table that claims to be a lazyblob image.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FormatError {
+    /// The manifest is not a lazyblob image.
     #[error("not a lazyblob image: {0}")]
     NotLazyblob(String),
+    /// The chunk table is invalid.
     #[error("bad chunk table: {0}")]
     ChunkTable(String),
+    /// A digest is invalid.
     #[error(transparent)]
     Digest(#[from] DigestError),
+    /// A size exceeds its ceiling.
     #[error(transparent)]
     TooLarge(#[from] TooLarge),
 }
@@ -63,8 +69,10 @@ pub enum FormatError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChunkDigest {
+    /// SHA-256.
     Sha256,
     #[default]
+    /// BLAKE3.
     Blake3,
 }
 
@@ -74,6 +82,7 @@ impl ChunkDigest {
         ChunkDigest::Sha256
     }
 
+    /// The digest of `data`.
     pub fn hash(self, data: &[u8]) -> [u8; 32] {
         match self {
             ChunkDigest::Sha256 => Sha256::digest(data).into(),
@@ -94,11 +103,14 @@ impl ChunkDigest {
 
 /// The state of one chunk digest being computed.
 pub enum ChunkHasher {
+    /// SHA-256.
     Sha256(Sha256),
+    /// BLAKE3.
     Blake3(Box<blake3::Hasher>),
 }
 
 impl ChunkHasher {
+    /// Hash `data` too.
     pub fn update(&mut self, data: &[u8]) {
         match self {
             ChunkHasher::Sha256(h) => h.update(data),
@@ -108,6 +120,7 @@ impl ChunkHasher {
         }
     }
 
+    /// The digest.
     pub fn finalize(self) -> [u8; 32] {
         match self {
             ChunkHasher::Sha256(h) => h.finalize().into(),
@@ -141,10 +154,14 @@ impl std::fmt::Display for ChunkDigest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChunkTable {
+    /// Table format version.
     pub version: u32,
+    /// Verified chunk size in bytes.
     pub chunk_size: u64,
     #[serde(default = "ChunkDigest::legacy")]
+    /// How chunks are hashed.
     pub chunk_digest: ChunkDigest,
+    /// Per data blob, its chunk digests.
     pub blobs: Vec<BlobChunks>,
 }
 
@@ -152,7 +169,9 @@ pub struct ChunkTable {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlobChunks {
+    /// The blob's digest.
     pub digest: Digest,
+    /// The blob's size.
     pub size: u64,
     /// Concatenated lowercase hex digests of each chunk (64 characters per chunk).
     pub chunks: String,
@@ -236,6 +255,7 @@ impl ChunkTable {
         Ok(t)
     }
 
+    /// The table as JSON.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
@@ -244,7 +264,9 @@ impl ChunkTable {
 /// A blob a manifest names: its validated digest and its size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobRef {
+    /// The blob's digest.
     pub digest: Digest,
+    /// The blob's size.
     pub size: u64,
 }
 
@@ -265,8 +287,11 @@ impl BlobRef {
 /// The blobs of a lazyblob manifest, by role.
 #[derive(Debug, Clone)]
 pub struct LazyManifest {
+    /// The EROFS metadata layer.
     pub meta: BlobRef,
+    /// The chunk table layer.
     pub table: BlobRef,
+    /// The data layers, in device order.
     pub data: Vec<BlobRef>,
 }
 

@@ -8,10 +8,15 @@ use std::collections::BTreeMap;
 pub struct Meta {
     /// Permission bits including setuid/setgid/sticky (`0o7777`).
     pub perm: u32,
+    /// Owner.
     pub uid: u32,
+    /// Group.
     pub gid: u32,
+    /// Modification time (seconds).
     pub mtime: i64,
+    /// Nanoseconds of the modification time.
     pub mtime_nsec: u32,
+    /// Extended attributes by full name.
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
@@ -21,10 +26,18 @@ pub enum FileData {
     /// Stored in the metadata blob (small files).
     Inline(Vec<u8>),
     /// `size` bytes at `offset` (4 KiB aligned) of data blob `device` (1-based device id).
-    Blob { device: u16, offset: u64, size: u64 },
+    Blob {
+        /// The data blob (device 1 is the first).
+        device: u16,
+        /// Offset in that blob (block aligned).
+        offset: u64,
+        /// File size.
+        size: u64,
+    },
 }
 
 impl FileData {
+    /// File size.
     pub fn size(&self) -> u64 {
         match self {
             FileData::Inline(d) => d.len() as u64,
@@ -36,33 +49,45 @@ impl FileData {
 /// What a node is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
+    /// A directory: its entries by name.
     Dir(BTreeMap<Vec<u8>, usize>),
+    /// A regular file.
     File(FileData),
+    /// A symbolic link and its target.
     Symlink(Vec<u8>),
+    /// A character device (`rdev`).
     CharDev(u32),
+    /// A block device (`rdev`).
     BlockDev(u32),
+    /// A named pipe.
     Fifo,
+    /// A unix socket.
     Socket,
 }
 
 /// One inode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
+    /// Owner, mode, times, xattrs.
     pub meta: Meta,
+    /// What it is.
     pub kind: Kind,
 }
 
 /// A filesystem tree; node 0 is the root directory.
 #[derive(Debug, Clone)]
 pub struct Tree {
+    /// Every node; the root is [`Tree::ROOT`].
     pub nodes: Vec<Node>,
 }
 
 /// Errors building a tree.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TreeError {
+    /// A name that is empty, `.`, `..` or holds `/` or NUL.
     #[error("invalid file name {0:?}")]
     BadName(String),
+    /// A path component that is not a directory.
     #[error("{0:?} is not a directory")]
     NotDir(String),
 }
@@ -83,6 +108,7 @@ impl Tree {
         }
     }
 
+    /// The root directory's index.
     pub const ROOT: usize = 0;
 
     fn check_name(name: &[u8]) -> Result<(), TreeError> {

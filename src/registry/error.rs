@@ -5,45 +5,84 @@ use oci_client::errors::OciDistributionError;
 /// What went wrong talking to a registry.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RegistryError {
+    /// A reference that does not parse (the reference, why).
     #[error("invalid reference {0:?}: {1}")]
     Reference(String, String),
+    /// A manifest or blob the registry does not have.
     #[error("{what} not found at {url}")]
-    NotFound { what: &'static str, url: String },
+    NotFound {
+        /// A manifest, a blob...
+        what: &'static str,
+        /// Where it was looked for.
+        url: String,
+    },
+    /// The registry refused the credentials (or there were none).
     #[error("not authorized at {0}")]
     Unauthorized(String),
+    /// An HTTP status that is not success.
     #[error("registry answered HTTP {status} at {url}")]
-    Status { status: u16, url: String },
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The request.
+        url: String,
+    },
+    /// The connection failed.
     #[error("transport error: {0}")]
     Transport(String),
+    /// A request took too long.
     #[error("request timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// A body shorter than announced.
     #[error("body truncated: expected {expected} bytes, got {got}")]
-    Truncated { expected: u64, got: u64 },
+    Truncated {
+        /// Bytes announced.
+        expected: u64,
+        /// Bytes received.
+        got: u64,
+    },
+    /// Bytes that do not match their digest.
     #[error("digest mismatch for {what}: expected {expected}, got {got}")]
     DigestMismatch {
+        /// What they are.
         what: String,
+        /// The digest expected.
         expected: String,
+        /// The digest of the bytes.
         got: String,
     },
+    /// A manifest or index that cannot be used.
     #[error("bad manifest: {0}")]
     Manifest(String),
+    /// A range outside its blob.
     #[error("range {start}..{end} is outside blob {blob} of {size} bytes")]
     Range {
+        /// Where the range starts.
         start: u64,
+        /// Where it ends (exclusive).
         end: u64,
+        /// The blob.
         blob: String,
+        /// The blob's size.
         size: u64,
     },
+    /// A platform that is not `os/arch[/variant]`.
     #[error(transparent)]
     Platform(#[from] super::platform::BadPlatform),
+    /// A size over its ceiling.
     #[error(transparent)]
     TooLarge(#[from] crate::config::TooLarge),
+    /// Credentials could not be found or used.
     #[error("credentials: {0}")]
     Credentials(String),
+    /// Every attempt failed.
     #[error("gave up after {attempts} attempts in {elapsed:?}: {last}")]
     Exhausted {
+        /// Attempts made.
         attempts: u32,
+        /// Time spent.
         elapsed: std::time::Duration,
+        /// The last failure.
         last: Box<RegistryError>,
     },
 }

@@ -50,25 +50,33 @@ pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
 pub struct BlobSource {
     /// Registry and repository (tag or digest of the reference is ignored).
     pub repo: Reference,
+    /// The blob's digest.
     pub digest: Digest,
+    /// The blob's size.
     pub size: u64,
 }
 
 /// An image manifest after index resolution.
 #[derive(Debug, Clone)]
 pub struct ResolvedManifest {
+    /// The image manifest.
     pub manifest: OciImageManifest,
     /// Digest of the image manifest itself (not of an index that pointed to it).
     pub digest: Digest,
+    /// The manifest's bytes as served.
     pub raw: Bytes,
 }
 
 /// Counters exported in `status`.
 #[derive(Debug, Default)]
 pub struct RegistryStats {
+    /// HTTP requests sent.
     pub requests: std::sync::atomic::AtomicU64,
+    /// Body bytes received.
     pub bytes: std::sync::atomic::AtomicU64,
+    /// Attempts repeated.
     pub retries: std::sync::atomic::AtomicU64,
+    /// Requests that failed for good.
     pub failures: std::sync::atomic::AtomicU64,
 }
 
@@ -87,6 +95,7 @@ pub struct Registry {
     platform: Platform,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     max_concurrent: usize,
+    /// Counters for `status`.
     pub stats: RegistryStats,
 }
 

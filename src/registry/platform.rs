@@ -5,8 +5,11 @@ use oci_client::manifest::ImageIndexEntry;
 /// A target platform.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Platform {
+    /// Operating system (`linux`).
     pub os: String,
+    /// Architecture (`amd64`, `arm64`...).
     pub arch: String,
+    /// Variant (`v7`, `v8`...).
     pub variant: Option<String>,
 }
 

@@ -10,8 +10,11 @@ use super::error::RegistryError;
 /// How often and how patiently a fetch is retried.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
+    /// Attempts per endpoint, the first included.
     pub max_attempts: u32,
+    /// First pause between attempts.
     pub initial: Duration,
+    /// Longest pause.
     pub max: Duration,
     /// Limit for the whole operation, attempts and sleeps included.
     pub deadline: Duration,

@@ -9,17 +9,24 @@ use std::collections::BTreeMap;
 /// What a filter can look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Field {
+    /// The snapshot's name.
     Name,
+    /// Its parent.
     Parent,
+    /// Its kind (`active`, `view`, `committed`).
     Kind,
+    /// One of its labels.
     Label(String),
 }
 
 /// One condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Condition {
+    /// The field equals the value.
     Equals(Field, String),
+    /// The field differs from the value.
     Differs(Field, String),
+    /// The field is set and not empty.
     Present(Field),
 }
 
@@ -29,9 +36,13 @@ pub struct Filter(Vec<Condition>);
 
 /// The values a snapshot offers to filters.
 pub struct Subject<'a> {
+    /// The snapshot's name.
     pub name: &'a str,
+    /// Its parent (empty: none).
     pub parent: &'a str,
+    /// Its kind.
     pub kind: &'a str,
+    /// Its labels.
     pub labels: &'a BTreeMap<String, String>,
 }
 
@@ -49,12 +60,21 @@ impl Subject<'_> {
 /// A filter containerd sent that this snapshotter cannot apply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FilterError {
+    /// An operator other than `==`, `!=` or presence.
     #[error("filter {filter:?}: operator {op:?} is not supported")]
-    Operator { filter: String, op: String },
+    Operator {
+        /// The filter.
+        filter: String,
+        /// The operator (`~=` and others are refused).
+        op: String,
+    },
+    /// A quote that is not closed.
     #[error("unterminated quote in {0:?}")]
     UnterminatedQuote(String),
+    /// A backslash at the end of a quoted string.
     #[error("dangling escape in {0:?}")]
     DanglingEscape(String),
+    /// A field that is not name, parent, kind or labels.<key>.
     #[error("unknown filter field {0:?}")]
     Field(String),
 }

@@ -12,9 +12,13 @@ use std::path::{Path, PathBuf};
 use crate::image::digest::Digest;
 use crate::image::format::{fsid_for, ANNOTATION_LAYER};
 
+/// The chain ID containerd prepares a layer as.
 pub const LABEL_REF: &str = "containerd.io/snapshot.ref";
+/// The image reference (set by CRI or the transfer service).
 pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// The image manifest's digest.
 pub const LABEL_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// The layer's digest.
 pub const LABEL_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
 /// Set on remotely committed layers (the convention of stargz and nydus).
 pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
@@ -22,12 +26,20 @@ pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
 /// Why an image behind remote layers could not be registered, mounted or unmounted.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// The daemon is stopping.
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The image could not be registered.
     #[error(transparent)]
     Register(#[from] crate::catalog::CatalogError),
+    /// The mount point could not be prepared.
     #[error("{}: {source}", .path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The mount point.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
     /// A mount or unmount of the daemon failed (with its whole context chain).
     #[error("{0:#}")]
     Mount(anyhow::Error),
@@ -54,9 +66,12 @@ pub enum LabelError {
          transfer service with the unpack_config and enable_remote_snapshot_annotations export of \
          deploy/containerd/config-v3.toml"
     )]
+    /// The layer has no image labels.
     Missing,
+    /// The manifest digest label is invalid.
     #[error("{LABEL_MANIFEST}: {0}")]
     Manifest(String),
+    /// The image reference label is invalid.
     #[error("{LABEL_IMAGE_REF}: {0}")]
     Reference(String),
 }
@@ -68,10 +83,13 @@ pub enum Layer {
     Plain,
     /// A layer of a lazyblob image, to commit under `chain`.
     Lazyblob {
+        /// The chain ID to commit under.
         chain: String,
+        /// The layer's role (`meta`, `chunks`, `data`).
         role: String,
         /// The image, pinned by digest (from the CRI labels), or why there is none.
         pinned: Result<String, LabelError>,
+        /// The layer's digest, if labelled.
         layer: Option<String>,
     },
 }

@@ -35,33 +35,48 @@ pub enum Source {
     Local,
     /// A layer of a lazyblob image (pinned `repo@digest`), committed without unpacking: the
     /// image's lazy EROFS mount holds it and every layer below it.
-    Remote { image: String },
+    Remote {
+        /// The lazyblob image (`repo@digest`) it reads through.
+        image: String,
+    },
 }
 
 /// One snapshot's record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
+    /// Its number (names its directory).
     pub id: u64,
+    /// Active, view or committed.
     pub kind: Kind,
     #[serde(default)]
+    /// Local directories or a remote image.
     pub source: Source,
+    /// The parent snapshot's name.
     pub parent: Option<String>,
+    /// containerd's labels.
     pub labels: BTreeMap<String, String>,
+    /// When it was created.
     pub created: SystemTime,
+    /// When it was last changed.
     pub updated: SystemTime,
 }
 
 /// Why a request cannot be done; each maps to a gRPC code.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// No snapshot of that name.
     #[error("snapshot {0:?} not found")]
     NotFound(String),
+    /// A snapshot of that name exists.
     #[error("snapshot {0:?} already exists")]
     AlreadyExists(String),
+    /// The operation does not apply to the snapshot's state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A bad name or argument.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A file operation failed.
     #[error("snapshot storage: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -27,20 +27,41 @@ const OP_READ: u32 = 2;
 /// Why a kernel message could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
+    /// Fewer bytes than a structure needs.
     #[error("message of {got} bytes is shorter than the {need}-byte {what}")]
     Short {
+        /// The structure.
         what: &'static str,
+        /// Its size.
         need: usize,
+        /// The bytes there were.
         got: usize,
     },
+    /// The header's length and the bytes read differ.
     #[error("header says {header} bytes but {read} were read")]
-    LengthMismatch { header: u32, read: usize },
+    LengthMismatch {
+        /// The length the header declares.
+        header: u32,
+        /// The length read.
+        read: usize,
+    },
+    /// A message longer than the kernel ever sends.
     #[error("message of {0} bytes exceeds CACHEFILES_MSG_MAX_SIZE")]
     TooLong(usize),
+    /// The keys of an OPEN overflow its payload.
     #[error("OPEN keys ({volume} + {cookie} bytes) overflow the {avail}-byte payload")]
-    KeysOverflow { volume: u32, cookie: u32, avail: usize },
+    KeysOverflow {
+        /// Volume key length.
+        volume: u32,
+        /// Cookie key length.
+        cookie: u32,
+        /// Bytes the payload has.
+        avail: usize,
+    },
+    /// The volume key of an OPEN is malformed.
     #[error("OPEN volume key is empty or not NUL-terminated")]
     VolumeKeyNotTerminated,
+    /// An opcode this daemon does not know.
     #[error("unknown opcode {0}")]
     UnknownOpcode(u32),
 }
@@ -48,14 +69,18 @@ pub enum ProtocolError {
 /// Header fields shared by every message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The id to answer with.
     pub msg_id: u32,
+    /// The object the kernel opened.
     pub object_id: u32,
 }
 
 /// One parsed kernel request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
+    /// The kernel opened an object (a blob) of a volume (an image).
     Open {
+        /// Message id and object.
         header: Header,
         /// Volume key without its trailing NUL, e.g. `erofs,myfsid`.
         volume_key: Vec<u8>,
@@ -63,14 +88,21 @@ pub enum Message {
         cookie_key: Vec<u8>,
         /// Anonymous fd the kernel installed in our fd table for this object.
         fd: u32,
+        /// OPEN flags.
         flags: u32,
     },
+    /// The kernel closed an object.
     Close {
+        /// Message id and object.
         header: Header,
     },
+    /// The kernel needs a range of an object.
     Read {
+        /// Message id and object.
         header: Header,
+        /// Offset in the object.
         offset: u64,
+        /// Length of the range.
         len: u64,
     },
 }
@@ -205,9 +237,19 @@ pub enum Command<'a> {
     /// `bind ondemand`.
     BindOndemand,
     /// `copen <msg_id>,<size>`: answer an OPEN with the object size.
-    Copen { msg_id: u32, size: u64 },
+    Copen {
+        /// The OPEN answered.
+        msg_id: u32,
+        /// The object size.
+        size: u64,
+    },
     /// `copen <msg_id>,-<errno>`: refuse an OPEN.
-    CopenError { msg_id: u32, errno: i32 },
+    CopenError {
+        /// The OPEN refused.
+        msg_id: u32,
+        /// Its negative errno, as a positive number.
+        errno: i32,
+    },
     /// `restore`: re-deliver in-flight requests after a daemon restart (6.8+).
     Restore,
 }

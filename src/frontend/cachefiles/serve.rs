@@ -23,12 +23,19 @@ use crate::frontend::admission::Admission;
 /// Counters exported in `status`.
 #[derive(Debug, Default, Serialize)]
 pub struct CachefilesStats {
+    /// OPENs answered.
     pub opens: AtomicU64,
+    /// OPENs refused (unknown image or blob).
     pub opens_refused: AtomicU64,
+    /// READs received.
     pub reads: AtomicU64,
+    /// READs that failed.
     pub reads_failed: AtomicU64,
+    /// CLOSEs received.
     pub closes: AtomicU64,
+    /// Messages that did not parse.
     pub bad_messages: AtomicU64,
+    /// Bytes written into the cache.
     pub bytes_written: AtomicU64,
 }
 
@@ -47,6 +54,7 @@ pub struct Cachefiles {
     objects: Mutex<HashMap<u32, Arc<Object>>>,
     /// Slots of READs being served.
     admission: Admission,
+    /// Counters for `status`.
     pub stats: CachefilesStats,
 }
 

@@ -19,8 +19,11 @@ const METADATA_LEN: usize = 24;
 /// One event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
+    /// The event mask (`FAN_PRE_ACCESS`...).
     pub mask: u64,
+    /// The event's fd (an open file description without notifications).
     pub fd: i32,
+    /// The reader's pid.
     pub pid: i32,
     /// (offset, count) of a pre-content event.
     pub range: Option<(u64, u64)>,
@@ -29,10 +32,20 @@ pub struct Event {
 /// Why a buffer of events could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
+    /// An event length that does not fit the buffer.
     #[error("event length {len} at offset {at} is invalid for a {avail}-byte buffer")]
-    BadLength { at: usize, len: usize, avail: usize },
+    BadLength {
+        /// Offset of the event in the buffer.
+        at: usize,
+        /// The length it declares.
+        len: usize,
+        /// Bytes the buffer has.
+        avail: usize,
+    },
+    /// A metadata version this parser does not know.
     #[error("metadata version {0}, expected {METADATA_VERSION}")]
     Version(u8),
+    /// An info record that overflows its event.
     #[error("info record at offset {0} overflows its event")]
     BadInfo(usize),
 }

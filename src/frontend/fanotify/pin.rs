@@ -50,10 +50,12 @@ impl Pinned {
         Ok(Some(pinned))
     }
 
+    /// Bytes locked.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether nothing is locked.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

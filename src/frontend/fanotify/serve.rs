@@ -42,16 +42,23 @@ const INLINE_WRITE_MAX: usize = 128 << 10;
 /// Counters exported in `status`.
 #[derive(Debug, Default, Serialize)]
 pub struct FanotifyStats {
+    /// Events received.
     pub events: AtomicU64,
+    /// Reads allowed.
     pub allowed: AtomicU64,
+    /// Reads denied with EIO.
     pub denied: AtomicU64,
+    /// Chunks written for readers.
     pub chunks_filled: AtomicU64,
+    /// Chunks written by read-ahead.
     pub chunks_prefetched: AtomicU64,
+    /// Chunks found on disk and verified.
     pub chunks_present: AtomicU64,
     /// Chunks fetched by the background fill of idle blobs.
     pub chunks_background: AtomicU64,
     /// Blobs complete on disk (their events are off).
     pub blobs_complete: AtomicU64,
+    /// Event buffers that did not parse.
     pub bad_events: AtomicU64,
 }
 
@@ -74,6 +81,7 @@ pub struct FanotifyFrontend {
     completions: tokio::sync::Notify,
     /// Slots of events being served.
     admission: Admission,
+    /// Counters for `status`.
     pub stats: FanotifyStats,
 }
 

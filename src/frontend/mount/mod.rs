@@ -23,6 +23,7 @@ pub struct MountPoint {
 }
 
 impl MountPoint {
+    /// Open `path` for a mount (a directory, no symlink in its canonical path).
     pub fn open(path: &Path) -> io::Result<MountPoint> {
         let canonical = std::fs::canonicalize(path)
             .map_err(|e| io::Error::new(e.kind(), format!("mount point {}: {e}", path.display())))?;

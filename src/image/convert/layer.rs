@@ -33,17 +33,34 @@ impl Default for Limits {
 /// What went wrong in a layer, naming the entry.
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
+    /// A tar entry that cannot be applied.
     #[error("layer {layer}: entry {entry:?}: {what}")]
-    Entry { layer: String, entry: String, what: String },
+    Entry {
+        /// The layer.
+        layer: String,
+        /// The entry's path.
+        entry: String,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The layer is not a readable archive.
     #[error("layer {layer}: corrupt or truncated archive: {what}")]
-    Archive { layer: String, what: String },
+    Archive {
+        /// The layer.
+        layer: String,
+        /// What is wrong with it.
+        what: String,
+    },
 }
 
 /// Counters of one applied layer.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LayerStats {
+    /// Tar entries read.
     pub entries: u64,
+    /// Bytes of regular file data.
     pub file_bytes: u64,
+    /// Whiteouts applied.
     pub whiteouts: u64,
 }
 
@@ -62,10 +79,15 @@ pub fn decoder<'a, R: Read + 'a>(r: R) -> std::io::Result<Box<dyn Read + 'a>> {
 
 /// Applies tar entries of one layer (`device` is its 1-based data blob) to `tree`.
 pub struct Applier<'t> {
+    /// The merged tree the layer is applied to.
     pub tree: &'t mut Tree,
+    /// The data blobs file contents go to.
     pub blobs: &'t mut BlobWriter,
+    /// The blob this layer's files go to.
     pub blob_index: usize,
+    /// The layer's name in errors.
     pub layer: String,
+    /// Ceilings on entries and sizes.
     pub limits: Limits,
     /// Nodes created by this layer: whiteouts and opaque markers spare them.
     added: HashSet<usize>,
@@ -76,6 +98,7 @@ const OPAQUE: &[u8] = b".wh..wh..opq";
 const WHITEOUT: &[u8] = b".wh.";
 
 impl<'t> Applier<'t> {
+    /// Apply layers to `tree` with `blobs`.
     pub fn new(
         tree: &'t mut Tree,
         blobs: &'t mut BlobWriter,

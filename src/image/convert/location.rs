@@ -15,8 +15,15 @@ use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, Regi
 /// An image location.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
+    /// A registry reference.
     Registry(Reference),
-    Layout { dir: PathBuf, tag: Option<String> },
+    /// An OCI image layout directory (`oci:DIR[:TAG]`).
+    Layout {
+        /// The layout directory.
+        dir: PathBuf,
+        /// The tag in it (`index.json` annotation), if given.
+        tag: Option<String>,
+    },
 }
 
 impl std::str::FromStr for Location {

@@ -23,12 +23,16 @@ pub use location::Location;
 /// Why a conversion failed. Nothing is tagged at the destination when it does.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
+    /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// A layer could not be read or applied.
     #[error(transparent)]
     Layer(#[from] layer::LayerError),
+    /// The image could not be built.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The source is not something to convert.
     #[error("{0}")]
     Source(String),
 }
@@ -40,9 +44,11 @@ pub struct ConvertOptions {
     pub platform: Option<Platform>,
     /// Convert every platform of an index and write an index.
     pub all_platforms: bool,
+    /// Verified chunk size of the data blobs.
     pub chunk_size: u64,
     /// Algorithm of the chunk digest table.
     pub chunk_digest: ChunkDigest,
+    /// Ceilings on what the source may make the converter hold.
     pub limits: Limits,
     /// Show progress bars (only when stderr is a terminal).
     pub progress: bool,
@@ -68,7 +74,9 @@ pub struct ConvertReport {
     pub digest: String,
     /// Uncompressed bytes of layer file data read.
     pub layer_bytes: u64,
+    /// Regular files converted.
     pub files: u64,
+    /// Images converted (several with an index).
     pub images: usize,
 }
 

@@ -26,8 +26,10 @@ const MAX_LINKS: usize = 40;
 /// Why a path could not be resolved inside the tree.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {
+    /// A path that leads to itself.
     #[error("too many levels of symbolic links")]
     Loop,
+    /// A path component that is not a directory.
     #[error("a parent of the path is not a directory")]
     NotDir,
 }

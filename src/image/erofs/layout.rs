@@ -136,6 +136,7 @@ impl Inode {
     }
 
     /// Its data layout, if it is one the writer produces.
+    #[cfg(test)]
     pub fn layout(&self) -> Option<DataLayout> {
         match (self.format.get() >> 1) & 0x7 {
             0 => Some(DataLayout::FlatPlain),
@@ -278,6 +279,7 @@ pub fn dir_data(entries: &[(&[u8], u64, u8)]) -> Vec<u8> {
 }
 
 /// The dirents and names of one directory block, as the kernel reads them.
+#[cfg(test)]
 pub fn read_dir_block(block: &[u8]) -> Vec<(Vec<u8>, u64, u8)> {
     let Ok((first, _)) = Dirent::read_from_prefix(block) else {
         return Vec::new();

@@ -1,6 +1,6 @@
 //! A native EROFS writer for lazyblob metadata blobs (4 KiB blocks, uncompressed).
 
-pub mod layout;
+pub(crate) mod layout;
 pub mod writer;
 
 pub use writer::{write, DeviceSlot, WriteError};

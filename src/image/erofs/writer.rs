@@ -26,6 +26,7 @@ pub struct DeviceSlot {
 /// Why a tree cannot be written.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
+    /// The tree or its devices cannot be written (with why).
     #[error("{0}")]
     Invalid(String),
 }
