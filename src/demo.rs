@@ -132,7 +132,7 @@ pub async fn run() -> Result<()> {
     build::push(&registry, &parse_reference(&reference)?, &img, None).await?;
     mock.reset_counters();
 
-    let daemon = Daemon::start(cfg, None).await?;
+    let daemon = Daemon::start(cfg, crate::daemon::Takeover::IfWaiting).await?;
     let mnt = work.path().join("mnt");
     std::fs::create_dir_all(&mnt)?;
     let result = demo_reads(&daemon, &reference, &mnt, &contents, &mock, image_size).await;

@@ -109,7 +109,7 @@ enum Cmd {
         socket: Socket,
     },
     /// (internal) The guard the daemon starts: keeps the fanotify group alive if the daemon
-    /// dies and denies reads with EIO until a new daemon takes over.
+    /// stops, holds readers for the next daemon, then denies reads with EIO.
     #[command(hide = true)]
     Guard {
         #[arg(long)]
@@ -117,7 +117,11 @@ enum Cmd {
         #[arg(long)]
         pipe_fd: i32,
         #[arg(long)]
+        keeper_fd: i32,
+        #[arg(long)]
         max_fd: u64,
+        #[arg(long)]
+        hold_ms: u64,
         #[arg(long)]
         state_dir: PathBuf,
     },
@@ -180,13 +184,21 @@ fn main() -> Result<()> {
     if let Cmd::Guard {
         group_fd,
         pipe_fd,
+        keeper_fd,
         max_fd,
+        hold_ms,
         state_dir,
     } = &cli.cmd
     {
-        return Ok(lazyblob::frontend::fanotify::guard::run(
-            *group_fd, *pipe_fd, *max_fd, state_dir,
-        )?);
+        let args = lazyblob::frontend::fanotify::guard::Args {
+            group_fd: *group_fd,
+            pipe_fd: *pipe_fd,
+            keeper_fd: *keeper_fd,
+            max_fd: *max_fd,
+            hold: std::time::Duration::from_millis(*hold_ms),
+            state_dir: state_dir.clone(),
+        };
+        return Ok(lazyblob::frontend::fanotify::guard::run(&args)?);
     }
     lazyblob::malloc::pin_mmap_threshold(256 * 1024);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -208,7 +220,7 @@ async fn run(cmd: Cmd) -> Result<String> {
         Cmd::Demo => anyhow::bail!("this lazyblob was built without the `demo` feature"),
         Cmd::Daemon { config } => {
             let cfg = Config::load_or_default(config.as_deref())?;
-            lazyblob::service::run(cfg, None).await.map(|()| String::new())
+            lazyblob::service::run(cfg).await.map(|()| String::new())
         }
         Cmd::Status { socket, json } => commands::status(&socket.socket, json).await,
         Cmd::Mkfs {

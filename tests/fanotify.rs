@@ -218,11 +218,12 @@ async fn lazy_parallel_and_kill9() {
     mock.reset_counters();
 
     let work = tempfile::tempdir().unwrap();
-    // read-ahead off: the files this test reads after the kill must still be cold
+    // read-ahead off: the files this test reads after the kill must still be cold; readers
+    // are held 1 s for a next daemon (none comes: they then get EIO)
     let mut d = DaemonProc::start(
         &work.path().join("d"),
         &[&host],
-        "frontend = \"fanotify\"\n[engine]\nread_ahead_max = 0\nfill_after_idle_ms = 0",
+        "frontend = \"fanotify\"\nrestart_hold_ms = 1000\n[engine]\nread_ahead_max = 0\nfill_after_idle_ms = 0",
     );
     let mnt = work.path().join("d/mnt");
     d.mount(&image, &mnt);
@@ -260,8 +261,8 @@ async fn lazy_parallel_and_kill9() {
         .filter(|h| h.status < 300)
         .collect();
 
-    // kill -9 while readers wait on slow fetches: each reader gets an error or the right
-    // bytes, never zeros
+    // kill -9 while readers wait on slow fetches and no daemon comes back within the hold:
+    // each reader gets an error or the right bytes, never zeros
     mock.set_faults(vec![FaultRule::always(Fault::Latency(Duration::from_secs(3)))]);
     let mut readers = Vec::new();
     for k in 0..6 {
@@ -286,7 +287,7 @@ async fn lazy_parallel_and_kill9() {
         outcomes.contains(&"eio"),
         "readers in flight must fail, got {outcomes:?}"
     );
-    // while no daemon runs, the guard denies cold reads
+    // past the hold, while no daemon runs, the guard denies cold reads at once
     let e = std::fs::read(mnt.join("big/cold7.bin")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO));
 

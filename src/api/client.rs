@@ -70,6 +70,11 @@ impl ApiClient {
         .await
     }
 
+    /// `POST /v1/handover`: ask the daemon to hand its frontend over and exit.
+    pub async fn hand_over(&self) -> Result<serde_json::Value> {
+        self.post("/v1/handover", &serde_json::json!({})).await
+    }
+
     async fn post<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let body = serde_json::to_vec(body)?;
         decode(

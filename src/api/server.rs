@@ -27,6 +27,9 @@ pub trait Admin: Send + Sync + 'static {
     fn mount(&self, req: MountRequest) -> impl Future<Output = anyhow::Result<MountInfo>> + Send;
     /// Unmount a lazy mount.
     fn umount(&self, req: &UmountRequest) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Hand the kernel frontend over to a new daemon (an upgrade): stop serving now, leave
+    /// every mount in place, and exit.
+    fn hand_over(&self) -> anyhow::Result<()>;
 }
 
 type ApiResult<T> = Result<Json<T>, (StatusCode, Json<ApiError>)>;
@@ -38,6 +41,7 @@ pub fn router<A: Admin>(admin: Arc<A>) -> Router {
         .route("/v1/images", post(register::<A>).get(images::<A>))
         .route("/v1/mounts", post(mount::<A>).get(mounts::<A>))
         .route("/v1/umount", post(umount::<A>))
+        .route("/v1/handover", post(hand_over::<A>))
         .layer(axum::middleware::from_fn(super::peer::enforce))
         .with_state(admin)
 }
@@ -89,6 +93,12 @@ async fn umount<A: Admin>(State(a): State<Arc<A>>, Json(req): Json<UmountRequest
     a.umount(&req)
         .await
         .map(|()| Json(serde_json::json!({"unmounted": req.target})))
+        .map_err(failed)
+}
+
+async fn hand_over<A: Admin>(State(a): State<Arc<A>>) -> ApiResult<serde_json::Value> {
+    a.hand_over()
+        .map(|()| Json(serde_json::json!({"handing_over": true})))
         .map_err(failed)
 }
 

@@ -97,6 +97,11 @@ pub struct DaemonConfig {
     pub frontend: FrontendChoice,
     /// Images registered at start, in addition to the persisted ones.
     pub images: Vec<String>,
+    /// When this daemon stops or dies under mounts in use (fanotify), its guard holds their
+    /// readers this long (`restart_hold_ms`) for the next daemon, which then serves them;
+    /// past it they get `EIO` (never zeros).
+    #[serde(rename = "restart_hold_ms", deserialize_with = "units::millis")]
+    pub restart_hold: Duration,
     /// Upper bound of the fanotify frontend's blob cache in bytes (0 in the file: unlimited);
     /// blobs no mount uses are evicted, least recently written first.
     #[serde(deserialize_with = "units::nonzero_u64")]
@@ -113,6 +118,7 @@ impl Default for DaemonConfig {
             tag: "lazyblob".into(),
             frontend: FrontendChoice::Auto,
             images: Vec::new(),
+            restart_hold: Duration::from_secs(30),
             cache_limit_bytes: None,
         }
     }

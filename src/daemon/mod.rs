@@ -24,10 +24,21 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::frontend::active::ActiveFrontend;
 use crate::frontend::admission::Admission;
+use crate::frontend::fanotify::journal::Journal;
+use crate::frontend::fanotify::serve::Settings;
 use crate::frontend::fanotify::{guard, FanotifyFrontend};
 use crate::frontend::{self, cachefiles::Cachefiles, Frontend, KernelFacts};
 use crate::lock::lock;
 use crate::registry::Registry;
+
+/// Where a starting daemon's fanotify group comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// From the guard of a daemon that stopped, if one waits; else a new group.
+    IfWaiting,
+    /// From the daemon that runs now, asked to hand over (an upgrade): its guard is waited for.
+    FromRunning,
+}
 
 /// The running daemon's shared parts.
 pub struct Daemon {
@@ -50,8 +61,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// Bring up registry client, engine, catalog (restoring persisted images) and the kernel
-    /// frontend with its event loop. `group` is a fanotify group handed over by a guard.
-    pub async fn start(config: Config, group: Option<nix::sys::fanotify::Fanotify>) -> Result<Arc<Daemon>> {
+    /// frontend with its event loop; `takeover` says where a fanotify group may come from.
+    pub async fn start(config: Config, takeover: Takeover) -> Result<Arc<Daemon>> {
         for dir in [&config.daemon.state_dir, &config.daemon.cache_dir] {
             crate::private_fs::private_dir(dir).with_context(|| format!("creating {} (mode 0700)", dir.display()))?;
         }
@@ -73,14 +84,16 @@ impl Daemon {
             }
         }
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let (frontend, adopted) = bring_up(kind, &config, &catalog, &engine, group)?;
+        let (frontend, adopted) = bring_up(kind, &config, &catalog, &engine, takeover).await?;
         let guard = match &frontend {
             ActiveFrontend::Fanotify(f) => {
-                Some(guard::Guard::spawn(f.group(), &config.daemon.state_dir).context("starting the guard")?)
+                let g = guard::Guard::spawn(f.group(), &config.daemon.state_dir, config.daemon.restart_hold)
+                    .context("starting the guard")?;
+                f.set_keeper(g.keeper().context("the guard's writer socket")?);
+                Some(g)
             }
             ActiveFrontend::Cachefiles(_) => None,
         };
-        let loops = vec![frontend.spawn(stop_rx)];
         let daemon = Arc::new(Daemon {
             config,
             kernel,
@@ -90,9 +103,17 @@ impl Daemon {
             mounts: Mutex::new(Vec::new()),
             guard: Mutex::new(guard),
             stop,
-            loops: Mutex::new(loops),
+            loops: Mutex::new(Vec::new()),
         });
         daemon.recover_mounts(adopted).await;
+        // what a stopped daemon left pending is answered before any new event is read
+        if let ActiveFrontend::Fanotify(f) = &daemon.frontend {
+            let served = f.resolve_orphans().await;
+            if served > 0 {
+                tracing::info!(readers = served, "readers of the stopped daemon served");
+            }
+        }
+        lock(&daemon.loops).push(daemon.frontend.spawn(stop_rx));
         snapshots::start(&daemon)?;
         read_ahead::start_settling(&daemon);
         Ok(daemon)
@@ -153,14 +174,36 @@ impl Daemon {
     }
 }
 
+/// The group (and writers) a guard hands over: one that waits already, or, in an upgrade,
+/// the one the running daemon's guard starts waiting with once that daemon exits.
+async fn reclaim(state_dir: &std::path::Path, takeover: Takeover) -> Result<Option<guard::Handover>> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match guard::reclaim(state_dir) {
+            Ok(Some(h)) => return Ok(Some(h)),
+            Ok(None) if takeover == Takeover::FromRunning && t0.elapsed() < std::time::Duration::from_secs(20) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Ok(None) if takeover == Takeover::FromRunning => {
+                anyhow::bail!("the running daemon's guard never offered its group")
+            }
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take over from a waiting guard");
+                return Ok(None);
+            }
+        }
+    }
+}
+
 /// Create the frontend of kind `kind`; whether it adopted a fanotify group (with its marks)
 /// from a previous daemon.
-fn bring_up(
+async fn bring_up(
     kind: Frontend,
     config: &Config,
     catalog: &Arc<Catalog>,
     engine: &Arc<Engine>,
-    group: Option<nix::sys::fanotify::Fanotify>,
+    takeover: Takeover,
 ) -> Result<(ActiveFrontend, bool)> {
     let admission = Admission::new(config.engine.max_reads_in_flight);
     match kind {
@@ -176,22 +219,28 @@ fn bring_up(
             Ok((ActiveFrontend::Cachefiles(c), false))
         }
         Frontend::Fanotify => {
-            let group = match group {
-                Some(g) => Some(g),
-                None => guard::reclaim(&config.daemon.state_dir).unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "could not take over from a waiting guard");
-                    None
-                }),
+            let handover = reclaim(&config.daemon.state_dir, takeover).await?;
+            let adopted = handover.is_some();
+            let journal = Journal::open(
+                &config
+                    .daemon
+                    .state_dir
+                    .join(crate::frontend::fanotify::journal::FILE_NAME),
+                config.engine.max_reads_in_flight + 2048,
+            )
+            .context("opening the journal of events in flight")?;
+            let settings = Settings {
+                read_ahead_max: config.engine.read_ahead_max,
+                fill_after: config.engine.fill_after_idle,
+                pin_metadata: config.engine.pin_metadata,
             };
-            let adopted = group.is_some();
             let f = FanotifyFrontend::new(
                 &config.daemon.cache_dir,
                 Arc::clone(engine),
-                group,
-                config.engine.read_ahead_max,
-                config.engine.fill_after_idle,
-                config.engine.pin_metadata,
+                handover,
+                settings,
                 admission,
+                journal,
             )
             .context("creating the fanotify pre-content group")?;
             Ok((ActiveFrontend::Fanotify(f), adopted))

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use crate::config::Config;
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, Takeover};
 
-/// Run the daemon with `config` until SIGINT/SIGTERM: start, serve the admin API, shut down.
-pub async fn run(config: Config, group: Option<nix::sys::fanotify::Fanotify>) -> Result<()> {
+/// Run the daemon with `config` until SIGINT/SIGTERM: start (taking over from a daemon
+/// that runs already: an upgrade), serve the admin API, shut down.
+pub async fn run(config: Config) -> Result<()> {
     let read_only_group = match &config.daemon.socket_group {
         Some(name) => Some(
             nix::unistd::Group::from_name(name)
@@ -24,7 +25,18 @@ pub async fn run(config: Config, group: Option<nix::sys::fanotify::Fanotify>) ->
         ),
         None => None,
     };
-    let daemon = Daemon::start(config.clone(), group).await?;
+    let takeover = if std::os::unix::net::UnixStream::connect(&config.daemon.socket).is_ok() {
+        // another daemon serves: ask it to hand over (a planned upgrade)
+        crate::api::client::ApiClient::new(&config.daemon.socket)?
+            .hand_over()
+            .await
+            .context("another lazyblob daemon runs and did not hand over")?;
+        tracing::warn!("taking over from the running daemon");
+        Takeover::FromRunning
+    } else {
+        Takeover::IfWaiting
+    };
+    let daemon = Daemon::start(config.clone(), takeover).await?;
     let (api_stop, api_rx) = tokio::sync::watch::channel(false);
     let api = {
         let admin = Arc::new(admin::DaemonAdmin(Arc::clone(&daemon)));

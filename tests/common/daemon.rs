@@ -62,12 +62,52 @@ impl DaemonProc {
 
     /// Start (again) with the same config; waits for the admin socket.
     pub fn restart(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        self.spawn();
+        let t0 = Instant::now();
+        while !self.socket.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A planned upgrade: a second daemon started with the same config while this one runs;
+    /// the old one hands over and exits, and the new one answers on the admin socket.
+    pub fn upgrade(&mut self) {
+        let mut old = self.child.take().expect("a running daemon");
+        self.spawn();
+        let t0 = Instant::now();
+        loop {
+            if old.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the old daemon did not hand over:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the new daemon does not answer:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("daemon.log"))
             .unwrap();
-        let _ = std::fs::remove_file(&self.socket);
         let child = Command::new(binary())
             // LAZYBLOB_TEST_LOG: a log filter for the daemons of tests and benchmarks
             .args([
@@ -82,15 +122,6 @@ impl DaemonProc {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let t0 = Instant::now();
-        while !self.socket.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "daemon did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     pub fn log(&self) -> String {

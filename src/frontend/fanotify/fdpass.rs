@@ -21,32 +21,54 @@ pub fn is_fanotify(fd: &OwnedFd) -> bool {
         .is_ok_and(|l| l.as_os_str() == "anon_inode:[fanotify]")
 }
 
+/// Most fds sent in one message (the kernel's `SCM_MAX_FD` is 253).
+pub const MAX_FDS: usize = 200;
+
 /// Send `fd` with a one-byte message.
 pub fn send_fd(sock: &UnixStream, fd: BorrowedFd<'_>) -> io::Result<()> {
-    let fds = [fd.as_raw_fd()];
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(b"G")], &cmsg, MsgFlags::empty(), None).map_err(io::Error::from)?;
+    send_fds(sock, &[fd], b"G")
+}
+
+/// Send up to [`MAX_FDS`] fds with a non-empty `payload`.
+pub fn send_fds(sock: &UnixStream, fds: &[BorrowedFd<'_>], payload: &[u8]) -> io::Result<()> {
+    let raw: Vec<std::os::fd::RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(payload)],
+        cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(io::Error::from)?;
     Ok(())
 }
 
 /// Receive one fd sent with [`send_fd`].
 pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
-    let mut byte = [0u8; 1];
-    let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let (_, fds) = recv_fds(sock, &mut [0u8; 1])?;
+    fds.into_iter()
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no file descriptor in the message"))
+}
+
+/// Receive one message (into `buf`) and the fds that came with it; `(0, [])` at the end of
+/// the stream.
+pub fn recv_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
     let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
         .map_err(io::Error::from)?;
+    let mut out = Vec::new();
     for c in msg.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(fds) = c {
-            if let Some(&fd) = fds.first() {
-                // SAFETY: the kernel installed this fd in our table with the message; we are
-                // its only owner (any extra fds in the message are not expected).
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            for fd in fds {
+                // SAFETY: the kernel installed these fds in our table with the message; we
+                // are their only owner.
+                out.push(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidData,
-        "no file descriptor in the message",
-    ))
+    Ok((msg.bytes, out))
 }

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod event;
 pub mod fdpass;
 pub mod guard;
+pub mod journal;
 pub mod pin;
 pub mod serve;
 pub mod sys;

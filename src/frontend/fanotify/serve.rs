@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io;
 use std::num::NonZeroU64;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -24,14 +25,17 @@ use tokio::io::unix::AsyncFd;
 use tracing::Instrument;
 
 use super::event::{self, FAN_PRE_ACCESS};
-use super::{cache, sys};
+use super::journal::{Journal, Left};
+use super::{cache, guard, sys};
 use crate::engine::Engine;
 use crate::frontend::admission::Admission;
+use crate::lock::lock;
 use blob::CachedBlob;
 
 mod background;
 mod blob;
 mod demand;
+mod orphans;
 mod prefetch;
 mod readahead;
 mod store;
@@ -81,30 +85,66 @@ pub struct FanotifyFrontend {
     completions: tokio::sync::Notify,
     /// Slots of events being served.
     admission: Admission,
+    /// Events read and not answered yet, in a file that outlives the process.
+    journal: Arc<Journal>,
+    /// Handed over by a previous daemon's guard: its unanswered events and its highest
+    /// event fd number, resolved by [`FanotifyFrontend::resolve_orphans`] before serving.
+    orphans: Mutex<Option<Left>>,
+    /// Writers of cache files handed over by the guard, by (dev, ino), until `prepare`
+    /// attaches them to their blob.
+    adopted_writers: Mutex<HashMap<(u64, u64), File>>,
+    /// The socket to this daemon's guard: each blob's writer is handed to it once.
+    keeper: Mutex<Option<std::os::unix::net::UnixStream>>,
     /// Counters for `status`.
     pub stats: FanotifyStats,
 }
 
+/// How the fanotify frontend serves (from the engine config).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest read-ahead window in bytes (None: no read-ahead).
+    pub read_ahead_max: Option<NonZeroU64>,
+    /// Quiet time after which a blob in use is fetched to the end (None: never).
+    pub fill_after: Option<Duration>,
+    /// Lock the metadata blobs of mounted images in memory.
+    pub pin_metadata: bool,
+}
+
 impl FanotifyFrontend {
-    /// Create a pre-content group (or adopt one handed over by the guard).
+    /// Create a pre-content group, or adopt the one (with its writers) a guard handed over;
+    /// `journal` is this daemon's fresh journal and `left` what the previous one left in it
+    /// (its unanswered events and highest event fd number), used only with a handover.
     pub fn new(
         cache_dir: &Path,
         engine: Arc<Engine>,
-        group: Option<Fanotify>,
-        read_ahead_max: Option<NonZeroU64>,
-        fill_after: Option<Duration>,
-        pin_metadata: bool,
+        handover: Option<guard::Handover>,
+        settings: Settings,
         admission: Admission,
+        (journal, left): (Arc<Journal>, Left),
     ) -> io::Result<Arc<FanotifyFrontend>> {
-        let fan = match group {
-            Some(g) => g,
-            None => sys::init().map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("fanotify_init(FAN_CLASS_PRE_CONTENT): {e} (needs Linux 6.14+ with CONFIG_FANOTIFY_ACCESS_PERMISSIONS, and root)"),
-                )
-            })?,
+        let (fan, writers, orphans) = match handover {
+            Some(h) => (h.group, h.writers, Some(left)),
+            None => (
+                sys::init().map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("fanotify_init(FAN_CLASS_PRE_CONTENT): {e} (needs Linux 6.14+ with CONFIG_FANOTIFY_ACCESS_PERMISSIONS, and root)"),
+                    )
+                })?,
+                Vec::new(),
+                None,
+            ),
         };
+        let adopted_writers = writers
+            .into_iter()
+            .map(File::from)
+            .filter_map(|f| f.metadata().ok().map(|m| ((m.dev(), m.ino()), f)))
+            .collect();
+        let Settings {
+            read_ahead_max,
+            fill_after,
+            pin_metadata,
+        } = settings;
         Ok(Arc::new(FanotifyFrontend {
             fan: sys::into_async(fan)?,
             engine,
@@ -116,6 +156,10 @@ impl FanotifyFrontend {
             pinned: pin_metadata.then(|| Mutex::new(HashMap::new())),
             completions: tokio::sync::Notify::new(),
             admission,
+            journal,
+            orphans: Mutex::new(orphans),
+            adopted_writers: Mutex::new(adopted_writers),
+            keeper: Mutex::new(None),
             stats: FanotifyStats::default(),
         }))
     }
@@ -154,13 +198,21 @@ impl FanotifyFrontend {
                 continue;
             };
             let file = File::from(fd);
-            let cached = self.cached(&file);
+            let id = file.metadata().map(|m| (m.dev(), m.ino())).unwrap_or_default();
+            let cached = lock(&self.files).get(&id).cloned();
+            // before anything can fail: the blob's writer with the guard, the event in the
+            // journal, so that a crash from here on costs the reader a wait, not an error
+            if let Some(c) = &cached {
+                self.ensure_writer(c, &file);
+            }
+            let journaled = self.journal.record(ev.fd, id, ev.range);
             if ev.mask & FAN_PRE_ACCESS != 0 && self.all_verified(cached.as_ref(), ev.range) {
                 // fast path: everything asked for is already in the cache and verified
                 if let Err(e) = sys::respond(self.fan.get_ref().as_fd(), file.as_fd(), sys::FAN_ALLOW) {
                     tracing::error!(error = %e, "fanotify response failed");
                 }
                 self.stats.allowed.fetch_add(1, Relaxed);
+                drop(journaled);
                 continue;
             }
             let me = Arc::clone(self);
@@ -169,7 +221,8 @@ impl FanotifyFrontend {
             tokio::spawn(
                 async move {
                     let _slot = ticket.enter().await;
-                    me.handle(ev, Arc::new(file), cached).await
+                    me.handle(ev, Arc::new(file), cached).await;
+                    drop(journaled);
                 }
                 .instrument(span),
             );

@@ -93,12 +93,18 @@ impl FanotifyFrontend {
                     format!("fanotify_mark(FAN_PRE_ACCESS) on {}: {e}", path.display()),
                 )
             })?;
-            lock(&self.files).entry((md.dev(), md.ino())).or_insert_with(|| {
+            let id = (md.dev(), md.ino());
+            lock(&self.files).entry(id).or_insert_with(|| {
+                // a writer the previous daemon handed its guard, if any: ours keeps it too
+                let writer = lock(&self.adopted_writers).remove(&id).map(Arc::new);
+                if let (Some(w), Some(k)) = (&writer, &*lock(&self.keeper)) {
+                    crate::frontend::fanotify::guard::keep_writer(k, w);
+                }
                 Arc::new(CachedBlob {
                     blob: Arc::clone(blob),
                     path: path.clone(),
                     verified: Mutex::new(HashSet::new()),
-                    writer: Mutex::new(None),
+                    writer: Mutex::new(writer),
                     ahead: Mutex::new(ReadAhead::new(self.read_ahead_chunks(blob.table_chunk))),
                     write_lock: Mutex::new(()),
                     storing: Mutex::new(HashSet::new()),
@@ -110,6 +116,36 @@ impl FanotifyFrontend {
             paths.push(path);
         }
         Ok(paths)
+    }
+
+    /// The blob's writer: a duplicate of an event fd (`file`) the first time, handed to the
+    /// guard then, so that the next daemon can fill what this one leaves pending.
+    pub(super) fn ensure_writer(&self, cached: &CachedBlob, file: &File) -> Option<Arc<File>> {
+        let mut w = lock(&cached.writer);
+        if let Some(v) = &*w {
+            return Some(Arc::clone(v));
+        }
+        let dup = match file.try_clone() {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not keep a writer for a cache file");
+                return None;
+            }
+        };
+        if let Some(k) = &*lock(&self.keeper) {
+            crate::frontend::fanotify::guard::keep_writer(k, &dup);
+        }
+        Some(Arc::clone(w.insert(dup)))
+    }
+
+    /// Hand writers to this daemon's guard from now on, and the ones there are already.
+    pub fn set_keeper(&self, keeper: std::os::unix::net::UnixStream) {
+        for c in lock(&self.files).values() {
+            if let Some(w) = &*lock(&c.writer) {
+                crate::frontend::fanotify::guard::keep_writer(&keeper, w);
+            }
+        }
+        *lock(&self.keeper) = Some(keeper);
     }
 
     /// Unlock the metadata blobs of images not in `in_use` (after unmounts).
@@ -154,11 +190,5 @@ impl FanotifyFrontend {
                 Err(e) => tracing::debug!(error = %e, "unmark failed"),
             }
         }
-    }
-
-    /// The blob behind an event's file, if this daemon serves it.
-    pub(super) fn cached(&self, file: &File) -> Option<Arc<CachedBlob>> {
-        let md = file.metadata().ok()?;
-        lock(&self.files).get(&(md.dev(), md.ino())).cloned()
     }
 }

@@ -33,13 +33,9 @@ impl FanotifyFrontend {
         if !missing.is_empty() {
             *lock(&cached.last_miss) = Instant::now();
             // one writer per blob, kept: an event costs no fd beyond its own
-            let via = {
-                let mut w = lock(&cached.writer);
-                match &*w {
-                    Some(v) => Arc::clone(v),
-                    None => Arc::clone(w.insert(Arc::new(file.try_clone()?))),
-                }
-            };
+            let via = self
+                .ensure_writer(&cached, file)
+                .ok_or_else(|| io::Error::other("no writer for the cache file"))?;
             let urgent = range.map(|(o, n)| (o, o.saturating_add(n)));
             for run in consecutive(&missing, u64::MAX) {
                 let (s, e) = (run.start * unit, (run.end * unit).min(size));
