@@ -113,7 +113,9 @@ enum Cmd {
     #[command(hide = true)]
     Guard {
         #[arg(long)]
-        group_fd: i32,
+        kind: String,
+        #[arg(long)]
+        kernel_fd: i32,
         #[arg(long)]
         pipe_fd: i32,
         #[arg(long)]
@@ -182,7 +184,8 @@ fn main() -> Result<()> {
         }
     }
     if let Cmd::Guard {
-        group_fd,
+        kind,
+        kernel_fd,
         pipe_fd,
         keeper_fd,
         max_fd,
@@ -190,15 +193,20 @@ fn main() -> Result<()> {
         state_dir,
     } = &cli.cmd
     {
-        let args = lazyblob::frontend::fanotify::guard::Args {
-            group_fd: *group_fd,
+        let kind = match kind.as_str() {
+            "cachefiles" => lazyblob::frontend::Frontend::Cachefiles,
+            _ => lazyblob::frontend::Frontend::Fanotify,
+        };
+        let args = lazyblob::frontend::guard::Args {
+            kind,
+            kernel_fd: *kernel_fd,
             pipe_fd: *pipe_fd,
             keeper_fd: *keeper_fd,
             max_fd: *max_fd,
             hold: std::time::Duration::from_millis(*hold_ms),
             state_dir: state_dir.clone(),
         };
-        return Ok(lazyblob::frontend::fanotify::guard::run(&args)?);
+        return Ok(lazyblob::frontend::guard::run(&args)?);
     }
     lazyblob::malloc::pin_mmap_threshold(256 * 1024);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -120,13 +120,10 @@ async fn readers_across(how: Disruption) {
     // the daemons really took over from each other, each with every blob's writer, and
     // found reads left pending
     let log = d.log();
-    let takeovers: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("took over the fanotify group"))
-        .collect();
+    let takeovers: Vec<&str> = log.lines().filter(|l| l.contains("took over the kernel fd")).collect();
     assert_eq!(takeovers.len(), 3, "{how:?}: takeovers:\n{log}");
     assert!(
-        takeovers.iter().all(|l| l.contains("writers=8")),
+        takeovers.iter().all(|l| l.contains("kept=8")),
         "{how:?}: a daemon lost writers: {takeovers:#?}"
     );
     assert!(

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -26,7 +27,8 @@ use crate::frontend::active::ActiveFrontend;
 use crate::frontend::admission::Admission;
 use crate::frontend::fanotify::journal::Journal;
 use crate::frontend::fanotify::serve::Settings;
-use crate::frontend::fanotify::{guard, FanotifyFrontend};
+use crate::frontend::fanotify::FanotifyFrontend;
+use crate::frontend::guard;
 use crate::frontend::{self, cachefiles::Cachefiles, Frontend, KernelFacts};
 use crate::lock::lock;
 use crate::registry::Registry;
@@ -85,15 +87,18 @@ impl Daemon {
         }
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let (frontend, adopted) = bring_up(kind, &config, &catalog, &engine, takeover).await?;
-        let guard = match &frontend {
-            ActiveFrontend::Fanotify(f) => {
-                let g = guard::Guard::spawn(f.group(), &config.daemon.state_dir, config.daemon.restart_hold)
-                    .context("starting the guard")?;
-                f.set_keeper(g.keeper().context("the guard's writer socket")?);
-                Some(g)
-            }
-            ActiveFrontend::Cachefiles(_) => None,
+        let kernel_fd = match &frontend {
+            ActiveFrontend::Fanotify(f) => f.group().as_fd(),
+            ActiveFrontend::Cachefiles(c) => c.device(),
         };
+        let g = guard::Guard::spawn(kind, kernel_fd, &config.daemon.state_dir, config.daemon.restart_hold)
+            .context("starting the guard")?;
+        let keeper = g.keeper().context("the guard's keeper socket")?;
+        match &frontend {
+            ActiveFrontend::Fanotify(f) => f.set_keeper(keeper),
+            ActiveFrontend::Cachefiles(c) => c.set_keeper(keeper),
+        }
+        let guard = Some(g);
         let daemon = Arc::new(Daemon {
             config,
             kernel,
@@ -176,10 +181,10 @@ impl Daemon {
 
 /// The group (and writers) a guard hands over: one that waits already, or, in an upgrade,
 /// the one the running daemon's guard starts waiting with once that daemon exits.
-async fn reclaim(state_dir: &std::path::Path, takeover: Takeover) -> Result<Option<guard::Handover>> {
+async fn reclaim(state_dir: &std::path::Path, kind: Frontend, takeover: Takeover) -> Result<Option<guard::Handover>> {
     let t0 = std::time::Instant::now();
     loop {
-        match guard::reclaim(state_dir) {
+        match guard::reclaim(state_dir, kind) {
             Ok(Some(h)) => return Ok(Some(h)),
             Ok(None) if takeover == Takeover::FromRunning && t0.elapsed() < std::time::Duration::from_secs(20) => {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -208,18 +213,24 @@ async fn bring_up(
     let admission = Admission::new(config.engine.max_reads_in_flight);
     match kind {
         Frontend::Cachefiles => {
-            let c = Cachefiles::bind(
-                &config.daemon.cache_dir,
-                &config.daemon.tag,
-                Arc::clone(catalog),
-                Arc::clone(engine),
-                admission,
-            )
-            .context("binding the cachefiles on-demand cache")?;
-            Ok((ActiveFrontend::Cachefiles(c), false))
+            let handover = reclaim(&config.daemon.state_dir, kind, takeover).await?;
+            let adopted = handover.is_some();
+            let c = match handover {
+                Some(h) => Cachefiles::adopt(h, Arc::clone(catalog), Arc::clone(engine), admission)
+                    .context("taking over the cachefiles cache")?,
+                None => Cachefiles::bind(
+                    &config.daemon.cache_dir,
+                    &config.daemon.tag,
+                    Arc::clone(catalog),
+                    Arc::clone(engine),
+                    admission,
+                )
+                .context("binding the cachefiles on-demand cache")?,
+            };
+            Ok((ActiveFrontend::Cachefiles(c), adopted))
         }
         Frontend::Fanotify => {
-            let handover = reclaim(&config.daemon.state_dir, takeover).await?;
+            let handover = reclaim(&config.daemon.state_dir, kind, takeover).await?;
             let adopted = handover.is_some();
             let journal = Journal::open(
                 &config

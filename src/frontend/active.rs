@@ -63,7 +63,8 @@ impl ActiveFrontend {
     /// over with its marks); false: it has no listener here.
     pub fn resume(&self, image: &Image) -> bool {
         match self {
-            ActiveFrontend::Cachefiles(_) => false,
+            // the cache, bound, was handed over with its objects
+            ActiveFrontend::Cachefiles(_) => true,
             ActiveFrontend::Fanotify(f) => f.prepare(image).is_ok(),
         }
     }

@@ -4,6 +4,8 @@ pub mod active;
 pub mod admission;
 pub mod cachefiles;
 pub mod fanotify;
+pub mod fdpass;
+pub mod guard;
 pub mod mount;
 pub(crate) mod wire;
 

@@ -50,6 +50,11 @@ impl Device {
         Ok(())
     }
 
+    /// The device handed over by a guard (already open, bound to the cache, non-blocking).
+    pub fn from_fd(fd: OwnedFd) -> Device {
+        Device { file: File::from(fd) }
+    }
+
     /// Register with the tokio reactor for readiness (POLLIN = a request is pending).
     pub fn into_async(self) -> io::Result<tokio::io::unix::AsyncFd<Device>> {
         // SAFETY: `Device` owns its `File`, so the fd stays open and `as_raw_fd` returns the
@@ -82,6 +87,12 @@ pub struct AnonFd {
     file: File,
 }
 
+impl AsFd for AnonFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 impl AnonFd {
     /// Take ownership of the fd number carried in an OPEN message.
     ///
@@ -103,6 +114,11 @@ impl AnonFd {
         Ok(AnonFd {
             file: File::from(owned),
         })
+    }
+
+    /// An object fd handed over by a guard (the kernel installed it for a previous daemon).
+    pub fn from_fd(fd: OwnedFd) -> AnonFd {
+        AnonFd { file: File::from(fd) }
     }
 
     /// Write `data` at `offset` (direct I/O: offset and buffer must be 4 KiB aligned).

@@ -5,6 +5,7 @@
 //! event loop that answers OPEN/READ/CLOSE concurrently.
 
 pub mod device;
+mod failover;
 pub mod protocol;
 pub mod serve;
 

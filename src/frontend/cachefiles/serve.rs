@@ -15,6 +15,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::Instrument;
 
 use super::device::{AlignedBuf, AnonFd, Device, DIO_ALIGN};
+use super::failover;
 use super::protocol::{erofs_fsid, Command, Message, MSG_MAX_SIZE};
 use crate::catalog::{Catalog, Target};
 use crate::engine::Engine;
@@ -40,20 +41,24 @@ pub struct CachefilesStats {
 }
 
 /// One object the kernel opened: its anon fd and the blob behind it.
-struct Object {
-    fd: AnonFd,
-    target: Target,
-    name: String,
+pub(super) struct Object {
+    pub(super) fd: AnonFd,
+    pub(super) target: Target,
+    pub(super) name: String,
+    /// Its volume and cookie keys, as kept with the guard (see `failover`).
+    pub(super) keys: Vec<u8>,
 }
 
 /// The bound cachefiles frontend.
 pub struct Cachefiles {
-    dev: AsyncFd<Device>,
+    pub(super) dev: AsyncFd<Device>,
     catalog: Arc<Catalog>,
     engine: Arc<Engine>,
-    objects: Mutex<HashMap<u32, Arc<Object>>>,
+    pub(super) objects: Mutex<HashMap<u32, Arc<Object>>>,
     /// Slots of READs being served.
     admission: Admission,
+    /// The socket to this daemon's guard: each object's fd is kept there while it is open.
+    pub(super) keeper: Mutex<Option<std::os::unix::net::UnixStream>>,
     /// Counters for `status`.
     pub stats: CachefilesStats,
 }
@@ -90,14 +95,32 @@ impl Cachefiles {
                 ),
             )
         })?;
+        Cachefiles::serving(dev, catalog, engine, admission)
+    }
+
+    pub(super) fn serving(
+        dev: Device,
+        catalog: Arc<Catalog>,
+        engine: Arc<Engine>,
+        admission: Admission,
+    ) -> io::Result<Arc<Cachefiles>> {
         Ok(Arc::new(Cachefiles {
             dev: dev.into_async()?,
             catalog,
             engine,
             objects: Mutex::new(HashMap::new()),
             admission,
+            keeper: Mutex::new(None),
             stats: CachefilesStats::default(),
         }))
+    }
+
+    /// How an object is named in logs.
+    pub(super) fn object_name(target: &Target) -> String {
+        match target {
+            Target::Meta(i) => format!("{}:meta", i.fsid),
+            Target::Data(i, d) => format!("{}:{}", i.fsid, &d.source.digest.as_str()[..19]),
+        }
     }
 
     /// Objects the kernel currently has open.
@@ -166,6 +189,9 @@ impl Cachefiles {
             Message::Close { header } => {
                 self.stats.closes.fetch_add(1, Relaxed);
                 let gone = crate::lock::lock(&self.objects).remove(&header.object_id);
+                if gone.is_some() {
+                    self.forget(header.object_id);
+                }
                 tracing::debug!(object_id = header.object_id, known = gone.is_some(), "CLOSE");
             }
         }
@@ -193,14 +219,19 @@ impl Cachefiles {
             return refuse(libc::ENOENT, "no registered image or blob for these keys");
         };
         let size = target.size();
-        let name = match &target {
-            Target::Meta(i) => format!("{}:meta", i.fsid),
-            Target::Data(i, d) => format!("{}:{}", i.fsid, &d.source.digest.as_str()[..19]),
-        };
-        let obj = Arc::new(Object { fd: anon, target, name });
+        let name = Cachefiles::object_name(&target);
+        let obj = Arc::new(Object {
+            fd: anon,
+            target,
+            name,
+            keys: failover::keys(volume_key, cookie_key),
+        });
         crate::lock::lock(&self.objects).insert(object_id, Arc::clone(&obj));
         match self.dev.get_ref().command(&Command::Copen { msg_id, size }) {
-            Ok(()) => tracing::info!(object = %obj.name, object_id, size, "OPEN"),
+            Ok(()) => {
+                self.keep(object_id, &obj);
+                tracing::info!(object = %obj.name, object_id, size, "OPEN")
+            }
             Err(e) => {
                 crate::lock::lock(&self.objects).remove(&object_id);
                 tracing::error!(error = %e, "copen failed");

@@ -5,8 +5,6 @@
 
 pub mod cache;
 pub mod event;
-pub mod fdpass;
-pub mod guard;
 pub mod journal;
 pub mod pin;
 pub mod serve;

@@ -26,9 +26,10 @@ use tracing::Instrument;
 
 use super::event::{self, FAN_PRE_ACCESS};
 use super::journal::{Journal, Left};
-use super::{cache, guard, sys};
+use super::{cache, sys};
 use crate::engine::Engine;
 use crate::frontend::admission::Admission;
+use crate::frontend::guard;
 use crate::lock::lock;
 use blob::CachedBlob;
 
@@ -99,6 +100,11 @@ pub struct FanotifyFrontend {
     pub stats: FanotifyStats,
 }
 
+/// The key a cache file's writer is kept under by the guard.
+fn writer_key((dev, ino): (u64, u64)) -> u64 {
+    dev.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ino
+}
+
 /// How the fanotify frontend serves (from the engine config).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -122,8 +128,12 @@ impl FanotifyFrontend {
         admission: Admission,
         (journal, left): (Arc<Journal>, Left),
     ) -> io::Result<Arc<FanotifyFrontend>> {
-        let (fan, writers, orphans) = match handover {
-            Some(h) => (h.group, h.writers, Some(left)),
+        let (fan, writers, orphans): (Fanotify, Vec<std::os::fd::OwnedFd>, _) = match handover {
+            Some(h) => (
+                sys::adopt_group(h.kernel),
+                h.kept.into_iter().map(|k| k.fd).collect(),
+                Some(left),
+            ),
             None => (
                 sys::init().map_err(|e| {
                     io::Error::new(

@@ -64,6 +64,13 @@ impl CachedBlob {
     }
 }
 
+/// Hand a cache file's writer to the guard, under its file's identity.
+fn keep_writer(keeper: &std::os::unix::net::UnixStream, writer: &File) {
+    use std::os::fd::AsFd;
+    let id = writer.metadata().map(|m| (m.dev(), m.ino())).unwrap_or_default();
+    crate::frontend::guard::keep(keeper, super::writer_key(id), &[], writer.as_fd());
+}
+
 impl FanotifyFrontend {
     /// Create the sparse cache files of an image's data blobs and mark them; returns the
     /// `device=` paths in device order.
@@ -98,7 +105,7 @@ impl FanotifyFrontend {
                 // a writer the previous daemon handed its guard, if any: ours keeps it too
                 let writer = lock(&self.adopted_writers).remove(&id).map(Arc::new);
                 if let (Some(w), Some(k)) = (&writer, &*lock(&self.keeper)) {
-                    crate::frontend::fanotify::guard::keep_writer(k, w);
+                    keep_writer(k, w);
                 }
                 Arc::new(CachedBlob {
                     blob: Arc::clone(blob),
@@ -133,7 +140,7 @@ impl FanotifyFrontend {
             }
         };
         if let Some(k) = &*lock(&self.keeper) {
-            crate::frontend::fanotify::guard::keep_writer(k, &dup);
+            keep_writer(k, &dup);
         }
         Some(Arc::clone(w.insert(dup)))
     }
@@ -142,7 +149,7 @@ impl FanotifyFrontend {
     pub fn set_keeper(&self, keeper: std::os::unix::net::UnixStream) {
         for c in lock(&self.files).values() {
             if let Some(w) = &*lock(&c.writer) {
-                crate::frontend::fanotify::guard::keep_writer(&keeper, w);
+                keep_writer(&keeper, w);
             }
         }
         *lock(&self.keeper) = Some(keeper);

@@ -1,5 +1,6 @@
-//! Passing a file descriptor over a unix socket (SCM_RIGHTS): how the guard hands the
-//! fanotify group to a restarted daemon. The one `unsafe` of this syscall family is here.
+//! Passing file descriptors over a unix socket (SCM_RIGHTS): how the daemon hands fds to its
+//! guard and the guard hands the kernel fd to the next daemon. The one `unsafe` of this
+//! syscall family is here.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -15,10 +16,17 @@ pub fn peer_is_root(sock: &UnixStream) -> io::Result<bool> {
     Ok(cred.uid() == 0)
 }
 
-/// Whether `fd` is a fanotify group (its `/proc/self/fd` link is `anon_inode:[fanotify]`).
-pub fn is_fanotify(fd: &OwnedFd) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .is_ok_and(|l| l.as_os_str() == "anon_inode:[fanotify]")
+/// Which frontend's kernel fd `fd` is, by its `/proc/self/fd` link: a fanotify group
+/// (`anon_inode:[fanotify]`) or the cachefiles device.
+pub fn fd_kind(fd: &OwnedFd) -> Option<super::Frontend> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    if link.as_os_str() == "anon_inode:[fanotify]" {
+        Some(super::Frontend::Fanotify)
+    } else if link == std::path::Path::new(super::cachefiles::device::DEVICE_PATH) {
+        Some(super::Frontend::Cachefiles)
+    } else {
+        None
+    }
 }
 
 /// Most fds sent in one message (the kernel's `SCM_MAX_FD` is 253).
