@@ -78,14 +78,27 @@ fn stream(path: PathBuf) -> std::thread::JoinHandle<Result<(String, Duration), S
     })
 }
 
-async fn readers_across(how: Disruption) {
+/// The slow image mounted by a daemon: the registry, the files, the work directory (kept
+/// alive), the daemon and the mount point.
+async fn mounted() -> (
+    MockRegistry,
+    BTreeMap<String, Vec<u8>>,
+    tempfile::TempDir,
+    DaemonProc,
+    PathBuf,
+) {
     require_root();
     let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
     let (files, image) = slow_image(&mock).await;
     let work = tempfile::tempdir().unwrap();
-    let mut d = daemon(&work.path().join("d"), &mock.host());
+    let d = daemon(&work.path().join("d"), &mock.host());
     let mnt = work.path().join("d/mnt");
     d.mount(&image, &mnt);
+    (mock, files, work, d, mnt)
+}
+
+async fn readers_across(how: Disruption) {
+    let (_mock, files, _work, mut d, mnt) = mounted().await;
 
     let readers: Vec<_> = files.keys().map(|p| stream(mnt.join(p))).collect();
     for round in 0..3 {
@@ -142,13 +155,7 @@ fn containerd_tail(d: &DaemonProc) -> String {
 /// gets the right bytes from the next daemon.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_holding_a_file_across_sigterm_waits_for_the_next_daemon() {
-    require_root();
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let (files, image) = slow_image(&mock).await;
-    let work = tempfile::tempdir().unwrap();
-    let mut d = daemon(&work.path().join("d"), &mock.host());
-    let mnt = work.path().join("d/mnt");
-    d.mount(&image, &mnt);
+    let (_mock, files, _work, mut d, mnt) = mounted().await;
     let want = files["data/f3.bin"].clone();
     let mut f = std::fs::File::open(mnt.join("data/f3.bin")).unwrap();
     let mut head = vec![0u8; 1 << 20];

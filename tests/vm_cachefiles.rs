@@ -11,7 +11,7 @@ use common::*;
 use lazyblob::image::build::{BlobWriter, BuiltImage};
 use lazyblob::image::tree::{Kind, Meta, Node, Tree};
 use lazyblob::registry::sha256_digest;
-use registry_mock::{Fault, FaultRule, MockConfig, MockRegistry};
+use registry_mock::{Fault, FaultRule};
 
 /// An image whose file `bN.bin` lives in data blob N (1..=3).
 fn one_file_per_blob(contents: &[Vec<u8>]) -> BuiltImage {
@@ -45,12 +45,7 @@ fn data_total(img: &BuiltImage) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cachefiles_frontend_in_vm() {
-    require_root();
-    let _rig = vm_rig();
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let host = mock.host();
-    let port = mock.addr().port();
-    let reg = client(&insecure_config(&[&host]));
+    let VmRegistry { mock, host, port, reg } = VmRegistry::start().await;
 
     // lazy: a few large files and one small file that lives in a data blob
     let mut lazy_files = mixed_files(1, 40, &[8, 8, 4]);

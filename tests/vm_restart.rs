@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use lazyblob::registry::sha256_digest;
-use registry_mock::{Fault, FaultRule, MockConfig, MockRegistry};
+use registry_mock::{Fault, FaultRule};
 
 fn files(seed: u64) -> BTreeMap<String, Vec<u8>> {
     (0..8)
@@ -22,12 +22,7 @@ fn files(seed: u64) -> BTreeMap<String, Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cachefiles_readers_survive_kill9_and_upgrades_in_vm() {
-    require_root();
-    let _rig = vm_rig();
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let host = mock.host();
-    let port = mock.addr().port();
-    let reg = client(&insecure_config(&[&host]));
+    let VmRegistry { mock, host, port, reg } = VmRegistry::start().await;
     let (a, b) = (files(500), files(600));
     let (img_a, img_b) = (build_files(&a, 8), build_files(&b, 8));
     push_image(&reg, &host, "restart/a:v1", &img_a).await;

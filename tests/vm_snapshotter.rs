@@ -22,7 +22,6 @@ use lazyblob::snapshotter::api::snapshots::{
 };
 use lazyblob::snapshotter::api::Mount;
 use lazyblob::snapshotter::remote::{LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_REF, LABEL_REMOTE};
-use registry_mock::{MockConfig, MockRegistry};
 use serde::{Deserialize, Serialize};
 use tonic::Code;
 
@@ -42,12 +41,7 @@ const PLAN_ENV: &str = "LAZYBLOB_GUEST_PLAN";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn snapshotter_over_cachefiles_in_vm() {
-    require_root();
-    let _rig = vm_rig();
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let host = mock.host();
-    let port = mock.addr().port();
-    let reg = client(&insecure_config(&[&host]));
+    let VmRegistry { mock, host, port, reg } = VmRegistry::start().await;
 
     // a two-layer OCI image, converted; a 6 MiB file in it is never read
     let (small, mid, unread, top) = (bytes(1, 7000), bytes(2, 1_500_000), bytes(3, 6 << 20), bytes(4, 300));

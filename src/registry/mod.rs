@@ -14,6 +14,9 @@ mod manifest;
 pub mod platform;
 pub mod push;
 pub(crate) mod range;
+mod types;
+
+pub use types::{BlobSource, RegistryStats, ResolvedManifest, MANIFEST_MEDIA_TYPES};
 pub mod retry;
 pub mod roots;
 
@@ -24,7 +27,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 use oci_client::client::BlobResponse;
-use oci_client::manifest::{OciImageManifest, OciManifest};
+use oci_client::manifest::OciManifest;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
 use tokio::sync::Semaphore;
@@ -36,49 +39,6 @@ use platform::Platform;
 use retry::RetryPolicy;
 
 use crate::config::RegistryConfig;
-
-/// Media types accepted when resolving a reference.
-pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
-    oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
-    oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
-    oci_client::manifest::IMAGE_MANIFEST_MEDIA_TYPE,
-    oci_client::manifest::IMAGE_MANIFEST_LIST_MEDIA_TYPE,
-];
-
-/// Where a blob lives: a repository and a digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlobSource {
-    /// Registry and repository (tag or digest of the reference is ignored).
-    pub repo: Reference,
-    /// The blob's digest.
-    pub digest: Digest,
-    /// The blob's size.
-    pub size: u64,
-}
-
-/// An image manifest after index resolution.
-#[derive(Debug, Clone)]
-pub struct ResolvedManifest {
-    /// The image manifest.
-    pub manifest: OciImageManifest,
-    /// Digest of the image manifest itself (not of an index that pointed to it).
-    pub digest: Digest,
-    /// The manifest's bytes as served.
-    pub raw: Bytes,
-}
-
-/// Counters exported in `status`.
-#[derive(Debug, Default)]
-pub struct RegistryStats {
-    /// HTTP requests sent.
-    pub requests: std::sync::atomic::AtomicU64,
-    /// Body bytes received.
-    pub bytes: std::sync::atomic::AtomicU64,
-    /// Attempts repeated.
-    pub retries: std::sync::atomic::AtomicU64,
-    /// Requests that failed for good.
-    pub failures: std::sync::atomic::AtomicU64,
-}
 
 /// The registry client shared by the catalog and the blob engine.
 pub struct Registry {

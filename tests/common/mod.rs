@@ -138,6 +138,27 @@ insecure = true
     )
 }
 
+/// What a VM test starts with: root and the rig checked, registry-mock on the host's
+/// loopback (`10.0.2.2:port` from the guest) and a client of it.
+pub struct VmRegistry {
+    pub mock: registry_mock::MockRegistry,
+    pub host: String,
+    pub port: u16,
+    pub reg: lazyblob::registry::Registry,
+}
+
+impl VmRegistry {
+    pub async fn start() -> VmRegistry {
+        require_root();
+        vm_rig();
+        let mock = registry_mock::MockRegistry::start(Default::default()).await.unwrap();
+        let host = mock.host();
+        let port = mock.addr().port();
+        let reg = client(&insecure_config(&[&host]));
+        VmRegistry { mock, host, port, reg }
+    }
+}
+
 /// The guest's `/run-test`.
 #[allow(dead_code)]
 pub fn write_guest_script(payload: &Path, script: &str) {
