@@ -1,4 +1,4 @@
-//! `cargo bench --bench lazyblob [-- --quick] [--only start,seq,vm,random,scale]`: lazyblob
+//! `cargo bench --bench lazyblob [-- --quick] [--only start,seq,vm,random,scale,restart]`: lazyblob
 //! against its baselines, side by side, on one machine in one run, everything against
 //! Debian's docker-registry on loopback (registry-mock with zero latency for the scale test).
 //! Prints a markdown table and writes `target/bench/lazyblob-bench.json`. Needs root
@@ -11,6 +11,8 @@ use std::path::Path;
 mod common;
 #[path = "lazyblob/reads.rs"]
 mod reads;
+#[path = "lazyblob/restart.rs"]
+mod restart;
 #[path = "lazyblob/scale.rs"]
 mod scale;
 #[path = "lazyblob/start.rs"]
@@ -23,7 +25,7 @@ use util::{Bench, Report};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    // `--only seq,random,scale,start,vm` runs a subset (start = cold start, warm, conversion)
+    // `--only seq,random,scale,start,vm,restart` runs a subset (start = cold start, warm, conversion)
     let only: Option<Vec<String>> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
@@ -71,6 +73,9 @@ async fn main() {
     }
     if want("scale") {
         scale::scale(&b, &mut r).await;
+    }
+    if want("restart") {
+        restart::restart(&b, &mut r).await;
     }
     report(&r);
 }

@@ -68,12 +68,16 @@ fn the_node_installer_is_idempotent_and_restarts_only_on_change() {
     let out = run(&root, &bin, &config, &calls);
     assert!(out.contains("nothing changed"), "{out}");
     assert_eq!(snapshot(&root), first, "a second run changes no byte");
-    assert!(std::fs::read_to_string(&calls).unwrap().ends_with("restart lazyblob.service\nstart lazyblob.service\n"));
+    assert!(std::fs::read_to_string(&calls)
+        .unwrap()
+        .ends_with("restart lazyblob.service\nstart lazyblob.service\n"));
 
     std::fs::write(&config, b"[daemon]\nrestart_hold_ms = 60000\n").unwrap();
     let out = run(&root, &bin, &config, &calls);
     assert!(out.contains("updated") && out.contains("(re)started"), "{out}");
-    assert!(std::fs::read_to_string(&calls).unwrap().ends_with("restart lazyblob.service\n"));
+    assert!(std::fs::read_to_string(&calls)
+        .unwrap()
+        .ends_with("restart lazyblob.service\n"));
 
     if Command::new("systemd-analyze").arg("--version").output().is_ok() {
         let out = Command::new("systemd-analyze")
@@ -84,7 +88,8 @@ fn the_node_installer_is_idempotent_and_restarts_only_on_change() {
         let err = String::from_utf8_lossy(&out.stderr);
         // the binary path is the node's, absent here; anything else is a unit error
         assert!(
-            err.lines().all(|l| l.contains("/opt/lazyblob/bin/lazyblob") || l.trim().is_empty()),
+            err.lines()
+                .all(|l| l.contains("/opt/lazyblob/bin/lazyblob") || l.trim().is_empty()),
             "{err}"
         );
     }
