@@ -18,6 +18,7 @@ pub mod frontend;
 pub mod image;
 pub mod lock;
 pub mod malloc;
+pub mod metrics;
 pub mod private_fs;
 pub mod registry;
 pub mod service;

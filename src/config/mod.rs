@@ -53,6 +53,17 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// The containerd snapshotter.
     pub snapshotter: SnapshotterConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus metrics (`GET /metrics`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve metrics on this address (`127.0.0.1:9464`); unset: no endpoint. The metrics name
+    /// images and counts reads: keep it on loopback or a node-local network.
+    pub address: Option<std::net::SocketAddr>,
 }
 
 /// containerd's snapshots API (`[proxy_plugins.lazyblob] type = "snapshot"`).

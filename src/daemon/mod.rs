@@ -58,6 +58,8 @@ pub struct Daemon {
     /// The fanotify group's keeper should this process die (None: cachefiles, or released).
     guard: Mutex<Option<guard::Guard>>,
     stop: tokio::sync::watch::Sender<bool>,
+    /// Whether this daemon took its kernel fd over from a stopped or upgraded one.
+    took_over: bool,
     loops: Mutex<Vec<tokio::task::JoinHandle<std::io::Result<()>>>>,
 }
 
@@ -108,6 +110,7 @@ impl Daemon {
             mounts: Mutex::new(Vec::new()),
             guard: Mutex::new(guard),
             stop,
+            took_over: adopted,
             loops: Mutex::new(Vec::new()),
         });
         daemon.recover_mounts(adopted).await;
@@ -158,6 +161,11 @@ impl Daemon {
             .root
             .clone()
             .unwrap_or_else(|| self.config.daemon.state_dir.join("snapshotter"))
+    }
+
+    /// Whether this daemon took its kernel fd over from a stopped or upgraded one.
+    pub fn took_over(&self) -> bool {
+        self.took_over
     }
 
     /// A receiver that fires when the daemon stops.

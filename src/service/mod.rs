@@ -43,6 +43,14 @@ pub async fn run(config: Config) -> Result<()> {
         let socket = config.daemon.socket.clone();
         tokio::spawn(async move { crate::api::server::serve(admin, &socket, read_only_group, api_rx).await })
     };
+    let metrics = config.metrics.address.map(|addr| {
+        let (weak, stop) = (Arc::downgrade(&daemon), api_stop.subscribe());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, weak, stop).await {
+                tracing::error!(error = %e, %addr, "the metrics endpoint failed");
+            }
+        })
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {
         _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT, shutting down"); Ok(()) }
@@ -51,6 +59,9 @@ pub async fn run(config: Config) -> Result<()> {
     };
     daemon.shutdown().await;
     let _ = api_stop.send(true);
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     match api.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "admin API failed"),

@@ -38,6 +38,9 @@ pub struct CachefilesStats {
     pub bad_messages: AtomicU64,
     /// Bytes written into the cache.
     pub bytes_written: AtomicU64,
+    /// Read latencies for the metrics endpoint.
+    #[serde(skip)]
+    pub read_times: crate::metrics::ReadTimes,
 }
 
 /// One object the kernel opened: its anon fd and the blob behind it.
@@ -266,6 +269,7 @@ impl Cachefiles {
         match done {
             Ok(n) => {
                 self.stats.bytes_written.fetch_add(n, Relaxed);
+                self.stats.read_times.cold(t0.elapsed());
                 tracing::info!(latency_us = t0.elapsed().as_micros() as u64, bytes = n, "READ served");
             }
             Err(e) => {

@@ -65,6 +65,9 @@ pub struct FanotifyStats {
     pub blobs_complete: AtomicU64,
     /// Event buffers that did not parse.
     pub bad_events: AtomicU64,
+    /// Read latencies for the metrics endpoint.
+    #[serde(skip)]
+    pub read_times: crate::metrics::ReadTimes,
 }
 
 /// The fanotify frontend.
@@ -202,6 +205,7 @@ impl FanotifyFrontend {
             tracing::error!(error = %e, "malformed fanotify event buffer");
         }
         for ev in events {
+            let t0 = Instant::now();
             self.stats.events.fetch_add(1, Relaxed);
             let Some(fd) = sys::adopt_event_fd(ev.fd) else {
                 tracing::warn!(mask = ev.mask, "fanotify event without fd (queue overflow?)");
@@ -222,6 +226,7 @@ impl FanotifyFrontend {
                     tracing::error!(error = %e, "fanotify response failed");
                 }
                 self.stats.allowed.fetch_add(1, Relaxed);
+                self.stats.read_times.warm(t0.elapsed());
                 drop(journaled);
                 continue;
             }
@@ -256,6 +261,7 @@ impl FanotifyFrontend {
         match result {
             Ok(filled) => {
                 self.stats.allowed.fetch_add(1, Relaxed);
+                self.stats.read_times.cold(t0.elapsed());
                 tracing::debug!(latency_us = t0.elapsed().as_micros() as u64, filled, "allowed");
             }
             Err(e) => {

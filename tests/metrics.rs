@@ -1,0 +1,152 @@
+//! The Prometheus endpoint against a real Prometheus (Debian's `prometheus`): the daemon
+//! (fanotify, this machine's kernel) serves an image from registry-mock, a few files are
+//! read lazily, `promtool check metrics` accepts the endpoint's output, and Prometheus,
+//! scraping it every second, answers queries with the bytes read, the bytes fetched and
+//! the cold-read latency histogram.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::daemon::DaemonProc;
+use common::*;
+use registry_mock::{MockConfig, MockRegistry};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Prometheus ended (and its data removed) on drop.
+struct Prometheus(std::process::Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        common::procs::terminate(&mut self.0, Duration::from_secs(10));
+    }
+}
+
+/// The value of a Prometheus instant query with one result, once it has one.
+async fn query(http: &reqwest::Client, prom: u16, q: &str) -> Option<f64> {
+    let url = format!("http://127.0.0.1:{prom}/api/v1/query");
+    let v: serde_json::Value = http
+        .get(url)
+        .query(&[("query", q)])
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_what_lazy_reads_did() {
+    require_root();
+    require_tool("prometheus", "prometheus");
+    require_tool("promtool", "prometheus");
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
+    let files = mixed_files(7, 20, &[4]);
+    push_image(&reg, &host, "metrics/app:v1", &build_files(&files, 2)).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = DaemonProc::start(
+        &work.path().join("d"),
+        &[&host],
+        &format!("frontend = \"fanotify\"\n[metrics]\naddress = \"127.0.0.1:{port}\""),
+    );
+    let mnt = work.path().join("d/mnt");
+    d.mount(&format!("{host}/metrics/app:v1"), &mnt);
+    let mut read = 0u64;
+    for (p, want) in files.iter().take(6) {
+        assert_eq!(&std::fs::read(mnt.join(p)).unwrap(), want, "{p}");
+        read += want.len() as u64;
+    }
+
+    // the endpoint: well-formed for promtool, and what the reads did
+    let http = reqwest::Client::new();
+    let body = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    check.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in [
+        "lazyblob_read_bytes_total",
+        "lazyblob_registry_bytes_total",
+        "lazyblob_eio_answers_total",
+        "lazyblob_chunks_in_flight",
+        "lazyblob_mounts 1",
+        "lazyblob_read_duration_seconds_count{frontend=\"fanotify\",path=\"cold\"}",
+    ] {
+        assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+
+    // a real Prometheus scrapes it
+    let prom_port = free_port();
+    let cfg = work.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lazyblob\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(work.path().join("prometheus.log")).unwrap();
+    let _prom = Prometheus(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.tsdb.path={}", work.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    let (served, fetched, cold) = loop {
+        let served = query(&http, prom_port, "lazyblob_read_bytes_total").await;
+        let fetched = query(&http, prom_port, "lazyblob_registry_bytes_total").await;
+        let cold = query(&http, prom_port, "lazyblob_read_duration_seconds_count{path=\"cold\"}").await;
+        if let (Some(s), Some(f), Some(c)) = (served, fetched, cold) {
+            break (s, f, c);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "Prometheus never had the metrics:\n{}",
+            std::fs::read_to_string(work.path().join("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("Prometheus: {served} bytes read, {fetched} fetched, {cold} cold reads; the test read {read} bytes");
+    assert!(served > 0.0 && fetched > 0.0 && cold > 0.0);
+    // the kernel reads whole pages and read-ahead windows: at least what the test read
+    assert!(served >= read as f64, "{served} bytes served for {read} read");
+    d.umount(&mnt);
+}
