@@ -2,10 +2,12 @@
 //! (fanotify, this machine's kernel) serves an image from registry-mock, a few files are
 //! read lazily, `promtool check metrics` accepts the endpoint's output, and Prometheus,
 //! scraping it every second, answers queries with the bytes read, the bytes fetched and
-//! the cold-read latency histogram.
+//! the cold-read latency histogram, and evaluates every query of the shipped Grafana
+//! dashboard (`deploy/grafana/lazyblob-dashboard.json`).
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -148,5 +150,29 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
     assert!(served > 0.0 && fetched > 0.0 && cold > 0.0);
     // the kernel reads whole pages and read-ahead windows: at least what the test read
     assert!(served >= read as f64, "{served} bytes served for {read} read");
+    // every query of the shipped Grafana dashboard is one this Prometheus evaluates
+    let dash: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/lazyblob-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    for expr in dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap())
+    {
+        let url = format!("http://127.0.0.1:{prom_port}/api/v1/query");
+        let v: serde_json::Value = http
+            .get(url)
+            .query(&[("query", expr)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["status"], "success", "dashboard query {expr}: {v}");
+    }
     d.umount(&mnt);
 }
