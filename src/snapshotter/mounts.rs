@@ -8,43 +8,54 @@
 use std::path::Path;
 
 use super::api::Mount;
-use super::store::{Kind, Snapshot, Source, Store, StoreError};
+use super::store::{Kind, Snapshot, Source, Store};
+
+/// The lazyblob image a snapshot reads through, if any: its own, or that of its first
+/// remote ancestor (`ancestors` as [`Store::ancestors`] gives them, nearest first).
+pub fn remote_image<'a>(s: &'a Snapshot, ancestors: &'a [(u64, Source)]) -> Option<&'a str> {
+    std::iter::once(&s.source)
+        .chain(ancestors.iter().map(|(_, src)| src))
+        .find_map(|src| match src {
+            Source::Remote { image } => Some(image.as_str()),
+            Source::Local => None,
+        })
+}
 
 /// The directories of a snapshot's lower layers, nearest first: local ancestors' trees up to
 /// the first remote one, whose image mount (`image_mount`) ends the list.
 pub fn lower_dirs(
     store: &Store,
-    key: &str,
+    ancestors: &[(u64, Source)],
     image_mount: &dyn Fn(&str) -> std::path::PathBuf,
-) -> Result<Vec<std::path::PathBuf>, StoreError> {
+) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    for (id, source) in store.ancestors(key)? {
+    for (id, source) in ancestors {
         match source {
-            Source::Local => out.push(store.fs_dir(id)),
+            Source::Local => out.push(store.fs_dir(*id)),
             Source::Remote { image } => {
-                out.push(image_mount(&image));
+                out.push(image_mount(image));
                 break;
             }
         }
     }
-    Ok(out)
+    out
 }
 
-/// The mounts of snapshot `s` (key `key`).
+/// The mounts of snapshot `s`, whose ancestors are `ancestors`.
 pub fn for_snapshot(
     store: &Store,
-    key: &str,
+    ancestors: &[(u64, Source)],
     s: &Snapshot,
     image_mount: &dyn Fn(&str) -> std::path::PathBuf,
-) -> Result<Vec<Mount>, StoreError> {
-    let parents = lower_dirs(store, key, image_mount)?;
+) -> Vec<Mount> {
+    let parents = lower_dirs(store, ancestors, image_mount);
     let lower = |dirs: &[std::path::PathBuf]| {
         dirs.iter()
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
             .join(":")
     };
-    Ok(vec![match (s.kind, &s.source, parents.as_slice()) {
+    vec![match (s.kind, &s.source, parents.as_slice()) {
         (Kind::Committed, Source::Remote { image }, _) => bind(&image_mount(image), "ro"),
         (Kind::Active, _, []) => bind(&store.fs_dir(s.id), "rw"),
         (Kind::View, _, []) => bind(&store.fs_dir(s.id), "ro"),
@@ -63,7 +74,7 @@ pub fn for_snapshot(
                 .collect();
             overlay(vec![format!("lowerdir={}", lower(&all))])
         }
-    }])
+    }]
 }
 
 fn bind(dir: &Path, mode: &str) -> Mount {
@@ -101,19 +112,19 @@ mod tests {
         let st = Store::open(root.path()).unwrap();
         let none = BTreeMap::new;
         let a = st.create(Kind::Active, "a", None, none()).unwrap();
-        let m = for_snapshot(&st, "a", &a, &none_mount).unwrap();
+        let m = for_snapshot(&st, &st.ancestors("a").unwrap(), &a, &none_mount);
         assert_eq!(
             (m[0].r#type.as_str(), m[0].options.clone()),
             ("bind", vec!["rw".into(), "rbind".into()])
         );
         st.commit("A", "a", none()).unwrap();
         let v = st.create(Kind::View, "v", Some("A"), none()).unwrap();
-        let m = for_snapshot(&st, "v", &v, &none_mount).unwrap();
+        let m = for_snapshot(&st, &st.ancestors("v").unwrap(), &v, &none_mount);
         assert_eq!(m[0].source, st.fs_dir(a.id).display().to_string());
         let b = st.create(Kind::Active, "b", Some("A"), none()).unwrap();
         st.commit("B", "b", none()).unwrap();
         let c = st.create(Kind::Active, "c", Some("B"), none()).unwrap();
-        let m = for_snapshot(&st, "c", &c, &none_mount).unwrap();
+        let m = for_snapshot(&st, &st.ancestors("c").unwrap(), &c, &none_mount);
         assert_eq!(m[0].r#type, "overlay");
         let lower = format!("lowerdir={}:{}", st.fs_dir(b.id).display(), st.fs_dir(a.id).display());
         assert_eq!(m[0].options.last(), Some(&lower));

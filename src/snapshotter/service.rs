@@ -55,31 +55,16 @@ impl Service {
 
     /// The mounts of `key`, with the lazy image below it mounted.
     async fn mounts_of(&self, key: &str, s: &Snapshot) -> Result<Vec<super::api::Mount>, Status> {
-        if let Some(pinned) = self.remote_image(key, s)? {
+        let ancestors = self.store.ancestors(key).map_err(status)?;
+        if let Some(pinned) = mounts::remote_image(s, &ancestors) {
             let _one = self.mounting.lock().await;
-            let target = remote::mount_point(&self.root, &pinned);
+            let target = remote::mount_point(&self.root, pinned);
             self.images
-                .ensure_mounted(&pinned, &target)
+                .ensure_mounted(pinned, &target)
                 .await
                 .map_err(|e| Status::unavailable(format!("mounting lazyblob image {pinned}: {e}")))?;
         }
-        mounts::for_snapshot(&self.store, key, s, &self.image_mount()).map_err(status)
-    }
-
-    /// The lazyblob image `key` reads through, if any: its own or its first remote ancestor's.
-    fn remote_image(&self, key: &str, s: &Snapshot) -> Result<Option<String>, Status> {
-        if let Source::Remote { image } = &s.source {
-            return Ok(Some(image.clone()));
-        }
-        Ok(self
-            .store
-            .ancestors(key)
-            .map_err(status)?
-            .into_iter()
-            .find_map(|(_, src)| match src {
-                Source::Remote { image } => Some(image),
-                Source::Local => None,
-            }))
+        Ok(mounts::for_snapshot(&self.store, &ancestors, s, &self.image_mount()))
     }
 
     /// Commit a lazyblob layer under its chain ID without unpacking anything; containerd is
@@ -145,8 +130,11 @@ impl Service {
             if s.source != Source::Local {
                 continue;
             }
-            if let Ok(Some(image)) = self.remote_image(&key, &s) {
-                in_use.insert(remote::mount_point(&self.root, &image));
+            let Ok(ancestors) = self.store.ancestors(&key) else {
+                continue;
+            };
+            if let Some(image) = mounts::remote_image(&s, &ancestors) {
+                in_use.insert(remote::mount_point(&self.root, image));
             }
         }
         let Ok(dir) = std::fs::read_dir(self.root.join("images")) else {
