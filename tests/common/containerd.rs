@@ -142,9 +142,24 @@ impl Containerd {
             .unwrap()
     }
 
-    /// `ctr run <how> --snapshotter <snapshotter> <image> <id> /bin/sh -c <script>` in
-    /// namespace `ns`; `how` is `--rm` (wait for it) or `-d` (detached). Container ids must be
+    /// The arguments of `ctr run <how> --snapshotter <snapshotter> <image> <id> /bin/sh -c
+    /// <script>`; `how` is `--rm` (wait for it) or `-d` (detached). Container ids must be
     /// unique across tests: runc's state is per namespace, not per containerd.
+    fn run_args<'a>(how: &'a str, snapshotter: &'a str, image: &'a str, id: &'a str, script: &'a str) -> [&'a str; 9] {
+        [
+            "run",
+            how,
+            "--snapshotter",
+            snapshotter,
+            image,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ]
+    }
+
+    /// `ctr run` of a shell `script` in namespace `ns` (see [`Containerd::run_args`]).
     pub fn run_sh(
         &self,
         ns: &str,
@@ -154,32 +169,12 @@ impl Containerd {
         id: &str,
         script: &str,
     ) -> std::process::Output {
-        self.ctr_in(
-            ns,
-            &[
-                "run",
-                how,
-                "--snapshotter",
-                snapshotter,
-                image,
-                id,
-                "/bin/sh",
-                "-c",
-                script,
-            ],
-        )
+        self.ctr_in(ns, &Self::run_args(how, snapshotter, image, id, script))
     }
 
     /// [`Containerd::run_sh`] that must succeed; its stdout.
     pub fn run_sh_ok(&self, ns: &str, how: &str, snapshotter: &str, image: &str, id: &str, script: &str) -> String {
-        let out = self.run_sh(ns, how, snapshotter, image, id, script);
-        assert!(
-            out.status.success(),
-            "ctr run {image} ({id}): {}\n--- containerd log (tail)\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            tail(&self.log(), 30)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.ctr_ok_in(ns, &Self::run_args(how, snapshotter, image, id, script))
     }
 
     /// `ctr` that must succeed; its stdout.
