@@ -23,7 +23,6 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::daemon::Daemon;
-use crate::frontend::active::ActiveFrontend;
 
 /// Read latencies of one frontend: cold reads (a fetch was needed) and warm ones.
 #[derive(Debug)]
@@ -124,10 +123,7 @@ impl Collector for DaemonCollector {
             "Reads served by a fetch another reader started",
             shared,
         )?;
-        let (denied, kind) = match &d.frontend {
-            ActiveFrontend::Fanotify(f) => (f.stats.denied.load(Relaxed), "fanotify"),
-            ActiveFrontend::Cachefiles(c) => (c.stats.reads_failed.load(Relaxed), "cachefiles"),
-        };
+        let (denied, kind) = (d.frontend.eio_answers(), d.frontend.kind().name());
         counter(
             &mut enc,
             "lazyblob_eio_answers",
@@ -159,10 +155,7 @@ impl Collector for DaemonCollector {
             "1 if this daemon took over from a stopped or upgraded one",
             took_over,
         )?;
-        let times = match &d.frontend {
-            ActiveFrontend::Fanotify(f) => &f.stats.read_times,
-            ActiveFrontend::Cachefiles(c) => &c.stats.read_times,
-        };
+        let times = d.frontend.read_times();
         let mut h = enc.encode_descriptor(
             "lazyblob_read_duration_seconds",
             "Time the daemon took to answer a read: cold (a fetch was needed) or warm",
@@ -226,15 +219,20 @@ pub async fn serve(
         axum::routing::get(move |headers: axum::http::HeaderMap| {
             let registry = Arc::clone(&registry);
             async move {
-                let mut body = String::new();
                 // Prometheus asks for OpenMetrics; anything else (curl, `promtool check
                 // metrics`) gets the classic text format
                 let openmetrics = headers
                     .get(axum::http::header::ACCEPT)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.contains("application/openmetrics-text"));
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) if openmetrics => (
+                // the cache size is a directory scan: on the blocking pool, as for `status`
+                let encoded = tokio::task::spawn_blocking(move || {
+                    let mut body = String::new();
+                    prometheus_client::encoding::text::encode(&mut body, &registry).map(|()| body)
+                })
+                .await;
+                match encoded {
+                    Ok(Ok(body)) if openmetrics => (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -242,7 +240,7 @@ pub async fn serve(
                         body,
                     )
                         .into_response(),
-                    Ok(()) => (
+                    Ok(Ok(body)) => (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8",
@@ -250,8 +248,12 @@ pub async fn serve(
                         classic(&body),
                     )
                         .into_response(),
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::error!(error = %e, "encoding the metrics failed");
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the metrics task failed");
                         axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
                     }
                 }

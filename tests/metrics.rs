@@ -32,18 +32,22 @@ impl Drop for Prometheus {
     }
 }
 
-/// The value of a Prometheus instant query with one result, once it has one.
-async fn query(http: &reqwest::Client, prom: u16, q: &str) -> Option<f64> {
+/// The answer of a Prometheus instant query.
+async fn query_json(http: &reqwest::Client, prom: u16, q: &str) -> Option<serde_json::Value> {
     let url = format!("http://127.0.0.1:{prom}/api/v1/query");
-    let v: serde_json::Value = http
-        .get(url)
+    http.get(url)
         .query(&[("query", q)])
         .send()
         .await
         .ok()?
         .json()
         .await
-        .ok()?;
+        .ok()
+}
+
+/// The value of a Prometheus instant query with one result, once it has one.
+async fn query(http: &reqwest::Client, prom: u16, q: &str) -> Option<f64> {
+    let v = query_json(http, prom, q).await?;
     v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
 
@@ -162,17 +166,12 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
         .flat_map(|p| p["targets"].as_array().unwrap().iter())
         .map(|t| t["expr"].as_str().unwrap())
     {
-        let url = format!("http://127.0.0.1:{prom_port}/api/v1/query");
-        let v: serde_json::Value = http
-            .get(url)
-            .query(&[("query", expr)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(v["status"], "success", "dashboard query {expr}: {v}");
+        let v = query_json(&http, prom_port, expr).await;
+        assert_eq!(
+            v.as_ref().map(|v| v["status"].clone()),
+            Some("success".into()),
+            "dashboard query {expr}: {v:?}"
+        );
     }
     d.umount(&mnt);
 }

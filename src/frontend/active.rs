@@ -107,6 +107,23 @@ impl ActiveFrontend {
         }
     }
 
+    /// Reads this frontend answered with `EIO`.
+    pub fn eio_answers(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self {
+            ActiveFrontend::Cachefiles(c) => c.stats.reads_failed.load(Relaxed),
+            ActiveFrontend::Fanotify(f) => f.stats.denied.load(Relaxed),
+        }
+    }
+
+    /// The frontend's read latencies.
+    pub fn read_times(&self) -> &crate::metrics::ReadTimes {
+        match self {
+            ActiveFrontend::Cachefiles(c) => &c.stats.read_times,
+            ActiveFrontend::Fanotify(f) => &f.stats.read_times,
+        }
+    }
+
     /// The frontend's own counters, as `status` shows them.
     pub fn counters(&self) -> serde_json::Value {
         match self {
