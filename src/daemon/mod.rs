@@ -7,7 +7,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -89,17 +88,14 @@ impl Daemon {
         }
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let (frontend, adopted) = bring_up(kind, &config, &catalog, &engine, takeover).await?;
-        let kernel_fd = match &frontend {
-            ActiveFrontend::Fanotify(f) => f.group().as_fd(),
-            ActiveFrontend::Cachefiles(c) => c.device(),
-        };
-        let g = guard::Guard::spawn(kind, kernel_fd, &config.daemon.state_dir, config.daemon.restart_hold)
-            .context("starting the guard")?;
-        let keeper = g.keeper().context("the guard's keeper socket")?;
-        match &frontend {
-            ActiveFrontend::Fanotify(f) => f.set_keeper(keeper),
-            ActiveFrontend::Cachefiles(c) => c.set_keeper(keeper),
-        }
+        let g = guard::Guard::spawn(
+            kind,
+            frontend.kernel_fd(),
+            &config.daemon.state_dir,
+            config.daemon.restart_hold,
+        )
+        .context("starting the guard")?;
+        frontend.set_keeper(g.keeper().context("the guard's keeper socket")?);
         let guard = Some(g);
         let daemon = Arc::new(Daemon {
             config,
@@ -113,7 +109,7 @@ impl Daemon {
             took_over: adopted,
             loops: Mutex::new(Vec::new()),
         });
-        daemon.recover_mounts(adopted).await;
+        daemon.recover_mounts().await;
         // what a stopped daemon left pending is answered before any new event is read
         if let ActiveFrontend::Fanotify(f) = &daemon.frontend {
             let served = f.resolve_orphans().await;
@@ -129,8 +125,8 @@ impl Daemon {
 
     /// Unmount everything not in use while the frontend still serves, then stop the event
     /// loops. A mount still in use (a container's overlay over a lazy image, an open file)
-    /// stays mounted and listed, and the guard keeps the frontend's group: readers get EIO,
-    /// never a hole's zeros, until the next daemon takes it over.
+    /// stays mounted and listed, and the guard keeps the kernel fd: it holds the readers
+    /// (never a hole's zeros) until the next daemon takes it over.
     pub async fn shutdown(&self) {
         let busy = self.unmount_all_unused().await;
         let keep_guard = !busy.is_empty();

@@ -50,10 +50,11 @@ impl Daemon {
         }
     }
 
-    /// Mounts of a previous daemon: resume them when its fanotify group (with the marks) was
-    /// handed over; otherwise they have no listener and are detached, so they cannot serve
-    /// zeros from holes.
-    pub(super) async fn recover_mounts(&self, adopted: bool) {
+    /// Mounts of a previous daemon: resume them when its kernel fd was handed over (see
+    /// [`Daemon::took_over`]); otherwise they have no listener and are detached, so they
+    /// cannot serve zeros from holes.
+    pub(super) async fn recover_mounts(&self) {
+        let adopted = self.took_over;
         let old: Vec<MountRecord> = crate::catalog::state::load_records(&self.mounts_file(), None);
         for m in old {
             if !mount::is_erofs_mount(&m.target) {

@@ -39,6 +39,22 @@ impl ActiveFrontend {
         }
     }
 
+    /// The kernel fd (fanotify group or `/dev/cachefiles`), for the guard to hold a duplicate.
+    pub fn kernel_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            ActiveFrontend::Cachefiles(c) => c.device(),
+            ActiveFrontend::Fanotify(f) => std::os::fd::AsFd::as_fd(f.group()),
+        }
+    }
+
+    /// Hand the guard, through `keeper`, what the next daemon will need from now on.
+    pub fn set_keeper(&self, keeper: std::os::unix::net::UnixStream) {
+        match self {
+            ActiveFrontend::Cachefiles(c) => c.set_keeper(keeper),
+            ActiveFrontend::Fanotify(f) => f.set_keeper(keeper),
+        }
+    }
+
     /// Mount `image` lazily on `point` (on the blocking pool: cache files are created,
     /// marked and the metadata locked before the mount).
     pub async fn mount(&self, image: &Arc<Image>, point: MountPoint, special: SpecialFiles) -> std::io::Result<()> {

@@ -103,11 +103,6 @@ pub struct FanotifyFrontend {
     pub stats: FanotifyStats,
 }
 
-/// The key a cache file's writer is kept under by the guard.
-fn writer_key((dev, ino): (u64, u64)) -> u64 {
-    dev.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ino
-}
-
 /// How the fanotify frontend serves (from the engine config).
 #[derive(Debug, Clone)]
 pub struct Settings {

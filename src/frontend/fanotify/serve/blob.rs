@@ -64,11 +64,12 @@ impl CachedBlob {
     }
 }
 
-/// Hand a cache file's writer to the guard, under its file's identity.
+/// Hand a cache file's writer to the guard, keyed by its file's identity (device, inode).
 fn keep_writer(keeper: &std::os::unix::net::UnixStream, writer: &File) {
     use std::os::fd::AsFd;
-    let id = writer.metadata().map(|m| (m.dev(), m.ino())).unwrap_or_default();
-    crate::frontend::guard::keep(keeper, super::writer_key(id), &[], writer.as_fd());
+    let (dev, ino) = writer.metadata().map(|m| (m.dev(), m.ino())).unwrap_or_default();
+    let key = dev.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ino;
+    crate::frontend::guard::keep(keeper, key, &[], writer.as_fd());
 }
 
 impl FanotifyFrontend {
