@@ -39,6 +39,7 @@ if [ -z "${LAZYBLOB_CONTAINERD2:-}" ] && [ ! -x "$c2/usr/bin/containerd" ]; then
 	apt-get "${apt_opts[@]}" update -qq
 	(cd "$tmp" && apt-get "${apt_opts[@]}" download -qq containerd)
 	rm -rf "$c2.partial"
+	mkdir -p "$c2.partial"
 	dpkg-deb -x "$tmp"/containerd_*.deb "$c2.partial"
 	mv "$c2.partial" "$c2"
 fi
