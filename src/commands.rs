@@ -136,3 +136,55 @@ pub async fn register(socket: &Path, reference: &str) -> Result<String> {
     let info = ApiClient::new(socket)?.register(reference).await?;
     Ok(format!("{}\n", info.fsid))
 }
+
+/// What `lazyblob containerd-config` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeAction {
+    /// Add lazyblob's settings.
+    Install,
+    /// Restore the backups.
+    Uninstall,
+}
+
+/// `lazyblob containerd-config`: edit (or restore) containerd's config files; with
+/// `on_change`, run it through `sh -c` when a file was written. Prints one line per file.
+pub fn containerd_config(
+    action: NodeAction,
+    config: Option<&Path>,
+    containerd_config: &Path,
+    on_change: Option<&str>,
+) -> Result<String> {
+    use crate::node::containerd_files::{self, FileOutcome};
+    let cfg = Config::load_or_default(config)?;
+    let settings = crate::node::settings(&cfg)
+        .context("lazyblob's config has no `[snapshotter] socket`: containerd would have nothing to talk to")?;
+    let outcome = match action {
+        NodeAction::Install => containerd_files::install(containerd_config, &settings)?,
+        NodeAction::Uninstall => containerd_files::uninstall(containerd_config, &settings)?,
+    };
+    let mut out = String::new();
+    for file in &outcome.files {
+        let _ = match file {
+            FileOutcome::Unchanged(p) => writeln!(out, "unchanged {}", p.display()),
+            FileOutcome::Changed(p) => writeln!(out, "changed {}", p.display()),
+            FileOutcome::Diverged(p) => {
+                tracing::warn!(
+                    file = %p.display(),
+                    backup = %containerd_files::backup_of(p).display(),
+                    "changed since lazyblob edited it: left alone, restore it from its backup by hand"
+                );
+                writeln!(out, "diverged {}", p.display())
+            }
+        };
+    }
+    if let (true, Some(cmd)) = (outcome.changed(), on_change) {
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .status()
+            .with_context(|| format!("running `{cmd}`"))?;
+        anyhow::ensure!(status.success(), "`{cmd}` failed: {status}");
+        let _ = writeln!(out, "ran {cmd}");
+    }
+    Ok(out)
+}

@@ -19,6 +19,7 @@ pub mod image;
 pub mod lock;
 pub mod malloc;
 pub mod metrics;
+pub mod node;
 pub mod private_fs;
 pub mod registry;
 pub mod service;

@@ -127,12 +127,42 @@ enum Cmd {
         #[arg(long)]
         state_dir: PathBuf,
     },
+    /// Add lazyblob's proxy snapshotter and CRI settings to containerd's config (version 2
+    /// or 3, its imports too), keeping a backup of each edited file; or restore the backups.
+    /// A run that finds everything in place writes nothing.
+    ContainerdConfig {
+        #[command(subcommand)]
+        action: ContainerdAction,
+    },
     /// Register an image with the running daemon; prints its fsid.
     Register {
         reference: String,
         #[command(flatten)]
         socket: Socket,
     },
+}
+
+/// `lazyblob containerd-config` verbs.
+#[derive(Subcommand)]
+enum ContainerdAction {
+    /// Add the settings (backups kept as `<file>.lazyblob-backup`).
+    Install(ContainerdArgs),
+    /// Restore the backups of files lazyblob edited (a file changed since is left alone).
+    Uninstall(ContainerdArgs),
+}
+
+#[derive(Args)]
+struct ContainerdArgs {
+    /// lazyblob's config: the snapshotter socket and root containerd is pointed at.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// containerd's config file.
+    #[arg(long, default_value = "/etc/containerd/config.toml")]
+    containerd_config: PathBuf,
+    /// Run this with `sh -c` when a file was written (restart containerd, e.g.
+    /// `systemctl restart containerd`); not run when nothing changed.
+    #[arg(long)]
+    on_change: Option<String>,
 }
 
 /// `--chunk-size`: the format's rule.
@@ -278,6 +308,18 @@ async fn run(cmd: Cmd) -> Result<String> {
             commands::mount(&socket.socket, &image, &dir, special).await
         }
         Cmd::Umount { dir, lazy, socket } => commands::umount(&socket.socket, &dir, lazy).await,
+        Cmd::ContainerdConfig { action } => {
+            let (action, args) = match action {
+                ContainerdAction::Install(a) => (commands::NodeAction::Install, a),
+                ContainerdAction::Uninstall(a) => (commands::NodeAction::Uninstall, a),
+            };
+            commands::containerd_config(
+                action,
+                args.config.as_deref(),
+                &args.containerd_config,
+                args.on_change.as_deref(),
+            )
+        }
         Cmd::Register { reference, socket } => commands::register(&socket.socket, &reference).await,
         Cmd::Guard { .. } => unreachable!("handled before the runtime starts"),
     }

@@ -416,6 +416,15 @@ impl std::fmt::Debug for HostConfig {
 }
 
 impl Config {
+    /// Where the containerd snapshotter keeps its snapshots and image mounts
+    /// (`[snapshotter] root`, default `<state_dir>/snapshotter`).
+    pub fn snapshotter_root(&self) -> PathBuf {
+        self.snapshotter
+            .root
+            .clone()
+            .unwrap_or_else(|| self.daemon.state_dir.join("snapshotter"))
+    }
+
     /// Read and validate `path`, or the defaults without one.
     pub fn load_or_default(path: Option<&Path>) -> Result<Config, ConfigError> {
         path.map_or_else(|| Ok(Config::default()), Config::load)

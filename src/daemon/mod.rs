@@ -152,11 +152,7 @@ impl Daemon {
 
     /// Where the containerd snapshotter keeps its snapshots and image mounts.
     pub fn snapshotter_root(&self) -> PathBuf {
-        self.config
-            .snapshotter
-            .root
-            .clone()
-            .unwrap_or_else(|| self.config.daemon.state_dir.join("snapshotter"))
+        self.config.snapshotter_root()
     }
 
     /// Whether this daemon took its kernel fd over from a stopped or upgraded one.

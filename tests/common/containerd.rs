@@ -44,6 +44,24 @@ impl Release {
         Release::V2(dir)
     }
 
+    /// `containerd config dump` of `config`: the configuration this release would run with
+    /// (imports merged, defaults filled in).
+    pub fn config_dump(&self, config: &Path) -> String {
+        let out = Command::new(self.binary("containerd"))
+            .arg("--config")
+            .arg(config)
+            .args(["config", "dump"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "containerd config dump {}: {}",
+            config.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn binary(&self, name: &str) -> PathBuf {
         match self {
             Release::Installed => PathBuf::from(name),
@@ -71,10 +89,6 @@ impl Containerd {
     /// `release` with the lazyblob proxy plugin at `snapshotter_socket` and, with `cri`, the
     /// CRI plugin on.
     pub fn start_release(release: Release, dir: &Path, snapshotter_socket: &Path, cri: Option<Cri<'_>>) -> Containerd {
-        require_tool("runc", "runc");
-        if matches!(release, Release::Installed) {
-            require_tool("containerd", "containerd");
-        }
         std::fs::create_dir_all(dir.join("cni-bin")).unwrap();
         std::fs::create_dir_all(dir.join("cni-conf")).unwrap();
         let socket = dir.join("containerd.sock");
@@ -83,6 +97,18 @@ impl Containerd {
             Release::V2(_) => config_v3(dir, &socket, snapshotter_socket, cri),
         };
         std::fs::write(dir.join("config.toml"), config).unwrap();
+        Containerd::start_with_config(release, dir, &dir.join("config.toml"))
+    }
+
+    /// `release` started with the config file `config` as it is, except for a private root,
+    /// state and socket under `dir` (command-line flags override the file's).
+    pub fn start_with_config(release: Release, dir: &Path, config: &Path) -> Containerd {
+        require_tool("runc", "runc");
+        if matches!(release, Release::Installed) {
+            require_tool("containerd", "containerd");
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("containerd.sock");
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
         let mut cmd = Command::new(release.binary("containerd"));
         if let Release::V2(bin) = &release {
@@ -93,7 +119,13 @@ impl Containerd {
         }
         let child = cmd
             .arg("--config")
-            .arg(dir.join("config.toml"))
+            .arg(config)
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--address")
+            .arg(&socket)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
