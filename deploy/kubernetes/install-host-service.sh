@@ -12,6 +12,11 @@
 # root-only where they hold configuration), and the service is restarted only then. A second
 # run with the same inputs changes nothing.
 #
+# `install-host-service.sh uninstall` stops and disables the service and removes what the
+# install wrote (the binary, config and unit; the state and cache directories stay, remove
+# them by hand once nothing uses them). Drain the node's lazyblob workloads first: a stop
+# with busy mounts keeps serving them until they are gone.
+#
 # Environment: HOST_ROOT (the node's / mounted into the container, default /host),
 # LAZYBLOB_BIN (the binary to install, default the one in the image), LAZYBLOB_CONFIG (the
 # config to install, default /etc/lazyblob/lazyblob.toml), SYSTEMCTL (how to reach the host's
@@ -23,6 +28,20 @@ bin=${LAZYBLOB_BIN:-/usr/local/bin/lazyblob}
 config=${LAZYBLOB_CONFIG:-/etc/lazyblob/lazyblob.toml}
 systemctl=${SYSTEMCTL:-nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl}
 changed=0
+
+if [ "${1:-install}" = uninstall ]; then
+	if [ -f "$host/etc/systemd/system/lazyblob.service" ]; then
+		$systemctl disable --now lazyblob.service
+		rm -f "$host/etc/systemd/system/lazyblob.service" "$host/opt/lazyblob/bin/lazyblob" \
+			"$host/etc/lazyblob/lazyblob.toml"
+		rmdir "$host/opt/lazyblob/bin" "$host/opt/lazyblob" 2>/dev/null || true
+		$systemctl daemon-reload
+		echo "install-host-service: lazyblob removed from the node"
+	else
+		echo "install-host-service: not installed"
+	fi
+	exit 0
+fi
 
 # install SRC DST MODE: copy SRC to DST (atomically) if the bytes differ
 install_file() {

@@ -1,0 +1,259 @@
+//! The Helm chart (`deploy/helm/lazyblob`) checked without a cluster: `helm lint --strict`
+//! and `helm template` (the real helm, from npm) for each way it is installed, every
+//! rendering validated by `kubernetes-validate --strict` (PyPI) against several Kubernetes
+//! versions; the rendered `lazyblob.toml` is loaded by lazyblob's own config loader; the
+//! DaemonSet's steps, mounts and privileges are what each mode needs; bad values are refused;
+//! and the committed plain manifests are what `deploy/kubernetes/render.sh` renders now.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+const KUBERNETES: [&str; 3] = ["1.29.0", "1.32.0", "1.35.0"];
+
+fn tool(var: &str, what: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from);
+    common::require(
+        path.as_ref().is_some_and(|p| p.is_file()),
+        &format!("{what} (${var}; scripts/test.sh installs it)"),
+    );
+    path.unwrap()
+}
+
+fn helm() -> PathBuf {
+    tool("LAZYBLOB_HELM", "helm")
+}
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/lazyblob")
+}
+
+fn sets(values: &[&str]) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|v| ["--set".to_string(), v.to_string()])
+        .collect()
+}
+
+fn output(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `helm template` of the chart with `values`: the YAML, or helm's error.
+fn render(values: &[&str]) -> Result<String, String> {
+    let out = Command::new(helm())
+        .args(["template", "lazyblob"])
+        .arg(chart())
+        .args(["--namespace", "lazyblob"])
+        .args(sets(values))
+        .output()
+        .unwrap();
+    match out.status.success() {
+        true => Ok(String::from_utf8(out.stdout).unwrap()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// The documents of a YAML stream as JSON (PyYAML from kubernetes-validate's venv).
+fn documents(yaml: &str) -> Vec<Value> {
+    let python = tool("LAZYBLOB_KUBE_VALIDATE", "kubernetes-validate").with_file_name("python");
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+fn names(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .map(|l| l.iter().filter_map(|c| c["name"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+/// Lint, render and validate one installation; its documents and its lazyblob config.
+fn installation(values: &[&str]) -> (Vec<Value>, lazyblob::config::Config) {
+    let (ok, lint) = output(
+        Command::new(helm())
+            .args(["lint", "--strict"])
+            .arg(chart())
+            .args(sets(values)),
+    );
+    assert!(ok, "helm lint {values:?}:\n{lint}");
+    let yaml = render(values).unwrap_or_else(|e| panic!("helm template {values:?}: {e}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("rendered.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    for version in KUBERNETES {
+        let (ok, text) = output(
+            Command::new(tool("LAZYBLOB_KUBE_VALIDATE", "kubernetes-validate"))
+                .args(["--strict", "-k", version])
+                .arg(&file),
+        );
+        assert!(
+            ok && !text.contains("ERROR"),
+            "{values:?} on Kubernetes {version}:\n{text}"
+        );
+        assert!(text.contains("passed for resource daemonset/lazyblob"), "{text}");
+    }
+    let docs = documents(&yaml);
+    let toml = kind(&docs, "ConfigMap")["data"]["lazyblob.toml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = tmp.path().join("lazyblob.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let config = lazyblob::config::Config::load(&path).unwrap_or_else(|e| panic!("{values:?}: {e}\n{toml}"));
+    (docs, config)
+}
+
+fn pod(docs: &[Value]) -> &Value {
+    &kind(docs, "DaemonSet")["spec"]["template"]["spec"]
+}
+
+#[test]
+fn host_mode_installs_the_node_service_and_configures_containerd() {
+    let (docs, config) = installation(&[]);
+    let spec = pod(&docs);
+    assert_eq!(
+        names(&spec["initContainers"]),
+        ["install-node-service", "configure-containerd"]
+    );
+    assert_eq!(names(&spec["containers"]), ["watch"]);
+    assert_eq!(spec["hostPID"], true);
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    assert!(spec["hostNetwork"].is_null(), "no host network without metrics");
+    let configure = &spec["initContainers"][1];
+    let args: Vec<&str> = configure["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(&args[..3], ["lazyblob", "containerd-config", "install"]);
+    assert!(args
+        .windows(2)
+        .any(|w| w == ["--containerd-config", "/host/etc/containerd/config.toml"]));
+    assert!(args.iter().any(|a| a.contains("systemctl restart containerd")));
+    for c in spec["initContainers"].as_array().unwrap() {
+        assert_eq!(c["securityContext"]["privileged"], true);
+    }
+    // the settings containerd gets point where the node service listens
+    let settings = lazyblob::node::settings(&config).expect("a snapshotter socket");
+    assert_eq!(settings.socket, Path::new("/run/lazyblob/snapshotter.sock"));
+    assert!(config.metrics.address.is_none(), "metrics are off by default");
+    assert!(config.daemon.cache_limit_bytes.is_some());
+}
+
+#[test]
+fn pod_mode_runs_the_daemon_with_bidirectional_mounts() {
+    let (docs, config) = installation(&["daemon.runIn=pod"]);
+    let spec = pod(&docs);
+    assert_eq!(names(&spec["initContainers"]), ["configure-containerd"]);
+    assert_eq!(names(&spec["containers"]), ["daemon"]);
+    let daemon = &spec["containers"][0];
+    assert_eq!(daemon["securityContext"]["privileged"], true);
+    let mounts = daemon["volumeMounts"].as_array().unwrap();
+    for dir in ["/var/lib/lazyblob", "/run/lazyblob"] {
+        let m = mounts.iter().find(|m| m["mountPath"] == dir).unwrap();
+        assert_eq!(m["mountPropagation"], "Bidirectional", "{dir}");
+    }
+    assert_eq!(config.daemon.state_dir, Path::new("/var/lib/lazyblob"));
+}
+
+#[test]
+fn metrics_use_the_host_network_and_a_pod_monitor() {
+    let (docs, config) = installation(&["metrics.enabled=true", "metrics.podMonitor.enabled=true"]);
+    let spec = pod(&docs);
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["containers"][0]["ports"][0]["containerPort"], 9464);
+    assert_eq!(config.metrics.address.map(|a| a.port()), Some(9464));
+    assert_eq!(
+        kind(&docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"],
+        "metrics"
+    );
+}
+
+#[test]
+fn uninstall_restores_containerd_and_removes_the_node_service() {
+    let (docs, _) = installation(&["node.uninstall=true"]);
+    let spec = pod(&docs);
+    assert_eq!(
+        names(&spec["initContainers"]),
+        ["restore-containerd-config", "remove-node-service"]
+    );
+    assert_eq!(spec["initContainers"][0]["command"][2], "uninstall");
+    assert_eq!(spec["initContainers"][1]["command"][1], "uninstall");
+    assert_eq!(names(&spec["containers"]), ["uninstalled"]);
+    let (docs, _) = installation(&["node.uninstall=true", "daemon.runIn=pod"]);
+    assert_eq!(names(&pod(&docs)["initContainers"]), ["restore-containerd-config"]);
+}
+
+#[test]
+fn image_digest_and_a_changed_config_roll_the_pods() {
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let (docs, _) = installation(&[&format!("image.digest={digest}"), "containerd.configure=false"]);
+    let spec = pod(&docs);
+    assert_eq!(names(&spec["initContainers"]), ["install-node-service"]);
+    assert_eq!(
+        spec["containers"][0]["image"],
+        format!("registry.example.com/lazyblob@{digest}")
+    );
+    let checksum = |docs: &[Value]| {
+        kind(docs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"].clone()
+    };
+    let (other, _) = installation(&["daemon.cacheLimitBytes=1000"]);
+    assert_ne!(checksum(&docs), checksum(&other));
+}
+
+#[test]
+fn bad_values_are_refused() {
+    for bad in [
+        "daemon.runIn=vm",
+        "daemon.frontend=fuse",
+        "image.digest=latest",
+        "daemon.cacheLimitBytes=-1",
+        "containerd.configPath=etc/containerd/config.toml",
+    ] {
+        assert!(render(&[bad]).is_err(), "{bad} was accepted");
+    }
+}
+
+#[test]
+fn the_plain_manifests_are_the_charts_rendering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lazyblob.yaml");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/render.sh");
+    let (ok, text) = output(Command::new("sh").arg(script).arg(&out).env("HELM", helm()));
+    assert!(ok, "{text}");
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/lazyblob.yaml");
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&committed).unwrap(),
+        "deploy/kubernetes/lazyblob.yaml is stale: run deploy/kubernetes/render.sh"
+    );
+    let docs = documents(&std::fs::read_to_string(&committed).unwrap());
+    assert_eq!(docs[0]["kind"], "Namespace");
+}
