@@ -10,6 +10,7 @@ pub mod api;
 pub mod catalog;
 pub mod commands;
 pub mod config;
+pub mod cri;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -55,6 +55,8 @@ pub struct Config {
     pub snapshotter: SnapshotterConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// CRI image-service proxy (kubelet's pull secrets).
+    pub cri: CriConfig,
 }
 
 /// Prometheus metrics (`GET /metrics`).
@@ -64,6 +66,32 @@ pub struct MetricsConfig {
     /// Serve metrics on this address (`127.0.0.1:9464`); unset: no endpoint. The metrics name
     /// images and counts reads: keep it on loopback or a node-local network.
     pub address: Option<std::net::SocketAddr>,
+}
+
+/// The CRI image-service proxy: kubelet's `--image-service-endpoint` points at `socket`,
+/// every call goes on to containerd, and each `PullImage`'s credentials are kept for the
+/// image's repository (root-only, `<state_dir>/cri-auths.json`) for lazy reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriConfig {
+    /// Serve the CRI image service on this unix socket; unset: no proxy.
+    pub socket: Option<PathBuf>,
+    /// containerd's CRI socket, where every call is forwarded.
+    pub containerd_socket: PathBuf,
+    /// A captured credential is dropped once neither a pull nor a read of its repository
+    /// used it for this long (`credentials_ttl_ms`, default 7 days).
+    #[serde(rename = "credentials_ttl_ms", deserialize_with = "units::millis")]
+    pub credentials_ttl: Duration,
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        CriConfig {
+            socket: None,
+            containerd_socket: PathBuf::from("/run/containerd/containerd.sock"),
+            credentials_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 /// containerd's snapshots API (`[proxy_plugins.lazyblob] type = "snapshot"`).

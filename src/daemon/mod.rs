@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 
+mod cri;
 mod eviction;
 mod mounts;
 mod read_ahead;
@@ -72,10 +73,13 @@ impl Daemon {
         let kernel = KernelFacts::read();
         let kind = frontend::choose(&kernel, config.daemon.frontend).context("choosing a kernel frontend")?;
         tracing::info!(kernel = %kernel.release, frontend = ?kind, "starting lazyblob");
-        let registry = Arc::new(
-            Registry::new(&config.registry, config.engine.max_concurrent_fetches)
-                .context("setting up the registry client")?,
-        );
+        let captured = cri::captured(&config)?;
+        let mut registry = Registry::new(&config.registry, config.engine.max_concurrent_fetches)
+            .context("setting up the registry client")?;
+        if let Some(c) = &captured {
+            registry = registry.with_captured(Arc::clone(c));
+        }
+        let registry = Arc::new(registry);
         let engine = Arc::new(Engine::new(Arc::clone(&registry), config.engine.clone()));
         let catalog = Arc::new(Catalog::new(Arc::clone(&registry), &config.daemon.state_dir));
         for (reference, err) in catalog.restore().await {
@@ -119,6 +123,7 @@ impl Daemon {
         }
         lock(&daemon.loops).push(daemon.frontend.spawn(stop_rx));
         snapshots::start(&daemon)?;
+        cri::start(&daemon, captured);
         read_ahead::start_settling(&daemon);
         Ok(daemon)
     }

@@ -14,6 +14,41 @@ use crate::config::{RegistryConfig, Transport};
 pub(super) struct Clients {
     pub oci: oci_client::Client,
     pub http: reqwest::Client,
+    /// What `oci` was built from (a repository with its own credential gets a client of
+    /// its own built the same way).
+    pub settings: OciSettings,
+}
+
+/// What an `oci-client` of one trust setting is built from.
+pub(super) struct OciSettings {
+    insecure: Vec<String>,
+    pem: Option<Vec<u8>>,
+    connect_timeout: std::time::Duration,
+    read_timeout: std::time::Duration,
+}
+
+impl OciSettings {
+    /// A new `oci-client` (its own credential store and token cache).
+    pub fn client(&self) -> Result<oci_client::Client, RegistryError> {
+        let extra = self
+            .pem
+            .iter()
+            .map(|data| Certificate {
+                encoding: CertificateEncoding::Pem,
+                data: data.clone(),
+            })
+            .collect();
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(self.insecure.clone()),
+            extra_root_certificates: extra,
+            connect_timeout: Some(self.connect_timeout),
+            read_timeout: Some(self.read_timeout),
+            platform_resolver: None,
+            user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        };
+        Ok(oci_client::Client::try_from(config)?)
+    }
 }
 
 /// Every set of clients a configuration needs.
@@ -38,28 +73,21 @@ impl HostClients {
                 .connect_timeout(cfg.connect_timeout)
                 .read_timeout(cfg.request_timeout)
                 .user_agent(concat!("lazyblob/", env!("CARGO_PKG_VERSION")));
-            let mut extra = Vec::new();
-            if let Some(data) = pem {
-                let certs = reqwest::Certificate::from_pem_bundle(&data)
+            if let Some(data) = &pem {
+                let certs = reqwest::Certificate::from_pem_bundle(data)
                     .map_err(|e| RegistryError::Credentials(format!("ca_file: {e}")))?;
                 http = http.tls_certs_merge(certs);
-                extra.push(Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data,
-                });
             }
-            let oci = ClientConfig {
-                protocol: ClientProtocol::HttpsExcept(insecure.clone()),
-                extra_root_certificates: extra,
-                connect_timeout: Some(cfg.connect_timeout),
-                read_timeout: Some(cfg.request_timeout),
-                platform_resolver: None,
-                user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
-                ..Default::default()
+            let settings = OciSettings {
+                insecure: insecure.clone(),
+                pem,
+                connect_timeout: cfg.connect_timeout,
+                read_timeout: cfg.request_timeout,
             };
             Ok(Clients {
-                oci: oci_client::Client::try_from(oci)?,
+                oci: settings.client()?,
                 http: http.build().map_err(|e| RegistryError::Transport(error_chain(&e)))?,
+                settings,
             })
         };
         let default = build(None)?;

@@ -63,7 +63,16 @@ struct HelperAnswer {
     secret: String,
 }
 
-/// Where credentials come from, in order: host config, credential helper, `credsStore`,
+/// Whom a credential is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every repository of the host (host config, docker config, helpers, anonymous).
+    Host,
+    /// One repository (captured from a pull of it): never used for another.
+    Repository,
+}
+
+/// Where credentials come from, in order: captured for the repository, then host config, credential helper, `credsStore`,
 /// `auths`; anonymous otherwise.
 #[derive(Debug, Default)]
 pub struct Credentials {
@@ -71,6 +80,8 @@ pub struct Credentials {
     docker: DockerConfig,
     /// Directory searched first for `docker-credential-*` helpers (tests); then `$PATH`.
     helper_dir: Option<PathBuf>,
+    /// Credentials captured from kubelet's pulls, per repository (the CRI proxy).
+    captured: Option<std::sync::Arc<super::captured::Captured>>,
     /// Recent helper answers by host, with the time they were given.
     helper_answers: Mutex<HashMap<String, (Instant, RegistryAuth)>>,
     /// One helper run per host at a time: concurrent lookups wait for its answer.
@@ -91,6 +102,7 @@ impl Credentials {
             hosts: hosts.to_vec(),
             docker,
             helper_dir: None,
+            captured: None,
             helper_answers: Mutex::new(HashMap::new()),
             helper_runs: Mutex::new(HashMap::new()),
         })
@@ -100,6 +112,21 @@ impl Credentials {
     pub fn with_helper_dir(mut self, dir: PathBuf) -> Self {
         self.helper_dir = Some(dir);
         self
+    }
+
+    /// Use the credentials captured from kubelet's pulls, before any other source.
+    pub fn with_captured(mut self, captured: std::sync::Arc<super::captured::Captured>) -> Self {
+        self.captured = Some(captured);
+        self
+    }
+
+    /// The credentials for `repository` on `host`: one captured for that very repository
+    /// first, then the host's ([`for_host`](Self::for_host)).
+    pub async fn for_repository(&self, host: &str, repository: &str) -> Result<(RegistryAuth, Scope), RegistryError> {
+        if let Some(auth) = self.captured.as_ref().and_then(|c| c.lookup(host, repository)) {
+            return Ok((auth, Scope::Repository));
+        }
+        Ok((self.for_host(host).await?, Scope::Host))
     }
 
     /// The credentials to use for `host` (`host[:port]`).

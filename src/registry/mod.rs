@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod captured;
 mod clients;
 pub mod credentials;
 pub mod error;
@@ -34,6 +35,7 @@ use tokio::sync::Semaphore;
 
 use crate::image::digest::Digest;
 use crate::lock::lock;
+use credentials::Scope;
 pub use error::RegistryError;
 use platform::Platform;
 use retry::RetryPolicy;
@@ -50,6 +52,10 @@ pub struct Registry {
     /// Hosts spoken to over plain HTTP.
     insecure: Vec<String>,
     creds: credentials::Credentials,
+    /// Clients of repositories with a credential of their own ([`Scope::Repository`]):
+    /// `oci-client` keeps one credential per host, which must not serve another repository.
+    /// Keyed by host and repository, with a fingerprint of the credential they hold.
+    scoped: Mutex<HashMap<(String, String), (String, oci_client::Client)>>,
     cfg: RegistryConfig,
     policy: RetryPolicy,
     platform: Platform,
@@ -83,6 +89,7 @@ impl Registry {
             host_clients,
             insecure,
             creds,
+            scoped: Mutex::new(HashMap::new()),
             policy: RetryPolicy {
                 max_attempts: cfg.max_attempts,
                 initial: cfg.backoff_initial,
@@ -99,18 +106,49 @@ impl Registry {
         })
     }
 
-    /// The `oci-client` that talks to `reference`'s host.
-    fn client(&self, reference: &Reference) -> &oci_client::Client {
-        &self.host_clients.get(reference.registry()).unwrap_or(&self.clients).oci
+    /// Use the credentials captured from kubelet's pulls (the CRI proxy), per repository.
+    pub fn with_captured(mut self, captured: Arc<captured::Captured>) -> Self {
+        self.creds = std::mem::take(&mut self.creds).with_captured(captured);
+        self
+    }
+
+    /// The clients of `reference`'s host (its own CA, or the bundled roots).
+    fn clients_of(&self, reference: &Reference) -> &clients::Clients {
+        self.host_clients.get(reference.registry()).unwrap_or(&self.clients)
+    }
+
+    /// The `oci-client` that talks to `reference`'s host with `auth`: the host's shared one,
+    /// or for a repository's own credential a client of that repository alone.
+    fn client(
+        &self,
+        reference: &Reference,
+        auth: &RegistryAuth,
+        scope: Scope,
+    ) -> Result<oci_client::Client, RegistryError> {
+        let host = self.clients_of(reference);
+        if scope == Scope::Host {
+            return Ok(host.oci.clone());
+        }
+        let fingerprint = match auth {
+            RegistryAuth::Basic(u, p) => Digest::of(format!("basic\0{u}\0{p}").as_bytes()).to_string(),
+            RegistryAuth::Bearer(t) => Digest::of(format!("bearer\0{t}").as_bytes()).to_string(),
+            RegistryAuth::Anonymous => String::new(),
+        };
+        let key = (reference.registry().to_string(), reference.repository().to_string());
+        let mut scoped = lock(&self.scoped);
+        match scoped.get(&key) {
+            Some((f, client)) if *f == fingerprint => Ok(client.clone()),
+            _ => {
+                let client = host.settings.client()?;
+                scoped.insert(key, (fingerprint, client.clone()));
+                Ok(client)
+            }
+        }
     }
 
     /// The HTTP client for `reference`'s host (bounded manifest GETs).
     fn http(&self, reference: &Reference) -> &reqwest::Client {
-        &self
-            .host_clients
-            .get(reference.registry())
-            .unwrap_or(&self.clients)
-            .http
+        &self.clients_of(reference).http
     }
 
     /// The manifest URL of `reference`, as `oci-client` would build it.
@@ -173,8 +211,8 @@ impl Registry {
             .transpose()
             .map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
         let (raw, digest) = self
-            .with_endpoints(reference, "manifest", 0, |ep, auth| async move {
-                let token = self.client(&ep).auth(&ep, &auth, RegistryOperation::Pull).await?;
+            .with_endpoints(reference, "manifest", 0, |ep, auth, client| async move {
+                let token = client.auth(&ep, &auth, RegistryOperation::Pull).await?;
                 let credential = manifest::Credential::after_auth(token, &auth);
                 let accept = MANIFEST_MEDIA_TYPES.join(", ");
                 manifest::get(
@@ -270,8 +308,8 @@ impl Registry {
             });
         }
         let bytes = end.saturating_sub(lock(sink).resume_at());
-        self.with_endpoints(&src.repo, "range", bytes, |ep, _| async move {
-            let r = self.stream_range(&ep, src, end, sink).await;
+        self.with_endpoints(&src.repo, "range", bytes, |ep, _, client| async move {
+            let r = self.stream_range(&client, &ep, src, end, sink).await;
             if r.is_err() {
                 lock(sink).abort_attempt();
             }
@@ -285,8 +323,10 @@ impl Registry {
         &self.cfg.limits
     }
 
-    async fn auth_for(&self, reference: &Reference) -> Result<RegistryAuth, RegistryError> {
-        self.creds.for_host(reference.registry()).await
+    async fn auth_for(&self, reference: &Reference) -> Result<(RegistryAuth, Scope), RegistryError> {
+        self.creds
+            .for_repository(reference.registry(), reference.repository())
+            .await
     }
 
     /// Mirrors of the reference's registry in order, then the origin.
@@ -310,7 +350,7 @@ impl Registry {
         op: F,
     ) -> Result<T, RegistryError>
     where
-        F: Fn(Reference, RegistryAuth) -> Fut,
+        F: Fn(Reference, RegistryAuth, oci_client::Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, RegistryError>>,
     {
         let policy = self.policy.for_transfer(bytes);
@@ -319,10 +359,9 @@ impl Registry {
         let mut last = None;
         let n_eps = eps.len();
         for (i, ep) in eps.into_iter().enumerate() {
-            let auth = self.auth_for(&ep).await?;
-            self.client(&ep)
-                .store_auth_if_needed(ep.resolve_registry(), &auth)
-                .await;
+            let (auth, scope) = self.auth_for(&ep).await?;
+            let client = self.client(&ep, &auth, scope)?;
+            client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
             let host = ep.registry().to_string();
             let res = policy
                 .run_until(
@@ -332,6 +371,7 @@ impl Registry {
                     |n| {
                         let ep = ep.clone();
                         let auth = auth.clone();
+                        let client = client.clone();
                         let op = &op;
                         async move {
                             use std::sync::atomic::Ordering::Relaxed;
@@ -339,20 +379,20 @@ impl Registry {
                             if n > 1 {
                                 self.stats.retries.fetch_add(1, Relaxed);
                             }
-                            match op(ep.clone(), auth.clone()).await {
+                            match op(ep.clone(), auth.clone(), client).await {
                                 Err(RegistryError::Unauthorized(url)) => {
                                     tracing::info!(registry = ep.registry(), "401 from registry, re-authenticating");
                                     // a credential helper's answer may have expired: ask again
                                     self.creds.forget(ep.registry());
-                                    let auth = self.auth_for(&ep).await?;
-                                    self.client(&ep)
-                                        .auth(&ep, &auth, RegistryOperation::Pull)
-                                        .await
-                                        .map_err(|e| match RegistryError::from(e) {
+                                    let (auth, scope) = self.auth_for(&ep).await?;
+                                    let client = self.client(&ep, &auth, scope)?;
+                                    client.auth(&ep, &auth, RegistryOperation::Pull).await.map_err(|e| {
+                                        match RegistryError::from(e) {
                                             RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),
                                             other => other,
-                                        })?;
-                                    op(ep, auth).await
+                                        }
+                                    })?;
+                                    op(ep, auth, client).await
                                 }
                                 other => other,
                             }
@@ -389,6 +429,7 @@ impl Registry {
     /// as it arrives; an error if the body ends early or the sink refuses a piece.
     async fn stream_range<S: range::RangeSink>(
         &self,
+        client: &oci_client::Client,
         ep: &Reference,
         src: &BlobSource,
         end: u64,
@@ -404,11 +445,7 @@ impl Registry {
             size: src.size as i64,
             ..Default::default()
         };
-        let (stream, mut to_skip) = match self
-            .client(ep)
-            .pull_blob_stream_partial(ep, &layer, offset, Some(len))
-            .await?
-        {
+        let (stream, mut to_skip) = match client.pull_blob_stream_partial(ep, &layer, offset, Some(len)).await? {
             BlobResponse::Partial(s) => (s, 0),
             // The server ignored Range and sent the whole blob: skip to the offset.
             BlobResponse::Full(s) => (s, offset),

@@ -20,9 +20,10 @@ impl Registry {
         data: Bytes,
         digest: String,
     ) -> Result<String, RegistryError> {
-        let auth = self.auth_for(repo).await?;
-        self.client(repo).auth(repo, &auth, RegistryOperation::Push).await?;
-        if self.client(repo).blob_exists(repo, &digest).await.unwrap_or(false) {
+        let (auth, scope) = self.auth_for(repo).await?;
+        let client = self.client(repo, &auth, scope)?;
+        client.auth(repo, &auth, RegistryOperation::Push).await?;
+        if client.blob_exists(repo, &digest).await.unwrap_or(false) {
             return Ok(digest);
         }
         self.policy
@@ -30,7 +31,8 @@ impl Registry {
             .run("push blob", |_| {
                 let data = data.clone();
                 let digest = digest.clone();
-                async move { Ok(self.client(repo).push_blob(repo, data, &digest).await?) }
+                let client = &client;
+                async move { Ok(client.push_blob(repo, data, &digest).await?) }
             })
             .await?;
         Ok(digest)
@@ -43,17 +45,17 @@ impl Registry {
         raw: Bytes,
         media_type: &str,
     ) -> Result<String, RegistryError> {
-        let auth = self.auth_for(reference).await?;
-        self.client(reference)
-            .auth(reference, &auth, RegistryOperation::Push)
-            .await?;
+        let (auth, scope) = self.auth_for(reference).await?;
+        let client = self.client(reference, &auth, scope)?;
+        client.auth(reference, &auth, RegistryOperation::Push).await?;
         let ct = reqwest::header::HeaderValue::from_str(media_type)
             .map_err(|_| RegistryError::Manifest(format!("bad media type {media_type:?}")))?;
         self.policy
             .run("push manifest", |_| {
                 let raw = raw.clone();
                 let ct = ct.clone();
-                async move { Ok(self.client(reference).push_manifest_raw(reference, raw, ct).await?) }
+                let client = &client;
+                async move { Ok(client.push_manifest_raw(reference, raw, ct).await?) }
             })
             .await?;
         Ok(sha256_digest(&raw))

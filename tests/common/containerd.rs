@@ -247,6 +247,15 @@ pub fn tail(s: &str, n: usize) -> String {
 /// CRI `ImageService/PullImage` of `image` through containerd's socket (what kubelet does);
 /// returns the image reference containerd answers.
 pub async fn cri_pull(socket: &Path, image: &str) -> Result<String, tonic::Status> {
+    cri_pull_with(socket, image, None).await
+}
+
+/// [`cri_pull`] with the pull secret kubelet sends (`auth`).
+pub async fn cri_pull_with(
+    socket: &Path,
+    image: &str,
+    auth: Option<k8s_cri::v1::AuthConfig>,
+) -> Result<String, tonic::Status> {
     use k8s_cri::v1::image_service_client::ImageServiceClient;
     use k8s_cri::v1::{ImageSpec, PullImageRequest};
     let channel = unix_channel(socket)
@@ -259,6 +268,7 @@ pub async fn cri_pull(socket: &Path, image: &str) -> Result<String, tonic::Statu
                 image: image.to_string(),
                 ..Default::default()
             }),
+            auth,
             ..Default::default()
         })
         .await?;
