@@ -165,6 +165,7 @@ fn host_mode_installs_the_node_service_and_configures_containerd() {
     let settings = lazyblob::node::settings(&config).expect("a snapshotter socket");
     assert_eq!(settings.socket, Path::new("/run/lazyblob/snapshotter.sock"));
     assert!(config.metrics.address.is_none(), "metrics are off by default");
+    assert!(config.cri.socket.is_none(), "the CRI proxy is off by default");
     assert!(config.daemon.cache_limit_bytes.is_some());
 }
 
@@ -195,6 +196,14 @@ fn metrics_use_the_host_network_and_a_pod_monitor() {
         kind(&docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"],
         "metrics"
     );
+}
+
+#[test]
+fn the_cri_proxy_is_configured_for_pull_secrets() {
+    let (_, config) = installation(&["criProxy.enabled=true"]);
+    assert_eq!(config.cri.socket.as_deref(), Some(Path::new("/run/lazyblob/cri.sock")));
+    assert_eq!(config.cri.containerd_socket, Path::new("/run/containerd/containerd.sock"));
+    assert_eq!(config.cri.credentials_ttl, std::time::Duration::from_secs(7 * 24 * 3600));
 }
 
 #[test]

@@ -44,6 +44,13 @@ restart_hold_ms = {{ $d.restartHoldMs | int64 }}
 [snapshotter]
 socket = "/run/lazyblob/snapshotter.sock"
 root = "/var/lib/lazyblob/snapshotter"
+{{- if .Values.criProxy.enabled }}
+
+[cri]
+socket = "/run/lazyblob/cri.sock"
+containerd_socket = {{ .Values.criProxy.containerdSocket | quote }}
+credentials_ttl_ms = {{ .Values.criProxy.credentialsTtlMs | int64 }}
+{{- end }}
 {{- if .Values.metrics.enabled }}
 
 [metrics]
