@@ -166,6 +166,10 @@ fn host_mode_installs_the_node_service_and_configures_containerd() {
     assert_eq!(settings.socket, Path::new("/run/lazyblob/snapshotter.sock"));
     assert!(config.metrics.address.is_none(), "metrics are off by default");
     assert!(config.cri.socket.is_none(), "the CRI proxy is off by default");
+    assert_eq!(
+        config.registry.containerd_hosts_dir.as_deref(),
+        Some(Path::new("/etc/containerd/certs.d"))
+    );
     assert!(config.daemon.cache_limit_bytes.is_some());
 }
 
@@ -183,6 +187,10 @@ fn pod_mode_runs_the_daemon_with_bidirectional_mounts() {
         assert_eq!(m["mountPropagation"], "Bidirectional", "{dir}");
     }
     assert_eq!(config.daemon.state_dir, Path::new("/var/lib/lazyblob"));
+    // the node's registry hosts files are visible where the config says
+    let hosts = mounts.iter().find(|m| m["name"] == "registry-hosts").unwrap();
+    assert_eq!(hosts["mountPath"], "/etc/containerd/certs.d");
+    assert_eq!(hosts["readOnly"], true);
 }
 
 #[test]
@@ -202,8 +210,14 @@ fn metrics_use_the_host_network_and_a_pod_monitor() {
 fn the_cri_proxy_is_configured_for_pull_secrets() {
     let (_, config) = installation(&["criProxy.enabled=true"]);
     assert_eq!(config.cri.socket.as_deref(), Some(Path::new("/run/lazyblob/cri.sock")));
-    assert_eq!(config.cri.containerd_socket, Path::new("/run/containerd/containerd.sock"));
-    assert_eq!(config.cri.credentials_ttl, std::time::Duration::from_secs(7 * 24 * 3600));
+    assert_eq!(
+        config.cri.containerd_socket,
+        Path::new("/run/containerd/containerd.sock")
+    );
+    assert_eq!(
+        config.cri.credentials_ttl,
+        std::time::Duration::from_secs(7 * 24 * 3600)
+    );
 }
 
 #[test]
@@ -234,7 +248,13 @@ fn image_digest_and_a_changed_config_roll_the_pods() {
     let checksum = |docs: &[Value]| {
         kind(docs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"].clone()
     };
-    let (other, _) = installation(&["daemon.cacheLimitBytes=1000"]);
+    let (other, config) = installation(&[
+        "daemon.cacheLimitBytes=1000",
+        "registry.containerdHostsDir=",
+        "extraConfig=[[registry.hosts]]\nhost = \"reg.example\"\nca_file = \"/etc/ssl/reg.pem\"\n",
+    ]);
+    assert!(config.registry.containerd_hosts_dir.is_none());
+    assert_eq!(config.registry.hosts[0].host, "reg.example");
     assert_ne!(checksum(&docs), checksum(&other));
 }
 

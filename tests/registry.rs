@@ -334,72 +334,13 @@ async fn docker_registry_with_htpasswd_basic_auth() {
     assert!(anon.resolve(&r).await.is_err());
 }
 
-/// A private CA and a certificate it signs for 127.0.0.1, made with `openssl` in `dir`:
-/// returns (CA certificate, server certificate, server key).
-fn private_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    require_tool("openssl", "openssl");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=lazyblob test CA",
-        ],
-    ]
-    .concat());
-    run(&[
-        &["req"][..],
-        &ec,
-        &["-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1"],
-    ]
-    .concat());
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "srv.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
-    (dir.join("ca.pem"), dir.join("srv.pem"), dir.join("srv.key"))
-}
-
 /// A `ca_file` is trusted for its own host only: two HTTPS `docker-registry` instances with
 /// certificates of one private CA, the CA configured for the first; the first serves, the
 /// second is refused at the TLS handshake (one shared client used to trust it for both).
 #[tokio::test]
 async fn a_ca_file_is_trusted_for_its_host_only() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = private_ca(dir.path());
+    let (ca, cert, key) = common::tls::private_ca(dir.path());
     let (a, b) = (
         DockerRegistry::start_with(None, Some((&cert, &key))),
         DockerRegistry::start_with(None, Some((&cert, &key))),

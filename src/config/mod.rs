@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-
+mod containerd_hosts;
 mod registry;
 mod units;
 
@@ -247,10 +247,18 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source,
         })?;
+        if let Some(dir) = cfg.registry.containerd_hosts_dir.clone() {
+            for h in containerd_hosts::read(&dir)? {
+                // lazyblob's own settings for a host win
+                if cfg.registry.host(&h.host).is_none() {
+                    cfg.registry.hosts.push(h);
+                }
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }

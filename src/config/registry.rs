@@ -43,6 +43,9 @@ pub struct RegistryConfig {
     /// docker `config.json` for `auths`, `credHelpers` and `credsStore` (default: $DOCKER_CONFIG
     /// or ~/.docker/config.json when present).
     pub docker_config: Option<PathBuf>,
+    /// containerd's registry hosts directory (`/etc/containerd/certs.d`): its `hosts.toml`
+    /// files add mirrors, CAs and `skip_verify` for hosts `hosts` does not configure.
+    pub containerd_hosts_dir: Option<PathBuf>,
     /// Platform picked from an image index, `os/arch[/variant]` (default: this node's).
     #[serde(deserialize_with = "units::parsed")]
     pub platform: Option<Platform>,
@@ -156,6 +159,7 @@ impl Default for RegistryConfig {
             deadline: Duration::from_secs(60),
             min_rate_kib_s: NonZeroU64::new(512),
             docker_config: None,
+            containerd_hosts_dir: None,
             platform: None,
             limits: LimitsConfig::default(),
             hosts: Vec::new(),
@@ -180,6 +184,9 @@ pub struct HostConfig {
     pub insecure: bool,
     /// Extra PEM CA certificates to trust for this host only (with TLS).
     pub ca_file: Option<PathBuf>,
+    /// TLS without verifying the host's certificate (containerd's `skip_verify`): anyone on
+    /// the path can read and change the traffic; image data is still verified by digest.
+    pub skip_verify: bool,
     /// Mirrors tried in order before the origin (`host[:port]`).
     pub mirrors: Vec<String>,
     /// Basic-auth user name.
@@ -201,15 +208,18 @@ pub enum Transport<'a> {
     TlsWithCa(&'a Path),
     /// Plain HTTP (`insecure = true`).
     Plain,
+    /// TLS whose certificate is not verified (`skip_verify = true`).
+    TlsUnverified,
 }
 
 impl HostConfig {
     /// The transport of this host (validation refuses `insecure` with a `ca_file`).
     pub fn transport(&self) -> Transport<'_> {
-        match (self.insecure, &self.ca_file) {
-            (true, _) => Transport::Plain,
-            (false, Some(ca)) => Transport::TlsWithCa(ca),
-            (false, None) => Transport::Tls,
+        match (self.insecure, self.skip_verify, &self.ca_file) {
+            (true, _, _) => Transport::Plain,
+            (false, true, _) => Transport::TlsUnverified,
+            (false, false, Some(ca)) => Transport::TlsWithCa(ca),
+            (false, false, None) => Transport::Tls,
         }
     }
 }
@@ -221,6 +231,7 @@ impl std::fmt::Debug for HostConfig {
             .field("host", &self.host)
             .field("insecure", &self.insecure)
             .field("ca_file", &self.ca_file)
+            .field("skip_verify", &self.skip_verify)
             .field("mirrors", &self.mirrors)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))

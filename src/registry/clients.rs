@@ -1,6 +1,6 @@
 //! The HTTP clients of the registry, one set per TLS trust setting: the bundled public roots
 //! for every host, plus the host's own CA for each host with a `ca_file` (trusted for that
-//! host only). Each set is an `oci-client` (blobs, auth, pushes) and a plain `reqwest` client
+//! host only), or no verification for a host with `skip_verify` (that host only). Each set is an `oci-client` (blobs, auth, pushes) and a plain `reqwest` client
 //! (bounded manifest GETs) built with the same roots and timeouts.
 
 use std::collections::HashMap;
@@ -19,10 +19,21 @@ pub(super) struct Clients {
     pub settings: OciSettings,
 }
 
+/// Which certificates a set of clients trusts.
+#[derive(Clone)]
+enum Trust {
+    /// The system (or bundled) roots.
+    Roots,
+    /// Those and a host's own CA (PEM).
+    WithCa(Vec<u8>),
+    /// Any certificate (`skip_verify`).
+    Unverified,
+}
+
 /// What an `oci-client` of one trust setting is built from.
 pub(super) struct OciSettings {
     insecure: Vec<String>,
-    pem: Option<Vec<u8>>,
+    trust: Trust,
     connect_timeout: std::time::Duration,
     read_timeout: std::time::Duration,
 }
@@ -30,15 +41,15 @@ pub(super) struct OciSettings {
 impl OciSettings {
     /// A new `oci-client` (its own credential store and token cache).
     pub fn client(&self) -> Result<oci_client::Client, RegistryError> {
-        let extra = self
-            .pem
-            .iter()
-            .map(|data| Certificate {
+        let extra = match &self.trust {
+            Trust::WithCa(data) => vec![Certificate {
                 encoding: CertificateEncoding::Pem,
                 data: data.clone(),
-            })
-            .collect();
+            }],
+            Trust::Roots | Trust::Unverified => Vec::new(),
+        };
         let config = ClientConfig {
+            accept_invalid_certificates: matches!(self.trust, Trust::Unverified),
             protocol: ClientProtocol::HttpsExcept(self.insecure.clone()),
             extra_root_certificates: extra,
             connect_timeout: Some(self.connect_timeout),
@@ -68,19 +79,23 @@ impl HostClients {
             .filter(|h| h.transport() == Transport::Plain)
             .map(|h| h.host.clone())
             .collect();
-        let build = |pem: Option<Vec<u8>>| -> Result<Clients, RegistryError> {
+        let build = |trust: Trust| -> Result<Clients, RegistryError> {
             let mut http = reqwest::Client::builder()
                 .connect_timeout(cfg.connect_timeout)
                 .read_timeout(cfg.request_timeout)
                 .user_agent(concat!("lazyblob/", env!("CARGO_PKG_VERSION")));
-            if let Some(data) = &pem {
-                let certs = reqwest::Certificate::from_pem_bundle(data)
-                    .map_err(|e| RegistryError::Credentials(format!("ca_file: {e}")))?;
-                http = http.tls_certs_merge(certs);
+            match &trust {
+                Trust::WithCa(data) => {
+                    let certs = reqwest::Certificate::from_pem_bundle(data)
+                        .map_err(|e| RegistryError::Credentials(format!("ca_file: {e}")))?;
+                    http = http.tls_certs_merge(certs);
+                }
+                Trust::Unverified => http = http.danger_accept_invalid_certs(true),
+                Trust::Roots => {}
             }
             let settings = OciSettings {
                 insecure: insecure.clone(),
-                pem,
+                trust,
                 connect_timeout: cfg.connect_timeout,
                 read_timeout: cfg.request_timeout,
             };
@@ -90,13 +105,23 @@ impl HostClients {
                 settings,
             })
         };
-        let default = build(None)?;
+        let default = build(Trust::Roots)?;
         let mut by_host = HashMap::new();
         for h in &cfg.hosts {
-            if let Transport::TlsWithCa(ca) = h.transport() {
-                let data = std::fs::read(ca)
-                    .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
-                by_host.insert(h.host.clone(), build(Some(data))?);
+            match h.transport() {
+                Transport::TlsWithCa(ca) => {
+                    let data = std::fs::read(ca)
+                        .map_err(|e| RegistryError::Credentials(format!("ca_file {}: {e}", ca.display())))?;
+                    by_host.insert(h.host.clone(), build(Trust::WithCa(data))?);
+                }
+                Transport::TlsUnverified => {
+                    tracing::warn!(
+                        host = h.host,
+                        "TLS certificates of this host are not verified (skip_verify)"
+                    );
+                    by_host.insert(h.host.clone(), build(Trust::Unverified)?);
+                }
+                Transport::Tls | Transport::Plain => {}
             }
         }
         Ok(HostClients {

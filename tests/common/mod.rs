@@ -7,6 +7,7 @@ pub mod containerd_config;
 pub mod daemon;
 pub mod oci;
 pub mod procs;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

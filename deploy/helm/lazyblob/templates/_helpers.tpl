@@ -44,6 +44,13 @@ restart_hold_ms = {{ $d.restartHoldMs | int64 }}
 [snapshotter]
 socket = "/run/lazyblob/snapshotter.sock"
 root = "/var/lib/lazyblob/snapshotter"
+
+[registry]
+max_attempts = {{ .Values.registry.maxAttempts | int }}
+deadline_ms = {{ .Values.registry.deadlineMs | int64 }}
+{{- with .Values.registry.containerdHostsDir }}
+containerd_hosts_dir = {{ . | quote }}
+{{- end }}
 {{- if .Values.criProxy.enabled }}
 
 [cri]
@@ -57,5 +64,5 @@ credentials_ttl_ms = {{ .Values.criProxy.credentialsTtlMs | int64 }}
 address = "0.0.0.0:{{ .Values.metrics.port | int }}"
 {{- end }}
 
-{{ .Values.registryConfig }}
+{{ .Values.extraConfig }}
 {{- end -}}
