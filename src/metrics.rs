@@ -155,6 +155,21 @@ impl Collector for DaemonCollector {
             "1 if this daemon took over from a stopped or upgraded one",
             took_over,
         )?;
+        let evicted = (d.evicted.blobs.load(Relaxed), d.evicted.bytes.load(Relaxed));
+        counter(
+            &mut enc,
+            "lazyblob_cache_evicted_blobs",
+            "Blobs the cache limit evicted",
+            evicted.0,
+        )?;
+        counter(
+            &mut enc,
+            "lazyblob_cache_evicted_bytes",
+            "Bytes the cache limit evicted",
+            evicted.1,
+        )?;
+        per_image(&mut enc, &d)?;
+        per_host(&mut enc, &d)?;
         let times = d.frontend.read_times();
         let mut h = enc.encode_descriptor(
             "lazyblob_read_duration_seconds",
@@ -170,6 +185,92 @@ impl Collector for DaemonCollector {
             .encode(h.encode_family(&[("frontend", kind), ("path", "warm")])?)?;
         Ok(())
     }
+}
+
+/// Bytes served to readers and requested from registries per registered image (its data
+/// blobs' counters; a blob two images share counts in both).
+fn per_image(enc: &mut DescriptorEncoder<'_>, d: &Daemon) -> fmt::Result {
+    let images: Vec<(String, crate::engine::BlobCounters)> = d
+        .catalog
+        .list()
+        .iter()
+        .map(|img| {
+            let sum = img.data.iter().map(|b| d.engine.stats.of_blob(b.key())).fold(
+                crate::engine::BlobCounters::default(),
+                |a, b| crate::engine::BlobCounters {
+                    served: a.served + b.served,
+                    fetched: a.fetched + b.fetched,
+                },
+            );
+            (img.reference.clone(), sum)
+        })
+        .collect();
+    let families: [(&str, &str, fn(&crate::engine::BlobCounters) -> u64); 2] = [
+        (
+            "lazyblob_image_read_bytes",
+            "Bytes of an image handed to readers",
+            |c| c.served,
+        ),
+        (
+            "lazyblob_image_fetched_bytes",
+            "Bytes of an image requested from registries",
+            |c| c.fetched,
+        ),
+    ];
+    for (name, help, value) in families {
+        let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (image, c) in &images {
+            ConstCounter::new(value(c)).encode(family.encode_family(&[("image", image.as_str())])?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Requests, retries, failures, bytes and request latency per registry host and kind of
+/// request (`manifest`, `range`).
+fn per_host(enc: &mut DescriptorEncoder<'_>, d: &Daemon) -> fmt::Result {
+    use crate::registry::HostStats;
+    let hosts = d.engine.registry().stats.hosts();
+    let families: [(&str, &str, fn(&HostStats) -> u64); 4] = [
+        (
+            "lazyblob_registry_host_requests",
+            "HTTP requests sent to a registry host",
+            |h| h.requests.load(Relaxed),
+        ),
+        (
+            "lazyblob_registry_host_retries",
+            "Attempts repeated against a registry host",
+            |h| h.retries.load(Relaxed),
+        ),
+        (
+            "lazyblob_registry_host_failures",
+            "Operations that failed for good on a registry host",
+            |h| h.failures.load(Relaxed),
+        ),
+        (
+            "lazyblob_registry_host_bytes",
+            "Body bytes received from a registry host",
+            |h| h.bytes.load(Relaxed),
+        ),
+    ];
+    for (name, help, value) in families {
+        let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (host, op, stats) in &hosts {
+            ConstCounter::new(value(stats)).encode(family.encode_family(&[("host", host.as_str()), ("op", op)])?)?;
+        }
+    }
+    let mut family = enc.encode_descriptor(
+        "lazyblob_registry_request_duration_seconds",
+        "Time from sending a registry request to the end of its body",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (host, op, stats) in &hosts {
+        stats
+            .latency
+            .encode(family.encode_family(&[("host", host.as_str()), ("op", op)])?)?;
+    }
+    Ok(())
 }
 
 /// OpenMetrics text turned into the classic Prometheus text format: a counter family's

@@ -2,8 +2,10 @@
 //! (fanotify, this machine's kernel) serves an image from registry-mock, a few files are
 //! read lazily, `promtool check metrics` accepts the endpoint's output, and Prometheus,
 //! scraping it every second, answers queries with the bytes read, the bytes fetched and
-//! the cold-read latency histogram, and evaluates every query of the shipped Grafana
-//! dashboard (`deploy/grafana/lazyblob-dashboard.json`).
+//! the cold-read latency histogram, the same per image and per registry host (adding up to
+//! the totals), registry request latency, and evaluates every query of the shipped Grafana
+//! dashboard (`deploy/grafana/lazyblob-dashboard.json`); the unmount's evictions under a
+//! tiny cache limit are counted.
 
 mod common;
 
@@ -67,7 +69,8 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
     let d = DaemonProc::start(
         &work.path().join("d"),
         &[&host],
-        &format!("frontend = \"fanotify\"\n[metrics]\naddress = \"127.0.0.1:{port}\""),
+        // a 1-byte cache limit: the unmount at the end evicts the image's blobs
+        &format!("frontend = \"fanotify\"\ncache_limit_bytes = 1\n[metrics]\naddress = \"127.0.0.1:{port}\""),
     );
     let mnt = work.path().join("d/mnt");
     d.mount(&format!("{host}/metrics/app:v1"), &mnt);
@@ -110,6 +113,11 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
         "lazyblob_chunks_in_flight",
         "lazyblob_mounts 1",
         "lazyblob_read_duration_seconds_count{frontend=\"fanotify\",path=\"cold\"}",
+        &format!("lazyblob_image_read_bytes_total{{image=\"{host}/metrics/app:v1\"}}"),
+        &format!("lazyblob_image_fetched_bytes_total{{image=\"{host}/metrics/app:v1\"}}"),
+        &format!("lazyblob_registry_host_requests_total{{host=\"{host}\",op=\"range\"}}"),
+        &format!("lazyblob_registry_request_duration_seconds_count{{host=\"{host}\",op=\"manifest\"}}"),
+        "lazyblob_cache_evicted_blobs_total 0",
     ] {
         assert!(body.contains(name), "{name} missing:\n{body}");
     }
@@ -154,6 +162,27 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
     assert!(served > 0.0 && fetched > 0.0 && cold > 0.0);
     // the kernel reads whole pages and read-ahead windows: at least what the test read
     assert!(served >= read as f64, "{served} bytes served for {read} read");
+    // per image (one image here: all of it) and per host (the sum is the total)
+    let image = format!("{{image=\"{host}/metrics/app:v1\"}}");
+    let of_image = query(&http, prom_port, &format!("lazyblob_image_read_bytes_total{image}")).await;
+    assert_eq!(of_image, Some(served), "bytes read of the image");
+    let image_fetched = query(&http, prom_port, &format!("lazyblob_image_fetched_bytes_total{image}"))
+        .await
+        .unwrap();
+    assert!(
+        image_fetched > 0.0 && image_fetched <= fetched,
+        "{image_fetched} of {fetched}"
+    );
+    let by_host = query(&http, prom_port, "sum(lazyblob_registry_host_requests_total)").await;
+    let total = query(&http, prom_port, "lazyblob_registry_requests_total").await;
+    assert_eq!(by_host, total, "requests by host add up to the total");
+    let timed = query(
+        &http,
+        prom_port,
+        "sum(lazyblob_registry_request_duration_seconds_count{op=\"range\"})",
+    )
+    .await;
+    assert!(timed.is_some_and(|n| n > 0.0), "no range request timed");
     // every query of the shipped Grafana dashboard is one this Prometheus evaluates
     let dash: serde_json::Value = serde_json::from_slice(
         &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/lazyblob-dashboard.json")).unwrap(),
@@ -174,4 +203,25 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
         );
     }
     d.umount(&mnt);
+    // the unmount applied the cache limit: its evictions are counted
+    let t0 = Instant::now();
+    loop {
+        let body = http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let evicted = body
+            .lines()
+            .find_map(|l| l.strip_prefix("lazyblob_cache_evicted_blobs_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if evicted.is_some_and(|n| n >= 2.0) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no eviction counted:\n{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

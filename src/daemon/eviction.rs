@@ -8,6 +8,15 @@ use std::sync::Arc;
 use super::Daemon;
 use crate::frontend::fanotify::cache;
 
+/// What the cache limit removed since the daemon started.
+#[derive(Debug, Default)]
+pub struct EvictionStats {
+    /// Cache files deleted.
+    pub blobs: std::sync::atomic::AtomicU64,
+    /// Bytes they held on disk.
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
 impl Daemon {
     /// Release the pinned metadata of images no mount uses any more.
     pub(super) fn unpin_unused(&self) {
@@ -42,8 +51,13 @@ impl Daemon {
         let evicted = tokio::task::spawn_blocking(move || cache::evict(&dir, limit.get(), &keep))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        if let Err(e) = evicted {
-            tracing::warn!(error = %e, "cache eviction failed");
+        match evicted {
+            Ok(e) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.evicted.blobs.fetch_add(e.blobs, Relaxed);
+                self.evicted.bytes.fetch_add(e.bytes, Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "cache eviction failed"),
         }
     }
 

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 
 mod cri;
 mod eviction;
+pub use eviction::EvictionStats;
 mod mounts;
 mod read_ahead;
 mod snapshots;
@@ -54,6 +55,8 @@ pub struct Daemon {
     pub engine: Arc<Engine>,
     /// The registered images.
     pub catalog: Arc<Catalog>,
+    /// What the cache limit evicted.
+    pub evicted: eviction::EvictionStats,
     mounts: Mutex<Vec<MountRecord>>,
     /// The fanotify group's keeper should this process die (None: cachefiles, or released).
     guard: Mutex<Option<guard::Guard>>,
@@ -107,6 +110,7 @@ impl Daemon {
             frontend,
             engine,
             catalog,
+            evicted: Default::default(),
             mounts: Mutex::new(Vec::new()),
             guard: Mutex::new(guard),
             stop,

@@ -32,6 +32,11 @@ pub struct ChunkKey {
 }
 
 impl ChunkKey {
+    /// The blob the chunk belongs to.
+    pub fn blob(&self) -> &super::BlobKey {
+        &self.blob
+    }
+
     pub fn new(blob: &super::BlobKey, index: u64) -> ChunkKey {
         ChunkKey {
             blob: blob.clone(),

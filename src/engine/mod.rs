@@ -16,9 +16,12 @@
 pub mod chunks;
 pub(crate) mod inflight;
 pub(crate) mod pool;
+mod stats;
+
+pub use stats::{BlobCounters, EngineStats};
 pub mod run;
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::image::digest::Digest;
@@ -147,21 +150,6 @@ impl DataBlob {
     }
 }
 
-/// Counters exported in `status` and used by tests.
-#[derive(Debug, Default)]
-pub struct EngineStats {
-    /// Chunks whose fetch this engine started.
-    pub chunks_fetched: AtomicU64,
-    /// Range requests (runs of merged chunks) started.
-    pub runs: AtomicU64,
-    /// Chunk lookups answered by an in-flight or recently completed fetch.
-    pub shared_hits: AtomicU64,
-    /// Verified bytes handed to frontends.
-    pub bytes_served: AtomicU64,
-    /// Reads that failed.
-    pub failed_reads: AtomicU64,
-}
-
 /// One piece of a served range: the chunk starting at `offset`.
 #[derive(Debug, Clone)]
 pub struct Piece {
@@ -210,7 +198,7 @@ impl Pending {
                 }
             },
         };
-        engine.stats.bytes_served.fetch_add(data.len() as u64, Relaxed);
+        engine.stats.served(self.key.blob(), data.len() as u64);
         Ok(Piece {
             offset: self.offset,
             data,
@@ -352,6 +340,7 @@ impl Engine {
         let end = geo.end(run.end - 1);
         self.stats.runs.fetch_add(1, Relaxed);
         self.stats.chunks_fetched.fetch_add(run.end - run.start, Relaxed);
+        self.stats.fetched(blob.key(), end - start);
         let (senders, receivers): (Vec<_>, Vec<_>) = run.clone().map(|_| oneshot::channel()).unzip();
         let sink = std::sync::Mutex::new(RunSink::new(
             Arc::clone(blob),

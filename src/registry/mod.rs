@@ -17,7 +17,7 @@ pub mod push;
 pub(crate) mod range;
 mod types;
 
-pub use types::{BlobSource, RegistryStats, ResolvedManifest, MANIFEST_MEDIA_TYPES};
+pub use types::{BlobSource, HostStats, RegistryStats, ResolvedManifest, MANIFEST_MEDIA_TYPES};
 pub mod retry;
 pub mod roots;
 
@@ -345,7 +345,7 @@ impl Registry {
     async fn with_endpoints<T, F, Fut>(
         &self,
         reference: &Reference,
-        what: &str,
+        what: &'static str,
         bytes: u64,
         op: F,
     ) -> Result<T, RegistryError>
@@ -363,6 +363,7 @@ impl Registry {
             let client = self.client(&ep, &auth, scope)?;
             client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
             let host = ep.registry().to_string();
+            let host_stats = self.stats.host(&host, what);
             let res = policy
                 .run_until(
                     what,
@@ -373,13 +374,19 @@ impl Registry {
                         let auth = auth.clone();
                         let client = client.clone();
                         let op = &op;
+                        let host_stats = &host_stats;
                         async move {
                             use std::sync::atomic::Ordering::Relaxed;
                             self.stats.requests.fetch_add(1, Relaxed);
+                            host_stats.requests.fetch_add(1, Relaxed);
                             if n > 1 {
                                 self.stats.retries.fetch_add(1, Relaxed);
+                                host_stats.retries.fetch_add(1, Relaxed);
                             }
-                            match op(ep.clone(), auth.clone(), client).await {
+                            let t0 = Instant::now();
+                            let first = op(ep.clone(), auth.clone(), client).await;
+                            host_stats.latency.observe(t0.elapsed().as_secs_f64());
+                            match first {
                                 Err(RegistryError::Unauthorized(url)) => {
                                     tracing::info!(registry = ep.registry(), "401 from registry, re-authenticating");
                                     // a credential helper's answer may have expired: ask again
@@ -404,6 +411,7 @@ impl Registry {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     self.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    host_stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if i + 1 < n_eps {
                         tracing::warn!(endpoint = ep.registry(), error = %e, "endpoint failed, trying the next one");
                     }
@@ -452,6 +460,7 @@ impl Registry {
         };
         let mut body = stream.stream;
         let mut at = offset;
+        let host_stats = self.stats.host(ep.registry(), "range");
         while at < end {
             let Some(piece) = body.next().await else {
                 break;
@@ -468,6 +477,7 @@ impl Registry {
             }
             let n = piece.len() as u64;
             self.stats.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            host_stats.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             lock(sink).accept(at, piece)?;
             at += n;
         }

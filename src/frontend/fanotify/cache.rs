@@ -85,14 +85,23 @@ pub fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
+/// What an eviction removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evicted {
+    /// Cache files deleted.
+    pub blobs: u64,
+    /// Bytes they held on disk.
+    pub bytes: u64,
+}
+
 /// Delete cache files not in `keep`, least recently modified first, until the cache holds at
-/// most `limit` bytes. Returns the bytes freed.
-pub fn evict(cache_dir: &Path, limit: u64, keep: &[PathBuf]) -> io::Result<u64> {
+/// most `limit` bytes.
+pub fn evict(cache_dir: &Path, limit: u64, keep: &[PathBuf]) -> io::Result<Evicted> {
     let dir = cache_dir.join("blobs");
     let mut files: Vec<(std::time::SystemTime, PathBuf, u64)> = Vec::new();
     let mut total = 0;
     let Ok(rd) = std::fs::read_dir(&dir) else {
-        return Ok(0);
+        return Ok(Evicted::default());
     };
     for e in rd.flatten() {
         let p = e.path();
@@ -104,14 +113,15 @@ pub fn evict(cache_dir: &Path, limit: u64, keep: &[PathBuf]) -> io::Result<u64> 
         }
     }
     files.sort();
-    let mut freed = 0;
+    let mut freed = Evicted::default();
     for (_, p, size) in files {
         if total <= limit {
             break;
         }
         std::fs::remove_file(&p)?;
         total -= size;
-        freed += size;
+        freed.blobs += 1;
+        freed.bytes += size;
         tracing::info!(path = %p.display(), bytes = size, "evicted unused blob from the cache");
     }
     Ok(freed)
@@ -168,7 +178,7 @@ mod tests {
             f.write_all_at(&vec![1u8; 1 << 20], 0).unwrap();
         }
         let freed = evict(d.path(), 1 << 20, std::slice::from_ref(&b)).unwrap();
-        assert!(freed >= 1 << 20);
+        assert!(freed.bytes >= 1 << 20 && freed.blobs == 1);
         assert!(!a.exists() && b.exists());
     }
 }

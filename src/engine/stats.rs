@@ -1,0 +1,54 @@
+//! The engine's counters: totals for `status`, and bytes served and fetched per blob for
+//! the per-image metrics.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
+
+use super::BlobKey;
+use crate::lock::lock;
+
+/// Counters exported in `status` and used by tests.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Chunks whose fetch this engine started.
+    pub chunks_fetched: AtomicU64,
+    /// Range requests (runs of merged chunks) started.
+    pub runs: AtomicU64,
+    /// Chunk lookups answered by an in-flight or recently completed fetch.
+    pub shared_hits: AtomicU64,
+    /// Verified bytes handed to frontends.
+    pub bytes_served: AtomicU64,
+    /// Reads that failed.
+    pub failed_reads: AtomicU64,
+    /// Bytes served and requested by blob.
+    by_blob: Mutex<HashMap<BlobKey, BlobCounters>>,
+}
+
+/// What one blob's readers got and what was requested from registries for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlobCounters {
+    /// Verified bytes handed to frontends.
+    pub served: u64,
+    /// Bytes of the range requests started for it.
+    pub fetched: u64,
+}
+
+impl EngineStats {
+    /// `n` verified bytes of `blob` were handed to a frontend.
+    pub(super) fn served(&self, blob: &BlobKey, n: u64) {
+        self.bytes_served.fetch_add(n, Relaxed);
+        lock(&self.by_blob).entry(blob.clone()).or_default().served += n;
+    }
+
+    /// A range request of `n` bytes of `blob` was started.
+    pub(super) fn fetched(&self, blob: &BlobKey, n: u64) {
+        lock(&self.by_blob).entry(blob.clone()).or_default().fetched += n;
+    }
+
+    /// The counters of `blob` (zero if it was never read).
+    pub fn of_blob(&self, blob: &BlobKey) -> BlobCounters {
+        lock(&self.by_blob).get(blob).copied().unwrap_or_default()
+    }
+}
