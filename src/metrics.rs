@@ -187,6 +187,9 @@ impl Collector for DaemonCollector {
     }
 }
 
+/// A counter family read from `T`: name, help, value.
+type Family<T> = (&'static str, &'static str, fn(&T) -> u64);
+
 /// Bytes served to readers and requested from registries per registered image (its data
 /// blobs' counters; a blob two images share counts in both).
 fn per_image(enc: &mut DescriptorEncoder<'_>, d: &Daemon) -> fmt::Result {
@@ -205,7 +208,7 @@ fn per_image(enc: &mut DescriptorEncoder<'_>, d: &Daemon) -> fmt::Result {
             (img.reference.clone(), sum)
         })
         .collect();
-    let families: [(&str, &str, fn(&crate::engine::BlobCounters) -> u64); 2] = [
+    let families: [Family<crate::engine::BlobCounters>; 2] = [
         (
             "lazyblob_image_read_bytes",
             "Bytes of an image handed to readers",
@@ -231,7 +234,7 @@ fn per_image(enc: &mut DescriptorEncoder<'_>, d: &Daemon) -> fmt::Result {
 fn per_host(enc: &mut DescriptorEncoder<'_>, d: &Daemon) -> fmt::Result {
     use crate::registry::HostStats;
     let hosts = d.engine.registry().stats.hosts();
-    let families: [(&str, &str, fn(&HostStats) -> u64); 4] = [
+    let families: [Family<HostStats>; 4] = [
         (
             "lazyblob_registry_host_requests",
             "HTTP requests sent to a registry host",
