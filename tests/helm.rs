@@ -7,36 +7,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use common::helm::{chart, documents, helm, render, sets, tool};
 use serde_json::Value;
 
 const KUBERNETES: [&str; 3] = ["1.29.0", "1.32.0", "1.35.0"];
-
-fn tool(var: &str, what: &str) -> PathBuf {
-    let path = std::env::var_os(var).map(PathBuf::from);
-    common::require(
-        path.as_ref().is_some_and(|p| p.is_file()),
-        &format!("{what} (${var}; scripts/test.sh installs it)"),
-    );
-    path.unwrap()
-}
-
-fn helm() -> PathBuf {
-    tool("LAZYBLOB_HELM", "helm")
-}
-
-fn chart() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/lazyblob")
-}
-
-fn sets(values: &[&str]) -> Vec<String> {
-    values
-        .iter()
-        .flat_map(|v| ["--set".to_string(), v.to_string()])
-        .collect()
-}
 
 fn output(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().unwrap();
@@ -46,40 +23,6 @@ fn output(cmd: &mut Command) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
-}
-
-/// `helm template` of the chart with `values`: the YAML, or helm's error.
-fn render(values: &[&str]) -> Result<String, String> {
-    let out = Command::new(helm())
-        .args(["template", "lazyblob"])
-        .arg(chart())
-        .args(["--namespace", "lazyblob"])
-        .args(sets(values))
-        .output()
-        .unwrap();
-    match out.status.success() {
-        true => Ok(String::from_utf8(out.stdout).unwrap()),
-        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
-    }
-}
-
-/// The documents of a YAML stream as JSON (PyYAML from kubernetes-validate's venv).
-fn documents(yaml: &str) -> Vec<Value> {
-    let python = tool("LAZYBLOB_KUBE_VALIDATE", "kubernetes-validate").with_file_name("python");
-    let mut child = Command::new(python)
-        .args([
-            "-c",
-            "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
 }
 
 fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {

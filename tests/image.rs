@@ -1,13 +1,16 @@
 //! The lazyblob image built without Docker (`deploy/image/build-image.sh`: umoci, skopeo),
-//! pushed to a real `docker-registry` and run by Debian's containerd and runc the way the
-//! DaemonSet runs it (`ctr run --privileged` with the node's `/run/lazyblob` and `/` mounted):
-//! the printed digest is the registry's, `lazyblob status` inside answers from the daemon on
-//! the host, and the image's node installer and containerd-config step work on a scratch node
-//! root with nothing but what the image holds.
+//! pushed to a real `docker-registry` and run by Debian's containerd and runc the way the Helm
+//! chart's DaemonSet runs it (`ctr run --privileged` with the node's `/run/lazyblob`, the
+//! ConfigMap and the node's `/` mounted; image, commands, environment and config as `helm
+//! template` renders them): the printed digest is the registry's, the liveness probe's
+//! `lazyblob status` answers from the daemon on the host, the init steps install the node
+//! service and configure containerd on a scratch node root with nothing but what the image
+//! holds, and the uninstall rendering's steps restore containerd's config byte for byte and
+//! remove the service.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::containerd::{wait_for_socket, Containerd};
@@ -84,58 +87,183 @@ async fn the_image_runs_under_containerd_and_reaches_the_host_daemon() {
     std::fs::write(host_root.join("etc/containerd/config.toml"), &config).unwrap();
 
     let c = Containerd::start(&tmp.path().join("containerd"), &snapshotter, None);
-    c.ctr_ok(&["images", "pull", "--plain-http", &reference]);
+    // the image as the chart names it: by digest
+    let values = |extra: &[&str]| {
+        let mut v = vec![
+            format!("image.repository={}/lazyblob", dr.host),
+            format!("image.digest={digest}"),
+            // no systemd or containerd service here: the restart is recorded
+            "containerd.restartCommand=echo restart containerd".to_string(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let install = rendered(&values(&[]));
+    c.ctr_ok(&["images", "pull", "--plain-http", &install.image]);
     let listed = c.ctr_ok(&["images", "ls"]);
     assert!(listed.contains(&digest), "{listed}");
-    let run = |id: &str, script: &str| {
-        let run_mount = format!("type=bind,src={},dst=/run/lazyblob,options=rbind:rw", d.dir.display());
-        let root_mount = format!("type=bind,src={},dst=/host,options=rbind:rw", host_root.display());
-        c.ctr_ok(&[
-            "run",
-            "--rm",
-            "--privileged",
-            "--mount",
-            &run_mount,
-            "--mount",
-            &root_mount,
-            "--env",
-            "HOST_ROOT=/host",
-            &reference,
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ])
+    let configmap = tmp.path().join("configmap");
+    std::fs::create_dir_all(&configmap).unwrap();
+    std::fs::write(configmap.join("lazyblob.toml"), &install.config).unwrap();
+    let mounts = Mounts {
+        run: d.dir.clone(),
+        config: configmap,
+        host: host_root.clone(),
     };
 
-    // the DaemonSet's watcher: the image's binary talks to the host's daemon
-    let status = run("image-status", "lazyblob status --socket /run/lazyblob/lazyblob.sock");
+    // the watcher's liveness probe: the image's binary talks to the host's daemon
+    let status = run_in_image(&c, &install.image, "image-status", &install.probe, &[], &mounts);
     assert!(status.contains("frontend=fanotify"), "{status}");
     assert!(
         status.starts_with(&format!("lazyblob {}", env!("CARGO_PKG_VERSION"))),
         "{status}"
     );
 
-    // the DaemonSet's init steps, with only the image's tools (busybox): the node service
-    // installer (systemctl recorded, no systemd here) and the containerd config
-    let installed = run(
-        "image-install",
-        "SYSTEMCTL='echo systemctl' LAZYBLOB_CONFIG=/run/lazyblob/config.toml install-host-service.sh && \
-         lazyblob containerd-config install --config /run/lazyblob/config.toml \
-           --containerd-config /host/etc/containerd/config.toml --on-change 'echo restart containerd'",
-    );
-    assert!(installed.contains("systemctl restart lazyblob.service"), "{installed}");
-    assert!(installed.contains("restart containerd"), "{installed}");
-    let node_bin = std::fs::read(host_root.join("opt/lazyblob/bin/lazyblob")).unwrap();
+    // the chart's init steps as rendered, with only the image's tools (busybox): the node
+    // service installer (systemctl recorded, no systemd here) and the containerd config
+    let original = std::fs::read(host_root.join("etc/containerd/config.toml")).unwrap();
+    let mut said = String::new();
+    for (i, step) in install.init.iter().enumerate() {
+        said += &run_in_image(
+            &c,
+            &install.image,
+            &format!("init-{i}"),
+            &step.command,
+            &step.env,
+            &mounts,
+        );
+    }
+    assert!(said.contains("systemctl restart lazyblob.service"), "{said}");
+    assert!(said.contains("restart containerd"), "{said}");
     let out = Command::new(host_root.join("opt/lazyblob/bin/lazyblob"))
         .arg("--version")
         .output()
         .unwrap();
-    assert!(
-        node_bin.len() > 1_000_000 && out.status.success(),
-        "the installed binary does not run"
+    assert!(out.status.success(), "the installed binary does not run");
+    let node_config = host_root.join("etc/lazyblob/lazyblob.toml");
+    assert_eq!(std::fs::read_to_string(&node_config).unwrap(), install.config);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&node_config).unwrap().permissions().mode() & 0o777,
+        0o600
     );
     let edited = std::fs::read_to_string(host_root.join("etc/containerd/config.toml")).unwrap();
-    assert!(edited.contains(&snapshotter.display().to_string()), "{edited}");
+    assert!(edited.contains("/run/lazyblob/snapshotter.sock"), "{edited}");
     assert!(host_root.join("etc/containerd/config.toml.lazyblob-backup").exists());
+
+    // the uninstall rendering undoes it: containerd's config byte for byte, the service gone
+    let uninstall = rendered(&values(&["node.uninstall=true"]));
+    let mut said = String::new();
+    for (i, step) in uninstall.init.iter().enumerate() {
+        said += &run_in_image(
+            &c,
+            &uninstall.image,
+            &format!("uninit-{i}"),
+            &step.command,
+            &step.env,
+            &mounts,
+        );
+    }
+    assert!(said.contains("systemctl disable --now lazyblob.service"), "{said}");
+    assert_eq!(
+        std::fs::read(host_root.join("etc/containerd/config.toml")).unwrap(),
+        original
+    );
+    assert!(!host_root.join("etc/systemd/system/lazyblob.service").exists());
+    assert!(!host_root.join("opt/lazyblob/bin/lazyblob").exists());
+}
+
+/// One step of the DaemonSet: its command and environment.
+struct Step {
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// What the chart renders for one set of values, as the test runs it.
+struct Rendered {
+    image: String,
+    config: String,
+    init: Vec<Step>,
+    probe: Vec<String>,
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+fn rendered(values: &[String]) -> Rendered {
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    let yaml = helm::render(&values).unwrap();
+    let docs = helm::documents(&yaml);
+    let find = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap().clone();
+    let spec = find("DaemonSet")["spec"]["template"]["spec"].clone();
+    let init = spec["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Step {
+            command: strings(&c["command"]),
+            env: c["env"]
+                .as_array()
+                .map(|e| {
+                    e.iter()
+                        .map(|v| {
+                            (
+                                v["name"].as_str().unwrap().to_string(),
+                                v["value"].as_str().unwrap_or("").to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
+    Rendered {
+        image: spec["containers"][0]["image"].as_str().unwrap().to_string(),
+        config: find("ConfigMap")["data"]["lazyblob.toml"].as_str().unwrap().to_string(),
+        init,
+        probe: strings(&spec["containers"][0]["livenessProbe"]["exec"]["command"]),
+    }
+}
+
+/// The node's directories the DaemonSet mounts: `/run/lazyblob`, the ConfigMap at
+/// `/etc/lazyblob`, the node's `/` at `/host`.
+struct Mounts {
+    run: PathBuf,
+    config: PathBuf,
+    host: PathBuf,
+}
+
+/// Run `command` in the image as the DaemonSet would (privileged, the node's mounts); with
+/// `SYSTEMCTL` recorded, as no systemd runs here.
+fn run_in_image(
+    c: &Containerd,
+    image: &str,
+    id: &str,
+    command: &[String],
+    env: &[(String, String)],
+    m: &Mounts,
+) -> String {
+    let mount = |src: &Path, dst: &str| format!("type=bind,src={},dst={dst},options=rbind:rw", src.display());
+    let mut args: Vec<String> = ["run", "--rm", "--privileged"].map(String::from).to_vec();
+    for (src, dst) in [
+        (&m.run, "/run/lazyblob"),
+        (&m.config, "/etc/lazyblob"),
+        (&m.host, "/host"),
+    ] {
+        args.extend(["--mount".to_string(), mount(src, dst)]);
+    }
+    for (k, v) in env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain([("SYSTEMCTL", "echo systemctl")])
+    {
+        args.extend(["--env".to_string(), format!("{k}={v}")]);
+    }
+    args.extend([image.to_string(), id.to_string()]);
+    args.extend(command.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ctr_ok(&args)
 }
