@@ -48,11 +48,7 @@ async fn cri_pull_and_run(release: Release, auth: Option<(&str, &str)>) {
         cfg.hosts[0].password = Some(p.into());
     }
     let reg = client(&cfg);
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .find(|p| Path::new(p).exists())
-        .map(|p| std::fs::read(p).unwrap())
-        .expect("busybox-static");
+    let busybox = common::busybox();
     let (small, big1, big2) = (bytes(11, 5000), bytes(12, 8 << 20), bytes(13, 24 << 20));
     let mut base = oci::Layer::new();
     base.dir("bin", 0o755)

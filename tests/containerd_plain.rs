@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::containerd::{Containerd, Release};
@@ -16,11 +15,7 @@ use common::*;
 
 /// Two layers: busybox and data files; then a whiteout, a hard link, a replaced file.
 fn plain_layers() -> Vec<Vec<u8>> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .find(|p| Path::new(p).exists())
-        .map(|p| std::fs::read(p).unwrap())
-        .expect("busybox-static");
+    let busybox = common::busybox();
     let mut base = oci::Layer::new();
     base.dir("bin", 0o755)
         .file("bin/busybox", 0o755, &busybox)

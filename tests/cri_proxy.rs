@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::containerd::{cri_pull, cri_pull_with, wait_for_socket, Containerd, Cri, Release};
 use common::daemon::DaemonProc;
 use common::*;
@@ -25,11 +23,7 @@ async fn pull_secrets_reach_lazy_reads_through_the_cri_proxy() {
     cfg.hosts[0].username = Some(USER.into());
     cfg.hosts[0].password = Some(PASS.into());
     let reg = client(&cfg);
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .find(|p| Path::new(p).exists())
-        .map(|p| std::fs::read(p).unwrap())
-        .expect("busybox-static");
+    let busybox = common::busybox();
     let big = bytes(21, 3 << 20);
     let mut layer = oci::Layer::new();
     layer

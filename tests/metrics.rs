@@ -34,6 +34,12 @@ impl Drop for Prometheus {
     }
 }
 
+/// The endpoint's text, as `curl` gets it.
+async fn scrape(http: &reqwest::Client, port: u16) -> String {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// The answer of a Prometheus instant query.
 async fn query_json(http: &reqwest::Client, prom: u16, q: &str) -> Option<serde_json::Value> {
     let url = format!("http://127.0.0.1:{prom}/api/v1/query");
@@ -82,14 +88,7 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
 
     // the endpoint: well-formed for promtool, and what the reads did
     let http = reqwest::Client::new();
-    let body = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = scrape(&http, port).await;
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -206,14 +205,7 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
     // the unmount applied the cache limit: its evictions are counted
     let t0 = Instant::now();
     loop {
-        let body = http
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = scrape(&http, port).await;
         let evicted = body
             .lines()
             .find_map(|l| l.strip_prefix("lazyblob_cache_evicted_blobs_total "))

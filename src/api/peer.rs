@@ -121,3 +121,32 @@ pub async fn enforce(ConnectInfo(access): ConnectInfo<Access>, req: Request, nex
     }
     next.run(req).await
 }
+
+/// Serve gRPC `routes` on the unix socket `socket` (root-only peers, as [`PeerListener`]
+/// admits them) until `shutdown` changes; `what` names the service in logs. A socket that
+/// cannot be bound is logged and the service does not run.
+pub async fn serve_grpc(
+    socket: &Path,
+    what: &str,
+    routes: tonic::service::Routes,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let listener = match PeerListener::bind(socket, None) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(socket = %socket.display(), error = %e, "cannot bind the {what} socket");
+            return Ok(());
+        }
+    };
+    tracing::info!(socket = %socket.display(), "{what} listening");
+    let incoming = futures::stream::unfold(listener, |mut l| async move {
+        let (stream, _) = Listener::accept(&mut l).await;
+        Some((Ok::<_, io::Error>(stream), l))
+    });
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.changed().await;
+        })
+        .await
+}

@@ -51,26 +51,10 @@ impl Proxy {
     pub async fn serve(
         self,
         socket: &Path,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), tonic::transport::Error> {
-        let listener = match crate::api::peer::PeerListener::bind(socket, None) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(socket = %socket.display(), error = %e, "cannot bind the CRI proxy socket");
-                return Ok(());
-            }
-        };
-        tracing::info!(socket = %socket.display(), "CRI image-service proxy listening");
-        let incoming = futures::stream::unfold(listener, |mut l| async move {
-            let (stream, _) = axum::serve::Listener::accept(&mut l).await;
-            Some((Ok::<_, std::io::Error>(stream), l))
-        });
-        tonic::transport::Server::builder()
-            .add_service(ImageServiceServer::new(self))
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = shutdown.changed().await;
-            })
-            .await
+        let routes = tonic::service::Routes::new(ImageServiceServer::new(self));
+        crate::api::peer::serve_grpc(socket, "CRI image-service proxy", routes, shutdown).await
     }
 
     /// Keep the pull secret of `req` for its image's repository (logged without the secret).

@@ -156,26 +156,10 @@ impl Service {
     pub async fn serve(
         self,
         socket: &Path,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), tonic::transport::Error> {
-        let listener = match crate::api::peer::PeerListener::bind(socket, None) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(socket = %socket.display(), error = %e, "cannot bind the snapshotter socket");
-                return Ok(());
-            }
-        };
-        tracing::info!(socket = %socket.display(), "containerd snapshotter listening");
-        let incoming = futures::stream::unfold(listener, |mut l| async move {
-            let (stream, _) = axum::serve::Listener::accept(&mut l).await;
-            Some((Ok::<_, std::io::Error>(stream), l))
-        });
-        tonic::transport::Server::builder()
-            .add_service(SnapshotsServer::new(self))
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = shutdown.changed().await;
-            })
-            .await
+        let routes = tonic::service::Routes::new(SnapshotsServer::new(self));
+        crate::api::peer::serve_grpc(socket, "containerd snapshotter", routes, shutdown).await
     }
 
     fn info(&self, name: &str, s: &Snapshot) -> pb::Info {

@@ -385,3 +385,12 @@ pub fn list_tree(dir: &Path) -> String {
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The static busybox of Debian's `busybox-static`, for images that run a shell.
+pub fn busybox() -> Vec<u8> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .map(|p| std::fs::read(p).unwrap())
+        .expect("busybox-static")
+}
