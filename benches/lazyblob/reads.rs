@@ -51,6 +51,12 @@ pub async fn sequential(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
     let all_variants = [
         ("1 MiB chunks", &seq_dst, ""),
         ("64 KiB chunks", &small_dst, "[engine]\nchunk_size = 65536\n"),
+        // the background fill must yield to a sequential reader: this against the first
+        (
+            "1 MiB chunks, background fill off",
+            &seq_dst,
+            "[engine]\nfill_after_idle_ms = 0\n",
+        ),
     ];
     // LAZYBLOB_BENCH_SEQ_VARIANT=0: only the first (profiling)
     let pick = std::env::var("LAZYBLOB_BENCH_SEQ_VARIANT")
@@ -144,6 +150,20 @@ pub async fn sequential(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
                 "cpu_s_per_run": {"registry": c[0] / n, "reader": c[1] / n, "daemon": c[2] / n}}),
         );
     }
+    if let (Some(on), Some(off)) = (
+        seq_json.get("1_MiB_chunks").and_then(|v| v["lazyblob_mbs"].as_f64()),
+        seq_json
+            .get("1_MiB_chunks,_background_fill_off")
+            .and_then(|v| v["lazyblob_mbs"].as_f64()),
+    ) {
+        r.rows.push((
+            "sequential cold read with background fill on vs off".into(),
+            format!("{on:.0} MB/s"),
+            format!("fill off {off:.0} MB/s"),
+            format!("{:.0}%", 100.0 * on / off),
+        ));
+        seq_json.insert("fill_on_vs_off".into(), json!(on / off));
+    }
     seq_json.insert(
         "curl_cpu_s_per_run".into(),
         json!({"registry": curl_cpu[0] / n, "curl": curl_cpu[1] / n}),
@@ -197,8 +217,17 @@ pub async fn random(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
     };
     let one_mib = "[engine]\nchunk_size = 1048576\nread_ahead_max = 0\nfill_after_idle_ms = 0\n";
     let small = "[engine]\nchunk_size = 65536\nread_ahead_max = 0\nfill_after_idle_ms = 0\n";
+    // the defaults: read-ahead on (it must not open for a random reader), fill after 2 s idle
+    let defaults = "[engine]\nchunk_size = 1048576\n";
     for (k, (name, reg_host, image, unit, extra)) in [
         ("1 MiB chunks", host, seq_dst.as_str(), 1 << 20, one_mib),
+        (
+            "1 MiB chunks, read-ahead and fill as by default",
+            host,
+            seq_dst.as_str(),
+            1 << 20,
+            defaults,
+        ),
         ("64 KiB chunks", host, small_dst.as_str(), 64 << 10, small),
         (
             "1 MiB chunks, registry-mock",
@@ -223,6 +252,7 @@ pub async fn random(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
         let m = dir.join("mnt");
         std::fs::create_dir_all(&m).unwrap();
         d.mount(image, &m);
+        let fetched_before = d.status().await.registry.bytes;
         // each cold read right after a raw GET of the same range: both see the same
         // machine; the added latency is the median of the paired differences
         let (mut raw_lat, mut lazy_lat, mut added) = (Vec::new(), Vec::new(), Vec::new());
@@ -245,6 +275,7 @@ pub async fn random(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
             added.push(lazy - raw);
             added_over_unit.push(lazy - unit_get);
         }
+        let per_read = (d.status().await.registry.bytes - fetched_before) / offsets.len() as u64;
         // the same pages again, dropped from the mount's page cache but cached and verified
         // in the daemon's cache file, whose blob is still marked (fill is off): each read is
         // one fanotify event answered at once, the frontend's fixed cost; back to back and
@@ -260,7 +291,10 @@ pub async fn random(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
             format!("random 4 KiB cold reads p50 / p99, {name}"),
             format!("{lp50:.0} / {lp99:.0} us"),
             format!("range GET {rp50:.0} / {rp99:.0} us"),
-            format!("{added_p50:+.0} us; {over_unit_p50:+.0} us over a GET of the chunk"),
+            format!(
+                "{added_p50:+.0} us; {over_unit_p50:+.0} us over a GET of the chunk; {} KiB fetched per read",
+                per_read >> 10
+            ),
         ));
         if k == 0 {
             r.rows.push((
@@ -270,7 +304,7 @@ pub async fn random(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
                 format!("{:+.0} / {:+.0} us", hot.0 - hot.1, idle.0 - idle.1),
             ));
         }
-        r.json.insert(format!("random_4k_{}", name.replace([' ', ','], "_")), json!({"lazyblob_p50_us": lp50, "lazyblob_p99_us": lp99, "raw_get_p50_us": rp50, "raw_get_p99_us": rp99, "added_p50_us": added_p50, "added_over_chunk_get_p50_us": over_unit_p50, "cache_file_hit_p50_us": [hot.0, idle.0], "local_page_cache_p50_us": [hot.1, idle.1],
+        r.json.insert(format!("random_4k_{}", name.replace([' ', ','], "_")), json!({"lazyblob_p50_us": lp50, "lazyblob_p99_us": lp99, "raw_get_p50_us": rp50, "raw_get_p99_us": rp99, "added_p50_us": added_p50, "added_over_chunk_get_p50_us": over_unit_p50, "fetched_per_read_bytes": per_read, "cache_file_hit_p50_us": [hot.0, idle.0], "local_page_cache_p50_us": [hot.1, idle.1],
         "note": "a cold 4 KiB read fetches and verifies its whole chunk; each read is paired with a raw GET of the same range just before it"}));
     }
 }

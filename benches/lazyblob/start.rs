@@ -80,6 +80,7 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
         );
     }
     let lazy_cold = t.elapsed().as_secs_f64();
+    let cold_fetched = d.status().await.registry.bytes;
 
     let pull_dir = w.join("pull");
     std::fs::create_dir_all(pull_dir.join("rootfs")).unwrap();
@@ -137,7 +138,9 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
             .collect();
         percentile(&mut v, 0.5)
     };
+    let before = d.status().await.registry.bytes;
     let lazy_partial = warm(&mnt);
+    let reread_fetched = d.status().await.registry.bytes - before;
     drop(d);
     // a second daemon with background fill: cold start again, then wait until every
     // blob in use is complete (its events off) before the warm passes
@@ -200,6 +203,25 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
         format!("local EROFS {local_warm:.3} s"),
         format!("{:.2}x local", lazy_partial / local_warm),
     ));
+    r.rows.push((
+        "bytes fetched: cold start / re-reads of cached data (fill off)".into(),
+        format!(
+            "{:.1} MB / {:.1} MB",
+            cold_fetched as f64 / 1e6,
+            reread_fetched as f64 / 1e6
+        ),
+        format!("startup set {:.1} MB", startup_bytes as f64 / 1e6),
+        format!(
+            "{:.2}x the set / {reread_fetched} B",
+            cold_fetched as f64 / startup_bytes as f64
+        ),
+    ));
+    r.json.insert(
+        "fetched".into(),
+        json!({"startup_bytes": startup_bytes, "cold_start_bytes": cold_fetched,
+            "cold_ratio": cold_fetched as f64 / startup_bytes as f64,
+            "reread_bytes": reread_fetched, "reread_passes": REPS}),
+    );
     r.json.insert(
         "warm".into(),
         json!({"lazyblob_s": lazy_warm, "lazyblob_partial_s": lazy_partial, "local_erofs_s": local_warm,

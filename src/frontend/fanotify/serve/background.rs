@@ -1,6 +1,7 @@
-//! The background fill: once a blob in use has been quiet (no reader missed) for
+//! The background fill: once a blob in use has been quiet (no reader event, miss or hit) for
 //! `fill_after`, what it still misses is fetched one merged run at a time, one blob at a
-//! time daemon-wide, pausing whenever a reader misses; when it is complete its events stop.
+//! time daemon-wide, pausing whenever a reader comes back; when it is complete its events
+//! stop.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use crate::lock::lock;
 
 impl FanotifyFrontend {
     /// Once a blob in use has been quiet for `fill_after`, fetch what it still misses, one
-    /// merged run at a time, pausing whenever a reader misses; when it is complete its
+    /// merged run at a time, pausing whenever a reader comes back; when it is complete its
     /// events stop, so reads of it cost what a local file costs.
     pub(super) fn start_background_fill(self: &Arc<Self>, cached: &Arc<CachedBlob>) {
         let Some(quiet) = self.fill_after else {
@@ -31,7 +32,7 @@ impl FanotifyFrontend {
                 let n_chunks = cached.n_chunks();
                 let (mut failures, mut cursor) = (0u32, 0u64);
                 loop {
-                    let idle = lock(&cached.last_miss).elapsed();
+                    let idle = lock(&cached.last_read).elapsed();
                     if idle < quiet {
                         tokio::time::sleep(quiet - idle).await;
                         continue;

@@ -34,8 +34,9 @@ pub(super) struct CachedBlob {
     /// Offsets of the units a background store is pending for (one per unit, however many
     /// readers fetched it).
     pub(super) storing: Mutex<HashSet<u64>>,
-    /// When a reader last missed (the background fill waits for a quiet blob).
-    pub(super) last_miss: Mutex<Instant>,
+    /// When a reader last needed this blob, a miss or a hit (the background fill waits for
+    /// a quiet blob, so it never competes with a reader).
+    pub(super) last_read: Mutex<Instant>,
     /// A background fill task runs for this blob.
     pub(super) filling: AtomicBool,
     /// Every chunk is on disk and the mark is gone.
@@ -116,7 +117,7 @@ impl FanotifyFrontend {
                     ahead: Mutex::new(ReadAhead::new(self.read_ahead_chunks(blob.table_chunk))),
                     write_lock: Mutex::new(()),
                     storing: Mutex::new(HashSet::new()),
-                    last_miss: Mutex::new(Instant::now()),
+                    last_read: Mutex::new(Instant::now()),
                     filling: AtomicBool::new(false),
                     complete: AtomicBool::new(false),
                 })

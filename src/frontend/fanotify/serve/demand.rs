@@ -31,7 +31,7 @@ impl FanotifyFrontend {
         let missing = self.missing(&cached, file, range).await?;
         let mut written = 0;
         if !missing.is_empty() {
-            *lock(&cached.last_miss) = Instant::now();
+            *lock(&cached.last_read) = Instant::now();
             // one writer per blob, kept: an event costs no fd beyond its own
             let via = self
                 .ensure_writer(&cached, file)
@@ -123,7 +123,7 @@ impl FanotifyFrontend {
     }
 
     /// Whether everything `range` asks for is cached and verified; if so, keep a sequential
-    /// reader's read-ahead going.
+    /// reader's read-ahead going and the background fill waiting.
     pub(super) fn all_verified(self: &Arc<Self>, cached: Option<&Arc<CachedBlob>>, range: Option<(u64, u64)>) -> bool {
         let Some(cached) = cached else {
             return false;
@@ -134,6 +134,7 @@ impl FanotifyFrontend {
             chunks.clone().all(|c| v.contains(&c))
         };
         if ok && !chunks.is_empty() {
+            *lock(&cached.last_read) = Instant::now();
             self.advance_read_ahead(cached, chunks.end - 1);
         }
         ok

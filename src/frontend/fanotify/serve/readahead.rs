@@ -1,7 +1,9 @@
 //! Read-ahead of one blob's sequential readers, in chunks, as a pure state machine: a miss
 //! right behind the previous one opens a window that doubles up to the maximum; a reader
-//! that finds its chunks cached past the middle of the window moves it on. What to fetch
-//! is returned; the frontend fetches it (`prefetch`).
+//! that finds its chunks cached past the middle of the window moves it on. A hit anywhere
+//! else (data cached long ago, read again after the page cache dropped it) closes the
+//! window: re-reading cached data never fetches. What to fetch is returned; the frontend
+//! fetches it (`prefetch`).
 
 use std::ops::Range;
 
@@ -14,6 +16,8 @@ pub(super) struct ReadAhead {
     last_miss: Option<u64>,
     /// The current window (0: the reader is not sequential).
     window: u64,
+    /// The first chunk of the window scheduled last.
+    scheduled: u64,
     /// The chunk the scheduled read-ahead reaches (exclusive).
     until: u64,
 }
@@ -25,6 +29,7 @@ impl ReadAhead {
             max_window,
             last_miss: None,
             window: 0,
+            scheduled: 0,
             until: 0,
         }
     }
@@ -49,17 +54,29 @@ impl ReadAhead {
         if self.window == 0 {
             return None;
         }
+        self.scheduled = last + 1;
         self.until = last + 1 + self.window;
         Some(last + 1..self.until)
     }
 
     /// A reader found its chunks up to `last` cached: the next window, once it has passed
     /// the middle of the current one, so a sequential reader never waits for a cold chunk.
+    /// Only a reader inside the window scheduled last moves it; a hit past the window is
+    /// some other read of cached data (a re-read after the page cache dropped it): the window
+    /// closes, and nothing is fetched.
     pub(super) fn on_hit(&mut self, last: u64) -> Option<Range<u64>> {
-        if self.window == 0 || last + self.window / 2 < self.until {
+        if self.window == 0 {
+            return None;
+        }
+        if last >= self.until {
+            self.window = 0;
+            return None;
+        }
+        if last < self.scheduled || last + self.window / 2 < self.until {
             return None;
         }
         let from = self.until;
+        self.scheduled = from;
         self.until += self.window;
         Some(from..self.until)
     }
@@ -102,6 +119,29 @@ mod tests {
         // a jump elsewhere ends the sequence
         assert_eq!(r.on_miss(100, 100), None);
         assert_eq!(r.on_hit(101), None);
+    }
+
+    #[test]
+    fn hits_outside_the_window_fetch_nothing_and_close_it() {
+        let mut r = ReadAhead::new(4);
+        r.on_miss(5, 5);
+        assert_eq!(r.on_miss(6, 6), Some(7..9));
+        assert_eq!(r.on_miss(9, 9), Some(10..14));
+        // cached data far ahead read again (page cache dropped): no fetch, and no later
+        // hit inside the old window reopens it
+        assert_eq!(r.on_hit(500), None);
+        assert_eq!(r.on_hit(13), None);
+        assert_eq!(r.on_hit(12), None);
+        // what the reader itself read, read again: nothing is fetched
+        let mut r = ReadAhead::new(4);
+        r.on_miss(0, 0);
+        assert_eq!(r.on_miss(1, 1), Some(2..4));
+        for c in [0, 1, 0, 1, 1] {
+            assert_eq!(r.on_hit(c), None, "hit at {c}");
+        }
+        // the rest of the chunk it missed is still the sequential reader: the window stays
+        assert_eq!(r.on_hit(2), None, "before the middle of 2..4");
+        assert_eq!(r.on_hit(3), Some(4..6));
     }
 
     #[test]
