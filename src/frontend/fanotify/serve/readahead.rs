@@ -1,6 +1,7 @@
 //! Read-ahead of one blob's sequential readers, in chunks, as a pure state machine: a miss
-//! right behind the previous one opens a window that doubles up to the maximum; a reader
-//! that finds its chunks cached past the middle of the window moves it on. A hit anywhere
+//! right behind the previous one opens a window that doubles up to the maximum, and never
+//! beyond what the run has read so far (a reader that stops wastes less than it read); a
+//! reader that finds its chunks cached past the middle of the window moves it on. A hit anywhere
 //! else (data cached long ago, read again after the page cache dropped it) closes the
 //! window: re-reading cached data never fetches. What to fetch is returned; the frontend
 //! fetches it (`prefetch`).
@@ -16,6 +17,9 @@ pub(super) struct ReadAhead {
     last_miss: Option<u64>,
     /// The current window (0: the reader is not sequential).
     window: u64,
+    /// The first chunk of the current sequential run: a window never exceeds what the run
+    /// has read, so what is fetched ahead and never read stays below what was read.
+    run_start: u64,
     /// The first chunk of the window scheduled last.
     scheduled: u64,
     /// The chunk the scheduled read-ahead reaches (exclusive).
@@ -29,6 +33,7 @@ impl ReadAhead {
             max_window,
             last_miss: None,
             window: 0,
+            run_start: 0,
             scheduled: 0,
             until: 0,
         }
@@ -45,8 +50,11 @@ impl ReadAhead {
         let sequential = self
             .last_miss
             .is_some_and(|l| first > l && first <= l.max(self.until) + 1);
+        if !sequential {
+            self.run_start = first;
+        }
         self.window = if sequential {
-            (self.window * 2).clamp(2, self.max_window)
+            (self.window * 2).clamp(2, self.max_window).min(self.run_length(last))
         } else {
             0
         };
@@ -61,24 +69,38 @@ impl ReadAhead {
 
     /// A reader found its chunks up to `last` cached: the next window, once it has passed
     /// the middle of the current one, so a sequential reader never waits for a cold chunk.
-    /// Only a reader inside the window scheduled last moves it; a hit past the window is
-    /// some other read of cached data (a re-read after the page cache dropped it): the window
-    /// closes, and nothing is fetched.
+    /// Only a reader inside (or just past) the window scheduled last moves it; a hit further
+    /// on is some other read of cached data (a re-read after the page cache dropped it): the
+    /// window closes, and nothing is fetched.
     pub(super) fn on_hit(&mut self, last: u64) -> Option<Range<u64>> {
         if self.window == 0 {
             return None;
         }
-        if last >= self.until {
+        // past the window by more than a window: another read of cached data elsewhere
+        if last >= self.until + self.window {
             self.window = 0;
             return None;
         }
         if last < self.scheduled || last + self.window / 2 < self.until {
             return None;
         }
-        let from = self.until;
+        // what is scheduled past the reader stays within what its run has read; a reader
+        // that got ahead of the window (its own misses fetched the chunks) is followed
+        self.window = (self.window * 2).min(self.max_window);
+        let from = self.until.max(last + 1);
+        let ahead = from - (last + 1);
+        let next = self.window.min(self.run_length(last).saturating_sub(ahead));
+        if next == 0 {
+            return None;
+        }
         self.scheduled = from;
-        self.until += self.window;
+        self.until = from + next;
         Some(from..self.until)
+    }
+
+    /// Chunks the current sequential run has read up to `last` (at least 2).
+    fn run_length(&self, last: u64) -> u64 {
+        (last + 1).saturating_sub(self.run_start).max(2)
     }
 }
 
@@ -141,7 +163,32 @@ mod tests {
         }
         // the rest of the chunk it missed is still the sequential reader: the window stays
         assert_eq!(r.on_hit(2), None, "before the middle of 2..4");
-        assert_eq!(r.on_hit(3), Some(4..6));
+        assert_eq!(r.on_hit(3), Some(4..8));
+    }
+
+    #[test]
+    fn a_window_never_exceeds_what_the_run_has_read() {
+        let mut r = ReadAhead::new(1024);
+        r.on_miss(100, 100);
+        let mut reach = r.on_miss(101, 101).map_or(0, |w| w.end);
+        // the reader goes on chunk by chunk through what was read ahead, then stops: what
+        // was fetched past its last chunk is never more than what it read
+        for stop in [103, 150, 333, 399] {
+            let mut r2 = ReadAhead::new(1024);
+            r2.on_miss(100, 100);
+            reach = r2.on_miss(101, 101).map_or(reach, |w| w.end);
+            for c in 102..=stop {
+                if let Some(w) = r2.on_hit(c) {
+                    assert!(w.end - w.start <= c + 1 - 100, "window {w:?} at chunk {c}");
+                    reach = w.end;
+                }
+            }
+            let (read, wasted) = (stop + 1 - 100, reach - (stop + 1));
+            assert!(
+                wasted <= read,
+                "{wasted} chunks fetched past chunk {stop} for {read} read"
+            );
+        }
     }
 
     #[test]
