@@ -1,6 +1,7 @@
 //! Read-ahead of one blob's sequential readers, in chunks, as a pure state machine: a miss
-//! right behind the previous one opens a window that doubles up to the maximum, and never
-//! beyond what the run has read so far (a reader that stops wastes less than it read); a
+//! right behind the previous one opens a window that doubles up to the maximum, reaching
+//! at most half as far past the reader as its run has read (a reader that stops leaves
+//! little fetched and unread); a
 //! reader that finds its chunks cached past the middle of the window moves it on. A hit anywhere
 //! else (data cached long ago, read again after the page cache dropped it) closes the
 //! window: re-reading cached data never fetches. What to fetch is returned; the frontend
@@ -17,8 +18,8 @@ pub(super) struct ReadAhead {
     last_miss: Option<u64>,
     /// The current window (0: the reader is not sequential).
     window: u64,
-    /// The first chunk of the current sequential run: a window never exceeds what the run
-    /// has read, so what is fetched ahead and never read stays below what was read.
+    /// The first chunk of the current sequential run: what is fetched ahead stays within
+    /// half of what the run has read.
     run_start: u64,
     /// The first chunk of the window scheduled last.
     scheduled: u64,
@@ -54,7 +55,7 @@ impl ReadAhead {
             self.run_start = first;
         }
         self.window = if sequential {
-            (self.window * 2).clamp(2, self.max_window).min(self.run_length(last))
+            (self.window * 2).clamp(2, self.max_window).min(self.budget(last))
         } else {
             0
         };
@@ -89,7 +90,7 @@ impl ReadAhead {
         self.window = (self.window * 2).min(self.max_window);
         let from = self.until.max(last + 1);
         let ahead = from - (last + 1);
-        let next = self.window.min(self.run_length(last).saturating_sub(ahead));
+        let next = self.window.min(self.budget(last).saturating_sub(ahead));
         if next == 0 {
             return None;
         }
@@ -98,9 +99,11 @@ impl ReadAhead {
         Some(from..self.until)
     }
 
-    /// Chunks the current sequential run has read up to `last` (at least 2).
-    fn run_length(&self, last: u64) -> u64 {
-        (last + 1).saturating_sub(self.run_start).max(2)
+    /// How far past the reader the read-ahead may reach: half of what the current
+    /// sequential run has read up to `last` (at least 2 chunks), so a reader that stops
+    /// leaves at most half as much fetched and unread as it read.
+    fn budget(&self, last: u64) -> u64 {
+        ((last + 1).saturating_sub(self.run_start) / 2).max(2)
     }
 }
 
@@ -118,26 +121,35 @@ mod tests {
     }
 
     #[test]
-    fn sequential_misses_double_the_window_up_to_the_maximum() {
+    fn sequential_misses_grow_the_window_up_to_the_maximum() {
         let mut r = ReadAhead::new(8);
         assert_eq!(r.on_miss(0, 0), None, "chunk 0 alone says nothing");
         assert_eq!(r.on_miss(1, 1), Some(2..4));
-        // the reader misses right after the window: 4, then 8 (the maximum), then 8 again
-        assert_eq!(r.on_miss(4, 4), Some(5..9));
-        assert_eq!(r.on_miss(9, 9), Some(10..18));
-        assert_eq!(r.on_miss(18, 18), Some(19..27));
+        // a reader missing right after each window: windows grow with the run, to the maximum
+        let mut sizes = Vec::new();
+        let mut next = 4;
+        for _ in 0..12 {
+            let w = r.on_miss(next, next).unwrap();
+            assert_eq!(w.start, next + 1);
+            sizes.push(w.end - w.start);
+            next = w.end;
+        }
+        assert!(sizes.windows(2).all(|p| p[0] <= p[1]), "{sizes:?}");
+        assert_eq!(sizes.last(), Some(&8), "{sizes:?}");
     }
 
     #[test]
     fn hits_past_the_middle_move_the_window_on() {
         let mut r = ReadAhead::new(4);
-        r.on_miss(5, 5);
-        assert_eq!(r.on_miss(6, 6), Some(7..9));
-        assert_eq!(r.on_miss(9, 9), Some(10..14));
-        assert_eq!(r.on_hit(10), None, "before the middle of 10..14");
-        assert_eq!(r.on_hit(12), Some(14..18));
-        assert_eq!(r.on_hit(13), None, "14..18 is scheduled");
-        assert_eq!(r.on_hit(16), Some(18..22));
+        r.on_miss(0, 0);
+        for c in 1..=40 {
+            r.on_miss(c, c);
+        }
+        // a long run: the window is the maximum, 41..45
+        assert_eq!(r.on_hit(42), None, "before the middle of 41..45");
+        assert_eq!(r.on_hit(43), Some(45..49));
+        assert_eq!(r.on_hit(44), None, "45..49 is scheduled");
+        assert_eq!(r.on_hit(47), Some(49..53));
         // a jump elsewhere ends the sequence
         assert_eq!(r.on_miss(100, 100), None);
         assert_eq!(r.on_hit(101), None);
@@ -148,12 +160,12 @@ mod tests {
         let mut r = ReadAhead::new(4);
         r.on_miss(5, 5);
         assert_eq!(r.on_miss(6, 6), Some(7..9));
-        assert_eq!(r.on_miss(9, 9), Some(10..14));
+        assert_eq!(r.on_miss(9, 9), Some(10..12));
         // cached data far ahead read again (page cache dropped): no fetch, and no later
         // hit inside the old window reopens it
         assert_eq!(r.on_hit(500), None);
-        assert_eq!(r.on_hit(13), None);
-        assert_eq!(r.on_hit(12), None);
+        assert_eq!(r.on_hit(11), None);
+        assert_eq!(r.on_hit(10), None);
         // what the reader itself read, read again: nothing is fetched
         let mut r = ReadAhead::new(4);
         r.on_miss(0, 0);
@@ -163,11 +175,11 @@ mod tests {
         }
         // the rest of the chunk it missed is still the sequential reader: the window stays
         assert_eq!(r.on_hit(2), None, "before the middle of 2..4");
-        assert_eq!(r.on_hit(3), Some(4..8));
+        assert_eq!(r.on_hit(3), Some(4..6));
     }
 
     #[test]
-    fn a_window_never_exceeds_what_the_run_has_read() {
+    fn the_read_ahead_reaches_at_most_half_the_run_past_the_reader() {
         let mut r = ReadAhead::new(1024);
         r.on_miss(100, 100);
         let mut reach = r.on_miss(101, 101).map_or(0, |w| w.end);
@@ -179,7 +191,10 @@ mod tests {
             reach = r2.on_miss(101, 101).map_or(reach, |w| w.end);
             for c in 102..=stop {
                 if let Some(w) = r2.on_hit(c) {
-                    assert!(w.end - w.start <= c + 1 - 100, "window {w:?} at chunk {c}");
+                    assert!(
+                        w.end - (c + 1) <= ((c + 1 - 100) / 2).max(2),
+                        "window {w:?} at chunk {c}"
+                    );
                     reach = w.end;
                 }
             }
