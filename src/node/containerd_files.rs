@@ -33,6 +33,11 @@ pub enum NodeError {
         /// Why.
         source: EditError,
     },
+    /// No config file: containerd runs on its built-in defaults, which cannot be edited.
+    #[error(
+        "{0}: no containerd config (containerd runs on its defaults); write them first with `containerd config default > {0}`"
+    )]
+    Missing(PathBuf),
     /// An `imports` entry that is not a valid pattern.
     #[error("{path}: import `{pattern}` is not a valid pattern: {reason}")]
     Import {
@@ -81,6 +86,9 @@ impl Outcome {
 /// Add lazyblob's settings to the containerd config `main` and to its imports that define the
 /// tables lazyblob sets.
 pub fn install(main: &Path, settings: &Settings) -> Result<Outcome, NodeError> {
+    if !main.exists() {
+        return Err(NodeError::Missing(main.to_path_buf()));
+    }
     let text = read(main)?;
     let version = version_of(main, &text)?;
     let mut outcome = Outcome::default();
@@ -203,4 +211,54 @@ fn replace(path: &Path, data: &[u8], like: &Path) -> Result<(), NodeError> {
     tmp.as_file().sync_all().map_err(io_err(path))?;
     tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            socket: "/run/lazyblob/snapshotter.sock".into(),
+            root: "/var/lib/lazyblob/snapshotter".into(),
+            platform: "linux/amd64".into(),
+        }
+    }
+
+    #[test]
+    fn a_missing_config_says_how_to_make_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = install(&dir.path().join("config.toml"), &settings()).unwrap_err();
+        assert!(matches!(err, NodeError::Missing(_)));
+        assert!(err.to_string().contains("containerd config default >"), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_config_is_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "version = 1\n").unwrap();
+        assert!(matches!(install(&path, &settings()), Err(NodeError::Edit { .. })));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "version = 1\n");
+        assert!(!backup_of(&path).exists());
+    }
+
+    #[test]
+    fn the_backup_keeps_the_first_original_and_the_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "version = 2\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(install(&path, &settings()).unwrap().changed());
+        assert_eq!(std::fs::read_to_string(backup_of(&path)).unwrap(), "version = 2\n");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+        // a hand edit after the install: uninstall leaves the file and its backup alone
+        let edited = std::fs::read_to_string(&path).unwrap() + "# by hand\n";
+        std::fs::write(&path, &edited).unwrap();
+        let out = uninstall(&path, &settings()).unwrap();
+        assert_eq!(out.files, [FileOutcome::Diverged(path.clone())]);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), edited);
+        assert!(backup_of(&path).exists());
+    }
 }
