@@ -94,6 +94,7 @@ async fn pull_secrets_reach_lazy_reads_through_the_cri_proxy() {
     assert!(!d.log().contains(PASS), "the secret was logged");
 
     // after a restart, a lazy read of the image carries the captured secret
+    d.stop();
     d.restart();
     wait_for_socket(&cri_sock, &d);
     let mnt = work.path().join("mnt");

@@ -60,8 +60,10 @@ impl DaemonProc {
         d
     }
 
-    /// Start (again) with the same config; waits for the admin socket.
+    /// Start (again) with the same config; waits for the admin socket. A daemon still
+    /// running is stopped first (SIGTERM): an upgrade is [`upgrade`](Self::upgrade).
     pub fn restart(&mut self) {
+        self.stop();
         let _ = std::fs::remove_file(&self.socket);
         self.spawn();
         let t0 = Instant::now();
