@@ -220,10 +220,23 @@ fn per_image(enc: &mut DescriptorEncoder<'_>, d: &Daemon) -> fmt::Result {
             |c| c.fetched,
         ),
     ];
+    let rows: Vec<_> = images
+        .iter()
+        .map(|(image, c)| (vec![("image", image.as_str())], c))
+        .collect();
+    labelled_counters(enc, &families, &rows)
+}
+
+/// Counter families of `families`, one sample per row (its labels, what it is read from).
+fn labelled_counters<T>(
+    enc: &mut DescriptorEncoder<'_>,
+    families: &[Family<T>],
+    rows: &[(Vec<(&str, &str)>, &T)],
+) -> fmt::Result {
     for (name, help, value) in families {
         let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (image, c) in &images {
-            ConstCounter::new(value(c)).encode(family.encode_family(&[("image", image.as_str())])?)?;
+        for (labels, source) in rows {
+            ConstCounter::new(value(source)).encode(family.encode_family(labels)?)?;
         }
     }
     Ok(())
@@ -256,12 +269,11 @@ fn per_host(enc: &mut DescriptorEncoder<'_>, d: &Daemon) -> fmt::Result {
             |h| h.bytes.load(Relaxed),
         ),
     ];
-    for (name, help, value) in families {
-        let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (host, op, stats) in &hosts {
-            ConstCounter::new(value(stats)).encode(family.encode_family(&[("host", host.as_str()), ("op", op)])?)?;
-        }
-    }
+    let rows: Vec<_> = hosts
+        .iter()
+        .map(|(host, op, stats)| (vec![("host", host.as_str()), ("op", *op)], &**stats))
+        .collect();
+    labelled_counters(enc, &families, &rows)?;
     let mut family = enc.encode_descriptor(
         "lazyblob_registry_request_duration_seconds",
         "Time from sending a registry request to the end of its body",

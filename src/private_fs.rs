@@ -44,14 +44,35 @@ pub fn create_private(path: &Path) -> io::Result<File> {
 /// same directory (concurrent writers never share one), fsync, rename, fsync of the
 /// directory. The directory is created `0700` if missing.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    private_dir(dir)?;
+    private_dir(parent(path))?;
     // tempfile creates the file with O_EXCL and mode 0600
+    replace(path, data, |_| Ok(()))
+}
+
+/// Replace `path` with `data` atomically and durably, as [`write_atomic`] does, but in a
+/// directory that is left as it is and with the mode and owner of `like` (a file of
+/// another program's, such as containerd's config).
+pub fn replace_like(path: &Path, data: &[u8], like: &std::fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    replace(path, data, |tmp| {
+        fs::set_permissions(tmp, like.permissions())?;
+        std::os::unix::fs::chown(tmp, Some(like.uid()), Some(like.gid()))
+    })
+}
+
+fn parent(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// A unique temporary file beside `path` with `data`, adjusted by `finish`, fsynced and
+/// renamed over `path`; then the directory fsynced.
+fn replace(path: &Path, data: &[u8], finish: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
+    let dir = parent(path);
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     tmp.write_all(data)?;
+    finish(tmp.path())?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     File::open(dir)?.sync_all()

@@ -122,17 +122,7 @@ async fn the_image_runs_under_containerd_and_reaches_the_host_daemon() {
     // the chart's init steps as rendered, with only the image's tools (busybox): the node
     // service installer (systemctl recorded, no systemd here) and the containerd config
     let original = std::fs::read(host_root.join("etc/containerd/config.toml")).unwrap();
-    let mut said = String::new();
-    for (i, step) in install.init.iter().enumerate() {
-        said += &run_in_image(
-            &c,
-            &install.image,
-            &format!("init-{i}"),
-            &step.command,
-            &step.env,
-            &mounts,
-        );
-    }
+    let said = run_init_steps(&c, &install, "init", &mounts);
     assert!(said.contains("systemctl restart lazyblob.service"), "{said}");
     assert!(said.contains("restart containerd"), "{said}");
     let out = Command::new(host_root.join("opt/lazyblob/bin/lazyblob"))
@@ -153,17 +143,7 @@ async fn the_image_runs_under_containerd_and_reaches_the_host_daemon() {
 
     // the uninstall rendering undoes it: containerd's config byte for byte, the service gone
     let uninstall = rendered(&values(&["node.uninstall=true"]));
-    let mut said = String::new();
-    for (i, step) in uninstall.init.iter().enumerate() {
-        said += &run_in_image(
-            &c,
-            &uninstall.image,
-            &format!("uninit-{i}"),
-            &step.command,
-            &step.env,
-            &mounts,
-        );
-    }
+    let said = run_init_steps(&c, &uninstall, "uninit", &mounts);
     assert!(said.contains("systemctl disable --now lazyblob.service"), "{said}");
     assert_eq!(
         std::fs::read(host_root.join("etc/containerd/config.toml")).unwrap(),
@@ -234,6 +214,13 @@ struct Mounts {
     run: PathBuf,
     config: PathBuf,
     host: PathBuf,
+}
+
+/// Every init step of `r` in turn, as containers `<prefix>-<n>`; what they printed.
+fn run_init_steps(c: &Containerd, r: &Rendered, prefix: &str, m: &Mounts) -> String {
+    let run =
+        |(i, step): (usize, &Step)| run_in_image(c, &r.image, &format!("{prefix}-{i}"), &step.command, &step.env, m);
+    r.init.iter().enumerate().map(run).collect()
 }
 
 /// Run `command` in the image as the DaemonSet would (privileged, the node's mounts); with

@@ -7,7 +7,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -157,11 +156,6 @@ impl Daemon {
         for l in loops {
             let _ = l.await;
         }
-    }
-
-    /// Where the containerd snapshotter keeps its snapshots and image mounts.
-    pub fn snapshotter_root(&self) -> PathBuf {
-        self.config.snapshotter_root()
     }
 
     /// Whether this daemon took its kernel fd over from a stopped or upgraded one.

@@ -136,7 +136,7 @@ impl Daemon {
     /// unmount here would succeed and leave the container reading holes.
     pub(super) async fn unmount_all_unused(&self) -> Vec<MountRecord> {
         let mut busy = Vec::new();
-        let lowers = self.snapshotter_root().join("images");
+        let lowers = self.config.snapshotter_root().join("images");
         for m in self.mounts() {
             if m.target.starts_with(&lowers) {
                 tracing::info!(target = %m.target.display(), "a container image mount: kept for the next daemon");

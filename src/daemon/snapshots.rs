@@ -16,7 +16,7 @@ pub(super) fn start(daemon: &Arc<Daemon>) -> Result<()> {
     let Some(socket) = daemon.config.snapshotter.socket.clone() else {
         return Ok(());
     };
-    let root = daemon.snapshotter_root();
+    let root = daemon.config.snapshotter_root();
     let store = crate::snapshotter::store::Store::open(&root)
         .with_context(|| format!("opening the snapshot store in {}", root.display()))?;
     let images = Arc::new(SnapshotImages(Arc::downgrade(daemon)));

@@ -39,12 +39,22 @@ impl EngineStats {
     /// `n` verified bytes of `blob` were handed to a frontend.
     pub(super) fn served(&self, blob: &BlobKey, n: u64) {
         self.bytes_served.fetch_add(n, Relaxed);
-        lock(&self.by_blob).entry(blob.clone()).or_default().served += n;
+        self.add(blob, |c| c.served += n);
     }
 
     /// A range request of `n` bytes of `blob` was started.
     pub(super) fn fetched(&self, blob: &BlobKey, n: u64) {
-        lock(&self.by_blob).entry(blob.clone()).or_default().fetched += n;
+        self.add(blob, |c| c.fetched += n);
+    }
+
+    /// Update `blob`'s counters; the key is cloned only the first time (this runs for every
+    /// chunk served).
+    fn add(&self, blob: &BlobKey, f: impl FnOnce(&mut BlobCounters)) {
+        let mut by_blob = lock(&self.by_blob);
+        match by_blob.get_mut(blob) {
+            Some(c) => f(c),
+            None => f(by_blob.entry(blob.clone()).or_default()),
+        }
     }
 
     /// The counters of `blob` (zero if it was never read).

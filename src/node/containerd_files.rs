@@ -5,8 +5,8 @@
 
 #![forbid(unsafe_code)]
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use super::containerd_edit::{self, EditError, Role, Settings, Version};
@@ -193,24 +193,10 @@ fn files_of(main: &Path, text: &str) -> Result<Vec<(PathBuf, Role)>, NodeError> 
     Ok(files)
 }
 
-/// Replace `path` with `data` atomically (temporary file in the same directory, fsync,
-/// rename, fsync of the directory), with the owner and mode of `like`.
+/// Replace `path` with `data` atomically, with the owner and mode of `like`.
 fn replace(path: &Path, data: &[u8], like: &Path) -> Result<(), NodeError> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
     let meta = fs::metadata(like).map_err(io_err(like))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".lazyblob-")
-        .tempfile_in(dir)
-        .map_err(io_err(path))?;
-    tmp.write_all(data).map_err(io_err(path))?;
-    fs::set_permissions(tmp.path(), meta.permissions()).map_err(io_err(path))?;
-    {
-        use std::os::unix::fs::MetadataExt;
-        std::os::unix::fs::chown(tmp.path(), Some(meta.uid()), Some(meta.gid())).map_err(io_err(path))?;
-    }
-    tmp.as_file().sync_all().map_err(io_err(path))?;
-    tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    crate::private_fs::replace_like(path, data, &meta).map_err(io_err(path))
 }
 
 #[cfg(test)]
