@@ -100,13 +100,18 @@ pub async fn convert(src: &str, dst: &str, opts: &ConvertOptions, config: Option
         .await
         .with_context(|| format!("converting {src} to {dst}"))?;
     let secs = t0.elapsed().as_secs_f64();
+    // ru_maxrss is in KiB on Linux
+    let peak_kib = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|u| u.max_rss())
+        .unwrap_or(0);
     eprintln!(
-        "converted {} image(s), {} entries, {} bytes of file data in {:.2}s ({:.1} MB/s)",
+        "converted {} image(s), {} entries, {} bytes of file data in {:.2}s ({:.1} MB/s), peak RSS {:.1} MiB",
         r.images,
         r.files,
         r.layer_bytes,
         secs,
-        r.layer_bytes as f64 / 1e6 / secs.max(1e-9)
+        r.layer_bytes as f64 / 1e6 / secs.max(1e-9),
+        peak_kib as f64 / 1024.0
     );
     Ok(format!("{}\n", r.digest))
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use lazyblob::image::convert::Limits;
 
 use lazyblob::commands;
 use lazyblob::config::Config;
@@ -28,6 +29,36 @@ struct Cli {
     log_json: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// What a source image may make `convert` read and hold (a hostile or broken image stops at
+/// these, with the layer and entry named).
+#[derive(Args)]
+struct ConvertLimits {
+    /// Largest size one layer may expand to, decompressed.
+    #[arg(long, default_value_t = Limits::default().max_layer)]
+    max_layer_bytes: u64,
+    /// Largest regular file.
+    #[arg(long, default_value_t = Limits::default().max_file)]
+    max_file_bytes: u64,
+    /// Most entries (files, directories, links) of the image.
+    #[arg(long, default_value_t = Limits::default().max_entries)]
+    max_entries: usize,
+    /// Most bytes of metadata held in memory: names, small files, link targets, xattrs.
+    #[arg(long, default_value_t = Limits::default().max_metadata)]
+    max_metadata_bytes: u64,
+}
+
+impl From<ConvertLimits> for Limits {
+    fn from(l: ConvertLimits) -> Limits {
+        Limits {
+            max_layer: l.max_layer_bytes,
+            max_file: l.max_file_bytes,
+            max_entries: l.max_entries,
+            max_metadata: l.max_metadata_bytes,
+            ..Limits::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -87,6 +118,12 @@ enum Cmd {
         /// Configuration (registry credentials, insecure hosts).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Directory for the unnamed temporary files layers and data blobs are spooled to
+        /// (about a layer's compressed plus converted size at a time; default: $TMPDIR).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        #[command(flatten)]
+        limits: ConvertLimits,
     },
     /// Mount an image lazily on DIR through the running daemon.
     Mount {
@@ -284,6 +321,8 @@ async fn run(cmd: Cmd) -> Result<String> {
             chunk_size,
             chunk_digest,
             config,
+            work_dir,
+            limits,
         } => {
             let opts = lazyblob::image::convert::ConvertOptions {
                 platform: platform.map(|p| p.parse()).transpose()?,
@@ -291,7 +330,8 @@ async fn run(cmd: Cmd) -> Result<String> {
                 chunk_size,
                 chunk_digest,
                 progress: true,
-                ..Default::default()
+                work_dir,
+                limits: limits.into(),
             };
             commands::convert(&src, &dst, &opts, config.as_deref()).await
         }

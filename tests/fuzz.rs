@@ -210,6 +210,9 @@ fn tar_gzip_zstd_layers() {
         max_file: 1 << 20,
         max_layer: 8 << 20,
         inline_max: 512,
+        max_entries: 10_000,
+        max_metadata: 1 << 20,
+        max_headers: 64 << 10,
     };
     assert!(
         fuzz("layer", &[tar, gz, zst], |b| {
@@ -218,9 +221,13 @@ fn tar_gzip_zstd_layers() {
             let Ok(decoded) = lazyblob::image::convert::layer::decoder(b) else {
                 return;
             };
-            let _ =
-                lazyblob::image::convert::layer::Applier::new(&mut tree, &mut blobs, 0, "fuzz".into(), limits.clone())
-                    .apply(decoded.take(32 << 20));
+            let _ = lazyblob::image::convert::layer::Applier::new(
+                &mut tree,
+                &mut blobs.slot(0),
+                "fuzz".into(),
+                limits.clone(),
+            )
+            .apply(decoded.take(32 << 20));
         }) > 0
     );
 }

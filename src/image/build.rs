@@ -15,6 +15,7 @@ use super::format::{
     device_tag, BlobChunks, ChunkDigest, ChunkTable, ANNOTATION_FORMAT, ANNOTATION_LAYER, FORMAT_VERSION,
     MEDIA_TYPE_CHUNKS, MEDIA_TYPE_DATA, MEDIA_TYPE_META,
 };
+use super::spool::FileSink;
 use super::tree::{encode_rdev, FileData, Kind, Meta, Node, Tree};
 use crate::registry::{sha256_digest, Registry, RegistryError};
 
@@ -145,6 +146,22 @@ impl BlobWriter {
         })
     }
 
+    /// Blob `b` (0-based) as a [`FileSink`] (a layer applied to it).
+    pub fn slot(&mut self, b: usize) -> Slot<'_> {
+        Slot { writer: self, blob: b }
+    }
+
+    /// The blobs, each padded to whole blocks.
+    pub fn into_padded(self) -> Vec<Vec<u8>> {
+        self.blobs
+            .into_iter()
+            .map(|mut b| {
+                b.resize(b.len().div_ceil(4096) * 4096, 0);
+                b
+            })
+            .collect()
+    }
+
     /// Pad blobs to whole blocks, drop empty ones (renumbering devices in `tree`), write the
     /// metadata image and the chunk table.
     pub fn finish(self, tree: Tree, chunk_size: u64) -> Result<BuiltImage, BuildError> {
@@ -152,48 +169,69 @@ impl BlobWriter {
     }
 
     /// [`BlobWriter::finish`] with an explicit chunk digest algorithm.
-    pub fn finish_with(
-        self,
-        mut tree: Tree,
-        chunk_size: u64,
-        chunk_digest: ChunkDigest,
-    ) -> Result<BuiltImage, BuildError> {
-        let mut renumber = HashMap::new();
-        let mut data = Vec::new();
-        for (i, mut b) in self.blobs.into_iter().enumerate() {
-            if b.is_empty() {
-                continue;
-            }
-            b.resize(b.len().div_ceil(4096) * 4096, 0);
-            renumber.insert(i as u16 + 1, data.len() as u16 + 1);
-            data.push(b);
-        }
-        for n in tree.nodes.iter_mut() {
-            if let Kind::File(FileData::Blob { device, .. }) = &mut n.kind {
-                *device = renumber[device];
-            }
-        }
-        let table = ChunkTable {
-            version: 1,
-            chunk_size,
-            chunk_digest,
-            blobs: data
-                .iter()
-                .map(|b| BlobChunks::of(b, chunk_size, chunk_digest))
-                .collect(),
-        };
-        let devices: Vec<DeviceSlot> = data
+    pub fn finish_with(self, tree: Tree, chunk_size: u64, chunk_digest: ChunkDigest) -> Result<BuiltImage, BuildError> {
+        let padded = self.into_padded();
+        let chunks = padded
             .iter()
-            .zip(&table.blobs)
-            .map(|(b, c)| DeviceSlot {
-                tag: device_tag(&c.digest),
-                blocks: (b.len() / 4096) as u32,
-            })
+            .map(|b| (!b.is_empty()).then(|| BlobChunks::of(b, chunk_size, chunk_digest)))
             .collect();
-        let meta = erofs::write(&tree, &devices, chunk_size.trailing_zeros() as u8)?;
-        let data = data.into_iter().map(Bytes::from).collect();
+        let (meta, table) = finish_tree(tree, chunks, chunk_size, chunk_digest)?;
+        let data = padded.into_iter().filter(|b| !b.is_empty()).map(Bytes::from).collect();
         Ok(BuiltImage { meta, data, table })
     }
+}
+
+/// One blob of a [`BlobWriter`] as a [`FileSink`].
+pub struct Slot<'a> {
+    writer: &'a mut BlobWriter,
+    blob: usize,
+}
+
+impl FileSink for Slot<'_> {
+    fn add_reader(&mut self, r: &mut dyn std::io::Read, size: u64) -> std::io::Result<FileData> {
+        self.writer.add_reader(self.blob, r, size)
+    }
+}
+
+/// The metadata image and chunk table of `tree`, whose files live in the data blobs described
+/// by `blobs` (by device, from 1; `None` for a blob nothing was written to: it is dropped and
+/// the devices after it are renumbered in `tree`).
+pub fn finish_tree(
+    mut tree: Tree,
+    blobs: Vec<Option<BlobChunks>>,
+    chunk_size: u64,
+    chunk_digest: ChunkDigest,
+) -> Result<(Vec<u8>, ChunkTable), BuildError> {
+    let mut renumber = HashMap::new();
+    let mut kept = Vec::new();
+    for (i, b) in blobs.into_iter().enumerate() {
+        if let Some(b) = b {
+            renumber.insert(i as u16 + 1, kept.len() as u16 + 1);
+            kept.push(b);
+        }
+    }
+    for n in tree.nodes.iter_mut() {
+        if let Kind::File(FileData::Blob { device, .. }) = &mut n.kind {
+            *device = *renumber
+                .get(device)
+                .ok_or_else(|| BuildError::Unsupported(format!("file data in empty blob {device}")))?;
+        }
+    }
+    let devices: Vec<DeviceSlot> = kept
+        .iter()
+        .map(|c| DeviceSlot {
+            tag: device_tag(&c.digest),
+            blocks: (c.size / 4096) as u32,
+        })
+        .collect();
+    let meta = erofs::write(&tree, &devices, chunk_size.trailing_zeros() as u8)?;
+    let table = ChunkTable {
+        version: 1,
+        chunk_size,
+        chunk_digest,
+        blobs: kept,
+    };
+    Ok((meta, table))
 }
 
 /// Build an image from a directory on this host (development and tests; the converter builds
@@ -313,52 +351,72 @@ pub fn minimal_config(platform: &crate::registry::platform::Platform) -> Vec<u8>
     .unwrap_or_default()
 }
 
-/// Lay out the manifest of `img` with `config` (the config's `rootfs.diff_ids` are set to the
-/// new layers' digests and its `history`, which described the old layers, is dropped).
-/// Data blob digests come from the chunk table: no data is hashed or copied again.
+/// Lay out the manifest of `img` with `config` (see [`assemble_parts`]); the data blobs are
+/// among the blobs to upload.
 pub fn assemble(img: &BuiltImage, config: &[u8]) -> Result<Assembled, serde_json::Error> {
-    let with_digest = |b: Bytes| (sha256_digest(&b), b);
-    let table = with_digest(Bytes::from(img.table.to_json()));
-    let meta = with_digest(Bytes::from(img.meta.clone()));
-    let data: Vec<(String, Bytes)> = img
+    let mut a = assemble_parts(&img.meta, &img.table, config)?;
+    let data = img
         .table
         .blobs
         .iter()
         .map(|c| c.digest.to_string())
-        .zip(img.data.iter().cloned())
-        .collect();
-    let mut layers = vec![(MEDIA_TYPE_META, "meta", &meta), (MEDIA_TYPE_CHUNKS, "chunks", &table)];
-    layers.extend(data.iter().map(|d| (MEDIA_TYPE_DATA, "data", d)));
+        .zip(img.data.iter().cloned());
+    a.blobs.splice(0..0, data);
+    Ok(a)
+}
+
+/// Lay out the manifest of an image made of the metadata blob `meta` and the data blobs that
+/// `table` describes, with `config` (its `rootfs.diff_ids` are set to the new layers' digests
+/// and its `history`, which described the old layers, is dropped). Data blob digests come from
+/// the chunk table: no data is hashed or copied again, and the data blobs are not among the
+/// blobs returned (the caller uploads them from wherever they are).
+pub fn assemble_parts(meta: &[u8], table: &ChunkTable, config: &[u8]) -> Result<Assembled, serde_json::Error> {
+    let with_digest = |b: Bytes| (sha256_digest(&b), b);
+    let table_blob = with_digest(Bytes::from(table.to_json()));
+    let meta = with_digest(Bytes::copy_from_slice(meta));
+    let data: Vec<(String, u64)> = table.blobs.iter().map(|c| (c.digest.to_string(), c.size)).collect();
+    let desc =
+        |media_type: &str, digest: &str, size: u64| json!({"mediaType": media_type, "digest": digest, "size": size});
+    let mut layers = vec![
+        (
+            MEDIA_TYPE_META,
+            "meta",
+            desc(MEDIA_TYPE_META, &meta.0, meta.1.len() as u64),
+        ),
+        (
+            MEDIA_TYPE_CHUNKS,
+            "chunks",
+            desc(MEDIA_TYPE_CHUNKS, &table_blob.0, table_blob.1.len() as u64),
+        ),
+    ];
+    layers.extend(
+        data.iter()
+            .map(|(d, size)| (MEDIA_TYPE_DATA, "data", desc(MEDIA_TYPE_DATA, d, *size))),
+    );
     let mut cfg: serde_json::Value = serde_json::from_slice(config)?;
     if let Some(obj) = cfg.as_object_mut() {
         obj.remove("history");
         // one diff id per layer, as containerd counts them; lazyblob layers are never
         // unpacked, so their digests stand in
-        let diff_ids: Vec<&String> = layers.iter().map(|(_, _, (d, _))| d).collect();
+        let diff_ids: Vec<&serde_json::Value> = layers.iter().map(|(_, _, d)| &d["digest"]).collect();
         obj.insert("rootfs".into(), json!({"type": "layers", "diff_ids": diff_ids}));
     }
     let config = with_digest(Bytes::from(serde_json::to_vec(&cfg)?));
-    let desc = |media_type: &str, (digest, b): &(String, Bytes)| json!({"mediaType": media_type, "digest": digest, "size": b.len()});
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
-        "config": desc(oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE, &config),
+        "config": desc(oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE, &config.0, config.1.len() as u64),
         "layers": layers
-            .iter()
-            .map(|(mt, role, d)| {
-                let mut l = desc(mt, d);
+            .into_iter()
+            .map(|(_, role, mut l)| {
                 l["annotations"] = json!({ ANNOTATION_LAYER: role });
                 l
             })
             .collect::<Vec<_>>(),
         "annotations": {ANNOTATION_FORMAT: FORMAT_VERSION},
     });
-    let mut blobs = data;
-    blobs.push(table);
-    blobs.push(meta);
-    blobs.push(config);
     Ok(Assembled {
-        blobs,
+        blobs: vec![table_blob, meta, config],
         manifest: Bytes::from(serde_json::to_vec(&manifest)?),
     })
 }

@@ -7,4 +7,5 @@ pub mod convert;
 pub mod digest;
 pub mod erofs;
 pub mod format;
+pub mod spool;
 pub mod tree;

@@ -5,8 +5,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 
+use super::expansion::Bounded;
 use super::paths::{normalize, resolve_dir, PathError};
-use crate::image::build::BlobWriter;
+use crate::image::spool::FileSink;
 use crate::image::tree::{encode_rdev, FileData, Kind, Meta, Node, Tree};
 
 /// Limits that keep a hostile layer from exhausting the converter.
@@ -14,10 +15,17 @@ use crate::image::tree::{encode_rdev, FileData, Kind, Meta, Node, Tree};
 pub struct Limits {
     /// Largest regular file accepted.
     pub max_file: u64,
-    /// Largest total of file data in one layer.
+    /// Largest size a layer may expand to (its whole decompressed tar stream).
     pub max_layer: u64,
     /// Regular files up to this size are stored inline in the metadata blob.
     pub inline_max: u64,
+    /// Most nodes the image may have (every entry of every layer adds at most one).
+    pub max_entries: usize,
+    /// Most bytes the image's metadata may hold in memory: names, inline file contents,
+    /// symbolic link targets, extended attributes.
+    pub max_metadata: u64,
+    /// Most bytes of headers in front of one entry (PAX records, GNU long names).
+    pub max_headers: u64,
 }
 
 impl Default for Limits {
@@ -26,6 +34,9 @@ impl Default for Limits {
             max_file: 64 << 30,
             max_layer: 256 << 30,
             inline_max: 2048,
+            max_entries: 4_000_000,
+            max_metadata: 1 << 30,
+            max_headers: 1 << 20,
         }
     }
 }
@@ -62,6 +73,8 @@ pub struct LayerStats {
     pub file_bytes: u64,
     /// Whiteouts applied.
     pub whiteouts: u64,
+    /// Bytes of metadata kept in memory (see [`Limits::max_metadata`]).
+    pub metadata: u64,
 }
 
 /// Wrap a compressed or plain layer stream in the right decoder (by magic bytes).
@@ -81,10 +94,8 @@ pub fn decoder<'a, R: Read + 'a>(r: R) -> std::io::Result<Box<dyn Read + 'a>> {
 pub struct Applier<'t> {
     /// The merged tree the layer is applied to.
     pub tree: &'t mut Tree,
-    /// The data blobs file contents go to.
-    pub blobs: &'t mut BlobWriter,
-    /// The blob this layer's files go to.
-    pub blob_index: usize,
+    /// Where this layer's file contents go.
+    pub sink: &'t mut dyn FileSink,
     /// The layer's name in errors.
     pub layer: String,
     /// Ceilings on entries and sizes.
@@ -99,17 +110,10 @@ const WHITEOUT: &[u8] = b".wh.";
 
 impl<'t> Applier<'t> {
     /// Apply layers to `tree` with `blobs`.
-    pub fn new(
-        tree: &'t mut Tree,
-        blobs: &'t mut BlobWriter,
-        blob_index: usize,
-        layer: String,
-        limits: Limits,
-    ) -> Self {
+    pub fn new(tree: &'t mut Tree, sink: &'t mut dyn FileSink, layer: String, limits: Limits) -> Self {
         Applier {
             tree,
-            blobs,
-            blob_index,
+            sink,
             layer,
             limits,
             added: HashSet::new(),
@@ -119,16 +123,25 @@ impl<'t> Applier<'t> {
 
     /// Apply a whole (decompressed) tar stream.
     pub fn apply<R: Read>(mut self, tar: R) -> Result<LayerStats, LayerError> {
-        let mut archive = tar::Archive::new(tar);
-        let entries = archive.entries().map_err(|e| self.archive_err(e))?;
-        for entry in entries {
+        let (bounded, gate) = Bounded::new(tar, self.limits.max_layer, self.limits.max_headers);
+        let mut archive = tar::Archive::new(bounded);
+        let mut entries = archive.entries().map_err(|e| self.archive_err(e))?;
+        loop {
+            gate.headers();
+            let Some(entry) = entries.next() else { break };
+            gate.data();
             let mut entry = entry.map_err(|e| self.archive_err(e))?;
             self.stats.entries += 1;
             let raw_path = entry.path_bytes().into_owned();
-            let name = String::from_utf8_lossy(&raw_path).into_owned();
-            self.entry(&mut entry, &raw_path).map_err(|what| LayerError::Entry {
+            let result = self.entry(&mut entry, &raw_path).and_then(|()| {
+                // what the entry did not consume is read here, as data, not as the next headers
+                std::io::copy(&mut entry, &mut std::io::sink())
+                    .map(drop)
+                    .map_err(|e| format!("reading contents: {e}"))
+            });
+            result.map_err(|what| LayerError::Entry {
                 layer: self.layer.clone(),
-                entry: name,
+                entry: String::from_utf8_lossy(&raw_path).into_owned(),
                 what,
             })?;
         }
@@ -192,6 +205,10 @@ impl<'t> Applier<'t> {
             return Ok(());
         }
         let meta = self.meta(entry)?;
+        self.account(name.len() as u64 + meta.xattrs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>())?;
+        if self.tree.nodes.len() >= self.limits.max_entries {
+            return Err(format!("the image has more than {} entries", self.limits.max_entries));
+        }
         let existing = self.tree.children(parent).and_then(|c| c.get(&name).copied());
         let node_kind = match kind {
             tar::EntryType::Directory => {
@@ -225,6 +242,7 @@ impl<'t> Applier<'t> {
                 if target.is_empty() || target.len() >= 4096 {
                     return Err(format!("symlink target of {} bytes", target.len()));
                 }
+                self.account(target.len() as u64)?;
                 Kind::Symlink(target)
             }
             tar::EntryType::Link => {
@@ -274,6 +292,7 @@ impl<'t> Applier<'t> {
 
     fn file_data<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, size: u64) -> Result<FileData, String> {
         if size <= self.limits.inline_max {
+            self.account(size)?;
             let mut buf = Vec::with_capacity(size as usize);
             entry
                 .read_to_end(&mut buf)
@@ -283,9 +302,21 @@ impl<'t> Applier<'t> {
             }
             return Ok(FileData::Inline(buf));
         }
-        self.blobs
-            .add_reader(self.blob_index, entry, size)
+        self.sink
+            .add_reader(entry, size)
             .map_err(|e| format!("reading contents: {e}"))
+    }
+
+    /// Count `bytes` of metadata held in memory against [`Limits::max_metadata`].
+    fn account(&mut self, bytes: u64) -> Result<(), String> {
+        self.stats.metadata += bytes;
+        if self.stats.metadata > self.limits.max_metadata {
+            return Err(format!(
+                "the image's metadata passes the limit of {} bytes",
+                self.limits.max_metadata
+            ));
+        }
+        Ok(())
     }
 
     fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {

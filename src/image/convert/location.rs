@@ -4,12 +4,16 @@
 //! are in place, so a failed conversion never leaves a half-written tag.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use oci_client::Reference;
 use serde_json::json;
+use tokio::io::AsyncReadExt;
 
 use crate::image::digest::Digest;
+use crate::lock::lock;
+use crate::registry::range::RangeSink;
 use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, RegistryError};
 
 /// An image location.
@@ -140,6 +144,73 @@ impl Location {
                     });
                 }
                 Ok(data)
+            }
+        }
+    }
+
+    /// Stream a blob of `size` bytes into `sink` (retries resume where it stopped); the sink
+    /// verifies it.
+    pub async fn blob_into<S: RangeSink>(
+        &self,
+        registry: &Registry,
+        digest: &str,
+        size: u64,
+        sink: &Mutex<S>,
+    ) -> Result<(), RegistryError> {
+        match self {
+            Location::Registry(r) => {
+                let src = BlobSource {
+                    repo: r.clone(),
+                    digest: parse_digest(digest)?,
+                    size,
+                };
+                registry.fetch_range_into(&src, size, sink).await
+            }
+            Location::Layout { dir, .. } => {
+                let path = layout_blob_path(dir, digest)?;
+                let mut file = tokio::fs::File::open(&path).await.map_err(|e| io_err(&path, e))?;
+                let mut at = 0u64;
+                loop {
+                    let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+                    let n = file.read_buf(&mut buf).await.map_err(|e| io_err(&path, e))?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    lock(sink).accept(at, buf.freeze())?;
+                    at += n as u64;
+                }
+            }
+        }
+    }
+
+    /// Store `size` bytes of `file` (from offset 0) as the blob `digest`, streamed.
+    pub async fn put_blob_file(
+        &self,
+        registry: &Registry,
+        file: Arc<std::fs::File>,
+        size: u64,
+        digest: String,
+    ) -> Result<String, RegistryError> {
+        match self {
+            Location::Registry(r) => registry.push_blob_file(r, file, size, digest).await,
+            Location::Layout { dir, .. } => {
+                let path = layout_blob_path(dir, &digest)?;
+                if !path.exists() {
+                    let parent = path.parent().unwrap_or(dir).to_path_buf();
+                    let tmp = path.with_extension("tmp");
+                    let copy = tmp.clone();
+                    tokio::task::spawn_blocking(move || {
+                        std::fs::create_dir_all(&parent)?;
+                        let mut out = std::fs::File::create(&copy)?;
+                        std::io::Seek::rewind(&mut &*file)?;
+                        std::io::copy(&mut std::io::Read::take(&mut &*file, size), &mut out).map(drop)
+                    })
+                    .await
+                    .map_err(|e| RegistryError::Transport(e.to_string()))?
+                    .map_err(|e| io_err(&tmp, e))?;
+                    tokio::fs::rename(&tmp, &path).await.map_err(|e| io_err(&path, e))?;
+                }
+                Ok(digest)
             }
         }
     }

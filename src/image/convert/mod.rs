@@ -3,22 +3,31 @@
 //! its own data blob; then the metadata blob, chunk table, config and manifest are written.
 //! Deterministic: the same source gives the same digests.
 
+pub mod expansion;
 pub mod layer;
 pub mod location;
 pub mod paths;
+pub mod source;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use oci_client::manifest::{OciImageManifest, OciManifest};
+use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
 use serde_json::json;
 
-use super::build::{assemble, BlobWriter, BuildError};
+use super::build::{assemble_parts, finish_tree, BuildError};
+use super::digest::Digest;
 use super::format::{ChunkDigest, DEFAULT_CHUNK_SIZE};
+use super::spool::{BlobSpool, SpooledBlob};
 use super::tree::{Meta, Tree};
+use crate::lock::lock;
 use crate::registry::platform::Platform;
 use crate::registry::{Registry, RegistryError};
 pub use layer::Limits;
 pub use location::Location;
+use source::{Spool, SpoolSink};
 
 /// Why a conversion failed. Nothing is tagged at the destination when it does.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +44,14 @@ pub enum ConvertError {
     /// The source is not something to convert.
     #[error("{0}")]
     Source(String),
+    /// The work directory (spooled layers and data blobs) failed.
+    #[error("work directory {}: {source}", dir.display())]
+    Work {
+        /// The directory.
+        dir: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
 }
 
 /// Conversion settings.
@@ -52,6 +69,9 @@ pub struct ConvertOptions {
     pub limits: Limits,
     /// Show progress bars (only when stderr is a terminal).
     pub progress: bool,
+    /// Where layers and data blobs are spooled while converting (unnamed files; default:
+    /// the system's temporary directory).
+    pub work_dir: Option<PathBuf>,
 }
 
 impl Default for ConvertOptions {
@@ -63,6 +83,7 @@ impl Default for ConvertOptions {
             chunk_digest: ChunkDigest::default(),
             limits: Limits::default(),
             progress: false,
+            work_dir: None,
         }
     }
 }
@@ -177,6 +198,9 @@ fn progress(opts: &ConvertOptions, len: u64, msg: String) -> ProgressBar {
     pb
 }
 
+/// Largest image config accepted (it is held in memory and rewritten).
+const MAX_CONFIG: i64 = 16 << 20;
+
 /// Convert one image manifest; upload its blobs; return the new manifest (not yet tagged).
 async fn convert_one(
     registry: &Registry,
@@ -186,43 +210,104 @@ async fn convert_one(
     opts: &ConvertOptions,
     report: &mut ConvertReport,
 ) -> Result<(Bytes, String), ConvertError> {
+    if !(0..=MAX_CONFIG).contains(&m.config.size) {
+        return Err(ConvertError::Source(format!("image config of {} bytes", m.config.size)));
+    }
     let config = src.blob(registry, &m.config.digest, Some(m.config.size as u64)).await?;
+    let work = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let mut tree = Tree::new(Meta {
         perm: 0o755,
         ..Default::default()
     });
-    let mut blobs = BlobWriter::new(m.layers.len().max(1));
+    let mut limits = opts.limits.clone();
+    let mut spooled = Vec::new();
     for (i, l) in m.layers.iter().enumerate() {
-        if l.size < 0 {
-            return Err(ConvertError::Source(format!("layer {i} has a negative size")));
-        }
-        let data = src.blob(registry, &l.digest, Some(l.size as u64)).await?;
-        // room for the layer's file data: its size, or a multiple when compressed
-        let compressed = !l.media_type.ends_with(".tar") && !l.media_type.ends_with("tar.v1");
-        blobs.reserve(i, data.len().saturating_mul(if compressed { 3 } else { 1 }));
-        let name = format!("{i} ({})", l.digest);
-        let pb = progress(opts, data.len() as u64, format!("layer {i}"));
-        let limits = opts.limits.clone();
-        let stats = tokio::task::block_in_place(|| {
-            let reader = pb.wrap_read(&data[..]);
-            let decoded = layer::decoder(reader).map_err(|e| layer::LayerError::Archive {
-                layer: name.clone(),
-                what: e.to_string(),
-            })?;
-            layer::Applier::new(&mut tree, &mut blobs, i, name.clone(), limits).apply(decoded)
-        })?;
-        pb.finish_and_clear();
+        let (t, blob, stats) = apply_layer(registry, src, l, i, tree, &work, opts, limits.clone()).await?;
+        tree = t;
+        spooled.push(blob);
+        limits.max_metadata = limits.max_metadata.saturating_sub(stats.metadata);
         report.layer_bytes += stats.file_bytes;
         report.files += stats.entries;
-        tracing::info!(layer = %name, entries = stats.entries, bytes = stats.file_bytes, whiteouts = stats.whiteouts, "layer applied");
     }
-    let chunk = opts.chunk_size;
-    let built = tokio::task::block_in_place(|| blobs.finish_with(tree, chunk, opts.chunk_digest))?;
-    let a = assemble(&built, &config).map_err(|e| ConvertError::Source(format!("image config is not JSON: {e}")))?;
+    let chunks = spooled.iter().map(|b| b.as_ref().map(|b| b.chunks.clone())).collect();
+    let (meta, table) = tokio::task::block_in_place(|| finish_tree(tree, chunks, opts.chunk_size, opts.chunk_digest))?;
+    for b in spooled.into_iter().flatten() {
+        dst.put_blob_file(registry, Arc::new(b.file), b.chunks.size, b.chunks.digest.to_string())
+            .await?;
+    }
+    let a = assemble_parts(&meta, &table, &config)
+        .map_err(|e| ConvertError::Source(format!("image config is not JSON: {e}")))?;
     for (digest, b) in a.blobs {
         dst.put_blob_with_digest(registry, b, digest).await?;
     }
     report.images += 1;
     let digest = crate::registry::sha256_digest(&a.manifest);
     Ok((a.manifest, digest))
+}
+
+/// Apply layer `i` to `tree`: its bytes stream from `src` through a spool file, the decoder and
+/// the tar parser (on the blocking pool) into a data blob spooled under `work`, hashed on a
+/// thread of its own. Returns the tree, the data blob (`None` if the layer holds no file data
+/// outside the metadata) and the layer's counters.
+#[allow(clippy::too_many_arguments)]
+async fn apply_layer(
+    registry: &Registry,
+    src: &Location,
+    l: &OciDescriptor,
+    i: usize,
+    mut tree: Tree,
+    work: &Path,
+    opts: &ConvertOptions,
+    limits: Limits,
+) -> Result<(Tree, Option<SpooledBlob>, layer::LayerStats), ConvertError> {
+    let name = format!("{i} ({})", l.digest);
+    let size = u64::try_from(l.size).map_err(|_| ConvertError::Source(format!("layer {i} has a negative size")))?;
+    let digest = Digest::parse(&l.digest).map_err(|e| ConvertError::Source(format!("layer {i}: {e}")))?;
+    let device = u16::try_from(i + 1).map_err(|_| ConvertError::Source("more than 65535 layers".into()))?;
+    let work_err = |source| ConvertError::Work {
+        dir: work.to_path_buf(),
+        source,
+    };
+    let spool = Spool::new(work).map_err(work_err)?;
+    let mut blob = BlobSpool::new(work, device, opts.chunk_size, opts.chunk_digest).map_err(work_err)?;
+    let reader = spool.reader();
+    let pb = progress(opts, size, format!("layer {i}"));
+    let layer_name = name.clone();
+    let work_dir = work.to_path_buf();
+    let mut apply = tokio::task::spawn_blocking(move || {
+        let decoded = layer::decoder(pb.wrap_read(reader)).map_err(|e| layer::LayerError::Archive {
+            layer: layer_name.clone(),
+            what: e.to_string(),
+        })?;
+        let stats = layer::Applier::new(&mut tree, &mut blob, layer_name, limits).apply(decoded)?;
+        pb.finish_and_clear();
+        let blob = blob
+            .finish()
+            .map_err(|source| ConvertError::Work { dir: work_dir, source })?;
+        Ok::<_, ConvertError>((tree, blob, stats))
+    });
+    let sink = Mutex::new(SpoolSink::new(spool, digest, size));
+    let download = async {
+        let fetched = src.blob_into(registry, &l.digest, size, &sink).await;
+        lock(&sink).finish(fetched)
+    };
+    tokio::pin!(download);
+    let joined = |r: Result<_, tokio::task::JoinError>| {
+        r.map_err(|e| ConvertError::Source(format!("layer {name}: converter thread failed: {e}")))?
+    };
+    let (tree, blob, stats) = tokio::select! {
+        fetched = &mut download => {
+            let applied = joined((&mut apply).await);
+            fetched?;
+            applied?
+        }
+        // an applier that fails first has the error to report: the download stops
+        applied = &mut apply => {
+            let applied = joined(applied)?;
+            download.await?;
+            applied
+        }
+    };
+    tracing::info!(layer = %name, entries = stats.entries, bytes = stats.file_bytes, whiteouts = stats.whiteouts, "layer applied");
+    Ok((tree, blob, stats))
 }

@@ -1,0 +1,215 @@
+//! A source layer on its way to the decompressor. Its compressed bytes are spooled into an
+//! unnamed temporary file as they arrive (from a registry, with retries that resume where a
+//! dropped connection stopped, or from an OCI layout's blob file) while the decompressor reads
+//! behind them: download and conversion overlap, and memory holds a few buffers whatever the
+//! layer's size. The reader sees the end of the stream only once the whole layer matched its
+//! digest; a mismatch or a failed download is an error on the reader's next read.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+use crate::image::digest::Digest;
+use crate::lock::lock;
+use crate::registry::range::RangeSink;
+use crate::registry::RegistryError;
+
+/// How far the download is.
+#[derive(Debug, Clone)]
+enum End {
+    /// Bytes are still coming.
+    Open,
+    /// Every byte arrived and the digest matched.
+    Verified,
+    /// The download failed (why).
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Progress {
+    written: u64,
+    end: End,
+}
+
+/// The temporary file a layer is spooled into, shared by the downloader and the reader.
+#[derive(Debug)]
+pub struct Spool {
+    file: File,
+    progress: Mutex<Progress>,
+    grown: Condvar,
+}
+
+impl Spool {
+    /// A spool in an unnamed file under `dir`.
+    pub fn new(dir: &Path) -> std::io::Result<Arc<Spool>> {
+        Ok(Arc::new(Spool {
+            file: tempfile::tempfile_in(dir)?,
+            progress: Mutex::new(Progress {
+                written: 0,
+                end: End::Open,
+            }),
+            grown: Condvar::new(),
+        }))
+    }
+
+    /// The reading end, from the first byte.
+    pub fn reader(self: &Arc<Self>) -> SpoolReader {
+        SpoolReader {
+            spool: self.clone(),
+            at: 0,
+        }
+    }
+
+    /// The download ended: wake the reader with the outcome.
+    pub fn close(&self, outcome: &Result<(), RegistryError>) {
+        lock(&self.progress).end = match outcome {
+            Ok(()) => End::Verified,
+            Err(e) => End::Failed(e.to_string()),
+        };
+        self.grown.notify_all();
+    }
+}
+
+/// Receives a layer's bytes in order, writes them to the spool and checks the digest once the
+/// last one arrived.
+pub struct SpoolSink {
+    spool: Arc<Spool>,
+    hasher: Sha256,
+    digest: Digest,
+    size: u64,
+}
+
+impl SpoolSink {
+    /// A sink for a blob of `size` bytes that must hash to `digest`.
+    pub fn new(spool: Arc<Spool>, digest: Digest, size: u64) -> SpoolSink {
+        SpoolSink {
+            spool,
+            hasher: Sha256::new(),
+            digest,
+            size,
+        }
+    }
+
+    /// After the last byte: the outcome (the spool is closed with it).
+    pub fn finish(&mut self, fetched: Result<(), RegistryError>) -> Result<(), RegistryError> {
+        let written = self.resume_at();
+        let outcome = fetched.and_then(|()| {
+            if written != self.size {
+                return Err(RegistryError::Truncated {
+                    expected: self.size,
+                    got: written,
+                });
+            }
+            let got = Digest::from_raw(std::mem::take(&mut self.hasher).finalize().into());
+            if got != self.digest {
+                return Err(RegistryError::DigestMismatch {
+                    what: format!("layer {}", self.digest),
+                    expected: self.digest.to_string(),
+                    got: got.to_string(),
+                });
+            }
+            Ok(())
+        });
+        self.spool.close(&outcome);
+        outcome
+    }
+}
+
+impl RangeSink for SpoolSink {
+    fn resume_at(&self) -> u64 {
+        lock(&self.spool.progress).written
+    }
+
+    fn accept(&mut self, at: u64, data: Bytes) -> Result<(), RegistryError> {
+        if at + data.len() as u64 > self.size {
+            return Err(RegistryError::Truncated {
+                expected: self.size,
+                got: at + data.len() as u64,
+            });
+        }
+        self.spool
+            .file
+            .write_all_at(&data, at)
+            .map_err(|e| RegistryError::Transport(format!("spooling layer {}: {e}", self.digest)))?;
+        self.hasher.update(&data);
+        lock(&self.spool.progress).written = at + data.len() as u64;
+        self.spool.grown.notify_all();
+        Ok(())
+    }
+
+    fn abort_attempt(&mut self) {
+        // every accepted byte is in the file: the next attempt asks for the rest
+    }
+}
+
+/// Reads a spool as it grows (see the module comment).
+pub struct SpoolReader {
+    spool: Arc<Spool>,
+    at: u64,
+}
+
+impl Read for SpoolReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut progress = lock(&self.spool.progress);
+        loop {
+            if self.at < progress.written {
+                let n = buf
+                    .len()
+                    .min(usize::try_from(progress.written - self.at).unwrap_or(usize::MAX));
+                drop(progress);
+                let n = self.spool.file.read_at(&mut buf[..n], self.at)?;
+                self.at += n as u64;
+                return Ok(n);
+            }
+            match &progress.end {
+                End::Open => {
+                    progress = self
+                        .spool
+                        .grown
+                        .wait(progress)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                End::Verified => return Ok(0),
+                End::Failed(why) => return Err(std::io::Error::other(why.clone())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_follows_the_download_and_sees_the_end_only_when_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let spool = Spool::new(dir.path()).unwrap();
+        let mut sink = SpoolSink::new(spool.clone(), Digest::of(&data), data.len() as u64);
+        let mut reader = spool.reader();
+        let t = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).map(|_| got)
+        });
+        for (i, piece) in data.chunks(70_000).enumerate() {
+            sink.accept(i as u64 * 70_000, Bytes::copy_from_slice(piece)).unwrap();
+        }
+        sink.finish(Ok(())).unwrap();
+        assert_eq!(t.join().unwrap().unwrap(), data);
+
+        let spool = Spool::new(dir.path()).unwrap();
+        let mut sink = SpoolSink::new(spool.clone(), Digest::of(b"other"), 3);
+        let mut reader = spool.reader();
+        sink.accept(0, Bytes::from_static(b"abc")).unwrap();
+        assert!(sink.finish(Ok(())).is_err());
+        let mut got = Vec::new();
+        let err = reader.read_to_end(&mut got).unwrap_err();
+        assert!(err.to_string().contains("mismatch"), "{err}");
+        assert_eq!(got, b"abc");
+    }
+}
