@@ -100,10 +100,7 @@ pub async fn convert(src: &str, dst: &str, opts: &ConvertOptions, config: Option
         .await
         .with_context(|| format!("converting {src} to {dst}"))?;
     let secs = t0.elapsed().as_secs_f64();
-    // ru_maxrss is in KiB on Linux
-    let peak_kib = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
-        .map(|u| u.max_rss())
-        .unwrap_or(0);
+    let peak_kib = peak_rss_kib().unwrap_or(0);
     eprintln!(
         "converted {} image(s), {} entries, {} bytes of file data in {:.2}s ({:.1} MB/s), peak RSS {:.1} MiB",
         r.images,
@@ -192,4 +189,13 @@ pub fn containerd_config(
         let _ = writeln!(out, "ran {cmd}");
     }
     Ok(out)
+}
+
+/// This process's peak resident set (`VmHWM`, KiB). Not `getrusage`: its `ru_maxrss` carries
+/// the peak of the process image before `execve`, which for a child of a large process is the
+/// parent's.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
