@@ -1,4 +1,4 @@
-//! `cargo bench --bench lazyblob [-- --quick] [--only start,seq,vm,random,scale,restart]`: lazyblob
+//! `cargo bench --bench lazyblob [-- --quick] [--only start,convert,seq,vm,random,scale,restart]`: lazyblob
 //! against its baselines, side by side, on one machine in one run, everything against
 //! Debian's docker-registry on loopback (registry-mock with zero latency for the scale test).
 //! Prints a markdown table and writes `target/bench/lazyblob-bench.json`. Needs root
@@ -9,6 +9,8 @@ use std::path::Path;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "lazyblob/convert.rs"]
+mod convert;
 #[path = "lazyblob/reads.rs"]
 mod reads;
 #[path = "lazyblob/restart.rs"]
@@ -25,7 +27,7 @@ use util::{Bench, Report};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    // `--only seq,random,scale,start,vm,restart` runs a subset (start = cold start, warm, conversion)
+    // `--only seq,random,scale,start,convert,vm,restart` runs a subset (start = cold start, warm, conversion; convert = a 4 GiB image)
     let only: Option<Vec<String>> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
@@ -56,6 +58,9 @@ async fn main() {
     let mut r = Report::default();
     if want("start") {
         start::start(&b, &mut r).await;
+    }
+    if want("convert") {
+        convert::convert(&b, &mut r).await;
     }
     if want("seq") || want("random") {
         let img = reads::seq_images(&b).await;

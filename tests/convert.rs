@@ -160,6 +160,14 @@ async fn multi_layer_whiteouts_links_devices_xattrs() {
     let dst: Location = format!("oci:{}:v1", layout.path().display()).parse().unwrap();
     let to_layout = convert(&reg, &src, &dst, &ConvertOptions::default()).await.unwrap();
     assert_eq!(to_layout.digest, digest);
+    // every blob of the layout (data blobs are linked in from their spool files) is what its
+    // name says, and no temporary file is left
+    for e in std::fs::read_dir(layout.path().join("blobs/sha256")).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        let data = std::fs::read(e.path()).unwrap();
+        assert_eq!(lazyblob::registry::sha256_digest(&data), format!("sha256:{name}"));
+    }
     // the converted config keeps the source's entrypoint and env and names the new layers
     let r = parse_reference(&format!("{}/lazy/multi:v1", dr.host)).unwrap();
     let m = reg.resolve(&r).await.unwrap().manifest;

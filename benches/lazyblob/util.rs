@@ -48,6 +48,8 @@ pub struct Scale {
     pub images: usize,
     pub concurrent: usize,
     pub vm_mib: usize,
+    /// Size divisor of the large conversion (1: a 4 GiB image with a 2 GiB file).
+    pub convert_div: u64,
 }
 
 pub fn scale(quick: bool) -> Scale {
@@ -61,6 +63,7 @@ pub fn scale(quick: bool) -> Scale {
             images: 20,
             concurrent: 200,
             vm_mib: 64,
+            convert_div: 8,
         }
     } else {
         Scale {
@@ -72,6 +75,7 @@ pub fn scale(quick: bool) -> Scale {
             images: 100,
             concurrent: 1000,
             vm_mib: 256,
+            convert_div: 1,
         }
     }
 }

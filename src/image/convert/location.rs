@@ -196,22 +196,31 @@ impl Location {
             Location::Layout { dir, .. } => {
                 let path = layout_blob_path(dir, &digest)?;
                 if !path.exists() {
-                    let parent = path.parent().unwrap_or(dir).to_path_buf();
                     let tmp = path.with_extension("tmp");
-                    let copy = tmp.clone();
-                    tokio::task::spawn_blocking(move || {
-                        std::fs::create_dir_all(&parent)?;
-                        let mut out = std::fs::File::create(&copy)?;
-                        std::io::Seek::rewind(&mut &*file)?;
-                        std::io::copy(&mut std::io::Read::take(&mut &*file, size), &mut out).map(drop)
-                    })
-                    .await
-                    .map_err(|e| RegistryError::Transport(e.to_string()))?
-                    .map_err(|e| io_err(&tmp, e))?;
+                    let staged = tmp.clone();
+                    tokio::task::spawn_blocking(move || link_or_copy(&file, size, &staged))
+                        .await
+                        .map_err(|e| RegistryError::Transport(e.to_string()))?
+                        .map_err(|e| io_err(&tmp, e))?;
                     tokio::fs::rename(&tmp, &path).await.map_err(|e| io_err(&path, e))?;
                 }
                 Ok(digest)
             }
+        }
+    }
+
+    /// Where data blobs bound for this location are best spooled: a layout's own blob
+    /// directory (the finished file is then linked in place, not copied), else `work`.
+    pub fn spool_dir(&self, work: &Path) -> PathBuf {
+        match self {
+            Location::Layout { dir, .. } => {
+                let blobs = dir.join("blobs").join("sha256");
+                match std::fs::create_dir_all(&blobs) {
+                    Ok(()) => blobs,
+                    Err(_) => work.to_path_buf(),
+                }
+            }
+            Location::Registry(_) => work.to_path_buf(),
         }
     }
 
@@ -293,6 +302,27 @@ impl Location {
             }
         }
     }
+}
+
+/// Give the unnamed file `file` the name `to` (it was made with `O_TMPFILE` on the same
+/// filesystem); else copy its first `size` bytes there.
+fn link_or_copy(file: &std::fs::File, size: u64, to: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let _ = std::fs::remove_file(to);
+    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let cwd = nix::fcntl::AT_FDCWD;
+    if nix::unistd::linkat(cwd, proc_path.as_str(), cwd, to, nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW).is_ok()
+        && std::fs::metadata(to).is_ok_and(|m| m.len() == size)
+    {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(to);
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut out = std::fs::File::create(to)?;
+    std::io::Seek::rewind(&mut &*file)?;
+    std::io::copy(&mut std::io::Read::take(&mut &*file, size), &mut out).map(drop)
 }
 
 #[cfg(test)]

@@ -222,7 +222,8 @@ async fn convert_one(
     let mut limits = opts.limits.clone();
     let mut spooled = Vec::new();
     for (i, l) in m.layers.iter().enumerate() {
-        let (t, blob, stats) = apply_layer(registry, src, l, i, tree, &work, opts, limits.clone()).await?;
+        let dirs = (work.as_path(), dst.spool_dir(&work));
+        let (t, blob, stats) = apply_layer(registry, src, l, i, tree, dirs, opts, limits.clone()).await?;
         tree = t;
         spooled.push(blob);
         limits.max_metadata = limits.max_metadata.saturating_sub(stats.metadata);
@@ -234,6 +235,7 @@ async fn convert_one(
     for b in spooled.into_iter().flatten() {
         dst.put_blob_file(registry, Arc::new(b.file), b.chunks.size, b.chunks.digest.to_string())
             .await?;
+        tracing::info!(blob = %b.chunks.digest, bytes = b.chunks.size, "data blob stored");
     }
     let a = assemble_parts(&meta, &table, &config)
         .map_err(|e| ConvertError::Source(format!("image config is not JSON: {e}")))?;
@@ -246,8 +248,8 @@ async fn convert_one(
 }
 
 /// Apply layer `i` to `tree`: its bytes stream from `src` through a spool file, the decoder and
-/// the tar parser (on the blocking pool) into a data blob spooled under `work`, hashed on a
-/// thread of its own. Returns the tree, the data blob (`None` if the layer holds no file data
+/// the tar parser (on the blocking pool) into a data blob, hashed on a thread of its own.
+/// `dirs`: where the layer is spooled, where the data blob is. Returns the tree, the data blob (`None` if the layer holds no file data
 /// outside the metadata) and the layer's counters.
 #[allow(clippy::too_many_arguments)]
 async fn apply_layer(
@@ -256,7 +258,7 @@ async fn apply_layer(
     l: &OciDescriptor,
     i: usize,
     mut tree: Tree,
-    work: &Path,
+    (work, blob_dir): (&Path, PathBuf),
     opts: &ConvertOptions,
     limits: Limits,
 ) -> Result<(Tree, Option<SpooledBlob>, layer::LayerStats), ConvertError> {
@@ -268,8 +270,13 @@ async fn apply_layer(
         dir: work.to_path_buf(),
         source,
     };
+    tracing::info!(layer = %name, bytes = size, "applying layer");
     let spool = Spool::new(work).map_err(work_err)?;
-    let mut blob = BlobSpool::new(work, device, opts.chunk_size, opts.chunk_digest).map_err(work_err)?;
+    let mut blob =
+        BlobSpool::new(&blob_dir, device, opts.chunk_size, opts.chunk_digest).map_err(|source| ConvertError::Work {
+            dir: blob_dir.clone(),
+            source,
+        })?;
     let reader = spool.reader();
     let pb = progress(opts, size, format!("layer {i}"));
     let layer_name = name.clone();
