@@ -49,7 +49,7 @@ sync
 
 now() { date +%s.%N; }
 t0=$(now)
-${PERF:-} "$bin" --log warn convert "oci:$src:v1" "oci:$work/dst:v1" >/dev/null 2>&1
+${PERF:-} "$bin" --log ${LOG:-warn} convert "oci:$src:v1" "oci:$work/dst:v1" >/dev/null 2>${ERR:-/dev/null}
 t1=$(now)
 mkfs.erofs --quiet "$work/mkfs.img" "$tree" >/dev/null
 t2=$(now)

@@ -9,10 +9,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use oci_client::Reference;
 use serde_json::json;
-use tokio::io::AsyncReadExt;
 
 use crate::image::digest::Digest;
-use crate::lock::lock;
 use crate::registry::range::RangeSink;
 use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, RegistryError};
 
@@ -148,8 +146,8 @@ impl Location {
         }
     }
 
-    /// Stream a blob of `size` bytes into `sink` (retries resume where it stopped); the sink
-    /// verifies it.
+    /// Stream a registry's blob of `size` bytes into `sink` (retries resume where it
+    /// stopped); the sink verifies it.
     pub async fn blob_into<S: RangeSink>(
         &self,
         registry: &Registry,
@@ -166,20 +164,17 @@ impl Location {
                 };
                 registry.fetch_range_into(&src, size, sink).await
             }
-            Location::Layout { dir, .. } => {
-                let path = layout_blob_path(dir, digest)?;
-                let mut file = tokio::fs::File::open(&path).await.map_err(|e| io_err(&path, e))?;
-                let mut at = 0u64;
-                loop {
-                    let mut buf = bytes::BytesMut::with_capacity(1 << 20);
-                    let n = file.read_buf(&mut buf).await.map_err(|e| io_err(&path, e))?;
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    lock(sink).accept(at, buf.freeze())?;
-                    at += n as u64;
-                }
-            }
+            Location::Layout { .. } => Err(RegistryError::Manifest(format!(
+                "{self}: a layout's blobs are read in place (see Location::layout_blob)"
+            ))),
+        }
+    }
+
+    /// The file of blob `digest` when this is an OCI layout.
+    pub fn layout_blob(&self, digest: &str) -> Result<Option<PathBuf>, RegistryError> {
+        match self {
+            Location::Layout { dir, .. } => layout_blob_path(dir, digest).map(Some),
+            Location::Registry(_) => Ok(None),
         }
     }
 

@@ -271,7 +271,14 @@ async fn apply_layer(
         source,
     };
     tracing::info!(layer = %name, bytes = size, "applying layer");
-    let spool = Spool::new(work).map_err(work_err)?;
+    // a layout's blob is read where it is; a registry's is spooled as it arrives
+    let local = src.layout_blob(&l.digest)?;
+    let spool = match &local {
+        Some(path) => std::fs::File::open(path)
+            .and_then(Spool::of_file)
+            .map_err(|e| ConvertError::Source(format!("layer {name}: {}: {e}", path.display())))?,
+        None => Spool::new(work).map_err(work_err)?,
+    };
     let mut blob =
         BlobSpool::new(&blob_dir, device, opts.chunk_size, opts.chunk_digest).map_err(|source| ConvertError::Work {
             dir: blob_dir.clone(),
@@ -293,8 +300,13 @@ async fn apply_layer(
             .map_err(|source| ConvertError::Work { dir: work_dir, source })?;
         Ok::<_, ConvertError>((tree, blob, stats))
     });
-    let sink = Mutex::new(SpoolSink::new(spool, digest, size));
+    let sink = Mutex::new(SpoolSink::new(spool.clone(), digest.clone(), size));
     let download = async {
+        if local.is_some() {
+            return tokio::task::spawn_blocking(move || spool.verify(&digest, size))
+                .await
+                .map_err(|e| RegistryError::Transport(e.to_string()))?;
+        }
         let fetched = src.blob_into(registry, &l.digest, size, &sink).await;
         lock(&sink).finish(fetched)
     };

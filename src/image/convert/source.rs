@@ -57,6 +57,60 @@ impl Spool {
         }))
     }
 
+    /// A spool over a complete local file (an OCI layout's blob): nothing is copied, and the
+    /// reader sees its end once [`Spool::verify`] has checked its digest.
+    pub fn of_file(file: File) -> std::io::Result<Arc<Spool>> {
+        let written = file.metadata()?.len();
+        Ok(Arc::new(Spool {
+            file,
+            progress: Mutex::new(Progress {
+                written,
+                end: End::Open,
+            }),
+            grown: Condvar::new(),
+        }))
+    }
+
+    /// Check a spool made by [`Spool::of_file`] against `digest` and `size`; the reader is
+    /// woken with the outcome.
+    pub fn verify(&self, digest: &Digest, size: u64) -> Result<(), RegistryError> {
+        let outcome = self.hash().and_then(|(len, got)| {
+            if len != size {
+                return Err(RegistryError::Truncated {
+                    expected: size,
+                    got: len,
+                });
+            }
+            if got != *digest {
+                return Err(RegistryError::DigestMismatch {
+                    what: format!("layer {digest}"),
+                    expected: digest.to_string(),
+                    got: got.to_string(),
+                });
+            }
+            Ok(())
+        });
+        self.close(&outcome);
+        outcome
+    }
+
+    fn hash(&self) -> Result<(u64, Digest), RegistryError> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        loop {
+            let n = self
+                .file
+                .read_at(&mut buf, at)
+                .map_err(|e| RegistryError::Transport(format!("reading a layer: {e}")))?;
+            if n == 0 {
+                return Ok((at, Digest::from_raw(hasher.finalize().into())));
+            }
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+    }
+
     /// The reading end, from the first byte.
     pub fn reader(self: &Arc<Self>) -> SpoolReader {
         SpoolReader {
@@ -211,5 +265,25 @@ mod tests {
         let err = reader.read_to_end(&mut got).unwrap_err();
         assert!(err.to_string().contains("mismatch"), "{err}");
         assert_eq!(got, b"abc");
+    }
+
+    #[test]
+    fn a_local_file_is_read_in_place_and_ends_only_when_its_digest_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, b"layer bytes").unwrap();
+        for (digest, ok) in [(Digest::of(b"layer bytes"), true), (Digest::of(b"other"), false)] {
+            let spool = Spool::of_file(File::open(&path).unwrap()).unwrap();
+            let mut reader = spool.reader();
+            let t = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                reader.read_to_end(&mut got).map(|_| got)
+            });
+            assert_eq!(spool.verify(&digest, 11).is_ok(), ok);
+            let read = t.join().unwrap();
+            assert_eq!(read.is_ok(), ok, "{read:?}");
+        }
+        let spool = Spool::of_file(File::open(&path).unwrap()).unwrap();
+        assert!(spool.verify(&Digest::of(b"layer bytes"), 12).is_err());
     }
 }
