@@ -81,12 +81,7 @@ async fn a_gigabyte_file_converts_in_bounded_memory() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "convert failed: {stderr}");
-    let peak: f64 = stderr
-        .split("peak RSS ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no peak RSS in {stderr:?}"));
+    let peak = convert_peak_rss(&stderr);
     eprintln!("converted a {SIZE}-byte file with a peak RSS of {peak:.1} MiB");
     assert!(peak < MAX_RSS_MIB, "peak RSS {peak} MiB converting a 1 GiB file");
     assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "spool files left behind");

@@ -30,16 +30,6 @@ fn write_pattern(path: &Path, period: &[u8], skew: usize, len: u64) {
     f.flush().unwrap();
 }
 
-/// Peak RSS (MiB) from `lazyblob convert`'s summary line.
-fn peak_rss(stderr: &str) -> f64 {
-    stderr
-        .split("peak RSS ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no peak RSS in {stderr:?}"))
-}
-
 /// Run `lazyblob convert SRC DST` with the page cache dropped first: (seconds, peak RSS MiB).
 fn run_convert(src: &str, dst: &str, config: &Path, work: &Path) -> (f64, f64) {
     drop_caches();
@@ -55,7 +45,7 @@ fn run_convert(src: &str, dst: &str, config: &Path, work: &Path) -> (f64, f64) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "convert failed: {stderr}");
     eprintln!("{}", stderr.trim_end());
-    (secs, peak_rss(&stderr))
+    (secs, crate::common::convert_peak_rss(&stderr))
 }
 
 /// Under `base`: `lazyblob convert` into an OCI layout, then `mkfs.erofs` of `rootfs`, each

@@ -394,3 +394,14 @@ pub fn busybox() -> Vec<u8> {
         .map(|p| std::fs::read(p).unwrap())
         .expect("busybox-static")
 }
+
+/// Peak RSS (MiB) from the summary line `lazyblob convert` prints on stderr.
+#[allow(dead_code)]
+pub fn convert_peak_rss(stderr: &str) -> f64 {
+    stderr
+        .split("peak RSS ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {stderr:?}"))
+}
