@@ -200,6 +200,23 @@ async fn compression_bombs_stop_at_their_limits() {
     )
     .await;
 
+    // a layer announcing more bytes than it may expand to: refused before it is fetched
+    let mut l = Layer::new();
+    l.file("x", 0o644, &bytes(3, 200_000));
+    let tiny = Limits {
+        max_layer: 64 << 10,
+        ..Limits::default()
+    };
+    refused(
+        &reg,
+        &host,
+        "announced",
+        compress(&l.tar(), Compression::None),
+        tiny,
+        &["layer 0", "exceed the limit"],
+    )
+    .await;
+
     // more entries than allowed
     let mut l = Layer::new();
     for i in 0..200 {

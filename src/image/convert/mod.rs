@@ -265,6 +265,14 @@ async fn apply_layer(
     let name = format!("{i} ({})", l.digest);
     let size = u64::try_from(l.size).map_err(|_| ConvertError::Source(format!("layer {i} has a negative size")))?;
     let digest = Digest::parse(&l.digest).map_err(|e| ConvertError::Source(format!("layer {i}: {e}")))?;
+    // a compressed layer larger than what it may expand to is refused before a byte is
+    // spooled (slack for incompressible data, which compression makes slightly larger)
+    if size > limits.max_layer.saturating_add(limits.max_layer / 16) {
+        return Err(ConvertError::Source(format!(
+            "layer {name}: {size} bytes exceed the limit of {} bytes a layer may expand to",
+            limits.max_layer
+        )));
+    }
     let device = u16::try_from(i + 1).map_err(|_| ConvertError::Source("more than 65535 layers".into()))?;
     let work_err = |source| ConvertError::Work {
         dir: work.to_path_buf(),
