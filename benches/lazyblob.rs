@@ -43,6 +43,13 @@ async fn main() {
     if let Some(n) = std::env::var("LAZYBLOB_BENCH_LAYERS").ok().and_then(|v| v.parse().ok()) {
         s.layers = n;
     }
+    // the scale test's readers (spread over its 100 images), e.g. 10000
+    if let Some(n) = std::env::var("LAZYBLOB_BENCH_CONCURRENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        s.concurrent = n;
+    }
     let work = tempfile::Builder::new()
         .prefix("lazyblob-bench.")
         .tempdir_in("/var/tmp")

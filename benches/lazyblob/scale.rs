@@ -1,6 +1,5 @@
 //! Many images, many concurrent cold reads.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use lazyblob::registry::parse_reference;
@@ -8,8 +7,9 @@ use serde_json::json;
 
 use crate::util::*;
 
-/// Many registered images and a burst of concurrent cold reads, the registry answering at
-/// once (registry-mock): RSS, CPU and cold chunk reads per second.
+/// Many registered images and a burst of concurrent cold reads spread over all of them (each
+/// reader its own 64 KiB slot of one image's file), the registry answering at once
+/// (registry-mock): RSS, CPU and cold chunk reads per second.
 pub async fn scale(b: &Bench<'_>, r: &mut Report) {
     let (s, w) = (&b.scale, b.work);
     eprintln!(
@@ -19,21 +19,17 @@ pub async fn scale(b: &Bench<'_>, r: &mut Report) {
     let mock = registry_mock::MockRegistry::start(Default::default()).await.unwrap();
     let mhost = mock.host();
     let mreg = registry(&[&mhost]);
-    let big_len = s.concurrent * 64 * 1024;
-    let mut big_tree = BTreeMap::new();
-    big_tree.insert("data/big.bin".to_string(), rng_bytes(99, big_len));
-    for i in 0..s.images {
+    // the readers are spread over every image: each image's file has a 64 KiB slot per reader
+    let per_image = s.concurrent.div_ceil(s.images);
+    let big_len = per_image * 64 * 1024;
+    let files: Vec<Vec<u8>> = (0..s.images).map(|i| rng_bytes(5000 + i as u64, big_len)).collect();
+    for (i, data) in files.iter().enumerate() {
         let mut tree = lazyblob::image::tree::Tree::new(lazyblob::image::tree::Meta {
             perm: 0o755,
             ..Default::default()
         });
         let mut bw = lazyblob::image::build::BlobWriter::new(1);
-        let data = if i == 0 {
-            big_tree["data/big.bin"].clone()
-        } else {
-            rng_bytes(5000 + i as u64, 8192)
-        };
-        let fd = bw.add(0, &data);
+        let fd = bw.add(0, data);
         tree.insert(
             0,
             b"big.bin",
@@ -63,30 +59,40 @@ pub async fn scale(b: &Bench<'_>, r: &mut Report) {
         std::fs::create_dir_all(&m).unwrap();
         d.mount(&format!("{mhost}/scale/img{i}:v1"), &m);
     }
-    let target = mnt4.join("m0/big.bin");
+    let profiler = profile_start();
     let t = Instant::now();
     let handles: Vec<_> = (0..s.concurrent)
         .map(|i| {
-            let p = target.clone();
-            std::thread::spawn(move || read_range(&p, (i * 64 * 1024) as u64, 4096))
+            let (img, slot) = (i % s.images, i / s.images);
+            let p = mnt4.join(format!("m{img}/big.bin"));
+            std::thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || read_range(&p, (slot * 64 * 1024) as u64, 4096))
+                .unwrap()
         })
         .collect();
     for (i, h) in handles.into_iter().enumerate() {
         let got = h.join().unwrap();
-        let off = i * 64 * 1024;
-        assert!(got[..] == big_tree["data/big.bin"][off..off + 4096]);
+        let (img, off) = (i % s.images, (i / s.images) * 64 * 1024);
+        assert!(got[..] == files[img][off..off + 4096]);
     }
     let burst = t.elapsed().as_secs_f64();
+    profile_stop(profiler);
     let (rss_kib, cpu_s) = usage(d.pid());
     // requests per second when the registry answers at once: cold 4 KiB reads, one per chunk
     let d2 = daemon(&w.join("d5"), &[&mhost], "[engine]\nfill_after_idle_ms = 0\n");
     let m5 = w.join("d5/mnt");
-    std::fs::create_dir_all(&m5).unwrap();
-    d2.mount(&format!("{mhost}/scale/img0:v1"), &m5);
-    let chunks = big_len / (1 << 20);
+    let sample = s.images.min(10);
+    for i in 0..sample {
+        std::fs::create_dir_all(m5.join(format!("m{i}"))).unwrap();
+        d2.mount(&format!("{mhost}/scale/img{i}:v1"), &m5.join(format!("m{i}")));
+    }
+    let chunks = sample * big_len.div_ceil(1 << 20);
     let t = Instant::now();
-    for c in 0..chunks {
-        let _ = read_range(&m5.join("big.bin"), (c << 20) as u64, 4096);
+    for i in 0..sample {
+        for c in 0..big_len.div_ceil(1 << 20) {
+            let _ = read_range(&m5.join(format!("m{i}/big.bin")), (c << 20) as u64, 4096);
+        }
     }
     let rps = chunks as f64 / t.elapsed().as_secs_f64();
     r.rows.push((

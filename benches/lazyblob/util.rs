@@ -194,7 +194,7 @@ pub fn daemon(dir: &Path, hosts: &[&str], extra: &str) -> DaemonProc {
 }
 
 /// `LAZYBLOB_BENCH_PROFILE="perf record -a -g -o /tmp/p.data"`: a profiler around the
-/// sequential read, stopped with SIGINT.
+/// sequential read and the scale test's burst, stopped with SIGINT.
 pub fn profile_start() -> Option<std::process::Child> {
     let cmd = std::env::var("LAZYBLOB_BENCH_PROFILE").ok()?;
     let child = Command::new("sh").arg("-c").arg(format!("exec {cmd}")).spawn().ok()?;
