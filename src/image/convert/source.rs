@@ -74,22 +74,7 @@ impl Spool {
     /// Check a spool made by [`Spool::of_file`] against `digest` and `size`; the reader is
     /// woken with the outcome.
     pub fn verify(&self, digest: &Digest, size: u64) -> Result<(), RegistryError> {
-        let outcome = self.hash().and_then(|(len, got)| {
-            if len != size {
-                return Err(RegistryError::Truncated {
-                    expected: size,
-                    got: len,
-                });
-            }
-            if got != *digest {
-                return Err(RegistryError::DigestMismatch {
-                    what: format!("layer {digest}"),
-                    expected: digest.to_string(),
-                    got: got.to_string(),
-                });
-            }
-            Ok(())
-        });
+        let outcome = self.hash().and_then(|(len, got)| verdict(digest, size, len, &got));
         self.close(&outcome);
         outcome
     }
@@ -129,6 +114,24 @@ impl Spool {
     }
 }
 
+/// Whether a layer of `len` bytes hashing to `got` is the one expected.
+fn verdict(digest: &Digest, size: u64, len: u64, got: &Digest) -> Result<(), RegistryError> {
+    if len != size {
+        return Err(RegistryError::Truncated {
+            expected: size,
+            got: len,
+        });
+    }
+    if got != digest {
+        return Err(RegistryError::DigestMismatch {
+            what: format!("layer {digest}"),
+            expected: digest.to_string(),
+            got: got.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Receives a layer's bytes in order, writes them to the spool and checks the digest once the
 /// last one arrived.
 pub struct SpoolSink {
@@ -153,21 +156,8 @@ impl SpoolSink {
     pub fn finish(&mut self, fetched: Result<(), RegistryError>) -> Result<(), RegistryError> {
         let written = self.resume_at();
         let outcome = fetched.and_then(|()| {
-            if written != self.size {
-                return Err(RegistryError::Truncated {
-                    expected: self.size,
-                    got: written,
-                });
-            }
             let got = Digest::from_raw(std::mem::take(&mut self.hasher).finalize().into());
-            if got != self.digest {
-                return Err(RegistryError::DigestMismatch {
-                    what: format!("layer {}", self.digest),
-                    expected: self.digest.to_string(),
-                    got: got.to_string(),
-                });
-            }
-            Ok(())
+            verdict(&self.digest, self.size, written, &got)
         });
         self.spool.close(&outcome);
         outcome
