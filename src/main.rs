@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use lazyblob::image::convert::Limits;
 
 use lazyblob::commands;
 use lazyblob::config::Config;
 use lazyblob::frontend::mount::SpecialFiles;
+use lazyblob::image::convert::Limits;
 
 /// The daemon's admin socket.
 #[derive(Args)]

@@ -100,12 +100,6 @@ impl BlobWriter {
         }
     }
 
-    /// Reserve room for `additional` more bytes in blob `b` (avoids regrowing large blobs).
-    pub fn reserve(&mut self, b: usize, additional: usize) {
-        let n = self.blobs.len();
-        self.blobs[b % n].reserve(additional);
-    }
-
     /// Append `content` to blob `b` (0-based) on a 4 KiB boundary.
     pub fn add(&mut self, b: usize, content: &[u8]) -> FileData {
         let b = b % self.blobs.len();

@@ -66,16 +66,6 @@ impl BlobSpool {
         })
     }
 
-    /// Bytes written so far.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether nothing was written.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Queue the current buffer for the hashing thread and take an empty one.
     fn flush(&mut self) -> std::io::Result<()> {
         if self.buf.is_empty() {
@@ -179,14 +169,14 @@ fn hash_and_write(
     chunk_size: u64,
     algorithm: ChunkDigest,
 ) -> std::io::Result<SpooledBlob> {
-    let mut out = std::io::BufWriter::with_capacity(BUF, file);
     let mut whole = Sha256::new();
     let mut chunk: ChunkHasher = algorithm.hasher();
     let mut in_chunk = 0u64;
     let mut hex = String::new();
     let mut size = 0u64;
+    // buffers arrive whole (1 MiB, the last one shorter): written as they are
     for buf in full {
-        out.write_all(&buf)?;
+        (&file).write_all(&buf)?;
         whole.update(&buf);
         let mut rest = &buf[..];
         while !rest.is_empty() {
@@ -207,7 +197,6 @@ fn hash_and_write(
     if in_chunk > 0 {
         hex.push_str(&hex::encode(chunk.finalize()));
     }
-    let file = out.into_inner().map_err(|e| e.into_error())?;
     Ok(SpooledBlob {
         file,
         chunks: BlobChunks {

@@ -65,7 +65,7 @@ impl Registry {
     ) -> Result<String, RegistryError>
     where
         F: Fn(oci_client::Client, String) -> Fut,
-        Fut: std::future::Future<Output = Result<(), oci_client::errors::OciDistributionError>>,
+        Fut: std::future::Future<Output = Result<(), OciDistributionError>>,
     {
         let (auth, scope) = self.auth_for(repo).await?;
         let client = self.client(repo, &auth, scope)?;

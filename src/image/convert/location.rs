@@ -10,8 +10,9 @@ use bytes::Bytes;
 use oci_client::Reference;
 use serde_json::json;
 
+use super::source::{Spool, SpoolSink};
 use crate::image::digest::Digest;
-use crate::registry::range::RangeSink;
+use crate::lock::lock;
 use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, RegistryError};
 
 /// An image location.
@@ -146,35 +147,49 @@ impl Location {
         }
     }
 
-    /// Stream a registry's blob of `size` bytes into `sink` (retries resume where it
-    /// stopped); the sink verifies it.
-    pub async fn blob_into<S: RangeSink>(
+    /// Where layer `digest` will be read from: a layout's blob file in place, or for a
+    /// registry an empty spool under `work` that [`Location::fetch_layer`] fills.
+    pub fn layer_spool(&self, digest: &str, work: &Path) -> Result<Arc<Spool>, RegistryError> {
+        match self {
+            Location::Layout { dir, .. } => {
+                let path = layout_blob_path(dir, digest)?;
+                std::fs::File::open(&path)
+                    .and_then(Spool::of_file)
+                    .map_err(|e| io_err(&path, e))
+            }
+            Location::Registry(_) => Spool::new(work).map_err(|e| io_err(work, e)),
+        }
+    }
+
+    /// Make `spool` (from [`Location::layer_spool`]) hold the `size` bytes of layer `digest`
+    /// and check them against the digest; its reader is woken with the outcome. A registry's
+    /// layer is fetched into it (retries resume where the file stopped); a layout's blob is
+    /// hashed where it is.
+    pub async fn fetch_layer(
         &self,
         registry: &Registry,
-        digest: &str,
+        digest: &Digest,
         size: u64,
-        sink: &Mutex<S>,
+        spool: Arc<Spool>,
     ) -> Result<(), RegistryError> {
         match self {
             Location::Registry(r) => {
                 let src = BlobSource {
                     repo: r.clone(),
-                    digest: parse_digest(digest)?,
+                    digest: digest.clone(),
                     size,
                 };
-                registry.fetch_range_into(&src, size, sink).await
+                let sink = Mutex::new(SpoolSink::new(spool, digest.clone(), size));
+                let fetched = registry.fetch_range_into(&src, size, &sink).await;
+                let outcome = lock(&sink).finish(fetched);
+                outcome
             }
-            Location::Layout { .. } => Err(RegistryError::Manifest(format!(
-                "{self}: a layout's blobs are read in place (see Location::layout_blob)"
-            ))),
-        }
-    }
-
-    /// The file of blob `digest` when this is an OCI layout.
-    pub fn layout_blob(&self, digest: &str) -> Result<Option<PathBuf>, RegistryError> {
-        match self {
-            Location::Layout { dir, .. } => layout_blob_path(dir, digest).map(Some),
-            Location::Registry(_) => Ok(None),
+            Location::Layout { .. } => {
+                let digest = digest.clone();
+                tokio::task::spawn_blocking(move || spool.verify(&digest, size))
+                    .await
+                    .map_err(|e| RegistryError::Transport(e.to_string()))?
+            }
         }
     }
 

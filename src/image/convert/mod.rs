@@ -10,7 +10,7 @@ pub mod paths;
 pub mod source;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -22,12 +22,10 @@ use super::digest::Digest;
 use super::format::{ChunkDigest, DEFAULT_CHUNK_SIZE};
 use super::spool::{BlobSpool, SpooledBlob};
 use super::tree::{Meta, Tree};
-use crate::lock::lock;
 use crate::registry::platform::Platform;
 use crate::registry::{Registry, RegistryError};
 pub use layer::Limits;
 pub use location::Location;
-use source::{Spool, SpoolSink};
 
 /// Why a conversion failed. Nothing is tagged at the destination when it does.
 #[derive(Debug, thiserror::Error)]
@@ -249,8 +247,8 @@ async fn convert_one(
 
 /// Apply layer `i` to `tree`: its bytes stream from `src` through a spool file, the decoder and
 /// the tar parser (on the blocking pool) into a data blob, hashed on a thread of its own.
-/// `dirs`: where the layer is spooled, where the data blob is. Returns the tree, the data blob (`None` if the layer holds no file data
-/// outside the metadata) and the layer's counters.
+/// `dirs`: where the layer is spooled, where the data blob is. Returns the tree, the data blob
+/// (`None` if the layer holds no file data outside the metadata) and the layer's counters.
 #[allow(clippy::too_many_arguments)]
 async fn apply_layer(
     registry: &Registry,
@@ -274,28 +272,14 @@ async fn apply_layer(
         )));
     }
     let device = u16::try_from(i + 1).map_err(|_| ConvertError::Source("more than 65535 layers".into()))?;
-    let work_err = |source| ConvertError::Work {
-        dir: work.to_path_buf(),
-        source,
-    };
     tracing::info!(layer = %name, bytes = size, "applying layer");
-    // a layout's blob is read where it is; a registry's is spooled as it arrives
-    let local = src.layout_blob(&l.digest)?;
-    let spool = match &local {
-        Some(path) => std::fs::File::open(path)
-            .and_then(Spool::of_file)
-            .map_err(|e| ConvertError::Source(format!("layer {name}: {}: {e}", path.display())))?,
-        None => Spool::new(work).map_err(work_err)?,
-    };
-    let mut blob =
-        BlobSpool::new(&blob_dir, device, opts.chunk_size, opts.chunk_digest).map_err(|source| ConvertError::Work {
-            dir: blob_dir.clone(),
-            source,
-        })?;
+    let spool = src.layer_spool(&l.digest, work)?;
+    let spooled = BlobSpool::new(&blob_dir, device, opts.chunk_size, opts.chunk_digest);
+    let blob_err = move |source| ConvertError::Work { dir: blob_dir, source };
+    let mut blob = spooled.map_err(blob_err.clone())?;
     let reader = spool.reader();
     let pb = progress(opts, size, format!("layer {i}"));
     let layer_name = name.clone();
-    let work_dir = work.to_path_buf();
     let mut apply = tokio::task::spawn_blocking(move || {
         let decoded = layer::decoder(pb.wrap_read(reader)).map_err(|e| layer::LayerError::Archive {
             layer: layer_name.clone(),
@@ -303,21 +287,10 @@ async fn apply_layer(
         })?;
         let stats = layer::Applier::new(&mut tree, &mut blob, layer_name, limits).apply(decoded)?;
         pb.finish_and_clear();
-        let blob = blob
-            .finish()
-            .map_err(|source| ConvertError::Work { dir: work_dir, source })?;
+        let blob = blob.finish().map_err(blob_err)?;
         Ok::<_, ConvertError>((tree, blob, stats))
     });
-    let sink = Mutex::new(SpoolSink::new(spool.clone(), digest.clone(), size));
-    let download = async {
-        if local.is_some() {
-            return tokio::task::spawn_blocking(move || spool.verify(&digest, size))
-                .await
-                .map_err(|e| RegistryError::Transport(e.to_string()))?;
-        }
-        let fetched = src.blob_into(registry, &l.digest, size, &sink).await;
-        lock(&sink).finish(fetched)
-    };
+    let download = src.fetch_layer(registry, &digest, size, spool);
     tokio::pin!(download);
     let joined = |r: Result<_, tokio::task::JoinError>| {
         r.map_err(|e| ConvertError::Source(format!("layer {name}: converter thread failed: {e}")))?
