@@ -6,43 +6,13 @@
 
 mod common;
 
-use std::io::Read;
 use std::process::Command;
 
 use common::oci::*;
 use common::*;
-use lazyblob::image::convert::{convert, ConvertOptions, Limits};
-use lazyblob::registry::{parse_reference, Registry};
+use lazyblob::image::convert::{ConvertOptions, Limits};
 use registry_mock::{MockConfig, MockRegistry};
 use sha2::{Digest, Sha256};
-
-/// `len` bytes repeating a pseudo-random period of about 1 MiB (compresses well with zstd,
-/// is not zeros, is not aligned to chunks).
-struct Pattern {
-    period: Vec<u8>,
-    at: usize,
-    left: u64,
-}
-
-impl Pattern {
-    fn new(len: u64) -> Pattern {
-        Pattern {
-            period: bytes(7, 1_048_573),
-            at: 0,
-            left: len,
-        }
-    }
-}
-
-impl Read for Pattern {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(self.period.len() - self.at).min(self.left as usize);
-        buf[..n].copy_from_slice(&self.period[self.at..self.at + n]);
-        self.at = (self.at + n) % self.period.len();
-        self.left -= n as u64;
-        Ok(n)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gigabyte_file_converts_in_bounded_memory() {
@@ -52,8 +22,10 @@ async fn a_gigabyte_file_converts_in_bounded_memory() {
     let reg = client(&insecure_config(&[&dr.host]));
     // the layer is built streaming too: the test holds its compressed bytes only
     let mut tar = tar::Builder::new(zstd::Encoder::new(Vec::new(), 3).unwrap());
+    // a pseudo-random period of about 1 MiB: not zeros, not aligned to chunks
+    let period = bytes(7, 1_048_573);
     let mut h = header(tar::EntryType::Regular, 0o644, SIZE);
-    tar.append_data(&mut h, "models/weights.bin", Pattern::new(SIZE))
+    tar.append_data(&mut h, "models/weights.bin", Pattern::new(&period, 0, SIZE))
         .unwrap();
     let mut h = header(tar::EntryType::Regular, 0o644, 5);
     tar.append_data(&mut h, "etc/hostname", &b"node\n"[..]).unwrap();
@@ -88,7 +60,7 @@ async fn a_gigabyte_file_converts_in_bounded_memory() {
 
     // the data blob is the file padded to a whole block: its digest, computed here
     let mut expected = Sha256::new();
-    std::io::copy(&mut Pattern::new(SIZE), &mut DigestWriter(&mut expected)).unwrap();
+    std::io::copy(&mut Pattern::new(&period, 0, SIZE), &mut DigestWriter(&mut expected)).unwrap();
     expected.update(vec![0u8; (SIZE.next_multiple_of(4096) - SIZE) as usize]);
     let expected = format!("sha256:{}", hex::encode(expected.finalize()));
     let m = lazy_manifest(&reg, &dst).await;
@@ -109,37 +81,17 @@ impl std::io::Write for DigestWriter<'_> {
     }
 }
 
-/// Convert `layer` with `limits`; the error must mention every one of `expect`, and nothing
-/// may be tagged.
-async fn refused(reg: &Registry, host: &str, name: &str, layer: (Vec<u8>, &str), limits: Limits, expect: &[&str]) {
-    let src = format!("{host}/src/{name}:v1");
-    let dst = format!("{host}/lazy/{name}:v1");
-    push_source(reg, &src, &[layer]).await;
-    let opts = ConvertOptions {
-        limits,
-        ..Default::default()
-    };
-    let err = convert(reg, &src.parse().unwrap(), &dst.parse().unwrap(), &opts)
-        .await
-        .expect_err("the bomb must be refused");
-    let msg = err.to_string();
-    for e in expect {
-        assert!(msg.contains(e), "error {msg:?} should mention {e:?}");
-    }
-    assert!(
-        reg.resolve(&parse_reference(&dst).unwrap()).await.is_err(),
-        "{dst} tagged"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compression_bombs_stop_at_their_limits() {
     let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
     let host = mock.host();
     let reg = client(&insecure_config(&[&host]));
-    let small = Limits {
-        max_layer: 64 << 20,
-        ..Limits::default()
+    let small = ConvertOptions {
+        limits: Limits {
+            max_layer: 64 << 20,
+            ..Limits::default()
+        },
+        ..Default::default()
     };
 
     // 300 MiB of zeros in a file: refused at its header, before any of it is read
@@ -148,12 +100,12 @@ async fn compression_bombs_stop_at_their_limits() {
         .file("bomb.bin", 0o644, &vec![0u8; 300 << 20]);
     let gz = compress(&l.tar(), Compression::Gzip);
     assert!(gz.0.len() < 2 << 20);
-    refused(
+    convert_refused(
         &reg,
         &host,
         "file-bomb",
-        gz,
-        small.clone(),
+        &[gz],
+        &small,
         &["layer 0", "bomb.bin", "limit"],
     )
     .await;
@@ -166,12 +118,12 @@ async fn compression_bombs_stop_at_their_limits() {
     t.resize(512 + (300 << 20), 0);
     t.extend_from_slice(&[0u8; 1024]);
     let gz = compress(&t, Compression::Gzip);
-    refused(
+    convert_refused(
         &reg,
         &host,
         "dir-bomb",
-        gz,
-        small.clone(),
+        &[gz],
+        &small,
         &["layer 0", "hollow", "expands past the limit"],
     )
     .await;
@@ -190,12 +142,12 @@ async fn compression_bombs_stop_at_their_limits() {
     l.file("x", 0o644, b"x");
     t.extend_from_slice(&l.tar());
     let zst = compress(&t, Compression::Zstd);
-    refused(
+    convert_refused(
         &reg,
         &host,
         "pax-bomb",
-        zst,
-        Limits::default(),
+        &[zst],
+        &ConvertOptions::default(),
         &["layer 0", "headers", "limit of 1048576"],
     )
     .await;
@@ -203,16 +155,19 @@ async fn compression_bombs_stop_at_their_limits() {
     // a layer announcing more bytes than it may expand to: refused before it is fetched
     let mut l = Layer::new();
     l.file("x", 0o644, &bytes(3, 200_000));
-    let tiny = Limits {
-        max_layer: 64 << 10,
-        ..Limits::default()
+    let tiny = ConvertOptions {
+        limits: Limits {
+            max_layer: 64 << 10,
+            ..Limits::default()
+        },
+        ..Default::default()
     };
-    refused(
+    convert_refused(
         &reg,
         &host,
         "announced",
-        compress(&l.tar(), Compression::None),
-        tiny,
+        &[compress(&l.tar(), Compression::None)],
+        &tiny,
         &["layer 0", "exceed the limit"],
     )
     .await;
@@ -222,16 +177,19 @@ async fn compression_bombs_stop_at_their_limits() {
     for i in 0..200 {
         l.file(&format!("f{i}"), 0o644, b"");
     }
-    let few = Limits {
-        max_entries: 100,
-        ..Limits::default()
+    let few = ConvertOptions {
+        limits: Limits {
+            max_entries: 100,
+            ..Limits::default()
+        },
+        ..Default::default()
     };
-    refused(
+    convert_refused(
         &reg,
         &host,
         "entries",
-        compress(&l.tar(), Compression::Gzip),
-        few,
+        &[compress(&l.tar(), Compression::Gzip)],
+        &few,
         &["layer 0", "more than 100 entries"],
     )
     .await;

@@ -295,7 +295,7 @@ async fn lazy_parallel_and_kill9() {
     // the kill is fetched again
     mock.clear_faults();
     d.restart();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    drop_page_cache();
     read_all(&files, &mnt);
     let after = mock.counters().blob_hits;
     let refetched: Vec<_> = after

@@ -26,10 +26,6 @@ fn read_at(path: &Path, off: usize, len: usize) -> Vec<u8> {
     buf
 }
 
-fn drop_page_cache() {
-    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rereads_fetch_nothing_and_random_reads_fetch_their_chunk() {
     require_root();

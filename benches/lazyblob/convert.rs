@@ -15,18 +15,13 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::common::oci::push_source;
+use crate::common::Pattern;
 use crate::util::{drop_caches, rng_bytes, sh, Bench, Report};
 
-/// Write `len` bytes of a ~1 MiB pseudo-random period (starting at `skew`) to `path`.
+/// Write `len` bytes of `period` (starting at `skew`) to `path`.
 fn write_pattern(path: &Path, period: &[u8], skew: usize, len: u64) {
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
-    let (mut at, mut left) = (skew % period.len(), len);
-    while left > 0 {
-        let n = (period.len() - at).min(left as usize);
-        f.write_all(&period[at..at + n]).unwrap();
-        left -= n as u64;
-        at = 0;
-    }
+    std::io::copy(&mut Pattern::new(period, skew, len), &mut f).unwrap();
     f.flush().unwrap();
 }
 

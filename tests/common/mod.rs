@@ -396,7 +396,6 @@ pub fn busybox() -> Vec<u8> {
 }
 
 /// Peak RSS (MiB) from the summary line `lazyblob convert` prints on stderr.
-#[allow(dead_code)]
 pub fn convert_peak_rss(stderr: &str) -> f64 {
     stderr
         .split("peak RSS ")
@@ -404,4 +403,37 @@ pub fn convert_peak_rss(stderr: &str) -> f64 {
         .and_then(|s| s.split(' ').next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no peak RSS in {stderr:?}"))
+}
+
+/// Drop the page cache (and dentries, inodes): the next reads go to the filesystems.
+pub fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+/// `len` bytes repeating `period` from offset `skew` (large, incompressible-looking files that
+/// compress well with a long-window compressor, built without holding them in memory).
+pub struct Pattern<'a> {
+    period: &'a [u8],
+    at: usize,
+    left: u64,
+}
+
+impl<'a> Pattern<'a> {
+    pub fn new(period: &'a [u8], skew: usize, len: u64) -> Pattern<'a> {
+        Pattern {
+            period,
+            at: skew % period.len(),
+            left: len,
+        }
+    }
+}
+
+impl std::io::Read for Pattern<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.period.len() - self.at).min(self.left as usize);
+        buf[..n].copy_from_slice(&self.period[self.at..self.at + n]);
+        self.at = (self.at + n) % self.period.len();
+        self.left -= n as u64;
+        Ok(n)
+    }
 }

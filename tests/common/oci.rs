@@ -382,3 +382,30 @@ pub async fn lazy_manifest(reg: &Registry, reference: &str) -> lazyblob::image::
     let resolved = reg.resolve(&parse_reference(reference).unwrap()).await.unwrap();
     lazyblob::image::format::LazyManifest::from_manifest(&resolved.manifest).unwrap()
 }
+
+/// Push `layers` as `{host}/src/{name}:v1` and convert them to `{host}/lazy/{name}:v1` with
+/// `opts`: the conversion must fail with an error mentioning every one of `expect`, and
+/// nothing may be tagged at the destination.
+pub async fn convert_refused(
+    reg: &Registry,
+    host: &str,
+    name: &str,
+    layers: &[(Vec<u8>, &str)],
+    opts: &lazyblob::image::convert::ConvertOptions,
+    expect: &[&str],
+) {
+    let src = format!("{host}/src/{name}:v1");
+    let dst = format!("{host}/lazy/{name}:v1");
+    push_source(reg, &src, layers).await;
+    let err = lazyblob::image::convert::convert(reg, &src.parse().unwrap(), &dst.parse().unwrap(), opts)
+        .await
+        .expect_err("hostile layer must fail");
+    let msg = format!("{err}");
+    for e in expect {
+        assert!(msg.contains(e), "error {msg:?} should mention {e:?}");
+    }
+    assert!(
+        reg.resolve(&parse_reference(&dst).unwrap()).await.is_err(),
+        "nothing may be tagged at {dst} after a failure"
+    );
+}
