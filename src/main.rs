@@ -151,8 +151,8 @@ enum Cmd {
     Guard {
         #[arg(long)]
         kind: String,
-        #[arg(long)]
-        kernel_fd: i32,
+        #[arg(long, required = true)]
+        kernel_fd: Vec<i32>,
         #[arg(long)]
         pipe_fd: i32,
         #[arg(long)]
@@ -266,7 +266,7 @@ fn main() -> Result<()> {
         };
         let args = lazyblob::frontend::guard::Args {
             kind,
-            kernel_fd: *kernel_fd,
+            kernel_fds: kernel_fd.clone(),
             pipe_fd: *pipe_fd,
             keeper_fd: *keeper_fd,
             max_fd: *max_fd,

@@ -165,6 +165,9 @@ impl Default for DaemonConfig {
     }
 }
 
+/// Most fanotify groups one daemon creates (`engine.fanotify_groups`).
+pub const MAX_FANOTIFY_GROUPS: usize = 64;
+
 /// Blob engine tuning.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -205,6 +208,11 @@ pub struct EngineConfig {
     /// Keep the metadata blob of each mounted image locked in memory (fanotify frontend), so
     /// lookups and directory reads never wait for the disk. Costs the metadata's size.
     pub pin_metadata: bool,
+    /// fanotify groups the frontend spreads its cache files over (1-64). A reader blocked on
+    /// a pre-content event sleeps on its group's one wait queue, which every answer wakes
+    /// whole: with n readers waiting, n answers cost n² wake-ups. K groups divide that by K.
+    /// Each group counts against `fs.fanotify.max_user_groups` (128 by default).
+    pub fanotify_groups: usize,
 }
 
 impl Default for EngineConfig {
@@ -222,6 +230,7 @@ impl Default for EngineConfig {
             read_ahead_kb: NonZeroU32::new(4096),
             fill_after_idle: Some(Duration::from_secs(1)),
             pin_metadata: true,
+            fanotify_groups: 8,
         }
     }
 }
@@ -282,6 +291,12 @@ impl Config {
                 "engine.completed_chunks_kept, engine.max_concurrent_fetches and engine.max_reads_in_flight must be > 0"
                     .into(),
             ));
+        }
+        if !(1..=MAX_FANOTIFY_GROUPS).contains(&e.fanotify_groups) {
+            return Err(ConfigError::Invalid(format!(
+                "engine.fanotify_groups {} must be between 1 and {MAX_FANOTIFY_GROUPS}",
+                e.fanotify_groups
+            )));
         }
         let r = &self.registry;
         let l = &r.limits;

@@ -96,7 +96,7 @@ impl Daemon {
         let (frontend, adopted) = bring_up(kind, &config, &catalog, &engine, takeover).await?;
         let g = guard::Guard::spawn(
             kind,
-            frontend.kernel_fd(),
+            &frontend.kernel_fds(),
             &config.daemon.state_dir,
             config.daemon.restart_hold,
         )
@@ -247,6 +247,7 @@ async fn bring_up(
                 read_ahead_max: config.engine.read_ahead_max,
                 fill_after: config.engine.fill_after_idle,
                 pin_metadata: config.engine.pin_metadata,
+                groups: config.engine.fanotify_groups,
             };
             let f = FanotifyFrontend::new(
                 &config.daemon.cache_dir,

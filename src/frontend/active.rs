@@ -39,11 +39,11 @@ impl ActiveFrontend {
         }
     }
 
-    /// The kernel fd (fanotify group or `/dev/cachefiles`), for the guard to hold a duplicate.
-    pub fn kernel_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    /// The kernel fds (fanotify groups or `/dev/cachefiles`), for the guard to hold duplicates.
+    pub fn kernel_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
         match self {
-            ActiveFrontend::Cachefiles(c) => c.device(),
-            ActiveFrontend::Fanotify(f) => std::os::fd::AsFd::as_fd(f.group()),
+            ActiveFrontend::Cachefiles(c) => vec![c.device()],
+            ActiveFrontend::Fanotify(f) => f.groups().collect(),
         }
     }
 

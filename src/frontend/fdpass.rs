@@ -1,5 +1,5 @@
 //! Passing file descriptors over a unix socket (SCM_RIGHTS): how the daemon hands fds to its
-//! guard and the guard hands the kernel fd to the next daemon. The one `unsafe` of this
+//! guard and the guard hands the kernel fds to the next daemon. The one `unsafe` of this
 //! syscall family is here.
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -32,11 +32,6 @@ pub fn fd_kind(fd: &OwnedFd) -> Option<super::Frontend> {
 /// Most fds sent in one message (the kernel's `SCM_MAX_FD` is 253).
 pub const MAX_FDS: usize = 200;
 
-/// Send `fd` with a one-byte message.
-pub fn send_fd(sock: &UnixStream, fd: BorrowedFd<'_>) -> io::Result<()> {
-    send_fds(sock, &[fd], b"G")
-}
-
 /// Send up to [`MAX_FDS`] fds with a non-empty `payload`.
 pub fn send_fds(sock: &UnixStream, fds: &[BorrowedFd<'_>], payload: &[u8]) -> io::Result<()> {
     let raw: Vec<std::os::fd::RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -51,14 +46,6 @@ pub fn send_fds(sock: &UnixStream, fds: &[BorrowedFd<'_>], payload: &[u8]) -> io
     )
     .map_err(io::Error::from)?;
     Ok(())
-}
-
-/// Receive one fd sent with [`send_fd`].
-pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
-    let (_, fds) = recv_fds(sock, &mut [0u8; 1])?;
-    fds.into_iter()
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no file descriptor in the message"))
 }
 
 /// Receive one message (into `buf`) and the fds that came with it; `(0, [])` at the end of

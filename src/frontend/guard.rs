@@ -2,8 +2,8 @@
 //! zeros, on either kernel frontend.
 //!
 //! The daemon starts `lazyblob guard`, a small child process in its own process group that
-//! holds a duplicate of the kernel fd (the fanotify group, or `/dev/cachefiles` bound to the
-//! cache), the read end of a pipe, and a socket on which the daemon hands it the fds the next
+//! holds a duplicate of the kernel fds (the fanotify groups, or `/dev/cachefiles` bound to
+//! the cache), the read end of a pipe, and a socket on which the daemon hands it the fds the next
 //! daemon will need, each under a key, once: fanotify blobs' writers (event fds, which write
 //! into a cache file without raising events), cachefiles objects' anonymous fds with their
 //! keys (the kernel fails a READ whose object fd closes, and a new daemon needs the fd to
@@ -45,8 +45,8 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 pub struct Args {
     /// Which frontend's fd it holds.
     pub kind: Frontend,
-    /// The kernel fd: the fanotify group or `/dev/cachefiles`.
-    pub kernel_fd: RawFd,
+    /// The kernel fds: the fanotify groups or `/dev/cachefiles`.
+    pub kernel_fds: Vec<RawFd>,
     /// The read end of the daemon's pipe.
     pub pipe_fd: RawFd,
     /// The guard's end of the keeper socket.
@@ -76,27 +76,31 @@ pub struct Kept {
     pub fd: OwnedFd,
 }
 
-/// What a new daemon gets from a guard: the kernel fd and the fds kept with it.
+/// What a new daemon gets from a guard: the kernel fds and the fds kept with them.
 pub struct Handover {
-    /// The fanotify group (with its marks) or `/dev/cachefiles` (bound to the cache).
-    pub kernel: OwnedFd,
+    /// The fanotify groups (with their marks, in the daemon's order) or `/dev/cachefiles`
+    /// (bound to the cache): never empty.
+    pub kernel: Vec<OwnedFd>,
     /// What the old daemon kept with its guard.
     pub kept: Vec<Kept>,
 }
 
 impl Guard {
-    /// Start `lazyblob guard` holding a duplicate of `kernel` (of frontend `kind`); it holds
+    /// Start `lazyblob guard` holding duplicates of `kernel` (of frontend `kind`); it holds
     /// readers for `hold` should the daemon stop.
     pub fn spawn(
         kind: Frontend,
-        kernel: std::os::fd::BorrowedFd<'_>,
+        kernel: &[std::os::fd::BorrowedFd<'_>],
         state_dir: &Path,
         hold: Duration,
     ) -> io::Result<Guard> {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         let (keeper, theirs) = UnixStream::pair()?;
-        // dup() gives descriptors without FD_CLOEXEC: these three are what the child inherits
-        let g = nix::unistd::dup(kernel).map_err(io::Error::from)?;
+        // dup() gives descriptors without FD_CLOEXEC: these are what the child inherits
+        let g = kernel
+            .iter()
+            .map(|k| nix::unistd::dup(k).map_err(io::Error::from))
+            .collect::<io::Result<Vec<OwnedFd>>>()?;
         let rr = nix::unistd::dup(r.as_fd()).map_err(io::Error::from)?;
         let k = nix::unistd::dup(theirs.as_fd()).map_err(io::Error::from)?;
         drop((r, theirs));
@@ -104,10 +108,12 @@ impl Guard {
             .map(|(soft, _)| soft.min(1 << 20))
             .unwrap_or(1024);
         let exe = std::env::current_exe()?;
-        let child = Command::new(exe)
-            .arg("guard")
-            .args(["--kind", kind.name()])
-            .args(["--kernel-fd", &g.as_raw_fd().to_string()])
+        let mut cmd = Command::new(exe);
+        cmd.arg("guard").args(["--kind", kind.name()]);
+        for k in &g {
+            cmd.args(["--kernel-fd", &k.as_raw_fd().to_string()]);
+        }
+        let child = cmd
             .args(["--pipe-fd", &rr.as_raw_fd().to_string()])
             .args(["--keeper-fd", &k.as_raw_fd().to_string()])
             .args(["--max-fd", &max_fd.to_string()])
@@ -164,7 +170,7 @@ pub fn forget(keeper: &UnixStream, key: u64) {
     }
 }
 
-/// Ask a guard that took over for the kernel fd of frontend `kind` and what it kept, if one
+/// Ask a guard that took over for the kernel fds of frontend `kind` and what it kept, if one
 /// is waiting.
 pub fn reclaim(state_dir: &Path, kind: Frontend) -> io::Result<Option<Handover>> {
     let path = socket_path(state_dir);
@@ -179,11 +185,16 @@ pub fn reclaim(state_dir: &Path, kind: Frontend) -> io::Result<Option<Handover>>
             path.display()
         )));
     }
-    let kernel = fdpass::recv_fd(&sock)?;
-    if fdpass::fd_kind(&kernel) != Some(kind) {
+    let kernel = fdpass::recv_fds(&sock, &mut [0u8; 1])?.1;
+    let expected = match kind {
+        Frontend::Fanotify => 1..=crate::config::MAX_FANOTIFY_GROUPS,
+        Frontend::Cachefiles => 1..=1,
+    };
+    if !expected.contains(&kernel.len()) || kernel.iter().any(|k| fdpass::fd_kind(k) != Some(kind)) {
         return Err(io::Error::other(format!(
-            "{} handed over something that is not the {} fd",
+            "{} handed over {} fds that are not all {} fds",
             path.display(),
+            kernel.len(),
             kind.name()
         )));
     }
@@ -219,7 +230,11 @@ fn parse_keep(msg: &[u8]) -> Option<(u64, &[u8])> {
 
 /// Entry point of `lazyblob guard`: never returns normally.
 pub fn run(args: &Args) -> io::Result<()> {
-    let kernel = sys::inherited_fd(args.kernel_fd)?;
+    let kernel = args
+        .kernel_fds
+        .iter()
+        .map(|&fd| sys::inherited_fd(fd))
+        .collect::<io::Result<Vec<OwnedFd>>>()?;
     let pipe = std::fs::File::from(sys::inherited_fd(args.pipe_fd)?);
     let keeper = UnixStream::from(sys::inherited_fd(args.keeper_fd)?);
     let Some(kept) = keep_until_the_daemon_goes(&pipe, &keeper)? else {
@@ -278,47 +293,54 @@ fn keep_until_the_daemon_goes(pipe: &std::fs::File, keeper: &UnixStream) -> io::
     }
 }
 
-fn take_over(kernel: OwnedFd, kept: Vec<Kept>, args: &Args) -> io::Result<()> {
+fn take_over(kernel: Vec<OwnedFd>, kept: Vec<Kept>, args: &Args) -> io::Result<()> {
     let path = socket_path(&args.state_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     let deadline = Instant::now() + args.hold;
-    let group = match args.kind {
-        Frontend::Fanotify => Some(sys::adopt_group(kernel.try_clone()?)),
-        Frontend::Cachefiles => None,
+    let groups = match args.kind {
+        Frontend::Fanotify => kernel
+            .iter()
+            .map(|k| k.try_clone().map(sys::adopt_group))
+            .collect::<io::Result<Vec<_>>>()?,
+        Frontend::Cachefiles => Vec::new(),
     };
     let mut denying = false;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         if !denying && Instant::now() >= deadline {
-            let Some(g) = &group else {
+            if groups.is_empty() {
                 // cachefiles: closing the device fails the pending reads with EIO
                 eprintln!("lazyblob guard: no daemon took over in time; releasing the cache (reads get EIO)");
                 let _ = std::fs::remove_file(&path);
                 return Ok(());
-            };
+            }
             denying = true;
             eprintln!("lazyblob guard: no daemon took over in time; denying reads with EIO");
             // Events the dead daemon read but never answered: the kernel matches a response
-            // by the event's fd number only, so answer every number the daemon could have had.
-            for fd in 0..args.max_fd as i32 {
-                let _ = sys::respond_raw(g.as_fd(), fd, sys::deny_with(libc::EIO));
+            // by the event's fd number only, so answer every number the daemon could have had,
+            // on every group (only the group holding that event accepts the answer).
+            for g in &groups {
+                for fd in 0..args.max_fd as i32 {
+                    let _ = sys::respond_raw(g.as_fd(), fd, sys::deny_with(libc::EIO));
+                }
             }
             journal::forget(&args.state_dir.join(journal::FILE_NAME));
         }
-        let mut fds = [
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(kernel.as_fd(), PollFlags::POLLIN),
-        ];
-        // while holding, the queue is left alone for the next daemon
-        let n = if denying { 2 } else { 1 };
-        match poll(&mut fds[..n], PollTimeout::from(200u16)) {
+        let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        // while holding, the queues are left alone for the next daemon
+        if denying {
+            fds.extend(groups.iter().map(|g| PollFd::new(g.as_fd(), PollFlags::POLLIN)));
+        }
+        match poll(&mut fds, PollTimeout::from(200u16)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
-        let client_ready = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
-        let group_ready = n == 2 && fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
-        if let (true, Some(g)) = (group_ready, &group) {
+        let readable = |f: &PollFd<'_>| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let client_ready = readable(&fds[0]);
+        let ready: Vec<bool> = fds[1..].iter().map(readable).collect();
+        drop(fds);
+        for (g, _) in groups.iter().zip(ready).filter(|(_, r)| *r) {
             deny_all(g, &mut buf);
         }
         if client_ready {
@@ -327,12 +349,14 @@ fn take_over(kernel: OwnedFd, kept: Vec<Kept>, args: &Args) -> io::Result<()> {
                     eprintln!("lazyblob guard: refused a peer that is not root");
                     continue;
                 }
-                if let (true, Some(g)) = (denying, &group) {
-                    deny_all(g, &mut buf);
+                if denying {
+                    for g in &groups {
+                        deny_all(g, &mut buf);
+                    }
                 }
                 if hand_over(&sock, &kernel, &kept).is_ok() {
                     let _ = std::fs::remove_file(&path);
-                    eprintln!("lazyblob guard: handed the kernel fd over to the new daemon");
+                    eprintln!("lazyblob guard: handed the kernel fds over to the new daemon");
                     return Ok(());
                 }
             }
@@ -340,10 +364,11 @@ fn take_over(kernel: OwnedFd, kept: Vec<Kept>, args: &Args) -> io::Result<()> {
     }
 }
 
-/// The kernel fd first, then each kept fd with its key and detail; the end of the stream
-/// ends the list.
-fn hand_over(sock: &UnixStream, kernel: &OwnedFd, kept: &[Kept]) -> io::Result<()> {
-    fdpass::send_fd(sock, kernel.as_fd())?;
+/// The kernel fds first (one message, in order), then each kept fd with its key and detail;
+/// the end of the stream ends the list.
+fn hand_over(sock: &UnixStream, kernel: &[OwnedFd], kept: &[Kept]) -> io::Result<()> {
+    let fds: Vec<_> = kernel.iter().map(|k| k.as_fd()).collect();
+    fdpass::send_fds(sock, &fds, b"G")?;
     for k in kept {
         let mut msg = vec![b'K'];
         msg.extend_from_slice(&k.key.to_le_bytes());

@@ -46,7 +46,9 @@ impl Cachefiles {
         admission: Admission,
     ) -> std::io::Result<Arc<Cachefiles>> {
         let c = Cachefiles::serving(
-            Device::from_fd(handover.kernel),
+            Device::from_fd(handover.kernel.into_iter().next().ok_or_else(|| {
+                std::io::Error::other("the guard handed over no cachefiles device")
+            })?),
             Arc::clone(&catalog),
             engine,
             admission,

@@ -72,7 +72,8 @@ pub struct FanotifyStats {
 
 /// The fanotify frontend.
 pub struct FanotifyFrontend {
-    fan: AsyncFd<Fanotify>,
+    /// The pre-content groups; each cache file is marked in one, chosen by its identity.
+    groups: Vec<AsyncFd<Fanotify>>,
     engine: Arc<Engine>,
     cache_dir: PathBuf,
     /// (dev, ino) of a cache file -> its blob.
@@ -112,10 +113,14 @@ pub struct Settings {
     pub fill_after: Option<Duration>,
     /// Lock the metadata blobs of mounted images in memory.
     pub pin_metadata: bool,
+    /// Pre-content groups to spread cache files over (fewer if the kernel's per-user limit
+    /// is reached; a handover brings its own).
+    pub groups: usize,
 }
 
 impl FanotifyFrontend {
-    /// Create a pre-content group, or adopt the one (with its writers) a guard handed over;
+    /// Create the pre-content groups, or adopt the ones (with their marks and writers) a guard
+    /// handed over;
     /// `journal` is this daemon's fresh journal and `left` what the previous one left in it
     /// (its unanswered events and highest event fd number), used only with a handover.
     pub fn new(
@@ -126,22 +131,13 @@ impl FanotifyFrontend {
         admission: Admission,
         (journal, left): (Arc<Journal>, Left),
     ) -> io::Result<Arc<FanotifyFrontend>> {
-        let (fan, writers, orphans): (Fanotify, Vec<std::os::fd::OwnedFd>, _) = match handover {
+        let (groups, writers, orphans): (Vec<Fanotify>, Vec<std::os::fd::OwnedFd>, _) = match handover {
             Some(h) => (
-                sys::adopt_group(h.kernel),
+                h.kernel.into_iter().map(sys::adopt_group).collect(),
                 h.kept.into_iter().map(|k| k.fd).collect(),
                 Some(left),
             ),
-            None => (
-                sys::init().map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("fanotify_init(FAN_CLASS_PRE_CONTENT): {e} (needs Linux 6.14+ with CONFIG_FANOTIFY_ACCESS_PERMISSIONS, and root)"),
-                    )
-                })?,
-                Vec::new(),
-                None,
-            ),
+            None => (create_groups(settings.groups)?, Vec::new(), None),
         };
         let adopted_writers = writers
             .into_iter()
@@ -152,9 +148,10 @@ impl FanotifyFrontend {
             read_ahead_max,
             fill_after,
             pin_metadata,
+            groups: _,
         } = settings;
         Ok(Arc::new(FanotifyFrontend {
-            fan: sys::into_async(fan)?,
+            groups: groups.into_iter().map(sys::into_async).collect::<io::Result<_>>()?,
             engine,
             cache_dir: cache_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
@@ -172,13 +169,30 @@ impl FanotifyFrontend {
         }))
     }
 
-    /// The group fd (for the guard that keeps it alive if the daemon dies).
-    pub fn group(&self) -> &Fanotify {
-        self.fan.get_ref()
+    /// The group fds, in order (for the guard that keeps them alive if the daemon dies).
+    pub fn groups(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
+        self.groups.iter().map(|g| g.get_ref().as_fd())
     }
 
-    /// Serve events until `shutdown` fires.
+    /// Group number `g`.
+    fn group(&self, g: usize) -> &Fanotify {
+        self.groups[g].get_ref()
+    }
+
+    /// The group a cache file (device, inode) is marked in: the same one for the same file,
+    /// in this daemon and in the next one, which adopts the groups in order.
+    fn group_of(&self, (dev, ino): (u64, u64)) -> usize {
+        let h = (dev.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ino).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        ((h >> 32) % self.groups.len() as u64) as usize
+    }
+
+    /// Serve events of every group until `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
+        let loops = (0..self.groups.len()).map(|g| self.serve_group(g, shutdown.clone()));
+        futures::future::try_join_all(loops).await.map(drop)
+    }
+
+    async fn serve_group(self: &Arc<Self>, g: usize, shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
         let admission = self.admission.clone();
         // a buffer for about as many events as there are free slots (a pre-access event with
@@ -187,13 +201,13 @@ impl FanotifyFrontend {
             let len = room.saturating_mul(48).clamp(512, b.len());
             sys::read_events(fan, &mut b[..len])
         };
-        crate::frontend::drain_loop(&self.fan, &mut buf, &admission, shutdown, read, |raw| {
-            self.dispatch(raw)
+        crate::frontend::drain_loop(&self.groups[g], &mut buf, &admission, shutdown, read, |raw| {
+            self.dispatch(g, raw)
         })
         .await
     }
 
-    fn dispatch(self: &Arc<Self>, raw: &[u8]) {
+    fn dispatch(self: &Arc<Self>, g: usize, raw: &[u8]) {
         let (events, err) = event::parse(raw);
         if let Some(e) = err {
             self.stats.bad_events.fetch_add(1, Relaxed);
@@ -217,7 +231,7 @@ impl FanotifyFrontend {
             let journaled = self.journal.record(ev.fd, id, ev.range);
             if ev.mask & FAN_PRE_ACCESS != 0 && self.all_verified(cached.as_ref(), ev.range) {
                 // fast path: everything asked for is already in the cache and verified
-                if let Err(e) = sys::respond(self.fan.get_ref().as_fd(), file.as_fd(), sys::FAN_ALLOW) {
+                if let Err(e) = sys::respond(self.group(g).as_fd(), file.as_fd(), sys::FAN_ALLOW) {
                     tracing::error!(error = %e, "fanotify response failed");
                 }
                 self.stats.allowed.fetch_add(1, Relaxed);
@@ -231,7 +245,7 @@ impl FanotifyFrontend {
             tokio::spawn(
                 async move {
                     let _slot = ticket.enter().await;
-                    me.handle(ev, Arc::new(file), cached).await;
+                    me.handle(g, ev, Arc::new(file), cached).await;
                     drop(journaled);
                 }
                 .instrument(span),
@@ -239,7 +253,7 @@ impl FanotifyFrontend {
         }
     }
 
-    async fn handle(self: &Arc<Self>, ev: event::Event, file: Arc<File>, cached: Option<Arc<CachedBlob>>) {
+    async fn handle(self: &Arc<Self>, g: usize, ev: event::Event, file: Arc<File>, cached: Option<Arc<CachedBlob>>) {
         let t0 = Instant::now();
         let result = if ev.mask & FAN_PRE_ACCESS != 0 {
             self.fill(&file, cached, ev.range).await
@@ -250,7 +264,7 @@ impl FanotifyFrontend {
             Ok(_) => sys::FAN_ALLOW,
             Err(_) => sys::deny_with(libc::EIO),
         };
-        if let Err(e) = sys::respond(self.fan.get_ref().as_fd(), file.as_fd(), response) {
+        if let Err(e) = sys::respond(self.group(g).as_fd(), file.as_fd(), response) {
             tracing::error!(error = %e, "fanotify response failed");
         }
         match result {
@@ -266,4 +280,26 @@ impl FanotifyFrontend {
         }
         // `file` (the event fd) is closed here, after the response.
     }
+}
+
+/// Create `n` pre-content groups; fewer (with a warning) once the kernel refuses more, none
+/// being an error.
+fn create_groups(n: usize) -> io::Result<Vec<Fanotify>> {
+    let mut groups = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        match sys::init() {
+            Ok(g) => groups.push(g),
+            Err(e) if groups.is_empty() => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("fanotify_init(FAN_CLASS_PRE_CONTENT): {e} (needs Linux 6.14+ with CONFIG_FANOTIFY_ACCESS_PERMISSIONS, and root)"),
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, wanted = n, created = groups.len(), "fewer fanotify groups than configured (fs.fanotify.max_user_groups?)");
+                break;
+            }
+        }
+    }
+    Ok(groups)
 }

@@ -22,6 +22,8 @@ use crate::lock::lock;
 pub(super) struct CachedBlob {
     pub(super) blob: Arc<DataBlob>,
     pub(super) path: PathBuf,
+    /// The group its file is marked in.
+    pub(super) group: usize,
     pub(super) verified: Mutex<HashSet<u64>>,
     /// A duplicate of an event fd for read-ahead writes. Pre-content events fire on writes
     /// too, so a marked file is only ever written through an event fd's file description,
@@ -96,13 +98,14 @@ impl FanotifyFrontend {
             let path = cache::blob_path(&self.cache_dir, blob.key());
             let f = cache::ensure_file(&path, blob.source.size)?;
             let md = f.metadata()?;
-            sys::mark_pre_access(self.fan.get_ref(), &path).map_err(|e| {
+            let id = (md.dev(), md.ino());
+            let group = self.group_of(id);
+            sys::mark_pre_access(self.group(group), &path).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("fanotify_mark(FAN_PRE_ACCESS) on {}: {e}", path.display()),
                 )
             })?;
-            let id = (md.dev(), md.ino());
             lock(&self.files).entry(id).or_insert_with(|| {
                 // a writer the previous daemon handed its guard, if any: ours keeps it too
                 let writer = lock(&self.adopted_writers).remove(&id).map(Arc::new);
@@ -112,6 +115,7 @@ impl FanotifyFrontend {
                 Arc::new(CachedBlob {
                     blob: Arc::clone(blob),
                     path: path.clone(),
+                    group,
                     verified: Mutex::new(HashSet::new()),
                     writer: Mutex::new(writer),
                     ahead: Mutex::new(ReadAhead::new(self.read_ahead_chunks(blob.table_chunk))),
@@ -194,7 +198,7 @@ impl FanotifyFrontend {
         if lock(&cached.verified).len() >= n && !cached.complete.swap(true, Relaxed) {
             self.stats.blobs_complete.fetch_add(1, Relaxed);
             self.completions.notify_one();
-            match sys::unmark(self.fan.get_ref(), &cached.path) {
+            match sys::unmark(self.group(cached.group), &cached.path) {
                 Ok(()) => tracing::info!(path = %cached.path.display(), "blob complete: pre-content events off"),
                 Err(e) => tracing::debug!(error = %e, "unmark failed"),
             }

@@ -5,7 +5,6 @@
 //! (an event read in the instant before it was journaled).
 
 use std::fs::File;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use super::{sys, FanotifyFrontend};
@@ -28,7 +27,9 @@ impl FanotifyFrontend {
         let served = futures::future::join_all(orphans.iter().map(|o| self.resolve(o))).await;
         let answered: std::collections::HashSet<i32> = orphans.iter().map(|o| o.fd).collect();
         for fd in (0..=max_fd).filter(|fd| !answered.contains(fd)) {
-            let _ = sys::respond_raw(self.fan.get_ref().as_fd(), fd, sys::deny_with(libc::EIO));
+            for g in self.groups() {
+                let _ = sys::respond_raw(g, fd, sys::deny_with(libc::EIO));
+            }
         }
         served.into_iter().filter(|ok| *ok).count()
     }
@@ -47,8 +48,10 @@ impl FanotifyFrontend {
             Ok(_) => sys::FAN_ALLOW,
             Err(_) => sys::deny_with(libc::EIO),
         };
-        if let Err(e) = sys::respond_raw(self.fan.get_ref().as_fd(), o.fd, response) {
-            tracing::warn!(fd = o.fd, error = %e, "answering a stopped daemon's event");
+        // the journal does not say which group the event came from: only that group takes
+        // the answer (the others have no event of that number)
+        if !self.groups().any(|g| sys::respond_raw(g, o.fd, response).is_ok()) {
+            tracing::warn!(fd = o.fd, "no group took the answer to a stopped daemon's event");
         }
         match result {
             Ok(_) => true,
