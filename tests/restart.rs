@@ -2,7 +2,8 @@
 //! (fanotify frontend, this machine's kernel, the real daemon, registry-mock answering every
 //! request late so that fetches are in flight when the daemon goes): 8 readers stream whole
 //! files while the daemon is `kill -9`ed and restarted three times, or upgraded three times
-//! (a new daemon started while the old one runs), with read-ahead and background fill on;
+//! (a new daemon started while the old one runs), with read-ahead and background fill on,
+//! the 8 blobs spread over 4 fanotify groups that each new daemon takes over in order;
 //! and a reader that holds a file open across a `SIGTERM` waits for the next daemon instead
 //! of failing. (A daemon that stays down longer than `restart_hold_ms` gives `EIO`, never
 //! zeros: `tests/fanotify.rs`.)
@@ -53,7 +54,7 @@ fn daemon(dir: &Path, host: &str) -> DaemonProc {
     DaemonProc::start(
         dir,
         &[host],
-        "frontend = \"fanotify\"\n[engine]\nmerge_max = 1048576\nmax_concurrent_fetches = 2\nfill_after_idle_ms = 300",
+        "frontend = \"fanotify\"\n[engine]\nmerge_max = 1048576\nmax_concurrent_fetches = 2\nfill_after_idle_ms = 300\nfanotify_groups = 4",
     )
 }
 
@@ -99,6 +100,11 @@ async fn mounted() -> (
 
 async fn readers_across(how: Disruption) {
     let (_mock, files, _work, mut d, mnt) = mounted().await;
+    // the kernel's view: 4 groups, each blob's cache file marked once, in more than one group
+    let groups = procs::fanotify_marks(d.pid());
+    assert_eq!(groups.len(), 4, "{how:?}: fanotify groups of the daemon: {groups:?}");
+    assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), 8, "{how:?}: marks: {groups:?}");
+    assert!(groups.iter().filter(|g| !g.is_empty()).count() > 1, "{how:?}: marks: {groups:?}");
 
     let readers: Vec<_> = files.keys().map(|p| stream(mnt.join(p))).collect();
     for round in 0..3 {
@@ -112,6 +118,13 @@ async fn readers_across(how: Disruption) {
             Disruption::Upgrade => d.upgrade(),
         }
         eprintln!("{how:?} {round}: a new daemon serves after {:?}", t.elapsed());
+        // the new daemon holds the same groups in the same order: a mark it has (blobs
+        // completed since are unmarked) is in the group it was in
+        let now = procs::fanotify_marks(d.pid());
+        assert_eq!(now.len(), 4, "{how:?} {round}: groups {now:?}");
+        for (i, (was, is)) in groups.iter().zip(&now).enumerate() {
+            assert!(is.is_subset(was), "{how:?} {round}: group {i} was {was:?}, is {is:?}");
+        }
     }
     let mut stalls = Vec::new();
     for (p, r) in files.keys().zip(readers) {

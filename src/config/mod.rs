@@ -230,7 +230,7 @@ impl Default for EngineConfig {
             read_ahead_kb: NonZeroU32::new(4096),
             fill_after_idle: Some(Duration::from_secs(1)),
             pin_metadata: true,
-            fanotify_groups: 8,
+            fanotify_groups: 16,
         }
     }
 }

@@ -41,6 +41,11 @@ fn bad_values_are_rejected() {
     let c: Config = toml::from_str("[engine]\nchunk_size = 1000").unwrap();
     assert!(c.validate().is_err());
     assert!(toml::from_str::<Config>("[engine]\nno_such = 1").is_err());
+    for groups in [0, MAX_FANOTIFY_GROUPS + 1] {
+        let c: Config = toml::from_str(&format!("[engine]\nfanotify_groups = {groups}")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("fanotify_groups"), "{e}");
+    }
     let c: Config = toml::from_str("[[registry.hosts]]\nhost='a'\ntoken='t'\nusername='u'").unwrap();
     assert!(c.validate().is_err());
 }

@@ -72,3 +72,24 @@ pub fn vm_kib(pid: i32, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("{field} missing in /proc/{pid}/status"))
 }
+
+/// The fanotify groups process `pid` holds, in fd order, each as the set of inode numbers
+/// it has marks on (from `/proc/<pid>/fdinfo`, as the kernel reports them).
+pub fn fanotify_marks(pid: i32) -> Vec<std::collections::BTreeSet<u64>> {
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[fanotify]"))
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    fds.iter()
+        .map(|fd| {
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+            info.lines()
+                .filter_map(|l| l.strip_prefix("fanotify ino:"))
+                .filter_map(|l| u64::from_str_radix(l.split_whitespace().next()?, 16).ok())
+                .collect()
+        })
+        .collect()
+}
