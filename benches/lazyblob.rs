@@ -43,8 +43,8 @@ async fn main() {
     if let Some(n) = std::env::var("LAZYBLOB_BENCH_LAYERS").ok().and_then(|v| v.parse().ok()) {
         s.layers = n;
     }
-    // the scale test's readers (spread over its 100 images), e.g. 10000; its daemon's extra
-    // [engine] lines: LAZYBLOB_BENCH_SCALE_ENGINE="max_reads_in_flight = 8192"
+    // the scale test's readers (spread over its 100 images), e.g. 10000; every daemon's
+    // extra [engine] lines: LAZYBLOB_BENCH_ENGINE="max_reads_in_flight = 8192"
     if let Some(n) = std::env::var("LAZYBLOB_BENCH_CONCURRENT")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -103,8 +103,15 @@ async fn readers_across(how: Disruption) {
     // the kernel's view: 4 groups, each blob's cache file marked once, in more than one group
     let groups = procs::fanotify_marks(d.pid());
     assert_eq!(groups.len(), 4, "{how:?}: fanotify groups of the daemon: {groups:?}");
-    assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), 8, "{how:?}: marks: {groups:?}");
-    assert!(groups.iter().filter(|g| !g.is_empty()).count() > 1, "{how:?}: marks: {groups:?}");
+    assert_eq!(
+        groups.iter().map(|g| g.len()).sum::<usize>(),
+        8,
+        "{how:?}: marks: {groups:?}"
+    );
+    assert!(
+        groups.iter().filter(|g| !g.is_empty()).count() > 1,
+        "{how:?}: marks: {groups:?}"
+    );
 
     let readers: Vec<_> = files.keys().map(|p| stream(mnt.join(p))).collect();
     for round in 0..3 {

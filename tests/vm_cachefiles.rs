@@ -58,6 +58,12 @@ async fn cachefiles_frontend_in_vm() {
     let full = build_files(&full_files, 3);
     push_image(&reg, &host, "test/full:v1", &full).await;
 
+    // seq: one 16 MiB file read sequentially (read-ahead)
+    let seq_file = bytes(88, 16 << 20);
+    let seq = one_file_per_blob(std::slice::from_ref(&seq_file));
+    push_image(&reg, &host, "test/seq:v1", &seq).await;
+    let seq_blob = sha256_digest(&seq.data[0]);
+
     // conc: 64 readers of one cold chunk
     let big = bytes(77, 4 << 20);
     let conc = one_file_per_blob(std::slice::from_ref(&big));
@@ -184,12 +190,20 @@ out=$(reg test/badmeta:v1 2>&1); rc=$?
 
 F=$(reg test/lazy:v1) && mount -t erofs none -o fsid=$F /mnt/lazy; check mount-lazy $?
 s=$(sha256sum /mnt/lazy/small/one.bin | cut -d' ' -f1); [ "$s" = "{lazy_small}" ]; check lazy-read $? "$s"
+# the daemon's counters (status --json): READs received, units written ahead of readers
+counter() {{ $LB status --socket $SOCK --json | sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p" | head -1; }}
+# a sequential read of a 16 MiB file: read-ahead writes chunks before the reader asks, so
+# far fewer than one READ per 1 MiB chunk reaches the daemon
+F=$(reg test/seq:v1) && mkdir -p /mnt/seq && mount -t erofs none -o fsid=$F /mnt/seq; check mount-seq $?
+r0=$(counter reads); a0=$(counter units_ahead)
+s=$(sha256sum /mnt/seq/b1.bin | cut -d' ' -f1); r1=$(counter reads); a1=$(counter units_ahead)
+[ "$s" = "{seq_sum}" ] && [ $((a1 - a0)) -ge 4 ] && [ $((r1 - r0)) -le 10 ]
+check sequential-read-ahead $? "reads=$((r1 - r0)) ahead=$((a1 - a0)) $s"
 
 $LB mount --socket $SOCK $R/test/full:v1 /mnt/full >/tmp/m 2>&1; check mount-full $? "$(cat /tmp/m)"
 # a sequential read of a 3 MiB file: one READ per 1 MiB chunk (plus the edges), not one per
 # 128 KiB kernel read-ahead window (at least 24)
-reads() {{ $LB status --socket $SOCK --json | sed -n 's/.*"reads": *\([0-9]*\).*/\1/p' | head -1; }}
-r0=$(reads); s=$(sha256sum /mnt/full/big/large0.bin | cut -d' ' -f1); r1=$(reads)
+r0=$(counter reads); s=$(sha256sum /mnt/full/big/large0.bin | cut -d' ' -f1); r1=$(counter reads)
 [ "$s" = "{full_large0}" ] && [ $((r1 - r0)) -le 8 ]; check sequential-one-read-per-chunk $? "reads=$((r1 - r0)) $s"
 (cd /mnt/full && sha256sum -c /full.sha256 >/tmp/c 2>&1); check full-tree $? "$(grep -v ': OK' /tmp/c | head -3)"
 n=$(find /mnt/full -type f | wc -l); [ "$n" = "{full_count}" ]; check full-count $? "n=$n"
@@ -219,7 +233,7 @@ wget -q -O /dev/null http://$R/-/clear-faults; check clear-faults $?
 sleep 1.2 # past the daemon's hold of failed fetches (engine.failed_fetch_hold_ms)
 s=$(sha256sum /mnt/corrupt/b1.bin | cut -d' ' -f1); [ "$s" = "{c1}" ]; check corrupt-then-cleared $? "$s"
 
-$LB umount --socket $SOCK /mnt/full && umount /mnt/lazy /mnt/conc /mnt/fault /mnt/conv /mnt/corrupt; check umount-all $?
+$LB umount --socket $SOCK /mnt/full && umount /mnt/lazy /mnt/seq /mnt/conc /mnt/fault /mnt/conv /mnt/corrupt; check umount-all $?
 kill $DPID; wait $DPID; check daemon-stop $?
 start_daemon; check daemon-restart $?
 $LB mount --socket $SOCK $R/test/full:v1 /mnt/full >/tmp/m 2>&1; check remount-after-restart $? "$(cat /tmp/m)"
@@ -231,6 +245,7 @@ echo "---- daemon log (warnings) ----"; grep -E "WARN|ERROR" /tmp/daemon.log | t
 exit 0
 "#,
         lazy_small = sha256_hex(&lazy_files["small/one.bin"]),
+        seq_sum = sha256_hex(&seq_file),
         full_large0 = sha256_hex(&full_files["big/large0.bin"]),
         full_count = full_files.len(),
         f1 = sha256_hex(&f1),
@@ -251,6 +266,8 @@ exit 0
             "corrupt-meta-rejected",
             "mount-lazy",
             "lazy-read",
+            "mount-seq",
+            "sequential-read-ahead",
             "mount-full",
             "sequential-one-read-per-chunk",
             "full-tree",
@@ -286,6 +303,9 @@ exit 0
         "lazy read fetched {lazy_data} bytes"
     );
     assert!(lazy_data * 10 < data_total(&lazy));
+    // Read-ahead fetched each byte of the sequentially read blob once, in merged runs.
+    assert_eq!(c.blob_bytes(&seq_blob), seq.data[0].len() as u64, "read-ahead fetched twice");
+    assert!(c.blob_requests(&seq_blob) < 16, "{} requests for 16 chunks", c.blob_requests(&seq_blob));
     // Single flight: the chunk [2 MiB, 3 MiB) of the concurrent-readers blob fetched once.
     assert_eq!(
         c.requests_overlapping(&conc_blob, 2 << 20, 1 << 20),

@@ -52,12 +52,7 @@ pub async fn scale(b: &Bench<'_>, r: &mut Report) {
         .await
         .unwrap();
     }
-    let extra = std::env::var("LAZYBLOB_BENCH_SCALE_ENGINE").unwrap_or_default();
-    let d = daemon(
-        &w.join("d4"),
-        &[&mhost],
-        &format!("[engine]\nfill_after_idle_ms = 0\n{extra}"),
-    );
+    let d = daemon(&w.join("d4"), &[&mhost], "[engine]\nfill_after_idle_ms = 0");
     let mnt4 = w.join("d4/mnt");
     for i in 0..s.images {
         let m = mnt4.join(format!("m{i}"));

@@ -188,8 +188,16 @@ pub async fn copy_image(reg: &Registry, reference: &str, mock: &registry_mock::M
     format!("{}/{}:{}", mock.host(), r.repository(), r.tag().unwrap_or("latest"))
 }
 
-/// The daemon (the release binary), fanotify frontend, with `extra` config lines.
+/// The daemon (the release binary), fanotify frontend, with `extra` config lines, and the
+/// `[engine]` lines of `LAZYBLOB_BENCH_ENGINE` (e.g. "max_reads_in_flight = 1024", to compare
+/// a setting across runs).
 pub fn daemon(dir: &Path, hosts: &[&str], extra: &str) -> DaemonProc {
+    let engine = std::env::var("LAZYBLOB_BENCH_ENGINE").unwrap_or_default();
+    let extra = match extra.split_once("[engine]\n") {
+        Some((before, after)) => format!("{before}[engine]\n{engine}\n{after}"),
+        None if engine.is_empty() => extra.to_string(),
+        None => format!("{extra}\n[engine]\n{engine}"),
+    };
     DaemonProc::start(dir, hosts, &format!("frontend = \"fanotify\"\n{extra}"))
 }
 

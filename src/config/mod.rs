@@ -224,13 +224,13 @@ impl Default for EngineConfig {
             merge_max: 32 << 20,
             completed_chunks_kept: 8,
             max_concurrent_fetches: 8,
-            max_reads_in_flight: 1024,
+            max_reads_in_flight: 256,
             failed_fetch_hold: Some(Duration::from_secs(1)),
             read_ahead_max: NonZeroU64::new(64 << 20),
             read_ahead_kb: NonZeroU32::new(4096),
             fill_after_idle: Some(Duration::from_secs(1)),
             pin_metadata: true,
-            fanotify_groups: 16,
+            fanotify_groups: 32,
         }
     }
 }

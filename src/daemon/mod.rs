@@ -29,7 +29,11 @@ use crate::frontend::fanotify::journal::Journal;
 use crate::frontend::fanotify::serve::Settings;
 use crate::frontend::fanotify::FanotifyFrontend;
 use crate::frontend::guard;
-use crate::frontend::{self, cachefiles::Cachefiles, Frontend, KernelFacts};
+use crate::frontend::{
+    self,
+    cachefiles::{Cachefiles, Serving},
+    Frontend, KernelFacts,
+};
 use crate::lock::lock;
 use crate::registry::Registry;
 
@@ -218,17 +222,16 @@ async fn bring_up(
         Frontend::Cachefiles => {
             let handover = reclaim(&config.daemon.state_dir, kind, takeover).await?;
             let adopted = handover.is_some();
+            let how = Serving {
+                catalog: Arc::clone(catalog),
+                engine: Arc::clone(engine),
+                admission,
+                read_ahead_max: config.engine.read_ahead_max,
+            };
             let c = match handover {
-                Some(h) => Cachefiles::adopt(h, Arc::clone(catalog), Arc::clone(engine), admission)
-                    .context("taking over the cachefiles cache")?,
-                None => Cachefiles::bind(
-                    &config.daemon.cache_dir,
-                    &config.daemon.tag,
-                    Arc::clone(catalog),
-                    Arc::clone(engine),
-                    admission,
-                )
-                .context("binding the cachefiles on-demand cache")?,
+                Some(h) => Cachefiles::adopt(h, how).context("taking over the cachefiles cache")?,
+                None => Cachefiles::bind(&config.daemon.cache_dir, &config.daemon.tag, how)
+                    .context("binding the cachefiles on-demand cache")?,
             };
             Ok((ActiveFrontend::Cachefiles(c), adopted))
         }

@@ -7,6 +7,7 @@ pub mod fanotify;
 pub mod fdpass;
 pub mod guard;
 pub mod mount;
+pub mod readahead;
 pub(crate) mod wire;
 
 use std::os::fd::AsRawFd;

@@ -12,10 +12,7 @@ use std::sync::Arc;
 
 use super::device::{AnonFd, Device};
 use super::protocol::{erofs_fsid, Command};
-use super::serve::{Cachefiles, Object};
-use crate::catalog::Catalog;
-use crate::engine::Engine;
-use crate::frontend::admission::Admission;
+use super::serve::{Cachefiles, Object, Serving};
 use crate::frontend::guard::{self, Handover};
 use crate::lock::lock;
 
@@ -39,20 +36,15 @@ fn split_keys(b: &[u8]) -> Option<(&[u8], &[u8])> {
 impl Cachefiles {
     /// Serve the cache a guard handed over: its objects again, then `restore`, so the kernel
     /// sends again what the previous daemon left unanswered.
-    pub fn adopt(
-        handover: Handover,
-        catalog: Arc<Catalog>,
-        engine: Arc<Engine>,
-        admission: Admission,
-    ) -> std::io::Result<Arc<Cachefiles>> {
-        let c = Cachefiles::serving(
-            Device::from_fd(handover.kernel.into_iter().next().ok_or_else(|| {
-                std::io::Error::other("the guard handed over no cachefiles device")
-            })?),
-            Arc::clone(&catalog),
-            engine,
-            admission,
-        )?;
+    pub fn adopt(handover: Handover, how: Serving) -> std::io::Result<Arc<Cachefiles>> {
+        let catalog = Arc::clone(&how.catalog);
+        let read_ahead_max = how.read_ahead_max;
+        let device = handover
+            .kernel
+            .into_iter()
+            .next()
+            .ok_or_else(|| std::io::Error::other("the guard handed over no cachefiles device"))?;
+        let c = Cachefiles::serving(Device::from_fd(device), how)?;
         let mut adopted = 0;
         for kept in handover.kept {
             let object_id = u32::try_from(kept.key).ok();
@@ -65,13 +57,7 @@ impl Cachefiles {
                 );
                 continue;
             };
-            let name = Cachefiles::object_name(&target);
-            let obj = Object {
-                fd: AnonFd::from_fd(kept.fd),
-                target,
-                name,
-                keys: keys(&v, &k),
-            };
+            let obj = Object::new(AnonFd::from_fd(kept.fd), target, keys(&v, &k), read_ahead_max);
             lock(&c.objects).insert(object_id, Arc::new(obj));
             adopted += 1;
         }

@@ -2,11 +2,13 @@
 //! asks the kernel's cachefiles for blobs, and cachefiles asks us for missing ranges.
 //!
 //! `protocol` parses and encodes the messages, `device` holds the syscalls, `serve` is the
-//! event loop that answers OPEN/READ/CLOSE concurrently.
+//! event loop that answers OPEN/READ/CLOSE concurrently, `ahead` writes ahead of sequential
+//! readers, `failover` hands the cache over across restarts.
 
+mod ahead;
 pub mod device;
 mod failover;
 pub mod protocol;
 pub mod serve;
 
-pub use serve::{Cachefiles, CachefilesStats};
+pub use serve::{Cachefiles, CachefilesStats, Serving};

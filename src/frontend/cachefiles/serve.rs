@@ -3,8 +3,9 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
+use std::num::NonZeroU64;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use super::protocol::{erofs_fsid, Command, Message, MSG_MAX_SIZE};
 use crate::catalog::{Catalog, Target};
 use crate::engine::Engine;
 use crate::frontend::admission::Admission;
+use crate::frontend::readahead::ReadAhead;
 
 /// Counters exported in `status`.
 #[derive(Debug, Default, Serialize)]
@@ -38,6 +40,8 @@ pub struct CachefilesStats {
     pub bad_messages: AtomicU64,
     /// Bytes written into the cache.
     pub bytes_written: AtomicU64,
+    /// Units written ahead of sequential readers.
+    pub units_ahead: AtomicU64,
     /// Read latencies for the metrics endpoint.
     #[serde(skip)]
     pub read_times: crate::metrics::ReadTimes,
@@ -50,13 +54,50 @@ pub(super) struct Object {
     pub(super) name: String,
     /// Its volume and cookie keys, as kept with the guard (see `failover`).
     pub(super) keys: Vec<u8>,
+    /// Read-ahead of its sequential readers (a data blob's, in table chunks).
+    pub(super) ahead: Mutex<ReadAhead>,
+    /// Table chunks being written ahead of readers.
+    pub(super) writing: Mutex<HashSet<u64>>,
+}
+
+impl Object {
+    /// The object of `target` behind `fd`, with read-ahead windows up to `read_ahead_max`
+    /// bytes (data blobs only).
+    pub(super) fn new(fd: AnonFd, target: Target, keys: Vec<u8>, read_ahead_max: Option<NonZeroU64>) -> Object {
+        let window = match (&target, read_ahead_max) {
+            (Target::Data(_, blob), Some(max)) => (max.get() / blob.table_chunk).max(2),
+            _ => 0,
+        };
+        Object {
+            fd,
+            name: Cachefiles::object_name(&target),
+            target,
+            keys,
+            ahead: Mutex::new(ReadAhead::new(window)),
+            writing: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+/// What a cachefiles frontend serves with.
+pub struct Serving {
+    /// The images and blobs the kernel may open.
+    pub catalog: Arc<Catalog>,
+    /// The blob engine.
+    pub engine: Arc<Engine>,
+    /// Slots of READs being served.
+    pub admission: Admission,
+    /// Largest read-ahead window in bytes (None: no read-ahead).
+    pub read_ahead_max: Option<NonZeroU64>,
 }
 
 /// The bound cachefiles frontend.
 pub struct Cachefiles {
     pub(super) dev: AsyncFd<Device>,
     catalog: Arc<Catalog>,
-    engine: Arc<Engine>,
+    pub(super) engine: Arc<Engine>,
+    /// Largest read-ahead window in bytes (None: no read-ahead).
+    read_ahead_max: Option<NonZeroU64>,
     pub(super) objects: Mutex<HashMap<u32, Arc<Object>>>,
     /// Slots of READs being served.
     admission: Admission,
@@ -68,13 +109,7 @@ pub struct Cachefiles {
 
 impl Cachefiles {
     /// Open `/dev/cachefiles`, set the cache directory and tag, `bind ondemand`.
-    pub fn bind(
-        dir: &Path,
-        tag: &str,
-        catalog: Arc<Catalog>,
-        engine: Arc<Engine>,
-        admission: Admission,
-    ) -> io::Result<Arc<Cachefiles>> {
+    pub fn bind(dir: &Path, tag: &str, how: Serving) -> io::Result<Arc<Cachefiles>> {
         std::fs::create_dir_all(dir)?;
         let dev = Device::open().map_err(|e| match e.raw_os_error() {
             Some(libc::EBUSY) => io::Error::new(
@@ -98,19 +133,21 @@ impl Cachefiles {
                 ),
             )
         })?;
-        Cachefiles::serving(dev, catalog, engine, admission)
+        Cachefiles::serving(dev, how)
     }
 
-    pub(super) fn serving(
-        dev: Device,
-        catalog: Arc<Catalog>,
-        engine: Arc<Engine>,
-        admission: Admission,
-    ) -> io::Result<Arc<Cachefiles>> {
+    pub(super) fn serving(dev: Device, how: Serving) -> io::Result<Arc<Cachefiles>> {
+        let Serving {
+            catalog,
+            engine,
+            admission,
+            read_ahead_max,
+        } = how;
         Ok(Arc::new(Cachefiles {
             dev: dev.into_async()?,
             catalog,
             engine,
+            read_ahead_max,
             objects: Mutex::new(HashMap::new()),
             admission,
             keeper: Mutex::new(None),
@@ -222,13 +259,8 @@ impl Cachefiles {
             return refuse(libc::ENOENT, "no registered image or blob for these keys");
         };
         let size = target.size();
-        let name = Cachefiles::object_name(&target);
-        let obj = Arc::new(Object {
-            fd: anon,
-            target,
-            name,
-            keys: failover::keys(volume_key, cookie_key),
-        });
+        let keys = failover::keys(volume_key, cookie_key);
+        let obj = Arc::new(Object::new(anon, target, keys, self.read_ahead_max));
         crate::lock::lock(&self.objects).insert(object_id, Arc::clone(&obj));
         match self.dev.get_ref().command(&Command::Copen { msg_id, size }) {
             Ok(()) => {
@@ -249,6 +281,9 @@ impl Cachefiles {
             Target::Meta(_) => None,
         };
         let (start, end) = span(offset, len, chunks);
+        if let Some((chunk, _)) = chunks {
+            self.read_ahead(&obj, start / chunk, (end - 1) / chunk);
+        }
         let filled = self.fill(&obj, start, end - start).await;
         let ok = filled.is_ok();
         let stats_obj = Arc::clone(&obj);

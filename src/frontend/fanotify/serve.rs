@@ -3,8 +3,9 @@
 //! written through the event's fd, and the read is allowed. A failed fetch denies the read
 //! with `EIO`: a reader never gets a hole's zeros. This file dispatches events; the jobs
 //! behind them have their own modules: `blob` (cache files, pinning, completion), `demand`
-//! (the on-demand fill), `readahead` (the pure read-ahead state machine) and `prefetch`
-//! (its fetches), `background` (the fill of idle blobs), `store` (writing into cache files).
+//! (the on-demand fill), `prefetch` (the fetches of the read-ahead state machine,
+//! `frontend::readahead`), `background` (the fill of idle blobs), `store` (writing into
+//! cache files).
 
 #![forbid(unsafe_code)]
 
@@ -38,7 +39,6 @@ mod blob;
 mod demand;
 mod orphans;
 mod prefetch;
-mod readahead;
 mod store;
 
 /// Largest part of a unit a reader waits for that is written without the blocking pool.
@@ -193,10 +193,10 @@ impl FanotifyFrontend {
     }
 
     async fn serve_group(self: &Arc<Self>, g: usize, shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
-        let mut buf = vec![0u8; 64 * 1024];
+        // 341 events a read, per group; fewer when fewer slots are free (a pre-access event
+        // with its range is 48 bytes; never less than 512, so one event always fits)
+        let mut buf = vec![0u8; 16 * 1024];
         let admission = self.admission.clone();
-        // a buffer for about as many events as there are free slots (a pre-access event with
-        // its range is 48 bytes; never less than 512, so one event always fits)
         let read = |fan: &Fanotify, b: &mut [u8], room: usize| {
             let len = room.saturating_mul(48).clamp(512, b.len());
             sys::read_events(fan, &mut b[..len])

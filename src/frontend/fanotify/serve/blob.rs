@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::readahead::ReadAhead;
 use super::{cache, sys, FanotifyFrontend};
 use crate::catalog::Image;
 use crate::engine::chunks::ChunkGeometry;
 use crate::engine::DataBlob;
+use crate::frontend::readahead::ReadAhead;
 use crate::lock::lock;
 
 /// A data blob's cache file and which of its chunks were verified in this run.

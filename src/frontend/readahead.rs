@@ -1,17 +1,17 @@
 //! Read-ahead of one blob's sequential readers, in chunks, as a pure state machine: a miss
 //! right behind the previous one opens a window that doubles up to the maximum, reaching
 //! at most half as far past the reader as its run has read (a reader that stops leaves
-//! little fetched and unread); a
-//! reader that finds its chunks cached past the middle of the window moves it on. A hit anywhere
-//! else (data cached long ago, read again after the page cache dropped it) closes the
-//! window: re-reading cached data never fetches. What to fetch is returned; the frontend
-//! fetches it (`prefetch`).
+//! little fetched and unread); a reader that finds its chunks cached past the middle of the
+//! window moves it on. A hit anywhere else (data cached long ago, read again after the page
+//! cache dropped it) closes the window: re-reading cached data never fetches. What to fetch is returned; the frontend
+//! fetches it (fanotify: `serve/prefetch`; cachefiles, which sees only misses, since the
+//! kernel reads what is in its cache file without asking: `cachefiles/ahead`).
 
 use std::ops::Range;
 
 /// Read-ahead state of one blob.
 #[derive(Debug)]
-pub(super) struct ReadAhead {
+pub struct ReadAhead {
     /// Largest window in chunks (0: read-ahead off).
     max_window: u64,
     /// The last chunk a reader missed.
@@ -29,7 +29,7 @@ pub(super) struct ReadAhead {
 
 impl ReadAhead {
     /// Read-ahead with windows up to `max_window` chunks (0: none).
-    pub(super) fn new(max_window: u64) -> ReadAhead {
+    pub fn new(max_window: u64) -> ReadAhead {
         ReadAhead {
             max_window,
             last_miss: None,
@@ -42,7 +42,7 @@ impl ReadAhead {
 
     /// A reader missed chunks `first..=last`: the chunks to fetch ahead of it, if it reads
     /// sequentially (its miss starts right behind the previous miss or the window).
-    pub(super) fn on_miss(&mut self, first: u64, last: u64) -> Option<Range<u64>> {
+    pub fn on_miss(&mut self, first: u64, last: u64) -> Option<Range<u64>> {
         if self.max_window == 0 {
             return None;
         }
@@ -73,7 +73,7 @@ impl ReadAhead {
     /// Only a reader inside (or just past) the window scheduled last moves it; a hit further
     /// on is some other read of cached data (a re-read after the page cache dropped it): the
     /// window closes, and nothing is fetched.
-    pub(super) fn on_hit(&mut self, last: u64) -> Option<Range<u64>> {
+    pub fn on_hit(&mut self, last: u64) -> Option<Range<u64>> {
         if self.window == 0 {
             return None;
         }
