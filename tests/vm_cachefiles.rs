@@ -192,12 +192,12 @@ F=$(reg test/lazy:v1) && mount -t erofs none -o fsid=$F /mnt/lazy; check mount-l
 s=$(sha256sum /mnt/lazy/small/one.bin | cut -d' ' -f1); [ "$s" = "{lazy_small}" ]; check lazy-read $? "$s"
 # the daemon's counters (status --json): READs received, units written ahead of readers
 counter() {{ $LB status --socket $SOCK --json | sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p" | head -1; }}
-# a sequential read of a 16 MiB file: read-ahead writes chunks before the reader asks, so
-# far fewer than one READ per 1 MiB chunk reaches the daemon
+# a sequential read of a 16 MiB file: read-ahead writes chunks ahead of the reader (and
+# background fill chains windows to the blob's end); the registry's side is checked below
 F=$(reg test/seq:v1) && mkdir -p /mnt/seq && mount -t erofs none -o fsid=$F /mnt/seq; check mount-seq $?
 r0=$(counter reads); a0=$(counter units_ahead)
 s=$(sha256sum /mnt/seq/b1.bin | cut -d' ' -f1); r1=$(counter reads); a1=$(counter units_ahead)
-[ "$s" = "{seq_sum}" ] && [ $((a1 - a0)) -ge 4 ] && [ $((r1 - r0)) -le 10 ]
+[ "$s" = "{seq_sum}" ] && [ $((a1 - a0)) -ge 4 ] && [ $((r1 - r0)) -le 16 ]
 check sequential-read-ahead $? "reads=$((r1 - r0)) ahead=$((a1 - a0)) $s"
 
 $LB mount --socket $SOCK $R/test/full:v1 /mnt/full >/tmp/m 2>&1; check mount-full $? "$(cat /tmp/m)"
@@ -303,9 +303,18 @@ exit 0
         "lazy read fetched {lazy_data} bytes"
     );
     assert!(lazy_data * 10 < data_total(&lazy));
-    // Read-ahead fetched each byte of the sequentially read blob once, in merged runs.
-    assert_eq!(c.blob_bytes(&seq_blob), seq.data[0].len() as u64, "read-ahead fetched twice");
-    assert!(c.blob_requests(&seq_blob) < 16, "{} requests for 16 chunks", c.blob_requests(&seq_blob));
+    // Read-ahead fetched each byte of the sequentially read blob once, in merged runs (one
+    // request per chunk without it).
+    assert_eq!(
+        c.blob_bytes(&seq_blob),
+        seq.data[0].len() as u64,
+        "read-ahead fetched twice"
+    );
+    assert!(
+        c.blob_requests(&seq_blob) <= 8,
+        "{} requests for 16 chunks",
+        c.blob_requests(&seq_blob)
+    );
     // Single flight: the chunk [2 MiB, 3 MiB) of the concurrent-readers blob fetched once.
     assert_eq!(
         c.requests_overlapping(&conc_blob, 2 << 20, 1 << 20),
