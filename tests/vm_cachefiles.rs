@@ -192,12 +192,12 @@ F=$(reg test/lazy:v1) && mount -t erofs none -o fsid=$F /mnt/lazy; check mount-l
 s=$(sha256sum /mnt/lazy/small/one.bin | cut -d' ' -f1); [ "$s" = "{lazy_small}" ]; check lazy-read $? "$s"
 # the daemon's counters (status --json): READs received, units written ahead of readers
 counter() {{ $LB status --socket $SOCK --json | sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p" | head -1; }}
-# a sequential read of a 16 MiB file: read-ahead writes chunks ahead of the reader (and
-# background fill chains windows to the blob's end); the registry's side is checked below
+# a sequential read of a 16 MiB file: read-ahead writes chunks before the reader asks, so
+# fewer than one READ per 1 MiB chunk reaches the daemon (16 without it)
 F=$(reg test/seq:v1) && mkdir -p /mnt/seq && mount -t erofs none -o fsid=$F /mnt/seq; check mount-seq $?
 r0=$(counter reads); a0=$(counter units_ahead)
 s=$(sha256sum /mnt/seq/b1.bin | cut -d' ' -f1); r1=$(counter reads); a1=$(counter units_ahead)
-[ "$s" = "{seq_sum}" ] && [ $((a1 - a0)) -ge 4 ] && [ $((r1 - r0)) -le 16 ]
+[ "$s" = "{seq_sum}" ] && [ $((a1 - a0)) -ge 4 ] && [ $((r1 - r0)) -lt 16 ]
 check sequential-read-ahead $? "reads=$((r1 - r0)) ahead=$((a1 - a0)) $s"
 
 $LB mount --socket $SOCK $R/test/full:v1 /mnt/full >/tmp/m 2>&1; check mount-full $? "$(cat /tmp/m)"
@@ -311,7 +311,7 @@ exit 0
         "read-ahead fetched twice"
     );
     assert!(
-        c.blob_requests(&seq_blob) <= 8,
+        c.blob_requests(&seq_blob) <= 12,
         "{} requests for 16 chunks",
         c.blob_requests(&seq_blob)
     );

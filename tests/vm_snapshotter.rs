@@ -150,15 +150,17 @@ exit 0
         ],
     );
 
-    // lazy: the metadata and chunk table whole, of the data only what was read (the 6 MiB
-    // file never)
+    // lazy: the metadata and chunk table whole, of the data only what was read and one
+    // read-ahead window: the 1.5 MB file spans two 1 MiB chunks read in turn, a sequential
+    // reader, so the two chunks after them (of the 6 MiB file nobody reads) are fetched ahead,
+    // and no more
     let c = mock.counters();
     let data_total: u64 = lazy.data.iter().map(|d| d.size).sum();
     let data_served: u64 = lazy.data.iter().map(|d| c.blob_bytes(&d.digest)).sum();
     println!("served {data_served} of {data_total} data bytes");
     assert!(data_served > 0, "the reads went through the registry");
     assert!(
-        data_served < data_total / 2,
+        data_served <= 4 << 20 && data_served < data_total,
         "served {data_served} of {data_total} data bytes"
     );
 }

@@ -227,7 +227,6 @@ async fn bring_up(
                 engine: Arc::clone(engine),
                 admission,
                 read_ahead_max: config.engine.read_ahead_max,
-                fill: config.engine.fill_after_idle.is_some(),
             };
             let c = match handover {
                 Some(h) => Cachefiles::adopt(h, how).context("taking over the cachefiles cache")?,

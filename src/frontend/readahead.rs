@@ -99,20 +99,6 @@ impl ReadAhead {
         Some(from..self.until)
     }
 
-    /// The window scheduled last, ending at chunk `end`, is in the cache (cachefiles, whose
-    /// readers' hits are never seen, with background fill on): while the reader is still
-    /// sequential, the next window of the largest size, right behind it, so the blob of a
-    /// sequential reader is fetched to its end unless a random miss closes the window.
-    pub fn on_fetched(&mut self, end: u64) -> Option<Range<u64>> {
-        if self.window == 0 || end != self.until {
-            return None;
-        }
-        self.window = self.max_window;
-        self.scheduled = self.until;
-        self.until += self.window;
-        Some(self.scheduled..self.until)
-    }
-
     /// How far past the reader the read-ahead may reach: half of what the current
     /// sequential run has read up to `last` (at least 2 chunks), so a reader that stops
     /// leaves at most half as much fetched and unread as it read.
@@ -124,24 +110,6 @@ impl ReadAhead {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_fetched_window_chains_the_next_while_sequential() {
-        let mut r = ReadAhead::new(8);
-        assert_eq!(r.on_miss(0, 0), None);
-        let w = r.on_miss(1, 1).unwrap();
-        assert_eq!(w, 2..4);
-        // a window that is not the last scheduled one chains nothing
-        assert_eq!(r.on_fetched(3), None);
-        assert_eq!(r.on_fetched(4), Some(4..12));
-        assert_eq!(r.on_fetched(12), Some(12..20));
-        // a random miss closes the window: nothing more is chained
-        assert_eq!(r.on_miss(500, 500), None);
-        assert_eq!(r.on_fetched(20), None);
-        // read-ahead off: never
-        let mut off = ReadAhead::new(0);
-        assert_eq!(off.on_fetched(0), None);
-    }
 
     #[test]
     fn random_misses_fetch_nothing_ahead() {

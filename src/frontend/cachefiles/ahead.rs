@@ -2,16 +2,12 @@
 //! cache file and reads what is there without asking, so READs are the misses of the shared
 //! read-ahead state machine (`frontend::readahead`): a READ right behind the previous one
 //! opens a window, whose chunks are fetched in merged runs and written through the object's
-//! anonymous fd before the reader gets there. The kernel then never asks for them. With
-//! background fill on (`fill_after_idle_ms`), each window written chains the next one of the
-//! largest size until the blob is complete or the reader jumps: the kernel never shows the
-//! daemon a reader's hits, so windows cannot follow the reader as on fanotify. Best effort:
-//! a unit that fails is left to a reader's own READ, which fetches it again.
+//! anonymous fd before the reader gets there. The kernel then never asks for them. Best
+//! effort: a unit that fails is left to a reader's own READ, which fetches it again.
 
 #![forbid(unsafe_code)]
 
 use std::io;
-use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -24,71 +20,46 @@ use crate::lock::lock;
 
 impl Cachefiles {
     /// A READ of table chunks `first..=last` of `obj`: a sequential reader's next window is
-    /// fetched and written ahead of it.
+    /// fetched and written ahead of it (chunks already in the cache file or being written are
+    /// skipped).
     pub(super) fn read_ahead(self: &Arc<Self>, obj: &Arc<Object>, first: u64, last: u64) {
-        let window = lock(&obj.ahead).on_miss(first, last);
-        if let Some(w) = window {
-            self.write_window(obj, w);
-        }
-    }
-
-    /// Fetch the chunks of `window` not in the cache file nor being written, in merged runs,
-    /// and write them ahead of the reader. With background fill on, the last of them chains
-    /// the next window once written (a window with nothing to fetch chains it at once).
-    fn write_window(self: &Arc<Self>, obj: &Arc<Object>, mut window: Range<u64>) {
         let Target::Data(_, blob) = &obj.target else {
             return;
         };
-        let unit = blob.table_chunk;
-        let n_chunks = blob.source.size.div_ceil(unit);
-        let todo = loop {
-            if window.start >= n_chunks {
-                return;
-            }
-            let todo: Vec<u64> = (window.start..window.end.min(n_chunks))
-                .filter(|&c| !in_cache(obj, blob, c))
-                .filter(|&c| lock(&obj.writing).insert(c))
-                .collect();
-            if !todo.is_empty() {
-                break todo;
-            }
-            match self.fill.then(|| lock(&obj.ahead).on_fetched(window.end)).flatten() {
-                Some(next) => window = next,
-                None => return,
-            }
+        let Some(window) = lock(&obj.ahead).on_miss(first, last) else {
+            return;
         };
-        let runs = consecutive(&todo, u64::MAX);
-        let n_runs = runs.len();
-        for (i, run) in runs.into_iter().enumerate() {
+        let unit = blob.table_chunk;
+        let todo: Vec<u64> = (window.start..window.end.min(blob.source.size.div_ceil(unit)))
+            .filter(|&c| !in_cache(obj, blob, c))
+            .filter(|&c| lock(&obj.writing).insert(c))
+            .collect();
+        for run in consecutive(&todo, u64::MAX) {
             let (s, e) = (run.start * unit, (run.end * unit).min(blob.source.size));
-            let pending = match self.engine.fetch(blob, s, e - s) {
-                Ok(p) => p,
-                Err(err) => {
-                    tracing::debug!(error = %err, object = %obj.name, "read-ahead not started");
+            match self.engine.fetch(blob, s, e - s) {
+                Ok(pending) => {
+                    // each unit ends where the next begins (the last at the run's end)
+                    let ends: Vec<u64> = pending.iter().skip(1).map(|p| p.offset).chain([e]).collect();
+                    for (p, end) in pending.into_iter().zip(ends) {
+                        let (me, obj) = (Arc::clone(self), Arc::clone(obj));
+                        tokio::spawn(async move { me.write_ahead(&obj, p, end).await });
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, object = %obj.name, "read-ahead not started");
                     let mut writing = lock(&obj.writing);
                     run.for_each(|c| {
                         writing.remove(&c);
                     });
-                    continue;
                 }
-            };
-            // each unit ends where the next begins (the last at the run's end); the window's
-            // last unit chains the next window
-            let ends: Vec<u64> = pending.iter().skip(1).map(|p| p.offset).chain([e]).collect();
-            let n = pending.len();
-            for (k, (p, end)) in pending.into_iter().zip(ends).enumerate() {
-                let chain = (self.fill && i + 1 == n_runs && k + 1 == n).then_some(window.end);
-                let (me, obj) = (Arc::clone(self), Arc::clone(obj));
-                tokio::spawn(async move { me.write_ahead(&obj, p, end, chain).await });
             }
         }
     }
 
     /// Wait for one fetched unit (`[p.offset, end)`) and write it into the cache file (padded
     /// with zeros to the direct-I/O alignment at the blob's end, as a READ of the last chunk
-    /// is); its chunks are no longer being written, whatever the outcome. Once written, the
-    /// last unit of a window ending at chunk `chain` schedules the next window.
-    async fn write_ahead(self: &Arc<Self>, obj: &Arc<Object>, p: Pending, end: u64, chain: Option<u64>) {
+    /// is); its chunks are no longer being written, whatever the outcome.
+    async fn write_ahead(self: &Arc<Self>, obj: &Arc<Object>, p: Pending, end: u64) {
         let offset = p.offset;
         let written = match p.wait(&self.engine).await {
             Ok(piece) => {
@@ -116,10 +87,6 @@ impl Cachefiles {
             Ok(n) => {
                 self.stats.units_ahead.fetch_add(1, Relaxed);
                 self.stats.bytes_written.fetch_add(n, Relaxed);
-                let next = chain.and_then(|c| lock(&obj.ahead).on_fetched(c));
-                if let Some(w) = next {
-                    self.write_window(obj, w);
-                }
             }
             Err(e) => tracing::debug!(error = %e, object = %obj.name, offset, "read-ahead unit not written"),
         }

@@ -89,8 +89,6 @@ pub struct Serving {
     pub admission: Admission,
     /// Largest read-ahead window in bytes (None: no read-ahead).
     pub read_ahead_max: Option<NonZeroU64>,
-    /// Background fill: a sequential reader's blob is fetched to its end.
-    pub fill: bool,
 }
 
 /// The bound cachefiles frontend.
@@ -100,8 +98,6 @@ pub struct Cachefiles {
     pub(super) engine: Arc<Engine>,
     /// Largest read-ahead window in bytes (None: no read-ahead).
     read_ahead_max: Option<NonZeroU64>,
-    /// Background fill: a sequential reader's blob is fetched to its end.
-    pub(super) fill: bool,
     pub(super) objects: Mutex<HashMap<u32, Arc<Object>>>,
     /// Slots of READs being served.
     admission: Admission,
@@ -146,14 +142,12 @@ impl Cachefiles {
             engine,
             admission,
             read_ahead_max,
-            fill,
         } = how;
         Ok(Arc::new(Cachefiles {
             dev: dev.into_async()?,
             catalog,
             engine,
             read_ahead_max,
-            fill,
             objects: Mutex::new(HashMap::new()),
             admission,
             keeper: Mutex::new(None),
