@@ -289,6 +289,12 @@ fn create_groups(n: usize) -> io::Result<Vec<Fanotify>> {
     for _ in 0..n.max(1) {
         match sys::init() {
             Ok(g) => groups.push(g),
+            Err(e) if groups.is_empty() && e.raw_os_error() == Some(libc::EMFILE) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("fanotify_init(FAN_CLASS_PRE_CONTENT): {e}: this user has fs.fanotify.max_user_groups groups already"),
+                ))
+            }
             Err(e) if groups.is_empty() => {
                 return Err(io::Error::new(
                     e.kind(),

@@ -119,9 +119,14 @@ pub fn respond_raw(fan: BorrowedFd<'_>, event_fd: RawFd, response: u32) -> io::R
     Ok(())
 }
 
-/// Whether this kernel offers pre-content events (6.14+): a group can be created.
+/// Whether this kernel offers pre-content events (6.14+): a group can be created, or the
+/// kernel refused one only for the per-user group limit (`EMFILE`: the frontend exists, and
+/// the daemon then says which limit is reached).
 pub fn available() -> bool {
-    init().is_ok()
+    match init() {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() == Some(libc::EMFILE),
+    }
 }
 
 #[cfg(test)]
