@@ -211,14 +211,25 @@ impl Credentials {
             .map(|d| d.join(&prog))
             .filter(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from(&prog));
-        let mut child = tokio::process::Command::new(&path)
-            .arg("get")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| RegistryError::Credentials(format!("cannot run {prog}: {e}")))?;
+        let mut attempt = 0;
+        let mut child = loop {
+            let spawned = tokio::process::Command::new(&path)
+                .arg("get")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn();
+            match spawned {
+                // a helper just written (installed, updated) may still be open for writing
+                // in a process forked meanwhile: ETXTBSY passes within milliseconds
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                other => break other.map_err(|e| RegistryError::Credentials(format!("cannot run {prog}: {e}")))?,
+            }
+        };
         if let Some(mut stdin) = child.stdin.take() {
             use tokio::io::AsyncWriteExt;
             stdin
