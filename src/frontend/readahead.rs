@@ -3,10 +3,12 @@
 //! at most half as far past the reader as its run has read (a reader that stops leaves
 //! little fetched and unread); a reader that finds its chunks cached past the middle of the
 //! window moves it on. A hit anywhere else (data cached long ago, read again after the page
-//! cache dropped it) closes the window: re-reading cached data never fetches. What to fetch is returned; the frontend
-//! fetches it (fanotify: `serve/prefetch`; cachefiles, which sees only misses, since the
-//! kernel reads what is in its cache file without asking: `cachefiles/ahead`).
+//! cache dropped it) closes the window: re-reading cached data never fetches. What to fetch
+//! is returned; the frontend fetches it (fanotify: `serve/prefetch`; cachefiles, which sees
+//! only misses, since the kernel reads what is in its cache file without asking:
+//! `cachefiles/ahead`).
 
+use std::num::NonZeroU64;
 use std::ops::Range;
 
 /// Read-ahead state of one blob.
@@ -38,6 +40,12 @@ impl ReadAhead {
             scheduled: 0,
             until: 0,
         }
+    }
+
+    /// Read-ahead in chunks of `chunk` bytes with windows up to `max_bytes` (at least 2
+    /// chunks; `None`: read-ahead off).
+    pub fn of_bytes(max_bytes: Option<NonZeroU64>, chunk: u64) -> ReadAhead {
+        ReadAhead::new(max_bytes.map_or(0, |max| (max.get() / chunk).max(2)))
     }
 
     /// A reader missed chunks `first..=last`: the chunks to fetch ahead of it, if it reads

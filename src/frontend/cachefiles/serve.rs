@@ -64,16 +64,16 @@ impl Object {
     /// The object of `target` behind `fd`, with read-ahead windows up to `read_ahead_max`
     /// bytes (data blobs only).
     pub(super) fn new(fd: AnonFd, target: Target, keys: Vec<u8>, read_ahead_max: Option<NonZeroU64>) -> Object {
-        let window = match (&target, read_ahead_max) {
-            (Target::Data(_, blob), Some(max)) => (max.get() / blob.table_chunk).max(2),
-            _ => 0,
+        let ahead = match &target {
+            Target::Data(_, blob) => ReadAhead::of_bytes(read_ahead_max, blob.table_chunk),
+            Target::Meta(_) => ReadAhead::new(0),
         };
         Object {
             fd,
             name: Cachefiles::object_name(&target),
             target,
             keys,
-            ahead: Mutex::new(ReadAhead::new(window)),
+            ahead: Mutex::new(ahead),
             writing: Mutex::new(HashSet::new()),
         }
     }

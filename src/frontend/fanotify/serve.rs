@@ -289,17 +289,15 @@ fn create_groups(n: usize) -> io::Result<Vec<Fanotify>> {
     for _ in 0..n.max(1) {
         match sys::init() {
             Ok(g) => groups.push(g),
-            Err(e) if groups.is_empty() && e.raw_os_error() == Some(libc::EMFILE) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("fanotify_init(FAN_CLASS_PRE_CONTENT): {e}: this user has fs.fanotify.max_user_groups groups already"),
-                ))
-            }
             Err(e) if groups.is_empty() => {
+                let why = match e.raw_os_error() {
+                    Some(libc::EMFILE) => "this user has fs.fanotify.max_user_groups groups already",
+                    _ => "needs Linux 6.14+ with CONFIG_FANOTIFY_ACCESS_PERMISSIONS, and root",
+                };
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("fanotify_init(FAN_CLASS_PRE_CONTENT): {e} (needs Linux 6.14+ with CONFIG_FANOTIFY_ACCESS_PERMISSIONS, and root)"),
-                ))
+                    format!("fanotify_init(FAN_CLASS_PRE_CONTENT): {e} ({why})"),
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, wanted = n, created = groups.len(), "fewer fanotify groups than configured (fs.fanotify.max_user_groups?)");

@@ -118,7 +118,7 @@ impl FanotifyFrontend {
                     group,
                     verified: Mutex::new(HashSet::new()),
                     writer: Mutex::new(writer),
-                    ahead: Mutex::new(ReadAhead::new(self.read_ahead_chunks(blob.table_chunk))),
+                    ahead: Mutex::new(ReadAhead::of_bytes(self.read_ahead_max, blob.table_chunk)),
                     write_lock: Mutex::new(()),
                     storing: Mutex::new(HashSet::new()),
                     last_read: Mutex::new(Instant::now()),

@@ -27,11 +27,6 @@ impl FanotifyFrontend {
         }
     }
 
-    /// Largest read-ahead window in chunks of `chunk` bytes (0: off).
-    pub(super) fn read_ahead_chunks(&self, chunk: u64) -> u64 {
-        self.read_ahead_max.map_or(0, |max| (max.get() / chunk).max(2))
-    }
-
     /// Fetch chunks `[from, to)` that are not cached yet and write them with our own handle;
     /// one task per merged range, so each is written as soon as it arrives.
     pub(super) fn prefetch(self: &Arc<Self>, cached: &Arc<CachedBlob>, from: u64, to: u64) {
