@@ -110,7 +110,13 @@ impl DaemonProc {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .unwrap();
-        let child = Command::new(binary())
+        // as many open files as allowed, like the shipped systemd unit (1,048,576): the
+        // guard's sweep after an expired hold covers that many fd numbers per group
+        let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        let child = Command::new("prlimit")
+            .arg(format!("--nofile={}", hard.min(1 << 20)))
+            .arg("--")
+            .arg(binary())
             // LAZYBLOB_TEST_LOG: a log filter for the daemons of tests and benchmarks
             .args([
                 "--log",
