@@ -21,6 +21,7 @@ pub mod lock;
 pub mod malloc;
 pub mod metrics;
 pub mod node;
+pub mod prefetch;
 pub mod private_fs;
 pub mod registry;
 pub mod service;

@@ -59,6 +59,35 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// CRI image-service proxy (kubelet's pull secrets).
     pub cri: CriConfig,
+    /// Startup prefetch: recording what an image's first start reads, fetching it first later.
+    pub prefetch: PrefetchConfig,
+}
+
+/// Startup prefetch (`[prefetch]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefetchConfig {
+    /// After mounting an image with no prefetch list, record the chunks its readers read for
+    /// this long (`record_window_ms`, default 30 s; 0: never record); the list is kept under
+    /// `<state_dir>/prefetch/` (an unmount within the window ends it early).
+    #[serde(rename = "record_window_ms", deserialize_with = "units::millis_or_off")]
+    pub record_window: Option<Duration>,
+    /// On mount, fetch the image's prefetch list first (kept on this node, else pushed to its
+    /// registry as an artifact referring to it), while the workload reads.
+    pub replay: bool,
+    /// Look for a list in the image's registry (referrers API, then the `sha256-<hex>`
+    /// referrers tag) when this node has none.
+    pub from_registry: bool,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            record_window: Some(Duration::from_secs(30)),
+            replay: true,
+            from_registry: true,
+        }
+    }
 }
 
 /// Prometheus metrics (`GET /metrics`).

@@ -15,6 +15,7 @@ mod cri;
 mod eviction;
 pub use eviction::EvictionStats;
 mod mounts;
+mod prefetch;
 mod read_ahead;
 mod snapshots;
 
@@ -60,6 +61,8 @@ pub struct Daemon {
     pub catalog: Arc<Catalog>,
     /// What the cache limit evicted.
     pub evicted: eviction::EvictionStats,
+    /// Records what images' first starts read (startup prefetch lists).
+    pub recorder: Arc<crate::prefetch::Recorder>,
     mounts: Mutex<Vec<MountRecord>>,
     /// The fanotify group's keeper should this process die (None: cachefiles, or released).
     guard: Mutex<Option<guard::Guard>>,
@@ -97,7 +100,8 @@ impl Daemon {
             }
         }
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let (frontend, adopted) = bring_up(kind, &config, &catalog, &engine, takeover).await?;
+        let recorder = Arc::new(crate::prefetch::Recorder::default());
+        let (frontend, adopted) = bring_up(kind, &config, &catalog, &engine, &recorder, takeover).await?;
         let g = guard::Guard::spawn(
             kind,
             &frontend.kernel_fds(),
@@ -114,6 +118,7 @@ impl Daemon {
             engine,
             catalog,
             evicted: Default::default(),
+            recorder,
             mounts: Mutex::new(Vec::new()),
             guard: Mutex::new(guard),
             stop,
@@ -215,6 +220,7 @@ async fn bring_up(
     config: &Config,
     catalog: &Arc<Catalog>,
     engine: &Arc<Engine>,
+    recorder: &Arc<crate::prefetch::Recorder>,
     takeover: Takeover,
 ) -> Result<(ActiveFrontend, bool)> {
     let admission = Admission::new(config.engine.max_reads_in_flight);
@@ -227,6 +233,7 @@ async fn bring_up(
                 engine: Arc::clone(engine),
                 admission,
                 read_ahead_max: config.engine.read_ahead_max,
+                recorder: Arc::clone(recorder),
             };
             let c = match handover {
                 Some(h) => Cachefiles::adopt(h, how).context("taking over the cachefiles cache")?,
@@ -251,6 +258,7 @@ async fn bring_up(
                 fill_after: config.engine.fill_after_idle,
                 pin_metadata: config.engine.pin_metadata,
                 groups: config.engine.fanotify_groups,
+                recorder: Arc::clone(recorder),
             };
             let f = FanotifyFrontend::new(
                 &config.daemon.cache_dir,

@@ -112,6 +112,7 @@ impl Daemon {
         self.persist_mounts().await;
         // an image whose blobs are all complete already (mounted before) raises no completion
         self.settle_read_ahead().await;
+        self.start_prefetch(&image).await;
         tracing::info!(reference, target = %info.target.display(), fsid = %info.fsid, "mounted");
         Ok(info)
     }
@@ -124,7 +125,14 @@ impl Daemon {
         }
         let t = target.clone();
         tokio::task::spawn_blocking(move || mount::unmount(&t, lazy)).await??;
+        let fsid = self.mounts().into_iter().find(|m| m.target == target).map(|m| m.fsid);
         self.forget_mount(&target);
+        if let Some(image) = fsid
+            .filter(|f| !self.mounts().iter().any(|m| &m.fsid == f))
+            .and_then(|f| self.catalog.get(&f))
+        {
+            self.end_recording(&image);
+        }
         self.persist_mounts().await;
         self.unpin_unused();
         self.evict().await;

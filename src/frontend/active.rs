@@ -75,6 +75,18 @@ impl ActiveFrontend {
         joined.map_err(std::io::Error::other)?
     }
 
+    /// Fetch an image's startup prefetch list (checked against it) beside its readers; false
+    /// if this frontend cannot (cachefiles: not yet).
+    pub fn replay(&self, reference: &str, plan: crate::prefetch::Plan) -> bool {
+        match self {
+            ActiveFrontend::Cachefiles(_) => false,
+            ActiveFrontend::Fanotify(f) => {
+                f.replay(reference, plan);
+                true
+            }
+        }
+    }
+
     /// Serve a mount a previous daemon left, if this frontend can (a fanotify group handed
     /// over with its marks); false: it has no listener here.
     pub fn resume(&self, image: &Image) -> bool {

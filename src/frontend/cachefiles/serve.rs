@@ -89,6 +89,8 @@ pub struct Serving {
     pub admission: Admission,
     /// Largest read-ahead window in bytes (None: no read-ahead).
     pub read_ahead_max: Option<NonZeroU64>,
+    /// Where READs are reported while an image's startup is recorded.
+    pub recorder: Arc<crate::prefetch::Recorder>,
 }
 
 /// The bound cachefiles frontend.
@@ -101,6 +103,7 @@ pub struct Cachefiles {
     pub(super) objects: Mutex<HashMap<u32, Arc<Object>>>,
     /// Slots of READs being served.
     admission: Admission,
+    recorder: Arc<crate::prefetch::Recorder>,
     /// The socket to this daemon's guard: each object's fd is kept there while it is open.
     pub(super) keeper: Mutex<Option<std::os::unix::net::UnixStream>>,
     /// Counters for `status`.
@@ -142,6 +145,7 @@ impl Cachefiles {
             engine,
             admission,
             read_ahead_max,
+            recorder,
         } = how;
         Ok(Arc::new(Cachefiles {
             dev: dev.into_async()?,
@@ -150,6 +154,7 @@ impl Cachefiles {
             read_ahead_max,
             objects: Mutex::new(HashMap::new()),
             admission,
+            recorder,
             keeper: Mutex::new(None),
             stats: CachefilesStats::default(),
         }))
@@ -281,7 +286,8 @@ impl Cachefiles {
             Target::Meta(_) => None,
         };
         let (start, end) = span(offset, len, chunks);
-        if let Some((chunk, _)) = chunks {
+        if let (Some((chunk, _)), Target::Data(_, blob)) = (chunks, &obj.target) {
+            self.recorder.read(blob, offset, len);
             self.read_ahead(&obj, start / chunk, (end - 1) / chunk);
         }
         let filled = self.fill(&obj, start, end - start).await;

@@ -39,6 +39,7 @@ mod blob;
 mod demand;
 mod orphans;
 mod prefetch;
+mod startup;
 mod store;
 
 /// Largest part of a unit a reader waits for that is written without the blocking pool.
@@ -61,6 +62,8 @@ pub struct FanotifyStats {
     pub chunks_present: AtomicU64,
     /// Chunks fetched by the background fill of idle blobs.
     pub chunks_background: AtomicU64,
+    /// Chunks fetched by the startup prefetch of mounted images.
+    pub chunks_startup: AtomicU64,
     /// Blobs complete on disk (their events are off).
     pub blobs_complete: AtomicU64,
     /// Event buffers that did not parse.
@@ -100,6 +103,8 @@ pub struct FanotifyFrontend {
     adopted_writers: Mutex<HashMap<(u64, u64), File>>,
     /// The socket to this daemon's guard: each blob's writer is handed to it once.
     keeper: Mutex<Option<std::os::unix::net::UnixStream>>,
+    /// Told of every range a reader asks for, while an image's startup is recorded.
+    recorder: Arc<crate::prefetch::Recorder>,
     /// Counters for `status`.
     pub stats: FanotifyStats,
 }
@@ -116,6 +121,8 @@ pub struct Settings {
     /// Pre-content groups to spread cache files over (fewer if the kernel's per-user limit
     /// is reached; a handover brings its own).
     pub groups: usize,
+    /// Where readers' ranges are reported while an image's startup is recorded.
+    pub recorder: Arc<crate::prefetch::Recorder>,
 }
 
 impl FanotifyFrontend {
@@ -149,6 +156,7 @@ impl FanotifyFrontend {
             fill_after,
             pin_metadata,
             groups: _,
+            recorder,
         } = settings;
         Ok(Arc::new(FanotifyFrontend {
             groups: groups.into_iter().map(sys::into_async).collect::<io::Result<_>>()?,
@@ -165,6 +173,7 @@ impl FanotifyFrontend {
             orphans: Mutex::new(orphans),
             adopted_writers: Mutex::new(adopted_writers),
             keeper: Mutex::new(None),
+            recorder,
             stats: FanotifyStats::default(),
         }))
     }
@@ -229,6 +238,12 @@ impl FanotifyFrontend {
                 self.ensure_writer(c, &file);
             }
             let journaled = self.journal.record(ev.fd, id, ev.range);
+            if let (Some(c), Some((at, len))) = (&cached, ev.range) {
+                // the daemon's own reads (startup prefetch) are not a workload's
+                if ev.pid as u32 != std::process::id() {
+                    self.recorder.read(&c.blob, at, len);
+                }
+            }
             if ev.mask & FAN_PRE_ACCESS != 0 && self.all_verified(cached.as_ref(), ev.range) {
                 // fast path: everything asked for is already in the cache and verified
                 if let Err(e) = sys::respond(self.group(g).as_fd(), file.as_fd(), sys::FAN_ALLOW) {

@@ -43,23 +43,15 @@ impl FanotifyFrontend {
                     let Some(via) = lock(&cached.writer).clone() else {
                         break;
                     };
-                    // the next run of chunks neither verified nor on disk from an earlier run
-                    let mut run: Option<std::ops::Range<u64>> = None;
-                    while cursor < n_chunks && run.as_ref().is_none_or(|r| r.end - r.start < per_run) {
-                        match me.present(&cached, &via, cursor) {
-                            Ok(true) if run.is_none() => {}
-                            Ok(true) => break,
-                            Ok(false) => run.get_or_insert(cursor..cursor).end = cursor + 1,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "background fill: cache file unreadable");
-                                break;
-                            }
+                    let run = match me.next_missing_run(&cached, &via, cursor..n_chunks, per_run) {
+                        Ok(Some(run)) => run,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "background fill: cache file unreadable");
+                            break;
                         }
-                        cursor += 1;
-                    }
-                    let Some(run) = run else {
-                        break;
                     };
+                    cursor = run.end;
                     let (s, e) = (run.start * unit, (run.end * unit).min(cached.blob.source.size));
                     let fetched = me.fetch_and_store(&cached, s, e, via, None).await;
                     drop(slot); // not held while backing off: other blobs may fill meanwhile
@@ -84,5 +76,28 @@ impl FanotifyFrontend {
             }
             .instrument(span),
         );
+    }
+
+    /// The first run of at most `per_run` chunks in `within` that are neither verified nor on
+    /// disk from an earlier run (`via`: the blob's writer, which raises no events).
+    pub(super) fn next_missing_run(
+        &self,
+        cached: &CachedBlob,
+        via: &std::fs::File,
+        within: std::ops::Range<u64>,
+        per_run: u64,
+    ) -> std::io::Result<Option<std::ops::Range<u64>>> {
+        let mut run: Option<std::ops::Range<u64>> = None;
+        for c in within {
+            if run.as_ref().is_some_and(|r| r.end - r.start >= per_run) {
+                break;
+            }
+            match (self.present(cached, via, c)?, &mut run) {
+                (true, None) => {}
+                (true, Some(_)) => break,
+                (false, r) => r.get_or_insert(c..c).end = c + 1,
+            }
+        }
+        Ok(run)
     }
 }

@@ -1,0 +1,166 @@
+//! Startup prefetch on this machine's kernel (fanotify), counted at the registry
+//! (registry-mock's byte counters):
+//! - an image's first start on a node is recorded: unmounting it keeps a list (root only) of
+//!   the chunks its readers read;
+//! - a second node with that list fetches exactly those chunks as soon as it mounts, before
+//!   any reader, and the same startup then fetches nothing more and reads the right bytes;
+//! - a list that does not fit the image is refused (nothing fetched for it), and the start
+//!   is recorded anew.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::daemon::DaemonProc;
+use common::*;
+use lazyblob::image::digest::Digest;
+use lazyblob::prefetch::PrefetchList;
+use registry_mock::{MockConfig, MockRegistry};
+
+const MIB: usize = 1 << 20;
+
+fn read_at(path: &Path, off: usize, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(off as u64)).unwrap();
+    let mut buf = vec![0; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// The data bytes fetched so far, once the registry has been quiet for 300 ms.
+async fn settled(mock: &MockRegistry, data: &[String]) -> u64 {
+    let count = || {
+        let c = mock.counters();
+        data.iter().map(|d| c.blob_bytes(d)).sum::<u64>()
+    };
+    let mut before = count();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = count();
+        if now == before {
+            return now;
+        }
+        before = now;
+    }
+}
+
+fn kept_lists(d: &DaemonProc) -> Vec<PathBuf> {
+    std::fs::read_dir(d.dir.join("state/prefetch"))
+        .map(|r| r.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_startup_is_fetched_first_on_the_next_node() {
+    require_root();
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    files.insert("a-big.bin".into(), bytes(7, 40 * MIB));
+    for i in 0..10 {
+        files.insert(format!("lib/mod{i:02}.so"), bytes(50 + i, 150_000));
+    }
+    let img = build_files(&files, 2);
+    let data: Vec<String> = img.data.iter().map(|b| Digest::of(b).to_string()).collect();
+    push_image(&reg, &host, "startup/app:v1", &img).await;
+    let reference = format!("{host}/startup/app:v1");
+    // the startup: half the libraries and 3 MiB in the middle of the large file
+    let big = &files["a-big.bin"];
+    let startup = |mnt: &Path| {
+        for i in (0..10).step_by(2) {
+            let p = format!("lib/mod{i:02}.so");
+            assert!(std::fs::read(mnt.join(&p)).unwrap() == files[&p], "{p}");
+        }
+        for off in (17 * MIB..20 * MIB).step_by(MIB) {
+            assert!(read_at(&mnt.join("a-big.bin"), off, MIB) == big[off..off + MIB]);
+        }
+    };
+    let work = tempfile::tempdir().unwrap();
+    // background fill off: every byte fetched is a reader's or the prefetch's doing
+    let cfg = "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\n[prefetch]\nrecord_window_ms = 60000";
+
+    // node 1: the first start is recorded; the unmount ends the window and keeps the list
+    let one = DaemonProc::start(&work.path().join("one"), &[&host], cfg);
+    let mnt1 = work.path().join("one/mnt");
+    one.mount(&reference, &mnt1);
+    startup(&mnt1);
+    let first = settled(&mock, &data).await;
+    one.umount(&mnt1);
+    let lists = kept_lists(&one);
+    assert_eq!(lists.len(), 1, "one list kept: {lists:?}\n{}", one.log());
+    let mode = std::fs::metadata(&lists[0]).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the list is root's only: {mode:o}");
+    let list = PrefetchList::from_slice(&std::fs::read(&lists[0]).unwrap()).unwrap();
+    let listed: u64 = list
+        .blobs
+        .iter()
+        .flat_map(|b| b.runs.iter().map(|r| (r[1] - r[0]) * b.chunk_size))
+        .sum();
+    println!(
+        "first start fetched {first} bytes; the list names {listed} bytes in {} blobs",
+        list.blobs.len()
+    );
+    assert!(listed >= 3 * MIB as u64, "the list misses what was read: {list:?}");
+    assert!(listed <= first, "the list names more than the first start fetched");
+
+    // node 2 (its own state and cache), with the list: it is fetched right after the mount,
+    // before any reader, and the startup then fetches nothing
+    let two_dir = work.path().join("two");
+    std::fs::create_dir_all(two_dir.join("state/prefetch")).unwrap();
+    std::fs::copy(
+        &lists[0],
+        two_dir.join("state/prefetch").join(lists[0].file_name().unwrap()),
+    )
+    .unwrap();
+    let before = settled(&mock, &data).await;
+    let two = DaemonProc::start(&two_dir, &[&host], cfg);
+    let mnt2 = two_dir.join("mnt");
+    two.mount(&reference, &mnt2);
+    let prefetched = settled(&mock, &data).await - before;
+    println!("node 2 prefetched {prefetched} bytes before any read");
+    assert!(
+        prefetched >= listed.min(first) / 2 && prefetched <= listed,
+        "prefetched {prefetched} of {listed} listed bytes\n{}",
+        two.log()
+    );
+    drop_page_cache();
+    startup(&mnt2);
+    let during = settled(&mock, &data).await - before - prefetched;
+    assert_eq!(during, 0, "the startup fetched {during} bytes after the prefetch");
+    assert!(two.log().contains("startup prefetch done"), "{}", two.log());
+    assert!(
+        !two.log().contains("recording the image's startup"),
+        "a node with a list records none"
+    );
+    two.umount(&mnt2);
+
+    // node 3 with a list that names chunks past the blob's end: refused, nothing prefetched
+    let mut bad = list.clone();
+    bad.blobs[0].runs = vec![[0, 1], [1 << 40, (1 << 40) + 1]];
+    let three_dir = work.path().join("three");
+    std::fs::create_dir_all(three_dir.join("state/prefetch")).unwrap();
+    std::fs::write(
+        three_dir.join("state/prefetch").join(lists[0].file_name().unwrap()),
+        bad.to_vec(),
+    )
+    .unwrap();
+    let before = settled(&mock, &data).await;
+    let three = DaemonProc::start(&three_dir, &[&host], cfg);
+    let mnt3 = three_dir.join("mnt");
+    three.mount(&reference, &mnt3);
+    assert_eq!(settled(&mock, &data).await, before, "a refused list fetched data");
+    assert!(three.log().contains("prefetch list ignored"), "{}", three.log());
+    startup(&mnt3);
+    three.umount(&mnt3);
+    // ... and recorded anew: the kept list is a good one again
+    let again = PrefetchList::from_slice(&std::fs::read(&kept_lists(&three)[0]).unwrap()).unwrap();
+    assert!(
+        again.blobs.iter().all(|b| b.runs.iter().all(|r| r[1] < 1 << 20)),
+        "{again:?}"
+    );
+}
