@@ -145,6 +145,11 @@ impl Daemon {
     /// stays mounted and listed, and the guard keeps the kernel fd: it holds the readers
     /// (never a hole's zeros) until the next daemon takes it over.
     pub async fn shutdown(&self) {
+        for m in self.mounts() {
+            if let Some(image) = self.catalog.get(&m.fsid) {
+                self.end_recording(&image);
+            }
+        }
         let busy = self.unmount_all_unused().await;
         let keep_guard = !busy.is_empty();
         *lock(&self.mounts) = busy;
