@@ -199,3 +199,40 @@ fn peak_rss_kib() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// `lazyblob prefetch push`: push an image's startup prefetch list (`list`, or the one the
+/// daemon configured by `config` kept for it) to its registry, as an artifact referring to it.
+pub async fn prefetch_push(image: &str, list: Option<&Path>, config: Option<&Path>) -> Result<String> {
+    use crate::prefetch::{registry as lists, store, PrefetchList};
+    let cfg = Config::load_or_default(config)?;
+    let reg = Registry::new(&cfg.registry, cfg.engine.max_concurrent_fetches)?;
+    let reference = parse_reference(image)?;
+    let resolved = reg
+        .resolve(&reference)
+        .await
+        .with_context(|| format!("resolving {image}"))?;
+    let list = match list {
+        Some(path) => {
+            let body = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            PrefetchList::from_slice(&body).with_context(|| path.display().to_string())?
+        }
+        None => store::load(&cfg.daemon.state_dir, &resolved.digest)?.with_context(|| {
+            format!(
+                "no prefetch list kept for {image} ({}) under {}: mount it once with the daemon, or pass --list",
+                resolved.digest,
+                cfg.daemon.state_dir.display()
+            )
+        })?,
+    };
+    anyhow::ensure!(
+        list.image == resolved.digest,
+        "the list was recorded for image {}, not {image} ({})",
+        list.image,
+        resolved.digest
+    );
+    let runs: usize = list.blobs.iter().map(|b| b.runs.len()).sum();
+    let pushed = lists::push(&reg, &reference, &list).await?;
+    Ok(format!(
+        "pushed the prefetch list of {image} ({runs} runs) as {pushed}\n"
+    ))
+}

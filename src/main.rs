@@ -171,11 +171,32 @@ enum Cmd {
         #[command(subcommand)]
         action: ContainerdAction,
     },
+    /// Startup prefetch lists (what an image's first start read).
+    Prefetch {
+        #[command(subcommand)]
+        action: PrefetchAction,
+    },
     /// Register an image with the running daemon; prints its fsid.
     Register {
         reference: String,
         #[command(flatten)]
         socket: Socket,
+    },
+}
+
+/// `lazyblob prefetch` verbs.
+#[derive(Subcommand)]
+enum PrefetchAction {
+    /// Push IMAGE's list to its registry, as an artifact referring to the image (listed in its
+    /// `sha256-<hex>` referrers tag), for every node that mounts it.
+    Push {
+        image: String,
+        /// The list to push (default: the one the daemon kept for IMAGE under its state_dir).
+        #[arg(long)]
+        list: Option<PathBuf>,
+        /// Configuration (registry credentials, insecure hosts, state_dir).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -237,7 +258,7 @@ fn main() -> Result<()> {
     init_logging(level, cli.log_json);
     if matches!(
         cli.cmd,
-        Cmd::Daemon { .. } | Cmd::Demo | Cmd::Mkfs { push: Some(_), .. } | Cmd::Convert { .. }
+        Cmd::Daemon { .. } | Cmd::Demo | Cmd::Mkfs { push: Some(_), .. } | Cmd::Convert { .. } | Cmd::Prefetch { .. }
     ) {
         // Before any thread exists: registry clients need a CA store to be built at all.
         match lazyblob::registry::roots::ensure_ca_store(&std::env::temp_dir()) {
@@ -361,6 +382,9 @@ async fn run(cmd: Cmd) -> Result<String> {
             )
         }
         Cmd::Register { reference, socket } => commands::register(&socket.socket, &reference).await,
+        Cmd::Prefetch {
+            action: PrefetchAction::Push { image, list, config },
+        } => commands::prefetch_push(&image, list.as_deref(), config.as_deref()).await,
         Cmd::Guard { .. } => unreachable!("handled before the runtime starts"),
     }
 }

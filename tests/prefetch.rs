@@ -5,7 +5,8 @@
 //! - a second node with that list fetches exactly those chunks as soon as it mounts, before
 //!   any reader, and the same startup then fetches nothing more and reads the right bytes;
 //! - a list that does not fit the image is refused (nothing fetched for it), and the start
-//!   is recorded anew.
+//!   is recorded anew;
+//! - through Debian's docker-registry, a pushed list reaches a node that never ran the image.
 
 mod common;
 
@@ -163,4 +164,84 @@ async fn a_recorded_startup_is_fetched_first_on_the_next_node() {
         again.blobs.iter().all(|b| b.runs.iter().all(|r| r[1] < 1 << 20)),
         "{again:?}"
     );
+}
+
+fn startup_chunks(d: &DaemonProc) -> u64 {
+    let out = d.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["frontend_counters"]["chunks_startup"].as_u64().unwrap_or(0)
+}
+
+/// Through Debian's docker-registry (no referrers API): `lazyblob prefetch push` puts the
+/// list beside the image, listed in its referrers tag; a node that never ran the image
+/// finds it on mount, fetches it first and keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_list_reaches_a_new_node_through_docker_registry() {
+    require_root();
+    let dr = DockerRegistry::start(None);
+    let host = dr.host.clone();
+    let reg = client(&insecure_config(&[&host]));
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    files.insert("a-big.bin".into(), bytes(9, 24 * MIB));
+    for i in 0..6 {
+        files.insert(format!("bin/tool{i}"), bytes(70 + i, 300_000));
+    }
+    let img = build_files(&files, 1);
+    let image_digest = push_image(&reg, &host, "pushed/app:v1", &img).await;
+    let reference = format!("{host}/pushed/app:v1");
+    let startup = |mnt: &Path| {
+        for i in 0..3 {
+            let p = format!("bin/tool{i}");
+            assert!(std::fs::read(mnt.join(&p)).unwrap() == files[&p], "{p}");
+        }
+        let big = &files["a-big.bin"];
+        assert!(read_at(&mnt.join("a-big.bin"), 9 * MIB, 2 * MIB) == big[9 * MIB..11 * MIB]);
+    };
+    let work = tempfile::tempdir().unwrap();
+    let cfg = "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\n[prefetch]\nrecord_window_ms = 60000";
+    let one = DaemonProc::start(&work.path().join("one"), &[&host], cfg);
+    let mnt1 = work.path().join("one/mnt");
+    one.mount(&reference, &mnt1);
+    startup(&mnt1);
+    one.umount(&mnt1);
+    let kept = std::fs::read(&kept_lists(&one)[0]).unwrap();
+
+    // pushed twice: the referrers tag lists the artifact once
+    for _ in 0..2 {
+        let out = std::process::Command::new(common::daemon::binary())
+            .args(["prefetch", "push", &reference, "--config"])
+            .arg(&one.config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("pushed the prefetch list"));
+    }
+    let hex = image_digest.trim_start_matches("sha256:");
+    let tag = lazyblob::registry::parse_reference(&format!("{host}/pushed/app:sha256-{hex}")).unwrap();
+    let (index, _) = reg.fetch_manifest_raw(&tag).await.unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    let entries = index["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{index}");
+    assert_eq!(entries[0]["artifactType"], lazyblob::prefetch::list::MEDIA_TYPE);
+
+    // a new node: the list comes from the registry, is fetched at once and kept
+    let four = DaemonProc::start(&work.path().join("four"), &[&host], cfg);
+    let mnt4 = work.path().join("four/mnt");
+    four.mount(&reference, &mnt4);
+    let t0 = std::time::Instant::now();
+    while !four.log().contains("startup prefetch done") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no prefetch:\n{}", four.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(startup_chunks(&four) >= 2, "{}", four.log());
+    assert_eq!(
+        std::fs::read(&kept_lists(&four)[0]).unwrap(),
+        kept,
+        "the registry's list is kept"
+    );
+    drop_page_cache();
+    startup(&mnt4);
+    four.umount(&mnt4);
+    // the recording the mount started ended unkept: the kept list is still the registry's
+    assert_eq!(std::fs::read(&kept_lists(&four)[0]).unwrap(), kept);
 }

@@ -162,7 +162,10 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     dp.mount(&dst, &mnt_p);
     for (p, off, len) in &startup {
         let got = read_range(&mnt_p.join(p), *off, *len);
-        assert!(got[..] == all[p][*off as usize..*off as usize + len], "{p}: wrong bytes");
+        assert!(
+            got[..] == all[p][*off as usize..*off as usize + len],
+            "{p}: wrong bytes"
+        );
     }
     let prefetch_cold = t.elapsed().as_secs_f64();
     let st = dp.status().await;
@@ -227,7 +230,10 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     ));
     r.rows.push((
         "bytes fetched: cold start with the list".into(),
-        format!("{:.1} MB ({prefetch_chunks} chunks by the prefetch)", prefetch_fetched as f64 / 1e6),
+        format!(
+            "{:.1} MB ({prefetch_chunks} chunks by the prefetch)",
+            prefetch_fetched as f64 / 1e6
+        ),
         format!("startup set {:.1} MB", startup_bytes as f64 / 1e6),
         format!("{:.2}x the set", prefetch_fetched as f64 / startup_bytes as f64),
     ));

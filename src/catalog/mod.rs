@@ -104,6 +104,11 @@ impl Catalog {
         }
     }
 
+    /// The registry client images are fetched with.
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.registry)
+    }
+
     fn state_file(&self) -> PathBuf {
         self.state_dir.join("state.json")
     }

@@ -1,7 +1,9 @@
-//! The startup prefetch of mounts: a mounted image whose prefetch list is known (kept on this
-//! node) has it fetched first, beside its readers; an image without one has its startup
-//! recorded for `prefetch.record_window`, and the list is kept when the window closes or the
-//! image is unmounted.
+//! The startup prefetch of mounts: a mounted image whose prefetch list is known has it
+//! fetched first, beside its readers. The list is this node's (kept under the state
+//! directory) or, failing that, the one pushed to the image's registry, looked up on its own
+//! task while the mount proceeds. An image without a list has its startup recorded for
+//! `prefetch.record_window`; the list is kept when the window closes or the image is
+//! unmounted (a list found in the registry meanwhile ends the recording unkept).
 
 #![forbid(unsafe_code)]
 
@@ -10,7 +12,8 @@ use std::sync::Arc;
 
 use super::Daemon;
 use crate::catalog::Image;
-use crate::prefetch::{store, PrefetchList, Recorder};
+use crate::frontend::active::ActiveFrontend;
+use crate::prefetch::{registry, store, PrefetchList, Recorder};
 
 impl Daemon {
     /// After `image` was mounted: fetch its list first, or record its startup.
@@ -19,38 +22,58 @@ impl Daemon {
         if self.recorder.is_recording(&image.manifest_digest) {
             return; // mounted again while its first start is recorded
         }
-        let list = match cfg.replay {
-            true => self.find_list(image).await,
-            false => None,
+        let kept = match store::load(&self.config.daemon.state_dir, &image.manifest_digest) {
+            Ok(kept) => kept.filter(|_| cfg.replay),
+            Err(e) => {
+                tracing::warn!(reference = %image.reference, error = %e, "kept prefetch list unreadable");
+                None
+            }
         };
         // a list that does not fit the image is recorded anew (and replaced)
-        let plan = list.map(|l| l.plan(image)).and_then(|p| {
-            p.inspect_err(|e| tracing::warn!(reference = %image.reference, error = %e, "prefetch list ignored"))
-                .ok()
-        });
-        match plan {
-            Some(plan) => {
-                let bytes = PrefetchList::bytes(&plan);
-                if self.frontend.replay(&image.reference, plan) {
-                    tracing::info!(reference = %image.reference, bytes, "startup prefetch started");
-                }
+        if let Some(list) = kept {
+            if replay(&self.frontend, image, &list) {
+                return;
             }
-            None => {
-                let Some(window) = cfg.record_window else {
-                    return;
+        }
+        if let Some(window) = cfg.record_window {
+            self.recorder.start(Arc::clone(image));
+            tracing::info!(reference = %image.reference, window_ms = window.as_millis() as u64, "recording the image's startup");
+            let (recorder, state_dir, image) = (
+                Arc::clone(&self.recorder),
+                self.config.daemon.state_dir.clone(),
+                Arc::clone(image),
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(window).await;
+                keep(&recorder, &state_dir, &image);
+            });
+        }
+        if cfg.replay && cfg.from_registry {
+            let (reg, frontend, recorder, state_dir, image) = (
+                self.catalog.registry(),
+                self.frontend.clone(),
+                Arc::clone(&self.recorder),
+                self.config.daemon.state_dir.clone(),
+                Arc::clone(image),
+            );
+            tokio::spawn(async move {
+                let repo = match crate::registry::parse_reference(&image.pinned) {
+                    Ok(r) => r,
+                    Err(e) => return tracing::warn!(error = %e, "no prefetch list lookup"),
                 };
-                self.recorder.start(Arc::clone(image));
-                tracing::info!(reference = %image.reference, window_ms = window.as_millis() as u64, "recording the image's startup");
-                let (recorder, state_dir, image) = (
-                    Arc::clone(&self.recorder),
-                    self.config.daemon.state_dir.clone(),
-                    Arc::clone(image),
-                );
-                tokio::spawn(async move {
-                    tokio::time::sleep(window).await;
-                    keep(&recorder, &state_dir, &image);
-                });
-            }
+                match registry::pull(&reg, &repo, &image.manifest_digest).await {
+                    Ok(Some(list)) if replay(&frontend, &image, &list) => {
+                        let _ = recorder.finish(&image.manifest_digest);
+                        if let Err(e) = store::save(&state_dir, &list) {
+                            tracing::warn!(error = %e, "could not keep the registry's prefetch list");
+                        }
+                    }
+                    Ok(_) => tracing::debug!(reference = %image.reference, "no usable prefetch list in the registry"),
+                    Err(e) => {
+                        tracing::warn!(reference = %image.reference, error = %e, "prefetch list lookup in the registry failed")
+                    }
+                }
+            });
         }
     }
 
@@ -58,15 +81,23 @@ impl Daemon {
     pub(super) fn end_recording(&self, image: &Image) {
         keep(&self.recorder, &self.config.daemon.state_dir, image);
     }
+}
 
-    /// The image's list: kept on this node.
-    async fn find_list(&self, image: &Image) -> Option<PrefetchList> {
-        match store::load(&self.config.daemon.state_dir, &image.manifest_digest) {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!(reference = %image.reference, error = %e, "kept prefetch list unreadable");
-                None
+/// Check `list` against `image` and have the frontend fetch it; false if it does not fit
+/// (or the frontend cannot prefetch).
+fn replay(frontend: &ActiveFrontend, image: &Image, list: &PrefetchList) -> bool {
+    match list.plan(image) {
+        Ok(plan) => {
+            let bytes = PrefetchList::bytes(&plan);
+            let started = frontend.replay(&image.reference, plan);
+            if started {
+                tracing::info!(reference = %image.reference, bytes, "startup prefetch started");
             }
+            started
+        }
+        Err(e) => {
+            tracing::warn!(reference = %image.reference, error = %e, "prefetch list ignored");
+            false
         }
     }
 }

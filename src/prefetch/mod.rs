@@ -8,6 +8,7 @@
 
 pub mod list;
 pub mod record;
+pub mod registry;
 pub mod store;
 
 pub use list::{Plan, PrefetchList};
