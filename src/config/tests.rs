@@ -26,7 +26,10 @@ fn values_are_typed_as_read() {
     assert_eq!(c.registry.platform.unwrap().to_string(), "linux/arm64/v8");
     assert!(toml::from_str::<Config>("[registry]\nplatform = 'linux'").is_err());
     let c: Config = toml::from_str("[prefetch]\nrecord_window_ms = 0\nfrom_registry = false").unwrap();
-    assert_eq!((c.prefetch.record_window, c.prefetch.replay, c.prefetch.from_registry), (None, true, false));
+    assert_eq!(
+        (c.prefetch.record_window, c.prefetch.replay, c.prefetch.from_registry),
+        (None, true, false)
+    );
     assert_eq!(Config::default().prefetch.record_window, Some(Duration::from_secs(30)));
     let c: Config = toml::from_str("[[registry.hosts]]\nhost='a'\ninsecure=true\nca_file='/ca.pem'").unwrap();
     assert!(c.validate().is_err(), "plain HTTP with a CA file");
