@@ -1,6 +1,6 @@
 //! Startup prefetch (fanotify): an image's prefetch list is fetched as soon as it is mounted,
-//! blob by blob in list order, each run of chunks not yet cached in merged requests of up to
-//! `merge_max`, one request at a time per image, beside the readers (whose own fetches never
+//! up to 4 blobs side by side, each run of chunks not yet cached in merged requests of up to
+//! `merge_max`, one request at a time per blob, beside the readers (whose own fetches never
 //! wait for it; a chunk both want is fetched once, by the engine's single flight).
 //!
 //! A cache file is written only through a non-notifying event fd. A blob no reader has
@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::StreamExt;
 use tracing::Instrument;
 
 use super::blob::CachedBlob;
@@ -19,6 +20,10 @@ use super::FanotifyFrontend;
 use crate::engine::DataBlob;
 use crate::lock::lock;
 use crate::prefetch::Plan;
+
+/// Blobs of one image prefetched at once (half of `max_concurrent_fetches`' default 8: the
+/// readers keep the rest).
+const BLOBS_AT_ONCE: usize = 4;
 
 impl FanotifyFrontend {
     /// Fetch `plan` (an image's prefetch list, checked against it) on its own task.
@@ -29,11 +34,20 @@ impl FanotifyFrontend {
             async move {
                 let t0 = Instant::now();
                 let before = me.stats.chunks_startup.load(Relaxed);
-                for (blob, runs) in plan {
-                    if let Err(e) = me.replay_blob(&blob, &runs).await {
-                        tracing::warn!(blob = %blob.source.digest, error = %e, "startup prefetch of a blob stopped; readers fetch on demand");
+                // the blobs side by side (a startup reads across layers), each one request at
+                // a time: at most BLOBS_AT_ONCE of the registry's connections
+                let blobs = plan.into_iter().map(|(blob, runs)| {
+                    let me = Arc::clone(&me);
+                    async move {
+                        if let Err(e) = me.replay_blob(&blob, &runs).await {
+                            tracing::warn!(blob = %blob.source.digest, error = %e, "startup prefetch of a blob stopped; readers fetch on demand");
+                        }
                     }
-                }
+                });
+                futures::stream::iter(blobs)
+                    .buffer_unordered(BLOBS_AT_ONCE)
+                    .collect::<Vec<()>>()
+                    .await;
                 let chunks = me.stats.chunks_startup.load(Relaxed) - before;
                 tracing::info!(chunks, ms = t0.elapsed().as_millis() as u64, "startup prefetch done");
             }
