@@ -64,6 +64,21 @@ async fn cachefiles_frontend_in_vm() {
     push_image(&reg, &host, "test/seq:v1", &seq).await;
     let seq_blob = sha256_digest(&seq.data[0]);
 
+    // pre: one 8 MiB file whose startup prefetch list (every chunk) the guest's node has
+    let pre_file = bytes(91, 8 << 20);
+    let pre = one_file_per_blob(std::slice::from_ref(&pre_file));
+    let pre_digest = push_image(&reg, &host, "test/pre:v1", &pre).await;
+    let pre_blob = sha256_digest(&pre.data[0]);
+    let pre_list = lazyblob::prefetch::PrefetchList {
+        version: 1,
+        image: lazyblob::image::digest::Digest::parse(&pre_digest).unwrap(),
+        blobs: vec![lazyblob::prefetch::list::BlobRuns {
+            digest: lazyblob::image::digest::Digest::parse(&pre_blob).unwrap(),
+            chunk_size: 1 << 20,
+            runs: vec![[0, (pre.data[0].len() as u64).div_ceil(1 << 20)]],
+        }],
+    };
+
     // conc: 64 readers of one cold chunk
     let big = bytes(77, 4 << 20);
     let conc = one_file_per_blob(std::slice::from_ref(&big));
@@ -162,6 +177,7 @@ async fn cachefiles_frontend_in_vm() {
     std::fs::write(p.join("pages.sha256"), page_sums.join("\n") + "\n").unwrap();
     std::fs::write(p.join("conv.expected"), &reference_listing).unwrap();
     std::fs::write(p.join("list-tree.sh"), LIST_TREE_SH).unwrap();
+    std::fs::write(p.join("pre.json"), pre_list.to_vec()).unwrap();
     let script = format!(
         r#"#!/bin/sh
 R=10.0.2.2:{port}
@@ -199,6 +215,18 @@ r0=$(counter reads); a0=$(counter units_ahead)
 s=$(sha256sum /mnt/seq/b1.bin | cut -d' ' -f1); r1=$(counter reads); a1=$(counter units_ahead)
 [ "$s" = "{seq_sum}" ] && [ $((a1 - a0)) -ge 4 ] && [ $((r1 - r0)) -lt 16 ]
 check sequential-read-ahead $? "reads=$((r1 - r0)) ahead=$((a1 - a0)) $s"
+
+# startup prefetch: a mount of an image whose list this node has fetches it at once, so its
+# reader raises no READ for data
+mkdir -p /var/lib/lazyblob/prefetch /mnt/pre && cp /pre.json /var/lib/lazyblob/prefetch/{pre_hex}.json
+u0=$(counter units_startup)
+$LB mount --socket $SOCK $R/test/pre:v1 /mnt/pre >/tmp/m 2>&1; check mount-pre $? "$(cat /tmp/m)"
+i=0; while [ $(($(counter units_startup) - u0)) -lt 8 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+ls -l /mnt/pre/b1.bin >/dev/null; r0=$(counter reads)
+s=$(sha256sum /mnt/pre/b1.bin | cut -d' ' -f1); r1=$(counter reads); u1=$(counter units_startup)
+[ "$s" = "{pre_sum}" ] && [ $((u1 - u0)) -ge 8 ] && [ $((r1 - r0)) = 0 ]
+check startup-prefetch $? "units=$((u1 - u0)) reads=$((r1 - r0)) $s"
+$LB umount --socket $SOCK /mnt/pre; check umount-pre $?
 
 $LB mount --socket $SOCK $R/test/full:v1 /mnt/full >/tmp/m 2>&1; check mount-full $? "$(cat /tmp/m)"
 # a sequential read of a 3 MiB file: one READ per 1 MiB chunk (plus the edges), not one per
@@ -246,6 +274,8 @@ exit 0
 "#,
         lazy_small = sha256_hex(&lazy_files["small/one.bin"]),
         seq_sum = sha256_hex(&seq_file),
+        pre_sum = sha256_hex(&pre_file),
+        pre_hex = pre_digest.trim_start_matches("sha256:"),
         full_large0 = sha256_hex(&full_files["big/large0.bin"]),
         full_count = full_files.len(),
         f1 = sha256_hex(&f1),
@@ -268,6 +298,9 @@ exit 0
             "lazy-read",
             "mount-seq",
             "sequential-read-ahead",
+            "mount-pre",
+            "startup-prefetch",
+            "umount-pre",
             "mount-full",
             "sequential-one-read-per-chunk",
             "full-tree",
@@ -314,6 +347,17 @@ exit 0
         c.blob_requests(&seq_blob) <= 12,
         "{} requests for 16 chunks",
         c.blob_requests(&seq_blob)
+    );
+    // The startup prefetch fetched its blob once, in at most 2 requests (32 MiB runs).
+    assert_eq!(
+        c.blob_bytes(&pre_blob),
+        pre.data[0].len() as u64,
+        "prefetch fetched twice"
+    );
+    assert!(
+        c.blob_requests(&pre_blob) <= 2,
+        "{} requests",
+        c.blob_requests(&pre_blob)
     );
     // Single flight: the chunk [2 MiB, 3 MiB) of the concurrent-readers blob fetched once.
     assert_eq!(

@@ -73,7 +73,7 @@ pub struct PrefetchConfig {
     #[serde(rename = "record_window_ms", deserialize_with = "units::millis_or_off")]
     pub record_window: Option<Duration>,
     /// On mount, fetch the image's prefetch list first (kept on this node, else pushed to its
-    /// registry as an artifact referring to it), while the workload reads (fanotify frontend).
+    /// registry as an artifact referring to it), while the workload reads.
     pub replay: bool,
     /// Look for a list in the image's registry (its `sha256-<hex>` referrers tag, written by
     /// `lazyblob prefetch push`) when this node has none, while the mount proceeds.

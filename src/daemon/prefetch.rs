@@ -83,17 +83,14 @@ impl Daemon {
     }
 }
 
-/// Check `list` against `image` and have the frontend fetch it; false if it does not fit
-/// (or the frontend cannot prefetch).
+/// Check `list` against `image` and have the frontend fetch it; false if it does not fit.
 fn replay(frontend: &ActiveFrontend, image: &Image, list: &PrefetchList) -> bool {
     match list.plan(image) {
         Ok(plan) => {
             let bytes = PrefetchList::bytes(&plan);
-            let started = frontend.replay(&image.reference, plan);
-            if started {
-                tracing::info!(reference = %image.reference, bytes, "startup prefetch started");
-            }
-            started
+            frontend.replay(image, plan);
+            tracing::info!(reference = %image.reference, bytes, "startup prefetch started");
+            true
         }
         Err(e) => {
             tracing::warn!(reference = %image.reference, error = %e, "prefetch list ignored");

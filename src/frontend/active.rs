@@ -75,15 +75,11 @@ impl ActiveFrontend {
         joined.map_err(std::io::Error::other)?
     }
 
-    /// Fetch an image's startup prefetch list (checked against it) beside its readers; false
-    /// if this frontend cannot (cachefiles: not yet).
-    pub fn replay(&self, reference: &str, plan: crate::prefetch::Plan) -> bool {
+    /// Fetch the startup prefetch list of `image` (checked against it) beside its readers.
+    pub fn replay(&self, image: &Image, plan: crate::prefetch::Plan) {
         match self {
-            ActiveFrontend::Cachefiles(_) => false,
-            ActiveFrontend::Fanotify(f) => {
-                f.replay(reference, plan);
-                true
-            }
+            ActiveFrontend::Cachefiles(c) => c.replay(&image.manifest_digest, &image.reference, plan),
+            ActiveFrontend::Fanotify(f) => f.replay(&image.reference, plan),
         }
     }
 

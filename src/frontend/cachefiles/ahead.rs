@@ -8,15 +8,21 @@
 #![forbid(unsafe_code)]
 
 use std::io;
-use std::sync::atomic::Ordering::Relaxed;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::Instrument;
 
 use super::device::{AlignedBuf, DIO_ALIGN};
-use super::serve::{Cachefiles, Object};
+use super::serve::{Cachefiles, CachefilesStats, Object};
 use crate::catalog::Target;
 use crate::engine::chunks::consecutive;
 use crate::engine::{DataBlob, Pending};
+use crate::image::digest::Digest;
 use crate::lock::lock;
+use crate::prefetch::Plan;
 
 impl Cachefiles {
     /// A READ of table chunks `first..=last` of `obj`: a sequential reader's next window is
@@ -42,7 +48,7 @@ impl Cachefiles {
                     let ends: Vec<u64> = pending.iter().skip(1).map(|p| p.offset).chain([e]).collect();
                     for (p, end) in pending.into_iter().zip(ends) {
                         let (me, obj) = (Arc::clone(self), Arc::clone(obj));
-                        tokio::spawn(async move { me.write_ahead(&obj, p, end).await });
+                        tokio::spawn(async move { me.write_ahead(&obj, p, end, |s| &s.units_ahead).await });
                     }
                 }
                 Err(e) => {
@@ -59,7 +65,13 @@ impl Cachefiles {
     /// Wait for one fetched unit (`[p.offset, end)`) and write it into the cache file (padded
     /// with zeros to the direct-I/O alignment at the blob's end, as a READ of the last chunk
     /// is); its chunks are no longer being written, whatever the outcome.
-    async fn write_ahead(self: &Arc<Self>, obj: &Arc<Object>, p: Pending, end: u64) {
+    async fn write_ahead(
+        self: &Arc<Self>,
+        obj: &Arc<Object>,
+        p: Pending,
+        end: u64,
+        counter: fn(&CachefilesStats) -> &AtomicU64,
+    ) -> bool {
         let offset = p.offset;
         let written = match p.wait(&self.engine).await {
             Ok(piece) => {
@@ -85,11 +97,83 @@ impl Cachefiles {
         }
         match written {
             Ok(n) => {
-                self.stats.units_ahead.fetch_add(1, Relaxed);
+                counter(&self.stats).fetch_add(1, Relaxed);
                 self.stats.bytes_written.fetch_add(n, Relaxed);
+                true
             }
-            Err(e) => tracing::debug!(error = %e, object = %obj.name, offset, "read-ahead unit not written"),
+            Err(e) => {
+                tracing::debug!(error = %e, object = %obj.name, offset, "read-ahead unit not written");
+                false
+            }
         }
+    }
+
+    /// Fetch `plan` (the startup prefetch list of `image`, checked against it) into the cache
+    /// files of the image's objects, on its own task: blob by blob, the chunks not in the
+    /// cache file yet in merged runs of up to `merge_max`, one at a time, written through the
+    /// object's anonymous fd as they arrive (the kernel then never asks for them).
+    pub fn replay(self: &Arc<Self>, image: &Digest, reference: &str, plan: Plan) {
+        let (me, image) = (Arc::clone(self), image.clone());
+        let span = tracing::info_span!("startup_prefetch", image = %reference);
+        tokio::spawn(
+            async move {
+                let (t0, before) = (Instant::now(), me.stats.units_startup.load(Relaxed));
+                for (blob, runs) in plan {
+                    let Some(obj) = me.object_of(&image, &blob) else {
+                        tracing::warn!(blob = %blob.source.digest, "startup prefetch: the kernel has no object for the blob");
+                        continue;
+                    };
+                    if !me.replay_blob(&obj, &blob, &runs).await {
+                        tracing::warn!(blob = %blob.source.digest, "startup prefetch of a blob stopped; readers fetch on demand");
+                    }
+                }
+                let units = me.stats.units_startup.load(Relaxed) - before;
+                tracing::info!(units, ms = t0.elapsed().as_millis() as u64, "startup prefetch done");
+            }
+            .instrument(span),
+        );
+    }
+
+    /// One blob of a prefetch list; false once a fetch or write failed.
+    async fn replay_blob(self: &Arc<Self>, obj: &Arc<Object>, blob: &Arc<DataBlob>, runs: &[Range<u64>]) -> bool {
+        let unit = blob.table_chunk;
+        let per_run = (self.engine.merge_max() / unit).max(1);
+        for run in runs {
+            let todo: Vec<u64> = run
+                .clone()
+                .filter(|&c| !in_cache(obj, blob, c))
+                .filter(|&c| lock(&obj.writing).insert(c))
+                .collect();
+            for sub in consecutive(&todo, per_run) {
+                let (s, e) = (sub.start * unit, (sub.end * unit).min(blob.source.size));
+                let pending = match self.engine.fetch(blob, s, e - s) {
+                    Ok(p) => p,
+                    Err(err) => {
+                        tracing::debug!(error = %err, object = %obj.name, "startup prefetch run not started");
+                        let mut writing = lock(&obj.writing);
+                        todo.iter().filter(|&&c| c >= sub.start).for_each(|c| {
+                            writing.remove(c);
+                        });
+                        return false;
+                    }
+                };
+                let ends: Vec<u64> = pending.iter().skip(1).map(|p| p.offset).chain([e]).collect();
+                for (p, end) in pending.into_iter().zip(ends) {
+                    if !self.write_ahead(obj, p, end, |s| &s.units_startup).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// The object the kernel opened for `blob` of `image` (each image has its own volume).
+    fn object_of(&self, image: &Digest, blob: &DataBlob) -> Option<Arc<Object>> {
+        lock(&self.objects)
+            .values()
+            .find(|o| matches!(&o.target, Target::Data(i, b) if &i.manifest_digest == image && b.key() == blob.key()))
+            .cloned()
     }
 }
 

@@ -42,6 +42,8 @@ pub struct CachefilesStats {
     pub bytes_written: AtomicU64,
     /// Units written ahead of sequential readers.
     pub units_ahead: AtomicU64,
+    /// Units written by the startup prefetch of mounted images.
+    pub units_startup: AtomicU64,
     /// Read latencies for the metrics endpoint.
     #[serde(skip)]
     pub read_times: crate::metrics::ReadTimes,
