@@ -79,6 +79,12 @@ async fn cachefiles_frontend_in_vm() {
         }],
     };
 
+    // fill: one 6 MiB file, filled in the background after its first 4 KiB are read
+    let fill_file = bytes(93, 6 << 20);
+    let fill = one_file_per_blob(std::slice::from_ref(&fill_file));
+    push_image(&reg, &host, "test/fill:v1", &fill).await;
+    let fill_blob = sha256_digest(&fill.data[0]);
+
     // conc: 64 readers of one cold chunk
     let big = bytes(77, 4 << 20);
     let conc = one_file_per_blob(std::slice::from_ref(&big));
@@ -166,9 +172,11 @@ async fn cachefiles_frontend_in_vm() {
     let p = payload.path();
     std::fs::write(
         p.join("cfg.toml"),
+        // background fill off: the laziness checks count what readers fetched (a daemon with
+        // the fill on, /cfg-fill.toml, starts last)
         guest_config(
             port,
-            "",
+            "[engine]\nfill_after_idle_ms = 0",
             "request_timeout_ms = 3000\nmax_attempts = 4\nbackoff_initial_ms = 100\nbackoff_max_ms = 800\ndeadline_ms = 8000",
         ),
     )
@@ -188,7 +196,7 @@ check() {{ if [ "$2" = 0 ]; then echo "CHECK $1 ok"; else echo "CHECK $1 FAIL $3
 # first read of a kept file stalls 8-12 s (cause not found; natively a start takes about 60 ms)
 # allow 60 s, and say how long it took
 start_daemon() {{
-  $LB daemon --config /cfg.toml 2>>/tmp/daemon.log &
+  $LB daemon --config ${{1:-/cfg.toml}} 2>>/tmp/daemon.log &
   DPID=$!
   i=0; while [ ! -S $SOCK ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
   echo "daemon socket after $((i / 10)) s"
@@ -269,12 +277,27 @@ $LB mount --socket $SOCK $R/test/full:v1 /mnt/full >/tmp/m 2>&1; check remount-a
 $LB status --socket $SOCK
 $LB umount --socket $SOCK /mnt/full; check umount-cli $?
 kill $DPID; wait $DPID
+# background fill: a daemon that fills an object once its readers are quiet for 200 ms; after
+# one 4 KiB read the rest of the 6 MiB blob is written, and reading it all raises no READ
+sed 's/^fill_after_idle_ms = 0$/fill_after_idle_ms = 200/' /cfg.toml >/cfg-fill.toml
+start_daemon /cfg-fill.toml; check daemon-fill-start $?
+b0=$(counter units_background)
+F=$(reg test/fill:v1) && mkdir -p /mnt/fill && mount -t erofs none -o fsid=$F /mnt/fill; check mount-fill $?
+dd if=/mnt/fill/b1.bin of=/dev/null bs=4096 count=1 2>/dev/null
+i=0; while [ $(($(counter units_background) - b0)) -lt 5 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+ls -l /mnt/fill/b1.bin >/dev/null; r0=$(counter reads)
+s=$(sha256sum /mnt/fill/b1.bin | cut -d' ' -f1); r1=$(counter reads); b1=$(counter units_background)
+[ "$s" = "{fill_sum}" ] && [ $((b1 - b0)) -ge 5 ] && [ $((r1 - r0)) = 0 ]
+check background-fill $? "units=$((b1 - b0)) reads=$((r1 - r0)) $s"
+umount /mnt/fill
+kill $DPID; wait $DPID
 echo "---- daemon log (warnings) ----"; grep -E "WARN|ERROR" /tmp/daemon.log | tail -40
 exit 0
 "#,
         lazy_small = sha256_hex(&lazy_files["small/one.bin"]),
         seq_sum = sha256_hex(&seq_file),
         pre_sum = sha256_hex(&pre_file),
+        fill_sum = sha256_hex(&fill_file),
         pre_hex = pre_digest.trim_start_matches("sha256:"),
         full_large0 = sha256_hex(&full_files["big/large0.bin"]),
         full_count = full_files.len(),
@@ -324,6 +347,9 @@ exit 0
             "remount-after-restart",
             "full-tree-after-restart",
             "umount-cli",
+            "daemon-fill-start",
+            "mount-fill",
+            "background-fill",
         ],
     );
 
@@ -347,6 +373,12 @@ exit 0
         c.blob_requests(&seq_blob) <= 12,
         "{} requests for 16 chunks",
         c.blob_requests(&seq_blob)
+    );
+    // The background fill fetched the rest of its blob, each byte once.
+    assert_eq!(
+        c.blob_bytes(&fill_blob),
+        fill.data[0].len() as u64,
+        "fill fetched twice"
     );
     // The startup prefetch fetched its blob once, in at most 2 requests (32 MiB runs).
     assert_eq!(

@@ -107,7 +107,8 @@ async fn snapshotter_over_cachefiles_in_vm() {
     let p = payload.path();
     std::fs::write(p.join("plan.json"), serde_json::to_vec(&plan).unwrap()).unwrap();
     let snapshotter = format!(
-        "[snapshotter]\nsocket = \"{}\"\nroot = \"{}\"",
+        // background fill off: the test bounds what is fetched by what is read
+        "[snapshotter]\nsocket = \"{}\"\nroot = \"{}\"\n[engine]\nfill_after_idle_ms = 0",
         plan.socket.display(),
         plan.snapshotter_root.display()
     );

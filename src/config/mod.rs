@@ -229,9 +229,10 @@ pub struct EngineConfig {
     /// larger window means fewer, larger kernel requests for sequential readers.
     #[serde(deserialize_with = "units::nonzero_u32")]
     pub read_ahead_kb: Option<NonZeroU32>,
-    /// Background fill (fanotify frontend): once a blob in use has seen no reader miss for
-    /// this long (`fill_after_idle_ms`), the rest of it is fetched, one merged run at a time,
-    /// and its events stop. 0 disables it (blobs then hold only what was read).
+    /// Background fill: once a blob in use has seen no reader miss for this long
+    /// (`fill_after_idle_ms`), the rest of it is fetched, one merged run at a time (fanotify:
+    /// and its events stop; cachefiles: the kernel never asks for it again). 0 disables it
+    /// (blobs then hold only what was read).
     #[serde(rename = "fill_after_idle_ms", deserialize_with = "units::millis_or_off")]
     pub fill_after_idle: Option<Duration>,
     /// Keep the metadata blob of each mounted image locked in memory (fanotify frontend), so

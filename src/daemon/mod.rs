@@ -239,6 +239,7 @@ async fn bring_up(
                 admission,
                 read_ahead_max: config.engine.read_ahead_max,
                 recorder: Arc::clone(recorder),
+                fill_after: config.engine.fill_after_idle,
             };
             let c = match handover {
                 Some(h) => Cachefiles::adopt(h, how).context("taking over the cachefiles cache")?,

@@ -123,7 +123,7 @@ impl Cachefiles {
                         tracing::warn!(blob = %blob.source.digest, "startup prefetch: the kernel has no object for the blob");
                         continue;
                     };
-                    if !me.replay_blob(&obj, &blob, &runs).await {
+                    if !me.write_runs(&obj, &blob, &runs, |s| &s.units_startup).await {
                         tracing::warn!(blob = %blob.source.digest, "startup prefetch of a blob stopped; readers fetch on demand");
                     }
                 }
@@ -134,8 +134,16 @@ impl Cachefiles {
         );
     }
 
-    /// One blob of a prefetch list; false once a fetch or write failed.
-    async fn replay_blob(self: &Arc<Self>, obj: &Arc<Object>, blob: &Arc<DataBlob>, runs: &[Range<u64>]) -> bool {
+    /// Fetch the chunks of `runs` (of `obj`'s blob) that are neither in the cache file nor
+    /// being written, in merged runs of up to `merge_max`, one at a time, and write them,
+    /// counting units in `counter`; false once a fetch or write failed.
+    pub(super) async fn write_runs(
+        self: &Arc<Self>,
+        obj: &Arc<Object>,
+        blob: &Arc<DataBlob>,
+        runs: &[Range<u64>],
+        counter: fn(&CachefilesStats) -> &AtomicU64,
+    ) -> bool {
         let unit = blob.table_chunk;
         let per_run = (self.engine.merge_max() / unit).max(1);
         for run in runs {
@@ -159,7 +167,7 @@ impl Cachefiles {
                 };
                 let ends: Vec<u64> = pending.iter().skip(1).map(|p| p.offset).chain([e]).collect();
                 for (p, end) in pending.into_iter().zip(ends) {
-                    if !self.write_ahead(obj, p, end, |s| &s.units_startup).await {
+                    if !self.write_ahead(obj, p, end, counter).await {
                         return false;
                     }
                 }
@@ -179,7 +187,7 @@ impl Cachefiles {
 
 /// Whether table chunk `c` of `blob` is in the object's cache file already (asked through
 /// the anonymous fd, which seeks in the cache file; an error counts as not there).
-fn in_cache(obj: &Object, blob: &DataBlob, c: u64) -> bool {
+pub(super) fn in_cache(obj: &Object, blob: &DataBlob, c: u64) -> bool {
     let unit = blob.table_chunk;
     let (s, e) = (c * unit, ((c + 1) * unit).min(blob.source.size));
     crate::frontend::fanotify::cache::is_data(&obj.fd, s, e).unwrap_or(false)

@@ -8,6 +8,7 @@
 mod ahead;
 pub mod device;
 mod failover;
+mod fill;
 pub mod protocol;
 pub mod serve;
 

@@ -7,9 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::num::NonZeroU64;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
@@ -44,6 +44,8 @@ pub struct CachefilesStats {
     pub units_ahead: AtomicU64,
     /// Units written by the startup prefetch of mounted images.
     pub units_startup: AtomicU64,
+    /// Units written by the background fill of quiet objects.
+    pub units_background: AtomicU64,
     /// Read latencies for the metrics endpoint.
     #[serde(skip)]
     pub read_times: crate::metrics::ReadTimes,
@@ -60,6 +62,10 @@ pub(super) struct Object {
     pub(super) ahead: Mutex<ReadAhead>,
     /// Table chunks being written ahead of readers.
     pub(super) writing: Mutex<HashSet<u64>>,
+    /// When a reader last sent a READ for it (the background fill waits for quiet).
+    pub(super) last_read: Mutex<Instant>,
+    /// A background fill task runs for it.
+    pub(super) filling: AtomicBool,
 }
 
 impl Object {
@@ -77,6 +83,8 @@ impl Object {
             keys,
             ahead: Mutex::new(ahead),
             writing: Mutex::new(HashSet::new()),
+            last_read: Mutex::new(Instant::now()),
+            filling: AtomicBool::new(false),
         }
     }
 }
@@ -93,6 +101,8 @@ pub struct Serving {
     pub read_ahead_max: Option<NonZeroU64>,
     /// Where READs are reported while an image's startup is recorded.
     pub recorder: Arc<crate::prefetch::Recorder>,
+    /// Quiet time after which an object's blob is fetched to the end (None: never).
+    pub fill_after: Option<Duration>,
 }
 
 /// The bound cachefiles frontend.
@@ -106,6 +116,10 @@ pub struct Cachefiles {
     /// Slots of READs being served.
     admission: Admission,
     recorder: Arc<crate::prefetch::Recorder>,
+    /// Quiet time after which an object's blob is fetched to the end (None: never).
+    pub(super) fill_after: Option<Duration>,
+    /// One background fill request at a time, daemon-wide: readers come first.
+    pub(super) fill_slot: tokio::sync::Semaphore,
     /// The socket to this daemon's guard: each object's fd is kept there while it is open.
     pub(super) keeper: Mutex<Option<std::os::unix::net::UnixStream>>,
     /// Counters for `status`.
@@ -148,6 +162,7 @@ impl Cachefiles {
             admission,
             read_ahead_max,
             recorder,
+            fill_after,
         } = how;
         Ok(Arc::new(Cachefiles {
             dev: dev.into_async()?,
@@ -157,6 +172,8 @@ impl Cachefiles {
             objects: Mutex::new(HashMap::new()),
             admission,
             recorder,
+            fill_after,
+            fill_slot: tokio::sync::Semaphore::new(1),
             keeper: Mutex::new(None),
             stats: CachefilesStats::default(),
         }))
@@ -291,6 +308,7 @@ impl Cachefiles {
         if let (Some((chunk, _)), Target::Data(_, blob)) = (chunks, &obj.target) {
             self.recorder.read(blob, offset, len);
             self.read_ahead(&obj, start / chunk, (end - 1) / chunk);
+            self.start_fill(&obj);
         }
         let filled = self.fill(&obj, start, end - start).await;
         let ok = filled.is_ok();

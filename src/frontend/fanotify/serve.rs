@@ -190,9 +190,16 @@ impl FanotifyFrontend {
 
     /// The group a cache file (device, inode) is marked in: the same one for the same file,
     /// in this daemon and in the next one, which adopts the groups in order.
+    /// (A full 64-bit mix, murmur3's finalizer: cache files created together get neighbouring
+    /// inode numbers, which a single multiply left in one group.)
     fn group_of(&self, (dev, ino): (u64, u64)) -> usize {
-        let h = (dev.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ino).wrapping_mul(0xff51_afd7_ed55_8ccd);
-        ((h >> 32) % self.groups.len() as u64) as usize
+        let mut h = dev.rotate_left(32) ^ ino;
+        for k in [0xff51_afd7_ed55_8ccd_u64, 0xc4ce_b9fe_1a85_ec53] {
+            h ^= h >> 33;
+            h = h.wrapping_mul(k);
+        }
+        h ^= h >> 33;
+        (h % self.groups.len() as u64) as usize
     }
 
     /// Serve events of every group until `shutdown` fires.
