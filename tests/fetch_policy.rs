@@ -9,22 +9,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
 
 use common::daemon::DaemonProc;
 use common::*;
 use registry_mock::{MockConfig, MockRegistry};
 
 const MIB: usize = 1 << 20;
-
-fn read_at(path: &Path, off: usize, len: usize) -> Vec<u8> {
-    let mut f = std::fs::File::open(path).unwrap();
-    f.seek(SeekFrom::Start(off as u64)).unwrap();
-    let mut buf = vec![0; len];
-    f.read_exact(&mut buf).unwrap();
-    buf
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rereads_fetch_nothing_and_random_reads_fetch_their_chunk() {

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,13 +23,22 @@ use registry_mock::{MockConfig, MockRegistry};
 
 const MIB: usize = 1 << 20;
 
-fn read_at(path: &Path, off: usize, len: usize) -> Vec<u8> {
-    let mut f = std::fs::File::open(path).unwrap();
-    f.seek(SeekFrom::Start(off as u64)).unwrap();
-    let mut buf = vec![0; len];
-    f.read_exact(&mut buf).unwrap();
-    buf
+/// Node one: mount `reference`, run `startup`, unmount (which ends the recording window);
+/// the daemon (still running) and the list it kept.
+fn record_first_start(work: &Path, host: &str, reference: &str, startup: impl Fn(&Path)) -> (DaemonProc, PathBuf) {
+    let one = DaemonProc::start(&work.join("one"), &[host], CFG);
+    let mnt1 = work.join("one/mnt");
+    one.mount(reference, &mnt1);
+    startup(&mnt1);
+    one.umount(&mnt1);
+    let lists = kept_lists(&one);
+    assert_eq!(lists.len(), 1, "one list kept: {lists:?}\n{}", one.log());
+    let list = lists[0].clone();
+    (one, list)
 }
+
+/// Background fill off: every byte fetched is a reader's or the prefetch's doing.
+const CFG: &str = "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\n[prefetch]\nrecord_window_ms = 60000";
 
 /// The data bytes fetched so far, once the registry has been quiet for 300 ms.
 async fn settled(mock: &MockRegistry, data: &[String]) -> u64 {
@@ -82,18 +90,12 @@ async fn a_recorded_startup_is_fetched_first_on_the_next_node() {
         }
     };
     let work = tempfile::tempdir().unwrap();
-    // background fill off: every byte fetched is a reader's or the prefetch's doing
-    let cfg = "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\n[prefetch]\nrecord_window_ms = 60000";
+    let cfg = CFG;
 
     // node 1: the first start is recorded; the unmount ends the window and keeps the list
-    let one = DaemonProc::start(&work.path().join("one"), &[&host], cfg);
-    let mnt1 = work.path().join("one/mnt");
-    one.mount(&reference, &mnt1);
-    startup(&mnt1);
+    let (_one, kept) = record_first_start(work.path(), &host, &reference, startup);
     let first = settled(&mock, &data).await;
-    one.umount(&mnt1);
-    let lists = kept_lists(&one);
-    assert_eq!(lists.len(), 1, "one list kept: {lists:?}\n{}", one.log());
+    let lists = [kept];
     let mode = std::fs::metadata(&lists[0]).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "the list is root's only: {mode:o}");
     let list = PrefetchList::from_slice(&std::fs::read(&lists[0]).unwrap()).unwrap();
@@ -198,13 +200,8 @@ async fn a_pushed_list_reaches_a_new_node_through_docker_registry() {
         assert!(read_at(&mnt.join("a-big.bin"), 9 * MIB, 2 * MIB) == big[9 * MIB..11 * MIB]);
     };
     let work = tempfile::tempdir().unwrap();
-    let cfg = "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\n[prefetch]\nrecord_window_ms = 60000";
-    let one = DaemonProc::start(&work.path().join("one"), &[&host], cfg);
-    let mnt1 = work.path().join("one/mnt");
-    one.mount(&reference, &mnt1);
-    startup(&mnt1);
-    one.umount(&mnt1);
-    let kept = std::fs::read(&kept_lists(&one)[0]).unwrap();
+    let (one, kept) = record_first_start(work.path(), &host, &reference, startup);
+    let kept = std::fs::read(kept).unwrap();
 
     // pushed twice: the referrers tag lists the artifact once
     for _ in 0..2 {
@@ -225,7 +222,7 @@ async fn a_pushed_list_reaches_a_new_node_through_docker_registry() {
     assert_eq!(entries[0]["artifactType"], lazyblob::prefetch::list::MEDIA_TYPE);
 
     // a new node: the list comes from the registry, is fetched at once and kept
-    let four = DaemonProc::start(&work.path().join("four"), &[&host], cfg);
+    let four = DaemonProc::start(&work.path().join("four"), &[&host], CFG);
     let mnt4 = work.path().join("four/mnt");
     four.mount(&reference, &mnt4);
     let t0 = std::time::Instant::now();

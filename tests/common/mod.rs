@@ -59,6 +59,16 @@ pub fn vm_rig() -> PathBuf {
     dir
 }
 
+/// `len` bytes at `off` of the file at `path`.
+pub fn read_at(path: &std::path::Path, off: usize, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(off as u64)).unwrap();
+    let mut buf = vec![0; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 32);
