@@ -60,6 +60,27 @@ pub fn consecutive(sorted: &[u64], max_len: u64) -> Vec<Range<u64>> {
     runs
 }
 
+/// The first run of at most `max_len` consecutive chunks in `within` that `present` says are
+/// missing (what a fill fetches next); `present` stops at the run's first present chunk.
+pub fn first_missing_run<E>(
+    within: Range<u64>,
+    max_len: u64,
+    mut present: impl FnMut(u64) -> Result<bool, E>,
+) -> Result<Option<Range<u64>>, E> {
+    let mut run: Option<Range<u64>> = None;
+    for c in within {
+        if run.as_ref().is_some_and(|r| r.end - r.start >= max_len) {
+            break;
+        }
+        match (present(c)?, &mut run) {
+            (true, None) => {}
+            (true, Some(_)) => break,
+            (false, r) => r.get_or_insert(c..c).end = c + 1,
+        }
+    }
+    Ok(run)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +105,16 @@ mod tests {
         assert_eq!(plan_runs(&[0, 1, 2, 3, 4, 5], &g, 2 << 20), vec![0..2, 2..4, 4..6]);
         assert_eq!(plan_runs(&[0, 1], &g, 1), vec![0..1, 1..2]);
         assert!(plan_runs(&[], &g, 1).is_empty());
+    }
+
+    #[test]
+    fn the_first_missing_run_skips_present_chunks_and_stops_at_the_next() {
+        let have = [0u64, 1, 4, 9];
+        let present = |c: u64| Ok::<bool, ()>(have.contains(&c));
+        assert_eq!(first_missing_run(0..12, 8, present), Ok(Some(2..4)));
+        assert_eq!(first_missing_run(4..12, 3, present), Ok(Some(5..8)));
+        assert_eq!(first_missing_run(9..10, 3, present), Ok(None));
+        assert_eq!(first_missing_run(0..12, 8, |_| Err::<bool, ()>(())), Err(()));
     }
 
     proptest! {

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use super::ahead::in_cache;
 use super::serve::{Cachefiles, Object};
 use crate::catalog::Target;
+use crate::engine::chunks::first_missing_run;
 use crate::lock::lock;
 
 /// Failed runs in a row after which a fill gives up (readers still fetch on demand).
@@ -50,13 +51,13 @@ impl Cachefiles {
                         break;
                     };
                     // the next run of chunks not in the cache file
-                    let Some(start) = (cursor..n_chunks).find(|&c| !in_cache(&obj, &blob, c)) else {
+                    let next = first_missing_run(cursor..n_chunks, per_run, |c| {
+                        Ok::<bool, std::convert::Infallible>(in_cache(&obj, &blob, c))
+                    });
+                    let Ok(Some(run)) = next else {
                         break;
                     };
-                    let end = (start..n_chunks.min(start + per_run))
-                        .find(|&c| in_cache(&obj, &blob, c))
-                        .unwrap_or(n_chunks.min(start + per_run));
-                    let run = start..end;
+                    let end = run.end;
                     if me
                         .write_runs(&obj, &blob, std::slice::from_ref(&run), |s| &s.units_background)
                         .await

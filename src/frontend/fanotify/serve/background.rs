@@ -87,17 +87,6 @@ impl FanotifyFrontend {
         within: std::ops::Range<u64>,
         per_run: u64,
     ) -> std::io::Result<Option<std::ops::Range<u64>>> {
-        let mut run: Option<std::ops::Range<u64>> = None;
-        for c in within {
-            if run.as_ref().is_some_and(|r| r.end - r.start >= per_run) {
-                break;
-            }
-            match (self.present(cached, via, c)?, &mut run) {
-                (true, None) => {}
-                (true, Some(_)) => break,
-                (false, r) => r.get_or_insert(c..c).end = c + 1,
-            }
-        }
-        Ok(run)
+        crate::engine::chunks::first_missing_run(within, per_run, |c| self.present(cached, via, c))
     }
 }
