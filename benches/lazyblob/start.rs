@@ -64,22 +64,28 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     }
     let startup_bytes: u64 = startup.iter().map(|x| x.2 as u64).sum();
 
+    // a cold start on a fresh daemon in `dir` (background fill off): page cache dropped, then
+    // mount + the startup set read and checked; the daemon, its mount point and the seconds
+    let cold_start = |dir: &str| {
+        drop_caches();
+        let d = daemon(&w.join(dir), &[host], "[engine]\nfill_after_idle_ms = 0\n");
+        let mnt = w.join(dir).join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let t = Instant::now();
+        d.mount(&dst, &mnt);
+        for (p, off, len) in &startup {
+            let got = read_range(&mnt.join(p), *off, *len);
+            assert!(
+                got[..] == all[p][*off as usize..*off as usize + len],
+                "{p}: wrong bytes"
+            );
+        }
+        (d, mnt, t.elapsed().as_secs_f64())
+    };
+
     // ---- 1. cold start: lazyblob mount + startup set, against full pull (download + untar)
-    // background fill off here: this daemon also gives the "partially cached" warm row
-    drop_caches();
-    let d = daemon(&w.join("d1"), &[host], "[engine]\nfill_after_idle_ms = 0\n");
-    let mnt = w.join("d1/mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let t = Instant::now();
-    d.mount(&dst, &mnt);
-    for (p, off, len) in &startup {
-        let got = read_range(&mnt.join(p), *off, *len);
-        assert!(
-            got[..] == all[p][*off as usize..*off as usize + len],
-            "{p}: wrong bytes"
-        );
-    }
-    let lazy_cold = t.elapsed().as_secs_f64();
+    // (this daemon also gives the "partially cached" warm row)
+    let (d, mnt, lazy_cold) = cold_start("d1");
     let cold_fetched = d.status().await.registry.bytes;
 
     let pull_dir = w.join("pull");
@@ -154,20 +160,7 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     for k in &kept {
         std::fs::copy(k, lists.join(k.file_name().unwrap())).unwrap();
     }
-    drop_caches();
-    let dp = daemon(&w.join("d1p"), &[host], "[engine]\nfill_after_idle_ms = 0\n");
-    let mnt_p = w.join("d1p/mnt");
-    std::fs::create_dir_all(&mnt_p).unwrap();
-    let t = Instant::now();
-    dp.mount(&dst, &mnt_p);
-    for (p, off, len) in &startup {
-        let got = read_range(&mnt_p.join(p), *off, *len);
-        assert!(
-            got[..] == all[p][*off as usize..*off as usize + len],
-            "{p}: wrong bytes"
-        );
-    }
-    let prefetch_cold = t.elapsed().as_secs_f64();
+    let (dp, mnt_p, prefetch_cold) = cold_start("d1p");
     let st = dp.status().await;
     let prefetch_fetched = st.registry.bytes;
     let prefetch_chunks = st.frontend_counters["chunks_startup"].as_u64().unwrap_or(0);
