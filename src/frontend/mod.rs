@@ -143,6 +143,18 @@ pub fn choose(facts: &KernelFacts, choice: FrontendChoice) -> Result<Frontend, P
     }
 }
 
+/// Wait until a blob's readers have been quiet for `quiet` since `last_read` (each reader's
+/// request moves it on): what both frontends' background fills wait for before each run.
+pub async fn until_quiet(last_read: &std::sync::Mutex<std::time::Instant>, quiet: std::time::Duration) {
+    loop {
+        let idle = crate::lock::lock(last_read).elapsed();
+        if idle >= quiet {
+            return;
+        }
+        tokio::time::sleep(quiet - idle).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use super::device::{AlignedBuf, DIO_ALIGN};
 use super::serve::{Cachefiles, CachefilesStats, Object};
 use crate::catalog::Target;
 use crate::engine::chunks::consecutive;
-use crate::engine::{DataBlob, Pending};
+use crate::engine::{DataBlob, EngineError, Pending};
 use crate::image::digest::Digest;
 use crate::lock::lock;
 use crate::prefetch::Plan;
@@ -36,30 +36,31 @@ impl Cachefiles {
             return;
         };
         let unit = blob.table_chunk;
-        let todo: Vec<u64> = (window.start..window.end.min(blob.source.size.div_ceil(unit)))
-            .filter(|&c| !in_cache(obj, blob, c))
-            .filter(|&c| lock(&obj.writing).insert(c))
-            .collect();
+        let todo = claim(obj, blob, window.start..window.end.min(blob.source.size.div_ceil(unit)));
         for run in consecutive(&todo, u64::MAX) {
-            let (s, e) = (run.start * unit, (run.end * unit).min(blob.source.size));
-            match self.engine.fetch(blob, s, e - s) {
-                Ok(pending) => {
-                    // each unit ends where the next begins (the last at the run's end)
-                    let ends: Vec<u64> = pending.iter().skip(1).map(|p| p.offset).chain([e]).collect();
-                    for (p, end) in pending.into_iter().zip(ends) {
+            match self.fetch_units(blob, &run) {
+                Ok(units) => {
+                    for (p, end) in units {
                         let (me, obj) = (Arc::clone(self), Arc::clone(obj));
                         tokio::spawn(async move { me.write_ahead(&obj, p, end, |s| &s.units_ahead).await });
                     }
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, object = %obj.name, "read-ahead not started");
-                    let mut writing = lock(&obj.writing);
-                    run.for_each(|c| {
-                        writing.remove(&c);
-                    });
+                    release(obj, run);
                 }
             }
         }
+    }
+
+    /// Fetch table chunks `run` of `blob`: each unit with where it ends (where the next one
+    /// begins, the last at the run's end).
+    fn fetch_units(&self, blob: &Arc<DataBlob>, run: &Range<u64>) -> Result<Vec<(Pending, u64)>, EngineError> {
+        let unit = blob.table_chunk;
+        let (s, e) = (run.start * unit, (run.end * unit).min(blob.source.size));
+        let pending = self.engine.fetch(blob, s, e - s)?;
+        let ends: Vec<u64> = pending.iter().skip(1).map(|p| p.offset).chain([e]).collect();
+        Ok(pending.into_iter().zip(ends).collect())
     }
 
     /// Wait for one fetched unit (`[p.offset, end)`) and write it into the cache file (padded
@@ -117,17 +118,19 @@ impl Cachefiles {
         let span = tracing::info_span!("startup_prefetch", image = %reference);
         tokio::spawn(
             async move {
-                let (t0, before) = (Instant::now(), me.stats.units_startup.load(Relaxed));
+                let (t0, mut units) = (Instant::now(), 0);
                 for (blob, runs) in plan {
                     let Some(obj) = me.object_of(&image, &blob) else {
                         tracing::warn!(blob = %blob.source.digest, "startup prefetch: the kernel has no object for the blob");
                         continue;
                     };
-                    if !me.write_runs(&obj, &blob, &runs, |s| &s.units_startup).await {
-                        tracing::warn!(blob = %blob.source.digest, "startup prefetch of a blob stopped; readers fetch on demand");
+                    match me.write_runs(&obj, &blob, &runs, |s| &s.units_startup).await {
+                        Some(n) => units += n,
+                        None => {
+                            tracing::warn!(blob = %blob.source.digest, "startup prefetch of a blob stopped; readers fetch on demand")
+                        }
                     }
                 }
-                let units = me.stats.units_startup.load(Relaxed) - before;
                 tracing::info!(units, ms = t0.elapsed().as_millis() as u64, "startup prefetch done");
             }
             .instrument(span),
@@ -136,44 +139,39 @@ impl Cachefiles {
 
     /// Fetch the chunks of `runs` (of `obj`'s blob) that are neither in the cache file nor
     /// being written, in merged runs of up to `merge_max`, one at a time, and write them,
-    /// counting units in `counter`; false once a fetch or write failed.
+    /// counting units in `counter`; the units written, or None once a fetch or write failed
+    /// (the chunks it claimed and did not write are released, for a later fill or READ).
     pub(super) async fn write_runs(
         self: &Arc<Self>,
         obj: &Arc<Object>,
         blob: &Arc<DataBlob>,
         runs: &[Range<u64>],
         counter: fn(&CachefilesStats) -> &AtomicU64,
-    ) -> bool {
-        let unit = blob.table_chunk;
-        let per_run = (self.engine.merge_max() / unit).max(1);
+    ) -> Option<u64> {
+        let per_run = (self.engine.merge_max() / blob.table_chunk).max(1);
+        let mut written = 0;
         for run in runs {
-            let todo: Vec<u64> = run
-                .clone()
-                .filter(|&c| !in_cache(obj, blob, c))
-                .filter(|&c| lock(&obj.writing).insert(c))
-                .collect();
+            let todo = claim(obj, blob, run.clone());
             for sub in consecutive(&todo, per_run) {
-                let (s, e) = (sub.start * unit, (sub.end * unit).min(blob.source.size));
-                let pending = match self.engine.fetch(blob, s, e - s) {
-                    Ok(p) => p,
+                let units = match self.fetch_units(blob, &sub) {
+                    Ok(units) => units,
                     Err(err) => {
-                        tracing::debug!(error = %err, object = %obj.name, "startup prefetch run not started");
-                        let mut writing = lock(&obj.writing);
-                        todo.iter().filter(|&&c| c >= sub.start).for_each(|c| {
-                            writing.remove(c);
-                        });
-                        return false;
+                        tracing::debug!(error = %err, object = %obj.name, "fill run not started");
+                        release(obj, todo.iter().copied().filter(|&c| c >= sub.start));
+                        return None;
                     }
                 };
-                let ends: Vec<u64> = pending.iter().skip(1).map(|p| p.offset).chain([e]).collect();
-                for (p, end) in pending.into_iter().zip(ends) {
+                for (p, end) in units {
                     if !self.write_ahead(obj, p, end, counter).await {
-                        return false;
+                        // the units after this one are not awaited: their chunks too
+                        release(obj, todo.iter().copied().filter(|&c| c >= sub.start));
+                        return None;
                     }
+                    written += 1;
                 }
             }
         }
-        true
+        Some(written)
     }
 
     /// The object the kernel opened for `blob` of `image` (each image has its own volume).
@@ -182,6 +180,23 @@ impl Cachefiles {
             .values()
             .find(|o| matches!(&o.target, Target::Data(i, b) if &i.manifest_digest == image && b.key() == blob.key()))
             .cloned()
+    }
+}
+
+/// The chunks of `range` neither in the object's cache file nor being written, now marked as
+/// being written (by whoever calls: [`Cachefiles::write_ahead`] unmarks each unit it handles).
+fn claim(obj: &Object, blob: &DataBlob, range: Range<u64>) -> Vec<u64> {
+    range
+        .filter(|&c| !in_cache(obj, blob, c))
+        .filter(|&c| lock(&obj.writing).insert(c))
+        .collect()
+}
+
+/// Claimed chunks that will not be written after all.
+fn release(obj: &Object, chunks: impl IntoIterator<Item = u64>) {
+    let mut writing = lock(&obj.writing);
+    for c in chunks {
+        writing.remove(&c);
     }
 }
 

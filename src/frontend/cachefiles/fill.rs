@@ -16,6 +16,7 @@ use super::ahead::in_cache;
 use super::serve::{Cachefiles, Object};
 use crate::catalog::Target;
 use crate::engine::chunks::first_missing_run;
+use crate::frontend::until_quiet;
 use crate::lock::lock;
 
 /// Failed runs in a row after which a fill gives up (readers still fetch on demand).
@@ -41,11 +42,10 @@ impl Cachefiles {
                 let unit = blob.table_chunk;
                 let (n_chunks, per_run) = (blob.source.size.div_ceil(unit), (me.engine.merge_max() / unit).max(1));
                 let (mut cursor, mut failures) = (0u64, 0u32);
-                while me.is_open(&obj) {
-                    let idle = lock(&obj.last_read).elapsed();
-                    if idle < quiet {
-                        tokio::time::sleep(quiet - idle).await;
-                        continue;
+                loop {
+                    until_quiet(&obj.last_read, quiet).await;
+                    if !me.is_open(&obj) {
+                        break;
                     }
                     let Ok(_slot) = me.fill_slot.acquire().await else {
                         break;
@@ -57,12 +57,9 @@ impl Cachefiles {
                     let Ok(Some(run)) = next else {
                         break;
                     };
-                    let end = run.end;
-                    if me
-                        .write_runs(&obj, &blob, std::slice::from_ref(&run), |s| &s.units_background)
-                        .await
-                    {
-                        cursor = end;
+                    let written = me.write_runs(&obj, &blob, std::slice::from_ref(&run), |s| &s.units_background);
+                    if written.await.is_some() {
+                        cursor = run.end;
                         failures = 0;
                     } else {
                         failures += 1;

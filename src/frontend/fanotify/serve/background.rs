@@ -32,11 +32,7 @@ impl FanotifyFrontend {
                 let n_chunks = cached.n_chunks();
                 let (mut failures, mut cursor) = (0u32, 0u64);
                 loop {
-                    let idle = lock(&cached.last_read).elapsed();
-                    if idle < quiet {
-                        tokio::time::sleep(quiet - idle).await;
-                        continue;
-                    }
+                    crate::frontend::until_quiet(&cached.last_read, quiet).await;
                     let Ok(slot) = me.fill_slot.acquire().await else {
                         break;
                     };

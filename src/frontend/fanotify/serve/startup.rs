@@ -33,34 +33,36 @@ impl FanotifyFrontend {
         tokio::spawn(
             async move {
                 let t0 = Instant::now();
-                let before = me.stats.chunks_startup.load(Relaxed);
                 // the blobs side by side (a startup reads across layers), each one request at
                 // a time: at most BLOBS_AT_ONCE of the registry's connections
                 let blobs = plan.into_iter().map(|(blob, runs)| {
                     let me = Arc::clone(&me);
                     async move {
-                        if let Err(e) = me.replay_blob(&blob, &runs).await {
+                        me.replay_blob(&blob, &runs).await.unwrap_or_else(|e| {
                             tracing::warn!(blob = %blob.source.digest, error = %e, "startup prefetch of a blob stopped; readers fetch on demand");
-                        }
+                            0
+                        })
                     }
                 });
-                futures::stream::iter(blobs)
+                let chunks: u64 = futures::stream::iter(blobs)
                     .buffer_unordered(BLOBS_AT_ONCE)
-                    .collect::<Vec<()>>()
-                    .await;
-                let chunks = me.stats.chunks_startup.load(Relaxed) - before;
+                    .collect::<Vec<u64>>()
+                    .await
+                    .into_iter()
+                    .sum();
                 tracing::info!(chunks, ms = t0.elapsed().as_millis() as u64, "startup prefetch done");
             }
             .instrument(span),
         );
     }
 
-    async fn replay_blob(self: &Arc<Self>, blob: &DataBlob, runs: &[std::ops::Range<u64>]) -> std::io::Result<()> {
+    /// One blob of a plan: the chunks fetched for it.
+    async fn replay_blob(self: &Arc<Self>, blob: &DataBlob, runs: &[std::ops::Range<u64>]) -> std::io::Result<u64> {
         let Some(cached) = self.cached_of(blob) else {
             return Err(std::io::Error::other("the blob's cache file is not prepared"));
         };
         let Some(first) = runs.first() else {
-            return Ok(());
+            return Ok(0);
         };
         let kept = lock(&cached.writer).clone();
         let via = match kept {
@@ -69,6 +71,7 @@ impl FanotifyFrontend {
         };
         let unit = blob.table_chunk;
         let per_run = (self.engine.merge_max() / unit).max(1);
+        let mut fetched = 0;
         for run in runs {
             let mut cursor = run.start;
             while cursor < run.end && !cached.complete.load(Relaxed) {
@@ -79,10 +82,11 @@ impl FanotifyFrontend {
                 let (s, e) = (r.start * unit, (r.end * unit).min(blob.source.size));
                 let n = self.fetch_and_store(&cached, s, e, Arc::clone(&via), None).await?;
                 self.stats.chunks_startup.fetch_add(n, Relaxed);
+                fetched += n;
             }
         }
         self.unmark_if_complete(&cached);
-        Ok(())
+        Ok(fetched)
     }
 
     /// The prepared cache file of `blob`.
