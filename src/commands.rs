@@ -18,7 +18,11 @@ use crate::registry::{parse_reference, Registry};
 
 /// A registry client configured by `config` (or the defaults).
 fn registry(config: Option<&Path>) -> Result<Registry> {
-    let cfg = Config::load_or_default(config)?;
+    registry_of(&Config::load_or_default(config)?)
+}
+
+/// A registry client configured by `cfg`.
+fn registry_of(cfg: &Config) -> Result<Registry> {
     Ok(Registry::new(&cfg.registry, cfg.engine.max_concurrent_fetches)?)
 }
 
@@ -203,19 +207,16 @@ fn peak_rss_kib() -> Option<u64> {
 /// `lazyblob prefetch push`: push an image's startup prefetch list (`list`, or the one the
 /// daemon configured by `config` kept for it) to its registry, as an artifact referring to it.
 pub async fn prefetch_push(image: &str, list: Option<&Path>, config: Option<&Path>) -> Result<String> {
-    use crate::prefetch::{registry as lists, store, PrefetchList};
+    use crate::prefetch::{registry as lists, store};
     let cfg = Config::load_or_default(config)?;
-    let reg = Registry::new(&cfg.registry, cfg.engine.max_concurrent_fetches)?;
+    let reg = registry_of(&cfg)?;
     let reference = parse_reference(image)?;
     let resolved = reg
         .resolve(&reference)
         .await
         .with_context(|| format!("resolving {image}"))?;
     let list = match list {
-        Some(path) => {
-            let body = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            PrefetchList::from_slice(&body).with_context(|| path.display().to_string())?
-        }
+        Some(path) => store::read(path)?,
         None => store::load(&cfg.daemon.state_dir, &resolved.digest)?.with_context(|| {
             format!(
                 "no prefetch list kept for {image} ({}) under {}: mount it once with the daemon, or pass --list",

@@ -112,7 +112,7 @@ impl Daemon {
         self.persist_mounts().await;
         // an image whose blobs are all complete already (mounted before) raises no completion
         self.settle_read_ahead().await;
-        self.start_prefetch(&image).await;
+        self.start_prefetch(&image);
         tracing::info!(reference, target = %info.target.display(), fsid = %info.fsid, "mounted");
         Ok(info)
     }

@@ -17,7 +17,7 @@ use crate::prefetch::{registry, store, PrefetchList, Recorder};
 
 impl Daemon {
     /// After `image` was mounted: fetch its list first, or record its startup.
-    pub(super) async fn start_prefetch(&self, image: &Arc<Image>) {
+    pub(super) fn start_prefetch(&self, image: &Arc<Image>) {
         let cfg = &self.config.prefetch;
         if self.recorder.is_recording(&image.manifest_digest) {
             return; // mounted again while its first start is recorded

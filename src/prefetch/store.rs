@@ -38,26 +38,28 @@ pub fn path(state_dir: &Path, image: &Digest) -> PathBuf {
 
 /// The kept list of `image`, if there is one.
 pub fn load(state_dir: &Path, image: &Digest) -> Result<Option<PrefetchList>, StoreError> {
-    let path = path(state_dir, image);
+    match read(&path(state_dir, image)) {
+        Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
+        read => read.map(Some),
+    }
+}
+
+/// The list in the file at `path` (its size bounded before it is read).
+pub fn read(path: &Path) -> Result<PrefetchList, StoreError> {
     let io_err = |source| StoreError::Io {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
-    let meta = match std::fs::metadata(&path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(e)),
+    let len = std::fs::metadata(path).map_err(io_err)?.len();
+    let list_err = |source| StoreError::List {
+        path: path.to_path_buf(),
+        source,
     };
-    if meta.len() > MAX_LIST_BYTES {
-        return Err(StoreError::List {
-            path,
-            source: ListError::TooLarge(meta.len()),
-        });
+    if len > MAX_LIST_BYTES {
+        return Err(list_err(ListError::TooLarge(len)));
     }
-    let body = std::fs::read(&path).map_err(io_err)?;
-    PrefetchList::from_slice(&body)
-        .map(Some)
-        .map_err(|source| StoreError::List { path, source })
+    let body = std::fs::read(path).map_err(io_err)?;
+    PrefetchList::from_slice(&body).map_err(list_err)
 }
 
 /// Keep `list` (replacing the one kept for its image).
