@@ -115,6 +115,35 @@ fn a_directory_spanning_blocks_lists_every_child() {
     }
 }
 
+/// erofs-utils' fsck reads 12 bytes (an xattr header) after every inode: the image must
+/// hold them even when the last inode ends at a block's end.
+#[test]
+fn every_inode_is_followed_by_room_for_an_xattr_header() {
+    let mut ended_at_a_block = false;
+    for n in 1..=130 {
+        let mut t = Tree::new(meta(0o755));
+        for i in 0..n {
+            t.insert(
+                Tree::ROOT,
+                format!("{i:03}").as_bytes(),
+                file(FileData::Inline(Vec::new())),
+            )
+            .unwrap();
+        }
+        let img = write(&t, &[], 20).unwrap();
+        let meta_start = superblock(&img).meta_blkaddr.get() as usize * BLOCK as usize;
+        for (_, nid, _) in data_of(&img, 0).chunks(BLOCK as usize).flat_map(layout::read_dir_block) {
+            let end = meta_start + nid as usize * 32 + layout::INODE_EXTENDED_SIZE;
+            ended_at_a_block |= end % BLOCK as usize == 0;
+            assert!(
+                end + layout::XATTR_IBODY_HEADER <= img.len(),
+                "{n} files: inode {nid} ends the image"
+            );
+        }
+    }
+    assert!(ended_at_a_block, "no tree put an inode at a block's end");
+}
+
 #[test]
 fn a_chunk_based_inode_names_device_and_blocks() {
     let mut t = Tree::new(meta(0o755));
