@@ -7,5 +7,6 @@ pub mod convert;
 pub mod digest;
 pub mod erofs;
 pub mod format;
+pub mod leaves;
 pub mod spool;
 pub mod tree;
