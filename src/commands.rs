@@ -45,12 +45,13 @@ fn summary(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "registry: {} requests, {} bytes, {} retries, {} failures; engine: {} chunks fetched, {} shared, {} in flight",
+        "registry: {} requests, {} bytes, {} retries, {} failures; engine: {} chunks fetched, {} leaf reads, {} shared, {} in flight",
         s.registry.requests,
         s.registry.bytes,
         s.registry.retries,
         s.registry.failures,
         s.engine.chunks_fetched,
+        s.engine.leaf_reads,
         s.engine.shared_hits,
         s.inflight_chunks
     );

@@ -115,6 +115,10 @@ enum Cmd {
         /// Chunk digest algorithm: blake3 (fast to verify) or sha256.
         #[arg(long, default_value_t = lazyblob::image::format::ChunkDigest::default())]
         chunk_digest: lazyblob::image::format::ChunkDigest,
+        /// Write no leaves layer: chunks are verified whole, and the image is format 2, which
+        /// daemons older than format 3 read (leaves need BLAKE3 and chunks of 32 KiB or more).
+        #[arg(long)]
+        no_leaves: bool,
         /// Configuration (registry credentials, insecure hosts).
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -341,6 +345,7 @@ async fn run(cmd: Cmd) -> Result<String> {
             all_platforms,
             chunk_size,
             chunk_digest,
+            no_leaves,
             config,
             work_dir,
             limits,
@@ -350,6 +355,7 @@ async fn run(cmd: Cmd) -> Result<String> {
                 all_platforms,
                 chunk_size,
                 chunk_digest,
+                leaves: !no_leaves,
                 progress: true,
                 work_dir,
                 limits: limits.into(),

@@ -116,6 +116,13 @@ impl Collector for DaemonCollector {
             "Chunks fetched and verified",
             chunks,
         )?;
+        let leaf_reads = e.leaf_reads.load(Relaxed);
+        counter(
+            &mut enc,
+            "lazyblob_leaf_reads",
+            "Reads served by their leaves, without the rest of their chunk",
+            leaf_reads,
+        )?;
         let shared = e.shared_hits.load(Relaxed);
         counter(
             &mut enc,

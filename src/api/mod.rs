@@ -126,6 +126,9 @@ pub struct EngineCounters {
     pub bytes_served: u64,
     /// Reads that failed (the reader got EIO).
     pub failed_reads: u64,
+    /// Reads served by their leaves, without the rest of their chunk (format 3).
+    #[serde(default)]
+    pub leaf_reads: u64,
 }
 
 /// Registry counters.

@@ -14,9 +14,11 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
+use crate::engine::leaves::BlobLeaves;
 use crate::engine::DataBlob;
 use crate::image::digest::Digest;
 use crate::image::format::{device_tag, fsid_for, BlobRef, ChunkTable, FormatError, LazyManifest};
+use crate::image::leaves::LeafLayout;
 use crate::private_fs;
 use crate::registry::{parse_reference, BlobSource, Registry, RegistryError, ResolvedManifest};
 
@@ -40,6 +42,9 @@ pub enum CatalogError {
     /// A kept chunk table does not match the image's.
     #[error("chunk table does not describe data blob {0}")]
     TableMismatch(String),
+    /// The leaves layer and the chunk table disagree.
+    #[error("leaves layer: {0}")]
+    Leaves(String),
 }
 
 /// A registered image.
@@ -161,19 +166,33 @@ impl Catalog {
         drop(table_bytes);
         let meta = src(&lazy.meta);
         let (meta_path, _) = self.store_blob(&meta).await?;
+        let leaves = leaves_layer(&table, lazy.leaves.as_ref())?.map(|(l, layout)| (src(l), layout));
         let mut data = Vec::with_capacity(lazy.data.len());
         for d in &lazy.data {
-            let entry = table
+            let index = table
                 .blobs
                 .iter()
-                .find(|b| b.digest == d.digest && b.size == d.size)
+                .position(|b| b.digest == d.digest && b.size == d.size)
                 .ok_or_else(|| CatalogError::TableMismatch(d.digest.to_string()))?;
-            data.push(Arc::new(DataBlob::new(
+            let entry = &table.blobs[index];
+            let mut blob = DataBlob::new(
                 src(d),
                 table.chunk_size,
                 entry.digests(table.chunk_size)?,
                 table.chunk_digest,
-            )));
+            );
+            if let Some((source, layout)) = &leaves {
+                let first_slot = table.blobs[..index]
+                    .iter()
+                    .map(|b| b.size.div_ceil(table.chunk_size))
+                    .sum();
+                blob = blob.with_leaves(BlobLeaves {
+                    source: source.clone(),
+                    first_slot,
+                    layout: *layout,
+                });
+            }
+            data.push(Arc::new(blob));
         }
         let image = Arc::new(Image {
             reference: reference.to_string(),
@@ -292,5 +311,28 @@ impl Catalog {
         let mut v: Vec<Arc<Image>> = images.values().cloned().collect();
         v.sort_by(|a, b| a.reference.cmp(&b.reference));
         v
+    }
+}
+
+/// The leaves layer of an image and where its slots are, checked against the table: both
+/// or neither have leaves, and the layer holds exactly one slot per chunk.
+fn leaves_layer<'a>(
+    table: &ChunkTable,
+    layer: Option<&'a BlobRef>,
+) -> Result<Option<(&'a BlobRef, LeafLayout)>, CatalogError> {
+    match (table.leaf_layout(), layer) {
+        (None, None) => Ok(None),
+        (Some(layout), Some(l)) if table.leaves_len() == Some(l.size) => Ok(Some((l, layout))),
+        (Some(_), Some(l)) => Err(CatalogError::Leaves(format!(
+            "{} bytes where the chunk table needs {:?}",
+            l.size,
+            table.leaves_len()
+        ))),
+        (Some(_), None) => Err(CatalogError::Leaves(
+            "the chunk table has leaves, the manifest no leaves layer".into(),
+        )),
+        (None, Some(_)) => Err(CatalogError::Leaves(
+            "a leaves layer, but the chunk table has no leaf size".into(),
+        )),
     }
 }

@@ -44,8 +44,11 @@ impl SnapshotImages {
 impl crate::snapshotter::remote::Images for SnapshotImages {
     async fn register(&self, pinned: &str) -> Result<Vec<String>, ImageError> {
         let img = self.daemon()?.catalog.register(pinned).await?;
-        Ok(std::iter::once(img.meta.digest.to_string())
-            .chain(img.data.iter().map(|d| d.source.digest.to_string()))
+        let leaves = img.data.iter().find_map(|d| d.leaves.as_ref()).map(|l| &l.source);
+        Ok(std::iter::once(&img.meta)
+            .chain(leaves)
+            .chain(img.data.iter().map(|d| &d.source))
+            .map(|s| s.digest.to_string())
             .collect())
     }
 

@@ -15,6 +15,7 @@
 
 pub mod chunks;
 pub(crate) mod inflight;
+pub mod leaves;
 pub(crate) mod pool;
 mod stats;
 
@@ -99,6 +100,8 @@ pub struct DataBlob {
     pub digests: Vec<[u8; 32]>,
     /// How its chunks are hashed.
     pub algorithm: ChunkDigest,
+    /// Where its leaves are (format 3): small ranges are verifiable on their own.
+    pub leaves: Option<leaves::BlobLeaves>,
     key: BlobKey,
 }
 
@@ -111,8 +114,15 @@ impl DataBlob {
             table_chunk,
             digests,
             algorithm,
+            leaves: None,
             key,
         }
+    }
+
+    /// The blob, with its leaves at `leaves`.
+    pub fn with_leaves(mut self, leaves: leaves::BlobLeaves) -> DataBlob {
+        self.leaves = Some(leaves);
+        self
     }
 
     /// The key of everything that holds this blob's verified bytes.
@@ -212,6 +222,7 @@ pub struct Engine {
     cfg: EngineConfig,
     inflight: Inflight,
     pool: Arc<pool::BufPool>,
+    slots: leaves::Slots,
     /// Counters for `status`.
     pub stats: EngineStats,
 }
@@ -225,6 +236,7 @@ impl Engine {
             // enough idle buffers for the fetches one host runs at once
             pool: pool::BufPool::new(cfg.max_concurrent_fetches),
             cfg,
+            slots: leaves::Slots::default(),
             stats: EngineStats::default(),
         }
     }

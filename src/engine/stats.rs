@@ -22,6 +22,8 @@ pub struct EngineStats {
     pub bytes_served: AtomicU64,
     /// Reads that failed.
     pub failed_reads: AtomicU64,
+    /// Reads served by their leaves, without the rest of their chunk.
+    pub leaf_reads: AtomicU64,
     /// Bytes served and requested by blob.
     by_blob: Mutex<HashMap<BlobKey, BlobCounters>>,
 }

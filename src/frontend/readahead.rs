@@ -48,17 +48,23 @@ impl ReadAhead {
         ReadAhead::new(max_bytes.map_or(0, |max| (max.get() / chunk).max(2)))
     }
 
+    /// Whether a miss starting at chunk `first` continues a sequential reader: forward,
+    /// right behind the last miss or inside the window scheduled after it (a jump back is a
+    /// random reader, not a sequential one).
+    pub fn continues(&self, first: u64) -> bool {
+        self.max_window > 0
+            && self
+                .last_miss
+                .is_some_and(|l| first > l && first <= l.max(self.until) + 1)
+    }
+
     /// A reader missed chunks `first..=last`: the chunks to fetch ahead of it, if it reads
     /// sequentially (its miss starts right behind the previous miss or the window).
     pub fn on_miss(&mut self, first: u64, last: u64) -> Option<Range<u64>> {
         if self.max_window == 0 {
             return None;
         }
-        // forward, right behind the last miss or inside the window scheduled after it: a
-        // jump back is a random reader, not a sequential one
-        let sequential = self
-            .last_miss
-            .is_some_and(|l| first > l && first <= l.max(self.until) + 1);
+        let sequential = self.continues(first);
         if !sequential {
             self.run_start = first;
         }

@@ -12,8 +12,8 @@ use serde_json::json;
 
 use super::erofs::{self, DeviceSlot};
 use super::format::{
-    device_tag, BlobChunks, ChunkDigest, ChunkTable, ANNOTATION_FORMAT, ANNOTATION_LAYER, FORMAT_VERSION,
-    MEDIA_TYPE_CHUNKS, MEDIA_TYPE_DATA, MEDIA_TYPE_META,
+    device_tag, BlobChunks, ChunkDigest, ChunkTable, Hashing, ANNOTATION_FORMAT, ANNOTATION_LAYER, FORMAT_VERSION,
+    FORMAT_VERSION_NO_LEAVES, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_DATA, MEDIA_TYPE_LEAVES, MEDIA_TYPE_META,
 };
 use super::spool::FileSink;
 use super::tree::{encode_rdev, FileData, Kind, Meta, Node, Tree};
@@ -159,17 +159,27 @@ impl BlobWriter {
     /// Pad blobs to whole blocks, drop empty ones (renumbering devices in `tree`), write the
     /// metadata image and the chunk table.
     pub fn finish(self, tree: Tree, chunk_size: u64) -> Result<BuiltImage, BuildError> {
-        self.finish_with(tree, chunk_size, ChunkDigest::default())
+        self.finish_with(
+            tree,
+            chunk_size,
+            Hashing::with_default_leaves(ChunkDigest::default(), chunk_size),
+        )
     }
 
-    /// [`BlobWriter::finish`] with an explicit chunk digest algorithm.
-    pub fn finish_with(self, tree: Tree, chunk_size: u64, chunk_digest: ChunkDigest) -> Result<BuiltImage, BuildError> {
+    /// [`BlobWriter::finish`] with explicit hashing (an algorithm alone: no leaves).
+    pub fn finish_with(
+        self,
+        tree: Tree,
+        chunk_size: u64,
+        hashing: impl Into<Hashing>,
+    ) -> Result<BuiltImage, BuildError> {
+        let hashing = hashing.into();
         let padded = self.into_padded();
         let chunks = padded
             .iter()
-            .map(|b| (!b.is_empty()).then(|| BlobChunks::of(b, chunk_size, chunk_digest)))
+            .map(|b| (!b.is_empty()).then(|| BlobChunks::of(b, chunk_size, hashing)))
             .collect();
-        let (meta, table) = finish_tree(tree, chunks, chunk_size, chunk_digest)?;
+        let (meta, table) = finish_tree(tree, chunks, chunk_size, hashing)?;
         let data = padded.into_iter().filter(|b| !b.is_empty()).map(Bytes::from).collect();
         Ok(BuiltImage { meta, data, table })
     }
@@ -194,7 +204,7 @@ pub fn finish_tree(
     mut tree: Tree,
     blobs: Vec<Option<BlobChunks>>,
     chunk_size: u64,
-    chunk_digest: ChunkDigest,
+    hashing: Hashing,
 ) -> Result<(Vec<u8>, ChunkTable), BuildError> {
     let mut renumber = HashMap::new();
     let mut kept = Vec::new();
@@ -222,7 +232,8 @@ pub fn finish_tree(
     let table = ChunkTable {
         version: 1,
         chunk_size,
-        chunk_digest,
+        chunk_digest: hashing.algorithm,
+        leaf_size: hashing.leaf_size.filter(|_| !kept.is_empty()),
         blobs: kept,
     };
     Ok((meta, table))
@@ -383,6 +394,14 @@ pub fn assemble_parts(meta: &[u8], table: &ChunkTable, config: &[u8]) -> Result<
             desc(MEDIA_TYPE_CHUNKS, &table_blob.0, table_blob.1.len() as u64),
         ),
     ];
+    let leaves = leaves_blob(table)?.map(with_digest);
+    if let Some((digest, b)) = &leaves {
+        layers.push((
+            MEDIA_TYPE_LEAVES,
+            "leaves",
+            desc(MEDIA_TYPE_LEAVES, digest, b.len() as u64),
+        ));
+    }
     layers.extend(
         data.iter()
             .map(|(d, size)| (MEDIA_TYPE_DATA, "data", desc(MEDIA_TYPE_DATA, d, *size))),
@@ -407,12 +426,31 @@ pub fn assemble_parts(meta: &[u8], table: &ChunkTable, config: &[u8]) -> Result<
                 l
             })
             .collect::<Vec<_>>(),
-        "annotations": {ANNOTATION_FORMAT: FORMAT_VERSION},
+        "annotations": {ANNOTATION_FORMAT: if leaves.is_some() { FORMAT_VERSION } else { FORMAT_VERSION_NO_LEAVES }},
     });
     Ok(Assembled {
-        blobs: vec![table_blob, meta, config],
+        blobs: [table_blob, meta, config].into_iter().chain(leaves).collect(),
         manifest: Bytes::from(serde_json::to_vec(&manifest)?),
     })
+}
+
+/// The leaves layer of a table built with leaves: every blob's slots, in table order.
+fn leaves_blob(table: &ChunkTable) -> Result<Option<Bytes>, serde_json::Error> {
+    let Some(len) = table.leaves_len() else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(len as usize);
+    for b in &table.blobs {
+        out.extend_from_slice(&b.leaves);
+    }
+    if out.len() as u64 != len {
+        use serde::ser::Error;
+        return Err(serde_json::Error::custom(format!(
+            "leaves of {} bytes where the table needs {len}",
+            out.len()
+        )));
+    }
+    Ok(Some(Bytes::from(out)))
 }
 
 /// Push a built image (data blobs, chunk table, metadata blob, config, manifest) and tag it;

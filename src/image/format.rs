@@ -9,7 +9,9 @@ use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+pub use super::chunk_hash::Hashing;
 use super::digest::{Digest, DigestError};
+use super::leaves::{is_valid_leaf_size, LeafLayout};
 use crate::config::{Limit, LimitsConfig, TooLarge};
 
 /// The EROFS metadata blob (4 KiB blocks, device table naming the data blobs).
@@ -18,6 +20,9 @@ pub const MEDIA_TYPE_META: &str = "application/vnd.oci.image.layer.lazyblob.meta
 pub const MEDIA_TYPE_DATA: &str = "application/vnd.oci.image.layer.lazyblob.data.v2";
 /// The chunk digest table (JSON, [`ChunkTable`]).
 pub const MEDIA_TYPE_CHUNKS: &str = "application/vnd.oci.image.layer.lazyblob.chunks.v2+json";
+/// The leaves layer (format 3): per chunk, the BLAKE3 chaining values of its leaves
+/// ([`super::leaves`]).
+pub const MEDIA_TYPE_LEAVES: &str = "application/vnd.oci.image.layer.lazyblob.leaves.v3";
 /// Version 1 media types (read only).
 pub const V1_MEDIA_TYPE_META: &str = "application/vnd.lazyblob.meta.v1.erofs";
 /// Media type of a data layer (format version 1).
@@ -26,10 +31,13 @@ pub const V1_MEDIA_TYPE_DATA: &str = "application/vnd.lazyblob.data.v1";
 pub const V1_MEDIA_TYPE_CHUNKS: &str = "application/vnd.lazyblob.chunks.v1+json";
 /// Manifest annotation naming the format version.
 pub const ANNOTATION_FORMAT: &str = "org.lazyblob.format";
-/// The format version this build writes.
-pub const FORMAT_VERSION: &str = "2";
+/// The format version this build writes for images with leaves.
+pub const FORMAT_VERSION: &str = "3";
+/// The format version this build writes for images without leaves (SHA-256 chunks, or
+/// leaves turned off): version 2 nodes read them.
+pub const FORMAT_VERSION_NO_LEAVES: &str = "2";
 /// Format versions this build reads.
-pub const READ_VERSIONS: &[&str] = &["1", "2"];
+pub const READ_VERSIONS: &[&str] = &["1", "2", "3"];
 /// Layer annotation naming a layer's role (`meta`, `chunks`, `data`); containerd passes
 /// `containerd.io/snapshot/` annotations to the snapshotter as labels.
 pub const ANNOTATION_LAYER: &str = "containerd.io/snapshot/lazyblob.layer";
@@ -161,6 +169,9 @@ pub struct ChunkTable {
     #[serde(default = "ChunkDigest::legacy")]
     /// How chunks are hashed.
     pub chunk_digest: ChunkDigest,
+    /// Leaf size of the leaves layer (format 3, BLAKE3 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaf_size: Option<u64>,
     /// Per data blob, its chunk digests.
     pub blobs: Vec<BlobChunks>,
 }
@@ -175,22 +186,29 @@ pub struct BlobChunks {
     pub size: u64,
     /// Concatenated lowercase hex digests of each chunk (64 characters per chunk).
     pub chunks: String,
+    /// When built with leaves: the blob's slots of the leaves layer (not part of the table).
+    #[serde(skip)]
+    pub leaves: Vec<u8>,
 }
 
 impl BlobChunks {
     /// Hash a whole data blob into its chunk digests.
     /// The chunk digests and the whole-blob digest; for large blobs the two are computed on
     /// two threads.
-    pub fn of(data: &[u8], chunk_size: u64, algorithm: ChunkDigest) -> BlobChunks {
+    pub fn of(data: &[u8], chunk_size: u64, hashing: impl Into<Hashing>) -> BlobChunks {
+        let hashing = hashing.into();
         let chunk_hashes = || {
             let mut chunks = String::with_capacity(data.len().div_ceil(chunk_size as usize) * 64);
+            let mut slots = Vec::new();
             for c in data.chunks(chunk_size as usize) {
-                chunks.push_str(&hex::encode(algorithm.hash(c)));
+                let mut h = hashing.chunk();
+                h.update(c);
+                chunks.push_str(&hex::encode(h.finish(hashing.layout(chunk_size), &mut slots)));
             }
-            chunks
+            (chunks, slots)
         };
         let whole = || Digest::from_raw(Sha256::digest(data).into());
-        let (digest, chunks) = if data.len() >= 8 << 20 {
+        let (digest, (chunks, leaves)) = if data.len() >= 8 << 20 {
             std::thread::scope(|s| {
                 let w = s.spawn(whole);
                 let c = chunk_hashes();
@@ -203,6 +221,7 @@ impl BlobChunks {
             digest,
             size: data.len() as u64,
             chunks,
+            leaves,
         }
     }
 
@@ -249,10 +268,32 @@ impl ChunkTable {
             return Err(FormatError::ChunkTable(format!("chunk size {} invalid", t.chunk_size)));
         }
         limits.check(Limit::ChunkSize, "chunk size", t.chunk_size)?;
+        if let Some(leaf) = t.leaf_size {
+            if t.chunk_digest != ChunkDigest::Blake3 || !is_valid_leaf_size(leaf, t.chunk_size) {
+                return Err(FormatError::ChunkTable(format!(
+                    "leaf size {leaf} invalid for {} chunks of {} bytes",
+                    t.chunk_digest, t.chunk_size
+                )));
+            }
+        }
         for b in &t.blobs {
             b.digests(t.chunk_size)?;
         }
         Ok(t)
+    }
+
+    /// Where the leaves layer keeps each chunk's leaves, if the table has leaves.
+    pub fn leaf_layout(&self) -> Option<LeafLayout> {
+        self.leaf_size.map(|leaf_size| LeafLayout {
+            leaf_size,
+            chunk_size: self.chunk_size,
+        })
+    }
+
+    /// The leaves layer's size: one slot per chunk of every blob.
+    pub fn leaves_len(&self) -> Option<u64> {
+        let l = self.leaf_layout()?;
+        Some(self.blobs.iter().map(|b| b.size.div_ceil(self.chunk_size)).sum::<u64>() * l.slot_len())
     }
 
     /// The table as JSON.
@@ -293,6 +334,8 @@ pub struct LazyManifest {
     pub table: BlobRef,
     /// The data layers, in device order.
     pub data: Vec<BlobRef>,
+    /// The leaves layer (format 3).
+    pub leaves: Option<BlobRef>,
 }
 
 impl LazyManifest {
@@ -318,12 +361,14 @@ impl LazyManifest {
         let mut meta = None;
         let mut table = None;
         let mut data = Vec::new();
+        let mut leaves = None;
         for l in &m.layers {
             let blob = BlobRef::from_descriptor(l)?;
             match l.media_type.as_str() {
                 t if t == meta_type && meta.is_none() => meta = Some(blob),
                 t if t == chunks_type && table.is_none() => table = Some(blob),
                 t if t == data_type => data.push(blob),
+                MEDIA_TYPE_LEAVES if version == "3" && leaves.is_none() => leaves = Some(blob),
                 other => return Err(FormatError::NotLazyblob(format!("unexpected layer media type {other}"))),
             }
         }
@@ -331,7 +376,12 @@ impl LazyManifest {
         let table = table.ok_or_else(|| FormatError::NotLazyblob("no chunk table".into()))?;
         limits.check(Limit::Metadata, "metadata blob", meta.size)?;
         limits.check(Limit::Table, "chunk table", table.size)?;
-        Ok(LazyManifest { meta, table, data })
+        Ok(LazyManifest {
+            meta,
+            table,
+            data,
+            leaves,
+        })
     }
 }
 
@@ -359,6 +409,7 @@ mod tests {
             version: 1,
             chunk_size: 4096,
             chunk_digest: ChunkDigest::Blake3,
+            leaf_size: None,
             blobs: vec![b.clone()],
         };
         let parsed = ChunkTable::parse(&t.to_json()).unwrap();
@@ -379,6 +430,15 @@ mod tests {
             Sha256::digest(&data[8192..]).to_vec()
         );
         assert!(ChunkTable::parse(br#"{"version":1,"chunk_size":4096,"chunk_digest":"md5","blobs":[]}"#).is_err());
+
+        // leaves: BLAKE3 only, a power of two up to half a chunk
+        let with_leaves = |digest: &str, leaf: u64| {
+            format!(r#"{{"version":1,"chunk_size":65536,"chunk_digest":"{digest}","leaf_size":{leaf},"blobs":[]}}"#)
+        };
+        assert_eq!(ChunkTable::parse(with_leaves("blake3", 16384).as_bytes()).unwrap().leaf_size, Some(16384));
+        for (digest, leaf) in [("sha256", 16384), ("blake3", 65536), ("blake3", 12288), ("blake3", 1024)] {
+            assert!(ChunkTable::parse(with_leaves(digest, leaf).as_bytes()).is_err(), "{digest} {leaf}");
+        }
 
         let mut short = t.clone();
         short.blobs[0].chunks.truncate(64);
@@ -440,7 +500,12 @@ mod tests {
         assert_eq!(LazyManifest::from_manifest(&manifest("1", v1)).unwrap().data.len(), 1);
         assert_eq!(LazyManifest::from_manifest(&manifest("2", v2)).unwrap().data.len(), 1);
         assert!(LazyManifest::from_manifest(&manifest("2", v1)).is_err());
-        assert!(LazyManifest::from_manifest(&manifest("3", v2)).is_err());
+        assert!(LazyManifest::from_manifest(&manifest("4", v2)).is_err());
+        // format 3: the version 2 layers and a leaves layer, only there
+        let v3 = [MEDIA_TYPE_META, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_LEAVES];
+        assert!(LazyManifest::from_manifest(&manifest("3", v3)).unwrap().leaves.is_some());
+        assert!(LazyManifest::from_manifest(&manifest("2", v3)).is_err());
+        assert!(LazyManifest::from_manifest(&manifest("3", v2)).unwrap().leaves.is_none());
         // containerd treats version 2 layers as layers
         assert!(v2.iter().all(|t| t.starts_with("application/vnd.oci.image.layer.")));
     }

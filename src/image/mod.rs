@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod chunk_hash;
 pub mod convert;
 pub mod digest;
 pub mod erofs;

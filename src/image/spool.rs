@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use sha2::{Digest as _, Sha256};
 
 use super::digest::Digest;
-use super::format::{BlobChunks, ChunkDigest, ChunkHasher};
+use super::format::{BlobChunks, Hashing};
 use super::tree::FileData;
 
 /// Size of the buffers handed from the writer to the hashing thread.
@@ -49,13 +49,13 @@ pub struct BlobSpool {
 
 impl BlobSpool {
     /// A spool for data blob `device` (1-based) in a temporary file under `dir`.
-    pub fn new(dir: &Path, device: u16, chunk_size: u64, algorithm: ChunkDigest) -> std::io::Result<BlobSpool> {
+    pub fn new(dir: &Path, device: u16, chunk_size: u64, hashing: Hashing) -> std::io::Result<BlobSpool> {
         let file = tempfile::tempfile_in(dir)?;
         let (full_tx, full_rx) = sync_channel::<Vec<u8>>(BUFFERS);
         let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(BUFFERS + 1);
         let worker = std::thread::Builder::new()
             .name("lazyblob-hash".into())
-            .spawn(move || hash_and_write(file, full_rx, empty_tx, chunk_size, algorithm))?;
+            .spawn(move || hash_and_write(file, full_rx, empty_tx, chunk_size, hashing))?;
         Ok(BlobSpool {
             device,
             len: 0,
@@ -167,10 +167,12 @@ fn hash_and_write(
     full: Receiver<Vec<u8>>,
     empty: SyncSender<Vec<u8>>,
     chunk_size: u64,
-    algorithm: ChunkDigest,
+    hashing: Hashing,
 ) -> std::io::Result<SpooledBlob> {
     let mut whole = Sha256::new();
-    let mut chunk: ChunkHasher = algorithm.hasher();
+    let layout = hashing.layout(chunk_size);
+    let mut leaves = Vec::new();
+    let mut chunk = hashing.chunk();
     let mut in_chunk = 0u64;
     let mut hex = String::new();
     let mut size = 0u64;
@@ -185,9 +187,8 @@ fn hash_and_write(
             in_chunk += take as u64;
             rest = &rest[take..];
             if in_chunk == chunk_size {
-                hex.push_str(&hex::encode(
-                    std::mem::replace(&mut chunk, algorithm.hasher()).finalize(),
-                ));
+                let done = std::mem::replace(&mut chunk, hashing.chunk());
+                hex.push_str(&hex::encode(done.finish(layout, &mut leaves)));
                 in_chunk = 0;
             }
         }
@@ -195,7 +196,7 @@ fn hash_and_write(
         let _ = empty.try_send(buf);
     }
     if in_chunk > 0 {
-        hex.push_str(&hex::encode(chunk.finalize()));
+        hex.push_str(&hex::encode(chunk.finish(layout, &mut leaves)));
     }
     Ok(SpooledBlob {
         file,
@@ -203,6 +204,7 @@ fn hash_and_write(
             digest: Digest::from_raw(whole.finalize().into()),
             size,
             chunks: hex,
+            leaves,
         },
     })
 }
@@ -210,10 +212,15 @@ fn hash_and_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::format::ChunkDigest;
+
+    fn leaves() -> Hashing {
+        Hashing::with_default_leaves(ChunkDigest::Blake3, 65536)
+    }
 
     fn spool(files: &[&[u8]], chunk: u64) -> (Vec<u8>, BlobChunks) {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = BlobSpool::new(dir.path(), 1, chunk, ChunkDigest::Blake3).unwrap();
+        let mut s = BlobSpool::new(dir.path(), 1, chunk, leaves()).unwrap();
         for f in files {
             s.add_reader(&mut &f[..], f.len() as u64).unwrap();
         }
@@ -235,16 +242,19 @@ mod tests {
         }
         let mem = w.into_padded();
         assert!(data == mem[0], "spooled bytes differ");
-        assert_eq!(chunks, BlobChunks::of(&mem[0], 65536, ChunkDigest::Blake3));
+        assert_eq!(chunks, BlobChunks::of(&mem[0], 65536, leaves()));
+        // one slot of 4 leaf values per 64 KiB chunk
+        assert_eq!(chunks.leaves.len() as u64, chunks.size.div_ceil(65536) * 4 * 32);
+        assert_eq!(chunks.chunks, BlobChunks::of(&mem[0], 65536, ChunkDigest::Blake3).chunks);
     }
 
     #[test]
     fn truncated_input_is_an_error_and_nothing_written_is_none() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = BlobSpool::new(dir.path(), 1, 65536, ChunkDigest::Sha256).unwrap();
+        let mut s = BlobSpool::new(dir.path(), 1, 65536, ChunkDigest::Sha256.into()).unwrap();
         let err = s.add_reader(&mut &[1u8; 10][..], 20).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
-        let s = BlobSpool::new(dir.path(), 1, 65536, ChunkDigest::Sha256).unwrap();
+        let s = BlobSpool::new(dir.path(), 1, 65536, ChunkDigest::Sha256.into()).unwrap();
         assert!(s.finish().unwrap().is_none());
     }
 }

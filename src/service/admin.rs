@@ -76,6 +76,7 @@ fn status(d: &Daemon) -> Status {
             shared_hits: e.shared_hits.load(Relaxed),
             bytes_served: e.bytes_served.load(Relaxed),
             failed_reads: e.failed_reads.load(Relaxed),
+            leaf_reads: e.leaf_reads.load(Relaxed),
         },
         registry: RegistryCounters {
             requests: r.requests.load(Relaxed),

@@ -37,6 +37,7 @@ use blob::CachedBlob;
 mod background;
 mod blob;
 mod demand;
+mod leaves;
 mod orphans;
 mod prefetch;
 mod startup;

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::build::{assemble_parts, finish_tree, BuildError};
 use super::digest::Digest;
-use super::format::{ChunkDigest, DEFAULT_CHUNK_SIZE};
+use super::format::{ChunkDigest, Hashing, DEFAULT_CHUNK_SIZE};
 use super::spool::{BlobSpool, SpooledBlob};
 use super::tree::{Meta, Tree};
 use crate::registry::platform::Platform;
@@ -63,6 +63,9 @@ pub struct ConvertOptions {
     pub chunk_size: u64,
     /// Algorithm of the chunk digest table.
     pub chunk_digest: ChunkDigest,
+    /// Write a leaves layer (BLAKE3 chunks of at least 32 KiB: 16 KiB leaves, format 3);
+    /// without, the image is format 2.
+    pub leaves: bool,
     /// Ceilings on what the source may make the converter hold.
     pub limits: Limits,
     /// Show progress bars (only when stderr is a terminal).
@@ -72,6 +75,17 @@ pub struct ConvertOptions {
     pub work_dir: Option<PathBuf>,
 }
 
+impl ConvertOptions {
+    /// How chunks are hashed.
+    pub fn hashing(&self) -> Hashing {
+        if self.leaves {
+            Hashing::with_default_leaves(self.chunk_digest, self.chunk_size)
+        } else {
+            self.chunk_digest.into()
+        }
+    }
+}
+
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
@@ -79,6 +93,7 @@ impl Default for ConvertOptions {
             all_platforms: false,
             chunk_size: DEFAULT_CHUNK_SIZE,
             chunk_digest: ChunkDigest::default(),
+            leaves: true,
             limits: Limits::default(),
             progress: false,
             work_dir: None,
@@ -229,7 +244,7 @@ async fn convert_one(
         report.files += stats.entries;
     }
     let chunks = spooled.iter().map(|b| b.as_ref().map(|b| b.chunks.clone())).collect();
-    let (meta, table) = tokio::task::block_in_place(|| finish_tree(tree, chunks, opts.chunk_size, opts.chunk_digest))?;
+    let (meta, table) = tokio::task::block_in_place(|| finish_tree(tree, chunks, opts.chunk_size, opts.hashing()))?;
     for b in spooled.into_iter().flatten() {
         dst.put_blob_file(registry, Arc::new(b.file), b.chunks.size, b.chunks.digest.to_string())
             .await?;
@@ -274,7 +289,7 @@ async fn apply_layer(
     let device = u16::try_from(i + 1).map_err(|_| ConvertError::Source("more than 65535 layers".into()))?;
     tracing::info!(layer = %name, bytes = size, "applying layer");
     let spool = src.layer_spool(&l.digest, work)?;
-    let spooled = BlobSpool::new(&blob_dir, device, opts.chunk_size, opts.chunk_digest);
+    let spooled = BlobSpool::new(&blob_dir, device, opts.chunk_size, opts.hashing());
     let blob_err = move |source| ConvertError::Work { dir: blob_dir, source };
     let mut blob = spooled.map_err(blob_err.clone())?;
     let reader = spool.reader();

@@ -2,7 +2,7 @@
 //! when an image is mounted, its metadata pinned in memory), which of its chunks are
 //! verified, and its completion: once every chunk is there, its events stop.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -39,6 +39,8 @@ pub(super) struct CachedBlob {
     /// When a reader last needed this blob, a miss or a hit (the background fill waits for
     /// a quiet blob, so it never competes with a reader).
     pub(super) last_read: Mutex<Instant>,
+    /// (chunk, leaf) of the leaves written in this run into chunks not verified whole.
+    pub(super) leaves_written: Mutex<BTreeSet<(u64, u64)>>,
     /// A background fill task runs for this blob.
     pub(super) filling: AtomicBool,
     /// Every chunk is on disk and the mark is gone.
@@ -122,6 +124,7 @@ impl FanotifyFrontend {
                     write_lock: Mutex::new(()),
                     storing: Mutex::new(HashSet::new()),
                     last_read: Mutex::new(Instant::now()),
+                    leaves_written: Mutex::new(BTreeSet::new()),
                     filling: AtomicBool::new(false),
                     complete: AtomicBool::new(false),
                 })

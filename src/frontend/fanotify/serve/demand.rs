@@ -28,7 +28,12 @@ impl FanotifyFrontend {
             ));
         };
         let (size, unit) = (cached.blob.source.size, cached.blob.table_chunk);
-        let missing = self.missing(&cached, file, range).await?;
+        // the leaves of a random read's chunk (format 3), if that is all it needs
+        let span = range.and_then(|(o, n)| cached.blob.leaf_span(o, n));
+        let missing = match span {
+            Some(s) if cached.has_leaves(s) => Vec::new(),
+            _ => self.missing(&cached, file, range).await?,
+        };
         let mut written = 0;
         if !missing.is_empty() {
             *lock(&cached.last_read) = Instant::now();
@@ -36,8 +41,17 @@ impl FanotifyFrontend {
             let via = self
                 .ensure_writer(&cached, file)
                 .ok_or_else(|| io::Error::other("no writer for the cache file"))?;
+            let leaves = match span {
+                Some(s) if missing == [s.chunk] => self.fill_leaves(&cached, s, &via).await?,
+                _ => false,
+            };
             let urgent = range.map(|(o, n)| (o, o.saturating_add(n)));
-            for run in consecutive(&missing, u64::MAX) {
+            let runs = if leaves {
+                Vec::new()
+            } else {
+                consecutive(&missing, u64::MAX)
+            };
+            for run in runs {
                 let (s, e) = (run.start * unit, (run.end * unit).min(size));
                 written += self.fetch_and_store(&cached, s, e, Arc::clone(&via), urgent).await?;
             }

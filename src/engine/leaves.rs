@@ -1,0 +1,214 @@
+//! Reads of a few leaves of a chunk (format 3, `image::leaves`): a random reader's pages
+//! verified without the rest of their chunk. The leaves and the chunk's slot of leaf values
+//! are fetched side by side (two small range requests at once, so one round trip); the slot
+//! is checked against the chunk digest of the table, each leaf against the slot. Slots are
+//! kept in a small LRU: the next read of the same chunk fetches its leaves only.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+
+use super::inflight::ChunkKey;
+use super::{DataBlob, Engine, EngineError, Piece};
+use crate::image::leaves::{self, Cv, LeafLayout, CV_LEN};
+use crate::lock::lock;
+use crate::registry::{BlobSource, RegistryError};
+
+/// Slots kept in memory (2 KiB each with 1 MiB chunks and 16 KiB leaves).
+const SLOTS_KEPT: usize = 1024;
+
+/// Where a data blob's leaves are: its slots in the image's leaves layer.
+#[derive(Debug, Clone)]
+pub struct BlobLeaves {
+    /// The leaves layer.
+    pub source: BlobSource,
+    /// The slot of the blob's chunk 0 (the chunks of the blobs before it in the table come
+    /// first).
+    pub first_slot: u64,
+    /// Leaf and chunk size.
+    pub layout: LeafLayout,
+}
+
+/// The leaves of one chunk that cover a reader's range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafSpan {
+    /// The chunk.
+    pub chunk: u64,
+    /// Its leaves `first..end`.
+    pub first: u64,
+    /// One past its last leaf.
+    pub end: u64,
+    /// Blob offset of the first leaf.
+    pub start: u64,
+    /// Blob offset past the last leaf (the chunk's end for its last leaf).
+    pub stop: u64,
+}
+
+impl DataBlob {
+    /// The leaves covering `[offset, offset + len)` (clamped to the blob), if the blob has
+    /// leaves and the range lies in one chunk of at least two leaves.
+    pub fn leaf_span(&self, offset: u64, len: u64) -> Option<LeafSpan> {
+        let l = self.leaves.as_ref()?.layout;
+        let size = self.source.size;
+        let (unit, leaf) = (self.table_chunk, l.leaf_size);
+        let end = offset.checked_add(len.max(1))?.min(size);
+        if offset >= end {
+            return None;
+        }
+        let chunk = offset / unit;
+        let (cs, ce) = (chunk * unit, ((chunk + 1) * unit).min(size));
+        if end > ce || l.leaves_of(ce - cs) < 2 {
+            return None;
+        }
+        let (first, last) = ((offset - cs) / leaf, (end - cs).div_ceil(leaf));
+        Some(LeafSpan {
+            chunk,
+            first,
+            end: last,
+            start: cs + first * leaf,
+            stop: (cs + last * leaf).min(ce),
+        })
+    }
+
+    /// Bytes of chunk `c`.
+    fn chunk_len(&self, c: u64) -> u64 {
+        let s = c * self.table_chunk;
+        (s + self.table_chunk).min(self.source.size) - s
+    }
+}
+
+/// Recently used slots, by chunk.
+pub(super) struct Slots(Mutex<LruCache<ChunkKey, Arc<Vec<Cv>>>>);
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots(Mutex::new(LruCache::new(
+            NonZeroUsize::MIN.saturating_add(SLOTS_KEPT - 1),
+        )))
+    }
+}
+
+impl Engine {
+    /// The verified leaves of `span`: one piece starting at `span.start`. Not shared with
+    /// other readers nor kept: the caller writes them into its cache file.
+    pub async fn read_leaves(&self, blob: &Arc<DataBlob>, span: LeafSpan) -> Result<Piece, EngineError> {
+        let slot = self.slot(blob, span.chunk);
+        let data = self
+            .registry
+            .fetch_range(&blob.source, span.start, span.stop - span.start);
+        let (slot, data) = tokio::join!(slot, data);
+        let (slot, data) = (slot?, data?);
+        self.stats.fetched(blob.key(), data.len() as u64);
+        let leaf = blob.leaves.as_ref().map_or(1, |l| l.layout.leaf_size);
+        let cs = span.chunk * blob.table_chunk;
+        for (i, piece) in (span.first..span.end).zip(data.chunks(leaf as usize)) {
+            let want = slot
+                .get(i as usize)
+                .ok_or_else(|| EngineError::Task("leaf past its slot".into()))?;
+            if leaves::leaf_cv(piece, i * leaf) != *want {
+                self.stats.failed_reads.fetch_add(1, Relaxed);
+                return Err(RegistryError::DigestMismatch {
+                    what: format!("leaf {i} at {} of {}", cs + i * leaf, blob.source.digest),
+                    expected: hex::encode(want),
+                    got: hex::encode(leaves::leaf_cv(piece, i * leaf)),
+                }
+                .into());
+            }
+        }
+        self.stats.leaf_reads.fetch_add(1, Relaxed);
+        self.stats.served(blob.key(), data.len() as u64);
+        Ok(Piece {
+            offset: span.start,
+            data,
+        })
+    }
+
+    /// The leaf values of chunk `c`, checked against its digest (kept, or fetched).
+    async fn slot(&self, blob: &Arc<DataBlob>, c: u64) -> Result<Arc<Vec<Cv>>, EngineError> {
+        let key = ChunkKey::new(blob.key(), c);
+        if let Some(s) = lock(&self.slots.0).get(&key) {
+            return Ok(Arc::clone(s));
+        }
+        let l = blob
+            .leaves
+            .as_ref()
+            .ok_or_else(|| EngineError::Task(format!("blob {} has no leaves", blob.source.digest)))?;
+        let len = blob.chunk_len(c);
+        let n = l.layout.leaves_of(len);
+        let root = *blob
+            .digests
+            .get(c as usize)
+            .ok_or_else(|| EngineError::Task(format!("chunk {c} of {} has no digest", blob.source.digest)))?;
+        let at = (l.first_slot + c) * l.layout.slot_len();
+        let cvs = |b: &[u8]| -> Vec<Cv> {
+            b.chunks_exact(CV_LEN as usize)
+                .filter_map(|c| c.try_into().ok())
+                .collect()
+        };
+        let raw = self
+            .registry
+            .fetch_range_checked(&l.source, at, n * CV_LEN, |b| {
+                if leaves::check_slot(&root, &cvs(b), len, l.layout.leaf_size) {
+                    Ok(())
+                } else {
+                    Err(RegistryError::DigestMismatch {
+                        what: format!("leaves of chunk {c} of {}", blob.source.digest),
+                        expected: hex::encode(root),
+                        got: "leaf values that do not merge to it".into(),
+                    })
+                }
+            })
+            .await?;
+        let slot = Arc::new(cvs(&raw));
+        lock(&self.slots.0).put(key, Arc::clone(&slot));
+        Ok(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::digest::Digest;
+
+    fn blob(size: u64) -> DataBlob {
+        let src = BlobSource {
+            repo: "r.test/a:b".parse().unwrap(),
+            digest: Digest::of(b"x"),
+            size,
+        };
+        let layout = LeafLayout {
+            leaf_size: 16 << 10,
+            chunk_size: 1 << 20,
+        };
+        let n = size.div_ceil(1 << 20) as usize;
+        DataBlob::new(src.clone(), 1 << 20, vec![[0; 32]; n], Default::default()).with_leaves(BlobLeaves {
+            source: src,
+            first_slot: 0,
+            layout,
+        })
+    }
+
+    #[test]
+    fn a_range_maps_to_the_leaves_of_its_chunk() {
+        let b = blob((3 << 20) + 20_000);
+        // 4 KiB inside leaf 1 of chunk 2
+        let s = b.leaf_span((2 << 20) + 20_000, 4096).unwrap();
+        assert_eq!((s.chunk, s.first, s.end), (2, 1, 2));
+        assert_eq!((s.start, s.stop), ((2 << 20) + 16384, (2 << 20) + 32768));
+        // across a leaf boundary: two leaves
+        let s = b.leaf_span((1 << 20) + 16380, 8).unwrap();
+        assert_eq!((s.first, s.end), (0, 2));
+        // across chunks: none
+        assert_eq!(b.leaf_span((1 << 20) - 8, 16), None);
+        // the short last chunk (20,000 bytes, two leaves): the last leaf ends at the blob's end
+        let s = b.leaf_span((3 << 20) + 19_000, 4096).unwrap();
+        assert_eq!((s.first, s.end, s.stop), (1, 2, (3 << 20) + 20_000));
+        // a last chunk of one leaf: verified whole
+        assert_eq!(blob((1 << 20) + 9000).leaf_span(1 << 20, 10), None);
+        // out of the blob
+        assert_eq!(b.leaf_span(4 << 20, 10), None);
+        assert_eq!(b.leaf_span(u64::MAX - 1, 10), None);
+    }
+}

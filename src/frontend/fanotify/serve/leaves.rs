@@ -1,0 +1,60 @@
+//! Random reads served by their leaves (format 3): the first miss of a reader in a chunk
+//! that no sequential reader is reading fetches only the leaves its range covers (16 KiB
+//! each by default), verified on their own, and writes them into the cache file; the chunk
+//! stays unverified. A second miss in the same chunk fetches the whole chunk (the reader is
+//! reading around), as does a sequential reader. Leaves already written are served from the
+//! cache file like verified chunks.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use super::blob::CachedBlob;
+use super::FanotifyFrontend;
+use crate::engine::leaves::LeafSpan;
+use crate::lock::lock;
+
+impl CachedBlob {
+    /// Whether every leaf of `span` was written in this run.
+    pub(super) fn has_leaves(&self, span: LeafSpan) -> bool {
+        let w = lock(&self.leaves_written);
+        (span.first..span.end).all(|l| w.contains(&(span.chunk, l)))
+    }
+
+    /// Whether a miss of `span` (its chunk missing) is served by its leaves: the blob has
+    /// them, no leaf of the chunk was fetched before, and no sequential reader reaches it.
+    fn leaves_first(&self, span: LeafSpan) -> bool {
+        let touched = lock(&self.leaves_written)
+            .range((span.chunk, 0)..(span.chunk + 1, 0))
+            .next()
+            .is_some();
+        !touched && !lock(&self.ahead).continues(span.chunk)
+    }
+}
+
+impl FanotifyFrontend {
+    /// Fetch and write the leaves of `span` if that is how this miss is served; `false` when
+    /// the whole chunk is to be fetched (not a leaf read, or the leaf read failed: the chunk
+    /// fetch retries, and its bytes are checked against the chunk digest).
+    pub(super) async fn fill_leaves(
+        &self,
+        cached: &Arc<CachedBlob>,
+        span: LeafSpan,
+        via: &Arc<File>,
+    ) -> io::Result<bool> {
+        if !cached.leaves_first(span) {
+            return Ok(false);
+        }
+        let piece = match self.engine.read_leaves(&cached.blob, span).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, chunk = span.chunk, "leaf read failed: fetching the whole chunk");
+                return Ok(false);
+            }
+        };
+        self.write_urgent(cached, piece.data, piece.offset, Arc::clone(via))
+            .await?;
+        lock(&cached.leaves_written).extend((span.first..span.end).map(|l| (span.chunk, l)));
+        Ok(true)
+    }
+}
