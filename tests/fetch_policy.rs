@@ -4,7 +4,8 @@
 //! - data already in the cache, read again after the page cache dropped it, fetches nothing,
 //!   even right after a sequential reader left its read-ahead window open (it used to move
 //!   that window on and fetch the rest of the blob);
-//! - a random 4 KiB reader fetches its own chunk and nothing ahead of it.
+//! - a random 4 KiB reader fetches its leaves (format 3) and nothing ahead of them; a second
+//!   miss in the same chunk fetches the chunk.
 
 mod common;
 
@@ -17,7 +18,7 @@ use registry_mock::{MockConfig, MockRegistry};
 const MIB: usize = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rereads_fetch_nothing_and_random_reads_fetch_their_chunk() {
+async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     require_root();
     let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
     let host = mock.host();
@@ -69,8 +70,11 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_chunk() {
     let after = mock.counters().total_blob_bytes();
     assert_eq!(after, before, "re-reading cached data fetched {} bytes", after - before);
 
-    // random 4 KiB reads, three chunks apart and out of order, beyond what was read ahead
+    // random 4 KiB reads, three chunks apart and out of order, beyond what was read ahead:
+    // each fetches the leaves its pages are in (16 KiB each) and its chunk's leaf values
+    // (2 KiB), verified on their own, not its 1 MiB chunk
     let chunks = [40usize, 22, 31, 46, 28, 37, 25, 43, 34];
+    let leaf_reads = d.status().await.engine.leaf_reads;
     for c in chunks {
         let off = c * MIB + 12_288;
         assert!(read_at(&mnt.join("a-big.bin"), off, 4096) == big[off..off + 4096]);
@@ -78,10 +82,93 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_chunk() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let random = mock.counters().total_blob_bytes() - after;
     assert!(
-        random <= (chunks.len() * MIB) as u64,
-        "{} random 4 KiB reads fetched {random} bytes (over one 1 MiB chunk each)",
+        random <= (chunks.len() * (64 << 10)) as u64,
+        "{} random 4 KiB reads fetched {random} bytes (over 64 KiB each)",
         chunks.len()
     );
     assert!(random >= (chunks.len() * 4096) as u64);
+    eprintln!("{} random 4 KiB reads fetched {random} bytes", chunks.len());
+    assert_eq!(d.status().await.engine.leaf_reads - leaf_reads, chunks.len() as u64);
+    // the same pages again, page cache dropped: from the cache file, nothing fetched
+    drop_page_cache();
+    for c in chunks {
+        let off = c * MIB + 12_288;
+        assert!(read_at(&mnt.join("a-big.bin"), off, 4096) == big[off..off + 4096]);
+    }
+    assert_eq!(
+        mock.counters().total_blob_bytes() - after,
+        random,
+        "re-reading leaves fetched"
+    );
+    // a second read elsewhere in one of those chunks fetches the chunk whole (verified
+    // against its digest), and from then on the chunk is a verified chunk
+    let off = 40 * MIB + 600_000;
+    assert!(read_at(&mnt.join("a-big.bin"), off, 4096) == big[off..off + 4096]);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let second = mock.counters().total_blob_bytes() - after - random;
+    assert_eq!(second, MIB as u64, "a second miss in a chunk fetched {second} bytes");
+    d.umount(&mnt);
+}
+
+/// Leaves that do not verify are never served: a registry whose leaves layer is wrong still
+/// serves the right bytes (the chunk is fetched whole and checked against its digest), one
+/// whose data is wrong gets EIO, never the wrong bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaves_that_do_not_verify_are_never_served() {
+    require_root();
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
+    let data = bytes(7, 8 * MIB);
+    let files = BTreeMap::from([("f.bin".to_string(), data.clone())]);
+    let img = build_files(&files, 1);
+    push_image(&reg, &host, "policy/bad:v1", &img).await;
+    let lazy = common::oci::lazy_manifest(&reg, &format!("{host}/policy/bad:v1")).await;
+    let leaves = lazy
+        .leaves
+        .expect("a format 3 image has a leaves layer")
+        .digest
+        .to_string();
+    let blob = lazy.data[0].digest.to_string();
+    // every leaf value of chunk 2 altered; the data blob altered in chunk 5 only
+    let mut bad_leaves = mock.store().blob(&leaves).unwrap().to_vec();
+    bad_leaves[2 * 2048..3 * 2048].iter_mut().for_each(|b| *b ^= 0x55);
+    mock.store().corrupt_blob(&leaves, bad_leaves);
+    let mut bad_data = mock.store().blob(&blob).unwrap().to_vec();
+    bad_data[5 * MIB + 20_000] ^= 1;
+    mock.store().corrupt_blob(&blob, bad_data);
+
+    let work = tempfile::tempdir().unwrap();
+    let d = DaemonProc::start(
+        &work.path().join("d"),
+        &[&host],
+        "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\nfailed_fetch_hold_ms = 0",
+    );
+    let mnt = work.path().join("d/mnt");
+    d.mount(&format!("{host}/policy/bad:v1"), &mnt);
+    let f = mnt.join("f.bin");
+    // chunk 0: leaves verify
+    assert!(read_at(&f, 40_000, 4096) == data[40_000..44_096]);
+    assert_eq!(d.status().await.engine.leaf_reads, 1);
+    // chunk 2: its leaf values are wrong: the chunk is fetched whole, the bytes are right
+    let before = mock.counters().total_blob_bytes();
+    let off = 2 * MIB + 70_000;
+    assert!(read_at(&f, off, 4096) == data[off..off + 4096]);
+    assert_eq!(
+        d.status().await.engine.leaf_reads,
+        1,
+        "a leaf read with wrong leaf values"
+    );
+    assert!(
+        mock.counters().total_blob_bytes() - before >= MIB as u64,
+        "chunk 2 was not fetched whole"
+    );
+    // chunk 5: the byte read is wrong in the registry: neither the leaf nor the chunk verifies
+    let mut buf = vec![0u8; 4096];
+    let e = std::fs::File::open(&f)
+        .and_then(|h| std::os::unix::fs::FileExt::read_exact_at(&h, &mut buf, (5 * MIB + 16_384) as u64))
+        .expect_err("a read of corrupt data succeeded");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(d.status().await.engine.leaf_reads, 1);
     d.umount(&mnt);
 }

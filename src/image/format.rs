@@ -435,9 +435,22 @@ mod tests {
         let with_leaves = |digest: &str, leaf: u64| {
             format!(r#"{{"version":1,"chunk_size":65536,"chunk_digest":"{digest}","leaf_size":{leaf},"blobs":[]}}"#)
         };
-        assert_eq!(ChunkTable::parse(with_leaves("blake3", 16384).as_bytes()).unwrap().leaf_size, Some(16384));
-        for (digest, leaf) in [("sha256", 16384), ("blake3", 65536), ("blake3", 12288), ("blake3", 1024)] {
-            assert!(ChunkTable::parse(with_leaves(digest, leaf).as_bytes()).is_err(), "{digest} {leaf}");
+        assert_eq!(
+            ChunkTable::parse(with_leaves("blake3", 16384).as_bytes())
+                .unwrap()
+                .leaf_size,
+            Some(16384)
+        );
+        for (digest, leaf) in [
+            ("sha256", 16384),
+            ("blake3", 65536),
+            ("blake3", 12288),
+            ("blake3", 1024),
+        ] {
+            assert!(
+                ChunkTable::parse(with_leaves(digest, leaf).as_bytes()).is_err(),
+                "{digest} {leaf}"
+            );
         }
 
         let mut short = t.clone();
@@ -503,9 +516,15 @@ mod tests {
         assert!(LazyManifest::from_manifest(&manifest("4", v2)).is_err());
         // format 3: the version 2 layers and a leaves layer, only there
         let v3 = [MEDIA_TYPE_META, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_LEAVES];
-        assert!(LazyManifest::from_manifest(&manifest("3", v3)).unwrap().leaves.is_some());
+        assert!(LazyManifest::from_manifest(&manifest("3", v3))
+            .unwrap()
+            .leaves
+            .is_some());
         assert!(LazyManifest::from_manifest(&manifest("2", v3)).is_err());
-        assert!(LazyManifest::from_manifest(&manifest("3", v2)).unwrap().leaves.is_none());
+        assert!(LazyManifest::from_manifest(&manifest("3", v2))
+            .unwrap()
+            .leaves
+            .is_none());
         // containerd treats version 2 layers as layers
         assert!(v2.iter().all(|t| t.starts_with("application/vnd.oci.image.layer.")));
     }

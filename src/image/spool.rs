@@ -245,7 +245,10 @@ mod tests {
         assert_eq!(chunks, BlobChunks::of(&mem[0], 65536, leaves()));
         // one slot of 4 leaf values per 64 KiB chunk
         assert_eq!(chunks.leaves.len() as u64, chunks.size.div_ceil(65536) * 4 * 32);
-        assert_eq!(chunks.chunks, BlobChunks::of(&mem[0], 65536, ChunkDigest::Blake3).chunks);
+        assert_eq!(
+            chunks.chunks,
+            BlobChunks::of(&mem[0], 65536, ChunkDigest::Blake3).chunks
+        );
     }
 
     #[test]
