@@ -64,7 +64,7 @@ async fn cri_pull_and_run(release: Release, auth: Option<(&str, &str)>) {
     oci::push_runnable(&reg, &src, &[base.tar(), top.tar()]).await;
     oci::convert_ref(&reg, &src, &dst).await;
     let lazy = oci::lazy_manifest(&reg, &dst).await;
-    let layers = 2 + lazy.data.len();
+    let layers = 2 + usize::from(lazy.leaves.is_some()) + lazy.data.len();
 
     let work = tempfile::tempdir().unwrap();
     let snap_sock = work.path().join("d/snapshotter.sock");
@@ -125,7 +125,7 @@ async fn cri_pull_and_run(release: Release, auth: Option<(&str, &str)>) {
         2,
         "containerd should hold the manifest and config only:\n{content}"
     );
-    for blob in std::iter::once(&lazy.meta).chain(&lazy.data) {
+    for blob in std::iter::once(&lazy.meta).chain(&lazy.leaves).chain(&lazy.data) {
         assert!(
             !stored.contains(&blob.digest.as_str()),
             "containerd fetched {}:\n{content}",

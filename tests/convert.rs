@@ -182,9 +182,9 @@ async fn multi_layer_whiteouts_links_devices_xattrs() {
     let cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
     assert_eq!(cfg["config"]["Entrypoint"][0], "/bin/app");
     assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), m.layers.len());
-    // metadata, table, and one data blob per layer that stores file data (layer 3 holds only
-    // an inline script and a hard link)
-    assert_eq!(m.layers.len(), 2 + 2);
+    // metadata, table, leaves, and one data blob per layer that stores file data (layer 3
+    // holds only an inline script and a hard link)
+    assert_eq!(m.layers.len(), 3 + 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

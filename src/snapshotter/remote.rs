@@ -85,7 +85,7 @@ pub enum Layer {
     Lazyblob {
         /// The chain ID to commit under.
         chain: String,
-        /// The layer's role (`meta`, `chunks`, `data`).
+        /// The layer's role (`meta`, `chunks`, `leaves`, `data`).
         role: String,
         /// The image, pinned by digest (from the CRI labels), or why there is none.
         pinned: Result<String, LabelError>,
