@@ -71,8 +71,9 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     assert_eq!(after, before, "re-reading cached data fetched {} bytes", after - before);
 
     // random 4 KiB reads, three chunks apart and out of order, beyond what was read ahead:
-    // each fetches the leaves its pages are in (16 KiB each) and its chunk's leaf values
-    // (2 KiB), verified on their own, not its 1 MiB chunk
+    // each fetches the leaf its page is in (16 KiB), verified on its own against the leaf
+    // values of the leaves layer the daemon kept after registering the image (or, before that,
+    // its chunk's 2 KiB of values fetched alongside), not its 1 MiB chunk
     let chunks = [40usize, 22, 31, 46, 28, 37, 25, 43, 34];
     let leaf_reads = d.status().await.engine.leaf_reads;
     for c in chunks {

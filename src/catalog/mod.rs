@@ -166,7 +166,7 @@ impl Catalog {
         drop(table_bytes);
         let meta = src(&lazy.meta);
         let (meta_path, _) = self.store_blob(&meta).await?;
-        let leaves = leaves_layer(&table, lazy.leaves.as_ref())?.map(|(l, layout)| (src(l), layout));
+        let leaves = leaves_layer(&table, lazy.leaves.as_ref())?.map(|(l, layout)| (src(l), layout, Arc::default()));
         let mut data = Vec::with_capacity(lazy.data.len());
         for d in &lazy.data {
             let index = table
@@ -181,7 +181,7 @@ impl Catalog {
                 entry.digests(table.chunk_size)?,
                 table.chunk_digest,
             );
-            if let Some((source, layout)) = &leaves {
+            if let Some((source, layout, local)) = &leaves {
                 let first_slot = table.blobs[..index]
                     .iter()
                     .map(|b| b.size.div_ceil(table.chunk_size))
@@ -190,9 +190,20 @@ impl Catalog {
                     source: source.clone(),
                     first_slot,
                     layout: *layout,
+                    local: Arc::clone(local),
                 });
             }
             data.push(Arc::new(blob));
+        }
+        // bounded like a metadata blob: it is fetched whole
+        let keep = |s: &BlobSource| {
+            limits
+                .check(crate::config::Limit::Metadata, "leaves layer", s.size)
+                .is_ok()
+        };
+        if let Some((source, _, local)) = leaves.filter(|(s, _, _)| keep(s)) {
+            let (registry, path) = (Arc::clone(&self.registry), self.kept_path(&source.digest));
+            tokio::spawn(keep_leaves(registry, path, source, local));
         }
         let image = Arc::new(Image {
             reference: reference.to_string(),
@@ -334,5 +345,38 @@ fn leaves_layer<'a>(
         (None, Some(_)) => Err(CatalogError::Leaves(
             "a leaves layer, but the chunk table has no leaf size".into(),
         )),
+    }
+}
+
+/// Keep an image's leaves layer under the state directory (fetched whole and verified, or a
+/// kept copy re-verified) and hand it to its blobs. Until then, and if this fails, leaf reads
+/// fetch each slot with its leaves.
+async fn keep_leaves(
+    registry: Arc<Registry>,
+    path: PathBuf,
+    src: BlobSource,
+    local: Arc<std::sync::OnceLock<std::fs::File>>,
+) {
+    let kept = tokio::fs::read(&path).await.ok();
+    if !kept.is_some_and(|b| b.len() as u64 == src.size && src.digest.matches(&b)) {
+        let data = match registry.fetch_blob(&src).await {
+            Ok(d) => d,
+            Err(e) => {
+                return tracing::warn!(error = %e, blob = %src.digest, "leaves layer not kept: leaf reads fetch their slots")
+            }
+        };
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || private_fs::write_atomic(&p, &data)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return tracing::warn!(error = %e, path = %path.display(), "leaves layer not kept"),
+            Err(e) => return tracing::warn!(error = %e, "leaves layer not kept"),
+        }
+    }
+    match std::fs::File::open(&path) {
+        Ok(f) => {
+            let _ = local.set(f);
+            tracing::debug!(blob = %src.digest, "leaves layer kept");
+        }
+        Err(e) => tracing::warn!(error = %e, path = %path.display(), "leaves layer not opened"),
     }
 }
