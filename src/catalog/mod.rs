@@ -248,32 +248,18 @@ impl Catalog {
     /// `max` bytes and intact.
     async fn stored(&self, digest: &Digest, max: u64) -> Option<(PathBuf, Bytes)> {
         let path = self.kept_path(digest);
-        let len = tokio::fs::metadata(&path).await.ok()?.len();
-        if len > max {
-            tracing::warn!(path = %path.display(), len, max, "a kept copy is larger than expected; it is fetched again");
-            return None;
-        }
-        let bytes = tokio::fs::read(&path).await.ok()?;
-        if digest.matches(&bytes) {
-            return Some((path, Bytes::from(bytes)));
-        }
-        tracing::warn!(path = %path.display(), "a kept copy is corrupt; it is fetched again");
-        None
+        let bytes = read_kept(&path, digest, max).await?;
+        Some((path, bytes))
     }
 
     /// Keep `data` (verified content of `digest`) under the state directory, root only,
     /// written atomically (unique temporary file, fsync, rename).
     async fn keep(&self, digest: &Digest, data: &Bytes) -> Result<PathBuf, CatalogError> {
         let path = self.kept_path(digest);
-        let (p, data) = (path.clone(), data.clone());
-        tokio::task::spawn_blocking(move || private_fs::write_atomic(&p, &data))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(|source| CatalogError::State {
-                path: path.clone(),
-                source,
-            })?;
+        write_kept(&path, data).await.map_err(|source| CatalogError::State {
+            path: path.clone(),
+            source,
+        })?;
         Ok(path)
     }
 
@@ -357,19 +343,15 @@ async fn keep_leaves(
     src: BlobSource,
     local: Arc<std::sync::OnceLock<std::fs::File>>,
 ) {
-    let kept = tokio::fs::read(&path).await.ok();
-    if !kept.is_some_and(|b| b.len() as u64 == src.size && src.digest.matches(&b)) {
+    if read_kept(&path, &src.digest, src.size).await.is_none() {
         let data = match registry.fetch_blob(&src).await {
             Ok(d) => d,
             Err(e) => {
                 return tracing::warn!(error = %e, blob = %src.digest, "leaves layer not kept: leaf reads fetch their slots")
             }
         };
-        let p = path.clone();
-        match tokio::task::spawn_blocking(move || private_fs::write_atomic(&p, &data)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return tracing::warn!(error = %e, path = %path.display(), "leaves layer not kept"),
-            Err(e) => return tracing::warn!(error = %e, "leaves layer not kept"),
+        if let Err(e) = write_kept(&path, &data).await {
+            return tracing::warn!(error = %e, path = %path.display(), "leaves layer not kept");
         }
     }
     match std::fs::File::open(&path) {
@@ -379,4 +361,30 @@ async fn keep_leaves(
         }
         Err(e) => tracing::warn!(error = %e, path = %path.display(), "leaves layer not opened"),
     }
+}
+
+/// The kept copy at `path` of the blob or manifest `digest`, if it is there, at most `max`
+/// bytes and intact.
+async fn read_kept(path: &Path, digest: &Digest, max: u64) -> Option<Bytes> {
+    let len = tokio::fs::metadata(path).await.ok()?.len();
+    if len > max {
+        tracing::warn!(path = %path.display(), len, max, "a kept copy is larger than expected; it is fetched again");
+        return None;
+    }
+    let bytes = tokio::fs::read(path).await.ok()?;
+    if digest.matches(&bytes) {
+        return Some(Bytes::from(bytes));
+    }
+    tracing::warn!(path = %path.display(), "a kept copy is corrupt; it is fetched again");
+    None
+}
+
+/// Keep verified `data` at `path`, root only, written atomically (unique temporary file,
+/// fsync, rename).
+async fn write_kept(path: &Path, data: &Bytes) -> std::io::Result<()> {
+    let (p, data) = (path.to_path_buf(), data.clone());
+    tokio::task::spawn_blocking(move || private_fs::write_atomic(&p, &data))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
 }

@@ -108,6 +108,15 @@ impl Inflight {
         }
     }
 
+    /// A read of part of `key` (its leaves) failed with `err` at the registry: held like a
+    /// failed fetch of the whole chunk, so the readers queued behind it fail at once too.
+    pub fn hold_failure(&self, key: &ChunkKey, err: &EngineError) {
+        let mut st = self.lock();
+        if st.hold.is_some() {
+            st.failed.put(key.clone(), (Instant::now(), err.clone()));
+        }
+    }
+
     /// `fut` failed with `err`: hold the failure (see the module comment), then a read
     /// starts a new fetch.
     pub fn fail(&self, key: &ChunkKey, fut: &ChunkFuture, err: &EngineError) {

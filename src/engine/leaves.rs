@@ -99,14 +99,29 @@ impl Default for Slots {
 
 impl Engine {
     /// The verified leaves of `span`: one piece starting at `span.start`. Not shared with
-    /// other readers nor kept: the caller writes them into its cache file.
+    /// other readers nor kept: the caller writes them into its cache file. A chunk whose
+    /// fetch failed a moment ago fails at once, and a registry failure here is held for the
+    /// chunk like a failed chunk fetch (`inflight`): readers queued behind a stalled registry
+    /// do not wait one deadline each.
     pub async fn read_leaves(&self, blob: &Arc<DataBlob>, span: LeafSpan) -> Result<Piece, EngineError> {
+        let key = ChunkKey::new(blob.key(), span.chunk);
+        if let Some(e) = self.inflight.lock().recent_failure(&key) {
+            return Err(e);
+        }
         let slot = self.slot(blob, span.chunk);
         let data = self
             .registry
             .fetch_range(&blob.source, span.start, span.stop - span.start);
         let (slot, data) = tokio::join!(slot, data);
-        let (slot, data) = (slot?, data?);
+        let failed = |e: EngineError| {
+            // a mismatch is the registry's bytes, not its availability: the chunk fetch may
+            // still succeed (and is checked against the chunk digest)
+            if !matches!(e, EngineError::Registry(RegistryError::DigestMismatch { .. })) {
+                self.inflight.hold_failure(&key, &e);
+            }
+            e
+        };
+        let (slot, data) = (slot.map_err(failed)?, data.map_err(|e| failed(e.into()))?);
         self.stats.fetched(blob.key(), data.len() as u64);
         let leaf = blob.leaves.as_ref().map_or(1, |l| l.layout.leaf_size);
         let cs = span.chunk * blob.table_chunk;
