@@ -39,6 +39,8 @@ pub(super) struct CachedBlob {
     /// When a reader last needed this blob, a miss or a hit (the background fill waits for
     /// a quiet blob, so it never competes with a reader).
     pub(super) last_read: Mutex<Instant>,
+    /// The runs of chunks a startup prefetch is fetching.
+    pub(super) planned: Mutex<Vec<std::ops::Range<u64>>>,
     /// (chunk, leaf) of the leaves written in this run into chunks not verified whole.
     pub(super) leaves_written: Mutex<BTreeSet<(u64, u64)>>,
     /// A background fill task runs for this blob.
@@ -125,6 +127,7 @@ impl FanotifyFrontend {
                     storing: Mutex::new(HashSet::new()),
                     last_read: Mutex::new(Instant::now()),
                     leaves_written: Mutex::new(BTreeSet::new()),
+                    planned: Mutex::new(Vec::new()),
                     filling: AtomicBool::new(false),
                     complete: AtomicBool::new(false),
                 })

@@ -2,7 +2,8 @@
 //! that no sequential reader is reading fetches only the leaves its range covers (16 KiB
 //! each by default), verified on their own, and writes them into the cache file; the chunk
 //! stays unverified. A second miss in the same chunk fetches the whole chunk (the reader is
-//! reading around), as does a sequential reader. Leaves already written are served from the
+//! reading around), as does a sequential reader, and a miss in a chunk a startup prefetch
+//! is fetching. Leaves already written are served from the
 //! cache file like verified chunks.
 
 use std::fs::File;
@@ -22,8 +23,12 @@ impl CachedBlob {
     }
 
     /// Whether a miss of `span` (its chunk missing) is served by its leaves: the blob has
-    /// them, no leaf of the chunk was fetched before, and no sequential reader reaches it.
+    /// them, no leaf of the chunk was fetched before, no sequential reader reaches it, and no
+    /// startup prefetch is about to fetch it whole.
     fn leaves_first(&self, span: LeafSpan) -> bool {
+        if lock(&self.planned).iter().any(|r| r.contains(&span.chunk)) {
+            return false;
+        }
         let touched = lock(&self.leaves_written)
             .range((span.chunk, 0)..(span.chunk + 1, 0))
             .next()

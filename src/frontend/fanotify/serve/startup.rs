@@ -61,13 +61,28 @@ impl FanotifyFrontend {
         let Some(cached) = self.cached_of(blob) else {
             return Err(std::io::Error::other("the blob's cache file is not prepared"));
         };
+        // readers' misses in these chunks fetch them whole, not their leaves: the prefetch
+        // fetches them whole anyway
+        *lock(&cached.planned) = runs.to_vec();
+        let fetched = self.replay_runs(&cached, runs).await;
+        lock(&cached.planned).clear();
+        fetched
+    }
+
+    /// The runs of one blob's plan, fetched.
+    async fn replay_runs(
+        self: &Arc<Self>,
+        cached: &Arc<CachedBlob>,
+        runs: &[std::ops::Range<u64>],
+    ) -> std::io::Result<u64> {
+        let blob = &cached.blob;
         let Some(first) = runs.first() else {
             return Ok(0);
         };
         let kept = lock(&cached.writer).clone();
         let via = match kept {
             Some(w) => w,
-            None => self.writer_by_reading(&cached, first.start).await?,
+            None => self.writer_by_reading(cached, first.start).await?,
         };
         let unit = blob.table_chunk;
         let per_run = (self.engine.merge_max() / unit).max(1);
@@ -75,17 +90,17 @@ impl FanotifyFrontend {
         for run in runs {
             let mut cursor = run.start;
             while cursor < run.end && !cached.complete.load(Relaxed) {
-                let Some(r) = self.next_missing_run(&cached, &via, cursor..run.end, per_run)? else {
+                let Some(r) = self.next_missing_run(cached, &via, cursor..run.end, per_run)? else {
                     break;
                 };
                 cursor = r.end;
                 let (s, e) = (r.start * unit, (r.end * unit).min(blob.source.size));
-                let n = self.fetch_and_store(&cached, s, e, Arc::clone(&via), None).await?;
+                let n = self.fetch_and_store(cached, s, e, Arc::clone(&via), None).await?;
                 self.stats.chunks_startup.fetch_add(n, Relaxed);
                 fetched += n;
             }
         }
-        self.unmark_if_complete(&cached);
+        self.unmark_if_complete(cached);
         Ok(fetched)
     }
 
