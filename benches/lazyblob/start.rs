@@ -46,7 +46,18 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
 
     // ---- conversion (timed) against mkfs.erofs on the unpacked tree (below)
     let t = Instant::now();
-    let report = convert_ref(reg, &src, &dst).await;
+    // LAZYBLOB_BENCH_NO_LEAVES=1: a format 2 image (no leaves layer), for A/B runs
+    let report = if std::env::var_os("LAZYBLOB_BENCH_NO_LEAVES").is_some() {
+        let opts = lazyblob::image::convert::ConvertOptions {
+            leaves: false,
+            ..Default::default()
+        };
+        lazyblob::image::convert::convert(reg, &src.parse().unwrap(), &dst.parse().unwrap(), &opts)
+            .await
+            .unwrap()
+    } else {
+        convert_ref(reg, &src, &dst).await
+    };
     let convert_s = t.elapsed().as_secs_f64();
 
     // startup set: ~6% of the bytes, small files of a few packages plus the head of one large file
