@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use lru::LruCache;
 
+use super::chunks::ChunkGeometry;
 use super::inflight::ChunkKey;
 use super::{DataBlob, Engine, EngineError, Piece};
 use crate::image::leaves::{self, Cv, LeafLayout, CV_LEN};
@@ -79,10 +80,10 @@ impl DataBlob {
         })
     }
 
-    /// Bytes of chunk `c`.
+    /// Bytes of table chunk `c`.
     fn chunk_len(&self, c: u64) -> u64 {
-        let s = c * self.table_chunk;
-        (s + self.table_chunk).min(self.source.size) - s
+        let geo = ChunkGeometry::new(self.table_chunk, self.table_chunk, self.source.size);
+        geo.end(c) - geo.start(c)
     }
 }
 
@@ -129,12 +130,13 @@ impl Engine {
             let want = slot
                 .get(i as usize)
                 .ok_or_else(|| EngineError::Task("leaf past its slot".into()))?;
-            if leaves::leaf_cv(piece, i * leaf) != *want {
-                self.stats.failed_reads.fetch_add(1, Relaxed);
+            // not a failed read: the caller fetches the chunk whole, and only that can fail
+            let got = leaves::leaf_cv(piece, i * leaf);
+            if got != *want {
                 return Err(RegistryError::DigestMismatch {
                     what: format!("leaf {i} at {} of {}", cs + i * leaf, blob.source.digest),
                     expected: hex::encode(want),
-                    got: hex::encode(leaves::leaf_cv(piece, i * leaf)),
+                    got: hex::encode(got),
                 }
                 .into());
             }
