@@ -46,14 +46,11 @@ impl FanotifyFrontend {
                 _ => false,
             };
             let urgent = range.map(|(o, n)| (o, o.saturating_add(n)));
-            let runs = if leaves {
-                Vec::new()
-            } else {
-                consecutive(&missing, u64::MAX)
-            };
-            for run in runs {
-                let (s, e) = (run.start * unit, (run.end * unit).min(size));
-                written += self.fetch_and_store(&cached, s, e, Arc::clone(&via), urgent).await?;
+            if !leaves {
+                for run in consecutive(&missing, u64::MAX) {
+                    let (s, e) = (run.start * unit, (run.end * unit).min(size));
+                    written += self.fetch_and_store(&cached, s, e, Arc::clone(&via), urgent).await?;
+                }
             }
             self.start_background_fill(&cached);
         }
@@ -123,14 +120,14 @@ impl FanotifyFrontend {
         // task; only chunks with data on disk (an earlier run's) are read and hashed, on the
         // blocking pool
         let unit = cached.blob.table_chunk;
-        let mut with_data = false;
+        let mut any_data = false;
         for &c in &unknown {
-            with_data |= cache::is_data(file, c * unit, ((c + 1) * unit).min(cached.blob.source.size))?;
-            if with_data {
+            if cache::is_data(file, c * unit, ((c + 1) * unit).min(cached.blob.source.size))? {
+                any_data = true;
                 break;
             }
         }
-        if !with_data {
+        if !any_data {
             return Ok(unknown);
         }
         let (me, cached, file) = (Arc::clone(self), Arc::clone(cached), Arc::clone(file));

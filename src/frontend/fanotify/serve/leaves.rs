@@ -3,8 +3,7 @@
 //! each by default), verified on their own, and writes them into the cache file; the chunk
 //! stays unverified. A second miss in the same chunk fetches the whole chunk (the reader is
 //! reading around), as does a sequential reader, and a miss in a chunk a startup prefetch
-//! is fetching. Leaves already written are served from the
-//! cache file like verified chunks.
+//! is fetching. Leaves already written are served from the cache file like verified chunks.
 
 use std::fs::File;
 use std::io;
