@@ -70,12 +70,13 @@ async fn cachefiles_frontend_in_vm() {
     let pre_digest = push_image(&reg, &host, "test/pre:v1", &pre).await;
     let pre_blob = sha256_digest(&pre.data[0]);
     let pre_list = lazyblob::prefetch::PrefetchList {
-        version: 1,
+        version: 2,
         image: lazyblob::image::digest::Digest::parse(&pre_digest).unwrap(),
         blobs: vec![lazyblob::prefetch::list::BlobRuns {
             digest: lazyblob::image::digest::Digest::parse(&pre_blob).unwrap(),
             chunk_size: 1 << 20,
             runs: vec![[0, (pre.data[0].len() as u64).div_ceil(1 << 20)]],
+            order: vec![0],
         }],
     };
 

@@ -160,12 +160,12 @@ impl Catalog {
             digest: d.digest.clone(),
             size: d.size,
         };
-        // parsed from the bytes just verified, not read back from disk
-        let (_, table_bytes) = self.store_blob(&src(&lazy.table)).await?;
+        // the table and the metadata blob side by side; the table parsed from the bytes just
+        // verified, not read back from disk
+        let (table, meta) = (src(&lazy.table), src(&lazy.meta));
+        let ((_, table_bytes), (meta_path, _)) = tokio::try_join!(self.store_blob(&table), self.store_blob(&meta))?;
         let table = ChunkTable::parse_within(&table_bytes, limits)?;
         drop(table_bytes);
-        let meta = src(&lazy.meta);
-        let (meta_path, _) = self.store_blob(&meta).await?;
         let leaves = leaves_layer(&table, lazy.leaves.as_ref())?.map(|(l, layout)| (src(l), layout, Arc::default()));
         let mut data = Vec::with_capacity(lazy.data.len());
         for d in &lazy.data {

@@ -109,10 +109,11 @@ impl Daemon {
             special_files: special,
         };
         lock(&self.mounts).push(info.clone());
+        // the startup prefetch first: it runs beside the mount table's write
+        self.start_prefetch(&image);
         self.persist_mounts().await;
         // an image whose blobs are all complete already (mounted before) raises no completion
         self.settle_read_ahead().await;
-        self.start_prefetch(&image);
         tracing::info!(reference, target = %info.target.display(), fsid = %info.fsid, "mounted");
         Ok(info)
     }

@@ -5,7 +5,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -37,8 +37,9 @@ impl std::fmt::Debug for Recorder {
 
 struct Recording {
     image: Arc<Image>,
-    /// Per data blob (by digest): when its first chunk was read (report count) and its chunks.
-    blobs: HashMap<Digest, (u64, BTreeSet<u64>)>,
+    /// Per data blob (by digest): when its first chunk was read (report count) and its chunks,
+    /// each with when it was first read.
+    blobs: HashMap<Digest, (u64, BTreeMap<u64, u64>)>,
     reports: u64,
 }
 
@@ -76,15 +77,15 @@ impl Recorder {
             }
             rec.reports += 1;
             let order = rec.reports;
-            let (_, set) = rec
+            let (_, chunks_read) = rec
                 .blobs
                 .entry(blob.source.digest.clone())
-                .or_insert_with(|| (order, BTreeSet::new()));
+                .or_insert_with(|| (order, BTreeMap::new()));
             for c in chunks.clone() {
-                if set.len() >= MAX_CHUNKS_PER_BLOB {
+                if chunks_read.len() >= MAX_CHUNKS_PER_BLOB {
                     break;
                 }
-                set.insert(c);
+                chunks_read.entry(c).or_insert(order);
             }
         }
     }
@@ -100,11 +101,11 @@ impl Recorder {
         };
         let mut blobs: Vec<_> = rec.blobs.into_iter().collect();
         blobs.sort_by_key(|(_, (order, _))| *order);
-        let blobs: Vec<(&DataBlob, Vec<u64>)> = blobs
+        let blobs: Vec<(&DataBlob, Vec<(u64, u64)>)> = blobs
             .iter()
             .filter_map(|(digest, (_, chunks))| {
                 let blob = rec.image.data.iter().find(|d| &d.source.digest == digest)?;
-                Some((blob.as_ref(), chunks.iter().copied().collect()))
+                Some((blob.as_ref(), chunks.iter().map(|(&c, &t)| (c, t)).collect()))
             })
             .collect();
         let list = PrefetchList::new(rec.image.manifest_digest.clone(), blobs);

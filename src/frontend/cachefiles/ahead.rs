@@ -119,7 +119,7 @@ impl Cachefiles {
         tokio::spawn(
             async move {
                 let (t0, mut units) = (Instant::now(), 0);
-                for (blob, runs) in plan {
+                for (blob, runs) in plan.blobs {
                     let Some(obj) = me.object_of(&image, &blob) else {
                         tracing::warn!(blob = %blob.source.digest, "startup prefetch: the kernel has no object for the blob");
                         continue;

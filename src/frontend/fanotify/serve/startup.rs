@@ -1,18 +1,24 @@
 //! Startup prefetch (fanotify): an image's prefetch list is fetched as soon as it is mounted,
-//! up to 4 blobs side by side, each run of chunks not yet cached in merged requests of up to
-//! `merge_max`, one request at a time per blob, beside the readers (whose own fetches never
-//! wait for it; a chunk both want is fetched once, by the engine's single flight).
+//! beside the readers (whose own fetches never wait for it; a chunk both want is fetched
+//! once, by the engine's single flight). The chunks go in the order the recorded start first
+//! read them, across blobs, in pieces of at most `PIECE_BYTES` (and `merge_max`) of a run,
+//! up to `FETCHES_AT_ONCE` pieces in flight: what a start reads first, a large file's head
+//! say, arrives first and at the whole prefetch's speed. A piece fetches only its chunks not
+//! yet cached.
 //!
 //! A cache file is written only through a non-notifying event fd. A blob no reader has
 //! touched yet has none, so the prefetch reads one byte of its first chunk itself: the
 //! daemon's own event for it fills that chunk and keeps the blob's writer.
 
+use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
+use tokio::sync::OnceCell;
 use tracing::Instrument;
 
 use super::blob::CachedBlob;
@@ -21,86 +27,121 @@ use crate::engine::DataBlob;
 use crate::lock::lock;
 use crate::prefetch::Plan;
 
-/// Blobs of one image prefetched at once (half of `max_concurrent_fetches`' default 8: the
-/// readers keep the rest).
-const BLOBS_AT_ONCE: usize = 4;
+/// Pieces of a startup prefetch in flight at once (half of `max_concurrent_fetches`' default
+/// 8: the readers keep the rest).
+const FETCHES_AT_ONCE: usize = 4;
+
+/// Largest piece of a run fetched as one request: a long run read first (a large file's
+/// head) is fetched by several requests side by side. (Against docker-registry, 4 MiB
+/// pieces made the whole prefetch slower than 8-32 MiB: each request has its cost.)
+const PIECE_BYTES: u64 = 8 << 20;
+
+/// One blob of a plan being fetched.
+struct PlannedBlob {
+    cached: Arc<CachedBlob>,
+    /// Its writer, found (or made, by reading) by the first piece that needs it.
+    writer: OnceCell<Arc<File>>,
+    /// A fetch or write failed: its remaining pieces are left to the readers.
+    stopped: AtomicBool,
+}
 
 impl FanotifyFrontend {
     /// Fetch `plan` (an image's prefetch list, checked against it) on its own task.
     pub fn replay(self: &Arc<Self>, reference: &str, plan: Plan) {
         let me = Arc::clone(self);
         let span = tracing::info_span!("startup_prefetch", image = %reference);
+        // readers' misses in planned chunks fetch them whole, not their leaves: the prefetch
+        // fetches them whole anyway (set before any reader can miss in them)
+        let blobs: Arc<Vec<Option<PlannedBlob>>> = plan
+            .blobs
+            .iter()
+            .map(|(blob, runs)| {
+                let cached = self.cached_of(blob);
+                match &cached {
+                    Some(c) => *lock(&c.planned) = runs.clone(),
+                    None => tracing::warn!(blob = %blob.source.digest, "startup prefetch: the blob's cache file is not prepared"),
+                }
+                cached.map(|cached| PlannedBlob {
+                    cached,
+                    writer: OnceCell::new(),
+                    stopped: AtomicBool::new(false),
+                })
+            })
+            .collect::<Vec<_>>()
+            .into();
         tokio::spawn(
             async move {
                 let t0 = Instant::now();
-                // the blobs side by side (a startup reads across layers), each one request at
-                // a time: at most BLOBS_AT_ONCE of the registry's connections
-                let blobs = plan.into_iter().map(|(blob, runs)| {
-                    let me = Arc::clone(&me);
-                    async move {
-                        me.replay_blob(&blob, &runs).await.unwrap_or_else(|e| {
-                            tracing::warn!(blob = %blob.source.digest, error = %e, "startup prefetch of a blob stopped; readers fetch on demand");
-                            0
-                        })
-                    }
-                });
-                let chunks: u64 = futures::stream::iter(blobs)
-                    .buffer_unordered(BLOBS_AT_ONCE)
+                let piece_bytes = me.engine.merge_max().min(PIECE_BYTES);
+                let pieces = plan.pieces(|blob| piece_bytes / blob.table_chunk);
+                let chunks: u64 = futures::stream::iter(pieces)
+                    .map(|(b, piece)| {
+                        let (me, blobs) = (Arc::clone(&me), Arc::clone(&blobs));
+                        async move {
+                            match &blobs[b] {
+                                Some(blob) => me.replay_piece(blob, piece).await,
+                                None => 0,
+                            }
+                        }
+                    })
+                    .buffer_unordered(FETCHES_AT_ONCE)
                     .collect::<Vec<u64>>()
                     .await
                     .into_iter()
                     .sum();
+                for b in blobs.iter().flatten() {
+                    lock(&b.cached.planned).clear();
+                    me.unmark_if_complete(&b.cached);
+                }
                 tracing::info!(chunks, ms = t0.elapsed().as_millis() as u64, "startup prefetch done");
             }
             .instrument(span),
         );
     }
 
-    /// One blob of a plan: the chunks fetched for it.
-    async fn replay_blob(self: &Arc<Self>, blob: &DataBlob, runs: &[std::ops::Range<u64>]) -> std::io::Result<u64> {
-        let Some(cached) = self.cached_of(blob) else {
-            return Err(std::io::Error::other("the blob's cache file is not prepared"));
-        };
-        // readers' misses in these chunks fetch them whole, not their leaves: the prefetch
-        // fetches them whole anyway
-        *lock(&cached.planned) = runs.to_vec();
-        let fetched = self.replay_runs(&cached, runs).await;
-        lock(&cached.planned).clear();
-        fetched
-    }
-
-    /// The runs of one blob's plan, fetched.
-    async fn replay_runs(
-        self: &Arc<Self>,
-        cached: &Arc<CachedBlob>,
-        runs: &[std::ops::Range<u64>],
-    ) -> std::io::Result<u64> {
-        let blob = &cached.blob;
-        let Some(first) = runs.first() else {
-            return Ok(0);
-        };
-        let kept = lock(&cached.writer).clone();
-        let via = match kept {
-            Some(w) => w,
-            None => self.writer_by_reading(cached, first.start).await?,
-        };
-        let unit = blob.table_chunk;
-        let per_run = (self.engine.merge_max() / unit).max(1);
-        let mut fetched = 0;
-        for run in runs {
-            let mut cursor = run.start;
-            while cursor < run.end && !cached.complete.load(Relaxed) {
-                let Some(r) = self.next_missing_run(cached, &via, cursor..run.end, per_run)? else {
-                    break;
-                };
-                cursor = r.end;
-                let (s, e) = (r.start * unit, (r.end * unit).min(blob.source.size));
-                let n = self.fetch_and_store(cached, s, e, Arc::clone(&via), None).await?;
-                self.stats.chunks_startup.fetch_add(n, Relaxed);
-                fetched += n;
+    /// Fetch and write the chunks of `piece` of a planned blob not yet cached; the chunks
+    /// written. A failure stops the blob's prefetch (its readers fetch on demand).
+    async fn replay_piece(self: &Arc<Self>, b: &PlannedBlob, piece: Range<u64>) -> u64 {
+        if b.stopped.load(Relaxed) || b.cached.complete.load(Relaxed) {
+            return 0;
+        }
+        match self.fetch_piece(b, piece).await {
+            Ok(n) => n,
+            Err(e) => {
+                if !b.stopped.swap(true, Relaxed) {
+                    tracing::warn!(blob = %b.cached.blob.source.digest, error = %e, "startup prefetch of a blob stopped; readers fetch on demand");
+                }
+                0
             }
         }
-        self.unmark_if_complete(cached);
+    }
+
+    async fn fetch_piece(self: &Arc<Self>, b: &PlannedBlob, piece: Range<u64>) -> std::io::Result<u64> {
+        let cached = &b.cached;
+        let via = b
+            .writer
+            .get_or_try_init(|| async {
+                let kept = lock(&cached.writer).clone();
+                match kept {
+                    Some(w) => Ok(w),
+                    None => self.writer_by_reading(cached, piece.start).await,
+                }
+            })
+            .await?;
+        let (unit, size) = (cached.blob.table_chunk, cached.blob.source.size);
+        let per = piece.end - piece.start;
+        let mut cursor = piece.start;
+        let mut fetched = 0;
+        while cursor < piece.end && !cached.complete.load(Relaxed) {
+            let Some(r) = self.next_missing_run(cached, via, cursor..piece.end, per)? else {
+                break;
+            };
+            cursor = r.end;
+            let (s, e) = (r.start * unit, (r.end * unit).min(size));
+            let n = self.fetch_and_store(cached, s, e, Arc::clone(via), None).await?;
+            self.stats.chunks_startup.fetch_add(n, Relaxed);
+            fetched += n;
+        }
         Ok(fetched)
     }
 
