@@ -124,29 +124,21 @@ impl Engine {
         };
         let (slot, data) = (slot.map_err(failed)?, data.map_err(|e| failed(e.into()))?);
         self.stats.fetched(blob.key(), data.len() as u64);
-        let leaf = blob.leaves.as_ref().map_or(1, |l| l.layout.leaf_size);
-        let cs = span.chunk * blob.table_chunk;
-        for (i, piece) in (span.first..span.end).zip(data.chunks(leaf as usize)) {
-            let want = slot
-                .get(i as usize)
-                .ok_or_else(|| EngineError::Task("leaf past its slot".into()))?;
-            // not a failed read: the caller fetches the chunk whole, and only that can fail
-            let got = leaves::leaf_cv(piece, i * leaf);
-            if got != *want {
-                return Err(RegistryError::DigestMismatch {
-                    what: format!("leaf {i} at {} of {}", cs + i * leaf, blob.source.digest),
-                    expected: hex::encode(want),
-                    got: hex::encode(got),
-                }
-                .into());
-            }
-        }
+        // not a failed read: the caller fetches the chunk whole, and only that can fail
+        check_leaves(blob, span, &slot, &data)?;
         self.stats.leaf_reads.fetch_add(1, Relaxed);
         self.stats.served(blob.key(), data.len() as u64);
         Ok(Piece {
             offset: span.start,
             data,
         })
+    }
+
+    /// Check `data`, the bytes of `span` found in a cache file (leaves an earlier run wrote),
+    /// against the chunk's leaf values.
+    pub async fn verify_leaves(&self, blob: &Arc<DataBlob>, span: LeafSpan, data: &[u8]) -> Result<(), EngineError> {
+        let slot = self.slot(blob, span.chunk).await?;
+        check_leaves(blob, span, &slot, data)
     }
 
     /// The leaf values of chunk `c`, checked against its digest (kept, or fetched).
@@ -204,6 +196,39 @@ impl Engine {
     }
 }
 
+/// Check the bytes of `span` (all of it) leaf by leaf against the chunk's verified `slot`.
+fn check_leaves(blob: &DataBlob, span: LeafSpan, slot: &[Cv], data: &[u8]) -> Result<(), EngineError> {
+    if data.len() as u64 != span.stop - span.start {
+        return Err(EngineError::Task(format!(
+            "{} bytes for leaves {}..{} of chunk {}",
+            data.len(),
+            span.first,
+            span.end,
+            span.chunk
+        )));
+    }
+    let leaf = blob.leaves.as_ref().map_or(1, |l| l.layout.leaf_size);
+    for (i, piece) in (span.first..span.end).zip(data.chunks(leaf as usize)) {
+        let want = slot
+            .get(i as usize)
+            .ok_or_else(|| EngineError::Task("leaf past its slot".into()))?;
+        let got = leaves::leaf_cv(piece, i * leaf);
+        if got != *want {
+            return Err(RegistryError::DigestMismatch {
+                what: format!(
+                    "leaf {i} at {} of {}",
+                    span.start + (i - span.first) * leaf,
+                    blob.source.digest
+                ),
+                expected: hex::encode(want),
+                got: hex::encode(got),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +251,34 @@ mod tests {
             layout,
             local: Default::default(),
         })
+    }
+
+    #[test]
+    fn leaves_are_checked_one_by_one_against_their_slot() {
+        let b = blob(2 << 20);
+        let chunk: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let leaf = 16 << 10;
+        let slot: Vec<Cv> = chunk
+            .chunks(leaf)
+            .enumerate()
+            .map(|(i, l)| leaves::leaf_cv(l, (i * leaf) as u64))
+            .collect();
+        // leaves 2 and 3 of chunk 1
+        let span = b.leaf_span((1 << 20) + 2 * leaf as u64 + 100, leaf as u64).unwrap();
+        let mut data = chunk[2 * leaf..4 * leaf].to_vec();
+        assert!(check_leaves(&b, span, &slot, &data).is_ok());
+        data[leaf + 7] ^= 1;
+        assert!(check_leaves(&b, span, &slot, &data).is_err(), "a changed byte");
+        assert!(
+            check_leaves(&b, span, &slot, &chunk[..2 * leaf]).is_err(),
+            "other leaves' bytes"
+        );
+        assert!(
+            check_leaves(&b, span, &slot, &chunk[2 * leaf..3 * leaf]).is_err(),
+            "too short"
+        );
     }
 
     #[test]

@@ -3,14 +3,18 @@
 //! each by default), verified on their own, and writes them into the cache file; the chunk
 //! stays unverified. A second miss in the same chunk fetches the whole chunk (the reader is
 //! reading around), as does a sequential reader, and a miss in a chunk a startup prefetch
-//! is fetching. Leaves already written are served from the cache file like verified chunks.
+//! is fetching. Leaves already written are served from the cache file like verified chunks;
+//! leaves an earlier run wrote (a chunk with holes whose span is all data) are read back and
+//! checked against the leaf values, not fetched again.
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::blob::CachedBlob;
-use super::FanotifyFrontend;
+use super::{cache, FanotifyFrontend};
 use crate::engine::leaves::LeafSpan;
 use crate::lock::lock;
 
@@ -46,6 +50,11 @@ impl FanotifyFrontend {
         span: LeafSpan,
         via: &Arc<File>,
     ) -> io::Result<bool> {
+        if self.leaves_on_disk(cached, span, via).await? {
+            lock(&cached.leaves_written).extend((span.first..span.end).map(|l| (span.chunk, l)));
+            self.stats.leaves_present.fetch_add(1, Relaxed);
+            return Ok(true);
+        }
         if !cached.leaves_first(span) {
             return Ok(false);
         }
@@ -60,5 +69,27 @@ impl FanotifyFrontend {
             .await?;
         lock(&cached.leaves_written).extend((span.first..span.end).map(|l| (span.chunk, l)));
         Ok(true)
+    }
+
+    /// Whether the leaves of `span` are in the cache file already (an earlier run wrote
+    /// them) and verify; leaves that do not are fetched again.
+    async fn leaves_on_disk(&self, cached: &CachedBlob, span: LeafSpan, via: &Arc<File>) -> io::Result<bool> {
+        if !cache::is_data(via, span.start, span.stop)? {
+            return Ok(false);
+        }
+        let (file, len) = (Arc::clone(via), (span.stop - span.start) as usize);
+        let data = tokio::task::spawn_blocking(move || {
+            let mut b = vec![0u8; len];
+            file.read_exact_at(&mut b, span.start).map(|_| b)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        match self.engine.verify_leaves(&cached.blob, span, &data).await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::warn!(error = %e, chunk = span.chunk, "leaves in the cache file do not verify: fetched again");
+                Ok(false)
+            }
+        }
     }
 }
