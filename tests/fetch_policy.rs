@@ -197,3 +197,54 @@ async fn leaves_that_do_not_verify_are_never_served() {
     assert_eq!(d.status().await.engine.leaf_reads, 1);
     d.umount(&mnt);
 }
+
+/// Concurrent first misses in one chunk: one reader reads its leaves, the others take the
+/// chunk whole through the engine's single flight; the chunk's bytes are asked for at most
+/// twice (its leaves and the chunk), never once per reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_in_a_chunk_read_leaves_once() {
+    require_root();
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
+    let data = bytes(9, 4 * MIB);
+    let files = BTreeMap::from([("f.bin".to_string(), data.clone())]);
+    let img = build_files(&files, 1);
+    let blob = lazyblob::registry::sha256_digest(&img.data[0]);
+    push_image(&reg, &host, "policy/hot:v1", &img).await;
+    let work = tempfile::tempdir().unwrap();
+    let d = DaemonProc::start(
+        &work.path().join("d"),
+        &[&host],
+        "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0",
+    );
+    let mnt = work.path().join("d/mnt");
+    d.mount(&format!("{host}/policy/hot:v1"), &mnt);
+    // the data blob answers slowly: the readers' misses overlap
+    mock.set_faults(vec![registry_mock::FaultRule::always(registry_mock::Fault::Latency(
+        std::time::Duration::from_millis(300),
+    ))
+    .for_blob(&blob)]);
+    let f = mnt.join("f.bin");
+    // 8 readers, each in its own leaf of chunk 2, started together
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let readers: Vec<_> = (0..8)
+        .map(|i| {
+            let (f, barrier) = (f.clone(), std::sync::Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                let off = 2 * MIB + i * 100_000;
+                barrier.wait();
+                (off, read_at(&f, off, 4096))
+            })
+        })
+        .collect();
+    for r in readers {
+        let (off, got) = r.join().unwrap();
+        assert!(got[..] == data[off..off + 4096], "wrong bytes at {off}");
+    }
+    let asked = mock.counters().requests_overlapping(&blob, 2 * MIB as u64, MIB as u64);
+    assert!((1..=2).contains(&asked), "chunk 2 asked for {asked} times by 8 readers");
+    assert!(d.status().await.engine.leaf_reads <= 1);
+    mock.clear_faults();
+    d.umount(&mnt);
+}

@@ -1,8 +1,9 @@
 //! Random reads served by their leaves (format 3): the first miss of a reader in a chunk
 //! that no sequential reader is reading fetches only the leaves its range covers (16 KiB
 //! each by default), verified on their own, and writes them into the cache file; the chunk
-//! stays unverified. A second miss in the same chunk fetches the whole chunk (the reader is
-//! reading around), as does a sequential reader, and a miss in a chunk a startup prefetch
+//! stays unverified. A second miss in the same chunk, or one while its leaves are being read,
+//! fetches the whole chunk (readers are reading around it; the engine's single flight fetches
+//! it once), as does a sequential reader, and a miss in a chunk a startup prefetch
 //! is fetching. Leaves already written are served from the cache file like verified chunks;
 //! leaves an earlier run wrote (a chunk with holes whose span is all data) are read back and
 //! checked against the leaf values, not fetched again.
@@ -26,17 +27,21 @@ impl CachedBlob {
     }
 
     /// Whether a miss of `span` (its chunk missing) is served by its leaves: the blob has
-    /// them, no leaf of the chunk was fetched before, no sequential reader reaches it, and no
-    /// startup prefetch is about to fetch it whole.
+    /// them, no startup prefetch is about to fetch the chunk whole, no sequential reader
+    /// reaches it, and no leaf of it was read (or is being read) before; the chunk is then
+    /// taken, so that a concurrent miss in it fetches it whole (through the engine's single
+    /// flight) instead of more leaves.
     fn leaves_first(&self, span: LeafSpan) -> bool {
-        if lock(&self.planned).iter().any(|r| r.contains(&span.chunk)) {
+        if lock(&self.planned).iter().any(|r| r.contains(&span.chunk)) || lock(&self.ahead).continues(span.chunk) {
             return false;
         }
-        let touched = lock(&self.leaves_written)
-            .range((span.chunk, 0)..(span.chunk + 1, 0))
-            .next()
-            .is_some();
-        !touched && !lock(&self.ahead).continues(span.chunk)
+        lock(&self.leaf_chunks).insert(span.chunk)
+    }
+
+    /// Leaves of `span` are in the cache file: served from there from now on.
+    fn leaves_are_written(&self, span: LeafSpan) {
+        lock(&self.leaves_written).extend((span.first..span.end).map(|l| (span.chunk, l)));
+        lock(&self.leaf_chunks).insert(span.chunk);
     }
 }
 
@@ -51,7 +56,7 @@ impl FanotifyFrontend {
         via: &Arc<File>,
     ) -> io::Result<bool> {
         if self.leaves_on_disk(cached, span, via).await? {
-            lock(&cached.leaves_written).extend((span.first..span.end).map(|l| (span.chunk, l)));
+            cached.leaves_are_written(span);
             self.stats.leaves_present.fetch_add(1, Relaxed);
             return Ok(true);
         }
@@ -67,7 +72,7 @@ impl FanotifyFrontend {
         };
         self.write_urgent(cached, piece.data, piece.offset, Arc::clone(via))
             .await?;
-        lock(&cached.leaves_written).extend((span.first..span.end).map(|l| (span.chunk, l)));
+        cached.leaves_are_written(span);
         Ok(true)
     }
 
