@@ -18,29 +18,43 @@ use registry_mock::{MockConfig, MockRegistry};
 
 const MIB: usize = 1 << 20;
 
+/// A registry-mock serving `files` as image `repo` (format 3, one data blob); the mock and
+/// the data blob's digest.
+async fn serve(files: &BTreeMap<String, Vec<u8>>, repo: &str) -> (MockRegistry, String) {
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let img = build_files(files, 1);
+    push_image(&client(&insecure_config(&[&host])), &host, repo, &img).await;
+    let blob = lazyblob::registry::sha256_digest(&img.data[0]);
+    (mock, blob)
+}
+
+/// A fanotify daemon (background fill off, and the `[engine]` lines `engine`) with `repo`
+/// of `mock` mounted: its directory, the daemon and the mount point.
+fn mounted(mock: &MockRegistry, repo: &str, engine: &str) -> (tempfile::TempDir, DaemonProc, std::path::PathBuf) {
+    let host = mock.host();
+    let work = tempfile::tempdir().unwrap();
+    let d = DaemonProc::start(
+        &work.path().join("d"),
+        &[&host],
+        &format!("frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\n{engine}"),
+    );
+    let mnt = work.path().join("d/mnt");
+    d.mount(&format!("{host}/{repo}"), &mnt);
+    (work, d, mnt)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     require_root();
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let host = mock.host();
-    let reg = client(&insecure_config(&[&host]));
     // a large file first in the blob, small files after it (1 MiB chunks)
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     files.insert("a-big.bin".into(), bytes(41, 48 * MIB));
     for i in 0..12 {
         files.insert(format!("z/small{i:02}.bin"), bytes(100 + i, 200_000));
     }
-    let img = build_files(&files, 1);
-    let data_digest = lazyblob::registry::sha256_digest(&img.data[0]);
-    push_image(&reg, &host, "policy/app:v1", &img).await;
-    let work = tempfile::tempdir().unwrap();
-    let mut d = DaemonProc::start(
-        &work.path().join("d"),
-        &[&host],
-        "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0",
-    );
-    let mnt = work.path().join("d/mnt");
-    d.mount(&format!("{host}/policy/app:v1"), &mnt);
+    let (mock, data_digest) = serve(&files, "policy/app:v1").await;
+    let (_work, mut d, mnt) = mounted(&mock, "policy/app:v1", "");
     let big = &files["a-big.bin"];
 
     // pass 1: the small files, then the head of the large one read sequentially, which
@@ -141,13 +155,11 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaves_that_do_not_verify_are_never_served() {
     require_root();
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let host = mock.host();
-    let reg = client(&insecure_config(&[&host]));
     let data = bytes(7, 8 * MIB);
     let files = BTreeMap::from([("f.bin".to_string(), data.clone())]);
-    let img = build_files(&files, 1);
-    push_image(&reg, &host, "policy/bad:v1", &img).await;
+    let (mock, _) = serve(&files, "policy/bad:v1").await;
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
     let lazy = common::oci::lazy_manifest(&reg, &format!("{host}/policy/bad:v1")).await;
     let leaves = lazy
         .leaves
@@ -163,14 +175,7 @@ async fn leaves_that_do_not_verify_are_never_served() {
     bad_data[5 * MIB + 20_000] ^= 1;
     mock.store().corrupt_blob(&blob, bad_data);
 
-    let work = tempfile::tempdir().unwrap();
-    let d = DaemonProc::start(
-        &work.path().join("d"),
-        &[&host],
-        "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\nfailed_fetch_hold_ms = 0",
-    );
-    let mnt = work.path().join("d/mnt");
-    d.mount(&format!("{host}/policy/bad:v1"), &mnt);
+    let (_work, d, mnt) = mounted(&mock, "policy/bad:v1", "failed_fetch_hold_ms = 0");
     let f = mnt.join("f.bin");
     // chunk 0: leaves verify
     assert!(read_at(&f, 40_000, 4096) == data[40_000..44_096]);
@@ -204,22 +209,10 @@ async fn leaves_that_do_not_verify_are_never_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_in_a_chunk_read_leaves_once() {
     require_root();
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let host = mock.host();
-    let reg = client(&insecure_config(&[&host]));
     let data = bytes(9, 4 * MIB);
     let files = BTreeMap::from([("f.bin".to_string(), data.clone())]);
-    let img = build_files(&files, 1);
-    let blob = lazyblob::registry::sha256_digest(&img.data[0]);
-    push_image(&reg, &host, "policy/hot:v1", &img).await;
-    let work = tempfile::tempdir().unwrap();
-    let d = DaemonProc::start(
-        &work.path().join("d"),
-        &[&host],
-        "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0",
-    );
-    let mnt = work.path().join("d/mnt");
-    d.mount(&format!("{host}/policy/hot:v1"), &mnt);
+    let (mock, blob) = serve(&files, "policy/hot:v1").await;
+    let (_work, d, mnt) = mounted(&mock, "policy/hot:v1", "");
     // the data blob answers slowly: the readers' misses overlap
     mock.set_faults(vec![registry_mock::FaultRule::always(registry_mock::Fault::Latency(
         std::time::Duration::from_millis(300),

@@ -69,14 +69,16 @@ async fn cachefiles_frontend_in_vm() {
     let pre = one_file_per_blob(std::slice::from_ref(&pre_file));
     let pre_digest = push_image(&reg, &host, "test/pre:v1", &pre).await;
     let pre_blob = sha256_digest(&pre.data[0]);
+    let pre_chunks = (pre.data[0].len() as u64).div_ceil(1 << 20);
     let pre_list = lazyblob::prefetch::PrefetchList {
         version: 2,
         image: lazyblob::image::digest::Digest::parse(&pre_digest).unwrap(),
         blobs: vec![lazyblob::prefetch::list::BlobRuns {
             digest: lazyblob::image::digest::Digest::parse(&pre_blob).unwrap(),
             chunk_size: 1 << 20,
-            runs: vec![[0, (pre.data[0].len() as u64).div_ceil(1 << 20)]],
-            order: vec![0],
+            runs: vec![[0, pre_chunks]],
+            // one place in the read order per chunk: read front to back
+            order: (0..pre_chunks as u32).collect(),
         }],
     };
 

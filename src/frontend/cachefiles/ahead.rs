@@ -9,10 +9,11 @@
 
 use std::io;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::StreamExt;
 use tracing::Instrument;
 
 use super::device::{AlignedBuf, DIO_ALIGN};
@@ -22,7 +23,7 @@ use crate::engine::chunks::consecutive;
 use crate::engine::{DataBlob, EngineError, Pending};
 use crate::image::digest::Digest;
 use crate::lock::lock;
-use crate::prefetch::Plan;
+use crate::prefetch::{Plan, FETCHES_AT_ONCE, PIECE_BYTES};
 
 impl Cachefiles {
     /// A READ of table chunks `first..=last` of `obj`: a sequential reader's next window is
@@ -110,27 +111,56 @@ impl Cachefiles {
     }
 
     /// Fetch `plan` (the startup prefetch list of `image`, checked against it) into the cache
-    /// files of the image's objects, on its own task: blob by blob, the chunks not in the
-    /// cache file yet in merged runs of up to `merge_max`, one at a time, written through the
-    /// object's anonymous fd as they arrive (the kernel then never asks for them).
+    /// files of the image's objects, on its own task: its pieces in the order the start read
+    /// them, `FETCHES_AT_ONCE` at a time, each the chunks not in the cache file yet, written
+    /// through the object's anonymous fd as they arrive (the kernel then never asks for them).
+    /// A blob whose fetch or write failed is left to its readers.
     pub fn replay(self: &Arc<Self>, image: &Digest, reference: &str, plan: Plan) {
         let (me, image) = (Arc::clone(self), image.clone());
         let span = tracing::info_span!("startup_prefetch", image = %reference);
         tokio::spawn(
             async move {
-                let (t0, mut units) = (Instant::now(), 0);
-                for (blob, runs) in plan.blobs {
-                    let Some(obj) = me.object_of(&image, &blob) else {
-                        tracing::warn!(blob = %blob.source.digest, "startup prefetch: the kernel has no object for the blob");
-                        continue;
-                    };
-                    match me.write_runs(&obj, &blob, &runs, |s| &s.units_startup).await {
-                        Some(n) => units += n,
-                        None => {
-                            tracing::warn!(blob = %blob.source.digest, "startup prefetch of a blob stopped; readers fetch on demand")
+                let t0 = Instant::now();
+                // per blob: its object, and whether its prefetch stopped
+                let objects: Arc<Vec<(Option<Arc<Object>>, AtomicBool)>> = plan
+                    .blobs
+                    .iter()
+                    .map(|(blob, _)| {
+                        let obj = me.object_of(&image, blob);
+                        if obj.is_none() {
+                            tracing::warn!(blob = %blob.source.digest, "startup prefetch: the kernel has no object for the blob");
                         }
-                    }
-                }
+                        (obj, AtomicBool::new(false))
+                    })
+                    .collect::<Vec<_>>()
+                    .into();
+                let piece_bytes = me.engine.merge_max().min(PIECE_BYTES);
+                let pieces = plan.pieces(|blob| piece_bytes / blob.table_chunk);
+                let blobs: Arc<Vec<Arc<DataBlob>>> = plan.blobs.into_iter().map(|(b, _)| b).collect::<Vec<_>>().into();
+                let units: u64 = futures::stream::iter(pieces)
+                    .map(|(b, piece)| {
+                        let (me, objects, blobs) = (Arc::clone(&me), Arc::clone(&objects), Arc::clone(&blobs));
+                        async move {
+                            let (Some(obj), stopped) = &objects[b] else {
+                                return 0;
+                            };
+                            if stopped.load(Relaxed) {
+                                return 0;
+                            }
+                            let written = me.write_runs(obj, &blobs[b], &[piece], |s| &s.units_startup).await;
+                            written.unwrap_or_else(|| {
+                                if !stopped.swap(true, Relaxed) {
+                                    tracing::warn!(blob = %blobs[b].source.digest, "startup prefetch of a blob stopped; readers fetch on demand");
+                                }
+                                0
+                            })
+                        }
+                    })
+                    .buffer_unordered(FETCHES_AT_ONCE)
+                    .collect::<Vec<u64>>()
+                    .await
+                    .into_iter()
+                    .sum();
                 tracing::info!(units, ms = t0.elapsed().as_millis() as u64, "startup prefetch done");
             }
             .instrument(span),

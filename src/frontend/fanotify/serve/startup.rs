@@ -25,16 +25,7 @@ use super::blob::CachedBlob;
 use super::FanotifyFrontend;
 use crate::engine::DataBlob;
 use crate::lock::lock;
-use crate::prefetch::Plan;
-
-/// Pieces of a startup prefetch in flight at once (half of `max_concurrent_fetches`' default
-/// 8: the readers keep the rest).
-const FETCHES_AT_ONCE: usize = 4;
-
-/// Largest piece of a run fetched as one request: a long run read first (a large file's
-/// head) is fetched by several requests side by side. (Against docker-registry, 4 MiB
-/// pieces made the whole prefetch slower than 8-32 MiB: each request has its cost.)
-const PIECE_BYTES: u64 = 8 << 20;
+use crate::prefetch::{Plan, FETCHES_AT_ONCE, PIECE_BYTES};
 
 /// One blob of a plan being fetched.
 struct PlannedBlob {
