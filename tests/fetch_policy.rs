@@ -93,12 +93,22 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     // its chunk's 2 KiB of values fetched alongside), not its 1 MiB chunk
     let chunks = [40usize, 22, 31, 46, 28, 37, 25, 43, 34];
     let leaf_reads = d.status().await.engine.leaf_reads;
+    // bytes of the data blob fetched from here on past chunk 20 (a late read-ahead of pass 1,
+    // at the file's head, is not theirs)
+    let since = mock.counters().blob_hits.len();
+    let fetched = || {
+        mock.counters().blob_hits[since..]
+            .iter()
+            .filter(|h| h.digest == data_digest && h.status < 300 && h.offset >= (20 * MIB) as u64)
+            .map(|h| h.len)
+            .sum::<u64>()
+    };
     for c in chunks {
         let off = c * MIB + 12_288;
         assert!(read_at(&mnt.join("a-big.bin"), off, 4096) == big[off..off + 4096]);
     }
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let random = mock.counters().total_blob_bytes() - after;
+    let random = fetched();
     assert!(
         random <= (chunks.len() * (64 << 10)) as u64,
         "{} random 4 KiB reads fetched {random} bytes (over 64 KiB each)",
@@ -113,17 +123,13 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
         let off = c * MIB + 12_288;
         assert!(read_at(&mnt.join("a-big.bin"), off, 4096) == big[off..off + 4096]);
     }
-    assert_eq!(
-        mock.counters().total_blob_bytes() - after,
-        random,
-        "re-reading leaves fetched"
-    );
+    assert_eq!(fetched(), random, "re-reading leaves fetched");
     // a second read elsewhere in one of those chunks fetches the chunk whole (verified
     // against its digest), and from then on the chunk is a verified chunk
     let off = 40 * MIB + 600_000;
     assert!(read_at(&mnt.join("a-big.bin"), off, 4096) == big[off..off + 4096]);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let second = mock.counters().total_blob_bytes() - after - random;
+    let second = fetched() - random;
     assert_eq!(second, MIB as u64, "a second miss in a chunk fetched {second} bytes");
 
     // the daemon killed and started again (the mount stays, its group kept by the guard):

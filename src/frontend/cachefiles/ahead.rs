@@ -9,11 +9,10 @@
 
 use std::io;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::StreamExt;
 use tracing::Instrument;
 
 use super::device::{AlignedBuf, DIO_ALIGN};
@@ -23,7 +22,7 @@ use crate::engine::chunks::consecutive;
 use crate::engine::{DataBlob, EngineError, Pending};
 use crate::image::digest::Digest;
 use crate::lock::lock;
-use crate::prefetch::{Plan, FETCHES_AT_ONCE, PIECE_BYTES};
+use crate::prefetch::{fetch_pieces, Plan};
 
 impl Cachefiles {
     /// A READ of table chunks `first..=last` of `obj`: a sequential reader's next window is
@@ -112,7 +111,7 @@ impl Cachefiles {
 
     /// Fetch `plan` (the startup prefetch list of `image`, checked against it) into the cache
     /// files of the image's objects, on its own task: its pieces in the order the start read
-    /// them, `FETCHES_AT_ONCE` at a time, each the chunks not in the cache file yet, written
+    /// them, a few at a time (`prefetch::replay`), each the chunks not in the cache file yet, written
     /// through the object's anonymous fd as they arrive (the kernel then never asks for them).
     /// A blob whose fetch or write failed is left to its readers.
     pub fn replay(self: &Arc<Self>, image: &Digest, reference: &str, plan: Plan) {
@@ -121,8 +120,7 @@ impl Cachefiles {
         tokio::spawn(
             async move {
                 let t0 = Instant::now();
-                // per blob: its object, and whether its prefetch stopped
-                let objects: Arc<Vec<(Option<Arc<Object>>, AtomicBool)>> = plan
+                let objects: Arc<Vec<Option<Arc<Object>>>> = plan
                     .blobs
                     .iter()
                     .map(|(blob, _)| {
@@ -130,37 +128,24 @@ impl Cachefiles {
                         if obj.is_none() {
                             tracing::warn!(blob = %blob.source.digest, "startup prefetch: the kernel has no object for the blob");
                         }
-                        (obj, AtomicBool::new(false))
+                        obj
                     })
                     .collect::<Vec<_>>()
                     .into();
-                let piece_bytes = me.engine.merge_max().min(PIECE_BYTES);
-                let pieces = plan.pieces(|blob| piece_bytes / blob.table_chunk);
-                let blobs: Arc<Vec<Arc<DataBlob>>> = plan.blobs.into_iter().map(|(b, _)| b).collect::<Vec<_>>().into();
-                let units: u64 = futures::stream::iter(pieces)
-                    .map(|(b, piece)| {
-                        let (me, objects, blobs) = (Arc::clone(&me), Arc::clone(&objects), Arc::clone(&blobs));
-                        async move {
-                            let (Some(obj), stopped) = &objects[b] else {
-                                return 0;
-                            };
-                            if stopped.load(Relaxed) {
-                                return 0;
-                            }
-                            let written = me.write_runs(obj, &blobs[b], &[piece], |s| &s.units_startup).await;
-                            written.unwrap_or_else(|| {
-                                if !stopped.swap(true, Relaxed) {
-                                    tracing::warn!(blob = %blobs[b].source.digest, "startup prefetch of a blob stopped; readers fetch on demand");
-                                }
-                                0
-                            })
-                        }
-                    })
-                    .buffer_unordered(FETCHES_AT_ONCE)
-                    .collect::<Vec<u64>>()
-                    .await
-                    .into_iter()
-                    .sum();
+                let fetch = |b: usize, piece: Range<u64>| {
+                    let (me, objects) = (Arc::clone(&me), Arc::clone(&objects));
+                    async move {
+                        let Some(obj) = &objects[b] else {
+                            return Ok(0);
+                        };
+                        let Target::Data(_, blob) = &obj.target else {
+                            return Ok(0);
+                        };
+                        let written = me.write_runs(obj, blob, &[piece], |s| &s.units_startup).await;
+                        written.ok_or_else(|| "a fetch or write failed".to_string())
+                    }
+                };
+                let units = fetch_pieces(&plan, me.engine.merge_max(), fetch).await;
                 tracing::info!(units, ms = t0.elapsed().as_millis() as u64, "startup prefetch done");
             }
             .instrument(span),

@@ -1,10 +1,9 @@
 //! Startup prefetch (fanotify): an image's prefetch list is fetched as soon as it is mounted,
 //! beside the readers (whose own fetches never wait for it; a chunk both want is fetched
 //! once, by the engine's single flight). The chunks go in the order the recorded start first
-//! read them, across blobs, in pieces of at most `PIECE_BYTES` (and `merge_max`) of a run,
-//! up to `FETCHES_AT_ONCE` pieces in flight: what a start reads first, a large file's head
-//! say, arrives first and at the whole prefetch's speed. A piece fetches only its chunks not
-//! yet cached.
+//! read them, across blobs, in pieces of a run, a few in flight (`prefetch::replay`): what a
+//! start reads first, a large file's head say, arrives first and at the whole prefetch's
+//! speed. A piece fetches only its chunks not yet cached.
 //!
 //! A cache file is written only through a non-notifying event fd. A blob no reader has
 //! touched yet has none, so the prefetch reads one byte of its first chunk itself: the
@@ -13,11 +12,10 @@
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::StreamExt;
 use tokio::sync::OnceCell;
 use tracing::Instrument;
 
@@ -25,15 +23,13 @@ use super::blob::CachedBlob;
 use super::FanotifyFrontend;
 use crate::engine::DataBlob;
 use crate::lock::lock;
-use crate::prefetch::{Plan, FETCHES_AT_ONCE, PIECE_BYTES};
+use crate::prefetch::{fetch_pieces, Plan};
 
 /// One blob of a plan being fetched.
 struct PlannedBlob {
     cached: Arc<CachedBlob>,
     /// Its writer, found (or made, by reading) by the first piece that needs it.
     writer: OnceCell<Arc<File>>,
-    /// A fetch or write failed: its remaining pieces are left to the readers.
-    stopped: AtomicBool,
 }
 
 impl FanotifyFrontend {
@@ -55,7 +51,6 @@ impl FanotifyFrontend {
                 cached.map(|cached| PlannedBlob {
                     cached,
                     writer: OnceCell::new(),
-                    stopped: AtomicBool::new(false),
                 })
             })
             .collect::<Vec<_>>()
@@ -63,23 +58,16 @@ impl FanotifyFrontend {
         tokio::spawn(
             async move {
                 let t0 = Instant::now();
-                let piece_bytes = me.engine.merge_max().min(PIECE_BYTES);
-                let pieces = plan.pieces(|blob| piece_bytes / blob.table_chunk);
-                let chunks: u64 = futures::stream::iter(pieces)
-                    .map(|(b, piece)| {
-                        let (me, blobs) = (Arc::clone(&me), Arc::clone(&blobs));
-                        async move {
-                            match &blobs[b] {
-                                Some(blob) => me.replay_piece(blob, piece).await,
-                                None => 0,
-                            }
+                let fetch = |b: usize, piece: Range<u64>| {
+                    let (me, blobs) = (Arc::clone(&me), Arc::clone(&blobs));
+                    async move {
+                        match &blobs[b] {
+                            Some(blob) => me.fetch_piece(blob, piece).await.map_err(|e| e.to_string()),
+                            None => Ok(0),
                         }
-                    })
-                    .buffer_unordered(FETCHES_AT_ONCE)
-                    .collect::<Vec<u64>>()
-                    .await
-                    .into_iter()
-                    .sum();
+                    }
+                };
+                let chunks = fetch_pieces(&plan, me.engine.merge_max(), fetch).await;
                 for b in blobs.iter().flatten() {
                     lock(&b.cached.planned).clear();
                     me.unmark_if_complete(&b.cached);
@@ -91,24 +79,12 @@ impl FanotifyFrontend {
     }
 
     /// Fetch and write the chunks of `piece` of a planned blob not yet cached; the chunks
-    /// written. A failure stops the blob's prefetch (its readers fetch on demand).
-    async fn replay_piece(self: &Arc<Self>, b: &PlannedBlob, piece: Range<u64>) -> u64 {
-        if b.stopped.load(Relaxed) || b.cached.complete.load(Relaxed) {
-            return 0;
-        }
-        match self.fetch_piece(b, piece).await {
-            Ok(n) => n,
-            Err(e) => {
-                if !b.stopped.swap(true, Relaxed) {
-                    tracing::warn!(blob = %b.cached.blob.source.digest, error = %e, "startup prefetch of a blob stopped; readers fetch on demand");
-                }
-                0
-            }
-        }
-    }
-
+    /// written.
     async fn fetch_piece(self: &Arc<Self>, b: &PlannedBlob, piece: Range<u64>) -> std::io::Result<u64> {
         let cached = &b.cached;
+        if cached.complete.load(Relaxed) {
+            return Ok(0);
+        }
         let via = b
             .writer
             .get_or_try_init(|| async {
