@@ -42,7 +42,13 @@ pub async fn scale(b: &Bench<'_>, r: &mut Report) {
             },
         )
         .unwrap();
-        let built = bw.finish(tree, 1 << 20).unwrap();
+        // LAZYBLOB_BENCH_NO_LEAVES=1: format 2 images (no leaves layer), for A/B runs
+        let built = if std::env::var_os("LAZYBLOB_BENCH_NO_LEAVES").is_some() {
+            bw.finish_with(tree, 1 << 20, lazyblob::image::format::ChunkDigest::default())
+        } else {
+            bw.finish(tree, 1 << 20)
+        }
+        .unwrap();
         lazyblob::image::build::push(
             &mreg,
             &parse_reference(&format!("{mhost}/scale/img{i}:v1")).unwrap(),
