@@ -58,7 +58,16 @@ pub async fn scale(b: &Bench<'_>, r: &mut Report) {
         .await
         .unwrap();
     }
-    let d = daemon(&w.join("d4"), &[&mhost], "[engine]\nfill_after_idle_ms = 0");
+    // LAZYBLOB_BENCH_SCALE_EXTRA: config lines for this daemon (e.g. "[prefetch]\nfrom_registry
+    // = false\n"), for A/B runs
+    let d = daemon(
+        &w.join("d4"),
+        &[&mhost],
+        &format!(
+            "{}[engine]\nfill_after_idle_ms = 0",
+            std::env::var("LAZYBLOB_BENCH_SCALE_EXTRA").unwrap_or_default()
+        ),
+    );
     let mnt4 = w.join("d4/mnt");
     for i in 0..s.images {
         let m = mnt4.join(format!("m{i}"));
