@@ -65,6 +65,13 @@ impl State {
         self.failed.pop(key);
         None
     }
+
+    /// Remember that a fetch of `key` failed with `err`, if failures are held.
+    fn hold_failure(&mut self, key: &ChunkKey, err: &EngineError) {
+        if self.hold.is_some() {
+            self.failed.put(key.clone(), (Instant::now(), err.clone()));
+        }
+    }
 }
 
 /// Failed fetches remembered at most (older ones are forgotten first).
@@ -111,10 +118,7 @@ impl Inflight {
     /// A read of part of `key` (its leaves) failed with `err` at the registry: held like a
     /// failed fetch of the whole chunk, so the readers queued behind it fail at once too.
     pub fn hold_failure(&self, key: &ChunkKey, err: &EngineError) {
-        let mut st = self.lock();
-        if st.hold.is_some() {
-            st.failed.put(key.clone(), (Instant::now(), err.clone()));
-        }
+        self.lock().hold_failure(key, err);
     }
 
     /// `fut` failed with `err`: hold the failure (see the module comment), then a read
@@ -123,9 +127,7 @@ impl Inflight {
         let mut st = self.lock();
         if st.running.get(key).is_some_and(|f| f.ptr_eq(fut)) {
             st.running.remove(key);
-            if st.hold.is_some() {
-                st.failed.put(key.clone(), (Instant::now(), err.clone()));
-            }
+            st.hold_failure(key, err);
         }
     }
 }
