@@ -82,9 +82,6 @@ impl Daemon {
         let kernel = KernelFacts::read();
         let kind = frontend::choose(&kernel, config.daemon.frontend).context("choosing a kernel frontend")?;
         tracing::info!(kernel = %kernel.release, frontend = ?kind, "starting lazyblob");
-        // the image reference grammar is a regex compiled on first use (tens of ms): compiled
-        // now, beside the start, not on the first mount's critical path
-        tokio::task::spawn_blocking(|| crate::registry::parse_reference("localhost/lazyblob:start").is_ok());
         let captured = cri::captured(&config)?;
         let mut registry = Registry::new(&config.registry, config.engine.max_concurrent_fetches)
             .context("setting up the registry client")?;

@@ -16,6 +16,7 @@ mod manifest;
 pub mod platform;
 pub mod push;
 pub(crate) mod range;
+pub mod reference;
 mod types;
 
 pub use types::{BlobSource, HostStats, RegistryStats, ResolvedManifest, MANIFEST_MEDIA_TYPES};
@@ -373,6 +374,5 @@ pub fn sha256_digest(data: &[u8]) -> String {
 
 /// Parse an image reference (`host[:port]/repo[:tag|@digest]`).
 pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
-    s.parse::<Reference>()
-        .map_err(|e| RegistryError::Reference(s.to_string(), e.to_string()))
+    reference::parse(s).map_err(|e| RegistryError::Reference(s.to_string(), e.to_string()))
 }
