@@ -253,7 +253,7 @@ mod tests {
         cases.push(format!("repo:{}", "t".repeat(129)));
         cases.push(format!("r/{}", "a".repeat(250)));
         cases.push(format!("r/{}", "a".repeat(260)));
-        cases.push(format!("{}", "a".repeat(250)));
+        cases.push("a".repeat(250));
         for s in &cases {
             let theirs = s.parse::<Reference>().ok().map(|r| {
                 (

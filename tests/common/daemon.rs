@@ -116,6 +116,11 @@ impl DaemonProc {
         let child = Command::new("prlimit")
             .arg(format!("--nofile={}", hard.min(1 << 20)))
             .arg("--")
+            .args(
+                std::env::var("LAZYBLOB_TEST_WRAP")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .arg(binary())
             // LAZYBLOB_TEST_LOG: a log filter for the daemons of tests and benchmarks
             .args([
