@@ -111,6 +111,25 @@ async fn adjacent_missing_chunks_merge_into_one_range() {
     );
 }
 
+/// A completed unit is kept for readers until its frontend reports it stored, then let go:
+/// the engine holds no fetched bytes a cache file already has.
+#[tokio::test]
+async fn a_stored_unit_is_no_longer_kept() {
+    let f = fixture(3 << 20, 5_000).await;
+    let digest = &f.blob.source.digest;
+    let first = f.engine.read(&f.blob, 5, 10).await.unwrap();
+    // not stored yet: a second reader gets the kept unit, no request
+    let again = f.engine.read(&f.blob, 100, 10).await.unwrap();
+    assert_eq!(assemble(&again, 100, 10), f.data[100..110]);
+    assert_eq!(f.mock.counters().blob_requests(digest), 1);
+    f.engine.stored(&first[0]);
+    // stored: a reader that still asks the engine (its frontend lost the bytes) fetches anew
+    let third = f.engine.read(&f.blob, 200, 10).await.unwrap();
+    assert_eq!(assemble(&third, 200, 10), f.data[200..210]);
+    assert_eq!(f.mock.counters().blob_requests(digest), 2);
+    assert_eq!(f.mock.counters().blob_bytes(digest), 2 << 20);
+}
+
 #[tokio::test]
 async fn corrupted_chunks_fail_then_succeed_after_the_fault_clears() {
     let f = fixture(3 << 20, 3_000).await;

@@ -205,8 +205,9 @@ pub struct EngineConfig {
     pub chunk_size: u64,
     /// Adjacent missing chunks are merged into one range request up to this many bytes.
     pub merge_max: u64,
-    /// Recently completed chunks kept in memory (an LRU) beside the fetches in flight; each
-    /// entry is one chunk, so this bounds the memory of fetched data.
+    /// Recently completed chunks kept in memory (an LRU) beside the fetches in flight, until
+    /// the frontend has stored them; each entry is one chunk, so this bounds the memory of
+    /// fetched data.
     #[serde(alias = "inflight_capacity")]
     pub completed_chunks_kept: usize,
     /// Concurrent range requests per registry host.

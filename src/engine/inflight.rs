@@ -3,11 +3,13 @@
 //! A fetch in flight is a shared future in `running`: every reader of that chunk awaits the
 //! same registry request. When it completes, the entry moves to `recent`, an LRU bounded in
 //! entries (so in chunks of memory), which covers readers arriving just after completion,
-//! before the frontend has written the chunk into its cache. A failed fetch is held in
+//! before the frontend has written the chunk into its cache; the frontend takes the entry out
+//! once it has (`Engine::stored`). A failed fetch is held in
 //! `failed` for a short time (`engine.failed_fetch_hold_ms`): readers that were queued behind it
 //! (the kernel makes readers of one page wait for each other, one request at a time) get its
 //! error at once instead of one deadline each; after that the next read tries again. The
-//! memory of fetched data is thus bounded by what is in flight plus `recent`'s capacity.
+//! memory of fetched data is thus what is in flight plus the completed units not yet stored,
+//! at most `recent`'s capacity.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;

@@ -131,6 +131,7 @@ impl Engine {
         Ok(Piece {
             offset: span.start,
             data,
+            unit: None,
         })
     }
 

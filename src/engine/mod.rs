@@ -167,6 +167,9 @@ pub struct Piece {
     pub offset: u64,
     /// Verified bytes.
     pub data: Bytes,
+    /// The engine's unit this piece is, kept among the recently completed ones until its
+    /// reader reports it stored ([`Engine::stored`]); `None` for a read of some leaves.
+    unit: Option<ChunkKey>,
 }
 
 /// A unit being fetched (or just fetched) for a reader; [`Pending::wait`] yields it verified.
@@ -212,6 +215,7 @@ impl Pending {
         Ok(Piece {
             offset: self.offset,
             data,
+            unit: Some(self.key),
         })
     }
 }
@@ -249,6 +253,17 @@ impl Engine {
     /// Largest merged range request, in bytes.
     pub fn merge_max(&self) -> u64 {
         self.cfg.merge_max
+    }
+
+    /// `piece` is in its frontend's cache now (and marked there, so no reader asks for it
+    /// again): the engine stops keeping its bytes among the recently completed units. Those
+    /// are kept only for the readers that come between a fetch's end and this call, so the
+    /// memory of fetched data is what is in flight or not stored yet, not a fixed number of
+    /// chunks (`completed_chunks_kept` remains its bound).
+    pub fn stored(&self, piece: &Piece) {
+        if let Some(key) = &piece.unit {
+            self.inflight.lock().recent.pop(key);
+        }
     }
 
     /// Fetch units currently tracked by the in-flight LRU.

@@ -25,9 +25,12 @@ impl FanotifyFrontend {
         via: Arc<File>,
     ) -> io::Result<u64> {
         if cached.all_marked(piece.offset, piece.data.len() as u64) {
+            self.engine.stored(&piece);
             return Ok(0); // written by another reader of the same unit
         }
-        self.write(cached, piece.data, piece.offset, via, true).await
+        let n = self.write(cached, piece.data.clone(), piece.offset, via, true).await?;
+        self.engine.stored(&piece);
+        Ok(n)
     }
 
     /// Write the verified part of a unit that a reader waits for. A small part (a random
