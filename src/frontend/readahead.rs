@@ -49,13 +49,11 @@ impl ReadAhead {
     }
 
     /// Whether a miss starting at chunk `first` continues a sequential reader: forward,
-    /// right behind the last miss or inside the window scheduled after it (a jump back is a
-    /// random reader, not a sequential one).
+    /// right behind the last miss or inside the open window scheduled after it (a jump back
+    /// is a random reader, not a sequential one; a closed window reaches nowhere).
     pub fn continues(&self, first: u64) -> bool {
-        self.max_window > 0
-            && self
-                .last_miss
-                .is_some_and(|l| first > l && first <= l.max(self.until) + 1)
+        let reach = |l: u64| if self.window > 0 { l.max(self.until) } else { l };
+        self.max_window > 0 && self.last_miss.is_some_and(|l| first > l && first <= reach(l) + 1)
     }
 
     /// A reader missed chunks `first..=last`: the chunks to fetch ahead of it, if it reads
@@ -132,6 +130,22 @@ mod tests {
             assert_eq!(r.on_miss(c, c), None, "miss at {c}");
         }
         assert_eq!(r.on_hit(150), None);
+    }
+
+    /// A random reader after a sequential run: the run's window, once closed, makes none of
+    /// its misses sequential, however many land below where the window reached.
+    #[test]
+    fn a_closed_window_reaches_nowhere() {
+        let mut r = ReadAhead::new(64);
+        for c in 0..40 {
+            r.on_miss(c, c);
+        }
+        assert!(r.until > 50, "the run's window reaches chunk {}", r.until);
+        for c in [5, 30, 12, 44, 20, 33, 9, 47] {
+            assert_eq!(r.on_miss(c, c), None, "a random miss at {c} read ahead");
+        }
+        // right behind the last miss is still the start of a sequential reader
+        assert_eq!(r.on_miss(48, 48), Some(49..51));
     }
 
     #[test]
