@@ -43,9 +43,9 @@ pub(super) struct CachedBlob {
     pub(super) planned: Mutex<Vec<std::ops::Range<u64>>>,
     /// (chunk, leaf) of the leaves written in this run into chunks not verified whole.
     pub(super) leaves_written: Mutex<BTreeSet<(u64, u64)>>,
-    /// Chunks whose leaves a reader read (or found on disk) in this run, or is reading: any
-    /// other miss in one fetches it whole.
-    pub(super) leaf_chunks: Mutex<HashSet<u64>>,
+    /// Chunks whose leaves a reader is reading now: a concurrent miss in one fetches it
+    /// whole (through the engine's single flight) instead of more leaves.
+    pub(super) leaf_reads: Mutex<HashSet<u64>>,
     /// A background fill task runs for this blob.
     pub(super) filling: AtomicBool,
     /// Every chunk is on disk and the mark is gone.
@@ -130,7 +130,7 @@ impl FanotifyFrontend {
                     storing: Mutex::new(HashSet::new()),
                     last_read: Mutex::new(Instant::now()),
                     leaves_written: Mutex::new(BTreeSet::new()),
-                    leaf_chunks: Mutex::new(HashSet::new()),
+                    leaf_reads: Mutex::new(HashSet::new()),
                     planned: Mutex::new(Vec::new()),
                     filling: AtomicBool::new(false),
                     complete: AtomicBool::new(false),

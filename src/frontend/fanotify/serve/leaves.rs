@@ -1,10 +1,11 @@
-//! Random reads served by their leaves (format 3): the first miss of a reader in a chunk
-//! that no sequential reader is reading fetches only the leaves its range covers (16 KiB
-//! each by default), verified on their own, and writes them into the cache file; the chunk
-//! stays unverified. A second miss in the same chunk, or one while its leaves are being read,
-//! fetches the whole chunk (readers are reading around it; the engine's single flight fetches
-//! it once), as does a sequential reader, and a miss in a chunk a startup prefetch
-//! is fetching. Leaves already written are served from the cache file like verified chunks;
+//! Random reads served by their leaves (format 3): a reader's miss in a chunk that no
+//! sequential reader is reading fetches only the leaves its range covers (16 KiB each by
+//! default), verified on their own, and writes them into the cache file; the chunk stays
+//! unverified. The chunk is fetched whole instead by a miss while its leaves are being read
+//! (the engine's single flight fetches it once for every such reader), once a quarter of its
+//! leaves are here (readers are reading around it), by a sequential reader, and by a miss in
+//! a chunk a startup prefetch is fetching. So a random reader fetches about its own pages,
+//! however often it comes back to a chunk. Leaves already written are served from the cache file like verified chunks;
 //! leaves an earlier run wrote (a chunk with holes whose span is all data) are read back and
 //! checked against the leaf values, not fetched again.
 
@@ -26,22 +27,32 @@ impl CachedBlob {
         (span.first..span.end).all(|l| w.contains(&(span.chunk, l)))
     }
 
-    /// Whether a miss of `span` (its chunk missing) is served by its leaves: the blob has
-    /// them, no startup prefetch is about to fetch the chunk whole, no sequential reader
-    /// reaches it, and no leaf of it was read (or is being read) before; the chunk is then
-    /// taken, so that a concurrent miss in it fetches it whole (through the engine's single
-    /// flight) instead of more leaves.
-    fn leaves_first(&self, span: LeafSpan) -> bool {
+    /// Whether a miss of `span` (its chunk missing) is served by its leaves: no startup
+    /// prefetch is about to fetch the chunk whole, no sequential reader reaches it, fewer
+    /// than a quarter of its leaves would be here with these, and no leaf read of it is under
+    /// way. The chunk is then taken until [`leaf_read_done`](Self::leaf_read_done), so a
+    /// concurrent miss in it fetches it whole.
+    fn leaves_first(&self, span: LeafSpan, leaves_per_chunk: u64) -> bool {
         if lock(&self.planned).iter().any(|r| r.contains(&span.chunk)) || lock(&self.ahead).continues(span.chunk) {
             return false;
         }
-        lock(&self.leaf_chunks).insert(span.chunk)
+        let here = lock(&self.leaves_written)
+            .range((span.chunk, 0)..(span.chunk + 1, 0))
+            .count() as u64;
+        if (here + span.end - span.first) * 4 > leaves_per_chunk {
+            return false;
+        }
+        lock(&self.leaf_reads).insert(span.chunk)
+    }
+
+    /// The leaf read of `span`'s chunk ended (whatever its outcome).
+    fn leaf_read_done(&self, span: LeafSpan) {
+        lock(&self.leaf_reads).remove(&span.chunk);
     }
 
     /// Leaves of `span` are in the cache file: served from there from now on.
     fn leaves_are_written(&self, span: LeafSpan) {
         lock(&self.leaves_written).extend((span.first..span.end).map(|l| (span.chunk, l)));
-        lock(&self.leaf_chunks).insert(span.chunk);
     }
 }
 
@@ -60,9 +71,26 @@ impl FanotifyFrontend {
             self.stats.leaves_present.fetch_add(1, Relaxed);
             return Ok(true);
         }
-        if !cached.leaves_first(span) {
+        let per_chunk = cached
+            .blob
+            .leaves
+            .as_ref()
+            .map_or(0, |l| l.layout.leaves_of(cached.blob.table_chunk));
+        if !cached.leaves_first(span, per_chunk) {
             return Ok(false);
         }
+        let read = self.read_and_write_leaves(cached, span, via).await;
+        cached.leaf_read_done(span);
+        read
+    }
+
+    /// Fetch the leaves of `span` and write them; `false` if the leaf read failed.
+    async fn read_and_write_leaves(
+        &self,
+        cached: &Arc<CachedBlob>,
+        span: LeafSpan,
+        via: &Arc<File>,
+    ) -> io::Result<bool> {
         let piece = match self.engine.read_leaves(&cached.blob, span).await {
             Ok(p) => p,
             Err(e) => {
