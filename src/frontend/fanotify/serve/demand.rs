@@ -86,7 +86,20 @@ impl FanotifyFrontend {
         via: Arc<File>,
         urgent: Option<(u64, u64)>,
     ) -> io::Result<u64> {
-        let pending = self.engine.fetch(&cached.blob, s, e - s).map_err(io::Error::other)?;
+        // the chunks still missing now, not when the caller looked: another task (a
+        // prefetch, a reader of a neighbouring range) may have stored some meanwhile, and the
+        // engine lets a unit go once it is stored (no await from here to the fetch)
+        let (unit, size) = (cached.blob.table_chunk, cached.blob.source.size);
+        let still: Vec<u64> = {
+            let v = lock(&cached.verified);
+            (s / unit..e.div_ceil(unit)).filter(|c| !v.contains(c)).collect()
+        };
+        let mut pending = Vec::new();
+        for run in consecutive(&still, u64::MAX) {
+            let (rs, re) = (run.start * unit, (run.end * unit).min(size).min(e));
+            let rs = rs.max(s);
+            pending.extend(self.engine.fetch(&cached.blob, rs, re - rs).map_err(io::Error::other)?);
+        }
         let mut written = 0;
         for p in pending {
             let piece = p.wait(&self.engine).await.map_err(io::Error::other)?;
