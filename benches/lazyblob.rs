@@ -11,6 +11,8 @@ use std::path::Path;
 mod common;
 #[path = "lazyblob/convert.rs"]
 mod convert;
+#[path = "lazyblob/nydus.rs"]
+mod nydus;
 #[path = "lazyblob/reads.rs"]
 mod reads;
 #[path = "lazyblob/restart.rs"]

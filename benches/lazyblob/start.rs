@@ -9,6 +9,7 @@ use lazyblob::registry::sha256_digest;
 use serde_json::json;
 
 use crate::common::oci::{convert_ref, lazy_manifest, push_source};
+use crate::nydus;
 use crate::util::*;
 
 /// Cold start (mount + startup set) against a full pull, warm re-reads against a local
@@ -163,6 +164,29 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     // the daemon's peak RSS over a cold start and the re-reads (nydusd measured 40-43 MiB on
     // this tree in the side-by-side run)
     let rss_mib = usage(d.pid()).0 as f64 / 1024.0;
+    // the rest of the side-by-side workload with nydusd (`nydus.rs`): random reads of one
+    // large file no one read, a sequential read of another
+    let big = s.large_mib.len() - 1;
+    let (random_file, seq_file) = ("opt/big/blob1.bin".to_string(), format!("opt/big/blob{big}.bin"));
+    let workload = nydus::Workload {
+        all: &all,
+        startup: &startup,
+        random_file: &random_file,
+        seq_file: &seq_file,
+    };
+    let before = d.status().await.registry.bytes;
+    let (random_p50_ms, random_p99_ms) = nydus::random_reads(&mnt, &workload);
+    let random_bytes = d.status().await.registry.bytes - before;
+    let lazy_side = nydus::Measured {
+        cold_s: lazy_cold,
+        cold_bytes: cold_fetched,
+        reread_s: lazy_partial,
+        random_p50_ms,
+        random_p99_ms,
+        random_bytes_per_read: random_bytes as f64 / nydus::RANDOM_READS as f64,
+        seq_mbs: nydus::sequential(&mnt, &workload),
+        rss_mib: usage(d.pid()).0 as f64 / 1024.0,
+    };
     drop(d); // its recording of the cold start ends: the list is kept in its state
 
     // ---- 2. cold start on a node that has the startup prefetch list (a copy of the one the
@@ -259,7 +283,10 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
         "nydusd 40-43 MiB in the issue's run (not this one)".into(),
         format!("{:.2}x / {:.2}x of 43", rss_mib / 43.0, prefetch_rss_mib / 43.0),
     ));
-    r.json.insert("daemon_rss_mib".into(), json!({"cold_and_rereads": rss_mib, "cold_with_list": prefetch_rss_mib}));
+    r.json.insert(
+        "daemon_rss_mib".into(),
+        json!({"cold_and_rereads": rss_mib, "cold_with_list": prefetch_rss_mib}),
+    );
     r.rows.push((
         "warm reads of the startup set, after background fill (page cache dropped)".into(),
         format!("{:.3} s", lazy_warm),
@@ -310,6 +337,27 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
         format!("{:.2}x", conv_mbs / mkfs_mbs),
     ));
     r.json.insert("conversion".into(), json!({"lazyblob_mbs": conv_mbs, "mkfs_erofs_mbs": mkfs_mbs, "ratio": conv_mbs / mkfs_mbs, "note": "lazyblob pulls from the registry and verifies and hashes every chunk; mkfs.erofs reads a local tree"}));
+    // ---- 7. nydusd on the same tree, where it is installed
+    match nydus::tools() {
+        Some(t) => {
+            eprintln!("nydusd side by side: building RAFS v6 and v5 images...");
+            let rootfs = pull_dir.join("rootfs");
+            let v6 = nydus::build(&t, &rootfs, &w.join("nydus6"), reg, host, "6").await;
+            let v5 = nydus::build(&t, &rootfs, &w.join("nydus5"), reg, host, "5").await;
+            let off = nydus::measure(&t, &v6, host, &w.join("nydus-off"), &workload, false);
+            let on = nydus::measure(&t, &v5, host, &w.join("nydus-on"), &workload, true);
+            nydus::report(r, &lazy_side, &off, &on);
+        }
+        None => {
+            eprintln!("\nNOTE: nydusd and nydus-image are not installed: no side-by-side rows (scripts/nydus.sh installs them)\n");
+            r.rows.push((
+                "vs nydusd".into(),
+                "not run".into(),
+                "nydusd not installed (scripts/nydus.sh)".into(),
+                "-".into(),
+            ));
+        }
+    }
     eprintln!("\nimage: {} files, {:.0} MB in {} layers; startup set {:.0} MB ({:.1}%); all against docker-registry on loopback\n",
     all.len(), total_bytes as f64 / 1e6, s.layers, startup_bytes as f64 / 1e6, 100.0 * startup_bytes as f64 / total_bytes as f64);
 }
