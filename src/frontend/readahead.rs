@@ -1,6 +1,6 @@
 //! Read-ahead of one blob's sequential readers, in chunks, as a pure state machine: a miss
 //! right behind the previous one opens a window that doubles up to the maximum, reaching
-//! at most half as far past the reader as its run has read (a reader that stops leaves
+//! at most a quarter as far past the reader as its run has read (a reader that stops leaves
 //! little fetched and unread); a reader that finds its chunks cached past the middle of the
 //! window moves it on. A hit anywhere else (data cached long ago, read again after the page
 //! cache dropped it) closes the window: re-reading cached data never fetches. What to fetch
@@ -21,7 +21,7 @@ pub struct ReadAhead {
     /// The current window (0: the reader is not sequential).
     window: u64,
     /// The first chunk of the current sequential run: what is fetched ahead stays within
-    /// half of what the run has read.
+    /// a quarter of what the run has read.
     run_start: u64,
     /// The first chunk of the window scheduled last.
     scheduled: u64,
@@ -111,11 +111,12 @@ impl ReadAhead {
         Some(from..self.until)
     }
 
-    /// How far past the reader the read-ahead may reach: half of what the current
+    /// How far past the reader the read-ahead may reach: a quarter of what the current
     /// sequential run has read up to `last` (at least 2 chunks), so a reader that stops
-    /// leaves at most half as much fetched and unread as it read.
+    /// leaves at most a quarter as much fetched and unread as it read (a startup reading
+    /// runs of small files ends many runs).
     fn budget(&self, last: u64) -> u64 {
-        ((last + 1).saturating_sub(self.run_start) / 2).max(2)
+        ((last + 1).saturating_sub(self.run_start) / 4).max(2)
     }
 }
 
@@ -137,10 +138,10 @@ mod tests {
     #[test]
     fn a_closed_window_reaches_nowhere() {
         let mut r = ReadAhead::new(64);
-        for c in 0..40 {
+        for c in 0..60 {
             r.on_miss(c, c);
         }
-        assert!(r.until > 50, "the run's window reaches chunk {}", r.until);
+        assert!(r.until > 60, "the run's window reaches chunk {}", r.until);
         for c in [5, 30, 12, 44, 20, 33, 9, 47] {
             assert_eq!(r.on_miss(c, c), None, "a random miss at {c} read ahead");
         }
@@ -207,7 +208,7 @@ mod tests {
     }
 
     #[test]
-    fn the_read_ahead_reaches_at_most_half_the_run_past_the_reader() {
+    fn the_read_ahead_reaches_at_most_a_quarter_of_the_run_past_the_reader() {
         let mut r = ReadAhead::new(1024);
         r.on_miss(100, 100);
         let mut reach = r.on_miss(101, 101).map_or(0, |w| w.end);
@@ -220,7 +221,7 @@ mod tests {
             for c in 102..=stop {
                 if let Some(w) = r2.on_hit(c) {
                     assert!(
-                        w.end - (c + 1) <= ((c + 1 - 100) / 2).max(2),
+                        w.end - (c + 1) <= ((c + 1 - 100) / 4).max(2),
                         "window {w:?} at chunk {c}"
                     );
                     reach = w.end;
