@@ -283,61 +283,53 @@ pub fn measure(t: &Tools, bootstrap: &Path, host: &str, dir: &Path, w: &Workload
 
 /// The side-by-side rows: lazyblob's answers against nydusd's, check off and on.
 pub fn report(r: &mut Report, lazy: &Measured, off: &Measured, on: &Measured) {
-    let row = |r: &mut Report, what: &str, f: &dyn Fn(&Measured) -> String, ratio: String| {
+    type Show = fn(&Measured) -> String;
+    type Value = fn(&Measured) -> f64;
+    let rows: [(&str, Show, Value); 7] = [
+        (
+            "cold start, startup set",
+            |m| format!("{:.2} s", m.cold_s),
+            |m| m.cold_s,
+        ),
+        (
+            "bytes fetched for the set",
+            |m| format!("{:.1} MB", m.cold_bytes as f64 / 1e6),
+            |m| m.cold_bytes as f64,
+        ),
+        (
+            "re-read, data local",
+            |m| format!("{:.3} s", m.reread_s),
+            |m| m.reread_s,
+        ),
+        (
+            "random cold 4 KiB p50 / p99 (ratio: p50)",
+            |m| format!("{:.2} / {:.2} ms", m.random_p50_ms, m.random_p99_ms),
+            |m| m.random_p50_ms,
+        ),
+        (
+            "bytes fetched per random read",
+            |m| format!("{:.1} KiB", m.random_bytes_per_read / 1024.0),
+            |m| m.random_bytes_per_read,
+        ),
+        (
+            "sequential cold read",
+            |m| format!("{:.0} MB/s", m.seq_mbs),
+            |m| m.seq_mbs,
+        ),
+        ("daemon peak RSS", |m| format!("{:.1} MiB", m.rss_mib), |m| m.rss_mib),
+    ];
+    for (what, show, value) in rows {
         r.rows.push((
             format!("vs nydusd: {what}"),
-            f(lazy),
-            format!("nydusd check off {} / on (v5) {}", f(off), f(on)),
-            ratio,
+            show(lazy),
+            format!("nydusd check off {} / on (v5) {}", show(off), show(on)),
+            format!(
+                "{:.2}x / {:.2}x nydusd's",
+                value(lazy) / value(off),
+                value(lazy) / value(on)
+            ),
         ));
-    };
-    let vs = |l: f64, o: f64, n: f64| format!("{:.2}x / {:.2}x nydusd's", l / o, l / n);
-    row(
-        r,
-        "cold start, startup set",
-        &|m| format!("{:.2} s", m.cold_s),
-        vs(lazy.cold_s, off.cold_s, on.cold_s),
-    );
-    row(
-        r,
-        "bytes fetched for the set",
-        &|m| format!("{:.1} MB", m.cold_bytes as f64 / 1e6),
-        vs(lazy.cold_bytes as f64, off.cold_bytes as f64, on.cold_bytes as f64),
-    );
-    row(
-        r,
-        "re-read, data local",
-        &|m| format!("{:.3} s", m.reread_s),
-        vs(lazy.reread_s, off.reread_s, on.reread_s),
-    );
-    row(
-        r,
-        "random cold 4 KiB p50 / p99",
-        &|m| format!("{:.2} / {:.2} ms", m.random_p50_ms, m.random_p99_ms),
-        vs(lazy.random_p50_ms, off.random_p50_ms, on.random_p50_ms) + " (p50)",
-    );
-    row(
-        r,
-        "bytes fetched per random read",
-        &|m| format!("{:.1} KiB", m.random_bytes_per_read / 1024.0),
-        vs(
-            lazy.random_bytes_per_read,
-            off.random_bytes_per_read,
-            on.random_bytes_per_read,
-        ),
-    );
-    row(
-        r,
-        "sequential cold read",
-        &|m| format!("{:.0} MB/s", m.seq_mbs),
-        vs(lazy.seq_mbs, off.seq_mbs, on.seq_mbs),
-    );
-    row(
-        r,
-        "daemon peak RSS",
-        &|m| format!("{:.1} MiB", m.rss_mib),
-        vs(lazy.rss_mib, off.rss_mib, on.rss_mib),
-    );
+    }
     let j = |m: &Measured| {
         json!({"cold_s": m.cold_s, "cold_bytes": m.cold_bytes, "reread_s": m.reread_s, "random_p50_ms": m.random_p50_ms,
             "random_p99_ms": m.random_p99_ms, "random_bytes_per_read": m.random_bytes_per_read, "seq_mbs": m.seq_mbs, "rss_mib": m.rss_mib})
