@@ -175,6 +175,15 @@ impl Collector for DaemonCollector {
             "Bytes the cache limit evicted",
             evicted.1,
         )?;
+        let mut ahead = enc.encode_descriptor(
+            "lazyblob_chunks_ahead",
+            "Chunks fetched ahead of readers, by the read-ahead, a startup prefetch list or the background fill",
+            None,
+            MetricType::Counter,
+        )?;
+        for (by, n) in d.frontend.fetched_ahead() {
+            ConstCounter::new(n).encode(ahead.encode_family(&[("frontend", kind), ("by", by)])?)?;
+        }
         per_image(&mut enc, &d)?;
         per_host(&mut enc, &d)?;
         let times = d.frontend.read_times();

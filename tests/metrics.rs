@@ -120,6 +120,38 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
     ] {
         assert!(body.contains(name), "{name} missing:\n{body}");
     }
+    // chunks fetched ahead of readers, by what fetched them: the same numbers as the
+    // frontend's own counters in `status` (read back to back until the background fill, which
+    // may be running, leaves them alike)
+    let ahead = |body: &str, by: &str| -> u64 {
+        let series = format!("lazyblob_chunks_ahead_total{{frontend=\"fanotify\",by=\"{by}\"}} ");
+        let line = body.lines().find_map(|l| l.strip_prefix(series.as_str()));
+        line.unwrap_or_else(|| panic!("{series}missing:\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let kinds = [
+        ("read_ahead", "chunks_prefetched"),
+        ("startup", "chunks_startup"),
+        ("background", "chunks_background"),
+    ];
+    let t0 = Instant::now();
+    loop {
+        let (status, body) = (d.status().await, scrape(&http, port).await);
+        let pairs: Vec<(u64, Option<u64>)> = kinds
+            .iter()
+            .map(|(by, counter)| (ahead(&body, by), status.frontend_counters[*counter].as_u64()))
+            .collect();
+        if pairs.iter().all(|(scraped, own)| Some(*scraped) == *own) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "lazyblob_chunks_ahead (read_ahead, startup, background) against status: {pairs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // a real Prometheus scrapes it
     let prom_port = free_port();

@@ -140,6 +140,25 @@ impl ActiveFrontend {
         }
     }
 
+    /// Chunks (cachefiles: units) fetched ahead of readers, by what fetched them: the
+    /// read-ahead of sequential readers, a startup prefetch list, the background fill.
+    pub fn fetched_ahead(&self) -> [(&'static str, u64); 3] {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (read_ahead, startup, background) = match self {
+            ActiveFrontend::Cachefiles(c) => (&c.stats.units_ahead, &c.stats.units_startup, &c.stats.units_background),
+            ActiveFrontend::Fanotify(f) => (
+                &f.stats.chunks_prefetched,
+                &f.stats.chunks_startup,
+                &f.stats.chunks_background,
+            ),
+        };
+        [
+            ("read_ahead", read_ahead.load(Relaxed)),
+            ("startup", startup.load(Relaxed)),
+            ("background", background.load(Relaxed)),
+        ]
+    }
+
     /// The frontend's read latencies.
     pub fn read_times(&self) -> &crate::metrics::ReadTimes {
         match self {
