@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use super::{cache, sys, FanotifyFrontend};
 use crate::catalog::Image;
-use crate::engine::chunks::ChunkGeometry;
+use crate::engine::chunks::{consecutive, ChunkGeometry};
 use crate::engine::DataBlob;
 use crate::frontend::readahead::ReadAhead;
 use crate::lock::lock;
@@ -64,6 +64,22 @@ impl CachedBlob {
     /// Chunks (of the table's size) in the blob.
     pub(super) fn n_chunks(&self) -> u64 {
         self.blob.source.size.div_ceil(self.blob.table_chunk)
+    }
+
+    /// The byte ranges of the runs of chunks `chunks` (clamped to the blob) that are not
+    /// verified in the cache, now.
+    pub(super) fn unverified_runs(&self, chunks: std::ops::Range<u64>) -> Vec<std::ops::Range<u64>> {
+        let (unit, size) = (self.blob.table_chunk, self.blob.source.size);
+        let todo: Vec<u64> = {
+            let v = lock(&self.verified);
+            (chunks.start..chunks.end.min(self.n_chunks()))
+                .filter(|c| !v.contains(c))
+                .collect()
+        };
+        consecutive(&todo, u64::MAX)
+            .into_iter()
+            .map(|run| run.start * unit..(run.end * unit).min(size))
+            .collect()
     }
 
     /// Whether every table chunk overlapping `[at, at + len)` is verified in the cache.

@@ -89,16 +89,14 @@ impl FanotifyFrontend {
         // the chunks still missing now, not when the caller looked: another task (a
         // prefetch, a reader of a neighbouring range) may have stored some meanwhile, and the
         // engine lets a unit go once it is stored (no await from here to the fetch)
-        let (unit, size) = (cached.blob.table_chunk, cached.blob.source.size);
-        let still: Vec<u64> = {
-            let v = lock(&cached.verified);
-            (s / unit..e.div_ceil(unit)).filter(|c| !v.contains(c)).collect()
-        };
+        let unit = cached.blob.table_chunk;
         let mut pending = Vec::new();
-        for run in consecutive(&still, u64::MAX) {
-            let (rs, re) = (run.start * unit, (run.end * unit).min(size).min(e));
-            let rs = rs.max(s);
-            pending.extend(self.engine.fetch(&cached.blob, rs, re - rs).map_err(io::Error::other)?);
+        for r in cached.unverified_runs(s / unit..e.div_ceil(unit)) {
+            pending.extend(
+                self.engine
+                    .fetch(&cached.blob, r.start, r.end - r.start)
+                    .map_err(io::Error::other)?,
+            );
         }
         let mut written = 0;
         for p in pending {

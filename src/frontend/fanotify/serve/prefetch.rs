@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use super::blob::CachedBlob;
 use super::FanotifyFrontend;
-use crate::engine::chunks::consecutive;
 use crate::lock::lock;
 
 impl FanotifyFrontend {
@@ -30,19 +29,12 @@ impl FanotifyFrontend {
     /// Fetch chunks `[from, to)` that are not cached yet and write them with our own handle;
     /// one task per merged range, so each is written as soon as it arrives.
     pub(super) fn prefetch(self: &Arc<Self>, cached: &Arc<CachedBlob>, from: u64, to: u64) {
-        let unit = cached.blob.table_chunk;
-        let n_chunks = cached.n_chunks();
-        let todo: Vec<u64> = {
-            let v = lock(&cached.verified);
-            (from..to.min(n_chunks)).filter(|c| !v.contains(c)).collect()
-        };
+        let todo = cached.unverified_runs(from..to);
         let Some(via) = lock(&cached.writer).clone() else {
             return;
         };
-        for run in consecutive(&todo, u64::MAX) {
-            let s = run.start * unit;
-            let e = (run.end * unit).min(cached.blob.source.size);
-            let pending = match self.engine.fetch(&cached.blob, s, e - s) {
+        for run in todo {
+            let pending = match self.engine.fetch(&cached.blob, run.start, run.end - run.start) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(error = %e, "read-ahead not started");
