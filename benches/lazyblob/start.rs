@@ -76,6 +76,17 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     }
     let startup_bytes: u64 = startup.iter().map(|x| x.2 as u64).sum();
 
+    // what lazyblob and nydusd are both asked (`nydus.rs`): the startup set, cold and again;
+    // random reads of one large file no one read, a sequential read of another
+    let big = s.large_mib.len() - 1;
+    let (random_file, seq_file) = ("opt/big/blob1.bin".to_string(), format!("opt/big/blob{big}.bin"));
+    let workload = nydus::Workload {
+        all: &all,
+        startup: &startup,
+        random_file: &random_file,
+        seq_file: &seq_file,
+    };
+
     // a cold start on a fresh daemon in `dir` (background fill off): page cache dropped, then
     // mount + the startup set read and checked; the daemon, its mount point and the seconds
     let cold_start = |dir: &str| {
@@ -87,13 +98,7 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
         d.mount(&dst, &mnt);
         let mount_s = t.elapsed().as_secs_f64();
         eprintln!("{dir}: mounted in {mount_s:.3} s (the CLI's own start included)");
-        for (p, off, len) in &startup {
-            let got = read_range(&mnt.join(p), *off, *len);
-            assert!(
-                got[..] == all[p][*off as usize..*off as usize + len],
-                "{p}: wrong bytes"
-            );
-        }
+        nydus::read_startup(&mnt, &workload);
         (d, mnt, t.elapsed().as_secs_f64(), mount_s)
     };
 
@@ -141,39 +146,13 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     r.json.insert("cold_start".into(), json!({"image_bytes": total_bytes, "startup_bytes": startup_bytes, "lazyblob_s": lazy_cold, "mount_s": mount_s, "full_pull_s": full_pull, "speedup": full_pull / lazy_cold}));
 
     // ---- 4. warm reads: the startup set again (page cache dropped) against a local EROFS image
-    let read_set = |root: &Path| {
-        let t = Instant::now();
-        for (p, off, len) in &startup {
-            let _ = read_range(&root.join(p), *off, *len);
-        }
-        t.elapsed().as_secs_f64()
-    };
-    // median of REPS passes, each with the page cache dropped
-    let warm = |root: &Path| {
-        let mut v: Vec<f64> = (0..REPS)
-            .map(|_| {
-                drop_caches();
-                read_set(root)
-            })
-            .collect();
-        percentile(&mut v, 0.5)
-    };
+    let warm = |root: &Path| nydus::reread(root, &workload);
     let before = d.status().await.registry.bytes;
     let lazy_partial = warm(&mnt);
     let reread_fetched = d.status().await.registry.bytes - before;
     // the daemon's peak RSS over a cold start and the re-reads (nydusd measured 40-43 MiB on
     // this tree in the side-by-side run)
     let rss_mib = usage(d.pid()).0 as f64 / 1024.0;
-    // the rest of the side-by-side workload with nydusd (`nydus.rs`): random reads of one
-    // large file no one read, a sequential read of another
-    let big = s.large_mib.len() - 1;
-    let (random_file, seq_file) = ("opt/big/blob1.bin".to_string(), format!("opt/big/blob{big}.bin"));
-    let workload = nydus::Workload {
-        all: &all,
-        startup: &startup,
-        random_file: &random_file,
-        seq_file: &seq_file,
-    };
     // unmounted and mounted again first: the unmount ends the recording of the cold start
     // (its list must not hold these reads); the new mount replays that list, all cached
     d.umount(&mnt);
@@ -217,7 +196,7 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     let mnt = w.join("d1f/mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     d.mount(&dst, &mnt);
-    let _ = read_set(&mnt);
+    let _ = nydus::read_again(&mnt, &workload);
     let t = Instant::now();
     let lazy = lazy_manifest(reg, &dst).await;
     let n_blobs = lazy.data.len() as u64;
