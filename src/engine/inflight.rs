@@ -3,8 +3,9 @@
 //! A fetch in flight is a shared future in `running`: every reader of that chunk awaits the
 //! same registry request. When it completes, the entry moves to `recent`, an LRU bounded in
 //! entries (so in chunks of memory), which covers readers arriving just after completion,
-//! before the frontend has written the chunk into its cache; the frontend takes the entry out
-//! once it has (`Engine::stored`). A failed fetch is held in
+//! before the frontend has written the chunk into its cache; a frontend that checks its own
+//! record of stored chunks before fetching (fanotify) takes the entry out once it has
+//! (`Engine::stored`). A failed fetch is held in
 //! `failed` for a short time (`engine.failed_fetch_hold_ms`): readers that were queued behind it
 //! (the kernel makes readers of one page wait for each other, one request at a time) get its
 //! error at once instead of one deadline each; after that the next read tries again. The

@@ -19,7 +19,7 @@ use super::device::{AlignedBuf, DIO_ALIGN};
 use super::serve::{Cachefiles, CachefilesStats, Object};
 use crate::catalog::Target;
 use crate::engine::chunks::consecutive;
-use crate::engine::{DataBlob, EngineError, Pending, Piece};
+use crate::engine::{DataBlob, EngineError, Pending};
 use crate::image::digest::Digest;
 use crate::lock::lock;
 use crate::prefetch::{fetch_pieces, Plan};
@@ -77,19 +77,18 @@ impl Cachefiles {
         let written = match p.wait(&self.engine).await {
             Ok(piece) => {
                 let o = Arc::clone(obj);
-                tokio::task::spawn_blocking(move || -> io::Result<(u64, Piece)> {
+                // the unit stays among the engine's recently completed ones (not `stored`): a
+                // READ the kernel sent for it before this write landed is served from there,
+                // and this frontend has no record of its own to check before a fetch
+                tokio::task::spawn_blocking(move || -> io::Result<u64> {
                     let len = piece.data.len();
                     let mut buf = AlignedBuf::zeroed(len.div_ceil(DIO_ALIGN) * DIO_ALIGN)?;
                     buf.as_mut_slice()[..len].copy_from_slice(&piece.data);
                     o.fd.write_all_at(&buf, piece.offset)?;
-                    Ok((len as u64, piece))
+                    Ok(len as u64)
                 })
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)))
-                .map(|(n, piece)| {
-                    self.engine.stored(&piece);
-                    n
-                })
             }
             Err(e) => Err(io::Error::other(e)),
         };
