@@ -234,7 +234,12 @@ pub async fn prefetch_push(image: &str, list: Option<&Path>, config: Option<&Pat
     );
     let runs: usize = list.blobs.iter().map(|b| b.runs.len()).sum();
     let pushed = lists::push(&reg, &reference, &list).await?;
+    let listed = match pushed.listed_by {
+        lists::Found::ReferrersApi => "listed by the registry's referrers API".to_string(),
+        lists::Found::ReferrersTag => format!("listed in the referrers tag sha256-{}", list.image.hex()),
+    };
     Ok(format!(
-        "pushed the prefetch list of {image} ({runs} runs) as {pushed}\n"
+        "pushed the prefetch list of {image} ({runs} runs) as {}, {listed}\n",
+        pushed.digest
     ))
 }

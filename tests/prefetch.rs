@@ -6,7 +6,9 @@
 //!   any reader, and the same startup then fetches nothing more and reads the right bytes;
 //! - a list that does not fit the image is refused (nothing fetched for it), and the start
 //!   is recorded anew;
-//! - through Debian's docker-registry, a pushed list reaches a node that never ran the image.
+//! - through Debian's docker-registry, a pushed list reaches a node that never ran the image;
+//! - through a registry with the referrers API (registry-mock's: Debian has no such registry),
+//!   the push writes no referrers tag and a new node finds the newest list by the API.
 
 mod common;
 
@@ -211,7 +213,11 @@ async fn a_pushed_list_reaches_a_new_node_through_docker_registry() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(String::from_utf8_lossy(&out.stdout).contains("pushed the prefetch list"));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("pushed the prefetch list") && said.contains("referrers tag"),
+            "{said}"
+        );
     }
     let hex = image_digest.trim_start_matches("sha256:");
     let tag = lazyblob::registry::parse_reference(&format!("{host}/pushed/app:sha256-{hex}")).unwrap();
@@ -241,4 +247,99 @@ async fn a_pushed_list_reaches_a_new_node_through_docker_registry() {
     four.umount(&mnt4);
     // the recording the mount started ended unkept: the kept list is still the registry's
     assert_eq!(std::fs::read(&kept_lists(&four)[0]).unwrap(), kept);
+}
+
+/// A registry with the OCI 1.1 referrers API (registry-mock's; Debian packages none): the
+/// push leaves the referrers tag alone, the API lists the artifact, and a node that never ran
+/// the image takes the newest of the lists there (an older one, pushed by hand with a run
+/// past its blob's end, would be refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_is_found_by_the_referrers_api_where_the_registry_has_it() {
+    require_root();
+    let mock = MockRegistry::start(MockConfig {
+        referrers_api: true,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    files.insert("a-big.bin".into(), bytes(11, 8 * MIB));
+    for i in 0..4 {
+        files.insert(format!("bin/tool{i}"), bytes(80 + i, 200_000));
+    }
+    let img = build_files(&files, 1);
+    let image_digest = push_image(&reg, &host, "api/app:v1", &img).await;
+    let image = Digest::parse(&image_digest).unwrap();
+    let reference = format!("{host}/api/app:v1");
+    let startup = |mnt: &Path| {
+        for i in 0..2 {
+            let p = format!("bin/tool{i}");
+            assert!(std::fs::read(mnt.join(&p)).unwrap() == files[&p], "{p}");
+        }
+    };
+    let work = tempfile::tempdir().unwrap();
+    let (one, kept) = record_first_start(work.path(), &host, &reference, startup);
+    let kept = std::fs::read(kept).unwrap();
+
+    // an older list, pushed by hand: it names a chunk past its blob's end
+    let mut old = PrefetchList::from_slice(&kept).unwrap();
+    old.blobs[0].runs = vec![[0, 1], [1 << 40, (1 << 40) + 1]];
+    let old = old.to_vec();
+    let old_digest = mock.store().put_blob(old.clone());
+    let empty = mock.store().put_blob(&b"{}"[..]);
+    let artifact = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": lazyblob::prefetch::list::MEDIA_TYPE,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": lazyblob::prefetch::list::MEDIA_TYPE, "digest": old_digest, "size": old.len()}],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image_digest, "size": 1},
+        "annotations": {"org.opencontainers.image.created": "2020-01-01T00:00:00Z"}});
+    mock.store().put_manifest(
+        "api/app",
+        None,
+        "application/vnd.oci.image.manifest.v1+json",
+        serde_json::to_vec(&artifact).unwrap(),
+    );
+
+    let out = std::process::Command::new(common::daemon::binary())
+        .args(["prefetch", "push", &reference, "--config"])
+        .arg(&one.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("listed by the registry's referrers API"), "{said}");
+    let tag = format!("sha256-{}", image.hex());
+    assert!(
+        mock.store().manifest("api/app", &tag).is_none(),
+        "a referrers tag was written"
+    );
+    let repo = lazyblob::registry::parse_reference(&reference).unwrap();
+    let index = reg
+        .referrers(&repo, &image, lazyblob::prefetch::list::MEDIA_TYPE)
+        .await
+        .unwrap()
+        .expect("the API answers");
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 2, "{index}");
+
+    // a new node: the newest list, by the API, fetched at once and kept
+    let two = DaemonProc::start(&work.path().join("two"), &[&host], CFG);
+    let mnt2 = work.path().join("two/mnt");
+    two.mount(&reference, &mnt2);
+    let t0 = std::time::Instant::now();
+    while !two.log().contains("startup prefetch done") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no prefetch:\n{}", two.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(two.log().contains("ReferrersApi"), "{}", two.log());
+    assert!(!two.log().contains("prefetch list ignored"), "{}", two.log());
+    assert_eq!(
+        std::fs::read(&kept_lists(&two)[0]).unwrap(),
+        kept,
+        "the newest list is kept"
+    );
+    startup(&mnt2);
+    two.umount(&mnt2);
 }

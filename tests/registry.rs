@@ -111,6 +111,7 @@ async fn redirects_to_blob_storage_do_not_carry_authorization() {
                 password: "p".into(),
             },
             redirect_blobs_to: Some(format!("http://{}", storage.host())),
+            ..MockConfig::default()
         },
         store.clone(),
     )

@@ -9,6 +9,7 @@
 mod auth;
 mod faults;
 mod hostile;
+mod referrers;
 mod server;
 mod store;
 
@@ -84,6 +85,8 @@ pub struct MockConfig {
     /// Answer blob GETs with a 307 to this base URL (another host), like registries that
     /// hand blobs off to object storage.
     pub redirect_blobs_to: Option<String>,
+    /// Serve the OCI 1.1 referrers API (off: the route is unknown, as on docker-registry 2.8).
+    pub referrers_api: bool,
 }
 
 /// State shared by the server tasks and the test's handle.

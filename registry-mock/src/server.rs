@@ -53,6 +53,11 @@ async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers:
     if let Some((name, reference)) = rest.trim_start_matches('/').rsplit_once("/manifests/") {
         return manifest(&s, &method, name, reference, &headers, body);
     }
+    if let Some((name, digest)) = rest.trim_start_matches('/').rsplit_once("/referrers/") {
+        if lock(&s.config).referrers_api {
+            return crate::referrers::list(&s.store, name, digest, query);
+        }
+    }
     if let Some((name, upload)) = rest.trim_start_matches('/').split_once("/blobs/uploads") {
         return upload_route(&s, &method, name, upload.trim_start_matches('/'), query, body);
     }
@@ -141,10 +146,14 @@ fn manifest(s: &Shared, method: &Method, name: &str, reference: &str, headers: &
                 .unwrap_or("application/vnd.oci.image.manifest.v1+json")
                 .to_string();
             let tag = (!reference.starts_with("sha256:")).then_some(reference);
+            let subject = crate::referrers::subject_of(&body).filter(|_| lock(&s.config).referrers_api);
             let digest = s.store.put_manifest(name, tag, &media_type, body);
-            Response::builder()
-                .status(StatusCode::CREATED)
-                .header(header::LOCATION, format!("/v2/{name}/manifests/{digest}"))
+            let r = Response::builder().status(StatusCode::CREATED);
+            let r = match subject {
+                Some(subject) => r.header("OCI-Subject", subject),
+                None => r,
+            };
+            r.header(header::LOCATION, format!("/v2/{name}/manifests/{digest}"))
                 .header("Docker-Content-Digest", digest)
                 .body(Body::empty())
                 .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())

@@ -63,6 +63,17 @@ impl Store {
         d
     }
 
+    /// Every manifest of `repo` once: (digest, media type, body).
+    pub fn manifests_of(&self, repo: &str) -> Vec<(String, String, Bytes)> {
+        self.with(|i| {
+            i.manifests
+                .iter()
+                .filter(|((r, reference), _)| r == repo && reference.starts_with("sha256:"))
+                .map(|((_, d), (t, b))| (d.clone(), t.clone(), b.clone()))
+                .collect()
+        })
+    }
+
     pub fn manifest(&self, repo: &str, reference: &str) -> Option<(String, Bytes)> {
         self.with(|i| i.manifests.get(&(repo.to_string(), reference.to_string())).cloned())
     }

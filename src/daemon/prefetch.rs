@@ -62,7 +62,8 @@ impl Daemon {
                     Err(e) => return tracing::warn!(error = %e, "no prefetch list lookup"),
                 };
                 match registry::pull(&reg, &repo, &image.manifest_digest).await {
-                    Ok(Some(list)) if replay(&frontend, &image, &list) => {
+                    Ok(Some((list, found))) if replay(&frontend, &image, &list) => {
+                        tracing::info!(reference = %image.reference, ?found, "prefetch list from the registry");
                         let _ = recorder.finish(&image.manifest_digest);
                         if let Err(e) = store::save(&state_dir, &list) {
                             tracing::warn!(error = %e, "could not keep the registry's prefetch list");

@@ -151,20 +151,22 @@ impl Registry {
         &self.clients_of(reference).http
     }
 
-    /// The manifest URL of `reference`, as `oci-client` would build it.
-    fn manifest_url(&self, reference: &Reference) -> String {
+    /// `<scheme>://<registry>/v2/<repository>` of `reference`, as `oci-client` would build it.
+    fn repository_url(&self, reference: &Reference) -> String {
         let registry = reference.resolve_registry();
         let scheme = if self.insecure.iter().any(|h| h == registry) {
             "http"
         } else {
             "https"
         };
+        format!("{scheme}://{registry}/v2/{}", reference.repository())
+    }
+
+    /// The manifest URL of `reference`, as `oci-client` would build it.
+    fn manifest_url(&self, reference: &Reference) -> String {
         let name = reference.digest().or(reference.tag()).unwrap_or("latest");
         let ns = reference.namespace().map(|ns| format!("?ns={ns}")).unwrap_or_default();
-        format!(
-            "{scheme}://{registry}/v2/{}/manifests/{name}{ns}",
-            reference.repository()
-        )
+        format!("{}/manifests/{name}{ns}", self.repository_url(reference))
     }
 
     /// The platform chosen from image indexes.
@@ -240,6 +242,36 @@ impl Registry {
             tracing::debug!(header = ?digest, %actual, "registry digest header differs from content; using content");
         }
         Ok((raw, actual))
+    }
+
+    /// The referrers of `subject` (a manifest digest in `repo`'s repository) by the OCI 1.1
+    /// referrers API, asked for `artifact_type` only (a registry may ignore the filter): the
+    /// image index's bytes, bounded like a manifest's, or `None` from a registry without the
+    /// API (404 from every endpoint), whose referrers are found by their tag instead. The
+    /// index names digests and sizes the caller has yet to check.
+    pub async fn referrers(
+        &self,
+        repo: &Reference,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>, RegistryError> {
+        let at = repo.clone_with_digest(subject.to_string());
+        let res = self
+            .with_endpoints(&at, "referrers", 0, |ep, auth, client| async move {
+                let token = client.auth(&ep, &auth, RegistryOperation::Pull).await?;
+                let credential = manifest::Credential::after_auth(token, &auth);
+                let mut url = reqwest::Url::parse(&format!("{}/referrers/{subject}", self.repository_url(&ep)))
+                    .map_err(|e| RegistryError::Reference(ep.to_string(), e.to_string()))?;
+                url.query_pairs_mut().append_pair("artifactType", artifact_type);
+                let accept = oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE;
+                manifest::get(self.http(&ep), url.as_str(), accept, credential, &self.cfg.limits).await
+            })
+            .await;
+        match res {
+            Ok((raw, _)) => Ok(Some(raw)),
+            Err(RegistryError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The ceilings on what a registry may make this client hold.
