@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod node;
 pub mod prefetch;
 pub mod private_fs;
+pub mod recycle;
 pub mod registry;
 pub mod service;
 pub mod snapshotter;

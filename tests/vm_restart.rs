@@ -2,7 +2,7 @@
 //! kernel with CACHEFILES_ONDEMAND): 8 readers stream whole files (busybox `sha256sum`) while
 //! the daemon is `kill -9`ed and restarted three times, and, on a second image, while it is
 //! upgraded three times (a new daemon started while the old one runs). registry-mock on the
-//! host answers every request of these images late, so READs are in flight at each
+//! host answers every request of these images 1 s late, so READs are in flight at each
 //! disruption. Every reader must succeed with the right sum.
 
 mod common;
@@ -27,11 +27,13 @@ async fn cachefiles_readers_survive_kill9_and_upgrades_in_vm() {
     let (img_a, img_b) = (build_files(&a, 8), build_files(&b, 8));
     push_image(&reg, &host, "restart/a:v1", &img_a).await;
     push_image(&reg, &host, "restart/b:v1", &img_b).await;
+    // late enough that no reader (3 chunks, 2 requests at a time for all 8) is done at the
+    // first disruption, 2 s after they start
     let slow: Vec<FaultRule> = img_a
         .data
         .iter()
         .chain(&img_b.data)
-        .map(|d| FaultRule::always(Fault::Latency(Duration::from_millis(300))).for_blob(&sha256_digest(d)))
+        .map(|d| FaultRule::always(Fault::Latency(Duration::from_millis(1000))).for_blob(&sha256_digest(d)))
         .collect();
     mock.set_faults(slow);
 

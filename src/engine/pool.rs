@@ -3,51 +3,22 @@
 //! goes back to the pool instead of to the allocator, so a sequential reader does not pay a
 //! fresh mapping and its page faults per unit. The pool keeps a bounded number of buffers.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::lock::lock;
+use crate::recycle::Recycler;
 
-/// A bounded stack of reusable buffers.
-pub struct BufPool {
-    free: Mutex<Vec<Vec<u8>>>,
-    keep: usize,
-}
+/// Idle unit buffers.
+pub type BufPool = Recycler<Vec<u8>>;
 
 impl BufPool {
-    /// A pool keeping at most `keep` idle buffers.
-    pub fn new(keep: usize) -> Arc<BufPool> {
-        Arc::new(BufPool {
-            free: Mutex::new(Vec::new()),
-            keep,
-        })
-    }
-
     /// An empty buffer with room for `cap` bytes (reused when one of a fitting size is idle).
     pub fn take(self: &Arc<Self>, cap: usize) -> PoolBuf {
-        let reused = {
-            let mut free = lock(&self.free);
-            free.iter()
-                .position(|b| b.capacity() >= cap && b.capacity() <= cap.saturating_mul(2))
-                .map(|i| free.swap_remove(i))
-        };
+        let reused = self.reuse(|b| b.capacity() >= cap && b.capacity() <= cap.saturating_mul(2));
         PoolBuf {
             buf: reused.unwrap_or_else(|| Vec::with_capacity(cap)),
             pool: Arc::clone(self),
-        }
-    }
-
-    /// Idle buffers held.
-    pub fn idle(&self) -> usize {
-        lock(&self.free).len()
-    }
-
-    fn give_back(&self, mut buf: Vec<u8>) {
-        let mut free = lock(&self.free);
-        if free.len() < self.keep {
-            buf.clear();
-            free.push(buf);
         }
     }
 }
@@ -89,7 +60,9 @@ impl AsRef<[u8]> for PoolBuf {
 
 impl Drop for PoolBuf {
     fn drop(&mut self) {
-        self.pool.give_back(std::mem::take(&mut self.buf));
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        self.pool.give_back(buf);
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use tracing::Instrument;
 
-use super::device::{AlignedBuf, DIO_ALIGN};
+use super::buffers;
 use super::serve::{Cachefiles, CachefilesStats, Object};
 use crate::catalog::Target;
 use crate::engine::chunks::consecutive;
@@ -76,16 +76,14 @@ impl Cachefiles {
         let offset = p.offset;
         let written = match p.wait(&self.engine).await {
             Ok(piece) => {
-                let o = Arc::clone(obj);
+                let (o, bufs) = (Arc::clone(obj), Arc::clone(&self.bufs));
                 // the unit stays among the engine's recently completed ones (not `stored`): a
                 // READ the kernel sent for it before this write landed is served from there,
                 // and this frontend has no record of its own to check before a fetch
                 tokio::task::spawn_blocking(move || -> io::Result<u64> {
-                    let len = piece.data.len();
-                    let mut buf = AlignedBuf::zeroed(len.div_ceil(DIO_ALIGN) * DIO_ALIGN)?;
-                    buf.as_mut_slice()[..len].copy_from_slice(&piece.data);
+                    let buf = buffers::holding(&bufs, &piece.data)?;
                     o.fd.write_all_at(&buf, piece.offset)?;
-                    Ok(len as u64)
+                    Ok(piece.data.len() as u64)
                 })
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)))

@@ -165,9 +165,21 @@ impl AlignedBuf {
         Ok(AlignedBuf { ptr, len: size, layout })
     }
 
+    /// Bytes allocated (what [`AlignedBuf::set_len`] may use).
+    pub fn capacity(&self) -> usize {
+        self.layout.size()
+    }
+
+    /// Use the first `len` bytes, rounded up to the alignment (at least one block, at most
+    /// the capacity). They hold what was written there last (zeros in a new buffer).
+    pub fn set_len(&mut self, len: usize) {
+        self.len = (len.max(1).div_ceil(DIO_ALIGN) * DIO_ALIGN).min(self.capacity());
+    }
+
     /// The whole (rounded-up) buffer.
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` points to `len` initialised (zeroed) bytes owned by `self`.
+        // SAFETY: `ptr` points to `capacity()` bytes owned by `self`, all initialised (zeroed
+        // at allocation, written only through `as_mut_slice` since), and `len <= capacity()`.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -201,6 +213,14 @@ mod tests {
     fn aligned_buffer_is_aligned_and_rounded() {
         let mut b = AlignedBuf::zeroed(5000).unwrap();
         assert_eq!(b.as_slice().len(), 8192);
+        b.set_len(100);
+        assert_eq!(b.as_slice().len(), 4096);
+        b.set_len(1 << 20);
+        assert_eq!(
+            (b.as_slice().len(), b.capacity()),
+            (8192, 8192),
+            "never past the capacity"
+        );
         assert_eq!(b.as_slice().as_ptr() as usize % DIO_ALIGN, 0);
         b.as_mut_slice()[8191] = 1;
         assert!(b.as_slice()[..8191].iter().all(|&x| x == 0));

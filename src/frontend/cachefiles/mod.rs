@@ -3,9 +3,10 @@
 //!
 //! `protocol` parses and encodes the messages, `device` holds the syscalls, `serve` is the
 //! event loop that answers OPEN/READ/CLOSE concurrently, `ahead` writes ahead of sequential
-//! readers, `failover` hands the cache over across restarts.
+//! readers (through recycled aligned `buffers`), `failover` hands the cache over across restarts.
 
 mod ahead;
+mod buffers;
 pub mod device;
 mod failover;
 mod fill;

@@ -15,7 +15,8 @@ use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tracing::Instrument;
 
-use super::device::{AlignedBuf, AnonFd, Device, DIO_ALIGN};
+use super::buffers::{self, WriteBuf, WriteBufs};
+use super::device::{AnonFd, Device, DIO_ALIGN};
 use super::failover;
 use super::protocol::{erofs_fsid, Command, Message, MSG_MAX_SIZE};
 use crate::catalog::{Catalog, Target};
@@ -113,6 +114,8 @@ pub struct Cachefiles {
     /// Largest read-ahead window in bytes (None: no read-ahead).
     read_ahead_max: Option<NonZeroU64>,
     pub(super) objects: Mutex<HashMap<u32, Arc<Object>>>,
+    /// Idle aligned buffers for writes through the anonymous fds.
+    pub(super) bufs: Arc<WriteBufs>,
     /// Slots of READs being served.
     admission: Admission,
     recorder: Arc<crate::prefetch::Recorder>,
@@ -170,6 +173,7 @@ impl Cachefiles {
             engine,
             read_ahead_max,
             objects: Mutex::new(HashMap::new()),
+            bufs: WriteBufs::new(buffers::KEPT),
             admission,
             recorder,
             fill_after,
@@ -343,7 +347,7 @@ impl Cachefiles {
     /// The bytes of `[start, start + len)` of the object's blob in an aligned buffer (zeros
     /// past the end of the blob). The buffer is allocated once the bytes are here, so a READ
     /// waiting for a slow registry holds no memory of its own.
-    async fn fill(&self, obj: &Object, start: u64, len: u64) -> io::Result<AlignedBuf> {
+    async fn fill(&self, obj: &Object, start: u64, len: u64) -> io::Result<WriteBuf> {
         let len_usize = usize::try_from(len).map_err(|_| io::Error::other("READ too large"))?;
         if len_usize > 256 << 20 {
             return Err(io::Error::other(format!("READ of {len} bytes refused")));
@@ -352,9 +356,10 @@ impl Cachefiles {
             Target::Meta(img) => {
                 let path = img.meta_path.clone();
                 let size = img.meta.size;
+                let bufs = Arc::clone(&self.bufs);
                 tokio::task::spawn_blocking(move || {
                     use std::os::unix::fs::FileExt;
-                    let mut buf = AlignedBuf::zeroed(len_usize)?;
+                    let mut buf = buffers::zeroed(&bufs, len_usize)?;
                     let f = std::fs::File::open(&path)?;
                     let avail = size.saturating_sub(start).min(len) as usize;
                     f.read_exact_at(&mut buf.as_mut_slice()[..avail], start)?;
@@ -365,10 +370,10 @@ impl Cachefiles {
             }
             Target::Data(_, blob) => {
                 if start >= blob.source.size {
-                    return AlignedBuf::zeroed(len_usize);
+                    return buffers::zeroed(&self.bufs, len_usize);
                 }
                 let pieces = self.engine.read(blob, start, len).await.map_err(io::Error::other)?;
-                let mut buf = AlignedBuf::zeroed(len_usize)?;
+                let mut buf = buffers::zeroed(&self.bufs, len_usize)?;
                 let out = buf.as_mut_slice();
                 let end = start + len;
                 for p in pieces {
