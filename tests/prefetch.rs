@@ -59,6 +59,37 @@ async fn settled(mock: &MockRegistry, data: &[String]) -> u64 {
     }
 }
 
+/// A large file `a-big.bin` of `big` bytes and `n` small ones of `len` bytes named
+/// `{prefix}{i}`, all seeded from `seed`.
+fn tree(seed: u64, big: usize, prefix: &str, n: u64, len: usize) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    files.insert("a-big.bin".to_string(), bytes(seed, big));
+    for i in 0..n {
+        files.insert(format!("{prefix}{i}"), bytes(seed + 1 + i, len));
+    }
+    files
+}
+
+/// `lazyblob prefetch push reference` with `d`'s config: what it printed.
+fn push_list(d: &DaemonProc, reference: &str) -> String {
+    let out = std::process::Command::new(common::daemon::binary())
+        .args(["prefetch", "push", reference, "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Wait (20 s at most) until `d` says its startup prefetch is done.
+async fn prefetch_done(d: &DaemonProc) {
+    let t0 = std::time::Instant::now();
+    while !d.log().contains("startup prefetch done") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no prefetch:\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn kept_lists(d: &DaemonProc) -> Vec<PathBuf> {
     std::fs::read_dir(d.dir.join("state/prefetch"))
         .map(|r| r.map(|e| e.unwrap().path()).collect())
@@ -71,11 +102,7 @@ async fn a_recorded_startup_is_fetched_first_on_the_next_node() {
     let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
     let host = mock.host();
     let reg = client(&insecure_config(&[&host]));
-    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    files.insert("a-big.bin".into(), bytes(7, 40 * MIB));
-    for i in 0..10 {
-        files.insert(format!("lib/mod{i:02}.so"), bytes(50 + i, 150_000));
-    }
+    let files = tree(7, 40 * MIB, "lib/mod", 10, 150_000);
     let img = build_files(&files, 2);
     let data: Vec<String> = img.data.iter().map(|b| Digest::of(b).to_string()).collect();
     push_image(&reg, &host, "startup/app:v1", &img).await;
@@ -84,7 +111,7 @@ async fn a_recorded_startup_is_fetched_first_on_the_next_node() {
     let big = &files["a-big.bin"];
     let startup = |mnt: &Path| {
         for i in (0..10).step_by(2) {
-            let p = format!("lib/mod{i:02}.so");
+            let p = format!("lib/mod{i}");
             assert!(std::fs::read(mnt.join(&p)).unwrap() == files[&p], "{p}");
         }
         for off in (17 * MIB..20 * MIB).step_by(MIB) {
@@ -185,11 +212,7 @@ async fn a_pushed_list_reaches_a_new_node_through_docker_registry() {
     let dr = DockerRegistry::start(None);
     let host = dr.host.clone();
     let reg = client(&insecure_config(&[&host]));
-    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    files.insert("a-big.bin".into(), bytes(9, 24 * MIB));
-    for i in 0..6 {
-        files.insert(format!("bin/tool{i}"), bytes(70 + i, 300_000));
-    }
+    let files = tree(9, 24 * MIB, "bin/tool", 6, 300_000);
     let img = build_files(&files, 1);
     let image_digest = push_image(&reg, &host, "pushed/app:v1", &img).await;
     let reference = format!("{host}/pushed/app:v1");
@@ -207,13 +230,7 @@ async fn a_pushed_list_reaches_a_new_node_through_docker_registry() {
 
     // pushed twice: the referrers tag lists the artifact once
     for _ in 0..2 {
-        let out = std::process::Command::new(common::daemon::binary())
-            .args(["prefetch", "push", &reference, "--config"])
-            .arg(&one.config)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let said = String::from_utf8_lossy(&out.stdout);
+        let said = push_list(&one, &reference);
         assert!(
             said.contains("pushed the prefetch list") && said.contains("referrers tag"),
             "{said}"
@@ -231,11 +248,7 @@ async fn a_pushed_list_reaches_a_new_node_through_docker_registry() {
     let four = DaemonProc::start(&work.path().join("four"), &[&host], CFG);
     let mnt4 = work.path().join("four/mnt");
     four.mount(&reference, &mnt4);
-    let t0 = std::time::Instant::now();
-    while !four.log().contains("startup prefetch done") {
-        assert!(t0.elapsed() < Duration::from_secs(20), "no prefetch:\n{}", four.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    prefetch_done(&four).await;
     assert!(startup_chunks(&four) >= 2, "{}", four.log());
     assert_eq!(
         std::fs::read(&kept_lists(&four)[0]).unwrap(),
@@ -264,11 +277,7 @@ async fn a_list_is_found_by_the_referrers_api_where_the_registry_has_it() {
     .unwrap();
     let host = mock.host();
     let reg = client(&insecure_config(&[&host]));
-    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    files.insert("a-big.bin".into(), bytes(11, 8 * MIB));
-    for i in 0..4 {
-        files.insert(format!("bin/tool{i}"), bytes(80 + i, 200_000));
-    }
+    let files = tree(11, 8 * MIB, "bin/tool", 4, 200_000);
     let img = build_files(&files, 1);
     let image_digest = push_image(&reg, &host, "api/app:v1", &img).await;
     let image = Digest::parse(&image_digest).unwrap();
@@ -302,13 +311,7 @@ async fn a_list_is_found_by_the_referrers_api_where_the_registry_has_it() {
         serde_json::to_vec(&artifact).unwrap(),
     );
 
-    let out = std::process::Command::new(common::daemon::binary())
-        .args(["prefetch", "push", &reference, "--config"])
-        .arg(&one.config)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = push_list(&one, &reference);
     assert!(said.contains("listed by the registry's referrers API"), "{said}");
     let tag = format!("sha256-{}", image.hex());
     assert!(
@@ -328,11 +331,7 @@ async fn a_list_is_found_by_the_referrers_api_where_the_registry_has_it() {
     let two = DaemonProc::start(&work.path().join("two"), &[&host], CFG);
     let mnt2 = work.path().join("two/mnt");
     two.mount(&reference, &mnt2);
-    let t0 = std::time::Instant::now();
-    while !two.log().contains("startup prefetch done") {
-        assert!(t0.elapsed() < Duration::from_secs(20), "no prefetch:\n{}", two.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    prefetch_done(&two).await;
     assert!(two.log().contains("ReferrersApi"), "{}", two.log());
     assert!(!two.log().contains("prefetch list ignored"), "{}", two.log());
     assert_eq!(
