@@ -21,7 +21,7 @@ use common::daemon::DaemonProc;
 use common::*;
 use lazyblob::image::digest::Digest;
 use lazyblob::prefetch::PrefetchList;
-use registry_mock::{MockConfig, MockRegistry};
+use registry_mock::{MockConfig, MockRegistry, ReferrersApi};
 
 const MIB: usize = 1 << 20;
 
@@ -270,7 +270,7 @@ async fn a_pushed_list_reaches_a_new_node_through_docker_registry() {
 async fn a_list_is_found_by_the_referrers_api_where_the_registry_has_it() {
     require_root();
     let mock = MockRegistry::start(MockConfig {
-        referrers_api: true,
+        referrers_api: ReferrersApi::Served,
         ..MockConfig::default()
     })
     .await
@@ -341,4 +341,19 @@ async fn a_list_is_found_by_the_referrers_api_where_the_registry_has_it() {
     );
     startup(&mnt2);
     two.umount(&mnt2);
+
+    // the API garbled: the push writes the tag, and a node reads the list from there
+    mock.set_config(MockConfig {
+        referrers_api: ReferrersApi::Garbled,
+        ..MockConfig::default()
+    });
+    let said = push_list(&one, &reference);
+    assert!(said.contains("referrers tag"), "{said}");
+    let three = DaemonProc::start(&work.path().join("three"), &[&host], CFG);
+    let mnt3 = work.path().join("three/mnt");
+    three.mount(&reference, &mnt3);
+    prefetch_done(&three).await;
+    assert!(three.log().contains("ReferrersTag"), "{}", three.log());
+    assert_eq!(std::fs::read(&kept_lists(&three)[0]).unwrap(), kept);
+    three.umount(&mnt3);
 }

@@ -85,8 +85,21 @@ pub struct MockConfig {
     /// Answer blob GETs with a 307 to this base URL (another host), like registries that
     /// hand blobs off to object storage.
     pub redirect_blobs_to: Option<String>,
-    /// Serve the OCI 1.1 referrers API (off: the route is unknown, as on docker-registry 2.8).
-    pub referrers_api: bool,
+    /// The OCI 1.1 referrers API: absent (the route is unknown, as on docker-registry 2.8),
+    /// served, or answered with junk.
+    pub referrers_api: ReferrersApi,
+}
+
+/// What the registry does with the referrers API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReferrersApi {
+    /// 404, as for any unknown route.
+    #[default]
+    Absent,
+    /// Lists the manifests whose subject is the digest; answers pushes with `OCI-Subject`.
+    Served,
+    /// 200 with a body that is not an image index (a hostile or broken registry).
+    Garbled,
 }
 
 /// State shared by the server tasks and the test's handle.

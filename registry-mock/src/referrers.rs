@@ -1,8 +1,8 @@
-//! The OCI 1.1 referrers API, when [`crate::MockConfig::referrers_api`] is on (off, the route
-//! is unknown, as on docker-registry 2.8): `GET /v2/<name>/referrers/<digest>` lists the
-//! repository's manifests whose `subject` is that digest, as an image index of descriptors
-//! (with their `artifactType` and annotations), filtered by the `artifactType` query; a
-//! manifest pushed with a subject is answered with the `OCI-Subject` header.
+//! The OCI 1.1 referrers API, when [`crate::MockConfig::referrers_api`] is served:
+//! `GET /v2/<name>/referrers/<digest>` lists the repository's manifests whose `subject` is
+//! that digest, as an image index of descriptors (with their `artifactType` and annotations),
+//! filtered by the `artifactType` query; a manifest pushed with a subject is answered with the
+//! `OCI-Subject` header.
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -54,8 +54,10 @@ async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers:
         return manifest(&s, &method, name, reference, &headers, body);
     }
     if let Some((name, digest)) = rest.trim_start_matches('/').rsplit_once("/referrers/") {
-        if lock(&s.config).referrers_api {
-            return crate::referrers::list(&s.store, name, digest, query);
+        match lock(&s.config).referrers_api {
+            crate::ReferrersApi::Served => return crate::referrers::list(&s.store, name, digest, query),
+            crate::ReferrersApi::Garbled => return (StatusCode::OK, "<html>referrers</html>").into_response(),
+            crate::ReferrersApi::Absent => {}
         }
     }
     if let Some((name, upload)) = rest.trim_start_matches('/').split_once("/blobs/uploads") {
@@ -146,7 +148,8 @@ fn manifest(s: &Shared, method: &Method, name: &str, reference: &str, headers: &
                 .unwrap_or("application/vnd.oci.image.manifest.v1+json")
                 .to_string();
             let tag = (!reference.starts_with("sha256:")).then_some(reference);
-            let subject = crate::referrers::subject_of(&body).filter(|_| lock(&s.config).referrers_api);
+            let served = lock(&s.config).referrers_api == crate::ReferrersApi::Served;
+            let subject = crate::referrers::subject_of(&body).filter(|_| served);
             let digest = s.store.put_manifest(name, tag, &media_type, body);
             let r = Response::builder().status(StatusCode::CREATED);
             let r = match subject {

@@ -8,9 +8,10 @@
 //!   before (other artifacts there stay).
 //!
 //! A node asks the referrers API first and reads the tag when the API has no list (or no
-//! API). Of several lists the newest is used. What a node pulls is hostile until checked:
-//! digests validated before they name anything, the artifact checked to refer to this
-//! image, sizes bounded, the list's bytes verified against its digest.
+//! API, or answers with an error or junk). Of several lists the newest is used. What a node
+//! pulls is hostile until checked: digests validated before they name anything, the artifact
+//! checked to refer to this image, sizes bounded, the list's bytes verified against its
+//! digest.
 
 #![forbid(unsafe_code)]
 
@@ -88,7 +89,7 @@ pub async fn push(reg: &Registry, repo: &Reference, list: &PrefetchList) -> Resu
     let digest = Digest::of(&raw);
     reg.push_manifest(&repo.clone_with_digest(digest.to_string()), raw.clone(), OCI_MANIFEST)
         .await?;
-    if let Some((Found::ReferrersApi, entries)) = api_entries(reg, repo, &list.image).await? {
+    if let Some((Found::ReferrersApi, entries)) = api_entries(reg, repo, &list.image).await {
         if entries.iter().any(|m| m["digest"].as_str() == Some(digest.as_str())) {
             return Ok(Pushed {
                 digest,
@@ -128,17 +129,22 @@ fn entries_of(index: &[u8], what: &str) -> Result<Vec<Value>, RegistryError> {
     })
 }
 
-/// The image's referrers by the registry's referrers API: `None` without the API.
-async fn api_entries(
-    reg: &Registry,
-    repo: &Reference,
-    image: &Digest,
-) -> Result<Option<(Found, Vec<Value>)>, RegistryError> {
-    let Some(raw) = reg.referrers(repo, image, MEDIA_TYPE).await? else {
-        return Ok(None);
-    };
+/// The image's referrers by the registry's referrers API: `None` without the API, and when
+/// its answer is an error or not an index (the referrers tag is read then: a registry's odd
+/// answer to a route it may not know costs no list).
+async fn api_entries(reg: &Registry, repo: &Reference, image: &Digest) -> Option<(Found, Vec<Value>)> {
     let what = format!("referrers of {image}");
-    Ok(Some((Found::ReferrersApi, entries_of(&raw, &what)?)))
+    let answer = reg
+        .referrers(repo, image, MEDIA_TYPE)
+        .await
+        .and_then(|raw| raw.map(|raw| entries_of(&raw, &what)).transpose());
+    match answer {
+        Ok(entries) => entries.map(|e| (Found::ReferrersApi, e)),
+        Err(e) => {
+            tracing::debug!(error = %e, "{what}: no answer from the referrers API; the referrers tag is read");
+            None
+        }
+    }
 }
 
 /// The newest prefetch list among referrers `entries`: the latest `created` annotation, the
@@ -159,9 +165,7 @@ pub async fn pull(
     repo: &Reference,
     image: &Digest,
 ) -> Result<Option<(PrefetchList, Found)>, RegistryError> {
-    let from_api = api_entries(reg, repo, image)
-        .await?
-        .filter(|(_, e)| newest(e).is_some());
+    let from_api = api_entries(reg, repo, image).await.filter(|(_, e)| newest(e).is_some());
     let (found, entries) = match from_api {
         Some(found) => found,
         None => {
