@@ -258,9 +258,7 @@ impl Default for EngineConfig {
             max_reads_in_flight: 256,
             failed_fetch_hold: Some(Duration::from_secs(1)),
             read_ahead_max: NonZeroU64::new(64 << 20),
-            // 1 MiB: 4 MiB read 3-7 MB more of a 62 MB startup (reads that stop in a large file
-            // leave a kernel window fetched past them), with no sequential speed to show for it
-            read_ahead_kb: NonZeroU32::new(1024),
+            read_ahead_kb: NonZeroU32::new(4096),
             fill_after_idle: Some(Duration::from_secs(1)),
             pin_metadata: true,
             fanotify_groups: 32,
