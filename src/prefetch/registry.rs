@@ -89,7 +89,7 @@ pub async fn push(reg: &Registry, repo: &Reference, list: &PrefetchList) -> Resu
     let digest = Digest::of(&raw);
     reg.push_manifest(&repo.clone_with_digest(digest.to_string()), raw.clone(), OCI_MANIFEST)
         .await?;
-    if let Some((Found::ReferrersApi, entries)) = api_entries(reg, repo, &list.image).await {
+    if let Some(entries) = api_entries(reg, repo, &list.image).await {
         if entries.iter().any(|m| m["digest"].as_str() == Some(digest.as_str())) {
             return Ok(Pushed {
                 digest,
@@ -132,14 +132,14 @@ fn entries_of(index: &[u8], what: &str) -> Result<Vec<Value>, RegistryError> {
 /// The image's referrers by the registry's referrers API: `None` without the API, and when
 /// its answer is an error or not an index (the referrers tag is read then: a registry's odd
 /// answer to a route it may not know costs no list).
-async fn api_entries(reg: &Registry, repo: &Reference, image: &Digest) -> Option<(Found, Vec<Value>)> {
+async fn api_entries(reg: &Registry, repo: &Reference, image: &Digest) -> Option<Vec<Value>> {
     let what = format!("referrers of {image}");
     let answer = reg
         .referrers(repo, image, MEDIA_TYPE)
         .await
         .and_then(|raw| raw.map(|raw| entries_of(&raw, &what)).transpose());
     match answer {
-        Ok(entries) => entries.map(|e| (Found::ReferrersApi, e)),
+        Ok(entries) => entries,
         Err(e) => {
             tracing::debug!(error = %e, "{what}: no answer from the referrers API; the referrers tag is read");
             None
@@ -165,9 +165,9 @@ pub async fn pull(
     repo: &Reference,
     image: &Digest,
 ) -> Result<Option<(PrefetchList, Found)>, RegistryError> {
-    let from_api = api_entries(reg, repo, image).await.filter(|(_, e)| newest(e).is_some());
+    let from_api = api_entries(reg, repo, image).await.filter(|e| newest(e).is_some());
     let (found, entries) = match from_api {
-        Some(found) => found,
+        Some(entries) => (Found::ReferrersApi, entries),
         None => {
             let tag = referrers_tag(repo, image);
             match reg.fetch_manifest_raw(&tag).await {
