@@ -175,7 +175,9 @@ async fn background_fill_completes_blobs_in_use() {
         "reads of a complete blob raise no events"
     );
     // the image is not complete yet: the mount's read-ahead stays raised (config default)
-    assert_eq!(mount::read_ahead(&mnt).unwrap(), 4096);
+    let raised = lazyblob::config::EngineConfig::default().read_ahead_kb.unwrap().get();
+    assert_ne!(raised, KERNEL_READ_AHEAD_KB);
+    assert_eq!(mount::read_ahead(&mnt).unwrap(), raised);
     // read from every blob: once all are complete, the mount's own read-ahead is back
     for (p, want) in &files {
         assert_eq!(&std::fs::read(mnt.join(p)).unwrap(), want, "{p}");
