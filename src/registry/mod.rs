@@ -212,20 +212,9 @@ impl Registry {
             .map(Digest::parse)
             .transpose()
             .map_err(|e| RegistryError::Manifest(format!("{reference}: {e}")))?;
+        let accept = MANIFEST_MEDIA_TYPES.join(", ");
         let (raw, digest) = self
-            .with_endpoints(reference, "manifest", 0, |ep, auth, client| async move {
-                let token = client.auth(&ep, &auth, RegistryOperation::Pull).await?;
-                let credential = manifest::Credential::after_auth(token, &auth);
-                let accept = MANIFEST_MEDIA_TYPES.join(", ");
-                manifest::get(
-                    self.http(&ep),
-                    &self.manifest_url(&ep),
-                    &accept,
-                    credential,
-                    &self.cfg.limits,
-                )
-                .await
-            })
+            .get_bounded(reference, "manifest", &accept, |ep| Ok(self.manifest_url(ep)))
             .await?;
         // oci-client checks a digest reference; check it again so a mirror cannot lie.
         let actual = Digest::of(&raw);
@@ -256,22 +245,39 @@ impl Registry {
         artifact_type: &str,
     ) -> Result<Option<Bytes>, RegistryError> {
         let at = repo.clone_with_digest(subject.to_string());
-        let res = self
-            .with_endpoints(&at, "referrers", 0, |ep, auth, client| async move {
-                let token = client.auth(&ep, &auth, RegistryOperation::Pull).await?;
-                let credential = manifest::Credential::after_auth(token, &auth);
-                let mut url = reqwest::Url::parse(&format!("{}/referrers/{subject}", self.repository_url(&ep)))
-                    .map_err(|e| RegistryError::Reference(ep.to_string(), e.to_string()))?;
-                url.query_pairs_mut().append_pair("artifactType", artifact_type);
-                let accept = oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE;
-                manifest::get(self.http(&ep), url.as_str(), accept, credential, &self.cfg.limits).await
-            })
-            .await;
-        match res {
+        let url = |ep: &Reference| {
+            reqwest::Url::parse_with_params(
+                &format!("{}/referrers/{subject}", self.repository_url(ep)),
+                [("artifactType", artifact_type)],
+            )
+            .map(String::from)
+            .map_err(|e| RegistryError::Reference(ep.to_string(), e.to_string()))
+        };
+        let accept = oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE;
+        match self.get_bounded(&at, "referrers", accept, url).await {
             Ok((raw, _)) => Ok(Some(raw)),
             Err(RegistryError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// GET `url(endpoint)` for `reference` accepting `accept`, on each endpoint (mirrors first)
+    /// with retries and re-authentication, the body bounded like a manifest's: the body and
+    /// its `Docker-Content-Digest` header, if any.
+    async fn get_bounded(
+        &self,
+        reference: &Reference,
+        what: &'static str,
+        accept: &str,
+        url: impl Fn(&Reference) -> Result<String, RegistryError>,
+    ) -> Result<(Bytes, Option<String>), RegistryError> {
+        let url = &url;
+        self.with_endpoints(reference, what, 0, |ep, auth, client| async move {
+            let token = client.auth(&ep, &auth, RegistryOperation::Pull).await?;
+            let credential = manifest::Credential::after_auth(token, &auth);
+            manifest::get(self.http(&ep), &url(&ep)?, accept, credential, &self.cfg.limits).await
+        })
+        .await
     }
 
     /// The ceilings on what a registry may make this client hold.
