@@ -5,9 +5,9 @@
 //! (the engine's single flight fetches it once for every such reader), once a quarter of its
 //! leaves are here (readers are reading around it), by a sequential reader, and by a miss in
 //! a chunk a startup prefetch is fetching. So a random reader fetches about its own pages,
-//! however often it comes back to a chunk. Leaves already written are served from the cache file like verified chunks;
-//! leaves an earlier run wrote (a chunk with holes whose span is all data) are read back and
-//! checked against the leaf values, not fetched again.
+//! however often it comes back to a chunk. Leaves already written are served from the cache
+//! file like verified chunks; leaves an earlier run wrote (a chunk with holes whose span is
+//! all data) are read back and checked against the leaf values, not fetched again.
 
 use std::fs::File;
 use std::io;
@@ -32,7 +32,12 @@ impl CachedBlob {
     /// than a quarter of its leaves would be here with these, and no leaf read of it is under
     /// way. The chunk is then taken until [`leaf_read_done`](Self::leaf_read_done), so a
     /// concurrent miss in it fetches it whole.
-    fn leaves_first(&self, span: LeafSpan, leaves_per_chunk: u64) -> bool {
+    fn leaves_first(&self, span: LeafSpan) -> bool {
+        let leaves_per_chunk = self
+            .blob
+            .leaves
+            .as_ref()
+            .map_or(0, |l| l.layout.leaves_of(self.blob.table_chunk));
         if lock(&self.planned).iter().any(|r| r.contains(&span.chunk)) || lock(&self.ahead).continues(span.chunk) {
             return false;
         }
@@ -71,12 +76,7 @@ impl FanotifyFrontend {
             self.stats.leaves_present.fetch_add(1, Relaxed);
             return Ok(true);
         }
-        let per_chunk = cached
-            .blob
-            .leaves
-            .as_ref()
-            .map_or(0, |l| l.layout.leaves_of(cached.blob.table_chunk));
-        if !cached.leaves_first(span, per_chunk) {
+        if !cached.leaves_first(span) {
             return Ok(false);
         }
         let read = self.read_and_write_leaves(cached, span, via).await;
