@@ -23,6 +23,8 @@ mod scale;
 mod start;
 #[path = "lazyblob/util.rs"]
 mod util;
+#[path = "lazyblob/workload.rs"]
+mod workload;
 
 use util::{Bench, Report};
 

@@ -11,6 +11,7 @@ use serde_json::json;
 use crate::common::oci::{convert_ref, lazy_manifest, push_source};
 use crate::nydus;
 use crate::util::*;
+use crate::workload;
 
 /// Cold start (mount + startup set) against a full pull, warm re-reads against a local
 /// EROFS image, and conversion throughput against mkfs.erofs.
@@ -80,7 +81,7 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     // random reads of one large file no one read, a sequential read of another
     let big = s.large_mib.len() - 1;
     let (random_file, seq_file) = ("opt/big/blob1.bin".to_string(), format!("opt/big/blob{big}.bin"));
-    let workload = nydus::Workload {
+    let workload = workload::Workload {
         all: &all,
         startup: &startup,
         random_file: &random_file,
@@ -98,7 +99,7 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
         d.mount(&dst, &mnt);
         let mount_s = t.elapsed().as_secs_f64();
         eprintln!("{dir}: mounted in {mount_s:.3} s (the CLI's own start included)");
-        nydus::read_startup(&mnt, &workload);
+        workload::read_startup(&mnt, &workload);
         (d, mnt, t.elapsed().as_secs_f64(), mount_s)
     };
 
@@ -146,7 +147,7 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     r.json.insert("cold_start".into(), json!({"image_bytes": total_bytes, "startup_bytes": startup_bytes, "lazyblob_s": lazy_cold, "mount_s": mount_s, "full_pull_s": full_pull, "speedup": full_pull / lazy_cold}));
 
     // ---- 4. warm reads: the startup set again (page cache dropped) against a local EROFS image
-    let warm = |root: &Path| nydus::reread(root, &workload);
+    let warm = |root: &Path| workload::reread(root, &workload);
     let before = d.status().await.registry.bytes;
     let lazy_partial = warm(&mnt);
     let reread_fetched = d.status().await.registry.bytes - before;
@@ -158,16 +159,16 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     d.umount(&mnt);
     d.mount(&dst, &mnt);
     let before = d.status().await.registry.bytes;
-    let (random_p50_ms, random_p99_ms) = nydus::random_reads(&mnt, &workload);
+    let (random_p50_ms, random_p99_ms) = workload::random_reads(&mnt, &workload);
     let random_bytes = d.status().await.registry.bytes - before;
-    let lazy_side = nydus::Measured {
+    let lazy_side = workload::Measured {
         cold_s: lazy_cold,
         cold_bytes: cold_fetched,
         reread_s: lazy_partial,
         random_p50_ms,
         random_p99_ms,
-        random_bytes_per_read: random_bytes as f64 / nydus::RANDOM_READS as f64,
-        seq_mbs: nydus::sequential(&mnt, &workload),
+        random_bytes_per_read: random_bytes as f64 / workload::RANDOM_READS as f64,
+        seq_mbs: workload::sequential(&mnt, &workload),
         rss_mib: usage(d.pid()).0 as f64 / 1024.0,
     };
     drop(d); // its recording of the cold start ends: the list is kept in its state
@@ -196,7 +197,7 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
     let mnt = w.join("d1f/mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     d.mount(&dst, &mnt);
-    let _ = nydus::read_again(&mnt, &workload);
+    let _ = workload::read_again(&mnt, &workload);
     let t = Instant::now();
     let lazy = lazy_manifest(reg, &dst).await;
     let n_blobs = lazy.data.len() as u64;
