@@ -15,6 +15,7 @@ use std::process::Command;
 
 use common::containerd::{wait_for_socket, Containerd, Release};
 use common::daemon::{binary, DaemonProc};
+use common::procs::run_ok;
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -25,20 +26,14 @@ fn data(name: &str) -> PathBuf {
 /// `lazyblob containerd-config <action>`, with a restart command that counts its runs in
 /// `restarts`; its stdout.
 fn run(action: &str, lazyblob_config: &Path, config: &Path, restarts: &Path) -> String {
-    let out = Command::new(binary())
-        .args(["containerd-config", action, "--config"])
-        .arg(lazyblob_config)
-        .arg("--containerd-config")
-        .arg(config)
-        .arg("--on-change")
-        .arg(format!("echo restart >> {}", restarts.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "containerd-config {action} {}: {}",
-        config.display(),
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(binary())
+            .args(["containerd-config", action, "--config"])
+            .arg(lazyblob_config)
+            .arg("--containerd-config")
+            .arg(config)
+            .arg("--on-change")
+            .arg(format!("echo restart >> {}", restarts.display())),
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -163,8 +158,7 @@ fn read(path: &Path) -> String {
 fn containerd_1_6_default_config() {
     common::require_root();
     common::require_tool("containerd", "containerd");
-    let out = Command::new("containerd").args(["config", "default"]).output().unwrap();
-    assert!(out.status.success());
+    let out = run_ok(Command::new("containerd").args(["config", "default"]));
     let text = String::from_utf8(out.stdout).unwrap();
     case("1.6 default", Release::Installed, &[("config.toml", text)], false);
 }

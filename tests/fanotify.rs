@@ -347,17 +347,12 @@ async fn lazy_parallel_and_kill9() {
 #[test]
 fn the_demo_serves_a_lazy_mount() {
     require_root();
-    let out = std::process::Command::new(common::daemon::binary())
-        .arg("demo")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::procs::run_ok(
+        std::process::Command::new(common::daemon::binary())
+            .arg("demo")
+            .env("RUST_BACKTRACE", "0"),
     );
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.matches("sha256 ok").count(), 4, "{stdout}");
     // the last table row: | image size | read | fetched | percent |
     let row = stdout.lines().rev().find(|l| l.ends_with("% |")).expect("summary row");

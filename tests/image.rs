@@ -15,23 +15,18 @@ use std::process::Command;
 
 use common::containerd::{wait_for_socket, Containerd};
 use common::daemon::{binary, DaemonProc};
+use common::procs::run_ok;
 use common::*;
 
 fn build_and_push(reference: &str) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/image/build-image.sh");
-    let out = Command::new("sh")
-        .arg(script)
-        .arg("--binary")
-        .arg(binary())
-        .arg("--plain-http")
-        .arg(reference)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "build-image.sh: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new("sh")
+            .arg(script)
+            .arg("--binary")
+            .arg(binary())
+            .arg("--plain-http")
+            .arg(reference),
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
@@ -125,11 +120,8 @@ async fn the_image_runs_under_containerd_and_reaches_the_host_daemon() {
     let said = run_init_steps(&c, &install, "init", &mounts);
     assert!(said.contains("systemctl restart lazyblob.service"), "{said}");
     assert!(said.contains("restart containerd"), "{said}");
-    let out = Command::new(host_root.join("opt/lazyblob/bin/lazyblob"))
-        .arg("--version")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "the installed binary does not run");
+    // the installed binary runs
+    run_ok(Command::new(host_root.join("opt/lazyblob/bin/lazyblob")).arg("--version"));
     let node_config = host_root.join("etc/lazyblob/lazyblob.toml");
     assert_eq!(std::fs::read_to_string(&node_config).unwrap(), install.config);
     use std::os::unix::fs::PermissionsExt;

@@ -10,7 +10,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::daemon::DaemonProc;
@@ -89,22 +89,8 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
     // the endpoint: well-formed for promtool, and what the reads did
     let http = reqwest::Client::new();
     let body = scrape(&http, port).await;
-    let mut check = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    check.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-    let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}\n{body}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // promtool accepts the exposition
+    common::procs::run_ok_fed(Command::new("promtool").args(["check", "metrics"]), body.as_bytes());
     for name in [
         "lazyblob_read_bytes_total",
         "lazyblob_registry_bytes_total",

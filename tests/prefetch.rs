@@ -72,12 +72,11 @@ fn tree(seed: u64, big: usize, prefix: &str, n: u64, len: usize) -> BTreeMap<Str
 
 /// `lazyblob prefetch push reference` with `d`'s config: what it printed.
 fn push_list(d: &DaemonProc, reference: &str) -> String {
-    let out = std::process::Command::new(common::daemon::binary())
-        .args(["prefetch", "push", reference, "--config"])
-        .arg(&d.config)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = common::procs::run_ok(
+        std::process::Command::new(common::daemon::binary())
+            .args(["prefetch", "push", reference, "--config"])
+            .arg(&d.config),
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

@@ -329,16 +329,10 @@ fn mount_all(mounts: &[Mount], target: &Path) {
         } else {
             cmd.args(["-t", &m.r#type, &m.source, "-o", &m.options.join(",")]);
         }
-        let out = cmd.arg(target).output().unwrap();
-        assert!(
-            out.status.success(),
-            "mount {m:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::procs::run_ok(cmd.arg(target));
     }
 }
 
 fn umount(target: &Path) {
-    let out = std::process::Command::new("umount").arg(target).output().unwrap();
-    assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+    common::procs::run_ok(std::process::Command::new("umount").arg(target));
 }

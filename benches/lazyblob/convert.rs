@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::common::oci::push_source;
 use crate::common::Pattern;
-use crate::util::{drop_caches, rng_bytes, sh, Bench, Report};
+use crate::util::{drop_caches, rng_bytes, sh_ok, Bench, Report};
 
 /// Write `len` bytes of `period` (starting at `skew`) to `path`.
 fn write_pattern(path: &Path, period: &[u8], skew: usize, len: u64) {
@@ -29,16 +29,15 @@ fn write_pattern(path: &Path, period: &[u8], skew: usize, len: u64) {
 fn run_convert(src: &str, dst: &str, config: &Path, work: &Path) -> (f64, f64) {
     drop_caches();
     let t = Instant::now();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lazyblob"))
-        .args(["convert", src, dst, "--config"])
-        .arg(config)
-        .arg("--work-dir")
-        .arg(work)
-        .output()
-        .unwrap();
+    let out = crate::common::procs::run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_lazyblob"))
+            .args(["convert", src, dst, "--config"])
+            .arg(config)
+            .arg("--work-dir")
+            .arg(work),
+    );
     let secs = t.elapsed().as_secs_f64();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "convert failed: {stderr}");
     eprintln!("{}", stderr.trim_end());
     (secs, crate::common::convert_peak_rss(&stderr))
 }
@@ -52,11 +51,7 @@ fn side_by_side(base: &Path, rootfs: &Path, src: &str, config: &Path) -> (f64, f
     drop_caches();
     let img = base.join("mkfs.erofs");
     let t = Instant::now();
-    assert!(
-        sh(&format!("mkfs.erofs --quiet {} {}", img.display(), rootfs.display()))
-            .status
-            .success()
-    );
+    sh_ok(&format!("mkfs.erofs --quiet {} {}", img.display(), rootfs.display()));
     let mkfs_s = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&img);
     (secs, rss, mkfs_s)
@@ -77,13 +72,11 @@ pub async fn convert(b: &Bench<'_>, r: &mut Report) {
         total += len;
     }
     let layer = w.join("layer.tar.zst");
-    assert!(sh(&format!(
+    sh_ok(&format!(
         "tar -C {} --sort=name -cf - . | zstd -3 -q -T0 -c > {}",
         rootfs.display(),
         layer.display()
-    ))
-    .status
-    .success());
+    ));
     let bytes = std::fs::read(&layer).unwrap();
     let src = format!("{}/bench/big:src", b.host);
     let dst = format!("{}/bench/big:lazy", b.host);
@@ -107,9 +100,7 @@ pub async fn convert(b: &Bench<'_>, r: &mut Report) {
         > total * 5 / 2)
         .then(|| {
             let base = tempfile::tempdir_in(shm).unwrap();
-            assert!(sh(&format!("cp -a {} {}/", rootfs.display(), base.path().display()))
-                .status
-                .success());
+            sh_ok(&format!("cp -a {} {}/", rootfs.display(), base.path().display()));
             side_by_side(base.path(), &base.path().join("rootfs"), &src, &config)
         });
     let _ = std::fs::remove_dir_all(&rootfs);

@@ -76,12 +76,10 @@ pub async fn sequential(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
         drop_caches();
         let (reg0, me0) = (usage(dr.pid()).1, self_cpu());
         let t = Instant::now();
-        assert!(sh(&format!(
+        sh_ok(&format!(
             "curl -sf -o {}/curl.bin http://{host}/v2/bench/seq/blobs/{blob}",
             w.display()
-        ))
-        .status
-        .success());
+        ));
         curl_runs.push(t.elapsed().as_secs_f64());
         curl_cpu[0] += usage(dr.pid()).1 - reg0;
         curl_cpu[1] += self_cpu() - me0;
@@ -96,11 +94,10 @@ pub async fn sequential(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
             let profiler = profile_start();
             let (reg0, me0, d0) = (usage(dr.pid()).1, self_cpu(), usage(d.pid()).1);
             let t = Instant::now();
-            let out = sh(&format!(
+            sh_ok(&format!(
                 "dd if={}/data/large.bin of=/dev/null bs=1M status=none",
                 mnt2.display()
             ));
-            assert!(out.status.success());
             lazy_runs[v].push(t.elapsed().as_secs_f64());
             lazy_cpu[v][0] += usage(dr.pid()).1 - reg0;
             lazy_cpu[v][1] += self_cpu() - me0;
@@ -183,11 +180,9 @@ pub async fn random(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
         .collect();
     // the registry's storage is read once first: both sides then measure the network path
     // and the registry's per-request work, not its disk
-    assert!(sh(&format!(
+    sh_ok(&format!(
         "curl -sf -o /dev/null http://{host}/v2/bench/seq/blobs/{blob}"
-    ))
-    .status
-    .success());
+    ));
     // the same images on registry-mock, which answers from memory at once: the difference
     // to the raw GET there is what lazyblob itself adds, without docker-registry's jitter
     let mock = registry_mock::MockRegistry::start(Default::default()).await.unwrap();

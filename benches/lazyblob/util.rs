@@ -94,6 +94,11 @@ pub fn sh(cmd: &str) -> std::process::Output {
     Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
 }
 
+/// `sh -c cmd`, which must succeed.
+pub fn sh_ok(cmd: &str) -> std::process::Output {
+    crate::common::procs::run_ok(Command::new("sh").arg("-c").arg(cmd))
+}
+
 /// Flush dirty pages (so earlier writes do not compete with the next measurement) and drop
 /// the page cache.
 pub fn drop_caches() {

@@ -47,17 +47,11 @@ impl Release {
     /// `containerd config dump` of `config`: the configuration this release would run with
     /// (imports merged, defaults filled in).
     pub fn config_dump(&self, config: &Path) -> String {
-        let out = Command::new(self.binary("containerd"))
-            .arg("--config")
-            .arg(config)
-            .args(["config", "dump"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "containerd config dump {}: {}",
-            config.display(),
-            String::from_utf8_lossy(&out.stderr)
+        let out = super::procs::run_ok(
+            Command::new(self.binary("containerd"))
+                .arg("--config")
+                .arg(config)
+                .args(["config", "dump"]),
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }

@@ -48,18 +48,12 @@ pub fn render(values: &[&str]) -> Result<String, String> {
 /// The documents of a YAML stream as JSON (PyYAML from kubernetes-validate's venv).
 pub fn documents(yaml: &str) -> Vec<Value> {
     let python = tool("LAZYBLOB_KUBE_VALIDATE", "kubernetes-validate").with_file_name("python");
-    let mut child = Command::new(python)
-        .args([
+    let out = super::procs::run_ok_fed(
+        Command::new(python).args([
             "-c",
             "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
+        ]),
+        yaml.as_bytes(),
+    );
     serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
 }

@@ -318,11 +318,7 @@ impl DockerRegistry {
         let mut auth = String::new();
         if let Some((u, p)) = basic {
             require_tool("htpasswd", "apache2-utils");
-            let out = std::process::Command::new("htpasswd")
-                .args(["-Bbn", u, p])
-                .output()
-                .unwrap();
-            assert!(out.status.success());
+            let out = procs::run_ok(std::process::Command::new("htpasswd").args(["-Bbn", u, p]));
             std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
             auth = format!(
                 "auth:\n  htpasswd:\n    realm: lazyblob-test\n    path: {}\n",
@@ -387,12 +383,11 @@ pub fn list_tree(dir: &Path) -> String {
     } else {
         "/usr/bin/busybox"
     };
-    let out = std::process::Command::new(bb)
-        .args(["sh", "-c", LIST_TREE_SH, "list"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let out = procs::run_ok(
+        std::process::Command::new(bb)
+            .args(["sh", "-c", LIST_TREE_SH, "list"])
+            .arg(dir),
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 

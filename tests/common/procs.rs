@@ -1,10 +1,49 @@
-//! Processes and mounts the tests started: ending a child (SIGTERM, then SIGKILL after a
-//! grace period), finding processes by command line, detaching mounts under a directory, and
-//! reading a process's memory counters.
+//! Processes and mounts the tests started: running a command that must succeed, ending a
+//! child (SIGTERM, then SIGKILL after a grace period), finding processes by command line,
+//! detaching mounts under a directory, and reading a process's memory counters.
 
+use std::io::Write;
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// Run `cmd` to its end (stdin empty, output captured): its output, or a panic naming the
+/// command, its exit status and what it printed.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output();
+    succeeded(cmd, out)
+}
+
+/// [`run_ok`] with `input` on the command's stdin (written from a thread of its own, so a
+/// command that prints while it reads cannot stall on a full pipe).
+pub fn run_ok_fed(cmd: &mut Command, input: &[u8]) -> Output {
+    let out = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            let mut stdin = child.stdin.take().expect("stdin is piped");
+            let input = input.to_vec();
+            let writer = std::thread::spawn(move || stdin.write_all(&input));
+            let out = child.wait_with_output();
+            let _ = writer.join();
+            out
+        });
+    succeeded(cmd, out)
+}
+
+fn succeeded(cmd: &Command, out: std::io::Result<Output>) -> Output {
+    let out = out.unwrap_or_else(|e| panic!("{cmd:?} did not start: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out
+}
 
 /// SIGTERM `child`, wait up to `grace` for it to exit, then SIGKILL it; true if it exited
 /// within the grace period.
