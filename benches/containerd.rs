@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use lazyblob::registry::Registry;
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 
 #[path = "../tests/common/mod.rs"]
 mod common;

@@ -65,6 +65,17 @@ echo "== $("$LAZYBLOB_HELM" version --short), kubernetes-validate $("$LAZYBLOB_K
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== one version of each crate in the binary"
+# base64 0.22 and 0.23 are the split of third parties (oci-client and tonic against
+# hyper-util): allowed until they agree; anything else doubled fails here
+tree=$(cargo tree --workspace --locked --duplicates --edges normal,no-proc-macro --depth 0 \
+	--prefix none --target x86_64-unknown-linux-gnu)
+doubled=$(grep -v -e '^$' -e '^base64 ' <<<"$tree" || true)
+if [ -n "$doubled" ]; then
+	echo "crates built in two versions into the binary:"
+	echo "$doubled"
+	exit 1
+fi
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test (unit, registry, engine, host kernel, VM kernel)"

@@ -22,7 +22,7 @@ use lazyblob::frontend::cachefiles::protocol::{Header, Message};
 use lazyblob::frontend::fanotify::event;
 use lazyblob::image::format::{BlobChunks, ChunkDigest, ChunkTable, LazyManifest};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 fn budget() -> Duration {
     let secs = std::env::var("LAZYBLOB_FUZZ_SECS")

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use lazyblob::image::convert::{convert, ConvertOptions};
 use lazyblob::registry::Registry;
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::common;
