@@ -433,3 +433,44 @@ async fn an_endless_manifest_is_cut_off_at_the_limit() {
     let n = sent.load(std::sync::atomic::Ordering::Relaxed);
     assert!(n < 64 << 20, "the client kept reading: {n} bytes sent");
 }
+
+/// A blob goes up in one request; a registry (or a proxy in front of it) that caps request
+/// bodies at 1 MiB refuses that, and the 4 MiB pieces after it, and gets 512 KiB pieces.
+#[tokio::test]
+async fn a_blob_too_large_for_one_request_is_pushed_in_pieces() {
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let reg = client(&insecure_config(&[&mock.host()]));
+    let repo = parse_reference(&format!("{}/big/app:1", mock.host())).unwrap();
+    let one = bytes(7, 3 << 20);
+    let file = |data: &[u8]| {
+        let f = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, data, 0).unwrap();
+        std::sync::Arc::new(f)
+    };
+    let d = reg
+        .push_blob_file(&repo, file(&one), one.len() as u64, sha256_digest(&one))
+        .await
+        .unwrap();
+    assert_eq!(mock.store().blob(&d).unwrap(), one);
+    let c = mock.counters();
+    assert_eq!((c.upload_patches, c.uploads_too_large), (0, 0), "one request");
+
+    mock.set_config(MockConfig {
+        max_upload_body: Some(1 << 20),
+        ..Default::default()
+    });
+    let data = bytes(8, (5 << 20) + 12_345);
+    let d = reg
+        .push_blob_file(&repo, file(&data), data.len() as u64, sha256_digest(&data))
+        .await
+        .unwrap();
+    assert_eq!(mock.store().blob(&d).unwrap(), data, "the pieces make the blob");
+    let c = mock.counters();
+    assert_eq!(c.uploads_too_large, 2, "the whole blob, then its first 4 MiB piece");
+    assert_eq!(c.upload_patches, 11, "10 whole pieces of 512 KiB and the rest");
+    // from memory, the same way
+    let small = bytes(9, (2 << 20) + 1);
+    let d = reg.push_blob(&repo, Bytes::from(small.clone())).await.unwrap();
+    assert_eq!(mock.store().blob(&d).unwrap(), small);
+    assert_eq!(mock.counters().upload_patches, 11 + 5);
+}

@@ -41,6 +41,10 @@ pub struct Counters {
     pub token_requests: u64,
     pub unauthorized: u64,
     pub blob_hits: Vec<BlobHit>,
+    /// Upload PATCH requests accepted (pieces of chunked uploads).
+    pub upload_patches: u64,
+    /// Upload requests refused with 413 for their body's size.
+    pub uploads_too_large: u64,
 }
 
 impl Counters {
@@ -88,6 +92,9 @@ pub struct MockConfig {
     /// The OCI 1.1 referrers API: absent (the route is unknown, as on docker-registry 2.8),
     /// served, or answered with junk.
     pub referrers_api: ReferrersApi,
+    /// Refuse upload requests whose body is longer with 413, like a proxy in front of a
+    /// registry that caps request bodies (None: no cap).
+    pub max_upload_body: Option<usize>,
 }
 
 /// What the registry does with the referrers API.

@@ -166,6 +166,10 @@ fn manifest(s: &Shared, method: &Method, name: &str, reference: &str, headers: &
 }
 
 fn upload_route(s: &Shared, method: &Method, name: &str, id: &str, query: &str, body: Bytes) -> Response {
+    if lock(&s.config).max_upload_body.is_some_and(|max| body.len() > max) {
+        lock(&s.counters).uploads_too_large += 1;
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID", "request body too large");
+    }
     let digest = query
         .split('&')
         .find_map(|kv| kv.strip_prefix("digest="))
@@ -200,6 +204,7 @@ fn upload_route(s: &Shared, method: &Method, name: &str, id: &str, query: &str, 
         }
         (Method::PATCH, false) => match s.store.append_upload(id, &body) {
             Some(n) => {
+                lock(&s.counters).upload_patches += 1;
                 let mut r = accepted(id);
                 if let Ok(v) = format!("0-{}", n.saturating_sub(1)).parse() {
                     r.headers_mut().insert(header::RANGE, v);

@@ -56,6 +56,7 @@ impl OciSettings {
             read_timeout: Some(self.read_timeout),
             platform_resolver: None,
             user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
+            use_monolithic_push: true,
             ..Default::default()
         };
         Ok(oci_client::Client::try_from(config)?)

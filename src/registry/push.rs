@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
 use futures::Stream;
 use oci_client::errors::OciDistributionError;
 use oci_client::{Reference, RegistryOperation};
@@ -26,11 +27,7 @@ impl Registry {
         data: Bytes,
         digest: String,
     ) -> Result<String, RegistryError> {
-        self.push_unless_present(repo, digest, data.len() as u64, |client, digest| {
-            let data = data.clone();
-            async move { client.push_blob(repo, data, &digest).await.map(drop) }
-        })
-        .await
+        self.push_source(repo, Source::Memory(data), digest).await
     }
 
     /// Push `size` bytes of `file` from offset 0 as the blob `digest`, streamed (never held in
@@ -42,14 +39,13 @@ impl Registry {
         size: u64,
         digest: String,
     ) -> Result<String, RegistryError> {
-        self.push_unless_present(repo, digest, size, |client, digest| {
-            let stream = file_stream(file.clone(), size);
-            async move {
-                client
-                    .push_blob_stream(repo, stream, &digest, Some(size))
-                    .await
-                    .map(drop)
-            }
+        self.push_source(repo, Source::File(file, size), digest).await
+    }
+
+    async fn push_source(&self, repo: &Reference, source: Source, digest: String) -> Result<String, RegistryError> {
+        self.push_unless_present(repo, digest, source.len(), |client, digest| {
+            let source = source.clone();
+            async move { upload(&client, repo, &source, &digest).await }
         })
         .await
     }
@@ -108,11 +104,83 @@ impl Registry {
     }
 }
 
-/// Bytes of a pushed file per stream item: each becomes one upload request.
-const PUSH_PIECE: u64 = 4 << 20;
+/// Piece sizes of a chunked upload, tried in turn while the registry refuses a piece as too
+/// large (a proxy in front of it may cap request bodies at 1 MiB, nginx's default).
+const PIECES: [u64; 2] = [4 << 20, 512 << 10];
 
-/// `[0, size)` of `file` as a stream of pieces read on the blocking pool.
-fn file_stream(file: Arc<File>, size: u64) -> impl Stream<Item = Result<Bytes, OciDistributionError>> + Send + 'static {
+/// The whole blob in one request, streamed (as containerd pushes: registries ingest one
+/// request faster than many); a registry that refuses a body that large (413) gets it in
+/// pieces, each one upload request.
+async fn upload(
+    client: &oci_client::Client,
+    repo: &Reference,
+    source: &Source,
+    digest: &str,
+) -> Result<(), OciDistributionError> {
+    let mut refused = match client
+        .push_blob_stream(repo, source.pieces(PIECES[0]), digest, Some(source.len()))
+        .await
+    {
+        Err(e) if too_large(&e) => e,
+        done => return done.map(drop),
+    };
+    for piece in PIECES {
+        tracing::info!(digest, size = source.len(), piece, error = %refused, "the registry refused the upload as too large: pushing the blob in pieces");
+        match client.push_blob_stream_chunked(repo, source.pieces(piece)).await {
+            Ok(pushed) if pushed.blob_digest == digest => return Ok(()),
+            Ok(pushed) => {
+                return Err(OciDistributionError::GenericError(Some(format!(
+                    "pushed {digest} in pieces, but they hash to {}",
+                    pushed.blob_digest
+                ))))
+            }
+            Err(e) if too_large(&e) => refused = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(refused)
+}
+
+/// 413 Payload Too Large.
+fn too_large(e: &OciDistributionError) -> bool {
+    matches!(e, OciDistributionError::ServerError { code: 413, .. })
+}
+
+/// Where a pushed blob's bytes are, for each attempt.
+#[derive(Clone)]
+enum Source {
+    Memory(Bytes),
+    /// The first `.1` bytes of a file.
+    File(Arc<File>, u64),
+}
+
+impl Source {
+    fn len(&self) -> u64 {
+        match self {
+            Source::Memory(b) => b.len() as u64,
+            Source::File(_, size) => *size,
+        }
+    }
+
+    /// The bytes as a stream of `piece`-byte pieces (a file's read on the blocking pool).
+    fn pieces(&self, piece: u64) -> BoxStream<'static, Result<Bytes, OciDistributionError>> {
+        match self {
+            Source::Memory(b) => {
+                let b = b.clone();
+                let at = (0..b.len()).step_by(piece as usize);
+                futures::stream::iter(at.map(move |a| Ok(b.slice(a..b.len().min(a + piece as usize))))).boxed()
+            }
+            Source::File(file, size) => file_stream(Arc::clone(file), *size, piece).boxed(),
+        }
+    }
+}
+
+/// `[0, size)` of `file` as a stream of `piece`-byte pieces read on the blocking pool.
+fn file_stream(
+    file: Arc<File>,
+    size: u64,
+    piece: u64,
+) -> impl Stream<Item = Result<Bytes, OciDistributionError>> + Send + 'static {
     let fail = |e: String| OciDistributionError::GenericError(Some(format!("reading the blob to push: {e}")));
     futures::stream::try_unfold(0u64, move |at| {
         let file = file.clone();
@@ -120,7 +188,7 @@ fn file_stream(file: Arc<File>, size: u64) -> impl Stream<Item = Result<Bytes, O
             if at >= size {
                 return Ok(None);
             }
-            let n = (size - at).min(PUSH_PIECE);
+            let n = (size - at).min(piece);
             let piece = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; n as usize];
                 file.read_exact_at(&mut buf, at).map(|()| buf)
