@@ -368,3 +368,44 @@ async fn all_platforms_produces_an_index() {
     let resolved = reg.resolve(&parse_reference(&single).unwrap()).await.unwrap();
     assert!(LazyManifest::from_manifest(&resolved.manifest).is_ok());
 }
+
+/// A destination that refuses a layer's data blob fails the conversion, however many layers
+/// were still to convert while it was stored, and nothing is tagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_blob_the_destination_refuses_fails_the_conversion() {
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
+    let layers: Vec<_> = (0..3u64)
+        .map(|i| {
+            let mut l = Layer::new();
+            l.file(&format!("f{i}"), 0o644, &bytes(40 + i, 700_000));
+            compress(&l.tar(), Compression::Gzip)
+        })
+        .collect();
+    let (src, dst) = (format!("{host}/src/big:v1"), format!("{host}/lazy/big:v1"));
+    push_source(&reg, &src, &layers).await;
+    // bodies up to 100 KiB: the manifest, config and metadata pass; no data blob does, in one
+    // request or in pieces
+    mock.set_config(MockConfig {
+        max_upload_body: Some(100 << 10),
+        ..Default::default()
+    });
+    let err = convert(
+        &reg,
+        &src.parse().unwrap(),
+        &dst.parse().unwrap(),
+        &ConvertOptions::default(),
+    )
+    .await
+    .expect_err("a refused data blob must fail the conversion");
+    assert!(err.to_string().contains("413"), "{err}");
+    assert!(
+        mock.counters().uploads_too_large >= 3,
+        "the blob, then its pieces, were refused"
+    );
+    assert!(
+        reg.resolve(&parse_reference(&dst).unwrap()).await.is_err(),
+        "nothing may be tagged at {dst} after a failure"
+    );
+}

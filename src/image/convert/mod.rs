@@ -8,9 +8,9 @@ pub mod layer;
 pub mod location;
 pub mod paths;
 pub mod source;
+mod uploads;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -233,23 +233,24 @@ async fn convert_one(
         ..Default::default()
     });
     let mut limits = opts.limits.clone();
-    let mut spooled = Vec::new();
+    let mut chunks = Vec::new();
+    // each layer's data blob is stored while the next layers convert
+    let mut uploads = uploads::Uploads::new(registry, dst);
     for (i, l) in m.layers.iter().enumerate() {
         let dirs = (work.as_path(), dst.spool_dir(&work));
-        let (t, blob, stats) = apply_layer(registry, src, l, i, tree, dirs, opts, limits.clone()).await?;
+        let applying = apply_layer(registry, src, l, i, tree, dirs, opts, limits.clone());
+        let (t, blob, stats) = uploads.alongside(applying).await??;
         tree = t;
-        spooled.push(blob);
+        chunks.push(blob.as_ref().map(|b| b.chunks.clone()));
         limits.max_metadata = limits.max_metadata.saturating_sub(stats.metadata);
         report.layer_bytes += stats.file_bytes;
         report.files += stats.entries;
+        if let Some(b) = blob {
+            uploads.start(b).await?;
+        }
     }
-    let chunks = spooled.iter().map(|b| b.as_ref().map(|b| b.chunks.clone())).collect();
     let (meta, table) = tokio::task::block_in_place(|| finish_tree(tree, chunks, opts.chunk_size, opts.hashing()))?;
-    for b in spooled.into_iter().flatten() {
-        dst.put_blob_file(registry, Arc::new(b.file), b.chunks.size, b.chunks.digest.to_string())
-            .await?;
-        tracing::info!(blob = %b.chunks.digest, bytes = b.chunks.size, "data blob stored");
-    }
+    uploads.finish().await?;
     let a = assemble_parts(&meta, &table, &config)
         .map_err(|e| ConvertError::Source(format!("image config is not JSON: {e}")))?;
     for (digest, b) in a.blobs {

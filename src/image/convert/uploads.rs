@@ -1,0 +1,76 @@
+//! Data blobs stored while later layers convert: each layer's blob goes to the destination as
+//! soon as the layer is applied, at most [`MAX_UPLOADS`] at a time, so the uploads of a
+//! many-layer image overlap the conversion of the layers after them.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+
+use super::Location;
+use crate::image::spool::SpooledBlob;
+use crate::registry::{Registry, RegistryError};
+
+/// Data blobs being stored at once (each holds an upload piece in memory).
+const MAX_UPLOADS: usize = 2;
+
+/// The data blobs being stored.
+pub(super) struct Uploads<'a> {
+    registry: &'a Registry,
+    dst: &'a Location,
+    pending: FuturesUnordered<BoxFuture<'a, Result<(), RegistryError>>>,
+}
+
+impl<'a> Uploads<'a> {
+    pub fn new(registry: &'a Registry, dst: &'a Location) -> Uploads<'a> {
+        Uploads {
+            registry,
+            dst,
+            pending: FuturesUnordered::new(),
+        }
+    }
+
+    /// Start storing `blob`, once fewer than [`MAX_UPLOADS`] are under way.
+    pub async fn start(&mut self, blob: SpooledBlob) -> Result<(), RegistryError> {
+        while self.pending.len() >= MAX_UPLOADS {
+            self.next().await?;
+        }
+        let (registry, dst) = (self.registry, self.dst);
+        self.pending.push(
+            async move {
+                let (size, digest) = (blob.chunks.size, blob.chunks.digest.to_string());
+                dst.put_blob_file(registry, Arc::new(blob.file), size, digest.clone())
+                    .await?;
+                tracing::info!(blob = %digest, bytes = size, "data blob stored");
+                Ok(())
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+
+    /// Run `work` while the uploads go on; a failed upload ends it.
+    pub async fn alongside<T>(&mut self, work: impl Future<Output = T>) -> Result<T, RegistryError> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return Ok(done),
+                stored = self.pending.next(), if !self.pending.is_empty() => stored.unwrap_or(Ok(()))?,
+            }
+        }
+    }
+
+    /// Wait until every blob is stored.
+    pub async fn finish(mut self) -> Result<(), RegistryError> {
+        while !self.pending.is_empty() {
+            self.next().await?;
+        }
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Result<(), RegistryError> {
+        self.pending.next().await.unwrap_or(Ok(()))
+    }
+}
