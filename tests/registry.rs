@@ -434,6 +434,36 @@ async fn an_endless_manifest_is_cut_off_at_the_limit() {
     assert!(n < 64 << 20, "the client kept reading: {n} bytes sent");
 }
 
+/// A registry that takes longer than the request timeout to answer an upload (as when it
+/// moves a large blob into its storage) still gets the blob: a push waits for its answer.
+#[tokio::test]
+async fn a_push_waits_for_a_slow_registry_longer_than_a_read() {
+    let mock = MockRegistry::start(MockConfig {
+        upload_commit_delay: Some(Duration::from_millis(1500)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut cfg = insecure_config(&[&mock.host()]);
+    cfg.request_timeout = Duration::from_millis(500);
+    let reg = client(&cfg);
+    let repo = parse_reference(&format!("{}/slow/app:1", mock.host())).unwrap();
+    let data = bytes(10, 1 << 20);
+    let d = reg.push_blob(&repo, Bytes::from(data.clone())).await.unwrap();
+    assert_eq!(mock.store().blob(&d).unwrap(), data);
+    // a pull with the same client still gives up on a stall of that length
+    mock.set_faults(vec![FaultRule::always(Fault::Latency(Duration::from_millis(1500)))]);
+    let src = BlobSource {
+        repo,
+        digest: d.parse().unwrap(),
+        size: data.len() as u64,
+    };
+    assert!(
+        reg.fetch_range(&src, 0, 4096).await.is_err(),
+        "a pull waited past its timeout"
+    );
+}
+
 /// A blob goes up in one request; a registry (or a proxy in front of it) that caps request
 /// bodies at 1 MiB refuses that, and the 4 MiB pieces after it, and gets 512 KiB pieces.
 #[tokio::test]

@@ -95,6 +95,9 @@ pub struct MockConfig {
     /// Refuse upload requests whose body is longer with 413, like a proxy in front of a
     /// registry that caps request bodies (None: no cap).
     pub max_upload_body: Option<usize>,
+    /// Answer the PUT that completes an upload this late (a registry moving a large blob
+    /// into its storage).
+    pub upload_commit_delay: Option<std::time::Duration>,
 }
 
 /// What the registry does with the referrers API.

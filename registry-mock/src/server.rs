@@ -61,6 +61,10 @@ async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers:
         }
     }
     if let Some((name, upload)) = rest.trim_start_matches('/').split_once("/blobs/uploads") {
+        let delay = lock(&s.config).upload_commit_delay;
+        if let Some(d) = delay.filter(|_| method == Method::PUT) {
+            tokio::time::sleep(d).await;
+        }
         return upload_route(&s, &method, name, upload.trim_start_matches('/'), query, body);
     }
     if let Some((name, digest)) = rest.trim_start_matches('/').rsplit_once("/blobs/") {

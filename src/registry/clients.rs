@@ -1,6 +1,7 @@
 //! The HTTP clients of the registry, one set per TLS trust setting: the bundled public roots
 //! for every host, plus the host's own CA for each host with a `ca_file` (trusted for that
-//! host only), or no verification for a host with `skip_verify` (that host only). Each set is an `oci-client` (blobs, auth, pushes) and a plain `reqwest` client
+//! host only), or no verification for a host with `skip_verify` (that host only). Each set
+//! is an `oci-client` for pulls (blobs, auth), one for pushes and a plain `reqwest` client
 //! (bounded manifest GETs) built with the same roots and timeouts.
 
 use std::collections::HashMap;
@@ -13,10 +14,22 @@ use crate::config::{RegistryConfig, Transport};
 /// The clients of one TLS trust setting.
 pub(super) struct Clients {
     pub oci: oci_client::Client,
+    /// For pushes (see [`Purpose::Push`]).
+    pub push: oci_client::Client,
     pub http: reqwest::Client,
     /// What `oci` was built from (a repository with its own credential gets a client of
     /// its own built the same way).
     pub settings: OciSettings,
+}
+
+/// What an `oci-client` is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Purpose {
+    /// Pulls: a response that stalls longer than the request timeout between two reads fails.
+    Pull,
+    /// Pushes: a blob goes up in one request, which reads nothing until the whole body is
+    /// sent; the retry policy's allowance for the blob's size bounds each attempt instead.
+    Push,
 }
 
 /// Which certificates a set of clients trusts.
@@ -39,8 +52,8 @@ pub(super) struct OciSettings {
 }
 
 impl OciSettings {
-    /// A new `oci-client` (its own credential store and token cache).
-    pub fn client(&self) -> Result<oci_client::Client, RegistryError> {
+    /// A new `oci-client` for `purpose` (its own credential store and token cache).
+    pub fn client(&self, purpose: Purpose) -> Result<oci_client::Client, RegistryError> {
         let extra = match &self.trust {
             Trust::WithCa(data) => vec![Certificate {
                 encoding: CertificateEncoding::Pem,
@@ -53,10 +66,10 @@ impl OciSettings {
             protocol: ClientProtocol::HttpsExcept(self.insecure.clone()),
             extra_root_certificates: extra,
             connect_timeout: Some(self.connect_timeout),
-            read_timeout: Some(self.read_timeout),
+            read_timeout: (purpose == Purpose::Pull).then_some(self.read_timeout),
             platform_resolver: None,
             user_agent: concat!("lazyblob/", env!("CARGO_PKG_VERSION")),
-            use_monolithic_push: true,
+            use_monolithic_push: purpose == Purpose::Push,
             ..Default::default()
         };
         Ok(oci_client::Client::try_from(config)?)
@@ -101,7 +114,8 @@ impl HostClients {
                 read_timeout: cfg.request_timeout,
             };
             Ok(Clients {
-                oci: settings.client()?,
+                oci: settings.client(Purpose::Pull)?,
+                push: settings.client(Purpose::Push)?,
                 http: http.build().map_err(|e| RegistryError::Transport(error_chain(&e)))?,
                 settings,
             })

@@ -54,8 +54,8 @@ pub struct Registry {
     creds: credentials::Credentials,
     /// Clients of repositories with a credential of their own ([`Scope::Repository`]):
     /// `oci-client` keeps one credential per host, which must not serve another repository.
-    /// Keyed by host and repository, with a fingerprint of the credential they hold.
-    scoped: Mutex<HashMap<(String, String), (String, oci_client::Client)>>,
+    /// Keyed by host, repository and purpose, with a fingerprint of the credential they hold.
+    scoped: Mutex<HashMap<(String, String, clients::Purpose), (String, oci_client::Client)>>,
     cfg: RegistryConfig,
     policy: RetryPolicy,
     platform: Platform,
@@ -117,29 +117,37 @@ impl Registry {
         self.host_clients.get(reference.registry()).unwrap_or(&self.clients)
     }
 
-    /// The `oci-client` that talks to `reference`'s host with `auth`: the host's shared one,
-    /// or for a repository's own credential a client of that repository alone.
+    /// The `oci-client` for `purpose` that talks to `reference`'s host with `auth`: the
+    /// host's shared one, or for a repository's own credential a client of that repository
+    /// alone.
     fn client(
         &self,
         reference: &Reference,
         auth: &RegistryAuth,
-        scope: Scope,
+        (scope, purpose): (Scope, clients::Purpose),
     ) -> Result<oci_client::Client, RegistryError> {
         let host = self.clients_of(reference);
         if scope == Scope::Host {
-            return Ok(host.oci.clone());
+            return Ok(match purpose {
+                clients::Purpose::Pull => host.oci.clone(),
+                clients::Purpose::Push => host.push.clone(),
+            });
         }
         let fingerprint = match auth {
             RegistryAuth::Basic(u, p) => Digest::of(format!("basic\0{u}\0{p}").as_bytes()).to_string(),
             RegistryAuth::Bearer(t) => Digest::of(format!("bearer\0{t}").as_bytes()).to_string(),
             RegistryAuth::Anonymous => String::new(),
         };
-        let key = (reference.registry().to_string(), reference.repository().to_string());
+        let key = (
+            reference.registry().to_string(),
+            reference.repository().to_string(),
+            purpose,
+        );
         let mut scoped = lock(&self.scoped);
         match scoped.get(&key) {
             Some((f, client)) if *f == fingerprint => Ok(client.clone()),
             _ => {
-                let client = host.settings.client()?;
+                let client = host.settings.client(purpose)?;
                 scoped.insert(key, (fingerprint, client.clone()));
                 Ok(client)
             }
@@ -322,7 +330,7 @@ impl Registry {
         let n_eps = eps.len();
         for (i, ep) in eps.into_iter().enumerate() {
             let (auth, scope) = self.auth_for(&ep).await?;
-            let client = self.client(&ep, &auth, scope)?;
+            let client = self.client(&ep, &auth, (scope, clients::Purpose::Pull))?;
             client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
             let host = ep.registry().to_string();
             let host_stats = self.stats.host(&host, what);
@@ -354,7 +362,7 @@ impl Registry {
                                     // a credential helper's answer may have expired: ask again
                                     self.creds.forget(ep.registry());
                                     let (auth, scope) = self.auth_for(&ep).await?;
-                                    let client = self.client(&ep, &auth, scope)?;
+                                    let client = self.client(&ep, &auth, (scope, clients::Purpose::Pull))?;
                                     client.auth(&ep, &auth, RegistryOperation::Pull).await.map_err(|e| {
                                         match RegistryError::from(e) {
                                             RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),

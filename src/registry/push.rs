@@ -11,6 +11,7 @@ use futures::Stream;
 use oci_client::errors::OciDistributionError;
 use oci_client::{Reference, RegistryOperation};
 
+use super::clients::Purpose;
 use super::{sha256_digest, Registry, RegistryError};
 
 impl Registry {
@@ -64,7 +65,7 @@ impl Registry {
         Fut: std::future::Future<Output = Result<(), OciDistributionError>>,
     {
         let (auth, scope) = self.auth_for(repo).await?;
-        let client = self.client(repo, &auth, scope)?;
+        let client = self.client(repo, &auth, (scope, Purpose::Push))?;
         client.auth(repo, &auth, RegistryOperation::Push).await?;
         if client.blob_exists(repo, &digest).await.unwrap_or(false) {
             return Ok(digest);
@@ -88,7 +89,7 @@ impl Registry {
         media_type: &str,
     ) -> Result<String, RegistryError> {
         let (auth, scope) = self.auth_for(reference).await?;
-        let client = self.client(reference, &auth, scope)?;
+        let client = self.client(reference, &auth, (scope, Purpose::Push))?;
         client.auth(reference, &auth, RegistryOperation::Push).await?;
         let ct = reqwest::header::HeaderValue::from_str(media_type)
             .map_err(|_| RegistryError::Manifest(format!("bad media type {media_type:?}")))?;
