@@ -42,6 +42,9 @@ use retry::RetryPolicy;
 
 use crate::config::RegistryConfig;
 
+/// A repository's own client: its host, repository and purpose.
+type ScopedKey = (String, String, clients::Purpose);
+
 /// The registry client shared by the catalog and the blob engine.
 pub struct Registry {
     /// The clients for hosts without a `ca_file` (the bundled public roots).
@@ -55,7 +58,7 @@ pub struct Registry {
     /// Clients of repositories with a credential of their own ([`Scope::Repository`]):
     /// `oci-client` keeps one credential per host, which must not serve another repository.
     /// Keyed by host, repository and purpose, with a fingerprint of the credential they hold.
-    scoped: Mutex<HashMap<(String, String, clients::Purpose), (String, oci_client::Client)>>,
+    scoped: Mutex<HashMap<ScopedKey, (String, oci_client::Client)>>,
     cfg: RegistryConfig,
     policy: RetryPolicy,
     platform: Platform,
