@@ -1,5 +1,7 @@
 //! Pushes: blobs (skipped when the registry has them) and manifests, with the same
-//! credentials and retries as pulls. Used by `convert` and `mkfs --push`.
+//! credentials and retries as pulls. A blob goes up streamed in one request, or in pieces
+//! where the registry refuses a body that large. Used by `convert`, `mkfs --push` and
+//! `prefetch push`.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
