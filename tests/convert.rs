@@ -12,7 +12,7 @@ use common::*;
 use lazyblob::image::convert::{convert, ConvertOptions, Location};
 use lazyblob::image::format::{ChunkTable, LazyManifest};
 use lazyblob::registry::{parse_reference, BlobSource, Registry};
-use registry_mock::{MockConfig, MockRegistry};
+use registry_mock::{Fault, FaultRule, MockConfig, MockRegistry};
 
 /// Fetch a converted image, check it with fsck.erofs, mount it file-backed.
 async fn fetch_and_mount(reg: &Registry, reference: &str, work: &Path) -> Mounted {
@@ -369,8 +369,8 @@ async fn all_platforms_produces_an_index() {
     assert!(LazyManifest::from_manifest(&resolved.manifest).is_ok());
 }
 
-/// A destination that refuses a layer's data blob fails the conversion, however many layers
-/// were still to convert while it was stored, and nothing is tagged.
+/// A destination that refuses a layer's data blob fails the conversion while the next layer
+/// converts, and nothing is tagged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_blob_the_destination_refuses_fails_the_conversion() {
     let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
@@ -391,6 +391,11 @@ async fn a_data_blob_the_destination_refuses_fails_the_conversion() {
         max_upload_body: Some(100 << 10),
         ..Default::default()
     });
+    // each layer's download starts late: the first blob is refused while the second layer
+    // downloads, which then stops midway (its decoder must not wait for it forever)
+    mock.set_faults(vec![FaultRule::always(Fault::Latency(
+        std::time::Duration::from_millis(300),
+    ))]);
     let err = convert(
         &reg,
         &src.parse().unwrap(),

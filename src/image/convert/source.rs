@@ -3,7 +3,8 @@
 //! dropped connection stopped, or from an OCI layout's blob file) while the decompressor reads
 //! behind them: download and conversion overlap, and memory holds a few buffers whatever the
 //! layer's size. The reader sees the end of the stream only once the whole layer matched its
-//! digest; a mismatch or a failed download is an error on the reader's next read.
+//! digest; a mismatch, a failed download or one dropped midway is an error on the reader's next
+//! read.
 
 use std::fs::File;
 use std::io::Read;
@@ -139,6 +140,8 @@ pub struct SpoolSink {
     hasher: Sha256,
     digest: Digest,
     size: u64,
+    /// Whether [`finish`](Self::finish) closed the spool.
+    closed: bool,
 }
 
 impl SpoolSink {
@@ -149,6 +152,7 @@ impl SpoolSink {
             hasher: Sha256::new(),
             digest,
             size,
+            closed: false,
         }
     }
 
@@ -160,7 +164,19 @@ impl SpoolSink {
             verdict(&self.digest, self.size, written, &got)
         });
         self.spool.close(&outcome);
+        self.closed = true;
         outcome
+    }
+}
+
+/// A download dropped before its end (the conversion failed elsewhere, say an upload) closes
+/// the spool as failed: the decoder must not wait for bytes that never come.
+impl Drop for SpoolSink {
+    fn drop(&mut self) {
+        if !self.closed {
+            let why = format!("the download of layer {} stopped", self.digest);
+            self.spool.close(&Err(RegistryError::Transport(why)));
+        }
     }
 }
 
@@ -254,6 +270,26 @@ mod tests {
         let mut got = Vec::new();
         let err = reader.read_to_end(&mut got).unwrap_err();
         assert!(err.to_string().contains("mismatch"), "{err}");
+        assert_eq!(got, b"abc");
+    }
+
+    #[test]
+    fn a_download_dropped_midway_ends_the_reader_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path()).unwrap();
+        let mut sink = SpoolSink::new(spool.clone(), Digest::of(b"abcdef"), 6);
+        let mut reader = spool.reader();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let _ = tx.send((reader.read_to_end(&mut got), got));
+        });
+        sink.accept(0, Bytes::from_static(b"abc")).unwrap();
+        drop(sink);
+        let (read, got) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the reader still waits for bytes after its download stopped");
+        assert!(read.unwrap_err().to_string().contains("stopped"));
         assert_eq!(got, b"abc");
     }
 
