@@ -5,6 +5,7 @@
 //! (bounded manifest GETs) built with the same roots and timeouts.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 
@@ -13,13 +14,31 @@ use crate::config::{RegistryConfig, Transport};
 
 /// The clients of one TLS trust setting.
 pub(super) struct Clients {
-    pub oci: oci_client::Client,
-    /// For pushes (see [`Purpose::Push`]).
-    pub push: oci_client::Client,
+    oci: oci_client::Client,
+    /// For pushes (see [`Purpose::Push`]), made at the first push: the daemon never pushes,
+    /// and a client costs about 5 ms to make.
+    push: OnceLock<oci_client::Client>,
     pub http: reqwest::Client,
-    /// What `oci` was built from (a repository with its own credential gets a client of
+    /// What the clients were built from (a repository with its own credential gets a client of
     /// its own built the same way).
     pub settings: OciSettings,
+}
+
+impl Clients {
+    /// The shared `oci-client` for `purpose`.
+    pub fn oci(&self, purpose: Purpose) -> Result<oci_client::Client, RegistryError> {
+        match purpose {
+            Purpose::Pull => Ok(self.oci.clone()),
+            Purpose::Push => match self.push.get() {
+                Some(c) => Ok(c.clone()),
+                None => {
+                    // two first pushes at once may both make one: the first stored is kept
+                    let made = self.settings.client(Purpose::Push)?;
+                    Ok(self.push.get_or_init(|| made).clone())
+                }
+            },
+        }
+    }
 }
 
 /// What an `oci-client` is for.
@@ -115,7 +134,7 @@ impl HostClients {
             };
             Ok(Clients {
                 oci: settings.client(Purpose::Pull)?,
-                push: settings.client(Purpose::Push)?,
+                push: OnceLock::new(),
                 http: http.build().map_err(|e| RegistryError::Transport(error_chain(&e)))?,
                 settings,
             })

@@ -127,14 +127,12 @@ impl Registry {
         &self,
         reference: &Reference,
         auth: &RegistryAuth,
-        (scope, purpose): (Scope, clients::Purpose),
+        scope: Scope,
+        purpose: clients::Purpose,
     ) -> Result<oci_client::Client, RegistryError> {
         let host = self.clients_of(reference);
         if scope == Scope::Host {
-            return Ok(match purpose {
-                clients::Purpose::Pull => host.oci.clone(),
-                clients::Purpose::Push => host.push.clone(),
-            });
+            return host.oci(purpose);
         }
         let fingerprint = match auth {
             RegistryAuth::Basic(u, p) => Digest::of(format!("basic\0{u}\0{p}").as_bytes()).to_string(),
@@ -333,7 +331,7 @@ impl Registry {
         let n_eps = eps.len();
         for (i, ep) in eps.into_iter().enumerate() {
             let (auth, scope) = self.auth_for(&ep).await?;
-            let client = self.client(&ep, &auth, (scope, clients::Purpose::Pull))?;
+            let client = self.client(&ep, &auth, scope, clients::Purpose::Pull)?;
             client.store_auth_if_needed(ep.resolve_registry(), &auth).await;
             let host = ep.registry().to_string();
             let host_stats = self.stats.host(&host, what);
@@ -365,7 +363,7 @@ impl Registry {
                                     // a credential helper's answer may have expired: ask again
                                     self.creds.forget(ep.registry());
                                     let (auth, scope) = self.auth_for(&ep).await?;
-                                    let client = self.client(&ep, &auth, (scope, clients::Purpose::Pull))?;
+                                    let client = self.client(&ep, &auth, scope, clients::Purpose::Pull)?;
                                     client.auth(&ep, &auth, RegistryOperation::Pull).await.map_err(|e| {
                                         match RegistryError::from(e) {
                                             RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),

@@ -67,7 +67,7 @@ impl Registry {
         Fut: std::future::Future<Output = Result<(), OciDistributionError>>,
     {
         let (auth, scope) = self.auth_for(repo).await?;
-        let client = self.client(repo, &auth, (scope, Purpose::Push))?;
+        let client = self.client(repo, &auth, scope, Purpose::Push)?;
         client.auth(repo, &auth, RegistryOperation::Push).await?;
         if client.blob_exists(repo, &digest).await.unwrap_or(false) {
             return Ok(digest);
@@ -91,7 +91,7 @@ impl Registry {
         media_type: &str,
     ) -> Result<String, RegistryError> {
         let (auth, scope) = self.auth_for(reference).await?;
-        let client = self.client(reference, &auth, (scope, Purpose::Push))?;
+        let client = self.client(reference, &auth, scope, Purpose::Push)?;
         client.auth(reference, &auth, RegistryOperation::Push).await?;
         let ct = reqwest::header::HeaderValue::from_str(media_type)
             .map_err(|_| RegistryError::Manifest(format!("bad media type {media_type:?}")))?;
