@@ -140,8 +140,6 @@ pub struct SpoolSink {
     hasher: Sha256,
     digest: Digest,
     size: u64,
-    /// Whether [`finish`](Self::finish) closed the spool.
-    closed: bool,
 }
 
 impl SpoolSink {
@@ -152,7 +150,6 @@ impl SpoolSink {
             hasher: Sha256::new(),
             digest,
             size,
-            closed: false,
         }
     }
 
@@ -164,7 +161,6 @@ impl SpoolSink {
             verdict(&self.digest, self.size, written, &got)
         });
         self.spool.close(&outcome);
-        self.closed = true;
         outcome
     }
 }
@@ -173,7 +169,7 @@ impl SpoolSink {
 /// the spool as failed: the decoder must not wait for bytes that never come.
 impl Drop for SpoolSink {
     fn drop(&mut self) {
-        if !self.closed {
+        if matches!(lock(&self.spool.progress).end, End::Open) {
             let why = format!("the download of layer {} stopped", self.digest);
             self.spool.close(&Err(RegistryError::Transport(why)));
         }
