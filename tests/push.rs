@@ -1,5 +1,6 @@
 //! Pushes against registry-mock: a blob in one request, an upload commit slower than the
-//! request timeout, and pieces for a registry that refuses a body that large (413).
+//! request timeout, pieces for a registry that refuses a body that large (413), and a
+//! converted data blob pushed while it is written.
 
 mod common;
 
@@ -79,4 +80,67 @@ async fn a_blob_too_large_for_one_request_is_pushed_in_pieces() {
     let d = reg.push_blob(&repo, Bytes::from(small.clone())).await.unwrap();
     assert_eq!(mock.store().blob(&d).unwrap(), small);
     assert_eq!(mock.counters().upload_patches, 11 + 5);
+}
+
+/// Convert an image of two layers of one 3 MiB file each (seeds `seed`, `seed + 1`) into
+/// `host/lazy/<name>:v1`: each file and its converted data blob, in layer order, and the
+/// upload PATCHes accepted and bodies refused (413) during the conversion.
+async fn convert_two_layers(mock: &MockRegistry, name: &str, seed: u64) -> (Vec<(Vec<u8>, Vec<u8>)>, u64, u64) {
+    use common::oci::{compress, push_source, Compression, Layer};
+    use lazyblob::image::convert::{convert, ConvertOptions};
+    let host = mock.host();
+    let reg = client(&insecure_config(&[&host]));
+    let files: Vec<Vec<u8>> = (0..2).map(|i| bytes(seed + i, 3 << 20)).collect();
+    let layers: Vec<_> = files
+        .iter()
+        .map(|f| {
+            let mut l = Layer::new();
+            l.file("f", 0o644, f);
+            compress(&l.tar(), Compression::Gzip)
+        })
+        .collect();
+    let (src, dst) = (format!("{host}/src/{name}:v1"), format!("{host}/lazy/{name}:v1"));
+    push_source(&reg, &src, &layers).await;
+    let before = mock.counters();
+    let opts = ConvertOptions::default();
+    convert(&reg, &src.parse().unwrap(), &dst.parse().unwrap(), &opts)
+        .await
+        .unwrap();
+    let after = mock.counters();
+    let resolved = reg.resolve(&parse_reference(&dst).unwrap()).await.unwrap();
+    let lazy = lazyblob::image::format::LazyManifest::from_manifest(&resolved.manifest).unwrap();
+    assert_eq!(lazy.data.len(), 2);
+    let stored = lazy.data.iter().map(|d| mock.store().blob(d.digest.as_ref()).unwrap());
+    (
+        files.into_iter().zip(stored.map(|b| b.to_vec())).collect(),
+        after.upload_patches - before.upload_patches,
+        after.uploads_too_large - before.uploads_too_large,
+    )
+}
+
+/// A converted layer's data blob goes up while the layer converts: one upload session, its
+/// bytes in one streamed PATCH, committed with the digest once known. A registry that
+/// refuses that body (413) gets the finished blob again, in pieces. Either way each stored
+/// blob holds its layer's file from offset 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_converted_data_blob_goes_up_while_its_layer_converts() {
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let (blobs, patches, refused) = convert_two_layers(&mock, "streamed", 60).await;
+    for (file, blob) in blobs {
+        assert_eq!(blob.len(), file.len(), "a 3 MiB file fills its blob");
+        assert!(blob == file, "the data blob holds the layer's file");
+    }
+    assert_eq!((patches, refused), (2, 0), "one PATCH per data blob");
+
+    mock.set_config(MockConfig {
+        max_upload_body: Some(1 << 20),
+        ..Default::default()
+    });
+    let (blobs, patches, refused) = convert_two_layers(&mock, "capped", 70).await;
+    for (file, blob) in blobs {
+        assert!(blob == file, "the data blob pushed again holds the layer's file");
+    }
+    // per blob: the streamed body, the whole blob in one request, its first 4 MiB piece
+    assert_eq!(refused, 2 * 3);
+    assert_eq!(patches, 2 * 6, "then 6 pieces of 512 KiB each");
 }

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod digest;
 pub mod erofs;
 pub mod format;
+pub mod growing;
 pub mod leaves;
 pub mod spool;
 pub mod tree;

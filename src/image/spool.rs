@@ -4,6 +4,8 @@
 //! done with it, so never more than a few are held in memory. The converter's path, where a
 //! layer may hold more data than the machine has memory. (The write into the page cache and
 //! the two digests took one thread 83% of a conversion's CPU time when they shared it.)
+//! While it is written the blob can be read as it grows (`growing`), to be pushed before the
+//! layer is done.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -16,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::digest::Digest;
 use super::format::{BlobChunks, Hashing};
+use super::growing::{Growing, Written};
 use super::tree::FileData;
 
 /// Size of the buffers handed to the writing and hashing threads.
@@ -68,7 +71,8 @@ type Shared = Arc<Block>;
 struct Workers {
     to_writer: SyncSender<Shared>,
     to_hasher: SyncSender<Shared>,
-    writer: JoinHandle<std::io::Result<File>>,
+    /// The file and where the blob's progress is told, once every buffer is written.
+    writer: JoinHandle<std::io::Result<(File, tokio::sync::watch::Sender<Written>)>>,
     hasher: JoinHandle<BlobChunks>,
 }
 
@@ -80,19 +84,23 @@ pub struct BlobSpool {
     /// `None` once finished.
     workers: Option<Workers>,
     empty: Receiver<Block>,
+    /// The blob as it grows, for readers that follow it.
+    growing: Growing,
 }
 
 impl BlobSpool {
     /// A spool for data blob `device` (1-based) in a temporary file under `dir`.
     pub fn new(dir: &Path, device: u16, chunk_size: u64, hashing: Hashing) -> std::io::Result<BlobSpool> {
         let file = tempfile::tempfile_in(dir)?;
+        let (progress, written) = tokio::sync::watch::channel(Written::Growing(0));
+        let growing = Growing::new(Arc::new(file.try_clone()?), written);
         let (to_writer, writer_rx) = sync_channel::<Shared>(BUFFERS);
         let (to_hasher, hasher_rx) = sync_channel::<Shared>(BUFFERS);
         let (empty_tx, empty_rx) = sync_channel::<Block>(BUFFERS + 1);
         let give_back = empty_tx.clone();
         let writer = std::thread::Builder::new()
             .name("lazyblob-write".into())
-            .spawn(move || write(file, writer_rx, give_back))?;
+            .spawn(move || write(file, writer_rx, give_back, progress))?;
         let hasher = std::thread::Builder::new()
             .name("lazyblob-hash".into())
             .spawn(move || hash(hasher_rx, empty_tx, chunk_size, hashing))?;
@@ -107,7 +115,14 @@ impl BlobSpool {
                 hasher,
             }),
             empty: empty_rx,
+            growing,
         })
+    }
+
+    /// The blob as it is written, for a reader that follows it (ends when it is finished,
+    /// fails when the spool does or is dropped unfinished).
+    pub fn growing(&self) -> Growing {
+        self.growing.clone()
     }
 
     /// Queue the current buffer for the writing and hashing threads and take an empty one.
@@ -156,12 +171,13 @@ impl BlobSpool {
     pub fn finish(mut self) -> std::io::Result<Option<SpooledBlob>> {
         self.pad()?;
         self.flush()?;
-        let blob = self.join()?;
+        let (blob, progress) = self.join()?;
+        progress.send_replace(Written::Done(blob.chunks.size));
         Ok((blob.chunks.size > 0).then_some(blob))
     }
 
-    /// Close both queues and wait for both threads.
-    fn join(&mut self) -> std::io::Result<SpooledBlob> {
+    /// Close both queues and wait for both threads; the blob, and where its progress is told.
+    fn join(&mut self) -> std::io::Result<(SpooledBlob, tokio::sync::watch::Sender<Written>)> {
         let Some(Workers {
             to_writer,
             to_hasher,
@@ -172,16 +188,14 @@ impl BlobSpool {
             return Err(std::io::Error::other("spool already finished"));
         };
         drop((to_writer, to_hasher));
-        let file = writer
+        let written = writer
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("spool writing thread panicked")));
         let chunks = hasher
             .join()
             .map_err(|_| std::io::Error::other("spool hashing thread panicked"));
-        Ok(SpooledBlob {
-            file: file?,
-            chunks: chunks?,
-        })
+        let (file, progress) = written?;
+        Ok((SpooledBlob { file, chunks: chunks? }, progress))
     }
 }
 
@@ -226,14 +240,22 @@ fn release(buf: Shared, empty: &SyncSender<Block>) {
     }
 }
 
-/// The writing thread: append each buffer to the file. On an error it stops, and the spool's
-/// next send fails.
-fn write(file: File, full: Receiver<Shared>, empty: SyncSender<Block>) -> std::io::Result<File> {
+/// The writing thread: append each buffer to the file and tell how much is written. On an
+/// error it stops (dropping `progress`: followers fail), and the spool's next send fails.
+fn write(
+    file: File,
+    full: Receiver<Shared>,
+    empty: SyncSender<Block>,
+    progress: tokio::sync::watch::Sender<Written>,
+) -> std::io::Result<(File, tokio::sync::watch::Sender<Written>)> {
+    let mut written = 0u64;
     for buf in full {
         (&file).write_all(buf.data())?;
+        written += buf.len as u64;
+        progress.send_replace(Written::Growing(written));
         release(buf, &empty);
     }
-    Ok(file)
+    Ok((file, progress))
 }
 
 /// The hashing thread: feed the blob digest and the chunk digests with each buffer.
@@ -314,6 +336,29 @@ mod tests {
             chunks.chunks,
             BlobChunks::of(&mem[0], 65536, ChunkDigest::Blake3).chunks
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_reads_the_blob_as_written_and_an_abandoned_spool_fails_it() {
+        use futures::TryStreamExt;
+        let follow = |g: Growing| tokio::spawn(g.stream(100_000).map_ok(|b| b.to_vec()).try_concat());
+        let dir = tempfile::tempdir().unwrap();
+        let a: Vec<u8> = (0..3_000_001u32).map(|i| (i * 13 % 253) as u8).collect();
+        let mut s = BlobSpool::new(dir.path(), 1, 65536, leaves()).unwrap();
+        let follower = follow(s.growing());
+        s.add_reader(&mut &a[..], a.len() as u64).unwrap();
+        let b = s.finish().unwrap().unwrap();
+        let followed = follower.await.unwrap().unwrap();
+        let mut data = vec![0u8; b.chunks.size as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&b.file, &mut data, 0).unwrap();
+        assert_eq!(followed.len() as u64, b.chunks.size, "padding included");
+        assert!(followed == data, "the follower read the finished blob");
+
+        let mut s = BlobSpool::new(dir.path(), 1, 65536, leaves()).unwrap();
+        let follower = follow(s.growing());
+        s.add_reader(&mut &a[..], a.len() as u64).unwrap();
+        drop(s);
+        assert!(follower.await.unwrap().is_err(), "a spool dropped unfinished");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The HTTP clients of the registry, one set per TLS trust setting: the bundled public roots
 //! for every host, plus the host's own CA for each host with a `ca_file` (trusted for that
 //! host only), or no verification for a host with `skip_verify` (that host only). Each set
-//! is an `oci-client` for pulls (blobs, auth), one for pushes and a plain `reqwest` client
-//! (bounded manifest GETs) built with the same roots and timeouts.
+//! is an `oci-client` for pulls (blobs, auth), one for pushes and plain `reqwest` clients
+//! (bounded manifest GETs; pushes of growing blobs) built with the same roots and timeouts.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -19,6 +19,8 @@ pub(super) struct Clients {
     /// and a client costs about 5 ms to make.
     push: OnceLock<oci_client::Client>,
     pub http: reqwest::Client,
+    /// Plain HTTP for pushes, made at the first one (as `push`).
+    push_http: OnceLock<reqwest::Client>,
     /// What the clients were built from (a repository with its own credential gets a client of
     /// its own built the same way).
     pub settings: OciSettings,
@@ -35,6 +37,20 @@ impl Clients {
                     // two first pushes at once may both make one: the first stored is kept
                     let made = self.settings.client(Purpose::Push)?;
                     Ok(self.push.get_or_init(|| made).clone())
+                }
+            },
+        }
+    }
+
+    /// The plain HTTP client for `purpose`.
+    pub fn http_for(&self, purpose: Purpose) -> Result<reqwest::Client, RegistryError> {
+        match purpose {
+            Purpose::Pull => Ok(self.http.clone()),
+            Purpose::Push => match self.push_http.get() {
+                Some(c) => Ok(c.clone()),
+                None => {
+                    let made = self.settings.http(Purpose::Push)?;
+                    Ok(self.push_http.get_or_init(|| made).clone())
                 }
             },
         }
@@ -93,6 +109,26 @@ impl OciSettings {
         };
         Ok(oci_client::Client::try_from(config)?)
     }
+
+    /// A plain HTTP client for `purpose`, with the same trust and timeouts.
+    pub fn http(&self, purpose: Purpose) -> Result<reqwest::Client, RegistryError> {
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .user_agent(concat!("lazyblob/", env!("CARGO_PKG_VERSION")));
+        if purpose == Purpose::Pull {
+            http = http.read_timeout(self.read_timeout);
+        }
+        match &self.trust {
+            Trust::WithCa(data) => {
+                let certs = reqwest::Certificate::from_pem_bundle(data)
+                    .map_err(|e| RegistryError::Credentials(format!("ca_file: {e}")))?;
+                http = http.tls_certs_merge(certs);
+            }
+            Trust::Unverified => http = http.danger_accept_invalid_certs(true),
+            Trust::Roots => {}
+        }
+        http.build().map_err(|e| RegistryError::Transport(error_chain(&e)))
+    }
 }
 
 /// Every set of clients a configuration needs.
@@ -113,19 +149,6 @@ impl HostClients {
             .map(|h| h.host.clone())
             .collect();
         let build = |trust: Trust| -> Result<Clients, RegistryError> {
-            let mut http = reqwest::Client::builder()
-                .connect_timeout(cfg.connect_timeout)
-                .read_timeout(cfg.request_timeout)
-                .user_agent(concat!("lazyblob/", env!("CARGO_PKG_VERSION")));
-            match &trust {
-                Trust::WithCa(data) => {
-                    let certs = reqwest::Certificate::from_pem_bundle(data)
-                        .map_err(|e| RegistryError::Credentials(format!("ca_file: {e}")))?;
-                    http = http.tls_certs_merge(certs);
-                }
-                Trust::Unverified => http = http.danger_accept_invalid_certs(true),
-                Trust::Roots => {}
-            }
             let settings = OciSettings {
                 insecure: insecure.clone(),
                 trust,
@@ -135,7 +158,8 @@ impl HostClients {
             Ok(Clients {
                 oci: settings.client(Purpose::Pull)?,
                 push: OnceLock::new(),
-                http: http.build().map_err(|e| RegistryError::Transport(error_chain(&e)))?,
+                http: settings.http(Purpose::Pull)?,
+                push_http: OnceLock::new(),
                 settings,
             })
         };

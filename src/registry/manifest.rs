@@ -13,6 +13,7 @@ use super::RegistryError;
 use crate::config::{Limit, LimitsConfig};
 
 /// What authenticates the request.
+#[derive(Clone)]
 pub(super) enum Credential {
     Anonymous,
     Bearer(String),
@@ -29,6 +30,15 @@ impl Credential {
             _ => Credential::Anonymous,
         }
     }
+
+    /// `req` with this credential.
+    pub(super) fn apply(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self {
+            Credential::Anonymous => req,
+            Credential::Bearer(t) => req.bearer_auth(t),
+            Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
+        }
+    }
 }
 
 /// GET `url` accepting `accept`; returns the body (at most the manifest limit) and the
@@ -41,12 +51,7 @@ pub(super) async fn get(
     limits: &LimitsConfig,
 ) -> Result<(Bytes, Option<String>), RegistryError> {
     let what = || format!("manifest at {}", redact_urls(url));
-    let req = http.get(url).header(reqwest::header::ACCEPT, accept);
-    let req = match credential {
-        Credential::Anonymous => req,
-        Credential::Bearer(t) => req.bearer_auth(t),
-        Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
-    };
+    let req = credential.apply(http.get(url).header(reqwest::header::ACCEPT, accept));
     let res = req.send().await?;
     let status = res.status();
     if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {

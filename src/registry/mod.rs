@@ -17,6 +17,7 @@ pub mod platform;
 pub mod push;
 pub(crate) mod range;
 pub mod reference;
+pub mod streamed;
 mod types;
 
 pub use types::{BlobSource, HostStats, RegistryStats, ResolvedManifest, MANIFEST_MEDIA_TYPES};

@@ -12,7 +12,9 @@ use serde_json::json;
 
 use super::source::{Spool, SpoolSink};
 use crate::image::digest::Digest;
+use crate::image::growing::Growing;
 use crate::lock::lock;
+use crate::registry::streamed::StreamedPush;
 use crate::registry::{parse_reference, sha256_digest, BlobSource, Registry, RegistryError};
 
 /// An image location.
@@ -76,6 +78,9 @@ fn layout_blob_path(dir: &Path, digest: &str) -> Result<PathBuf, RegistryError> 
 fn parse_digest(digest: &str) -> Result<Digest, RegistryError> {
     Digest::parse(digest).map_err(|e| RegistryError::Manifest(e.to_string()))
 }
+
+/// Largest piece of a growing data blob read at once for its push.
+const GROWING_PIECE: u64 = 1 << 20;
 
 impl Location {
     /// The root manifest or index (raw, digest).
@@ -215,6 +220,22 @@ impl Location {
                     tokio::fs::rename(&tmp, &path).await.map_err(|e| io_err(&path, e))?;
                 }
                 Ok(digest)
+            }
+        }
+    }
+
+    /// Start pushing a data blob while it is written, where that pays: to a registry (a
+    /// layout links the finished file instead). `None` when not, or when the push could not
+    /// start; the finished blob is then stored as any other.
+    pub async fn push_growing(&self, registry: &Registry, blob: Growing) -> Option<StreamedPush> {
+        let Location::Registry(r) = self else {
+            return None;
+        };
+        match registry.push_streamed(r, blob.stream(GROWING_PIECE)).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot push the data blob while it is written: it goes up once finished");
+                None
             }
         }
     }

@@ -20,12 +20,13 @@ use serde_json::json;
 use super::build::{assemble_parts, finish_tree, BuildError};
 use super::digest::Digest;
 use super::format::{ChunkDigest, Hashing, DEFAULT_CHUNK_SIZE};
-use super::spool::{BlobSpool, SpooledBlob};
+use super::spool::BlobSpool;
 use super::tree::{Meta, Tree};
 use crate::registry::platform::Platform;
 use crate::registry::{Registry, RegistryError};
 pub use layer::Limits;
 pub use location::Location;
+use uploads::LayerBlob;
 
 /// Why a conversion failed. Nothing is tagged at the destination when it does.
 #[derive(Debug, thiserror::Error)]
@@ -237,11 +238,10 @@ async fn convert_one(
     // each layer's data blob is stored while the next layers convert
     let mut uploads = uploads::Uploads::new(registry, dst);
     for (i, l) in m.layers.iter().enumerate() {
-        let dirs = (work.as_path(), dst.spool_dir(&work));
-        let applying = apply_layer(registry, src, l, i, tree, dirs, opts, limits.clone());
+        let applying = apply_layer(registry, (src, dst), l, i, tree, &work, opts, limits.clone());
         let (t, blob, stats) = uploads.alongside(applying).await??;
         tree = t;
-        chunks.push(blob.as_ref().map(|b| b.chunks.clone()));
+        chunks.push(blob.as_ref().map(|b| b.blob.chunks.clone()));
         limits.max_metadata = limits.max_metadata.saturating_sub(stats.metadata);
         report.layer_bytes += stats.file_bytes;
         report.files += stats.entries;
@@ -262,20 +262,21 @@ async fn convert_one(
 }
 
 /// Apply layer `i` to `tree`: its bytes stream from `src` through a spool file, the decoder and
-/// the tar parser (on the blocking pool) into a data blob, hashed on a thread of its own.
-/// `dirs`: where the layer is spooled, where the data blob is. Returns the tree, the data blob
-/// (`None` if the layer holds no file data outside the metadata) and the layer's counters.
+/// the tar parser (on the blocking pool) into a data blob, written and hashed on threads of
+/// their own and pushed to `dst` as it grows where that pays. `work`: where the layer is
+/// spooled. Returns the tree, the data blob (`None` if the layer holds no file data outside
+/// the metadata) and the layer's counters.
 #[allow(clippy::too_many_arguments)]
 async fn apply_layer(
     registry: &Registry,
-    src: &Location,
+    (src, dst): (&Location, &Location),
     l: &OciDescriptor,
     i: usize,
     mut tree: Tree,
-    (work, blob_dir): (&Path, PathBuf),
+    work: &Path,
     opts: &ConvertOptions,
     limits: Limits,
-) -> Result<(Tree, Option<SpooledBlob>, layer::LayerStats), ConvertError> {
+) -> Result<(Tree, Option<LayerBlob>, layer::LayerStats), ConvertError> {
     let name = format!("{i} ({})", l.digest);
     let size = u64::try_from(l.size).map_err(|_| ConvertError::Source(format!("layer {i} has a negative size")))?;
     let digest = Digest::parse(&l.digest).map_err(|e| ConvertError::Source(format!("layer {i}: {e}")))?;
@@ -290,9 +291,11 @@ async fn apply_layer(
     let device = u16::try_from(i + 1).map_err(|_| ConvertError::Source("more than 65535 layers".into()))?;
     tracing::info!(layer = %name, bytes = size, "applying layer");
     let spool = src.layer_spool(&l.digest, work)?;
+    let blob_dir = dst.spool_dir(work);
     let spooled = BlobSpool::new(&blob_dir, device, opts.chunk_size, opts.hashing());
     let blob_err = move |source| ConvertError::Work { dir: blob_dir, source };
     let mut blob = spooled.map_err(blob_err.clone())?;
+    let streamed = dst.push_growing(registry, blob.growing()).await;
     let reader = spool.reader();
     let pb = progress(opts, size, format!("layer {i}"));
     let layer_name = name.clone();
@@ -325,5 +328,5 @@ async fn apply_layer(
         }
     };
     tracing::info!(layer = %name, entries = stats.entries, bytes = stats.file_bytes, whiteouts = stats.whiteouts, "layer applied");
-    Ok((tree, blob, stats))
+    Ok((tree, blob.map(|blob| LayerBlob { blob, streamed }), stats))
 }

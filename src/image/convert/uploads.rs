@@ -1,6 +1,8 @@
 //! Data blobs stored while later layers convert: each layer's blob goes to the destination as
 //! soon as the layer is applied, at most [`MAX_UPLOADS`] at a time, so the uploads of a
-//! many-layer image overlap the conversion of the layers after them.
+//! many-layer image overlap the conversion of the layers after them. A blob pushed to a
+//! registry while its layer converted (`Location::push_growing`) is only committed here; if
+//! that push failed, the finished file is pushed again.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,7 +13,14 @@ use futures::FutureExt;
 
 use super::Location;
 use crate::image::spool::SpooledBlob;
+use crate::registry::streamed::StreamedPush;
 use crate::registry::{Registry, RegistryError};
+
+/// A layer's finished data blob, and its push if one started while it was written.
+pub(super) struct LayerBlob {
+    pub blob: SpooledBlob,
+    pub streamed: Option<StreamedPush>,
+}
 
 /// Data blobs being stored at once (each holds an upload piece in memory).
 const MAX_UPLOADS: usize = 2;
@@ -33,7 +42,7 @@ impl<'a> Uploads<'a> {
     }
 
     /// Start storing `blob`, once fewer than [`MAX_UPLOADS`] are under way.
-    pub async fn start(&mut self, blob: SpooledBlob) -> Result<(), RegistryError> {
+    pub async fn start(&mut self, LayerBlob { blob, streamed }: LayerBlob) -> Result<(), RegistryError> {
         while self.pending.len() >= MAX_UPLOADS {
             self.next().await?;
         }
@@ -41,9 +50,17 @@ impl<'a> Uploads<'a> {
         self.pending.push(
             async move {
                 let (size, digest) = (blob.chunks.size, blob.chunks.digest.to_string());
-                dst.put_blob_file(registry, Arc::new(blob.file), size, digest.clone())
-                    .await?;
-                tracing::info!(blob = %digest, bytes = size, "data blob stored");
+                let committed = match streamed {
+                    Some(s) => s.commit(&digest).await.map_err(|e| {
+                        tracing::warn!(blob = %digest, error = %e, "the data blob pushed while its layer converted was not stored: pushing it again");
+                    }),
+                    None => Err(()),
+                };
+                if committed.is_err() {
+                    dst.put_blob_file(registry, Arc::new(blob.file), size, digest.clone())
+                        .await?;
+                }
+                tracing::info!(blob = %digest, bytes = size, streamed = committed.is_ok(), "data blob stored");
                 Ok(())
             }
             .boxed(),
