@@ -31,14 +31,7 @@ impl Clients {
     pub fn oci(&self, purpose: Purpose) -> Result<oci_client::Client, RegistryError> {
         match purpose {
             Purpose::Pull => Ok(self.oci.clone()),
-            Purpose::Push => match self.push.get() {
-                Some(c) => Ok(c.clone()),
-                None => {
-                    // two first pushes at once may both make one: the first stored is kept
-                    let made = self.settings.client(Purpose::Push)?;
-                    Ok(self.push.get_or_init(|| made).clone())
-                }
-            },
+            Purpose::Push => made_once(&self.push, || self.settings.client(Purpose::Push)),
         }
     }
 
@@ -46,13 +39,22 @@ impl Clients {
     pub fn http_for(&self, purpose: Purpose) -> Result<reqwest::Client, RegistryError> {
         match purpose {
             Purpose::Pull => Ok(self.http.clone()),
-            Purpose::Push => match self.push_http.get() {
-                Some(c) => Ok(c.clone()),
-                None => {
-                    let made = self.settings.http(Purpose::Push)?;
-                    Ok(self.push_http.get_or_init(|| made).clone())
-                }
-            },
+            Purpose::Push => made_once(&self.push_http, || self.settings.http(Purpose::Push)),
+        }
+    }
+}
+
+/// The client in `cell`, made by `make` the first time. Two first uses at once may both
+/// make one: the first stored is kept.
+fn made_once<T: Clone>(
+    cell: &OnceLock<T>,
+    make: impl FnOnce() -> Result<T, RegistryError>,
+) -> Result<T, RegistryError> {
+    match cell.get() {
+        Some(c) => Ok(c.clone()),
+        None => {
+            let made = make()?;
+            Ok(cell.get_or_init(|| made).clone())
         }
     }
 }
