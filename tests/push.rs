@@ -85,11 +85,15 @@ async fn a_blob_too_large_for_one_request_is_pushed_in_pieces() {
 /// Convert an image of two layers of one 3 MiB file each (seeds `seed`, `seed + 1`) into
 /// `host/lazy/<name>:v1`: each file and its converted data blob, in layer order, and the
 /// upload PATCHes accepted and bodies refused (413) during the conversion.
-async fn convert_two_layers(mock: &MockRegistry, name: &str, seed: u64) -> (Vec<(Vec<u8>, Vec<u8>)>, u64, u64) {
+async fn convert_two_layers(
+    reg: &lazyblob::registry::Registry,
+    mock: &MockRegistry,
+    name: &str,
+    seed: u64,
+) -> (Vec<(Vec<u8>, Vec<u8>)>, u64, u64) {
     use common::oci::{compress, push_source, Compression, Layer};
     use lazyblob::image::convert::{convert, ConvertOptions};
     let host = mock.host();
-    let reg = client(&insecure_config(&[&host]));
     let files: Vec<Vec<u8>> = (0..2).map(|i| bytes(seed + i, 3 << 20)).collect();
     let layers: Vec<_> = files
         .iter()
@@ -100,10 +104,10 @@ async fn convert_two_layers(mock: &MockRegistry, name: &str, seed: u64) -> (Vec<
         })
         .collect();
     let (src, dst) = (format!("{host}/src/{name}:v1"), format!("{host}/lazy/{name}:v1"));
-    push_source(&reg, &src, &layers).await;
+    push_source(reg, &src, &layers).await;
     let before = mock.counters();
     let opts = ConvertOptions::default();
-    convert(&reg, &src.parse().unwrap(), &dst.parse().unwrap(), &opts)
+    convert(reg, &src.parse().unwrap(), &dst.parse().unwrap(), &opts)
         .await
         .unwrap();
     let after = mock.counters();
@@ -125,7 +129,8 @@ async fn convert_two_layers(mock: &MockRegistry, name: &str, seed: u64) -> (Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_converted_data_blob_goes_up_while_its_layer_converts() {
     let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let (blobs, patches, refused) = convert_two_layers(&mock, "streamed", 60).await;
+    let reg = client(&insecure_config(&[&mock.host()]));
+    let (blobs, patches, refused) = convert_two_layers(&reg, &mock, "streamed", 60).await;
     for (file, blob) in blobs {
         assert_eq!(blob.len(), file.len(), "a 3 MiB file fills its blob");
         assert!(blob == file, "the data blob holds the layer's file");
@@ -136,11 +141,38 @@ async fn a_converted_data_blob_goes_up_while_its_layer_converts() {
         max_upload_body: Some(1 << 20),
         ..Default::default()
     });
-    let (blobs, patches, refused) = convert_two_layers(&mock, "capped", 70).await;
+    let (blobs, patches, refused) = convert_two_layers(&reg, &mock, "capped", 70).await;
     for (file, blob) in blobs {
         assert!(blob == file, "the data blob pushed again holds the layer's file");
     }
     // per blob: the streamed body, the whole blob in one request, its first 4 MiB piece
     assert_eq!(refused, 2 * 3);
     assert_eq!(patches, 2 * 6, "then 6 pieces of 512 KiB each");
+}
+
+/// A registry that takes a streamed body and never answers: the wait for it ends within one
+/// attempt's allowance, and the finished blob is pushed again in one request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_registry_never_answers_is_pushed_again() {
+    let mock = MockRegistry::start(MockConfig {
+        stall_streamed_uploads: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut cfg = insecure_config(&[&mock.host()]);
+    cfg.request_timeout = Duration::from_millis(500);
+    cfg.min_rate_kib_s = None;
+    let reg = client(&cfg);
+    let t = std::time::Instant::now();
+    let (blobs, patches, refused) = convert_two_layers(&reg, &mock, "stalled", 80).await;
+    for (file, blob) in blobs {
+        assert!(blob == file, "the data blob pushed again holds the layer's file");
+    }
+    assert_eq!(
+        (patches, refused),
+        (0, 0),
+        "no stream answered; one request per blob after"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "waited {:?}", t.elapsed());
 }

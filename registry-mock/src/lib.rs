@@ -98,6 +98,9 @@ pub struct MockConfig {
     /// Answer the PUT that completes an upload this late (a registry moving a large blob
     /// into its storage).
     pub upload_commit_delay: Option<std::time::Duration>,
+    /// Never answer a streamed upload PATCH (one without `Content-Range`): a registry that
+    /// hangs on a stream.
+    pub stall_streamed_uploads: bool,
 }
 
 /// What the registry does with the referrers API.

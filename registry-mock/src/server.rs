@@ -61,9 +61,15 @@ async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers:
         }
     }
     if let Some((name, upload)) = rest.trim_start_matches('/').split_once("/blobs/uploads") {
-        let delay = lock(&s.config).upload_commit_delay;
+        let (delay, stall) = {
+            let c = lock(&s.config);
+            (c.upload_commit_delay, c.stall_streamed_uploads)
+        };
         if let Some(d) = delay.filter(|_| method == Method::PUT) {
             tokio::time::sleep(d).await;
+        }
+        if stall && method == Method::PATCH && !headers.contains_key(header::CONTENT_RANGE) {
+            std::future::pending::<()>().await;
         }
         return upload_route(&s, &method, name, upload.trim_start_matches('/'), query, body);
     }

@@ -29,6 +29,9 @@ pub struct StreamedPush {
     client: oci_client::Client,
     http: reqwest::Client,
     credential: Credential,
+    /// Bounds the wait for the rest of the body and for the commit (no read timeout does:
+    /// the client for pushes has none).
+    policy: super::retry::RetryPolicy,
 }
 
 impl Drop for StreamedPush {
@@ -71,23 +74,31 @@ impl Registry {
             client,
             http,
             credential,
+            policy: self.policy.clone(),
         })
     }
 }
 
 impl StreamedPush {
-    /// The blob's bytes were all produced and hash to `digest`: wait for them to be sent and
-    /// commit the upload. A registry that already has the blob (a blob converted before)
-    /// is not waited for: the upload is dropped.
-    pub async fn commit(mut self, digest: &str) -> Result<(), RegistryError> {
+    /// The blob's `size` bytes were all produced and hash to `digest`: wait for them to be
+    /// sent and commit the upload, each within one attempt's allowance for that size. A
+    /// registry that already has the blob (a blob converted before) is not waited for: the
+    /// upload is dropped.
+    pub async fn commit(mut self, digest: &str, size: u64) -> Result<(), RegistryError> {
         if self.client.blob_exists(&self.repo, digest).await.unwrap_or(false) {
             return Ok(());
         }
-        let mut at = (&mut self.sending)
+        let limit = self.policy.for_transfer(size).attempt_timeout;
+        let sent = tokio::time::timeout(limit, &mut self.sending)
             .await
-            .map_err(|e| RegistryError::Transport(format!("upload task: {e}")))??;
+            .map_err(|_| RegistryError::Timeout(limit))?;
+        let mut at = sent.map_err(|e| RegistryError::Transport(format!("upload task: {e}")))??;
         at.query_pairs_mut().append_pair("digest", digest);
-        let put = self.http.put(at.clone()).header(reqwest::header::CONTENT_LENGTH, 0);
+        let put = self
+            .http
+            .put(at.clone())
+            .header(reqwest::header::CONTENT_LENGTH, 0)
+            .timeout(limit);
         let res = self.credential.apply(put).send().await?;
         if res.status() != StatusCode::CREATED {
             return Err(RegistryError::Status {

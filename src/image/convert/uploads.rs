@@ -51,7 +51,7 @@ impl<'a> Uploads<'a> {
             async move {
                 let (size, digest) = (blob.chunks.size, blob.chunks.digest.to_string());
                 let committed = match streamed {
-                    Some(s) => s.commit(&digest).await.map_err(|e| {
+                    Some(s) => s.commit(&digest, size).await.map_err(|e| {
                         tracing::warn!(blob = %digest, error = %e, "the data blob pushed while its layer converted was not stored: pushing it again");
                     }),
                     None => Err(()),
