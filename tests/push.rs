@@ -136,6 +136,15 @@ async fn a_converted_data_blob_goes_up_while_its_layer_converts() {
         assert!(blob == file, "the data blob holds the layer's file");
     }
     assert_eq!((patches, refused), (2, 0), "one PATCH per data blob");
+    assert_eq!(mock.store().open_uploads(), 0, "every session committed");
+    // the same image again: the registry has both blobs, their new sessions are cancelled
+    let (blobs, _, refused) = convert_two_layers(&reg, &mock, "streamed", 60).await;
+    assert!(blobs.iter().all(|(file, blob)| blob == file) && refused == 0);
+    let t = std::time::Instant::now();
+    while mock.store().open_uploads() > 0 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mock.store().open_uploads(), 0, "sessions left open");
 
     mock.set_config(MockConfig {
         max_upload_body: Some(1 << 20),

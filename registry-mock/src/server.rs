@@ -230,6 +230,10 @@ fn upload_route(s: &Shared, method: &Method, name: &str, id: &str, query: &str, 
             },
             None => error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "digest missing"),
         },
+        (Method::DELETE, false) => match s.store.cancel_upload(id) {
+            true => StatusCode::NO_CONTENT.into_response(),
+            false => error(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN", "unknown upload"),
+        },
         _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
     }
 }

@@ -95,6 +95,16 @@ impl Store {
         })
     }
 
+    /// Drop an upload; whether it was open.
+    pub(crate) fn cancel_upload(&self, id: &str) -> bool {
+        self.with(|i| i.uploads.remove(id).is_some())
+    }
+
+    /// Uploads open (started, neither finished nor cancelled).
+    pub fn open_uploads(&self) -> usize {
+        self.with(|i| i.uploads.len())
+    }
+
     /// Finish an upload; `Err` names the problem (unknown upload, digest mismatch).
     pub(crate) fn finish_upload(&self, id: &str, data: &[u8], digest: &str) -> Result<(), String> {
         self.with(|i| {

@@ -7,9 +7,11 @@
 //! refuses, ends here, and the caller pushes the finished file as any other blob (with its
 //! retries and its fallback to pieces). Upload locations that point at another host are
 //! refused: credentials go to the registry's own host only. No session is opened before the
-//! first byte (a layer without file data has no blob).
+//! first byte (a layer without file data has no blob); a session left uncommitted (a failed
+//! conversion, a blob the registry had already) is cancelled with `DELETE`, best effort.
 
 use std::io;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -20,11 +22,24 @@ use super::clients::Purpose;
 use super::error::redact_urls;
 use super::manifest::Credential;
 use super::{Registry, RegistryError};
+use crate::lock::lock;
+
+/// Where an upload session stands.
+enum Session {
+    /// Not opened (yet, or ever: an empty body).
+    Unopened,
+    /// Open; the latest location the registry gave.
+    Open(Url),
+    /// Committed, or cancelled: nothing left to do.
+    Closed,
+}
 
 /// An upload under way (see the module comment); dropped unfinished, it stops.
 pub struct StreamedPush {
     /// Sends the body; ends with the location to commit at.
     sending: tokio::task::JoinHandle<Result<Url, RegistryError>>,
+    /// The session, as the sending task left it.
+    session: Arc<Mutex<Session>>,
     repo: Reference,
     client: oci_client::Client,
     http: reqwest::Client,
@@ -37,6 +52,19 @@ pub struct StreamedPush {
 impl Drop for StreamedPush {
     fn drop(&mut self) {
         self.sending.abort();
+        let Session::Open(at) = std::mem::replace(&mut *lock(&self.session), Session::Closed) else {
+            return;
+        };
+        // best effort: registries purge stale sessions in time anyway
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let cancel = self.http.delete(at).timeout(self.policy.attempt_timeout);
+            let cancel = self.credential.apply(cancel);
+            rt.spawn(async move {
+                if let Err(e) = cancel.send().await {
+                    tracing::debug!(error = %RegistryError::from(e), "cancelling an upload session failed");
+                }
+            });
+        }
     }
 }
 
@@ -55,21 +83,27 @@ impl Registry {
         let base = Url::parse(&format!("{}/blobs/uploads/", self.repository_url(repo)))
             .map_err(|e| RegistryError::Reference(repo.whole(), e.to_string()))?;
         let (h, c) = (http.clone(), credential.clone());
+        let session = Arc::new(Mutex::new(Session::Unopened));
+        let opened = Arc::clone(&session);
         let sending = tokio::spawn(async move {
             let mut body = Box::pin(body.peekable());
             if body.as_mut().peek().await.is_none() {
                 return Err(RegistryError::Transport("nothing to push".into()));
             }
             let started = c.apply(h.post(base.clone()).header(reqwest::header::CONTENT_LENGTH, 0));
-            let session = location(&base, started.send().await?, StatusCode::ACCEPTED)?;
+            let at = location(&base, started.send().await?, StatusCode::ACCEPTED)?;
+            *lock(&opened) = Session::Open(at.clone());
             let patch = h
-                .patch(session.clone())
+                .patch(at.clone())
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 .body(reqwest::Body::wrap_stream(body));
-            location(&session, c.apply(patch).send().await?, StatusCode::ACCEPTED)
+            let next = location(&at, c.apply(patch).send().await?, StatusCode::ACCEPTED)?;
+            *lock(&opened) = Session::Open(next.clone());
+            Ok(next)
         });
         Ok(StreamedPush {
             sending,
+            session,
             repo: repo.clone(),
             client,
             http,
@@ -106,6 +140,7 @@ impl StreamedPush {
                 url: redact_urls(at.as_str()),
             });
         }
+        *lock(&self.session) = Session::Closed;
         Ok(())
     }
 }
