@@ -185,3 +185,40 @@ async fn a_stream_the_registry_never_answers_is_pushed_again() {
     );
     assert!(t.elapsed() < Duration::from_secs(20), "waited {:?}", t.elapsed());
 }
+
+/// A token that expires while a streamed blob is still being produced (a long layer): the
+/// commit is refused (401), gets a new token and stores the blob from the one stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_commit_renews_a_token_that_expired_meanwhile() {
+    use futures::SinkExt;
+    let mock = MockRegistry::start(MockConfig {
+        auth: registry_mock::AuthMode::Token {
+            credentials: None,
+            ttl: Duration::from_secs(300),
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let reg = client(&insecure_config(&[&mock.host()]));
+    let repo = parse_reference(&format!("{}/tok/app:1", mock.host())).unwrap();
+    let data = bytes(90, 3 << 20);
+    let (mut tx, rx) = futures::channel::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let push = reg.push_streamed(&repo, rx).await.unwrap();
+    for piece in data.chunks(1 << 20) {
+        tx.send(Ok(Bytes::copy_from_slice(piece))).await.unwrap();
+    }
+    drop(tx);
+    let t = std::time::Instant::now();
+    while mock.counters().upload_patches == 0 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tokens = mock.counters().token_requests;
+    mock.expire_tokens();
+    let d = sha256_digest(&data);
+    push.commit(&d, data.len() as u64).await.unwrap();
+    assert_eq!(mock.store().blob(&d).unwrap(), data);
+    let c = mock.counters();
+    assert!(c.token_requests > tokens, "a new token for the commit");
+    assert_eq!(c.upload_patches, 1, "the one stream, nothing pushed again");
+}

@@ -43,7 +43,9 @@ pub struct StreamedPush {
     repo: Reference,
     client: oci_client::Client,
     http: reqwest::Client,
+    /// What the requests carry, and what it was made from (for a new token at the commit).
     credential: Credential,
+    auth: oci_client::secrets::RegistryAuth,
     /// Bounds the wait for the rest of the body and for the commit (no read timeout does:
     /// the client for pushes has none).
     policy: super::retry::RetryPolicy,
@@ -108,6 +110,7 @@ impl Registry {
             client,
             http,
             credential,
+            auth,
             policy: self.policy.clone(),
         })
     }
@@ -117,7 +120,8 @@ impl StreamedPush {
     /// The blob's `size` bytes were all produced and hash to `digest`: wait for them to be
     /// sent and commit the upload, each within one attempt's allowance for that size. A
     /// registry that already has the blob (a blob converted before) is not waited for: the
-    /// upload is dropped.
+    /// upload is dropped. A token that expired while the layer converted (a commit answered
+    /// 401) is renewed once.
     pub async fn commit(mut self, digest: &str, size: u64) -> Result<(), RegistryError> {
         if self.client.blob_exists(&self.repo, digest).await.unwrap_or(false) {
             return Ok(());
@@ -128,12 +132,18 @@ impl StreamedPush {
             .map_err(|_| RegistryError::Timeout(limit))?;
         let mut at = sent.map_err(|e| RegistryError::Transport(format!("upload task: {e}")))??;
         at.query_pairs_mut().append_pair("digest", digest);
-        let put = self
-            .http
-            .put(at.clone())
-            .header(reqwest::header::CONTENT_LENGTH, 0)
-            .timeout(limit);
-        let res = self.credential.apply(put).send().await?;
+        let put = |credential: &Credential| {
+            let req = self.http.put(at.clone()).header(reqwest::header::CONTENT_LENGTH, 0);
+            credential.apply(req.timeout(limit)).send()
+        };
+        let mut res = put(&self.credential).await?;
+        if res.status() == StatusCode::UNAUTHORIZED {
+            let token = self
+                .client
+                .auth(&self.repo, &self.auth, RegistryOperation::Push)
+                .await?;
+            res = put(&Credential::after_auth(token, &self.auth)).await?;
+        }
         if res.status() != StatusCode::CREATED {
             return Err(RegistryError::Status {
                 status: res.status().as_u16(),

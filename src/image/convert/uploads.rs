@@ -25,6 +25,15 @@ pub(super) struct LayerBlob {
 /// Data blobs being stored at once (each holds an upload piece in memory).
 const MAX_UPLOADS: usize = 2;
 
+/// How a data blob reaches its destination.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// Pushed while its layer converted, committed here.
+    Streamed,
+    /// Stored from its finished file (a layout; a registry when the stream did not make it).
+    FromFile,
+}
+
 /// The data blobs being stored.
 pub(super) struct Uploads<'a> {
     registry: &'a Registry,
@@ -50,17 +59,21 @@ impl<'a> Uploads<'a> {
         self.pending.push(
             async move {
                 let (size, digest) = (blob.chunks.size, blob.chunks.digest.to_string());
-                let committed = match streamed {
-                    Some(s) => s.commit(&digest, size).await.map_err(|e| {
-                        tracing::warn!(blob = %digest, error = %e, "the data blob pushed while its layer converted was not stored: pushing it again");
-                    }),
-                    None => Err(()),
+                let route = match streamed {
+                    Some(s) => match s.commit(&digest, size).await {
+                        Ok(()) => Route::Streamed,
+                        Err(e) => {
+                            tracing::warn!(blob = %digest, error = %e, "the data blob pushed while its layer converted was not stored: pushing it again");
+                            Route::FromFile
+                        }
+                    },
+                    None => Route::FromFile,
                 };
-                if committed.is_err() {
+                if let Route::FromFile = route {
                     dst.put_blob_file(registry, Arc::new(blob.file), size, digest.clone())
                         .await?;
                 }
-                tracing::info!(blob = %digest, bytes = size, streamed = committed.is_ok(), "data blob stored");
+                tracing::info!(blob = %digest, bytes = size, ?route, "data blob stored");
                 Ok(())
             }
             .boxed(),
