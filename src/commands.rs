@@ -107,13 +107,14 @@ pub async fn convert(src: &str, dst: &str, opts: &ConvertOptions, config: Option
     let secs = t0.elapsed().as_secs_f64();
     let peak_kib = peak_rss_kib().unwrap_or(0);
     eprintln!(
-        "converted {} image(s), {} entries, {} bytes of file data in {:.2}s ({:.1} MB/s), peak RSS {:.1} MiB",
+        "converted {} image(s), {} entries, {} bytes of file data in {:.2}s ({:.1} MB/s), peak RSS {:.1} MiB, {} data blob(s) pushed while converting",
         r.images,
         r.files,
         r.layer_bytes,
         secs,
         r.layer_bytes as f64 / 1e6 / secs.max(1e-9),
-        peak_kib as f64 / 1024.0
+        peak_kib as f64 / 1024.0,
+        r.blobs_streamed
     );
     Ok(format!("{}\n", r.digest))
 }

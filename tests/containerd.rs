@@ -62,8 +62,14 @@ async fn cri_pull_and_run(release: Release, auth: Option<(&str, &str)>) {
     let src = format!("{}/plain/app:v1", dr.host);
     let dst = format!("{}/lazy/app:v1", dr.host);
     oci::push_runnable(&reg, &src, &[base.tar(), top.tar()]).await;
-    oci::convert_ref(&reg, &src, &dst).await;
+    let report = oci::convert_ref(&reg, &src, &dst).await;
     let lazy = oci::lazy_manifest(&reg, &dst).await;
+    // against docker-registry, anonymous or with htpasswd
+    assert_eq!(
+        report.blobs_streamed,
+        lazy.data.len(),
+        "data blobs pushed while converted"
+    );
     let layers = 2 + usize::from(lazy.leaves.is_some()) + lazy.data.len();
 
     let work = tempfile::tempdir().unwrap();

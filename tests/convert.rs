@@ -59,6 +59,11 @@ async fn round_trip(dr: &DockerRegistry, reg: &Registry, name: &str, layers: &[(
     let dst = format!("{}/lazy/{name}:v1", dr.host);
     push_source(reg, &src, layers).await;
     let report = convert_ref(reg, &src, &dst).await;
+    let data_blobs = lazy_manifest(reg, &dst).await.data.len();
+    assert_eq!(
+        report.blobs_streamed, data_blobs,
+        "every data blob went up while converted"
+    );
     let reference = walk(&skopeo_unpack(&src, work.path()));
     let m = fetch_and_mount(reg, &dst, work.path()).await;
     let ours = walk(&m.dir);
@@ -152,10 +157,15 @@ async fn multi_layer_whiteouts_links_devices_xattrs() {
     .await
     .unwrap();
     assert_eq!(again.digest, digest);
+    assert_eq!(
+        again.blobs_streamed, 0,
+        "the registry had every data blob: none waited for"
+    );
     let layout = tempfile::tempdir().unwrap();
     let dst: Location = format!("oci:{}:v1", layout.path().display()).parse().unwrap();
     let to_layout = convert(&reg, &src, &dst, &ConvertOptions::default()).await.unwrap();
     assert_eq!(to_layout.digest, digest);
+    assert_eq!(to_layout.blobs_streamed, 0, "a layout links its files");
     // every blob of the layout (data blobs are linked in from their spool files) is what its
     // name says, and no temporary file is left
     for e in std::fs::read_dir(layout.path().join("blobs/sha256")).unwrap() {

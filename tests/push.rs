@@ -216,7 +216,8 @@ async fn a_streamed_commit_renews_a_token_that_expired_meanwhile() {
     let tokens = mock.counters().token_requests;
     mock.expire_tokens();
     let d = sha256_digest(&data);
-    push.commit(&d, data.len() as u64).await.unwrap();
+    let committed = push.commit(&d, data.len() as u64).await.unwrap();
+    assert_eq!(committed, lazyblob::registry::streamed::Committed::Stored);
     assert_eq!(mock.store().blob(&d).unwrap(), data);
     let c = mock.counters();
     assert!(c.token_requests > tokens, "a new token for the commit");

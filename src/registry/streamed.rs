@@ -34,6 +34,15 @@ enum Session {
     Closed,
 }
 
+/// How a commit ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// The streamed bytes are the blob now.
+    Stored,
+    /// The registry had the blob already; the stream was dropped.
+    AlreadyThere,
+}
+
 /// An upload under way (see the module comment); dropped unfinished, it stops.
 pub struct StreamedPush {
     /// Sends the body; ends with the location to commit at.
@@ -122,9 +131,9 @@ impl StreamedPush {
     /// registry that already has the blob (a blob converted before) is not waited for: the
     /// upload is dropped. A token that expired while the layer converted (a commit answered
     /// 401) is renewed once.
-    pub async fn commit(mut self, digest: &str, size: u64) -> Result<(), RegistryError> {
+    pub async fn commit(mut self, digest: &str, size: u64) -> Result<Committed, RegistryError> {
         if self.client.blob_exists(&self.repo, digest).await.unwrap_or(false) {
-            return Ok(());
+            return Ok(Committed::AlreadyThere);
         }
         let limit = self.policy.for_transfer(size).attempt_timeout;
         let sent = tokio::time::timeout(limit, &mut self.sending)
@@ -151,7 +160,7 @@ impl StreamedPush {
             });
         }
         *lock(&self.session) = Session::Closed;
-        Ok(())
+        Ok(Committed::Stored)
     }
 }
 

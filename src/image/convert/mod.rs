@@ -113,6 +113,8 @@ pub struct ConvertReport {
     pub files: u64,
     /// Images converted (several with an index).
     pub images: usize,
+    /// Data blobs that went up to a registry while their layer converted.
+    pub blobs_streamed: usize,
 }
 
 /// Convert `src` into a lazyblob image at `dst`.
@@ -131,6 +133,7 @@ pub async fn convert(
         layer_bytes: 0,
         files: 0,
         images: 0,
+        blobs_streamed: 0,
     };
     match root {
         OciManifest::Image(m) if !opts.all_platforms => {
@@ -250,7 +253,7 @@ async fn convert_one(
         }
     }
     let (meta, table) = tokio::task::block_in_place(|| finish_tree(tree, chunks, opts.chunk_size, opts.hashing()))?;
-    uploads.finish().await?;
+    report.blobs_streamed += uploads.finish().await?;
     let a = assemble_parts(&meta, &table, &config)
         .map_err(|e| ConvertError::Source(format!("image config is not JSON: {e}")))?;
     for (digest, b) in a.blobs {

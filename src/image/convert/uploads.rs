@@ -13,7 +13,7 @@ use futures::FutureExt;
 
 use super::Location;
 use crate::image::spool::SpooledBlob;
-use crate::registry::streamed::StreamedPush;
+use crate::registry::streamed::{Committed, StreamedPush};
 use crate::registry::{Registry, RegistryError};
 
 /// A layer's finished data blob, and its push if one started while it was written.
@@ -30,6 +30,8 @@ const MAX_UPLOADS: usize = 2;
 enum Route {
     /// Pushed while its layer converted, committed here.
     Streamed,
+    /// The registry had it already.
+    Present,
     /// Stored from its finished file (a layout; a registry when the stream did not make it).
     FromFile,
 }
@@ -38,7 +40,9 @@ enum Route {
 pub(super) struct Uploads<'a> {
     registry: &'a Registry,
     dst: &'a Location,
-    pending: FuturesUnordered<BoxFuture<'a, Result<(), RegistryError>>>,
+    pending: FuturesUnordered<BoxFuture<'a, Result<Route, RegistryError>>>,
+    /// Blobs stored so far that went up while their layer converted.
+    streamed: usize,
 }
 
 impl<'a> Uploads<'a> {
@@ -47,6 +51,7 @@ impl<'a> Uploads<'a> {
             registry,
             dst,
             pending: FuturesUnordered::new(),
+            streamed: 0,
         }
     }
 
@@ -61,7 +66,8 @@ impl<'a> Uploads<'a> {
                 let (size, digest) = (blob.chunks.size, blob.chunks.digest.to_string());
                 let route = match streamed {
                     Some(s) => match s.commit(&digest, size).await {
-                        Ok(()) => Route::Streamed,
+                        Ok(Committed::Stored) => Route::Streamed,
+                        Ok(Committed::AlreadyThere) => Route::Present,
                         Err(e) => {
                             tracing::warn!(blob = %digest, error = %e, "the data blob pushed while its layer converted was not stored: pushing it again");
                             Route::FromFile
@@ -74,7 +80,7 @@ impl<'a> Uploads<'a> {
                         .await?;
                 }
                 tracing::info!(blob = %digest, bytes = size, ?route, "data blob stored");
-                Ok(())
+                Ok(route)
             }
             .boxed(),
         );
@@ -87,20 +93,29 @@ impl<'a> Uploads<'a> {
         loop {
             tokio::select! {
                 done = &mut work => return Ok(done),
-                stored = self.pending.next(), if !self.pending.is_empty() => stored.unwrap_or(Ok(()))?,
+                stored = self.pending.next(), if !self.pending.is_empty() => self.count(stored)?,
             }
         }
     }
 
-    /// Wait until every blob is stored.
-    pub async fn finish(mut self) -> Result<(), RegistryError> {
+    /// Wait until every blob is stored; how many went up while their layer converted.
+    pub async fn finish(mut self) -> Result<usize, RegistryError> {
         while !self.pending.is_empty() {
             self.next().await?;
         }
-        Ok(())
+        Ok(self.streamed)
     }
 
     async fn next(&mut self) -> Result<(), RegistryError> {
-        self.pending.next().await.unwrap_or(Ok(()))
+        let stored = self.pending.next().await;
+        self.count(stored)
+    }
+
+    /// Count a blob stored (`None`: nothing was pending).
+    fn count(&mut self, stored: Option<Result<Route, RegistryError>>) -> Result<(), RegistryError> {
+        if let Some(Route::Streamed) = stored.transpose()? {
+            self.streamed += 1;
+        }
+        Ok(())
     }
 }
