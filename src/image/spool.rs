@@ -23,7 +23,9 @@ use super::tree::FileData;
 
 /// Size of the buffers handed to the writing and hashing threads.
 const BUF: usize = 1 << 20;
-/// Buffers queued for each of the two threads (memory: at most `2 * BUFFERS + 1` buffers).
+/// Buffers queued for each of the two threads. Memory: about `2 * BUFFERS` buffers at most
+/// (one thread may lag the other by a whole queue), plus the one being filled and one in
+/// each thread's hands.
 const BUFFERS: usize = 4;
 /// File data is laid out on this boundary.
 const ALIGN: u64 = 4096;
