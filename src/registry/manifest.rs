@@ -7,6 +7,7 @@
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use oci_client::secrets::RegistryAuth;
+use oci_client::{Reference, RegistryOperation};
 
 use super::error::redact_urls;
 use super::RegistryError;
@@ -21,9 +22,21 @@ pub(super) enum Credential {
 }
 
 impl Credential {
+    /// The credential for requests `op` on `repo`: `oci-client`'s auth step (a token fetched
+    /// when the registry asks for one), then [`after_auth`](Self::after_auth).
+    pub(super) async fn obtain(
+        client: &oci_client::Client,
+        repo: &Reference,
+        auth: &RegistryAuth,
+        op: RegistryOperation,
+    ) -> Result<Credential, RegistryError> {
+        let token = client.auth(repo, auth, op).await?;
+        Ok(Credential::after_auth(token, auth))
+    }
+
     /// The credential for a request after `oci-client`'s auth step: its bearer token if the
     /// registry asked for one, else the basic credentials the request was made with.
-    pub(super) fn after_auth(token: Option<String>, auth: &RegistryAuth) -> Credential {
+    fn after_auth(token: Option<String>, auth: &RegistryAuth) -> Credential {
         match (token, auth) {
             (Some(t), _) => Credential::Bearer(t),
             (None, RegistryAuth::Basic(u, p)) => Credential::Basic(u.clone(), p.clone()),

@@ -283,8 +283,7 @@ impl Registry {
     ) -> Result<(Bytes, Option<String>), RegistryError> {
         let url = &url;
         self.with_endpoints(reference, what, 0, |ep, auth, client| async move {
-            let token = client.auth(&ep, &auth, RegistryOperation::Pull).await?;
-            let credential = manifest::Credential::after_auth(token, &auth);
+            let credential = manifest::Credential::obtain(&client, &ep, &auth, RegistryOperation::Pull).await?;
             manifest::get(self.http(&ep), &url(&ep)?, accept, credential, &self.cfg.limits).await
         })
         .await

@@ -88,8 +88,7 @@ impl Registry {
     {
         let (auth, scope) = self.auth_for(repo).await?;
         let client = self.client(repo, &auth, scope, Purpose::Push)?;
-        let token = client.auth(repo, &auth, RegistryOperation::Push).await?;
-        let credential = Credential::after_auth(token, &auth);
+        let credential = Credential::obtain(&client, repo, &auth, RegistryOperation::Push).await?;
         let http = self.clients_of(repo).http_for(Purpose::Push)?;
         let base = Url::parse(&format!("{}/blobs/uploads/", self.repository_url(repo)))
             .map_err(|e| RegistryError::Reference(repo.whole(), e.to_string()))?;
@@ -147,11 +146,8 @@ impl StreamedPush {
         };
         let mut res = put(&self.credential).await?;
         if res.status() == StatusCode::UNAUTHORIZED {
-            let token = self
-                .client
-                .auth(&self.repo, &self.auth, RegistryOperation::Push)
-                .await?;
-            res = put(&Credential::after_auth(token, &self.auth)).await?;
+            let renewed = Credential::obtain(&self.client, &self.repo, &self.auth, RegistryOperation::Push).await?;
+            res = put(&renewed).await?;
         }
         if res.status() != StatusCode::CREATED {
             return Err(RegistryError::Status {
