@@ -1,6 +1,7 @@
 //! A data blob read while it is still being written: the spool tells how many bytes are on its
 //! file, and a follower reads them in pieces as they land, so a push can start with the
-//! layer's first files instead of after its last one.
+//! layer's first files instead of after its last one. A file written already is read the same
+//! way (`Growing::finished`): every push streams its file through here.
 
 use std::fs::File;
 use std::io;
@@ -31,6 +32,12 @@ impl Growing {
     /// The blob on `file` (read at offsets, never through its cursor), whose progress
     /// `written` tells. A sender dropped before `Done` means the blob will not be finished.
     pub fn new(file: Arc<File>, written: watch::Receiver<Written>) -> Growing {
+        Growing { file, written }
+    }
+
+    /// The first `size` bytes of `file`, all written already.
+    pub fn finished(file: Arc<File>, size: u64) -> Growing {
+        let (_done, written) = watch::channel(Written::Done(size));
         Growing { file, written }
     }
 
@@ -119,6 +126,18 @@ mod tests {
         drop(tx);
         let err = s.next().await.unwrap().unwrap_err();
         assert!(err.to_string().contains("abandoned"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_file_written_already_is_read_whole_and_a_short_one_fails() {
+        let (reader, mut writer) = blob();
+        writer.write_all(b"0123456789").unwrap();
+        let whole = Growing::finished(Arc::clone(&reader), 10).stream(4);
+        let pieces: Vec<Bytes> = whole.map(|p| p.unwrap()).collect().await;
+        assert_eq!(pieces.iter().map(|p| p.len()).collect::<Vec<_>>(), [4, 4, 2]);
+        assert_eq!(pieces.concat(), b"0123456789");
+        let mut short = Box::pin(Growing::finished(reader, 11).stream(64));
+        assert!(short.next().await.unwrap().is_err(), "11 bytes asked of a 10-byte file");
     }
 
     #[tokio::test]

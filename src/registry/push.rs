@@ -4,17 +4,16 @@
 //! `prefetch push`.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::stream::{BoxStream, StreamExt};
-use futures::Stream;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use oci_client::errors::OciDistributionError;
 use oci_client::{Reference, RegistryOperation};
 
 use super::clients::Purpose;
 use super::{sha256_digest, Registry, RegistryError};
+use crate::image::growing::Growing;
 
 impl Registry {
     /// Push a blob unless the registry already has it.
@@ -173,33 +172,10 @@ impl Source {
                 let at = (0..b.len()).step_by(piece as usize);
                 futures::stream::iter(at.map(move |a| Ok(b.slice(a..b.len().min(a + piece as usize))))).boxed()
             }
-            Source::File(file, size) => file_stream(Arc::clone(file), *size, piece).boxed(),
+            Source::File(file, size) => Growing::finished(Arc::clone(file), *size)
+                .stream(piece)
+                .map_err(|e| OciDistributionError::GenericError(Some(format!("reading the blob to push: {e}"))))
+                .boxed(),
         }
     }
-}
-
-/// `[0, size)` of `file` as a stream of `piece`-byte pieces read on the blocking pool.
-fn file_stream(
-    file: Arc<File>,
-    size: u64,
-    piece: u64,
-) -> impl Stream<Item = Result<Bytes, OciDistributionError>> + Send + 'static {
-    let fail = |e: String| OciDistributionError::GenericError(Some(format!("reading the blob to push: {e}")));
-    futures::stream::try_unfold(0u64, move |at| {
-        let file = file.clone();
-        async move {
-            if at >= size {
-                return Ok(None);
-            }
-            let n = (size - at).min(piece);
-            let piece = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; n as usize];
-                file.read_exact_at(&mut buf, at).map(|()| buf)
-            })
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .map_err(|e| fail(e.to_string()))?;
-            Ok(Some((Bytes::from(piece), at + n)))
-        }
-    })
 }
