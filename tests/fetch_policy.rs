@@ -117,13 +117,25 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     assert!(random >= (chunks.len() * 4096) as u64);
     eprintln!("{} random 4 KiB reads fetched {random} bytes", chunks.len());
     assert_eq!(d.status().await.engine.leaf_reads - leaf_reads, chunks.len() as u64);
-    // the same pages again, page cache dropped: from the cache file, nothing fetched
+    // the same pages again, page cache dropped: from the cache file, nothing fetched, each
+    // event answered as it was read (the leaves written are as good as a verified chunk)
     drop_page_cache();
+    let counter = |s: &lazyblob::api::Status, k: &str| s.frontend_counters[k].as_u64().unwrap();
+    let before = d.status().await;
     for c in chunks {
         let off = c * MIB + 12_288;
         assert!(read_at(&mnt.join("a-big.bin"), off, 4096) == big[off..off + 4096]);
     }
     assert_eq!(fetched(), random, "re-reading leaves fetched");
+    let after = d.status().await;
+    let events = counter(&after, "events") - counter(&before, "events");
+    let at_once = counter(&after, "answered_at_once") - counter(&before, "answered_at_once");
+    assert!(
+        events >= chunks.len() as u64,
+        "{events} events for {} reads",
+        chunks.len()
+    );
+    assert_eq!(at_once, events, "re-reads of leaves waited for the daemon's tasks");
     // a random reader back in one of those chunks: each miss fetches its own leaf again
     // (or two, where the kernel's read crosses a leaf), until a quarter of the chunk's 64
     // leaves are here; the next miss fetches the chunk whole (verified against its digest),

@@ -55,6 +55,9 @@ pub struct FanotifyStats {
     pub allowed: AtomicU64,
     /// Reads denied with EIO.
     pub denied: AtomicU64,
+    /// Reads answered as their event was read: all they asked for was verified in the cache
+    /// (whole chunks, or leaves written in this run).
+    pub answered_at_once: AtomicU64,
     /// Chunks written for readers.
     pub chunks_filled: AtomicU64,
     /// Chunks written by read-ahead.
@@ -260,6 +263,7 @@ impl FanotifyFrontend {
                     tracing::error!(error = %e, "fanotify response failed");
                 }
                 self.stats.allowed.fetch_add(1, Relaxed);
+                self.stats.answered_at_once.fetch_add(1, Relaxed);
                 self.stats.read_times.warm(t0.elapsed());
                 drop(journaled);
                 continue;

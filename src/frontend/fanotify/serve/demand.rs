@@ -155,21 +155,29 @@ impl FanotifyFrontend {
         .map_err(io::Error::other)?
     }
 
-    /// Whether everything `range` asks for is cached and verified; if so, keep a sequential
-    /// reader's read-ahead going and the background fill waiting.
+    /// Whether everything `range` asks for is cached and verified (its chunks, or the leaves
+    /// of a random read written in this run); if so, keep a sequential reader's read-ahead
+    /// going and the background fill waiting.
     pub(super) fn all_verified(self: &Arc<Self>, cached: Option<&Arc<CachedBlob>>, range: Option<(u64, u64)>) -> bool {
         let Some(cached) = cached else {
             return false;
         };
         let chunks = cached.chunks(range);
-        let ok = {
+        let whole = {
             let v = lock(&cached.verified);
             chunks.clone().all(|c| v.contains(&c))
         };
-        if ok && !chunks.is_empty() {
+        if whole && !chunks.is_empty() {
             *lock(&cached.last_read) = Instant::now();
             self.advance_read_ahead(cached, chunks.end - 1);
+            return true;
         }
-        ok
+        let leaves = range
+            .and_then(|(o, n)| cached.blob.leaf_span(o, n))
+            .is_some_and(|span| cached.has_leaves(span));
+        if leaves {
+            *lock(&cached.last_read) = Instant::now();
+        }
+        leaves
     }
 }
