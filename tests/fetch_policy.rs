@@ -6,7 +6,8 @@
 //!   that window on and fetch the rest of the blob);
 //! - a random 4 KiB reader fetches its leaves (format 3) and nothing ahead of them; a second
 //!   miss in the same chunk fetches the chunk; after a daemon restart the leaves written
-//!   before are read back from the cache file and verified, not fetched again.
+//!   before are read back from the cache file and verified, not fetched again; each range
+//!   is one request (the credential is kept: no auth probe before it).
 
 mod common;
 
@@ -93,6 +94,7 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     // its chunk's 2 KiB of values fetched alongside), not its 1 MiB chunk
     let chunks = [40usize, 22, 31, 46, 28, 37, 25, 43, 34];
     let leaf_reads = d.status().await.engine.leaf_reads;
+    let requests = mock.counters().requests;
     // bytes of the data blob fetched from here on past chunk 20 (a late read-ahead of pass 1,
     // at the file's head, is not theirs)
     let since = mock.counters().blob_hits.len();
@@ -117,6 +119,12 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     assert!(random >= (chunks.len() * 4096) as u64);
     eprintln!("{} random 4 KiB reads fetched {random} bytes", chunks.len());
     assert_eq!(d.status().await.engine.leaf_reads - leaf_reads, chunks.len() as u64);
+    // one request each: the credential is kept, no `GET /v2/` probe goes before a range
+    assert_eq!(
+        mock.counters().requests - requests,
+        chunks.len() as u64,
+        "requests per leaf read"
+    );
     // the same pages again, page cache dropped: from the cache file, nothing fetched, each
     // event answered as it was read (the leaves written are as good as a verified chunk)
     drop_page_cache();

@@ -51,6 +51,63 @@ async fn anonymous_token_flow_and_reauth_after_expiry() {
     assert!(c.unauthorized >= 1, "the expired token was refused once");
 }
 
+/// Blob GETs keep the outcome of the auth step: once the first range is fetched, each
+/// further range is one request, with no `GET /v2/` probe and no token request before it,
+/// from a registry without auth, one with tokens and one with basic auth. (A registry that
+/// asks for no token used to be probed before every range.)
+#[tokio::test]
+async fn each_range_after_the_first_is_one_request() {
+    let modes = [
+        (AuthMode::Anonymous, None),
+        (
+            AuthMode::Token {
+                credentials: None,
+                ttl: Duration::from_secs(300),
+            },
+            None,
+        ),
+        (
+            AuthMode::Basic {
+                user: "bob".into(),
+                password: "builder".into(),
+            },
+            Some(("bob", "builder")),
+        ),
+    ];
+    for (auth, creds) in modes {
+        let name = format!("{auth:?}");
+        let mock = MockRegistry::start(MockConfig {
+            auth,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let data = bytes(4, 64_000);
+        let d = mock.store().put_blob(data.clone());
+        let src = blob_at(&mock.host(), &d, data.len());
+        let reg = match creds {
+            Some((u, p)) => client(&with_creds(&mock.host(), u, p)),
+            None => client(&insecure_config(&[&mock.host()])),
+        };
+        assert_eq!(reg.fetch_range(&src, 0, 1000).await.unwrap(), data[..1000]);
+        let before = mock.counters();
+        for k in 1..9 {
+            let at = k * 7000;
+            assert_eq!(
+                reg.fetch_range(&src, at as u64, 4096).await.unwrap(),
+                data[at..at + 4096]
+            );
+        }
+        let after = mock.counters();
+        assert_eq!(after.requests - before.requests, 8, "{name}: requests for 8 ranges");
+        assert_eq!(
+            after.token_requests, before.token_requests,
+            "{name}: tokens fetched again"
+        );
+        assert_eq!(after.unauthorized, before.unauthorized, "{name}: ranges refused");
+    }
+}
+
 #[tokio::test]
 async fn token_flow_with_credentials() {
     let mock = MockRegistry::start(MockConfig {

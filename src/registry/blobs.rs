@@ -6,9 +6,10 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use oci_client::client::BlobResponse;
+use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
 
+use super::error::redact_urls;
 use super::{range, BlobSource, Registry, RegistryError};
 use crate::image::digest::Digest;
 use crate::lock::lock;
@@ -80,8 +81,8 @@ impl Registry {
             });
         }
         let bytes = end.saturating_sub(lock(sink).resume_at());
-        self.with_endpoints(&src.repo, "range", bytes, |ep, _, client| async move {
-            let r = self.stream_range(&client, &ep, src, end, sink).await;
+        self.with_endpoints(&src.repo, "range", bytes, |ep, auth, client| async move {
+            let r = self.stream_range(&client, &ep, &auth, src, end, sink).await;
             if r.is_err() {
                 lock(sink).abort_attempt();
             }
@@ -91,11 +92,14 @@ impl Registry {
     }
 
     /// One range GET of `[sink.resume_at(), end)` on one endpoint, handing the body to `sink`
-    /// as it arrives; an error if the body ends early or the sink refuses a piece.
+    /// as it arrives; an error if the body ends early or the sink refuses a piece. The
+    /// request carries the repository's kept credential (see `kept`), so no auth round
+    /// trip precedes it.
     async fn stream_range<S: range::RangeSink>(
         &self,
         client: &oci_client::Client,
         ep: &Reference,
+        auth: &RegistryAuth,
         src: &BlobSource,
         end: u64,
         sink: &Mutex<S>,
@@ -105,17 +109,35 @@ impl Registry {
             return Ok(());
         }
         let len = end - offset;
-        let layer = oci_client::manifest::OciDescriptor {
-            digest: src.digest.to_string(),
-            size: src.size as i64,
-            ..Default::default()
+        let credential = self.kept.pull(client, ep, auth).await?;
+        let url = format!("{}/blobs/{}", self.repository_url(ep), src.digest);
+        let req = self
+            .http(ep)
+            .get(&url)
+            .header(reqwest::header::RANGE, format!("bytes={offset}-{}", end - 1));
+        let res = credential.apply(req).send().await?;
+        let mut to_skip = match res.status() {
+            reqwest::StatusCode::PARTIAL_CONTENT => 0,
+            // the server ignored Range and sent the whole blob: skip to the offset
+            reqwest::StatusCode::OK => offset,
+            reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN => {
+                self.kept.forget(ep);
+                return Err(RegistryError::Unauthorized(redact_urls(&url)));
+            }
+            reqwest::StatusCode::NOT_FOUND => {
+                return Err(RegistryError::NotFound {
+                    what: "blob",
+                    url: redact_urls(&url),
+                })
+            }
+            status => {
+                return Err(RegistryError::Status {
+                    status: status.as_u16(),
+                    url: redact_urls(&url),
+                })
+            }
         };
-        let (stream, mut to_skip) = match client.pull_blob_stream_partial(ep, &layer, offset, Some(len)).await? {
-            BlobResponse::Partial(s) => (s, 0),
-            // The server ignored Range and sent the whole blob: skip to the offset.
-            BlobResponse::Full(s) => (s, offset),
-        };
-        let mut body = stream.stream;
+        let mut body = res.bytes_stream();
         let mut at = offset;
         let host_stats = self.stats.host(ep.registry(), "range");
         while at < end {

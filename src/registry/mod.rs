@@ -12,6 +12,7 @@ pub mod captured;
 mod clients;
 pub mod credentials;
 pub mod error;
+mod kept;
 mod manifest;
 pub mod platform;
 pub mod push;
@@ -60,6 +61,8 @@ pub struct Registry {
     /// `oci-client` keeps one credential per host, which must not serve another repository.
     /// Keyed by host, repository and purpose, with a fingerprint of the credential they hold.
     scoped: Mutex<HashMap<ScopedKey, (String, oci_client::Client)>>,
+    /// The credential blob GETs carry, per repository.
+    kept: kept::KeptCredentials,
     cfg: RegistryConfig,
     policy: RetryPolicy,
     platform: Platform,
@@ -94,6 +97,7 @@ impl Registry {
             insecure,
             creds,
             scoped: Mutex::new(HashMap::new()),
+            kept: kept::KeptCredentials::default(),
             policy: RetryPolicy {
                 max_attempts: cfg.max_attempts,
                 initial: cfg.backoff_initial,
@@ -135,11 +139,7 @@ impl Registry {
         if scope == Scope::Host {
             return host.oci(purpose);
         }
-        let fingerprint = match auth {
-            RegistryAuth::Basic(u, p) => Digest::of(format!("basic\0{u}\0{p}").as_bytes()).to_string(),
-            RegistryAuth::Bearer(t) => Digest::of(format!("bearer\0{t}").as_bytes()).to_string(),
-            RegistryAuth::Anonymous => String::new(),
-        };
+        let fingerprint = kept::fingerprint(auth);
         let key = (
             reference.registry().to_string(),
             reference.repository().to_string(),
