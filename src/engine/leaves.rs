@@ -113,7 +113,9 @@ impl Engine {
         let data = self
             .registry
             .fetch_range(&blob.source, span.start, span.stop - span.start);
-        let (slot, data) = tokio::join!(slot, data);
+        // the request first: a kept slot is read and checked without a wait, which would
+        // otherwise hold the request back
+        let (data, slot) = tokio::join!(data, slot);
         let failed = |e: EngineError| {
             // a mismatch is the registry's bytes, not its availability: the chunk fetch may
             // still succeed (and is checked against the chunk digest)
