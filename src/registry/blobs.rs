@@ -10,6 +10,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
 
 use super::error::redact_urls;
+use super::manifest::refusal;
 use super::{range, BlobSource, Registry, RegistryError};
 use crate::image::digest::Digest;
 use crate::lock::lock;
@@ -116,23 +117,19 @@ impl Registry {
             .get(&url)
             .header(reqwest::header::RANGE, format!("bytes={offset}-{}", end - 1));
         let res = credential.apply(req).send().await?;
+        if let Some(e) = refusal(res.status(), &url, "blob") {
+            if matches!(e, RegistryError::Unauthorized(_)) {
+                self.kept.forget(ep);
+            }
+            return Err(e);
+        }
         let mut to_skip = match res.status() {
             reqwest::StatusCode::PARTIAL_CONTENT => 0,
             // the server ignored Range and sent the whole blob: skip to the offset
             reqwest::StatusCode::OK => offset,
-            reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN => {
-                self.kept.forget(ep);
-                return Err(RegistryError::Unauthorized(redact_urls(&url)));
-            }
-            reqwest::StatusCode::NOT_FOUND => {
-                return Err(RegistryError::NotFound {
-                    what: "blob",
-                    url: redact_urls(&url),
-                })
-            }
-            status => {
+            s => {
                 return Err(RegistryError::Status {
-                    status: status.as_u16(),
+                    status: s.as_u16(),
                     url: redact_urls(&url),
                 })
             }

@@ -2,7 +2,8 @@
 //! can look at its size; here the body is streamed and refused as soon as it passes
 //! `registry.limits.max_manifest_bytes` (or announces more in `Content-Length`), so a hostile
 //! registry cannot make the daemon buffer an unbounded body. `oci-client` still does the
-//! authentication (its token flow); the request itself is this module's.
+//! authentication (its token flow); the request itself is this module's. The credential a
+//! request carries and the errors for refused requests serve blob GETs too (`blobs`, `kept`).
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -66,21 +67,8 @@ pub(super) async fn get(
     let what = || format!("manifest at {}", redact_urls(url));
     let req = credential.apply(http.get(url).header(reqwest::header::ACCEPT, accept));
     let res = req.send().await?;
-    let status = res.status();
-    if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
-        return Err(RegistryError::Unauthorized(redact_urls(url)));
-    }
-    if status == reqwest::StatusCode::NOT_FOUND {
-        return Err(RegistryError::NotFound {
-            what: "manifest",
-            url: redact_urls(url),
-        });
-    }
-    if !status.is_success() {
-        return Err(RegistryError::Status {
-            status: status.as_u16(),
-            url: redact_urls(url),
-        });
+    if let Some(e) = refusal(res.status(), url, "manifest") {
+        return Err(e);
     }
     if let Some(n) = res.content_length() {
         limits.check(Limit::Manifest, &what(), n)?;
@@ -98,4 +86,19 @@ pub(super) async fn get(
         body.extend_from_slice(&piece);
     }
     Ok((body.freeze(), digest))
+}
+
+/// The error for a request to `url` for a `what` that the registry refused with `status`
+/// (`None`: a success).
+pub(super) fn refusal(status: reqwest::StatusCode, url: &str, what: &'static str) -> Option<RegistryError> {
+    let url = redact_urls(url);
+    match status {
+        s if s.is_success() => None,
+        reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN => Some(RegistryError::Unauthorized(url)),
+        reqwest::StatusCode::NOT_FOUND => Some(RegistryError::NotFound { what, url }),
+        s => Some(RegistryError::Status {
+            status: s.as_u16(),
+            url,
+        }),
+    }
 }
