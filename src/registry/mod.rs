@@ -1,7 +1,9 @@
 //! The OCI registry client: manifests (with platform choice), whole blobs verified by digest,
-//! exact byte ranges, pushes. Built on `oci-client`; adds credentials from docker configs and
-//! helpers, re-authentication on 401, retries with backoff and jitter, mirrors, per-host
-//! concurrency limits and plain HTTP only for hosts configured as insecure.
+//! exact byte ranges, pushes. Built on `oci-client` (its token flow, pushes; manifest and
+//! blob GETs are sent here with the credential its auth step gave, kept per repository:
+//! `kept`); adds credentials from docker configs and helpers, re-authentication on 401,
+//! retries with backoff and jitter, mirrors, per-host concurrency limits and plain HTTP only
+//! for hosts configured as insecure.
 //!
 //! The registry knows nothing of caches or kernels: it hands bytes to the blob engine.
 
