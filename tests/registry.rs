@@ -108,6 +108,34 @@ async fn each_range_after_the_first_is_one_request() {
     }
 }
 
+/// The first range GETs of a fresh client, side by side, wait for one auth step: one token
+/// for all of them, not one each from the token server.
+#[tokio::test]
+async fn concurrent_first_ranges_fetch_one_token() {
+    let mock = MockRegistry::start(MockConfig {
+        auth: AuthMode::Token {
+            credentials: None,
+            ttl: Duration::from_secs(300),
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let data = bytes(5, 64_000);
+    let d = mock.store().put_blob(data.clone());
+    let src = blob_at(&mock.host(), &d, data.len());
+    let reg = client(&insecure_config(&[&mock.host()]));
+    let reads = (0..8usize).map(|k| reg.fetch_range(&src, (k * 7000) as u64, 4096));
+    for (k, got) in futures::future::join_all(reads).await.into_iter().enumerate() {
+        assert_eq!(got.unwrap(), data[k * 7000..k * 7000 + 4096]);
+    }
+    assert_eq!(
+        mock.counters().token_requests,
+        1,
+        "tokens fetched for 8 concurrent first ranges"
+    );
+}
+
 #[tokio::test]
 async fn token_flow_with_credentials() {
     let mock = MockRegistry::start(MockConfig {

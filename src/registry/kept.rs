@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
@@ -19,10 +19,18 @@ use super::RegistryError;
 use crate::image::digest::Digest;
 use crate::lock::lock;
 
+/// Host and repository.
+type Key = (String, String);
+
 /// Kept credentials, by host and repository, each with the fingerprint of the
 /// [`RegistryAuth`] it was obtained with.
 #[derive(Default)]
-pub(super) struct KeptCredentials(Mutex<HashMap<(String, String), (String, Credential)>>);
+pub(super) struct KeptCredentials {
+    kept: Mutex<HashMap<Key, (String, Credential)>>,
+    /// One auth step at a time per repository: the first range GETs of a mount, side by side,
+    /// wait for one token instead of each asking the token server for its own.
+    obtaining: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+}
 
 impl KeptCredentials {
     /// The kept credential for pulls from `repo` with `auth`, or a new one from `client`'s
@@ -35,19 +43,31 @@ impl KeptCredentials {
     ) -> Result<Credential, RegistryError> {
         let key = (repo.registry().to_string(), repo.repository().to_string());
         let print = fingerprint(auth);
-        if let Some((p, c)) = lock(&self.0).get(&key) {
-            if *p == print {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.kept(&key, &print) {
+            return Ok(c);
+        }
+        let one = Arc::clone(lock(&self.obtaining).entry(key.clone()).or_default());
+        let _one = one.lock().await;
+        // obtained by the step this one waited for
+        if let Some(c) = self.kept(&key, &print) {
+            return Ok(c);
         }
         let c = Credential::obtain(client, repo, auth, RegistryOperation::Pull).await?;
-        lock(&self.0).insert(key, (print, c.clone()));
+        lock(&self.kept).insert(key, (print, c.clone()));
         Ok(c)
+    }
+
+    /// What is kept for `key`, if it was obtained with the credential of fingerprint `print`.
+    fn kept(&self, key: &Key, print: &str) -> Option<Credential> {
+        lock(&self.kept)
+            .get(key)
+            .filter(|(p, _)| p == print)
+            .map(|(_, c)| c.clone())
     }
 
     /// Drop what is kept for `repo` (the registry refused it).
     pub(super) fn forget(&self, repo: &Reference) {
-        lock(&self.0).remove(&(repo.registry().to_string(), repo.repository().to_string()));
+        lock(&self.kept).remove(&(repo.registry().to_string(), repo.repository().to_string()));
     }
 }
 
