@@ -13,15 +13,7 @@ use std::path::Path;
 use bytes::Bytes;
 use common::*;
 use lazyblob::config::{Config, HostConfig};
-use lazyblob::registry::{parse_reference, sha256_digest, BlobSource, Registry};
-
-fn blob_at(host: &str, digest: &str, size: usize) -> BlobSource {
-    BlobSource {
-        repo: parse_reference(&format!("{host}/lib/app:1")).unwrap(),
-        digest: digest.parse().unwrap(),
-        size: size as u64,
-    }
-}
+use lazyblob::registry::{parse_reference, sha256_digest, Registry};
 
 /// A registry client configured by a lazyblob.toml that points at `hosts_dir`.
 fn configured(work: &Path, hosts_dir: Option<&Path>) -> Registry {

@@ -226,6 +226,23 @@ pub fn assert_checks(console: &str, names: &[&str]) {
     }
 }
 
+/// [`insecure_config`] for `host` with basic credentials.
+pub fn with_creds(host: &str, user: &str, pass: &str) -> lazyblob::config::RegistryConfig {
+    let mut cfg = insecure_config(&[host]);
+    cfg.hosts[0].username = Some(user.into());
+    cfg.hosts[0].password = Some(pass.into());
+    cfg
+}
+
+/// Blob `digest` of `size` bytes in repository `lib/app` of `host`.
+pub fn blob_at(host: &str, digest: &str, size: usize) -> lazyblob::registry::BlobSource {
+    lazyblob::registry::BlobSource {
+        repo: lazyblob::registry::parse_reference(&format!("{host}/lib/app:1")).unwrap(),
+        digest: digest.parse().unwrap(),
+        size: size as u64,
+    }
+}
+
 /// A registry config trusting `hosts` over plain HTTP (loopback test registries).
 pub fn insecure_config(hosts: &[&str]) -> lazyblob::config::RegistryConfig {
     lazyblob::config::RegistryConfig {
