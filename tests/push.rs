@@ -191,15 +191,7 @@ async fn a_stream_the_registry_never_answers_is_pushed_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_commit_renews_a_token_that_expired_meanwhile() {
     use futures::SinkExt;
-    let mock = MockRegistry::start(MockConfig {
-        auth: registry_mock::AuthMode::Token {
-            credentials: None,
-            ttl: Duration::from_secs(300),
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mock = token_registry(None).await;
     let reg = client(&insecure_config(&[&mock.host()]));
     let repo = parse_reference(&format!("{}/tok/app:1", mock.host())).unwrap();
     let data = bytes(90, 3 << 20);

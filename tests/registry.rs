@@ -13,15 +13,7 @@ use registry_mock::{AuthMode, Fault, FaultRule, MockConfig, MockRegistry, Store}
 
 #[tokio::test]
 async fn anonymous_token_flow_and_reauth_after_expiry() {
-    let mock = MockRegistry::start(MockConfig {
-        auth: AuthMode::Token {
-            credentials: None,
-            ttl: Duration::from_secs(300),
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mock = token_registry(None).await;
     let data = bytes(1, 50_000);
     let d = mock.store().put_blob(data.clone());
     let reg = client(&insecure_config(&[&mock.host()]));
@@ -38,15 +30,7 @@ async fn anonymous_token_flow_and_reauth_after_expiry() {
 
 #[tokio::test]
 async fn token_flow_with_credentials() {
-    let mock = MockRegistry::start(MockConfig {
-        auth: AuthMode::Token {
-            credentials: Some(("alice".into(), "wonder".into())),
-            ttl: Duration::from_secs(300),
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mock = token_registry(Some(("alice", "wonder"))).await;
     let data = bytes(2, 9000);
     let d = mock.store().put_blob(data.clone());
     let src = blob_at(&mock.host(), &d, data.len());

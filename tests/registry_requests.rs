@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use registry_mock::{AuthMode, MockConfig, MockRegistry};
 
@@ -18,13 +16,7 @@ use registry_mock::{AuthMode, MockConfig, MockRegistry};
 async fn each_range_after_the_first_is_one_request() {
     let modes = [
         (AuthMode::Anonymous, None),
-        (
-            AuthMode::Token {
-                credentials: None,
-                ttl: Duration::from_secs(300),
-            },
-            None,
-        ),
+        (token_auth(None), None),
         (
             AuthMode::Basic {
                 user: "bob".into(),
@@ -71,15 +63,7 @@ async fn each_range_after_the_first_is_one_request() {
 /// for all of them, not one each from the token server.
 #[tokio::test]
 async fn concurrent_first_ranges_fetch_one_token() {
-    let mock = MockRegistry::start(MockConfig {
-        auth: AuthMode::Token {
-            credentials: None,
-            ttl: Duration::from_secs(300),
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mock = token_registry(None).await;
     let data = bytes(5, 64_000);
     let d = mock.store().put_blob(data.clone());
     let src = blob_at(&mock.host(), &d, data.len());

@@ -226,6 +226,25 @@ pub fn assert_checks(console: &str, names: &[&str]) {
     }
 }
 
+/// registry-mock's auth asking for bearer tokens that live 5 minutes, from its token endpoint
+/// with `credentials` (anonymous tokens without).
+pub fn token_auth(credentials: Option<(&str, &str)>) -> registry_mock::AuthMode {
+    registry_mock::AuthMode::Token {
+        credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
+        ttl: Duration::from_secs(300),
+    }
+}
+
+/// registry-mock with [`token_auth`].
+pub async fn token_registry(credentials: Option<(&str, &str)>) -> registry_mock::MockRegistry {
+    registry_mock::MockRegistry::start(registry_mock::MockConfig {
+        auth: token_auth(credentials),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// [`insecure_config`] for `host` with basic credentials.
 pub fn with_creds(host: &str, user: &str, pass: &str) -> lazyblob::config::RegistryConfig {
     let mut cfg = insecure_config(&[host]);
