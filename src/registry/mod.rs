@@ -314,7 +314,8 @@ impl Registry {
     }
 
     /// Run `op`, which moves about `bytes` of data, against each endpoint (mirrors first) with
-    /// retries, re-authenticating once on 401, within one deadline for the whole operation.
+    /// retries, within one deadline for the whole operation. On 401 the credential is looked
+    /// up again and `op` runs once more (it runs the auth step itself).
     async fn with_endpoints<T, F, Fut>(
         &self,
         reference: &Reference,
@@ -366,13 +367,12 @@ impl Registry {
                                     self.creds.forget(ep.registry());
                                     let (auth, scope) = self.auth_for(&ep).await?;
                                     let client = self.client(&ep, &auth, scope, clients::Purpose::Pull)?;
-                                    client.auth(&ep, &auth, RegistryOperation::Pull).await.map_err(|e| {
-                                        match RegistryError::from(e) {
-                                            RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),
-                                            other => other,
-                                        }
-                                    })?;
-                                    op(ep, auth, client).await
+                                    // `op` runs the auth step itself (a manifest GET each time, a
+                                    // blob GET once its kept credential was refused)
+                                    op(ep, auth, client).await.map_err(|e| match e {
+                                        RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),
+                                        other => other,
+                                    })
                                 }
                                 other => other,
                             }
