@@ -291,3 +291,49 @@ async fn concurrent_misses_in_a_chunk_read_leaves_once() {
     mock.clear_faults();
     d.umount(&mnt);
 }
+
+/// Re-reads of cached data in a blob not complete yet raise an event per kernel read, each
+/// answered at once; back to back, the busy poll reads them without waiting for a wake-up
+/// (`busy_poll_reads`), and with `busy_poll_us = 0` it never does. Each re-read has the right
+/// bytes and fetches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_poll_reads_back_to_back_rereads() {
+    require_root();
+    let data = bytes(11, 4 * MIB);
+    let files = BTreeMap::from([
+        ("a.bin".to_string(), data.clone()),
+        ("b.bin".to_string(), bytes(12, 4 * MIB)),
+    ]);
+    let (mock, _) = serve(&files, "policy/poll:v1").await;
+    for (engine, polled) in [("", true), ("busy_poll_us = 0", false)] {
+        let (_work, d, mnt) = mounted(&mock, "policy/poll:v1", engine);
+        let f = std::fs::File::open(mnt.join("a.bin")).unwrap();
+        // a.bin cached, b.bin not: the blob stays marked
+        assert!(read_at(&mnt.join("a.bin"), 0, 4 * MIB) == data);
+        let fetched = mock.counters().total_blob_bytes();
+        let counter = |s: &lazyblob::api::Status, k: &str| s.frontend_counters[k].as_u64().unwrap();
+        let before = d.status().await;
+        let mut buf = vec![0u8; 4096];
+        for i in 0..400usize {
+            // the file's pages dropped, so the read goes to the cache file and raises an event
+            nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+            let off = (i * 40_961) % (4 * MIB - 4096);
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, off as u64).unwrap();
+            assert!(buf[..] == data[off..off + 4096], "wrong bytes at {off}");
+        }
+        let after = d.status().await;
+        let delta = |k: &str| counter(&after, k) - counter(&before, k);
+        let (events, polled_reads) = (delta("events"), delta("busy_poll_reads"));
+        eprintln!("[{engine}] {events} events, {polled_reads} read by the busy poll");
+        assert!(events >= 400, "{events} events for 400 re-reads");
+        assert_eq!(delta("answered_at_once"), events);
+        assert_eq!(mock.counters().total_blob_bytes(), fetched, "re-reads fetched");
+        if polled {
+            assert!(polled_reads > 0, "the busy poll read none of {events} events");
+        } else {
+            assert_eq!(polled_reads, 0, "busy poll off, yet it read events");
+        }
+        drop(f);
+        d.umount(&mnt);
+    }
+}

@@ -244,6 +244,12 @@ pub struct EngineConfig {
     /// whole: with n readers waiting, n answers cost n² wake-ups. K groups divide that by K.
     /// Each group counts against `fs.fanotify.max_user_groups` (128 by default).
     pub fanotify_groups: usize,
+    /// After an event answered from the cache (fanotify frontend), look for the next events
+    /// without sleeping for this long (`busy_poll_us`, 0: never). Re-reads of cached data in
+    /// a blob not complete yet raise an event per kernel read; waking for each costs more
+    /// than answering it. Costs up to one core while such reads go on.
+    #[serde(rename = "busy_poll_us", deserialize_with = "units::micros_or_off")]
+    pub busy_poll: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -262,6 +268,7 @@ impl Default for EngineConfig {
             fill_after_idle: Some(Duration::from_secs(1)),
             pin_metadata: true,
             fanotify_groups: 32,
+            busy_poll: Some(Duration::from_micros(50)),
         }
     }
 }

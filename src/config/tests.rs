@@ -13,13 +13,15 @@ fn empty_config_is_valid_defaults() {
 fn values_are_typed_as_read() {
     let c: Config = toml::from_str(
         "[engine]\nfill_after_idle_ms = 0\nread_ahead_max = 0\nfailed_fetch_hold_ms = 250\ninflight_capacity = 3\n\
-         [daemon]\ncache_limit_bytes = 0\n[registry]\ndeadline_ms = 1500\nmin_rate_kib_s = 0\nplatform = 'linux/arm64/v8'",
+         busy_poll_us = 0\n[daemon]\ncache_limit_bytes = 0\n[registry]\ndeadline_ms = 1500\nmin_rate_kib_s = 0\nplatform = 'linux/arm64/v8'",
     )
     .unwrap();
     assert_eq!(c.engine.fill_after_idle, None);
     assert_eq!(c.engine.read_ahead_max, None);
     assert_eq!(c.engine.failed_fetch_hold, Some(Duration::from_millis(250)));
     assert_eq!(c.engine.completed_chunks_kept, 3, "the old key still reads");
+    assert_eq!(c.engine.busy_poll, None);
+    assert_eq!(EngineConfig::default().busy_poll, Some(Duration::from_micros(50)));
     assert_eq!(c.daemon.cache_limit_bytes, None);
     assert_eq!(c.registry.deadline, Duration::from_millis(1500));
     assert_eq!(c.registry.min_rate_kib_s, None);

@@ -17,6 +17,11 @@ pub fn millis_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
     u64::deserialize(d).map(|ms| (ms > 0).then(|| Duration::from_millis(ms)))
 }
 
+/// Microseconds, 0 meaning off.
+pub fn micros_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    u64::deserialize(d).map(|us| (us > 0).then(|| Duration::from_micros(us)))
+}
+
 /// A count or size, 0 meaning off (or unlimited).
 pub fn nonzero_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NonZeroU64>, D::Error> {
     u64::deserialize(d).map(NonZeroU64::new)

@@ -265,6 +265,7 @@ async fn bring_up(
                 pin_metadata: config.engine.pin_metadata,
                 groups: config.engine.fanotify_groups,
                 recorder: Arc::clone(recorder),
+                busy_poll: config.engine.busy_poll,
             };
             let f = FanotifyFrontend::new(
                 &config.daemon.cache_dir,

@@ -82,6 +82,14 @@ impl Admission {
         self.slots.available_permits().max(1)
     }
 
+    /// The free slots now, without waiting: 0 while a request read earlier waits for one.
+    pub fn room_now(&self) -> usize {
+        match self.queue.waiting.load(SeqCst) {
+            0 => self.slots.available_permits(),
+            _ => 0,
+        }
+    }
+
     /// Take a slot for one request read from the kernel, now (before the event loop asks
     /// for [`room`](Self::room) again). A batch may hold more requests than there were free
     /// slots: those get a [`Ticket::Queued`] and wait for theirs in [`Ticket::enter`].

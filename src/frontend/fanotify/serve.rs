@@ -3,7 +3,8 @@
 //! written through the event's fd, and the read is allowed. A failed fetch denies the read
 //! with `EIO`: a reader never gets a hole's zeros. This file dispatches events; the jobs
 //! behind them have their own modules: `blob` (cache files, pinning, completion), `demand`
-//! (the on-demand fill), `prefetch` (the fetches of the read-ahead state machine,
+//! (the on-demand fill), `busy_poll` (polling without sleeping while cached re-reads go
+//! on), `prefetch` (the fetches of the read-ahead state machine,
 //! `frontend::readahead`), `background` (the fill of idle blobs), `store` (writing into
 //! cache files).
 
@@ -36,6 +37,7 @@ use blob::CachedBlob;
 
 mod background;
 mod blob;
+mod busy_poll;
 mod demand;
 mod leaves;
 mod orphans;
@@ -58,6 +60,8 @@ pub struct FanotifyStats {
     /// Reads answered as their event was read: all they asked for was verified in the cache
     /// (whole chunks, or leaves written in this run).
     pub answered_at_once: AtomicU64,
+    /// Reads of a group by the busy poll that found events (not waiting for a wake-up).
+    pub busy_poll_reads: AtomicU64,
     /// Chunks written for readers.
     pub chunks_filled: AtomicU64,
     /// Chunks written by read-ahead.
@@ -111,6 +115,8 @@ pub struct FanotifyFrontend {
     keeper: Mutex<Option<std::os::unix::net::UnixStream>>,
     /// Told of every range a reader asks for, while an image's startup is recorded.
     recorder: Arc<crate::prefetch::Recorder>,
+    /// How long the groups are polled without sleeping after an event answered at once.
+    busy_poll: busy_poll::BusyPoll,
     /// Counters for `status`.
     pub stats: FanotifyStats,
 }
@@ -129,6 +135,9 @@ pub struct Settings {
     pub groups: usize,
     /// Where readers' ranges are reported while an image's startup is recorded.
     pub recorder: Arc<crate::prefetch::Recorder>,
+    /// After an event answered at once, poll the groups without sleeping this long (None:
+    /// never).
+    pub busy_poll: Option<Duration>,
 }
 
 impl FanotifyFrontend {
@@ -163,6 +172,7 @@ impl FanotifyFrontend {
             pin_metadata,
             groups: _,
             recorder,
+            busy_poll,
         } = settings;
         Ok(Arc::new(FanotifyFrontend {
             groups: groups.into_iter().map(sys::into_async).collect::<io::Result<_>>()?,
@@ -180,6 +190,7 @@ impl FanotifyFrontend {
             adopted_writers: Mutex::new(adopted_writers),
             keeper: Mutex::new(None),
             recorder,
+            busy_poll: busy_poll::BusyPoll::new(busy_poll),
             stats: FanotifyStats::default(),
         }))
     }
@@ -210,26 +221,30 @@ impl FanotifyFrontend {
 
     /// Serve events of every group until `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
+        // a task of its own: it runs beside the event loops, on whichever worker is free
+        let poll = tokio::spawn(Arc::clone(&self).run_busy_poll(shutdown.clone()));
         let loops = (0..self.groups.len()).map(|g| self.serve_group(g, shutdown.clone()));
-        futures::future::try_join_all(loops).await.map(drop)
+        let served = futures::future::try_join_all(loops).await;
+        poll.abort();
+        served.map(drop)
     }
 
     async fn serve_group(self: &Arc<Self>, g: usize, shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()> {
-        // 341 events a read, per group; fewer when fewer slots are free (a pre-access event
-        // with its range is 48 bytes; never less than 512, so one event always fits)
+        // 341 events a read, per group; fewer when fewer slots are free
         let mut buf = vec![0u8; 16 * 1024];
         let admission = self.admission.clone();
-        let read = |fan: &Fanotify, b: &mut [u8], room: usize| {
-            let len = room.saturating_mul(48).clamp(512, b.len());
-            sys::read_events(fan, &mut b[..len])
-        };
+        let read = |fan: &Fanotify, b: &mut [u8], room: usize| read_events(fan, b, room);
         crate::frontend::drain_loop(&self.groups[g], &mut buf, &admission, shutdown, read, |raw| {
-            self.dispatch(g, raw)
+            if let Batch::Answered = self.dispatch(g, raw) {
+                self.busy_poll.start();
+            }
         })
         .await
     }
 
-    fn dispatch(self: &Arc<Self>, g: usize, raw: &[u8]) {
+    /// Answer at once what the cache holds, hand the rest of a batch of raw events to tasks.
+    fn dispatch(self: &Arc<Self>, g: usize, raw: &[u8]) -> Batch {
+        let mut batch = Batch::Answered;
         let (events, err) = event::parse(raw);
         if let Some(e) = err {
             self.stats.bad_events.fetch_add(1, Relaxed);
@@ -268,6 +283,7 @@ impl FanotifyFrontend {
                 drop(journaled);
                 continue;
             }
+            batch = Batch::Pending;
             let me = Arc::clone(self);
             let span = tracing::info_span!("pre_access", pid = ev.pid, range = ?ev.range);
             let ticket = self.admission.admit();
@@ -280,6 +296,7 @@ impl FanotifyFrontend {
                 .instrument(span),
             );
         }
+        batch
     }
 
     async fn handle(self: &Arc<Self>, g: usize, ev: event::Event, file: Arc<File>, cached: Option<Arc<CachedBlob>>) {
@@ -309,6 +326,22 @@ impl FanotifyFrontend {
         }
         // `file` (the event fd) is closed here, after the response.
     }
+}
+
+/// What became of a batch of events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// Every event was answered as it was read.
+    Answered,
+    /// Some wait for a fetch (or a check of the disk) in tasks of their own.
+    Pending,
+}
+
+/// Read events into `buf`: as many as `room` slots take (a pre-access event with its range
+/// is 48 bytes), never less than 512 bytes, so one event always fits.
+fn read_events(fan: &Fanotify, buf: &mut [u8], room: usize) -> io::Result<usize> {
+    let len = room.saturating_mul(48).clamp(512, buf.len());
+    sys::read_events(fan, &mut buf[..len])
 }
 
 /// Create `n` pre-content groups; fewer (with a warning) once the kernel refuses more, none

@@ -4,6 +4,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 
 use super::event::FAN_PRE_ACCESS;
@@ -51,6 +52,34 @@ pub fn unmark(fan: &Fanotify, path: &Path) -> io::Result<()> {
         Some(path),
     )
     .map_err(io::Error::from)
+}
+
+/// An epoll set over the groups (level-triggered, beside the tokio reactor's), asked without
+/// waiting which of them have events: the busy poll's one syscall per look.
+pub struct ReadySet(Epoll);
+
+impl ReadySet {
+    /// Group number `i` is reported as `i`.
+    pub fn new<'a>(groups: impl Iterator<Item = BorrowedFd<'a>>) -> io::Result<ReadySet> {
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        for (i, fd) in groups.enumerate() {
+            ep.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+        }
+        Ok(ReadySet(ep))
+    }
+
+    /// The groups with events now, into `ready` (cleared first); never waits.
+    pub fn ready(&self, events: &mut [EpollEvent], ready: &mut Vec<usize>) -> io::Result<()> {
+        ready.clear();
+        let n = self.0.wait(events, EpollTimeout::ZERO)?;
+        ready.extend(events[..n].iter().map(|e| e.data() as usize));
+        Ok(())
+    }
+}
+
+/// Room for the groups' readiness in one look at a [`ReadySet`].
+pub fn ready_events(groups: usize) -> Vec<EpollEvent> {
+    vec![EpollEvent::empty(); groups.max(1)]
 }
 
 /// Register the group with the tokio reactor.
