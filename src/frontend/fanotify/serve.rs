@@ -244,7 +244,7 @@ impl FanotifyFrontend {
 
     /// Answer at once what the cache holds, hand the rest of a batch of raw events to tasks.
     fn dispatch(self: &Arc<Self>, g: usize, raw: &[u8]) -> Batch {
-        let mut batch = Batch::Answered;
+        let mut batch = Batch::Empty;
         let (events, err) = event::parse(raw);
         if let Some(e) = err {
             self.stats.bad_events.fetch_add(1, Relaxed);
@@ -281,6 +281,9 @@ impl FanotifyFrontend {
                 self.stats.answered_at_once.fetch_add(1, Relaxed);
                 self.stats.read_times.warm(t0.elapsed());
                 drop(journaled);
+                if batch == Batch::Empty {
+                    batch = Batch::Answered;
+                }
                 continue;
             }
             batch = Batch::Pending;
@@ -331,6 +334,8 @@ impl FanotifyFrontend {
 /// What became of a batch of events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Batch {
+    /// No event was answered (none parsed, or none with an fd).
+    Empty,
     /// Every event was answered as it was read.
     Answered,
     /// Some wait for a fetch (or a check of the disk) in tasks of their own.

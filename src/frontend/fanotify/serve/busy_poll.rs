@@ -86,14 +86,15 @@ impl FanotifyFrontend {
                 }
                 for &g in &ready {
                     let n = match read_events(self.group(g), &mut buf, room) {
-                        Ok(n) => n,
-                        // the group's own loop read them first, or failed to: that loop
-                        // handles (and reports) its group's errors
-                        Err(_) => continue,
+                        Ok(n) if n > 0 => n,
+                        // none left (the group's own loop read them first), or an error,
+                        // which that loop meets too and handles
+                        _ => continue,
                     };
                     self.stats.busy_poll_reads.fetch_add(1, Relaxed);
                     match self.dispatch(g, &buf[..n]) {
                         Batch::Answered => last = Instant::now(),
+                        Batch::Empty => {}
                         // the tasks it spawned run now, not after the poll
                         Batch::Pending => {
                             tokio::task::yield_now().await;
