@@ -293,8 +293,8 @@ async fn concurrent_misses_in_a_chunk_read_leaves_once() {
 }
 
 /// Re-reads of cached data in a blob not complete yet raise an event per kernel read, each
-/// answered at once; back to back, the busy poll reads them without waiting for a wake-up
-/// (`busy_poll_reads`), and with `busy_poll_us = 0` it never does. Each re-read has the right
+/// answered at once; back to back, the busy poll reads a good share of them (at least a
+/// quarter) without waiting for a wake-up (`busy_poll_reads`); with `busy_poll_us = 0`, none. Each re-read has the right
 /// bytes and fetches nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_poll_reads_back_to_back_rereads() {
@@ -305,7 +305,9 @@ async fn busy_poll_reads_back_to_back_rereads() {
         ("b.bin".to_string(), bytes(12, 4 * MIB)),
     ]);
     let (mock, _) = serve(&files, "policy/poll:v1").await;
-    for (engine, polled) in [("", true), ("busy_poll_us = 0", false)] {
+    // a window of 2 ms, longer than any gap between two of these reads (the default 50 us is
+    // about one read here: whether the next event comes inside it is a matter of timing)
+    for (engine, polled) in [("busy_poll_us = 2000", true), ("busy_poll_us = 0", false)] {
         let (_work, d, mnt) = mounted(&mock, "policy/poll:v1", engine);
         let f = std::fs::File::open(mnt.join("a.bin")).unwrap();
         // a.bin cached, b.bin not: the blob stays marked
@@ -329,7 +331,11 @@ async fn busy_poll_reads_back_to_back_rereads() {
         assert_eq!(delta("answered_at_once"), events);
         assert_eq!(mock.counters().total_blob_bytes(), fetched, "re-reads fetched");
         if polled {
-            assert!(polled_reads > 0, "the busy poll read none of {events} events");
+            // the group's own loop, woken by the reactor, takes some of them first
+            assert!(
+                polled_reads * 4 >= events,
+                "the busy poll read {polled_reads} of {events} events"
+            );
         } else {
             assert_eq!(polled_reads, 0, "busy poll off, yet it read events");
         }

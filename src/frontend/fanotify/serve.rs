@@ -235,16 +235,15 @@ impl FanotifyFrontend {
         let admission = self.admission.clone();
         let read = |fan: &Fanotify, b: &mut [u8], room: usize| read_events(fan, b, room);
         crate::frontend::drain_loop(&self.groups[g], &mut buf, &admission, shutdown, read, |raw| {
-            if let Batch::Answered = self.dispatch(g, raw) {
-                self.busy_poll.start();
-            }
+            self.dispatch(g, raw);
         })
         .await
     }
 
-    /// Answer at once what the cache holds, hand the rest of a batch of raw events to tasks.
+    /// Answer at once what the cache holds (and keep the busy poll going), hand the rest of a
+    /// batch of raw events to tasks.
     fn dispatch(self: &Arc<Self>, g: usize, raw: &[u8]) -> Batch {
-        let mut batch = Batch::Empty;
+        let mut batch = Batch::Settled;
         let (events, err) = event::parse(raw);
         if let Some(e) = err {
             self.stats.bad_events.fetch_add(1, Relaxed);
@@ -280,10 +279,8 @@ impl FanotifyFrontend {
                 self.stats.allowed.fetch_add(1, Relaxed);
                 self.stats.answered_at_once.fetch_add(1, Relaxed);
                 self.stats.read_times.warm(t0.elapsed());
+                self.busy_poll.answered();
                 drop(journaled);
-                if batch == Batch::Empty {
-                    batch = Batch::Answered;
-                }
                 continue;
             }
             batch = Batch::Pending;
@@ -334,10 +331,8 @@ impl FanotifyFrontend {
 /// What became of a batch of events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Batch {
-    /// No event was answered (none parsed, or none with an fd).
-    Empty,
-    /// Every event was answered as it was read.
-    Answered,
+    /// Nothing of it waits: each event was answered as it was read (or had no fd).
+    Settled,
     /// Some wait for a fetch (or a check of the disk) in tasks of their own.
     Pending,
 }

@@ -9,7 +9,7 @@
 //! It costs up to one core while such reads go on and nothing once they stop; events that
 //! need a fetch still go to tasks of their own.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,11 @@ const SLICE: Duration = Duration::from_micros(100);
 pub(super) struct BusyPoll {
     /// How long polling goes on after the last event answered at once (None: never).
     window: Option<Duration>,
-    /// Signalled by the event loops after a batch answered at once.
+    /// When the last event was answered at once, by whichever loop read it: nanoseconds
+    /// since `epoch`.
+    last_answer: AtomicU64,
+    epoch: Instant,
+    /// Signalled on an answer given at once while not polling.
     start: tokio::sync::Notify,
     /// Whether the task is polling now (the loops do not signal it then).
     polling: AtomicBool,
@@ -32,16 +36,30 @@ impl BusyPoll {
     pub(super) fn new(window: Option<Duration>) -> BusyPoll {
         BusyPoll {
             window,
+            last_answer: AtomicU64::new(0),
+            epoch: Instant::now(),
             start: tokio::sync::Notify::new(),
             polling: AtomicBool::new(false),
         }
     }
 
-    /// An event was answered at once: poll for the next ones, unless polling already.
-    pub(super) fn start(&self) {
-        if self.window.is_some() && !self.polling.load(Relaxed) {
+    /// An event was answered at once: poll for the next ones (on until `window` has passed
+    /// without such an answer, whichever loop gives it).
+    pub(super) fn answered(&self) {
+        if self.window.is_none() {
+            return;
+        }
+        self.last_answer.store(self.epoch.elapsed().as_nanos() as u64, Relaxed);
+        if !self.polling.load(Relaxed) {
             self.start.notify_one();
         }
+    }
+
+    /// Time since the last answer given at once.
+    fn quiet(&self) -> Duration {
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(self.last_answer.load(Relaxed)))
     }
 }
 
@@ -66,8 +84,8 @@ impl FanotifyFrontend {
                 _ = shutdown.changed() => return,
             }
             self.busy_poll.polling.store(true, Relaxed);
-            let (mut last, mut slice) = (Instant::now(), Instant::now());
-            while last.elapsed() < window {
+            let mut slice = Instant::now();
+            while self.busy_poll.quiet() < window {
                 if slice.elapsed() >= SLICE {
                     tokio::task::yield_now().await;
                     slice = Instant::now();
@@ -92,14 +110,10 @@ impl FanotifyFrontend {
                         _ => continue,
                     };
                     self.stats.busy_poll_reads.fetch_add(1, Relaxed);
-                    match self.dispatch(g, &buf[..n]) {
-                        Batch::Answered => last = Instant::now(),
-                        Batch::Empty => {}
-                        // the tasks it spawned run now, not after the poll
-                        Batch::Pending => {
-                            tokio::task::yield_now().await;
-                            slice = Instant::now();
-                        }
+                    // the tasks it spawned run now, not after the poll
+                    if let Batch::Pending = self.dispatch(g, &buf[..n]) {
+                        tokio::task::yield_now().await;
+                        slice = Instant::now();
                     }
                 }
             }
