@@ -45,6 +45,12 @@ fn mounted(mock: &MockRegistry, repo: &str, engine: &str) -> (tempfile::TempDir,
     (work, d, mnt)
 }
 
+/// How much the frontend counter `k` grew from status `before` to `after`.
+fn grew(before: &lazyblob::api::Status, after: &lazyblob::api::Status, k: &str) -> u64 {
+    let at = |s: &lazyblob::api::Status| s.frontend_counters[k].as_u64().unwrap();
+    at(after) - at(before)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     require_root();
@@ -128,7 +134,6 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     // the same pages again, page cache dropped: from the cache file, nothing fetched, each
     // event answered as it was read (the leaves written are as good as a verified chunk)
     drop_page_cache();
-    let counter = |s: &lazyblob::api::Status, k: &str| s.frontend_counters[k].as_u64().unwrap();
     let before = d.status().await;
     for c in chunks {
         let off = c * MIB + 12_288;
@@ -136,8 +141,8 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     }
     assert_eq!(fetched(), random, "re-reading leaves fetched");
     let after = d.status().await;
-    let events = counter(&after, "events") - counter(&before, "events");
-    let at_once = counter(&after, "answered_at_once") - counter(&before, "answered_at_once");
+    let events = grew(&before, &after, "events");
+    let at_once = grew(&before, &after, "answered_at_once");
     assert!(
         events >= chunks.len() as u64,
         "{events} events for {} reads",
@@ -313,7 +318,6 @@ async fn busy_poll_reads_back_to_back_rereads() {
         // a.bin cached, b.bin not: the blob stays marked
         assert!(read_at(&mnt.join("a.bin"), 0, 4 * MIB) == data);
         let fetched = mock.counters().total_blob_bytes();
-        let counter = |s: &lazyblob::api::Status, k: &str| s.frontend_counters[k].as_u64().unwrap();
         let before = d.status().await;
         let mut buf = vec![0u8; 4096];
         for i in 0..400usize {
@@ -324,7 +328,7 @@ async fn busy_poll_reads_back_to_back_rereads() {
             assert!(buf[..] == data[off..off + 4096], "wrong bytes at {off}");
         }
         let after = d.status().await;
-        let delta = |k: &str| counter(&after, k) - counter(&before, k);
+        let delta = |k: &str| grew(&before, &after, k);
         let (events, polled_reads) = (delta("events"), delta("busy_poll_reads"));
         eprintln!("[{engine}] {events} events, {polled_reads} read by the busy poll");
         assert!(events >= 400, "{events} events for 400 re-reads");

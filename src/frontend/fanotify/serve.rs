@@ -196,7 +196,7 @@ impl FanotifyFrontend {
     }
 
     /// The group fds, in order (for the guard that keeps them alive if the daemon dies).
-    pub fn groups(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
+    pub fn groups(&self) -> impl ExactSizeIterator<Item = std::os::fd::BorrowedFd<'_>> {
         self.groups.iter().map(|g| g.get_ref().as_fd())
     }
 

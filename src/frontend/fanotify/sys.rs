@@ -56,30 +56,30 @@ pub fn unmark(fan: &Fanotify, path: &Path) -> io::Result<()> {
 
 /// An epoll set over the groups (level-triggered, beside the tokio reactor's), asked without
 /// waiting which of them have events: the busy poll's one syscall per look.
-pub struct ReadySet(Epoll);
+pub struct ReadySet {
+    epoll: Epoll,
+    /// Room for every group's readiness in one look.
+    events: Vec<EpollEvent>,
+}
 
 impl ReadySet {
     /// Group number `i` is reported as `i`.
-    pub fn new<'a>(groups: impl Iterator<Item = BorrowedFd<'a>>) -> io::Result<ReadySet> {
-        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    pub fn new<'a>(groups: impl ExactSizeIterator<Item = BorrowedFd<'a>>) -> io::Result<ReadySet> {
+        let events = vec![EpollEvent::empty(); groups.len().max(1)];
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         for (i, fd) in groups.enumerate() {
-            ep.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+            epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
         }
-        Ok(ReadySet(ep))
+        Ok(ReadySet { epoll, events })
     }
 
     /// The groups with events now, into `ready` (cleared first); never waits.
-    pub fn ready(&self, events: &mut [EpollEvent], ready: &mut Vec<usize>) -> io::Result<()> {
+    pub fn ready(&mut self, ready: &mut Vec<usize>) -> io::Result<()> {
         ready.clear();
-        let n = self.0.wait(events, EpollTimeout::ZERO)?;
-        ready.extend(events[..n].iter().map(|e| e.data() as usize));
+        let n = self.epoll.wait(&mut self.events, EpollTimeout::ZERO)?;
+        ready.extend(self.events[..n].iter().map(|e| e.data() as usize));
         Ok(())
     }
-}
-
-/// Room for the groups' readiness in one look at a [`ReadySet`].
-pub fn ready_events(groups: usize) -> Vec<EpollEvent> {
-    vec![EpollEvent::empty(); groups.max(1)]
 }
 
 /// Register the group with the tokio reactor.

@@ -69,14 +69,13 @@ impl FanotifyFrontend {
         let Some(window) = self.busy_poll.window else {
             return;
         };
-        let set = match sys::ReadySet::new(self.groups()) {
+        let mut set = match sys::ReadySet::new(self.groups()) {
             Ok(set) => set,
             Err(e) => {
                 tracing::warn!(error = %e, "no busy poll: epoll over the fanotify groups failed");
                 return;
             }
         };
-        let mut events = sys::ready_events(self.groups.len());
         let (mut ready, mut buf) = (Vec::with_capacity(self.groups.len()), vec![0u8; 4096]);
         loop {
             tokio::select! {
@@ -95,7 +94,7 @@ impl FanotifyFrontend {
                 if room == 0 {
                     break;
                 }
-                if let Err(e) = set.ready(&mut events, &mut ready) {
+                if let Err(e) = set.ready(&mut ready) {
                     tracing::warn!(error = %e, "busy poll stopped: epoll_wait failed");
                     break;
                 }
