@@ -25,21 +25,6 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Create (or truncate) `path` as a root-only file (`0600`, also when it existed with a
-/// wider mode), open for reading and writing.
-pub fn create_private(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(FILE_MODE)
-        .open(path)?;
-    f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
-    Ok(f)
-}
-
 /// Replace `path` with `data` atomically and durably: a unique `0600` temporary file in the
 /// same directory (concurrent writers never share one), fsync, rename, fsync of the
 /// directory. The directory is created `0700` if missing.

@@ -111,13 +111,15 @@ impl Registry {
         }
         let len = end - offset;
         let credential = self.kept.pull(client, ep, auth).await?;
-        let url = format!("{}/blobs/{}", self.repository_url(ep), src.digest);
+        let url = self.blob_urls.get(ep, &src.digest, || {
+            format!("{}/blobs/{}", self.repository_url(ep), src.digest)
+        })?;
         let req = self
             .http(ep)
-            .get(&url)
+            .get(url.clone())
             .header(reqwest::header::RANGE, format!("bytes={offset}-{}", end - 1));
         let res = credential.apply(req).send().await?;
-        if let Some(e) = refusal(res.status(), &url, "blob") {
+        if let Some(e) = refusal(res.status(), url.as_str(), "blob") {
             if matches!(e, RegistryError::Unauthorized(_)) {
                 self.kept.forget(ep);
             }
@@ -130,7 +132,7 @@ impl Registry {
             s => {
                 return Err(RegistryError::Status {
                     status: s.as_u16(),
-                    url: redact_urls(&url),
+                    url: redact_urls(url.as_str()),
                 })
             }
         };

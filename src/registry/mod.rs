@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod blob_urls;
 mod blobs;
 pub mod captured;
 mod clients;
@@ -65,6 +66,8 @@ pub struct Registry {
     scoped: Mutex<HashMap<ScopedKey, (String, oci_client::Client)>>,
     /// The credential blob GETs carry, per repository.
     kept: kept::KeptCredentials,
+    /// Blob URLs, parsed once.
+    blob_urls: blob_urls::BlobUrls,
     cfg: RegistryConfig,
     policy: RetryPolicy,
     platform: Platform,
@@ -100,6 +103,7 @@ impl Registry {
             creds,
             scoped: Mutex::new(HashMap::new()),
             kept: kept::KeptCredentials::default(),
+            blob_urls: Default::default(),
             policy: RetryPolicy {
                 max_attempts: cfg.max_attempts,
                 initial: cfg.backoff_initial,

@@ -3,13 +3,13 @@
 //! fixed slots that outlives the process. A daemon that dies leaves its unanswered events
 //! pending in the kernel, which matches a response by fd number only; the next daemon reads
 //! the journal, fills each range and answers each number, so the readers of a crashed
-//! daemon wait instead of failing. Written with `pwrite` (one per event and one per answer,
-//! into the page cache; nothing is synced: a crash of the process, not of the machine, is
-//! what it is for).
+//! daemon wait instead of failing. Written through a shared mapping (a store per event and
+//! one per answer, into the page cache; nothing is synced: a crash of the process, not of
+//! the machine, is what it is for). Each daemon puts a fresh file in place by rename, so a
+//! mapping of the previous one never shrinks under it.
 
 #![forbid(unsafe_code)]
 
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -52,9 +52,23 @@ pub struct Left {
 
 /// The journal of this daemon's events in flight.
 pub struct Journal {
-    file: File,
-    free: Mutex<Vec<u64>>,
+    slots: Mutex<Slots>,
     max_fd: AtomicI32,
+}
+
+/// The mapped file and its free slots.
+struct Slots {
+    map: memmap2::MmapMut,
+    free: Vec<u64>,
+}
+
+impl Slots {
+    fn put(&mut self, at: u64, bytes: &[u8]) {
+        let at = at as usize;
+        if let Some(dst) = self.map.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    }
 }
 
 /// A journaled event; its slot is cleared when this is dropped (after the answer).
@@ -79,13 +93,21 @@ impl Journal {
             Err(e) => return Err(e),
         };
         let slots = (slots as u64).clamp(1, MAX_SLOTS);
-        let file = crate::private_fs::create_private(path)?;
+        // a new inode in place of the old one (tempfile: O_EXCL, 0600), never a truncation:
+        // a previous daemon still alive keeps its mapping whole
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let tmp = tempfile::Builder::new().prefix(".journal.").tempfile_in(dir)?;
+        let file = tmp.as_file();
         file.set_len(HEADER + slots * SLOT)?;
         file.write_all_at(MAGIC, 0)?;
         file.write_all_at(&(-1i32).to_le_bytes(), 8)?;
+        let map = super::sys::map_journal(file)?;
+        tmp.persist(path).map_err(|e| e.error)?;
         let j = Journal {
-            file,
-            free: Mutex::new((0..slots).rev().collect()),
+            slots: Mutex::new(Slots {
+                map,
+                free: (0..slots).rev().collect(),
+            }),
             max_fd: AtomicI32::new(-1),
         };
         Ok((Arc::new(j), left))
@@ -94,10 +116,11 @@ impl Journal {
     /// Record event `fd` for `(dev, ino)` and `range`. With every slot taken (more events
     /// than slots: never with the admission bound) the event is not journaled.
     pub fn record(self: &Arc<Self>, fd: i32, (dev, ino): (u64, u64), range: Option<(u64, u64)>) -> Entry {
+        let mut slots = lock(&self.slots);
         if fd > self.max_fd.fetch_max(fd, Relaxed) {
-            let _ = self.file.write_all_at(&fd.to_le_bytes(), 8);
+            slots.put(8, &fd.to_le_bytes());
         }
-        let slot = lock(&self.free).pop();
+        let slot = slots.free.pop();
         if let Some(s) = slot {
             let (off, count) = range.unwrap_or((0, u64::MAX));
             let mut rec = [0u8; SLOT as usize];
@@ -107,9 +130,7 @@ impl Journal {
             rec[16..24].copy_from_slice(&ino.to_le_bytes());
             rec[24..32].copy_from_slice(&off.to_le_bytes());
             rec[32..40].copy_from_slice(&count.to_le_bytes());
-            if let Err(e) = self.file.write_all_at(&rec, HEADER + s * SLOT) {
-                tracing::warn!(error = %e, "could not journal an event");
-            }
+            slots.put(HEADER + s * SLOT, &rec);
         }
         Entry {
             journal: Arc::clone(self),
@@ -121,8 +142,9 @@ impl Journal {
 impl Drop for Entry {
     fn drop(&mut self) {
         if let Some(s) = self.slot.take() {
-            let _ = self.journal.file.write_all_at(&[0u8; 4], HEADER + s * SLOT);
-            lock(&self.journal.free).push(s);
+            let mut slots = lock(&self.journal.slots);
+            slots.put(HEADER + s * SLOT, &[0u8; 4]);
+            slots.free.push(s);
         }
     }
 }
@@ -186,6 +208,12 @@ mod tests {
         std::mem::forget(a); // a daemon that dies with these in flight
         std::mem::forget(c);
         let (_j2, Left { orphans, max_fd: max }) = Journal::open(&path, 8).unwrap();
+        // the first daemon, still alive, keeps writing its own (replaced) file: no SIGBUS,
+        // and nothing of it reaches the new journal
+        drop(j.record(99, (4, 4), None));
+        std::mem::forget(j.record(98, (4, 4), None));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(max, 23);
         let mut fds: Vec<i32> = orphans.iter().map(|o| o.fd).collect();
         fds.sort();
