@@ -106,7 +106,7 @@ impl Collector for DaemonCollector {
         counter(
             &mut enc,
             "lazyblob_registry_failures",
-            "Registry requests that failed for good",
+            "Registry requests that failed for good (a 404 is an answer, not a failure)",
             failures,
         )?;
         let chunks = e.chunks_fetched.load(Relaxed);
@@ -276,7 +276,7 @@ fn per_host(enc: &mut DescriptorEncoder<'_>, d: &Daemon) -> fmt::Result {
         ),
         (
             "lazyblob_registry_host_failures",
-            "Operations that failed for good on a registry host",
+            "Operations that failed for good on a registry host (404s not counted)",
             |h| h.failures.load(Relaxed),
         ),
         (

@@ -131,6 +131,8 @@ async fn mirrors_first_then_origin() {
     assert_eq!(reg.fetch_range(&src, 0, 100).await.unwrap(), data[..100]);
     assert_eq!(mirror.counters().blob_requests(&d), 1);
     assert_eq!(origin.counters().blob_requests(&d), 0);
+    let failures = |r: &lazyblob::registry::Registry| r.stats.failures.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(failures(&reg), 1, "the dead mirror is a failure");
     // the mirror loses the blob: fall back to the origin
     let mut cfg2 = insecure_config(&[&origin.host(), &mirror.host()]);
     cfg2.hosts[0].mirrors = vec![mirror.host()];
@@ -140,6 +142,12 @@ async fn mirrors_first_then_origin() {
     let reg2 = client(&cfg2);
     assert_eq!(reg2.fetch_range(&src, 0, 100).await.unwrap(), data[..100]);
     assert_eq!(origin.counters().blob_requests(&d), 1);
+    assert_eq!(failures(&reg2), 0, "a mirror's 404 is an answer, not a failure");
+    // nor is a missing object at the origin (a registry without a prefetch list)
+    let missing = blob_at(&origin.host(), &sha256_digest(b"none"), 10);
+    let e = reg2.fetch_range(&missing, 0, 10).await.unwrap_err();
+    assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
+    assert_eq!(failures(&reg2), 0);
 }
 
 /// `insecure` belongs to its host: a mirror of an insecure origin is spoken to over TLS

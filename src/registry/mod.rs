@@ -387,8 +387,12 @@ impl Registry {
             match res {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    self.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    host_stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // a 404 is the registry's answer (a mirror without the blob, a registry
+                    // without the referrers API or a prefetch list), not a fault of it
+                    if !matches!(e, RegistryError::NotFound { .. }) {
+                        self.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        host_stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if i + 1 < n_eps {
                         tracing::warn!(endpoint = ep.registry(), error = %e, "endpoint failed, trying the next one");
                     }
