@@ -81,7 +81,7 @@ impl Journal {
     /// Start a fresh journal of `slots` entries at `path` (root-only), returning what a
     /// previous daemon left in it: its unanswered events and its highest event fd number.
     pub fn open(path: &Path, slots: usize) -> io::Result<(Arc<Journal>, Left)> {
-        let left = match std::fs::read(path) {
+        let left = match read_bounded(path) {
             Ok(bytes) => Left {
                 orphans: parse(&bytes),
                 max_fd: header_max_fd(&bytes),
@@ -157,6 +157,17 @@ pub fn forget(path: &Path) {
     }
 }
 
+/// A journal's bytes, at most as many as the largest journal has (a state file is read as
+/// untrusted input: a huge one is not read into memory whole).
+fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(HEADER + MAX_SLOTS * SLOT)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// The largest event fd number a journal's bytes record (`-1`: none), bounded: every number
 /// up to it is answered after a handover.
 fn header_max_fd(b: &[u8]) -> i32 {
@@ -224,6 +235,18 @@ mod tests {
         let (_j3, Left { orphans, max_fd: max }) = Journal::open(&path, 8).unwrap();
         assert!(orphans.is_empty());
         assert_eq!(max, -1);
+    }
+
+    #[test]
+    fn a_huge_journal_is_read_only_as_far_as_a_journal_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(64 << 30).unwrap(); // sparse: 64 GiB of zeros
+        assert_eq!(read_bounded(&path).unwrap().len() as u64, HEADER + MAX_SLOTS * SLOT);
+        let (_j, Left { orphans, max_fd }) = Journal::open(&path, 4).unwrap();
+        assert!(orphans.is_empty());
+        assert_eq!(max_fd, -1);
     }
 
     #[test]
