@@ -51,11 +51,17 @@ fn parent(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
+/// A unique temporary file beside `path` (O_EXCL, `0600`), to be renamed over it with
+/// `persist`: a reader or mapper of the file at `path` keeps its own inode whole.
+pub fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new().prefix(".tmp-").tempfile_in(parent(path))
+}
+
 /// A unique temporary file beside `path` with `data`, adjusted by `finish`, fsynced and
 /// renamed over `path`; then the directory fsynced.
 fn replace(path: &Path, data: &[u8], finish: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
     let dir = parent(path);
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    let mut tmp = temp_beside(path)?;
     tmp.write_all(data)?;
     finish(tmp.path())?;
     tmp.as_file().sync_all()?;

@@ -93,10 +93,9 @@ impl Journal {
             Err(e) => return Err(e),
         };
         let slots = (slots as u64).clamp(1, MAX_SLOTS);
-        // a new inode in place of the old one (tempfile: O_EXCL, 0600), never a truncation:
-        // a previous daemon still alive keeps its mapping whole
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = tempfile::Builder::new().prefix(".journal.").tempfile_in(dir)?;
+        // a new inode in place of the old one, never a truncation: a previous daemon still
+        // alive keeps its mapping whole
+        let tmp = crate::private_fs::temp_beside(path)?;
         let file = tmp.as_file();
         file.set_len(HEADER + slots * SLOT)?;
         file.write_all_at(MAGIC, 0)?;
