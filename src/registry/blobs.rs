@@ -82,8 +82,10 @@ impl Registry {
             });
         }
         let bytes = end.saturating_sub(lock(sink).resume_at());
-        self.with_endpoints(&src.repo, "range", bytes, |ep, auth, client| async move {
-            let r = self.stream_range(&client, &ep, &auth, src, end, sink).await;
+        self.with_endpoints(&src.repo, "range", bytes, |ep, auth, client, host_stats| async move {
+            let r = self
+                .stream_range(&client, &ep, &auth, &host_stats, src, end, sink)
+                .await;
             if r.is_err() {
                 lock(sink).abort_attempt();
             }
@@ -95,12 +97,15 @@ impl Registry {
     /// One range GET of `[sink.resume_at(), end)` on one endpoint, handing the body to `sink`
     /// as it arrives; an error if the body ends early or the sink refuses a piece. The
     /// request carries the repository's kept credential (see `kept`), so no auth round
-    /// trip precedes it.
+    /// trip precedes it. Body bytes are counted in `host_stats` (the endpoint's, from
+    /// `with_endpoints`).
+    #[allow(clippy::too_many_arguments)]
     async fn stream_range<S: range::RangeSink>(
         &self,
         client: &oci_client::Client,
         ep: &Reference,
         auth: &RegistryAuth,
+        host_stats: &super::HostStats,
         src: &BlobSource,
         end: u64,
         sink: &Mutex<S>,
@@ -138,7 +143,6 @@ impl Registry {
         };
         let mut body = res.bytes_stream();
         let mut at = offset;
-        let host_stats = self.stats.host(ep.registry(), "range");
         while at < end {
             let Some(piece) = body.next().await else {
                 break;

@@ -288,7 +288,7 @@ impl Registry {
         url: impl Fn(&Reference) -> Result<String, RegistryError>,
     ) -> Result<(Bytes, Option<String>), RegistryError> {
         let url = &url;
-        self.with_endpoints(reference, what, 0, |ep, auth, client| async move {
+        self.with_endpoints(reference, what, 0, |ep, auth, client, _| async move {
             let credential = manifest::Credential::obtain(&client, &ep, &auth, RegistryOperation::Pull).await?;
             manifest::get(self.http(&ep), &url(&ep)?, accept, credential, &self.cfg.limits).await
         })
@@ -319,7 +319,8 @@ impl Registry {
 
     /// Run `op`, which moves about `bytes` of data, against each endpoint (mirrors first) with
     /// retries, within one deadline for the whole operation. On 401 the credential is looked
-    /// up again and `op` runs once more (it runs the auth step itself).
+    /// up again and `op` runs once more (it runs the auth step itself). `op` gets the
+    /// endpoint's statistics for the kind of request `what` names.
     async fn with_endpoints<T, F, Fut>(
         &self,
         reference: &Reference,
@@ -328,7 +329,7 @@ impl Registry {
         op: F,
     ) -> Result<T, RegistryError>
     where
-        F: Fn(Reference, RegistryAuth, oci_client::Client) -> Fut,
+        F: Fn(Reference, RegistryAuth, oci_client::Client, Arc<HostStats>) -> Fut,
         Fut: std::future::Future<Output = Result<T, RegistryError>>,
     {
         let policy = self.policy.for_transfer(bytes);
@@ -362,7 +363,7 @@ impl Registry {
                                 host_stats.retries.fetch_add(1, Relaxed);
                             }
                             let t0 = Instant::now();
-                            let first = op(ep.clone(), auth.clone(), client).await;
+                            let first = op(ep.clone(), auth.clone(), client, Arc::clone(host_stats)).await;
                             host_stats.latency.observe(t0.elapsed().as_secs_f64());
                             match first {
                                 Err(RegistryError::Unauthorized(url)) => {
@@ -373,7 +374,7 @@ impl Registry {
                                     let client = self.client(&ep, &auth, scope, clients::Purpose::Pull)?;
                                     // `op` runs the auth step itself (a manifest GET each time, a
                                     // blob GET once its kept credential was refused)
-                                    op(ep, auth, client).await.map_err(|e| match e {
+                                    op(ep, auth, client, Arc::clone(host_stats)).await.map_err(|e| match e {
                                         RegistryError::Unauthorized(_) => RegistryError::Unauthorized(url),
                                         other => other,
                                     })
