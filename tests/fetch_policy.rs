@@ -77,15 +77,7 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     };
     pass();
     // the read-ahead the sequential reader started lands before we count
-    let mut before = mock.counters().total_blob_bytes();
-    loop {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let now = mock.counters().total_blob_bytes();
-        if now == before {
-            break;
-        }
-        before = now;
-    }
+    let before = settled(|| mock.counters().total_blob_bytes()).await;
 
     // pass 2: the same reads, page cache dropped: all from the cache file
     drop_page_cache();
@@ -317,7 +309,8 @@ async fn busy_poll_reads_back_to_back_rereads() {
         let f = std::fs::File::open(mnt.join("a.bin")).unwrap();
         // a.bin cached, b.bin not: the blob stays marked
         assert!(read_at(&mnt.join("a.bin"), 0, 4 * MIB) == data);
-        let fetched = mock.counters().total_blob_bytes();
+        // the read-ahead that read started (into b.bin) lands before we count
+        let fetched = settled(|| mock.counters().total_blob_bytes()).await;
         let before = d.status().await;
         let mut buf = vec![0u8; 4096];
         for i in 0..400usize {

@@ -43,20 +43,12 @@ fn record_first_start(work: &Path, host: &str, reference: &str, startup: impl Fn
 const CFG: &str = "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\n[prefetch]\nrecord_window_ms = 60000";
 
 /// The data bytes fetched so far, once the registry has been quiet for 300 ms.
-async fn settled(mock: &MockRegistry, data: &[String]) -> u64 {
-    let count = || {
+async fn settled_data(mock: &MockRegistry, data: &[String]) -> u64 {
+    settled(|| {
         let c = mock.counters();
         data.iter().map(|d| c.blob_bytes(d)).sum::<u64>()
-    };
-    let mut before = count();
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = count();
-        if now == before {
-            return now;
-        }
-        before = now;
-    }
+    })
+    .await
 }
 
 /// A large file `a-big.bin` of `big` bytes and `n` small ones of `len` bytes named
@@ -122,7 +114,7 @@ async fn a_recorded_startup_is_fetched_first_on_the_next_node() {
 
     // node 1: the first start is recorded; the unmount ends the window and keeps the list
     let (_one, kept) = record_first_start(work.path(), &host, &reference, startup);
-    let first = settled(&mock, &data).await;
+    let first = settled_data(&mock, &data).await;
     let lists = [kept];
     let mode = std::fs::metadata(&lists[0]).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "the list is root's only: {mode:o}");
@@ -163,11 +155,11 @@ async fn a_recorded_startup_is_fetched_first_on_the_next_node() {
         two_dir.join("state/prefetch").join(lists[0].file_name().unwrap()),
     )
     .unwrap();
-    let before = settled(&mock, &data).await;
+    let before = settled_data(&mock, &data).await;
     let two = DaemonProc::start(&two_dir, &[&host], cfg);
     let mnt2 = two_dir.join("mnt");
     two.mount(&reference, &mnt2);
-    let prefetched = settled(&mock, &data).await - before;
+    let prefetched = settled_data(&mock, &data).await - before;
     println!("node 2 prefetched {prefetched} bytes before any read");
     assert!(
         prefetched >= listed.min(first) / 2 && prefetched <= listed,
@@ -176,7 +168,7 @@ async fn a_recorded_startup_is_fetched_first_on_the_next_node() {
     );
     drop_page_cache();
     startup(&mnt2);
-    let during = settled(&mock, &data).await - before - prefetched;
+    let during = settled_data(&mock, &data).await - before - prefetched;
     assert_eq!(during, 0, "the startup fetched {during} bytes after the prefetch");
     assert!(two.log().contains("startup prefetch done"), "{}", two.log());
     assert!(
@@ -195,11 +187,11 @@ async fn a_recorded_startup_is_fetched_first_on_the_next_node() {
         bad.to_vec(),
     )
     .unwrap();
-    let before = settled(&mock, &data).await;
+    let before = settled_data(&mock, &data).await;
     let three = DaemonProc::start(&three_dir, &[&host], cfg);
     let mnt3 = three_dir.join("mnt");
     three.mount(&reference, &mnt3);
-    assert_eq!(settled(&mock, &data).await, before, "a refused list fetched data");
+    assert_eq!(settled_data(&mock, &data).await, before, "a refused list fetched data");
     assert!(three.log().contains("prefetch list ignored"), "{}", three.log());
     startup(&mnt3);
     three.umount(&mnt3);

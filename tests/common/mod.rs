@@ -59,6 +59,20 @@ pub fn vm_rig() -> PathBuf {
     dir
 }
 
+/// `count` once it has stayed the same for 300 ms (a registry counter after the fetches a
+/// read started, read-ahead included, have landed).
+pub async fn settled(count: impl Fn() -> u64) -> u64 {
+    let mut before = count();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = count();
+        if now == before {
+            return now;
+        }
+        before = now;
+    }
+}
+
 /// `len` bytes at `off` of the file at `path`.
 pub fn read_at(path: &std::path::Path, off: usize, len: usize) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
