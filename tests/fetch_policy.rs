@@ -19,6 +19,10 @@ use registry_mock::{MockConfig, MockRegistry};
 
 const MIB: usize = 1 << 20;
 
+/// Taken for writing by a test whose outcome depends on idle cores, for reading by the others
+/// (the test command runs two tests at a time).
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A registry-mock serving `files` as image `repo` (format 3, one data blob); the mock and
 /// the data blob's digest.
 async fn serve(files: &BTreeMap<String, Vec<u8>>, repo: &str) -> (MockRegistry, String) {
@@ -54,6 +58,7 @@ fn grew(before: &lazyblob::api::Status, after: &lazyblob::api::Status, k: &str) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     require_root();
+    let _shared = ALONE.read().await;
     // a large file first in the blob, small files after it (1 MiB chunks)
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     files.insert("a-big.bin".into(), bytes(41, 48 * MIB));
@@ -202,6 +207,7 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaves_that_do_not_verify_are_never_served() {
     require_root();
+    let _shared = ALONE.read().await;
     let data = bytes(7, 8 * MIB);
     let files = BTreeMap::from([("f.bin".to_string(), data.clone())]);
     let (mock, _) = serve(&files, "policy/bad:v1").await;
@@ -256,6 +262,7 @@ async fn leaves_that_do_not_verify_are_never_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_in_a_chunk_read_leaves_once() {
     require_root();
+    let _shared = ALONE.read().await;
     let data = bytes(9, 4 * MIB);
     let files = BTreeMap::from([("f.bin".to_string(), data.clone())]);
     let (mock, blob) = serve(&files, "policy/hot:v1").await;
@@ -296,6 +303,8 @@ async fn concurrent_misses_in_a_chunk_read_leaves_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_poll_reads_back_to_back_rereads() {
     require_root();
+    // alone: what the busy poll reads depends on a core being free for it
+    let _alone = ALONE.write().await;
     let data = bytes(11, 4 * MIB);
     let files = BTreeMap::from([
         ("a.bin".to_string(), data.clone()),
