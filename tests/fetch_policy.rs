@@ -116,8 +116,12 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     let random = fetched();
     assert!(
         random <= (chunks.len() * (64 << 10)) as u64,
-        "{} random 4 KiB reads fetched {random} bytes (over 64 KiB each)",
-        chunks.len()
+        "{} random 4 KiB reads fetched {random} bytes (over 64 KiB each): {:?}",
+        chunks.len(),
+        mock.counters().blob_hits[since..]
+            .iter()
+            .map(|h| (h.digest == data_digest, h.offset, h.len))
+            .collect::<Vec<_>>()
     );
     assert!(random >= (chunks.len() * 4096) as u64);
     eprintln!("{} random 4 KiB reads fetched {random} bytes", chunks.len());

@@ -89,8 +89,10 @@ impl ReadAhead {
         if self.window == 0 {
             return None;
         }
-        // past the window by more than a window: another read of cached data elsewhere
-        if last >= self.until + self.window {
+        // past the window by more than what it scheduled (at least 2 chunks): another read
+        // of cached data elsewhere (a window grown larger than its budget let it schedule
+        // reaches no further)
+        if last >= self.until + (self.until - self.scheduled).max(2) {
             self.window = 0;
             return None;
         }
@@ -205,6 +207,38 @@ mod tests {
         // the rest of the chunk it missed is still the sequential reader: the window stays
         assert_eq!(r.on_hit(2), None, "before the middle of 2..4");
         assert_eq!(r.on_hit(3), Some(4..6));
+    }
+
+    /// A run whose window grew while its budget kept what it scheduled short (16..17), then
+    /// a re-read of cached data 31 chunks further on: the hit is not the reader, and the
+    /// window closes instead of moving there (it once fetched 49..61, and the next random miss,
+    /// at 40, counted as sequential and fetched 41..51: seen in `tests/fetch_policy.rs`).
+    #[test]
+    fn a_hit_past_what_was_scheduled_is_not_the_reader() {
+        let mut r = ReadAhead::new(64);
+        r.on_miss(0, 0);
+        assert_eq!(r.on_miss(1, 1), Some(2..4));
+        assert_eq!(r.on_hit(3), Some(4..6));
+        r.on_miss(4, 4);
+        r.on_miss(6, 6);
+        assert_eq!(r.on_miss(7, 7), Some(8..10));
+        assert_eq!(r.on_hit(9), Some(10..12));
+        assert_eq!(r.on_hit(10), Some(12..13));
+        assert_eq!(r.on_hit(12), Some(13..16));
+        assert_eq!(r.on_hit(13), Some(16..17));
+        assert_eq!(r.on_hit(48), None, "a hit 31 chunks past the window");
+        assert_eq!(r.on_miss(40, 40), None, "a random miss after it");
+        // a reader just past a short window is still followed
+        let mut r = ReadAhead::new(64);
+        r.on_miss(0, 0);
+        r.on_miss(1, 1);
+        r.on_hit(3);
+        r.on_miss(4, 4);
+        r.on_miss(6, 6);
+        r.on_miss(7, 7);
+        r.on_hit(9);
+        assert_eq!(r.on_hit(10), Some(12..13));
+        assert_eq!(r.on_hit(13), Some(14..17), "one chunk past 12..13");
     }
 
     #[test]
