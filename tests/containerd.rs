@@ -1,4 +1,4 @@
-//! lazyblob images run through Debian's real `containerd` (1.6) and `runc`, pulled from
+//! lazyblob images run through Debian's real `containerd` (1.6, 1.7, 2.x) and `runc`, pulled from
 //! `docker-registry` through containerd's CRI image service as kubelet pulls: remote layers,
 //! lazy reads, a private registry, restarts of lazyblob under running containers, GC.
 //! containerd is started by the test with a temporary root, state and socket and
@@ -30,6 +30,13 @@ async fn a_lazyblob_image_pulled_through_cri_runs_lazily() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_2_pulls_lazily_through_cri_and_the_transfer_service() {
     cri_pull_and_run(Release::v2(), None).await;
+}
+
+/// The same through containerd 1.7 (Debian trixie's package, unpacked by `scripts/test.sh`)
+/// with `deploy/containerd/config-v2.toml`, as 1.6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_1_7_pulls_lazily_through_cri() {
+    cri_pull_and_run(Release::v1_7(), None).await;
 }
 
 /// The same from a `docker-registry` with htpasswd basic auth: containerd has the credentials

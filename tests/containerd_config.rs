@@ -1,5 +1,5 @@
 //! `lazyblob containerd-config`, the DaemonSet's init step, against real containerd config
-//! files and real containerds: Debian containerd 1.6's own `containerd config default`, a
+//! files and real containerds: Debian containerd 1.6's and 1.7's own `containerd config default`, a
 //! version-3 file as containerd's CRI docs show one (run by containerd 2.x), the shipped
 //! snippets (already configured), and a version-2 file whose `imports` override the CRI
 //! plugin's table. For each: the install changes the files and runs the restart command once; the
@@ -55,9 +55,10 @@ fn snapshot(files: &[PathBuf]) -> Vec<(PathBuf, Vec<u8>)> {
 /// The CRI snapshotter in a `containerd config dump`.
 fn cri_snapshotter(dump: &str, release: &Release) -> String {
     let doc: toml::Table = dump.parse().unwrap();
-    let path: &[&str] = match release {
-        Release::Installed => &["plugins", "io.containerd.grpc.v1.cri", "containerd", "snapshotter"],
-        Release::V2(_) => &["plugins", "io.containerd.cri.v1.images", "snapshotter"],
+    let path: &[&str] = if release.reads_config_v3() {
+        &["plugins", "io.containerd.cri.v1.images", "snapshotter"]
+    } else {
+        &["plugins", "io.containerd.grpc.v1.cri", "containerd", "snapshotter"]
     };
     let (last, tables) = path.split_last().unwrap();
     let mut t = &doc;
@@ -158,9 +159,16 @@ fn read(path: &Path) -> String {
 fn containerd_1_6_default_config() {
     common::require_root();
     common::require_tool("containerd", "containerd");
-    let out = run_ok(Command::new("containerd").args(["config", "default"]));
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = Release::Installed.config_default();
     case("1.6 default", Release::Installed, &[("config.toml", text)], false);
+}
+
+#[test]
+fn containerd_1_7_default_config() {
+    common::require_root();
+    let release = Release::v1_7();
+    let text = release.config_default();
+    case("1.7 default", release, &[("config.toml", text)], false);
 }
 
 #[test]

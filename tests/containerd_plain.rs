@@ -46,6 +46,12 @@ async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs() {
     plain_image_on(Release::Installed).await;
 }
 
+/// The same on containerd 1.7 (Debian trixie's package, unpacked by `scripts/test.sh`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs_with_containerd_1_7() {
+    plain_image_on(Release::v1_7()).await;
+}
+
 /// The same on containerd 2.x, where `ctr images pull` unpacks through the transfer service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_image_runs_on_lazyblob_as_on_overlayfs_with_containerd_2() {

@@ -1,4 +1,4 @@
-//! A real `containerd` for the tests (Debian's 1.6, or 2.x unpacked by `scripts/test.sh`): a
+//! A real `containerd` for the tests (Debian's 1.6, or 1.7 and 2.x unpacked by `scripts/test.sh`): a
 //! private root, state and socket, the lazyblob proxy snapshotter, optionally the CRI plugin
 //! (pulling with lazyblob and snapshot annotations, as a Kubernetes node would); a CRI
 //! image-service client (`k8s-cri`, what kubelet calls). Stopped with its shims and mounts on
@@ -23,25 +23,35 @@ pub struct Cri<'a> {
 pub enum Release {
     /// Debian's installed `containerd` (1.6), `deploy/containerd/config-v2.toml`.
     Installed,
+    /// containerd 1.7 binaries in this directory (Debian trixie's package unpacked by
+    /// `scripts/test.sh`), `deploy/containerd/config-v2.toml`.
+    V1_7(PathBuf),
     /// containerd 2.x binaries in this directory (Debian's package unpacked by
     /// `scripts/test.sh`), `deploy/containerd/config-v3.toml`.
     V2(PathBuf),
 }
 
 impl Release {
+    /// containerd 1.7 as `scripts/test.sh` unpacks it (`$LAZYBLOB_CONTAINERD17` overrides).
+    pub fn v1_7() -> Release {
+        Release::V1_7(unpacked("LAZYBLOB_CONTAINERD17", "containerd-1.7", "1.7"))
+    }
+
     /// containerd 2.x as `scripts/test.sh` unpacks it (`$LAZYBLOB_CONTAINERD2` overrides).
     pub fn v2() -> Release {
-        let dir = std::env::var_os("LAZYBLOB_CONTAINERD2")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/containerd-2/usr/bin"));
-        super::require(
-            dir.join("containerd").is_file() && dir.join("ctr").is_file(),
-            &format!(
-                "containerd 2.x in {} (scripts/test.sh downloads Debian's package with apt-get)",
-                dir.display()
-            ),
-        );
-        Release::V2(dir)
+        Release::V2(unpacked("LAZYBLOB_CONTAINERD2", "containerd-2", "2.x"))
+    }
+
+    /// Whether this release reads config version 3 (`config-v3.toml`), where the CRI
+    /// plugin's settings moved to `io.containerd.cri.v1.*`; 1.6 and 1.7 read version 2.
+    pub fn reads_config_v3(&self) -> bool {
+        matches!(self, Release::V2(_))
+    }
+
+    /// `containerd config default` of this release.
+    pub fn config_default(&self) -> String {
+        let out = super::procs::run_ok(Command::new(self.binary("containerd")).args(["config", "default"]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `containerd config dump` of `config`: the configuration this release would run with
@@ -57,11 +67,47 @@ impl Release {
     }
 
     fn binary(&self, name: &str) -> PathBuf {
-        match self {
-            Release::Installed => PathBuf::from(name),
-            Release::V2(dir) => dir.join(name),
+        match self.bin_dir() {
+            None => PathBuf::from(name),
+            Some(dir) => dir.join(name),
         }
     }
+
+    /// Where an unpacked release's binaries (its shim among them) are.
+    fn bin_dir(&self) -> Option<&Path> {
+        match self {
+            Release::Installed => None,
+            Release::V1_7(dir) | Release::V2(dir) => Some(dir),
+        }
+    }
+
+    /// What `ctr version` reports as the server's version, for an unpacked release.
+    fn version_prefix(&self) -> Option<&'static str> {
+        match self {
+            Release::Installed => None,
+            Release::V1_7(_) => Some("1.7."),
+            Release::V2(_) => Some("2."),
+        }
+    }
+}
+
+/// The directory of containerd `what` unpacked by `scripts/test.sh` into `target/<subdir>`,
+/// or the one `$<env>` names; the test fails if its `containerd` and `ctr` are not there.
+fn unpacked(env: &str, subdir: &str, what: &str) -> PathBuf {
+    let dir = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join(subdir)
+            .join("usr/bin")
+    });
+    super::require(
+        dir.join("containerd").is_file() && dir.join("ctr").is_file(),
+        &format!(
+            "containerd {what} in {} (scripts/test.sh downloads Debian's package with apt-get)",
+            dir.display()
+        ),
+    );
+    dir
 }
 
 /// A real containerd with a private root, state and socket; stopped (with its shims and
@@ -86,9 +132,10 @@ impl Containerd {
         std::fs::create_dir_all(dir.join("cni-bin")).unwrap();
         std::fs::create_dir_all(dir.join("cni-conf")).unwrap();
         let socket = dir.join("containerd.sock");
-        let config = match release {
-            Release::Installed => config_v2(dir, &socket, snapshotter_socket, cri),
-            Release::V2(_) => config_v3(dir, &socket, snapshotter_socket, cri),
+        let config = if release.reads_config_v3() {
+            config_v3(dir, &socket, snapshotter_socket, cri)
+        } else {
+            config_v2(dir, &socket, snapshotter_socket, cri)
         };
         std::fs::write(dir.join("config.toml"), config).unwrap();
         Containerd::start_with_config(release, dir, &dir.join("config.toml"))
@@ -105,10 +152,10 @@ impl Containerd {
         let socket = dir.join("containerd.sock");
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
         let mut cmd = Command::new(release.binary("containerd"));
-        if let Release::V2(bin) = &release {
+        if let Some(bin) = release.bin_dir() {
             // its own shim first
             let path = std::env::var_os("PATH").unwrap_or_default();
-            let paths = std::iter::once(bin.clone()).chain(std::env::split_paths(&path).collect::<Vec<_>>());
+            let paths = std::iter::once(bin.to_path_buf()).chain(std::env::split_paths(&path).collect::<Vec<_>>());
             cmd.env("PATH", std::env::join_paths(paths).unwrap());
         }
         let child = cmd
@@ -139,10 +186,13 @@ impl Containerd {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        if let Release::V2(_) = &c.release {
+        if let Some(prefix) = c.release.version_prefix() {
             let version = c.ctr_ok(&["version"]);
             let server = version.split("Server:").nth(1).unwrap_or_default();
-            assert!(server.contains("Version:  2."), "not containerd 2.x:\n{version}");
+            assert!(
+                server.contains(&format!("Version:  {prefix}")),
+                "not containerd {prefix}x:\n{version}"
+            );
         }
         c
     }
