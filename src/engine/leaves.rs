@@ -80,6 +80,18 @@ impl DataBlob {
         })
     }
 
+    /// Leaves of a whole table chunk (0 without leaves).
+    pub fn leaves_per_chunk(&self) -> u64 {
+        self.leaves.as_ref().map_or(0, |l| l.layout.leaves_of(self.table_chunk))
+    }
+
+    /// Leaves of table chunk `c` (the last one may be short; 0 without leaves).
+    pub fn leaves_in(&self, c: u64) -> u64 {
+        self.leaves
+            .as_ref()
+            .map_or(0, |l| l.layout.leaves_of(self.chunk_len(c)))
+    }
+
     /// Bytes of table chunk `c`.
     fn chunk_len(&self, c: u64) -> u64 {
         let geo = ChunkGeometry::new(self.table_chunk, self.table_chunk, self.source.size);

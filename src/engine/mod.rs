@@ -266,6 +266,16 @@ impl Engine {
         }
     }
 
+    /// Whether table chunk `chunk` of `blob` is being fetched whole, or was just fetched and
+    /// not yet stored: a read of it joins that fetch rather than reading its leaves.
+    pub fn fetching(&self, blob: &DataBlob, chunk: u64) -> bool {
+        let geo = ChunkGeometry::new(self.cfg.chunk_size, blob.table_chunk, blob.source.size);
+        let unit = geo.chunks_for(chunk * blob.table_chunk, 1).start;
+        let key = inflight::ChunkKey::new(blob.key(), unit);
+        let st = self.inflight.lock();
+        st.running.contains_key(&key) || st.recent.contains(&key)
+    }
+
     /// Fetch units currently tracked by the in-flight LRU.
     pub fn inflight_len(&self) -> usize {
         self.inflight.len()

@@ -6,6 +6,7 @@ pub mod cachefiles;
 pub mod fanotify;
 pub mod fdpass;
 pub mod guard;
+pub mod leaf_book;
 pub mod mount;
 pub mod readahead;
 pub(crate) mod wire;

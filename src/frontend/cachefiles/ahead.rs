@@ -167,6 +167,20 @@ impl Cachefiles {
         let per_run = (self.engine.merge_max() / blob.table_chunk).max(1);
         let mut written = 0;
         for run in runs {
+            // chunks a random reader left with some leaves: the rest of their leaves
+            for c in run
+                .clone()
+                .filter(|&c| obj.leaves.missing(c, blob.leaves_per_chunk()).is_some())
+            {
+                match self.write_rest(obj, blob, c).await {
+                    Ok(true) => written += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, object = %obj.name, chunk = c, "the rest of a chunk's leaves not written");
+                        return None;
+                    }
+                }
+            }
             let todo = claim(obj, blob, run.clone());
             for sub in consecutive(&todo, per_run) {
                 let units = match self.fetch_units(blob, &sub) {
@@ -199,11 +213,15 @@ impl Cachefiles {
     }
 }
 
-/// The chunks of `range` neither in the object's cache file nor being written, now marked as
+/// The chunks of `range` neither in the object's cache file (whole or in part, by leaves) nor
+/// being written, now marked as
 /// being written (by whoever calls: [`Cachefiles::write_ahead`] unmarks each unit it handles).
 fn claim(obj: &Object, blob: &DataBlob, range: Range<u64>) -> Vec<u64> {
+    let per_chunk = blob.leaves_per_chunk();
     range
         .filter(|&c| !in_cache(obj, blob, c))
+        // a chunk with leaves here is left to its reader, who reads the rest of its leaves
+        .filter(|&c| obj.leaves.missing(c, per_chunk).is_none())
         .filter(|&c| lock(&obj.writing).insert(c))
         .collect()
 }

@@ -3,13 +3,15 @@
 //!
 //! `protocol` parses and encodes the messages, `device` holds the syscalls, `serve` is the
 //! event loop that answers OPEN/READ/CLOSE concurrently, `ahead` writes ahead of sequential
-//! readers (through recycled aligned `buffers`), `failover` hands the cache over across restarts.
+//! readers (through recycled aligned `buffers`), `leaves` serves random READs by their leaves,
+//! `failover` hands the cache over across restarts.
 
 mod ahead;
 mod buffers;
 pub mod device;
 mod failover;
 mod fill;
+mod leaves;
 pub mod protocol;
 pub mod serve;
 

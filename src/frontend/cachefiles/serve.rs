@@ -22,6 +22,7 @@ use super::protocol::{erofs_fsid, Command, Message, MSG_MAX_SIZE};
 use crate::catalog::{Catalog, Target};
 use crate::engine::Engine;
 use crate::frontend::admission::Admission;
+use crate::frontend::leaf_book::LeafBook;
 use crate::frontend::readahead::ReadAhead;
 
 /// Counters exported in `status`.
@@ -47,6 +48,8 @@ pub struct CachefilesStats {
     pub units_startup: AtomicU64,
     /// Units written by the background fill of quiet objects.
     pub units_background: AtomicU64,
+    /// READs served by their leaves alone (format 3).
+    pub leaf_reads: AtomicU64,
     /// Read latencies for the metrics endpoint.
     #[serde(skip)]
     pub read_times: crate::metrics::ReadTimes,
@@ -67,6 +70,10 @@ pub(super) struct Object {
     pub(super) last_read: Mutex<Instant>,
     /// A background fill task runs for it.
     pub(super) filling: AtomicBool,
+    /// Leaves its random READs wrote (format 3), and leaf reads under way.
+    pub(super) leaves: LeafBook,
+    /// Where its last READ ended (`u64::MAX`: none yet).
+    pub(super) read_end: AtomicU64,
 }
 
 impl Object {
@@ -86,6 +93,8 @@ impl Object {
             writing: Mutex::new(HashSet::new()),
             last_read: Mutex::new(Instant::now()),
             filling: AtomicBool::new(false),
+            leaves: LeafBook::default(),
+            read_end: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -312,28 +321,48 @@ impl Cachefiles {
             Target::Meta(_) => None,
         };
         let (start, end) = span(offset, len, chunks);
+        let mut leaves = None;
         if let (Some((chunk, _)), Target::Data(_, blob)) = (chunks, &obj.target) {
+            leaves = self.leaf_read(&obj, blob, offset, len);
             self.recorder.read(blob, offset, len);
             self.read_ahead(&obj, start / chunk, (end - 1) / chunk);
             self.start_fill(&obj);
         }
-        let filled = self.fill(&obj, start, end - start).await;
+        // a random READ: its leaves; else (or if they fail) the chunks it touches
+        let by_leaves = match (&leaves, &obj.target) {
+            (Some(plan), Target::Data(_, blob)) => match self.leaves_bufs(blob, plan).await {
+                Ok(bufs) => Some(bufs),
+                Err(e) => {
+                    tracing::debug!(error = %e, "leaf read failed: fetching the whole chunk");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let leaf_spans = match (&by_leaves, &leaves) {
+            (Some(_), Some(plan)) => plan.spans.clone(),
+            _ => Vec::new(),
+        };
+        let filled = match by_leaves {
+            Some(bufs) => Ok(bufs),
+            None => self.fill(&obj, start, end - start).await.map(|buf| vec![(buf, start)]),
+        };
         let ok = filled.is_ok();
-        let stats_obj = Arc::clone(&obj);
+        let writer = Arc::clone(&obj);
         let done = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let mut written = 0;
-            let write_result = match filled {
-                Ok(buf) => obj.fd.write_all_at(&buf, start).map(|()| {
-                    written = buf.as_slice().len() as u64;
-                }),
-                Err(e) => Err(e),
-            };
+            let written = filled.and_then(|bufs| super::leaves::write_bufs(&writer, &bufs));
             // Always complete: an unwritten range gives the reader EIO instead of a hang.
-            let complete = obj.fd.read_complete(msg_id);
-            write_result.and(complete).map(|()| written)
+            let complete = writer.fd.read_complete(msg_id);
+            written.and_then(|n| complete.map(|()| n))
         })
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)));
+        if done.is_ok() {
+            for &s in &leaf_spans {
+                obj.leaves.written(s);
+            }
+        }
+        drop(leaves);
         match done {
             Ok(n) => {
                 self.stats.bytes_written.fetch_add(n, Relaxed);
@@ -342,7 +371,7 @@ impl Cachefiles {
             }
             Err(e) => {
                 self.stats.reads_failed.fetch_add(1, Relaxed);
-                tracing::warn!(latency_us = t0.elapsed().as_micros() as u64, fetched = ok, error = %e, object = %stats_obj.name, msg_id, offset, len, "READ failed: reader gets EIO");
+                tracing::warn!(latency_us = t0.elapsed().as_micros() as u64, fetched = ok, error = %e, object = %obj.name, msg_id, offset, len, "READ failed: reader gets EIO");
             }
         }
     }

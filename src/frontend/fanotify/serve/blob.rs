@@ -2,7 +2,7 @@
 //! when an image is mounted, its metadata pinned in memory), which of its chunks are
 //! verified, and its completion: once every chunk is there, its events stop.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -15,6 +15,7 @@ use super::{cache, sys, FanotifyFrontend};
 use crate::catalog::Image;
 use crate::engine::chunks::{consecutive, ChunkGeometry};
 use crate::engine::DataBlob;
+use crate::frontend::leaf_book::LeafBook;
 use crate::frontend::readahead::ReadAhead;
 use crate::lock::lock;
 
@@ -41,11 +42,9 @@ pub(super) struct CachedBlob {
     pub(super) last_read: Mutex<Instant>,
     /// The runs of chunks a startup prefetch is fetching.
     pub(super) planned: Mutex<Vec<std::ops::Range<u64>>>,
-    /// (chunk, leaf) of the leaves written in this run into chunks not verified whole.
-    pub(super) leaves_written: Mutex<BTreeSet<(u64, u64)>>,
-    /// Chunks whose leaves a reader is reading now: a concurrent miss in one fetches it
-    /// whole (through the engine's single flight) instead of more leaves.
-    pub(super) leaf_reads: Mutex<HashSet<u64>>,
+    /// The leaves written in this run into chunks not verified whole, and the leaf reads
+    /// under way.
+    pub(super) leaves: LeafBook,
     /// A background fill task runs for this blob.
     pub(super) filling: AtomicBool,
     /// Every chunk is on disk and the mark is gone.
@@ -145,8 +144,7 @@ impl FanotifyFrontend {
                     write_lock: Mutex::new(()),
                     storing: Mutex::new(HashSet::new()),
                     last_read: Mutex::new(Instant::now()),
-                    leaves_written: Mutex::new(BTreeSet::new()),
-                    leaf_reads: Mutex::new(HashSet::new()),
+                    leaves: LeafBook::default(),
                     planned: Mutex::new(Vec::new()),
                     filling: AtomicBool::new(false),
                     complete: AtomicBool::new(false),

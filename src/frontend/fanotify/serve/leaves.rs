@@ -18,46 +18,26 @@ use std::sync::Arc;
 use super::blob::CachedBlob;
 use super::{cache, FanotifyFrontend};
 use crate::engine::leaves::LeafSpan;
+use crate::engine::Engine;
+use crate::frontend::leaf_book::LeafRead;
 use crate::lock::lock;
 
 impl CachedBlob {
     /// Whether every leaf of `span` was written in this run.
     pub(super) fn has_leaves(&self, span: LeafSpan) -> bool {
-        let w = lock(&self.leaves_written);
-        (span.first..span.end).all(|l| w.contains(&(span.chunk, l)))
+        self.leaves.has(span)
     }
 
-    /// Whether a miss of `span` (its chunk missing) is served by its leaves: no startup
-    /// prefetch is about to fetch the chunk whole, no sequential reader reaches it, fewer
-    /// than a quarter of its leaves would be here with these, and no leaf read of it is under
-    /// way. The chunk is then taken until [`leaf_read_done`](Self::leaf_read_done), so a
-    /// concurrent miss in it fetches it whole.
-    fn leaves_first(&self, span: LeafSpan) -> bool {
-        let leaves_per_chunk = self
-            .blob
-            .leaves
-            .as_ref()
-            .map_or(0, |l| l.layout.leaves_of(self.blob.table_chunk));
-        if lock(&self.planned).iter().any(|r| r.contains(&span.chunk)) || lock(&self.ahead).continues(span.chunk) {
-            return false;
+    /// The chunk of `span` taken for a leaf read, if that is how its miss (its chunk
+    /// missing) is served: no startup prefetch is about to fetch the chunk whole, no
+    /// sequential reader reaches it, no fetch of it whole is under way, and the book's rule (a quarter of the chunk, one leaf
+    /// read at a time) allows it.
+    fn leaves_first(&self, span: LeafSpan, engine: &Engine) -> Option<LeafRead<'_>> {
+        let planned = lock(&self.planned).iter().any(|r| r.contains(&span.chunk));
+        if planned || lock(&self.ahead).continues(span.chunk) || engine.fetching(&self.blob, span.chunk) {
+            return None;
         }
-        let here = lock(&self.leaves_written)
-            .range((span.chunk, 0)..(span.chunk + 1, 0))
-            .count() as u64;
-        if (here + span.end - span.first) * 4 > leaves_per_chunk {
-            return false;
-        }
-        lock(&self.leaf_reads).insert(span.chunk)
-    }
-
-    /// The leaf read of `span`'s chunk ended (whatever its outcome).
-    fn leaf_read_done(&self, span: LeafSpan) {
-        lock(&self.leaf_reads).remove(&span.chunk);
-    }
-
-    /// Leaves of `span` are in the cache file: served from there from now on.
-    fn leaves_are_written(&self, span: LeafSpan) {
-        lock(&self.leaves_written).extend((span.first..span.end).map(|l| (span.chunk, l)));
+        self.leaves.take(span, self.blob.leaves_per_chunk())
     }
 }
 
@@ -72,16 +52,14 @@ impl FanotifyFrontend {
         via: &Arc<File>,
     ) -> io::Result<bool> {
         if self.leaves_on_disk(cached, span, via).await? {
-            cached.leaves_are_written(span);
+            cached.leaves.written(span);
             self.stats.leaves_present.fetch_add(1, Relaxed);
             return Ok(true);
         }
-        if !cached.leaves_first(span) {
+        let Some(_taken) = cached.leaves_first(span, &self.engine) else {
             return Ok(false);
-        }
-        let read = self.read_and_write_leaves(cached, span, via).await;
-        cached.leaf_read_done(span);
-        read
+        };
+        self.read_and_write_leaves(cached, span, via).await
     }
 
     /// Fetch the leaves of `span` and write them; `false` if the leaf read failed.
@@ -100,7 +78,7 @@ impl FanotifyFrontend {
         };
         self.write_urgent(cached, piece.data, piece.offset, Arc::clone(via))
             .await?;
-        cached.leaves_are_written(span);
+        cached.leaves.written(span);
         Ok(true)
     }
 

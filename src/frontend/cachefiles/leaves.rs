@@ -1,0 +1,180 @@
+//! READs served by their leaves (format 3): a short READ (at most 64 KiB: a random reader's)
+//! inside one chunk, not where the last READ ended, that no sequential reader reaches, no
+//! read-ahead is writing and no READ is fetching whole fetches only the 16 KiB leaves it covers, verified
+//! against the chunk's slot of leaf values, and writes them through the object's anonymous fd.
+//! The kernel then reads them from the cache file and asks only for the holes around them,
+//! so a re-read never reaches the daemon. Past the book's quarter (`frontend::leaf_book`) a
+//! READ in a chunk with leaves here reads the rest of the chunk's leaves in one request, so no
+//! byte is fetched twice; a chunk without any is fetched whole. A leaf read that fails is
+//! followed by the whole-chunk path, with its retries and its check against the chunk digest.
+
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use super::buffers::{self, WriteBuf};
+use super::device::DIO_ALIGN;
+use super::serve::{Cachefiles, Object};
+use crate::engine::leaves::LeafSpan;
+use crate::engine::DataBlob;
+use crate::frontend::fanotify::cache::is_data;
+use crate::frontend::leaf_book::LeafRead;
+use crate::lock::lock;
+use nix::unistd::{lseek, Whence};
+
+/// The longest READ served by leaves: a longer one is the kernel's read-ahead for a reader it
+/// sees as sequential (128 KiB for a file read from its start), which goes on into the rest
+/// of the chunk; fetching its leaves first would fetch them twice.
+const LEAF_READ_MAX: u64 = 64 << 10;
+
+/// Runs of missing leaves read side by side for the rest of a chunk; a chunk with more is
+/// read from its first missing leaf to its last in one request (the leaves between that are
+/// here come twice).
+const REST_RUNS_MAX: usize = 8;
+
+/// The leaves a READ or a fill writes (each span one request), with their chunk taken.
+pub(super) struct LeafPlan<'a> {
+    pub(super) spans: Vec<LeafSpan>,
+    _taken: LeafRead<'a>,
+}
+
+impl Cachefiles {
+    /// The leaves that serve a READ of `[offset, offset + len)` of `blob`, with their chunk
+    /// taken for the read; `None`: the READ is served by whole chunks. Asked before the READ
+    /// counts as a miss for read-ahead, so a READ right behind a sequential reader's is seen
+    /// as sequential.
+    pub(super) fn leaf_read<'a>(
+        &self,
+        obj: &'a Object,
+        blob: &DataBlob,
+        offset: u64,
+        len: u64,
+    ) -> Option<LeafPlan<'a>> {
+        // a READ right where the last one ended continues a sequential reader's run
+        let follows = obj.read_end.swap(offset.saturating_add(len), Relaxed) == offset;
+        let span = blob.leaf_span(offset, len)?;
+        // what is written must cover the READ (its last leaf rounded up for direct I/O)
+        let covered = span.stop.div_ceil(DIO_ALIGN as u64) * DIO_ALIGN as u64;
+        if offset.saturating_add(len) > covered || span.start % DIO_ALIGN as u64 != 0 {
+            return None;
+        }
+        // a chunk read ahead, or fetched whole for another READ: this one joins that fetch
+        if lock(&obj.writing).contains(&span.chunk) || self.engine.fetching(blob, span.chunk) {
+            return None;
+        }
+        let random = !follows && len <= LEAF_READ_MAX && !lock(&obj.ahead).continues(span.chunk);
+        if random {
+            if let Some(taken) = obj.leaves.take(span, blob.leaves_per_chunk()) {
+                return Some(LeafPlan {
+                    spans: vec![span],
+                    _taken: taken,
+                });
+            }
+        }
+        // a sequential reader, or a random one past the quarter, in a chunk some of whose
+        // leaves are here: the rest of the chunk's leaves (fetched whole, the chunk would
+        // bring those twice); a chunk without any is fetched whole
+        rest_plan(obj, blob, span.chunk)
+    }
+
+    /// The leaves of `plan`, fetched side by side and verified, each in an aligned buffer
+    /// (zeros past the blob's end) with the offset it is written at.
+    pub(super) async fn leaves_bufs(
+        &self,
+        blob: &Arc<DataBlob>,
+        plan: &LeafPlan<'_>,
+    ) -> io::Result<Vec<(WriteBuf, u64)>> {
+        let reads = plan.spans.iter().map(|&span| async move {
+            let piece = self.engine.read_leaves(blob, span).await.map_err(io::Error::other)?;
+            let buf = buffers::holding(&self.bufs, &piece.data)?;
+            self.stats.leaf_reads.fetch_add(1, Relaxed);
+            Ok::<_, io::Error>((buf, span.start))
+        });
+        futures::future::try_join_all(reads).await
+    }
+
+    /// Complete chunk `c` of `blob`, some of whose leaves are here, by the rest of its leaves
+    /// (checked by its leaves): what the background fill does with such a chunk instead of
+    /// fetching it whole. `Ok(false)`: nothing to do, or a READ is reading its leaves now.
+    pub(super) async fn write_rest(&self, obj: &Arc<Object>, blob: &Arc<DataBlob>, c: u64) -> io::Result<bool> {
+        let Some(plan) = rest_plan(obj, blob, c) else {
+            return Ok(false);
+        };
+        let bufs = self.leaves_bufs(blob, &plan).await?;
+        let o = Arc::clone(obj);
+        let n = tokio::task::spawn_blocking(move || write_bufs(&o, &bufs))
+            .await
+            .map_err(io::Error::other)??;
+        for &s in &plan.spans {
+            obj.leaves.written(s);
+        }
+        self.stats.bytes_written.fetch_add(n, Relaxed);
+        Ok(true)
+    }
+}
+
+/// Write `bufs` (each with its offset) through `obj`'s anonymous fd; the bytes written.
+pub(super) fn write_bufs(obj: &Object, bufs: &[(WriteBuf, u64)]) -> io::Result<u64> {
+    let mut n = 0;
+    for (buf, at) in bufs {
+        obj.fd.write_all_at(buf, *at)?;
+        n += buf.as_slice().len() as u64;
+    }
+    Ok(n)
+}
+
+/// The rest of chunk `c` by leaves, with the chunk taken: its runs of missing leaves, or one
+/// span from the first to the last of them past [`REST_RUNS_MAX`] runs. `None` if none of
+/// its leaves is here (in the book, or on disk from an earlier run), none is missing, or a
+/// leaf read of it is under way.
+fn rest_plan<'a>(obj: &'a Object, blob: &DataBlob, c: u64) -> Option<LeafPlan<'a>> {
+    let leaves = blob.leaves_in(c);
+    let runs = match obj.leaves.missing(c, leaves) {
+        Some(r) => r,
+        None => {
+            leaves_on_disk(obj, blob, c);
+            obj.leaves.missing(c, leaves)?
+        }
+    };
+    let (first, last) = (runs.first()?.start, runs.last()?.end);
+    let runs = if runs.len() > REST_RUNS_MAX {
+        std::iter::once(first..last).collect()
+    } else {
+        runs
+    };
+    let leaf = blob.leaves.as_ref()?.layout.leaf_size;
+    let at = |r: &std::ops::Range<u64>| blob.leaf_span(c * blob.table_chunk + r.start * leaf, (r.end - r.start) * leaf);
+    let spans: Option<Vec<LeafSpan>> = runs.iter().map(at).collect();
+    let spans = spans?;
+    let taken = obj.leaves.take_chunk(c)?;
+    Some(LeafPlan { spans, _taken: taken })
+}
+
+/// Enter in the book the leaves of chunk `c` an earlier run wrote: the ranges of the cache
+/// file that hold data (the kernel reads those without asking, as it reads whole chunks a
+/// daemon wrote before a restart). One `lseek` when the chunk holds no data.
+fn leaves_on_disk(obj: &Object, blob: &DataBlob, c: u64) {
+    let Some(l) = blob.leaves.as_ref().map(|l| l.layout) else {
+        return;
+    };
+    let (cs, ce) = (c * blob.table_chunk, ((c + 1) * blob.table_chunk).min(blob.source.size));
+    match lseek(obj.fd.as_fd(), cs as i64, Whence::SeekData) {
+        Ok(d) if (d as u64) < ce => {}
+        _ => return,
+    }
+    for leaf in 0..blob.leaves_in(c) {
+        let (s, e) = (cs + leaf * l.leaf_size, (cs + (leaf + 1) * l.leaf_size).min(ce));
+        if is_data(&obj.fd, s, e).unwrap_or(false) {
+            obj.leaves.written(LeafSpan {
+                chunk: c,
+                first: leaf,
+                end: leaf + 1,
+                start: s,
+                stop: e,
+            });
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! What one blob's random readers got by their leaves (format 3), for either frontend: the
+//! leaves written in this run into chunks not fetched whole, and the chunks whose leaf read
+//! is under way. A miss is served by its leaves only while fewer than a quarter of its
+//! chunk's leaves would be here with its own (a reader that keeps coming back to a chunk
+//! reads around, and one request for the chunk costs less than many for its leaves) and no
+//! leaf read of the chunk is under way (a concurrent miss fetches the chunk whole, once for
+//! every such reader, through the engine's single flight).
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Mutex;
+
+use crate::engine::leaves::LeafSpan;
+use crate::lock::lock;
+
+/// The leaves of one blob's chunks written in this run, and the leaf reads under way.
+#[derive(Debug, Default)]
+pub struct LeafBook {
+    /// (chunk, leaf) of every leaf written.
+    written: Mutex<BTreeSet<(u64, u64)>>,
+    /// Chunks whose leaves a reader is reading now.
+    reading: Mutex<HashSet<u64>>,
+}
+
+/// A chunk taken for one leaf read; released when dropped, whatever the read's outcome.
+#[derive(Debug)]
+pub struct LeafRead<'a> {
+    book: &'a LeafBook,
+    chunk: u64,
+}
+
+impl Drop for LeafRead<'_> {
+    fn drop(&mut self) {
+        lock(&self.book.reading).remove(&self.chunk);
+    }
+}
+
+impl LeafBook {
+    /// Whether every leaf of `span` was written in this run.
+    pub fn has(&self, span: LeafSpan) -> bool {
+        let w = lock(&self.written);
+        (span.first..span.end).all(|l| w.contains(&(span.chunk, l)))
+    }
+
+    /// Take `span`'s chunk for a leaf read if that is how its miss is served: fewer than a
+    /// quarter of the chunk's `per_chunk` leaves here with these, and no leaf read of the
+    /// chunk under way. `None`: fetch the chunk whole.
+    pub fn take(&self, span: LeafSpan, per_chunk: u64) -> Option<LeafRead<'_>> {
+        let here = lock(&self.written).range((span.chunk, 0)..(span.chunk + 1, 0)).count() as u64;
+        if (here + span.end - span.first) * 4 > per_chunk {
+            return None;
+        }
+        // (a guard is made only once taken: dropping one releases the chunk)
+        self.take_chunk(span.chunk)
+    }
+
+    /// The runs of leaves of `chunk` (of `per_chunk`) not written, in order; `None` if none
+    /// of its leaves was written.
+    pub fn missing(&self, chunk: u64, per_chunk: u64) -> Option<Vec<std::ops::Range<u64>>> {
+        let w = lock(&self.written);
+        let here: Vec<u64> = w.range((chunk, 0)..(chunk + 1, 0)).map(|&(_, l)| l).collect();
+        if here.is_empty() {
+            return None;
+        }
+        let mut runs = Vec::new();
+        let mut from = 0;
+        for l in here.into_iter().chain([per_chunk]) {
+            if l > from {
+                runs.push(from..l.min(per_chunk));
+            }
+            from = l + 1;
+        }
+        Some(runs)
+    }
+
+    /// Take `chunk` for a read of the rest of its leaves, if no leaf read of it is under way.
+    pub fn take_chunk(&self, chunk: u64) -> Option<LeafRead<'_>> {
+        let taken = lock(&self.reading).insert(chunk);
+        taken.then(|| LeafRead { book: self, chunk })
+    }
+
+    /// The leaves of `span` are in the cache file.
+    pub fn written(&self, span: LeafSpan) {
+        lock(&self.written).extend((span.first..span.end).map(|l| (span.chunk, l)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(chunk: u64, first: u64, end: u64) -> LeafSpan {
+        LeafSpan {
+            chunk,
+            first,
+            end,
+            start: 0,
+            stop: 0,
+        }
+    }
+
+    #[test]
+    fn a_quarter_of_a_chunk_by_leaves_then_whole() {
+        let book = LeafBook::default();
+        // 64 leaves a chunk: up to 16 by leaves
+        let first = book.take(span(3, 0, 8), 64).expect("a first leaf read");
+        // a concurrent miss in the same chunk: whole; another chunk: its own leaves
+        assert!(book.take(span(3, 20, 21), 64).is_none());
+        assert!(book.take(span(4, 0, 1), 64).is_some());
+        book.written(span(3, 0, 8));
+        drop(first);
+        assert!(book.has(span(3, 2, 5)) && !book.has(span(3, 7, 9)));
+        // 8 here + 8 more = a quarter: still leaves; then 16 + 1 is past it
+        let second = book.take(span(3, 8, 16), 64).expect("up to a quarter");
+        book.written(span(3, 8, 16));
+        drop(second);
+        assert!(book.take(span(3, 40, 41), 64).is_none());
+        assert!(book.take(span(5, 0, 17), 64).is_none(), "one read past a quarter");
+        // the rest of chunk 3: leaves 16..64; of a chunk with leaves here and there, the
+        // runs between them; none of a chunk without any, nothing of a chunk all here
+        assert_eq!(book.missing(3, 64), Some(std::iter::once(16..64).collect::<Vec<_>>()));
+        book.written(span(7, 0, 2));
+        book.written(span(7, 5, 6));
+        book.written(span(7, 60, 64));
+        assert_eq!(book.missing(7, 64), Some(vec![2..5, 6..60]));
+        assert_eq!(book.missing(9, 64), None);
+        book.written(span(9, 0, 64));
+        assert_eq!(book.missing(9, 64), Some(vec![]), "all here");
+        let t = book.take_chunk(7).expect("not being read");
+        assert!(book.take_chunk(7).is_none());
+        drop(t);
+        assert!(book.take_chunk(7).is_some());
+    }
+}
