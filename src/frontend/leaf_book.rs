@@ -3,11 +3,16 @@
 //! is under way. A miss is served by its leaves only while fewer than a quarter of its
 //! chunk's leaves would be here with its own (a reader that keeps coming back to a chunk
 //! reads around, and one request for the chunk costs less than many for its leaves) and no
-//! leaf read of the chunk is under way (a concurrent miss fetches the chunk whole, once for
-//! every such reader, through the engine's single flight).
+//! leaf read of the chunk is under way. What a concurrent miss does is the frontend's: the
+//! fanotify one fetches the chunk whole (once for every such reader, through the engine's
+//! single flight), the cachefiles one waits for that read ([`LeafBook::wait_for`]) and then
+//! reads the rest of the chunk's leaves, so no byte comes twice.
 
-use std::collections::{BTreeSet, HashSet};
-use std::sync::Mutex;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
 
 use crate::engine::leaves::LeafSpan;
 use crate::lock::lock;
@@ -17,8 +22,9 @@ use crate::lock::lock;
 pub struct LeafBook {
     /// (chunk, leaf) of every leaf written.
     written: Mutex<BTreeSet<(u64, u64)>>,
-    /// Chunks whose leaves a reader is reading now.
-    reading: Mutex<HashSet<u64>>,
+    /// Chunks whose leaves a reader is reading now, each with what wakes those waiting for
+    /// that read to end.
+    reading: Mutex<HashMap<u64, Arc<Notify>>>,
 }
 
 /// A chunk taken for one leaf read; released when dropped, whatever the read's outcome.
@@ -30,7 +36,9 @@ pub struct LeafRead<'a> {
 
 impl Drop for LeafRead<'_> {
     fn drop(&mut self) {
-        lock(&self.book.reading).remove(&self.chunk);
+        if let Some(ended) = lock(&self.book.reading).remove(&self.chunk) {
+            ended.notify_waiters();
+        }
     }
 }
 
@@ -74,8 +82,23 @@ impl LeafBook {
 
     /// Take `chunk` for a read of the rest of its leaves, if no leaf read of it is under way.
     pub fn take_chunk(&self, chunk: u64) -> Option<LeafRead<'_>> {
-        let taken = lock(&self.reading).insert(chunk);
-        taken.then(|| LeafRead { book: self, chunk })
+        let mut reading = lock(&self.reading);
+        if reading.contains_key(&chunk) {
+            return None;
+        }
+        reading.insert(chunk, Arc::new(Notify::new()));
+        Some(LeafRead { book: self, chunk })
+    }
+
+    /// Whether a leaf read of `chunk` is under way.
+    pub fn reading(&self, chunk: u64) -> bool {
+        lock(&self.reading).contains_key(&chunk)
+    }
+
+    /// The end of the leaf read of `chunk` under way, if one is (it fires even if that read
+    /// ends before it is first awaited).
+    pub fn wait_for(&self, chunk: u64) -> Option<OwnedNotified> {
+        lock(&self.reading).get(&chunk).map(|n| Arc::clone(n).notified_owned())
     }
 
     /// The leaves of `span` are in the cache file.
@@ -127,7 +150,23 @@ mod tests {
         assert_eq!(book.missing(9, 64), Some(vec![]), "all here");
         let t = book.take_chunk(7).expect("not being read");
         assert!(book.take_chunk(7).is_none());
+        let ended = book.wait_for(7).expect("a read under way");
+        assert!(book.wait_for(8).is_none());
         drop(t);
+        // the read ended before its waiter first polled: it still wakes
+        block_on_within_5s(ended);
         assert!(book.take_chunk(7).is_some());
+    }
+
+    fn block_on_within_5s(f: impl std::future::Future<Output = ()>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(5), f)
+                .await
+                .expect("woken")
+        });
     }
 }

@@ -221,7 +221,7 @@ fn claim(obj: &Object, blob: &DataBlob, range: Range<u64>) -> Vec<u64> {
     range
         .filter(|&c| !in_cache(obj, blob, c))
         // a chunk with leaves here is left to its reader, who reads the rest of its leaves
-        .filter(|&c| obj.leaves.missing(c, per_chunk).is_none())
+        .filter(|&c| obj.leaves.missing(c, per_chunk).is_none() && !obj.leaves.reading(c))
         .filter(|&c| lock(&obj.writing).insert(c))
         .collect()
 }

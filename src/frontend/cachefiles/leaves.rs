@@ -24,6 +24,7 @@ use crate::frontend::fanotify::cache::is_data;
 use crate::frontend::leaf_book::LeafRead;
 use crate::lock::lock;
 use nix::unistd::{lseek, Whence};
+use tokio::sync::futures::OwnedNotified;
 
 /// The longest READ served by leaves: a longer one is the kernel's read-ahead for a reader it
 /// sees as sequential (128 KiB for a file read from its start), which goes on into the rest
@@ -41,34 +42,54 @@ pub(super) struct LeafPlan<'a> {
     _taken: LeafRead<'a>,
 }
 
+/// How a READ of a data blob is served.
+pub(super) enum ByLeaves<'a> {
+    /// By these leaves.
+    Leaves(LeafPlan<'a>),
+    /// Its leaves were written since the kernel asked: nothing to write.
+    Here,
+    /// After the leaf read of its chunk under way ends (then asked again).
+    Wait(OwnedNotified),
+    /// By the whole chunks it touches.
+    Whole,
+}
+
 impl Cachefiles {
-    /// The leaves that serve a READ of `[offset, offset + len)` of `blob`, with their chunk
-    /// taken for the read; `None`: the READ is served by whole chunks. Asked before the READ
-    /// counts as a miss for read-ahead, so a READ right behind a sequential reader's is seen
-    /// as sequential.
+    /// How a READ of `[offset, offset + len)` of `blob` is served (`follows`: it begins where
+    /// the object's last READ ended). Asked before the READ counts as a miss for read-ahead,
+    /// so a READ right behind a sequential reader's is seen as sequential.
     pub(super) fn leaf_read<'a>(
         &self,
         obj: &'a Object,
         blob: &DataBlob,
         offset: u64,
         len: u64,
-    ) -> Option<LeafPlan<'a>> {
-        // a READ right where the last one ended continues a sequential reader's run
-        let follows = obj.read_end.swap(offset.saturating_add(len), Relaxed) == offset;
-        let span = blob.leaf_span(offset, len)?;
+        follows: bool,
+    ) -> ByLeaves<'a> {
+        let Some(span) = blob.leaf_span(offset, len) else {
+            return ByLeaves::Whole;
+        };
         // what is written must cover the READ (its last leaf rounded up for direct I/O)
         let covered = span.stop.div_ceil(DIO_ALIGN as u64) * DIO_ALIGN as u64;
         if offset.saturating_add(len) > covered || span.start % DIO_ALIGN as u64 != 0 {
-            return None;
+            return ByLeaves::Whole;
         }
         // a chunk read ahead, or fetched whole for another READ: this one joins that fetch
         if lock(&obj.writing).contains(&span.chunk) || self.engine.fetching(blob, span.chunk) {
-            return None;
+            return ByLeaves::Whole;
+        }
+        // a leaf read of the chunk under way: after it, this READ reads the rest (a whole
+        // chunk now would fetch those leaves twice)
+        if let Some(ended) = obj.leaves.wait_for(span.chunk) {
+            return ByLeaves::Wait(ended);
+        }
+        if obj.leaves.has(span) {
+            return ByLeaves::Here;
         }
         let random = !follows && len <= LEAF_READ_MAX && !lock(&obj.ahead).continues(span.chunk);
         if random {
             if let Some(taken) = obj.leaves.take(span, blob.leaves_per_chunk()) {
-                return Some(LeafPlan {
+                return ByLeaves::Leaves(LeafPlan {
                     spans: vec![span],
                     _taken: taken,
                 });
@@ -77,7 +98,10 @@ impl Cachefiles {
         // a sequential reader, or a random one past the quarter, in a chunk some of whose
         // leaves are here: the rest of the chunk's leaves (fetched whole, the chunk would
         // bring those twice); a chunk without any is fetched whole
-        rest_plan(obj, blob, span.chunk)
+        match rest_plan(obj, blob, span.chunk) {
+            Some(plan) => ByLeaves::Leaves(plan),
+            None => obj.leaves.wait_for(span.chunk).map_or(ByLeaves::Whole, ByLeaves::Wait),
+        }
     }
 
     /// The leaves of `plan`, fetched side by side and verified, each in an aligned buffer

@@ -18,6 +18,7 @@ use tracing::Instrument;
 use super::buffers::{self, WriteBuf, WriteBufs};
 use super::device::{AnonFd, Device, DIO_ALIGN};
 use super::failover;
+use super::leaves::ByLeaves;
 use super::protocol::{erofs_fsid, Command, Message, MSG_MAX_SIZE};
 use crate::catalog::{Catalog, Target};
 use crate::engine::Engine;
@@ -321,16 +322,23 @@ impl Cachefiles {
             Target::Meta(_) => None,
         };
         let (start, end) = span(offset, len, chunks);
-        let mut leaves = None;
+        let mut leaves = ByLeaves::Whole;
         if let (Some((chunk, _)), Target::Data(_, blob)) = (chunks, &obj.target) {
-            leaves = self.leaf_read(&obj, blob, offset, len);
+            // a READ right where the last one ended continues a sequential reader's run
+            let follows = obj.read_end.swap(offset.saturating_add(len), Relaxed) == offset;
+            leaves = self.leaf_read(&obj, blob, offset, len, follows);
+            while let ByLeaves::Wait(ended) = leaves {
+                ended.await;
+                leaves = self.leaf_read(&obj, blob, offset, len, follows);
+            }
             self.recorder.read(blob, offset, len);
             self.read_ahead(&obj, start / chunk, (end - 1) / chunk);
             self.start_fill(&obj);
         }
         // a random READ: its leaves; else (or if they fail) the chunks it touches
         let by_leaves = match (&leaves, &obj.target) {
-            (Some(plan), Target::Data(_, blob)) => match self.leaves_bufs(blob, plan).await {
+            (ByLeaves::Here, _) => Some(Vec::new()),
+            (ByLeaves::Leaves(plan), Target::Data(_, blob)) => match self.leaves_bufs(blob, plan).await {
                 Ok(bufs) => Some(bufs),
                 Err(e) => {
                     tracing::debug!(error = %e, "leaf read failed: fetching the whole chunk");
@@ -340,7 +348,7 @@ impl Cachefiles {
             _ => None,
         };
         let leaf_spans = match (&by_leaves, &leaves) {
-            (Some(_), Some(plan)) => plan.spans.clone(),
+            (Some(_), ByLeaves::Leaves(plan)) => plan.spans.clone(),
             _ => Vec::new(),
         };
         let filled = match by_leaves {
