@@ -49,6 +49,15 @@ impl LeafBook {
         (span.first..span.end).all(|l| w.contains(&(span.chunk, l)))
     }
 
+    /// The leaves of `span` not written: from its first missing leaf to its last (`None`: all
+    /// written).
+    pub fn unwritten(&self, span: LeafSpan) -> Option<std::ops::Range<u64>> {
+        let w = lock(&self.written);
+        let mut missing = (span.first..span.end).filter(|l| !w.contains(&(span.chunk, *l)));
+        let first = missing.next()?;
+        Some(first..missing.next_back().unwrap_or(first) + 1)
+    }
+
     /// Take `span`'s chunk for a leaf read if that is how its miss is served: fewer than a
     /// quarter of the chunk's `per_chunk` leaves here with these, and no leaf read of the
     /// chunk under way. `None`: fetch the chunk whole.
@@ -132,6 +141,8 @@ mod tests {
         book.written(span(3, 0, 8));
         drop(first);
         assert!(book.has(span(3, 2, 5)) && !book.has(span(3, 7, 9)));
+        assert_eq!(book.unwritten(span(3, 6, 10)), Some(8..10));
+        assert_eq!(book.unwritten(span(3, 2, 5)), None);
         // 8 here + 8 more = a quarter: still leaves; then 16 + 1 is past it
         let second = book.take(span(3, 8, 16), 64).expect("up to a quarter");
         book.written(span(3, 8, 16));

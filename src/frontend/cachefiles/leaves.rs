@@ -83,14 +83,18 @@ impl Cachefiles {
         if let Some(ended) = obj.leaves.wait_for(span.chunk) {
             return ByLeaves::Wait(ended);
         }
-        if obj.leaves.has(span) {
+        // the leaves of the READ not here yet (a READ beside an earlier one shares a leaf)
+        let Some(todo) = obj.leaves.unwritten(span) else {
             return ByLeaves::Here;
-        }
+        };
         let random = !follows && len <= LEAF_READ_MAX && !lock(&obj.ahead).continues(span.chunk);
-        if random {
-            if let Some(taken) = obj.leaves.take(span, blob.leaves_per_chunk()) {
+        let leaf = blob.leaves.as_ref().map_or(0, |l| l.layout.leaf_size);
+        let cs = span.chunk * blob.table_chunk;
+        let todo = blob.leaf_span(cs + todo.start * leaf, (todo.end - todo.start) * leaf);
+        if let (true, Some(todo)) = (random, todo) {
+            if let Some(taken) = obj.leaves.take(todo, blob.leaves_per_chunk()) {
                 return ByLeaves::Leaves(LeafPlan {
-                    spans: vec![span],
+                    spans: vec![todo],
                     _taken: taken,
                 });
             }
