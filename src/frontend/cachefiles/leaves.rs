@@ -1,12 +1,14 @@
-//! READs served by their leaves (format 3): a short READ (at most 64 KiB: a random reader's)
+//! READs served by their leaves (format 3). A short READ (at most 64 KiB: a random reader's)
 //! inside one chunk, not where the last READ ended, that no sequential reader reaches, no
-//! read-ahead is writing and no READ is fetching whole fetches only the 16 KiB leaves it covers, verified
-//! against the chunk's slot of leaf values, and writes them through the object's anonymous fd.
-//! The kernel then reads them from the cache file and asks only for the holes around them,
-//! so a re-read never reaches the daemon. Past the book's quarter (`frontend::leaf_book`) a
-//! READ in a chunk with leaves here reads the rest of the chunk's leaves in one request, so no
-//! byte is fetched twice; a chunk without any is fetched whole. A leaf read that fails is
-//! followed by the whole-chunk path, with its retries and its check against the chunk digest.
+//! read-ahead is writing and no other READ is fetching whole fetches only the 16 KiB leaves it
+//! covers (those not here yet), verified against the chunk's slot of leaf values, and writes
+//! them through the object's anonymous fd. The kernel then reads them from the cache file and
+//! asks only for the holes around them, so a re-read never reaches the daemon. Past the book's
+//! quarter (`frontend::leaf_book`), or for a sequential reader, a chunk with leaves here gets
+//! the runs of its missing leaves instead of the whole chunk, and a READ beside a leaf read
+//! under way waits for it: no byte is fetched twice. A chunk without leaves is fetched whole.
+//! A leaf read that fails is followed by the whole-chunk path, with its retries and its check
+//! against the chunk digest.
 
 #![forbid(unsafe_code)]
 

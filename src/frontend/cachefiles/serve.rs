@@ -49,7 +49,7 @@ pub struct CachefilesStats {
     pub units_startup: AtomicU64,
     /// Units written by the background fill of quiet objects.
     pub units_background: AtomicU64,
-    /// READs served by their leaves alone (format 3).
+    /// Leaf reads: requests for some leaves of a chunk (format 3), each checked by its leaves.
     pub leaf_reads: AtomicU64,
     /// Read latencies for the metrics endpoint.
     #[serde(skip)]
