@@ -302,10 +302,11 @@ pub fn client(cfg: &lazyblob::config::RegistryConfig) -> lazyblob::registry::Reg
 }
 
 fn empty_docker_config() -> PathBuf {
-    // written whole under a unique name, then renamed: tests running at once never read it
-    // half written
-    let p = std::env::temp_dir().join("lazyblob-test-empty-docker-config.json");
-    let tmp = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
+    // in cargo's directory for test files (under target/, not /tmp: nothing left behind), written
+    // whole under a unique name, then renamed: tests running at once never read it half written
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let p = dir.join("empty-docker-config.json");
+    let tmp = tempfile::NamedTempFile::new_in(dir).unwrap();
     std::fs::write(tmp.path(), "{}").unwrap();
     tmp.persist(&p).unwrap();
     p
