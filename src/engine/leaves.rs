@@ -80,6 +80,16 @@ impl DataBlob {
         })
     }
 
+    /// Leaves `leaves` (not empty) of table chunk `c`, as the span a range over them gives
+    /// ([`leaf_span`](Self::leaf_span)'s `None`s included).
+    pub fn chunk_leaves(&self, c: u64, leaves: std::ops::Range<u64>) -> Option<LeafSpan> {
+        let leaf = self.leaves.as_ref()?.layout.leaf_size;
+        self.leaf_span(
+            c * self.table_chunk + leaves.start * leaf,
+            (leaves.end - leaves.start) * leaf,
+        )
+    }
+
     /// Leaves of a whole table chunk (0 without leaves).
     pub fn leaves_per_chunk(&self) -> u64 {
         self.leaves.as_ref().map_or(0, |l| l.layout.leaves_of(self.table_chunk))

@@ -99,6 +99,11 @@ impl LeafBook {
         Some(LeafRead { book: self, chunk })
     }
 
+    /// Whether some leaf of `chunk` was written.
+    pub fn any_written(&self, chunk: u64) -> bool {
+        lock(&self.written).range((chunk, 0)..(chunk + 1, 0)).next().is_some()
+    }
+
     /// Whether a leaf read of `chunk` is under way.
     pub fn reading(&self, chunk: u64) -> bool {
         lock(&self.reading).contains_key(&chunk)
@@ -157,6 +162,7 @@ mod tests {
         book.written(span(7, 60, 64));
         assert_eq!(book.missing(7, 64), Some(vec![2..5, 6..60]));
         assert_eq!(book.missing(9, 64), None);
+        assert!(book.any_written(7) && !book.any_written(9) && !book.any_written(8));
         book.written(span(9, 0, 64));
         assert_eq!(book.missing(9, 64), Some(vec![]), "all here");
         let t = book.take_chunk(7).expect("not being read");

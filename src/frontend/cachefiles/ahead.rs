@@ -168,10 +168,7 @@ impl Cachefiles {
         let mut written = 0;
         for run in runs {
             // chunks a random reader left with some leaves: the rest of their leaves
-            for c in run
-                .clone()
-                .filter(|&c| obj.leaves.missing(c, blob.leaves_per_chunk()).is_some())
-            {
+            for c in run.clone().filter(|&c| obj.leaves.any_written(c)) {
                 match self.write_rest(obj, blob, c).await {
                     Ok(true) => written += 1,
                     Ok(false) => {}
@@ -214,14 +211,13 @@ impl Cachefiles {
 }
 
 /// The chunks of `range` neither in the object's cache file (whole or in part, by leaves) nor
-/// being written, now marked as
-/// being written (by whoever calls: [`Cachefiles::write_ahead`] unmarks each unit it handles).
+/// being written, now marked as being written (by whoever calls: [`Cachefiles::write_ahead`]
+/// unmarks each unit it handles).
 fn claim(obj: &Object, blob: &DataBlob, range: Range<u64>) -> Vec<u64> {
-    let per_chunk = blob.leaves_per_chunk();
     range
         .filter(|&c| !in_cache(obj, blob, c))
         // a chunk with leaves here is left to its reader, who reads the rest of its leaves
-        .filter(|&c| obj.leaves.missing(c, per_chunk).is_none() && !obj.leaves.reading(c))
+        .filter(|&c| !obj.leaves.any_written(c) && !obj.leaves.reading(c))
         .filter(|&c| lock(&obj.writing).insert(c))
         .collect()
 }

@@ -90,10 +90,7 @@ impl Cachefiles {
             return ByLeaves::Here;
         };
         let random = !follows && len <= LEAF_READ_MAX && !lock(&obj.ahead).continues(span.chunk);
-        let leaf = blob.leaves.as_ref().map_or(0, |l| l.layout.leaf_size);
-        let cs = span.chunk * blob.table_chunk;
-        let todo = blob.leaf_span(cs + todo.start * leaf, (todo.end - todo.start) * leaf);
-        if let (true, Some(todo)) = (random, todo) {
+        if let (true, Some(todo)) = (random, blob.chunk_leaves(span.chunk, todo)) {
             if let Some(taken) = obj.leaves.take(todo, blob.leaves_per_chunk()) {
                 return ByLeaves::Leaves(LeafPlan {
                     spans: vec![todo],
@@ -175,9 +172,7 @@ fn rest_plan<'a>(obj: &'a Object, blob: &DataBlob, c: u64) -> Option<LeafPlan<'a
     } else {
         runs
     };
-    let leaf = blob.leaves.as_ref()?.layout.leaf_size;
-    let at = |r: &std::ops::Range<u64>| blob.leaf_span(c * blob.table_chunk + r.start * leaf, (r.end - r.start) * leaf);
-    let spans: Option<Vec<LeafSpan>> = runs.iter().map(at).collect();
+    let spans: Option<Vec<LeafSpan>> = runs.into_iter().map(|r| blob.chunk_leaves(c, r)).collect();
     let spans = spans?;
     let taken = obj.leaves.take_chunk(c)?;
     Some(LeafPlan { spans, _taken: taken })
@@ -187,24 +182,14 @@ fn rest_plan<'a>(obj: &'a Object, blob: &DataBlob, c: u64) -> Option<LeafPlan<'a
 /// file that hold data (the kernel reads those without asking, as it reads whole chunks a
 /// daemon wrote before a restart). One `lseek` when the chunk holds no data.
 fn leaves_on_disk(obj: &Object, blob: &DataBlob, c: u64) {
-    let Some(l) = blob.leaves.as_ref().map(|l| l.layout) else {
-        return;
-    };
     let (cs, ce) = (c * blob.table_chunk, ((c + 1) * blob.table_chunk).min(blob.source.size));
     match lseek(obj.fd.as_fd(), cs as i64, Whence::SeekData) {
         Ok(d) if (d as u64) < ce => {}
         _ => return,
     }
-    for leaf in 0..blob.leaves_in(c) {
-        let (s, e) = (cs + leaf * l.leaf_size, (cs + (leaf + 1) * l.leaf_size).min(ce));
-        if is_data(&obj.fd, s, e).unwrap_or(false) {
-            obj.leaves.written(LeafSpan {
-                chunk: c,
-                first: leaf,
-                end: leaf + 1,
-                start: s,
-                stop: e,
-            });
+    for span in (0..blob.leaves_in(c)).filter_map(|l| blob.chunk_leaves(c, l..l + 1)) {
+        if is_data(&obj.fd, span.start, span.stop).unwrap_or(false) {
+            obj.leaves.written(span);
         }
     }
 }

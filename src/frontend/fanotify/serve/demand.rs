@@ -31,7 +31,7 @@ impl FanotifyFrontend {
         // the leaves of a random read's chunk (format 3), if that is all it needs
         let span = range.and_then(|(o, n)| cached.blob.leaf_span(o, n));
         let missing = match span {
-            Some(s) if cached.has_leaves(s) => Vec::new(),
+            Some(s) if cached.leaves.has(s) => Vec::new(),
             _ => self.missing(&cached, file, range).await?,
         };
         let mut written = 0;
@@ -174,7 +174,7 @@ impl FanotifyFrontend {
         }
         let leaves = range
             .and_then(|(o, n)| cached.blob.leaf_span(o, n))
-            .is_some_and(|span| cached.has_leaves(span));
+            .is_some_and(|span| cached.leaves.has(span));
         if leaves {
             *lock(&cached.last_read) = Instant::now();
         }

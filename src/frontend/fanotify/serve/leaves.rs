@@ -23,11 +23,6 @@ use crate::frontend::leaf_book::LeafRead;
 use crate::lock::lock;
 
 impl CachedBlob {
-    /// Whether every leaf of `span` was written in this run.
-    pub(super) fn has_leaves(&self, span: LeafSpan) -> bool {
-        self.leaves.has(span)
-    }
-
     /// The chunk of `span` taken for a leaf read, if that is how its miss (its chunk
     /// missing) is served: no startup prefetch is about to fetch the chunk whole, no
     /// sequential reader reaches it, no fetch of it whole is under way, and the book's rule (a quarter of the chunk, one leaf
