@@ -319,6 +319,16 @@ s=$(sha256sum /mnt/fill/b1.bin | cut -d' ' -f1); r1=$(counter reads); b1=$(count
 [ "$s" = "{fill_sum}" ] && [ $((b1 - b0)) -ge 5 ] && [ $((r1 - r0)) = 0 ]
 check background-fill $? "units=$((b1 - b0)) reads=$((r1 - r0)) $s"
 umount /mnt/fill
+# the fill after a restart: the chunks whose leaves the random reads wrote before get the rest
+# of their leaves (the host counts each byte once); one READ in chunk 0 starts it, 8 units
+b0=$(counter units_background)
+F=$(reg test/rand:v1) && mount -t erofs none -o fsid=$F /mnt/rand; check mount-rand-fill $?
+dd if=/mnt/rand/b1.bin of=/dev/null bs=4096 count=1 skip=3 2>/dev/null
+i=0; while [ $(($(counter units_background) - b0)) -lt 8 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+r0=$(counter reads); s=$(sha256sum /mnt/rand/b1.bin | cut -d' ' -f1); r1=$(counter reads); b1=$(counter units_background)
+[ "$s" = "{rand_sum}" ] && [ $((b1 - b0)) = 8 ] && [ $((r1 - r0)) = 0 ]
+check fill-after-restart $? "units=$((b1 - b0)) reads=$((r1 - r0)) $s"
+umount /mnt/rand
 kill $DPID; wait $DPID
 echo "---- daemon log (warnings) ----"; grep -E "WARN|ERROR" /tmp/daemon.log | tail -40
 exit 0
@@ -327,6 +337,7 @@ exit 0
         seq_sum = sha256_hex(&seq_file),
         pre_sum = sha256_hex(&pre_file),
         fill_sum = sha256_hex(&fill_file),
+        rand_sum = sha256_hex(&rand_file),
         pre_hex = pre_digest.trim_start_matches("sha256:"),
         full_large0 = sha256_hex(&full_files["big/large0.bin"]),
         full_count = full_files.len(),
@@ -384,6 +395,8 @@ exit 0
             "daemon-fill-start",
             "mount-fill",
             "background-fill",
+            "mount-rand-fill",
+            "fill-after-restart",
         ],
     );
 
@@ -432,13 +445,25 @@ exit 0
         "{} requests",
         c.blob_requests(&pre_blob)
     );
-    // Random reads: each fetched its 16 KiB leaf (at most 64 KiB), not its 1 MiB chunk.
-    let rand_bytes = c.blob_bytes(&rand_blob);
-    println!("{} random 4 KiB reads fetched {rand_bytes} bytes", rand_chunks.len());
+    // Random reads: each fetched its 16 KiB leaf (at most 64 KiB), not its 1 MiB chunk; after
+    // the restart the fill brought the rest, each byte once (the leaves written before too).
+    let rand_hits: Vec<(u64, u64)> = c
+        .blob_hits
+        .iter()
+        .filter(|h| h.digest == rand_blob && h.status < 300)
+        .map(|h| (h.offset, h.len))
+        .collect();
+    let first: u64 = rand_hits.iter().take(rand_chunks.len()).map(|h| h.1).sum();
+    println!("{} random 4 KiB reads fetched {first} bytes", rand_chunks.len());
     assert!(
-        rand_bytes >= (rand_chunks.len() * 4096) as u64 && rand_bytes <= (rand_chunks.len() * (64 << 10)) as u64,
-        "{} random 4 KiB reads fetched {rand_bytes} bytes",
+        first >= (rand_chunks.len() * 4096) as u64 && first <= (rand_chunks.len() * (64 << 10)) as u64,
+        "{} random 4 KiB reads fetched {first} bytes: {rand_hits:?}",
         rand_chunks.len()
+    );
+    assert_eq!(
+        c.blob_bytes(&rand_blob),
+        rand_file.len() as u64,
+        "random reads, then the fill after a restart: {rand_hits:?}"
     );
     // Single flight: the chunk [2 MiB, 3 MiB) of the concurrent-readers blob, read by 64 at
     // once, fetched once, each byte once: readers' leaves (each waits for the leaf read under

@@ -16,6 +16,7 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use super::buffers;
+use super::leaves::some_leaves_here;
 use super::serve::{Cachefiles, CachefilesStats, Object};
 use crate::catalog::Target;
 use crate::engine::chunks::consecutive;
@@ -168,9 +169,12 @@ impl Cachefiles {
         let mut written = 0;
         for run in runs {
             // chunks a random reader left with some leaves: the rest of their leaves
-            for c in run.clone().filter(|&c| obj.leaves.any_written(c)) {
+            for c in run.clone().filter(|&c| some_leaves_here(obj, blob, c)) {
                 match self.write_rest(obj, blob, c).await {
-                    Ok(true) => written += 1,
+                    Ok(true) => {
+                        counter(&self.stats).fetch_add(1, Relaxed);
+                        written += 1;
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         tracing::debug!(error = %e, object = %obj.name, chunk = c, "the rest of a chunk's leaves not written");
@@ -210,14 +214,14 @@ impl Cachefiles {
     }
 }
 
-/// The chunks of `range` neither in the object's cache file (whole or in part, by leaves) nor
-/// being written, now marked as being written (by whoever calls: [`Cachefiles::write_ahead`]
+/// The chunks of `range` neither in the object's cache file (whole, or in part by leaves of
+/// this run or an earlier one) nor being written, now marked as being written (by whoever calls: [`Cachefiles::write_ahead`]
 /// unmarks each unit it handles).
 fn claim(obj: &Object, blob: &DataBlob, range: Range<u64>) -> Vec<u64> {
     range
         .filter(|&c| !in_cache(obj, blob, c))
         // a chunk with leaves here is left to its reader, who reads the rest of its leaves
-        .filter(|&c| !obj.leaves.any_written(c) && !obj.leaves.reading(c))
+        .filter(|&c| !some_leaves_here(obj, blob, c) && !obj.leaves.reading(c))
         .filter(|&c| lock(&obj.writing).insert(c))
         .collect()
 }

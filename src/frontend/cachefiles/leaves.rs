@@ -17,6 +17,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use super::ahead::in_cache;
 use super::buffers::{self, WriteBuf};
 use super::device::DIO_ALIGN;
 use super::serve::{Cachefiles, Object};
@@ -176,6 +177,20 @@ fn rest_plan<'a>(obj: &'a Object, blob: &DataBlob, c: u64) -> Option<LeafPlan<'a
     let spans = spans?;
     let taken = obj.leaves.take_chunk(c)?;
     Some(LeafPlan { spans, _taken: taken })
+}
+
+/// Whether some but not all of chunk `c`'s leaves are here: in the book, or (not yet entered
+/// there) on disk from an earlier run, which are then entered. The fill and read-ahead ask
+/// this before fetching a chunk whole, which would bring those leaves twice.
+pub(super) fn some_leaves_here(obj: &Object, blob: &DataBlob, c: u64) -> bool {
+    if obj.leaves.any_written(c) {
+        return true;
+    }
+    if blob.leaves_per_chunk() == 0 || in_cache(obj, blob, c) {
+        return false;
+    }
+    leaves_on_disk(obj, blob, c);
+    obj.leaves.any_written(c)
 }
 
 /// Enter in the book the leaves of chunk `c` an earlier run wrote: the ranges of the cache

@@ -45,9 +45,9 @@ pub struct CachefilesStats {
     pub bytes_written: AtomicU64,
     /// Units written ahead of sequential readers.
     pub units_ahead: AtomicU64,
-    /// Units written by the startup prefetch of mounted images.
+    /// Units (or the rest of a chunk's leaves) written by the startup prefetch of images.
     pub units_startup: AtomicU64,
-    /// Units written by the background fill of quiet objects.
+    /// Units (or the rest of a chunk's leaves) written by the background fill of objects.
     pub units_background: AtomicU64,
     /// Leaf reads: requests for some leaves of a chunk (format 3), each checked by its leaves.
     pub leaf_reads: AtomicU64,
