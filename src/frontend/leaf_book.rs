@@ -15,7 +15,12 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
 use crate::engine::leaves::LeafSpan;
+use crate::engine::DataBlob;
 use crate::lock::lock;
+
+/// Runs of missing leaves read side by side for the rest of a chunk; of a chunk with more,
+/// the runs with the fewest leaves between them are read as one (those leaves come twice).
+const REST_RUNS_MAX: usize = 8;
 
 /// The leaves of one blob's chunks written in this run, and the leaf reads under way.
 #[derive(Debug, Default)]
@@ -89,6 +94,18 @@ impl LeafBook {
         Some(runs)
     }
 
+    /// The rest of chunk `c` of `blob` by leaves, one request a span: its runs of missing
+    /// leaves, at most [`REST_RUNS_MAX`] ([`fewest_runs`]). `None` if none of its leaves was
+    /// written, or none is missing.
+    pub fn rest(&self, blob: &DataBlob, c: u64) -> Option<Vec<LeafSpan>> {
+        let runs = self.missing(c, blob.leaves_in(c))?;
+        if runs.is_empty() {
+            return None;
+        }
+        let runs = fewest_runs(runs, REST_RUNS_MAX);
+        runs.into_iter().map(|r| blob.chunk_leaves(c, r)).collect()
+    }
+
     /// Take `chunk` for a read of the rest of its leaves, if no leaf read of it is under way.
     pub fn take_chunk(&self, chunk: u64) -> Option<LeafRead<'_>> {
         let mut reading = lock(&self.reading);
@@ -119,6 +136,19 @@ impl LeafBook {
     pub fn written(&self, span: LeafSpan) {
         lock(&self.written).extend((span.first..span.end).map(|l| (span.chunk, l)));
     }
+}
+
+/// `runs` (in order, apart) as at most `max` runs: while there are more, the two with the
+/// fewest leaves between them become one.
+fn fewest_runs(mut runs: Vec<std::ops::Range<u64>>, max: usize) -> Vec<std::ops::Range<u64>> {
+    while runs.len() > max.max(1) {
+        let Some(i) = (0..runs.len() - 1).min_by_key(|&i| runs[i + 1].start - runs[i].end) else {
+            break;
+        };
+        runs[i].end = runs[i + 1].end;
+        runs.remove(i + 1);
+    }
+    runs
 }
 
 #[cfg(test)]
@@ -173,6 +203,16 @@ mod tests {
         // the read ended before its waiter first polled: it still wakes
         block_on_within_5s(ended);
         assert!(book.take_chunk(7).is_some());
+    }
+
+    #[test]
+    fn the_rest_in_at_most_max_runs_with_the_fewest_leaves_twice() {
+        let runs = vec![0..2, 3..5, 9..12, 13..20, 30..31];
+        assert_eq!(fewest_runs(runs.clone(), 8), runs);
+        // the gaps are 1, 4, 1, 10 leaves: the two 1-leaf gaps go first, then the 4-leaf one
+        assert_eq!(fewest_runs(runs.clone(), 3), vec![0..5, 9..20, 30..31]);
+        assert_eq!(fewest_runs(runs.clone(), 2), vec![0..20, 30..31]);
+        assert_eq!(fewest_runs(runs, 1), vec![0..31]);
     }
 
     fn block_on_within_5s(f: impl std::future::Future<Output = ()>) {

@@ -13,7 +13,6 @@
 #![forbid(unsafe_code)]
 
 use std::io;
-use std::os::fd::AsFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -23,21 +22,15 @@ use super::device::DIO_ALIGN;
 use super::serve::{Cachefiles, Object};
 use crate::engine::leaves::LeafSpan;
 use crate::engine::DataBlob;
-use crate::frontend::fanotify::cache::is_data;
+use crate::frontend::fanotify::cache::{has_data, is_data};
 use crate::frontend::leaf_book::LeafRead;
 use crate::lock::lock;
-use nix::unistd::{lseek, Whence};
 use tokio::sync::futures::OwnedNotified;
 
 /// The longest READ served by leaves: a longer one is the kernel's read-ahead for a reader it
 /// sees as sequential (128 KiB for a file read from its start), which goes on into the rest
 /// of the chunk; fetching its leaves first would fetch them twice.
 const LEAF_READ_MAX: u64 = 64 << 10;
-
-/// Runs of missing leaves read side by side for the rest of a chunk; a chunk with more is
-/// read from its first missing leaf to its last in one request (the leaves between that are
-/// here come twice).
-const REST_RUNS_MAX: usize = 8;
 
 /// The leaves a READ or a fill writes (each span one request), with their chunk taken.
 pub(super) struct LeafPlan<'a> {
@@ -154,27 +147,14 @@ pub(super) fn write_bufs(obj: &Object, bufs: &[(WriteBuf, u64)]) -> io::Result<u
     Ok(n)
 }
 
-/// The rest of chunk `c` by leaves, with the chunk taken: its runs of missing leaves, or one
-/// span from the first to the last of them past [`REST_RUNS_MAX`] runs. `None` if none of
-/// its leaves is here (in the book, or on disk from an earlier run), none is missing, or a
+/// The rest of chunk `c` by leaves (`LeafBook::rest`), with the chunk taken. `None` if none
+/// of its leaves is here (in the book, or on disk from an earlier run), none is missing, or a
 /// leaf read of it is under way.
 fn rest_plan<'a>(obj: &'a Object, blob: &DataBlob, c: u64) -> Option<LeafPlan<'a>> {
-    let leaves = blob.leaves_in(c);
-    let runs = match obj.leaves.missing(c, leaves) {
-        Some(r) => r,
-        None => {
-            leaves_on_disk(obj, blob, c);
-            obj.leaves.missing(c, leaves)?
-        }
-    };
-    let (first, last) = (runs.first()?.start, runs.last()?.end);
-    let runs = if runs.len() > REST_RUNS_MAX {
-        std::iter::once(first..last).collect()
-    } else {
-        runs
-    };
-    let spans: Option<Vec<LeafSpan>> = runs.into_iter().map(|r| blob.chunk_leaves(c, r)).collect();
-    let spans = spans?;
+    if !obj.leaves.any_written(c) {
+        leaves_on_disk(obj, blob, c);
+    }
+    let spans = obj.leaves.rest(blob, c)?;
     let taken = obj.leaves.take_chunk(c)?;
     Some(LeafPlan { spans, _taken: taken })
 }
@@ -198,9 +178,8 @@ pub(super) fn some_leaves_here(obj: &Object, blob: &DataBlob, c: u64) -> bool {
 /// daemon wrote before a restart). One `lseek` when the chunk holds no data.
 fn leaves_on_disk(obj: &Object, blob: &DataBlob, c: u64) {
     let (cs, ce) = (c * blob.table_chunk, ((c + 1) * blob.table_chunk).min(blob.source.size));
-    match lseek(obj.fd.as_fd(), cs as i64, Whence::SeekData) {
-        Ok(d) if (d as u64) < ce => {}
-        _ => return,
+    if !has_data(&obj.fd, cs, ce).unwrap_or(false) {
+        return;
     }
     for span in (0..blob.leaves_in(c)).filter_map(|l| blob.chunk_leaves(c, l..l + 1)) {
         if is_data(&obj.fd, span.start, span.stop).unwrap_or(false) {

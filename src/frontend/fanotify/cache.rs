@@ -80,6 +80,16 @@ pub fn is_data(f: impl AsFd, start: u64, end: u64) -> io::Result<bool> {
     }
 }
 
+/// Whether `[start, end)` of the file holds any data (not all hole).
+pub fn has_data(f: impl AsFd, start: u64, end: u64) -> io::Result<bool> {
+    match lseek(f.as_fd(), start as i64, Whence::SeekData) {
+        Ok(d) => Ok((d as u64) < end),
+        // ENXIO: no data at or past start
+        Err(nix::errno::Errno::ENXIO) => Ok(false),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
 /// Bytes actually allocated by a cache file.
 pub fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)

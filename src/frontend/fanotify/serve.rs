@@ -68,7 +68,7 @@ pub struct FanotifyStats {
     pub chunks_prefetched: AtomicU64,
     /// Chunks found on disk and verified.
     pub chunks_present: AtomicU64,
-    /// Leaf reads served by leaves found on disk (an earlier run's) and verified.
+    /// Chunks with leaves found on disk (an earlier run's) and verified.
     pub leaves_present: AtomicU64,
     /// Chunks fetched by the background fill of idle blobs.
     pub chunks_background: AtomicU64,

@@ -66,13 +66,17 @@ impl CachedBlob {
     }
 
     /// The byte ranges of the runs of chunks `chunks` (clamped to the blob) that are not
-    /// verified in the cache, now.
-    pub(super) fn unverified_runs(&self, chunks: std::ops::Range<u64>) -> Vec<std::ops::Range<u64>> {
+    /// verified in the cache now, leaving out those `left_out` names.
+    pub(super) fn unverified_runs(
+        &self,
+        chunks: std::ops::Range<u64>,
+        left_out: impl Fn(u64) -> bool,
+    ) -> Vec<std::ops::Range<u64>> {
         let (unit, size) = (self.blob.table_chunk, self.blob.source.size);
         let todo: Vec<u64> = {
             let v = lock(&self.verified);
             (chunks.start..chunks.end.min(self.n_chunks()))
-                .filter(|c| !v.contains(c))
+                .filter(|&c| !v.contains(&c) && !left_out(c))
                 .collect()
         };
         consecutive(&todo, u64::MAX)

@@ -86,19 +86,22 @@ impl FanotifyFrontend {
         via: Arc<File>,
         urgent: Option<(u64, u64)>,
     ) -> io::Result<u64> {
+        // chunks some of whose leaves are here: the rest of their leaves
+        let unit = cached.blob.table_chunk;
+        let mut written = self
+            .complete_by_leaves(cached, s / unit..e.div_ceil(unit), &via)
+            .await?;
         // the chunks still missing now, not when the caller looked: another task (a
         // prefetch, a reader of a neighbouring range) may have stored some meanwhile, and the
         // engine lets a unit go once it is stored (no await from here to the fetch)
-        let unit = cached.blob.table_chunk;
         let mut pending = Vec::new();
-        for r in cached.unverified_runs(s / unit..e.div_ceil(unit)) {
+        for r in cached.unverified_runs(s / unit..e.div_ceil(unit), |_| false) {
             pending.extend(
                 self.engine
                     .fetch(&cached.blob, r.start, r.end - r.start)
                     .map_err(io::Error::other)?,
             );
         }
-        let mut written = 0;
         for p in pending {
             let piece = p.wait(&self.engine).await.map_err(io::Error::other)?;
             let (ps, pe) = (piece.offset, piece.offset + piece.data.len() as u64);

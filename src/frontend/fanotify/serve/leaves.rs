@@ -2,12 +2,15 @@
 //! sequential reader is reading fetches only the leaves its range covers (16 KiB each by
 //! default), verified on their own, and writes them into the cache file; the chunk stays
 //! unverified. The chunk is fetched whole instead by a miss while its leaves are being read
-//! (the engine's single flight fetches it once for every such reader), once a quarter of its
-//! leaves are here (readers are reading around it), by a sequential reader, and by a miss in
-//! a chunk a startup prefetch is fetching. So a random reader fetches about its own pages,
-//! however often it comes back to a chunk. Leaves already written are served from the cache
-//! file like verified chunks; leaves an earlier run wrote (a chunk with holes whose span is
-//! all data) are read back and checked against the leaf values, not fetched again.
+//! (the engine's single flight fetches it once for every such reader) and by a miss in a
+//! chunk a startup prefetch is fetching. Once a quarter of its leaves are here (readers are
+//! reading around it), or a sequential reader, read-ahead, the fill or a startup prefetch
+//! reaches it, the chunk is completed by the runs of its missing leaves instead
+//! (`complete_by_leaves`), so no leaf comes twice, then verified. So a random reader fetches
+//! about its own pages, however often it comes back to a chunk. Leaves already written are
+//! served from the cache file like verified chunks; leaves an earlier run wrote (a chunk
+//! with holes whose span is all data) are read back and checked against the leaf values,
+//! not fetched again.
 
 use std::fs::File;
 use std::io;
@@ -46,15 +49,20 @@ impl FanotifyFrontend {
         span: LeafSpan,
         via: &Arc<File>,
     ) -> io::Result<bool> {
-        if self.leaves_on_disk(cached, span, via).await? {
-            cached.leaves.written(span);
-            self.stats.leaves_present.fetch_add(1, Relaxed);
-            return Ok(true);
+        // leaves an earlier run wrote into the chunk, entered in the book at its first miss
+        if !cached.leaves.any_written(span.chunk) {
+            self.found_leaves(cached, span.chunk, via).await?;
         }
-        let Some(_taken) = cached.leaves_first(span, &self.engine) else {
+        let Some(todo) = cached.leaves.unwritten(span) else {
+            return Ok(true);
+        };
+        let Some(todo) = cached.blob.chunk_leaves(span.chunk, todo) else {
             return Ok(false);
         };
-        self.read_and_write_leaves(cached, span, via).await
+        let Some(_taken) = cached.leaves_first(todo, &self.engine) else {
+            return Ok(false);
+        };
+        self.read_and_write_leaves(cached, todo, via).await
     }
 
     /// Fetch the leaves of `span` and write them; `false` if the leaf read failed.
@@ -75,6 +83,89 @@ impl FanotifyFrontend {
             .await?;
         cached.leaves.written(span);
         Ok(true)
+    }
+
+    /// Complete the chunks of `chunks` (those not verified) some of whose leaves are here,
+    /// written in this run or found on disk from an earlier one, by the rest of their leaves
+    /// (`LeafBook::rest`), each request checked against the chunk's leaf values: a whole-chunk
+    /// fetch would bring those leaves twice. A leaf read of such a chunk under way is waited
+    /// for. The chunks completed are verified; one whose leaves could not be read is left to
+    /// the whole-chunk fetch, with its retries. Returns the chunks completed.
+    pub(super) async fn complete_by_leaves(
+        &self,
+        cached: &Arc<CachedBlob>,
+        chunks: std::ops::Range<u64>,
+        via: &Arc<File>,
+    ) -> io::Result<u64> {
+        if cached.blob.leaves_per_chunk() == 0 {
+            return Ok(0);
+        }
+        let mut completed = 0;
+        for c in chunks.start..chunks.end.min(cached.n_chunks()) {
+            let verified = || lock(&cached.verified).contains(&c);
+            // a chunk being fetched whole: joined, not read again by leaves
+            if verified() || self.engine.fetching(&cached.blob, c) {
+                continue;
+            }
+            if !(cached.leaves.any_written(c) || self.found_leaves(cached, c, via).await?) {
+                continue;
+            }
+            let taken = loop {
+                if verified() {
+                    break None;
+                }
+                if let Some(t) = cached.leaves.take_chunk(c) {
+                    break Some(t);
+                }
+                if let Some(ended) = cached.leaves.wait_for(c) {
+                    ended.await;
+                }
+            };
+            let Some(_taken) = taken else {
+                continue;
+            };
+            let spans = cached.leaves.rest(&cached.blob, c).unwrap_or_default();
+            let reads = spans.iter().map(|&span| self.engine.read_leaves(&cached.blob, span));
+            let pieces = match futures::future::try_join_all(reads).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, chunk = c, "the rest of a chunk's leaves not read: fetched whole");
+                    continue;
+                }
+            };
+            for (piece, span) in pieces.into_iter().zip(spans) {
+                self.write(cached, piece.data, piece.offset, Arc::clone(via), false)
+                    .await?;
+                cached.leaves.written(span);
+            }
+            lock(&cached.verified).insert(c);
+            completed += 1;
+        }
+        Ok(completed)
+    }
+
+    /// Whether some leaves of chunk `c` are on disk from an earlier run (the chunk has data
+    /// but holes) and verify; those that do are entered in the book (and the chunk counted).
+    async fn found_leaves(&self, cached: &Arc<CachedBlob>, c: u64, via: &Arc<File>) -> io::Result<bool> {
+        let blob = &cached.blob;
+        let (cs, ce) = (c * blob.table_chunk, ((c + 1) * blob.table_chunk).min(blob.source.size));
+        if !cache::has_data(via, cs, ce)? {
+            return Ok(false);
+        }
+        let mut found = false;
+        for l in 0..blob.leaves_in(c) {
+            let Some(span) = blob.chunk_leaves(c, l..l + 1) else {
+                continue;
+            };
+            if self.leaves_on_disk(cached, span, via).await? {
+                cached.leaves.written(span);
+                found = true;
+            }
+        }
+        if found {
+            self.stats.leaves_present.fetch_add(1, Relaxed);
+        }
+        Ok(found)
     }
 
     /// Whether the leaves of `span` are in the cache file already (an earlier run wrote

@@ -2,6 +2,7 @@
 //! merged runs and written with the blob's own writer, one task per unit.
 
 use std::io;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::blob::CachedBlob;
@@ -27,12 +28,26 @@ impl FanotifyFrontend {
     }
 
     /// Fetch chunks `[from, to)` that are not cached yet and write them with our own handle;
-    /// one task per merged range, so each is written as soon as it arrives.
+    /// one task per merged range, so each is written as soon as it arrives. A chunk some of
+    /// whose leaves a random reader wrote gets the rest of its leaves, on a task of its own.
     pub(super) fn prefetch(self: &Arc<Self>, cached: &Arc<CachedBlob>, from: u64, to: u64) {
-        let todo = cached.unverified_runs(from..to);
         let Some(via) = lock(&cached.writer).clone() else {
             return;
         };
+        let partial = |c: u64| cached.leaves.any_written(c);
+        for c in (from..to.min(cached.n_chunks())).filter(|&c| partial(c)) {
+            let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(&via));
+            tokio::spawn(async move {
+                match me.complete_by_leaves(&cached, c..c + 1, &via).await {
+                    Ok(n) => me.stats.chunks_prefetched.fetch_add(n, Relaxed),
+                    Err(e) => {
+                        return tracing::debug!(error = %e, chunk = c, "read-ahead of the rest of a chunk's leaves failed")
+                    }
+                };
+                me.unmark_if_complete(&cached);
+            });
+        }
+        let todo = cached.unverified_runs(from..to, partial);
         for run in todo {
             let pending = match self.engine.fetch(&cached.blob, run.start, run.end - run.start) {
                 Ok(p) => p,
