@@ -49,6 +49,10 @@ impl FanotifyFrontend {
         span: LeafSpan,
         via: &Arc<File>,
     ) -> io::Result<bool> {
+        // a chunk being fetched whole (or fetched and its store pending): joined
+        if self.engine.fetching(&cached.blob, span.chunk) {
+            return Ok(false);
+        }
         // leaves an earlier run wrote into the chunk, entered in the book at its first miss
         if !cached.leaves.any_written(span.chunk) {
             self.found_leaves(cached, span.chunk, via).await?;
