@@ -57,6 +57,38 @@ pub fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
     tempfile::Builder::new().prefix(".tmp-").tempfile_in(parent(path))
 }
 
+/// Remove from `dir` and its direct subdirectories the temporary files [`temp_beside`] made
+/// for a process that died before renaming them: `.tmp-*` regular files last modified more
+/// than `min_age` ago. A live writer renames its own within microseconds, so an upgrade's
+/// old daemon, which shares the directory, never has one that old. The files removed.
+pub fn sweep_temps(dir: &Path, min_age: std::time::Duration) -> io::Result<usize> {
+    let mut removed = 0;
+    let mut dirs = vec![dir.to_path_buf()];
+    let mut depth = 0;
+    while let Some(d) = dirs.pop() {
+        for entry in fs::read_dir(&d)?.flatten() {
+            // never followed: a symlink is neither a directory to enter nor a file to remove
+            let Ok(md) = fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            if md.is_dir() && depth == 0 {
+                dirs.push(entry.path());
+            }
+            let stale = md
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > min_age);
+            if md.is_file() && stale && entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        depth = 1;
+    }
+    Ok(removed)
+}
+
 /// A unique temporary file beside `path` with `data`, adjusted by `finish`, fsynced and
 /// renamed over `path`; then the directory fsynced.
 fn replace(path: &Path, data: &[u8], finish: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
@@ -73,6 +105,33 @@ fn replace(path: &Path, data: &[u8], finish: impl FnOnce(&Path) -> io::Result<()
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn stale_temps_are_swept_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let sub = d.path().join("prefetch");
+        let deep = sub.join("deeper");
+        fs::create_dir_all(&deep).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let make = |p: &Path, aged: bool| {
+            let f = File::create(p).unwrap();
+            if aged {
+                f.set_modified(old).unwrap();
+            }
+        };
+        make(&d.path().join(".tmp-a1"), true);
+        make(&sub.join(".tmp-b2"), true);
+        make(&d.path().join(".tmp-fresh"), false);
+        make(&d.path().join("images.json"), true);
+        make(&deep.join(".tmp-c3"), true);
+        std::os::unix::fs::symlink(d.path().join("images.json"), d.path().join(".tmp-link")).unwrap();
+        let n = sweep_temps(d.path(), std::time::Duration::from_secs(600)).unwrap();
+        assert_eq!(n, 2);
+        assert!(!d.path().join(".tmp-a1").exists() && !sub.join(".tmp-b2").exists());
+        // a fresh one (a writer at work), another name, deeper down, a symlink: kept
+        assert!(d.path().join(".tmp-fresh").exists() && d.path().join("images.json").exists());
+        assert!(deep.join(".tmp-c3").exists() && d.path().join(".tmp-link").symlink_metadata().is_ok());
+    }
 
     #[test]
     fn modes_and_atomic_writes() {

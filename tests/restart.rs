@@ -120,7 +120,20 @@ async fn readers_across(how: Disruption) {
         match how {
             Disruption::Kill9 => {
                 d.kill9();
+                // a temporary a crash left an hour ago is swept at start; a fresh one (an
+                // upgrade's old daemon writing) is not
+                let (stale, fresh) = (d.dir.join("state/.tmp-crashed"), d.dir.join("state/.tmp-now"));
+                if round == 0 {
+                    let f = std::fs::File::create(&stale).unwrap();
+                    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+                        .unwrap();
+                    std::fs::File::create(&fresh).unwrap();
+                }
                 d.restart();
+                assert!(
+                    !stale.exists() && fresh.exists(),
+                    "{round}: stale temporaries not swept"
+                );
             }
             Disruption::Upgrade => d.upgrade(),
         }

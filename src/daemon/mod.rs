@@ -72,12 +72,21 @@ pub struct Daemon {
     loops: Mutex<Vec<tokio::task::JoinHandle<std::io::Result<()>>>>,
 }
 
+/// Age past which a state file's temporary is a crashed writer's, never a live one's.
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Daemon {
     /// Bring up registry client, engine, catalog (restoring persisted images) and the kernel
     /// frontend with its event loop; `takeover` says where a fanotify group may come from.
     pub async fn start(config: Config, takeover: Takeover) -> Result<Arc<Daemon>> {
         for dir in [&config.daemon.state_dir, &config.daemon.cache_dir] {
             crate::private_fs::private_dir(dir).with_context(|| format!("creating {} (mode 0700)", dir.display()))?;
+        }
+        // what a crash between creating a state file's temporary and renaming it left
+        match crate::private_fs::sweep_temps(&config.daemon.state_dir, STALE_TEMP_AGE) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(files = n, "removed temporary files a crashed daemon left"),
+            Err(e) => tracing::warn!(error = %e, "could not sweep stale temporary files"),
         }
         let kernel = KernelFacts::read();
         let kind = frontend::choose(&kernel, config.daemon.frontend).context("choosing a kernel frontend")?;
