@@ -231,6 +231,54 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     d.umount(&mnt);
 }
 
+/// A sequential reader (with its read-ahead) over chunks a random reader left some leaves
+/// in: those chunks get the rest of their leaves, not the whole chunk again; each byte of
+/// the blob is fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_reader_completes_chunks_with_leaves_by_the_rest() {
+    require_root();
+    let _shared = ALONE.read().await;
+    let data = bytes(23, 16 * MIB);
+    let files = BTreeMap::from([("f.bin".to_string(), data.clone())]);
+    let (mock, blob) = serve(&files, "policy/seq:v1").await;
+    let (_work, d, mnt) = mounted(&mock, "policy/seq:v1", "");
+    let f = mnt.join("f.bin");
+    // random 4 KiB reads in chunks 6 and 9: their leaves only
+    for c in [6, 9] {
+        let off = c * MIB + 200_000;
+        assert!(read_at(&f, off, 4096) == data[off..off + 4096]);
+    }
+    let leaf_reads = d.status().await.engine.leaf_reads;
+    assert_eq!(leaf_reads, 2, "two random reads, two leaf reads");
+    // the whole file, 1 MiB at a time
+    for off in (0..16 * MIB).step_by(MIB) {
+        assert!(read_at(&f, off, MIB) == data[off..off + MIB], "bytes at {off}");
+    }
+    let fetched = settled(|| mock.counters().blob_bytes(&blob)).await;
+    let st = d.status().await;
+    assert!(
+        st.frontend_counters["chunks_prefetched"].as_u64() > Some(0),
+        "no read-ahead: {:?}",
+        st.frontend_counters
+    );
+    assert_eq!(
+        fetched,
+        data.len() as u64,
+        "each byte once: {:?}",
+        mock.counters()
+            .blob_hits
+            .iter()
+            .filter(|h| h.digest == blob)
+            .map(|h| (h.offset, h.len))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        st.engine.leaf_reads > leaf_reads,
+        "chunks 6 and 9 were not completed by leaves"
+    );
+    d.umount(&mnt);
+}
+
 /// Leaves that do not verify are never served: a registry whose leaves layer is wrong still
 /// serves the right bytes (the chunk is fetched whole and checked against its digest), one
 /// whose data is wrong gets EIO, never the wrong bytes.
