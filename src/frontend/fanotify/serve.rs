@@ -117,6 +117,8 @@ pub struct FanotifyFrontend {
     recorder: Arc<crate::prefetch::Recorder>,
     /// How long the groups are polled without sleeping after an event answered at once.
     busy_poll: busy_poll::BusyPoll,
+    /// This process's pid: its own reads (the startup prefetch's) are not a workload's.
+    own_pid: u32,
     /// Counters for `status`.
     pub stats: FanotifyStats,
 }
@@ -191,6 +193,7 @@ impl FanotifyFrontend {
             keeper: Mutex::new(None),
             recorder,
             busy_poll: busy_poll::BusyPoll::new(busy_poll),
+            own_pid: std::process::id(),
             stats: FanotifyStats::default(),
         }))
     }
@@ -267,7 +270,7 @@ impl FanotifyFrontend {
             let journaled = self.journal.record(ev.fd, id, ev.range);
             if let (Some(c), Some((at, len))) = (&cached, ev.range) {
                 // the daemon's own reads (startup prefetch) are not a workload's
-                if ev.pid as u32 != std::process::id() {
+                if ev.pid as u32 != self.own_pid {
                     self.recorder.read(&c.blob, at, len);
                 }
             }
