@@ -49,6 +49,16 @@ fn mounted(mock: &MockRegistry, repo: &str, engine: &str) -> (tempfile::TempDir,
     (work, d, mnt)
 }
 
+/// (offset, length) of the ranges of blob `digest` served (2xx) since hit number `since`,
+/// starting in `within`.
+fn hits(mock: &MockRegistry, digest: &str, since: usize, within: std::ops::Range<u64>) -> Vec<(u64, u64)> {
+    mock.counters().blob_hits[since..]
+        .iter()
+        .filter(|h| h.digest == digest && h.status < 300 && within.contains(&h.offset))
+        .map(|h| (h.offset, h.len))
+        .collect()
+}
+
 /// How much the frontend counter `k` grew from status `before` to `after`.
 fn grew(before: &lazyblob::api::Status, after: &lazyblob::api::Status, k: &str) -> u64 {
     let at = |s: &lazyblob::api::Status| s.frontend_counters[k].as_u64().unwrap();
@@ -101,12 +111,11 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     // bytes of the data blob fetched from here on past chunk 20 (a late read-ahead of pass 1,
     // at the file's head, is not theirs)
     let since = mock.counters().blob_hits.len();
-    let fetched = || {
-        mock.counters().blob_hits[since..]
+    let fetched = || -> u64 {
+        hits(&mock, &data_digest, since, (20 * MIB) as u64..u64::MAX)
             .iter()
-            .filter(|h| h.digest == data_digest && h.status < 300 && h.offset >= (20 * MIB) as u64)
-            .map(|h| h.len)
-            .sum::<u64>()
+            .map(|h| h.1)
+            .sum()
     };
     for c in chunks {
         let off = c * MIB + 12_288;
@@ -155,14 +164,7 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     // leaves are here; the next miss fetches the rest of the chunk's leaves (each request
     // verified against the chunk's leaf values), in at most 8 requests, and from then on it
     // is a verified chunk
-    let hits_in_40 = || -> Vec<(u64, u64)> {
-        mock.counters().blob_hits[since..]
-            .iter()
-            .filter(|h| h.digest == data_digest && h.status < 300)
-            .filter(|h| (40 * MIB as u64..41 * MIB as u64).contains(&h.offset))
-            .map(|h| (h.offset, h.len))
-            .collect()
-    };
+    let hits_in_40 = || hits(&mock, &data_digest, since, 40 * MIB as u64..41 * MIB as u64);
     let mut rest = 0;
     for l in (5..64).step_by(4).chain([2, 6, 10]) {
         let before = fetched();
@@ -219,13 +221,11 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
     // a reader of all of the last chunk, whose first leaf the last daemon wrote: that leaf is
     // found on disk and verified, the rest of the chunk's leaves are fetched, 1 MiB - 16 KiB
     let c = last[0];
-    let hits = mock.counters().blob_hits.len();
+    let from = mock.counters().blob_hits.len();
     assert!(read_at(&mnt.join("a-big.bin"), c * MIB, MIB) == big[c * MIB..(c + 1) * MIB]);
-    let rest: u64 = mock.counters().blob_hits[hits..]
+    let rest: u64 = hits(&mock, &data_digest, from, (c * MIB) as u64..((c + 1) * MIB) as u64)
         .iter()
-        .filter(|h| h.digest == data_digest && h.status < 300)
-        .filter(|h| ((c * MIB) as u64..((c + 1) * MIB) as u64).contains(&h.offset))
-        .map(|h| h.len)
+        .map(|h| h.1)
         .sum();
     assert_eq!(rest, (MIB - (16 << 10)) as u64, "chunk {c} read whole after a restart");
     d.umount(&mnt);
@@ -265,12 +265,7 @@ async fn a_sequential_reader_completes_chunks_with_leaves_by_the_rest() {
         fetched,
         data.len() as u64,
         "each byte once: {:?}",
-        mock.counters()
-            .blob_hits
-            .iter()
-            .filter(|h| h.digest == blob)
-            .map(|h| (h.offset, h.len))
-            .collect::<Vec<_>>()
+        hits(&mock, &blob, 0, 0..u64::MAX)
     );
     assert!(
         st.engine.leaf_reads > leaf_reads,

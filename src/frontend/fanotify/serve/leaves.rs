@@ -92,9 +92,9 @@ impl FanotifyFrontend {
     /// Complete the chunks of `chunks` (those not verified) some of whose leaves are here,
     /// written in this run or found on disk from an earlier one, by the rest of their leaves
     /// (`LeafBook::rest`), each request checked against the chunk's leaf values: a whole-chunk
-    /// fetch would bring those leaves twice. A leaf read of such a chunk under way is waited
-    /// for. The chunks completed are verified; one whose leaves could not be read is left to
-    /// the whole-chunk fetch, with its retries. Returns the chunks completed.
+    /// fetch would bring those leaves twice. The chunks completed are verified; one whose
+    /// leaves could not be read is left to the whole-chunk fetch, with its retries. Returns
+    /// the chunks completed.
     pub(super) async fn complete_by_leaves(
         &self,
         cached: &Arc<CachedBlob>,
@@ -106,46 +106,51 @@ impl FanotifyFrontend {
         }
         let mut completed = 0;
         for c in chunks.start..chunks.end.min(cached.n_chunks()) {
-            let verified = || lock(&cached.verified).contains(&c);
             // a chunk being fetched whole: joined, not read again by leaves
-            if verified() || self.engine.fetching(&cached.blob, c) {
+            if lock(&cached.verified).contains(&c) || self.engine.fetching(&cached.blob, c) {
                 continue;
             }
-            if !(cached.leaves.any_written(c) || self.found_leaves(cached, c, via).await?) {
-                continue;
+            if (cached.leaves.any_written(c) || self.found_leaves(cached, c, via).await?)
+                && self.write_rest(cached, c, via).await?
+            {
+                completed += 1;
             }
-            let taken = loop {
-                if verified() {
-                    break None;
-                }
-                if let Some(t) = cached.leaves.take_chunk(c) {
-                    break Some(t);
-                }
-                if let Some(ended) = cached.leaves.wait_for(c) {
-                    ended.await;
-                }
-            };
-            let Some(_taken) = taken else {
-                continue;
-            };
-            let spans = cached.leaves.rest(&cached.blob, c).unwrap_or_default();
-            let reads = spans.iter().map(|&span| self.engine.read_leaves(&cached.blob, span));
-            let pieces = match futures::future::try_join_all(reads).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::debug!(error = %e, chunk = c, "the rest of a chunk's leaves not read: fetched whole");
-                    continue;
-                }
-            };
-            for (piece, span) in pieces.into_iter().zip(spans) {
-                self.write(cached, piece.data, piece.offset, Arc::clone(via), false)
-                    .await?;
-                cached.leaves.written(span);
-            }
-            lock(&cached.verified).insert(c);
-            completed += 1;
         }
         Ok(completed)
+    }
+
+    /// Fetch and write the rest of chunk `c`'s leaves, then mark it verified; `false` if
+    /// another task completed it meanwhile or the leaves could not be read. A leaf read of
+    /// the chunk under way is waited for first.
+    async fn write_rest(&self, cached: &Arc<CachedBlob>, c: u64, via: &Arc<File>) -> io::Result<bool> {
+        let verified = || lock(&cached.verified).contains(&c);
+        let _taken = loop {
+            if verified() {
+                return Ok(false);
+            }
+            if let Some(t) = cached.leaves.take_chunk(c) {
+                break t;
+            }
+            if let Some(ended) = cached.leaves.wait_for(c) {
+                ended.await;
+            }
+        };
+        let spans = cached.leaves.rest(&cached.blob, c).unwrap_or_default();
+        let reads = spans.iter().map(|&span| self.engine.read_leaves(&cached.blob, span));
+        let pieces = match futures::future::try_join_all(reads).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, chunk = c, "the rest of a chunk's leaves not read: fetched whole");
+                return Ok(false);
+            }
+        };
+        for (piece, span) in pieces.into_iter().zip(spans) {
+            self.write(cached, piece.data, piece.offset, Arc::clone(via), false)
+                .await?;
+            cached.leaves.written(span);
+        }
+        lock(&cached.verified).insert(c);
+        Ok(true)
     }
 
     /// Whether some leaves of chunk `c` are on disk from an earlier run (the chunk has data
