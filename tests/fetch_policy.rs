@@ -34,6 +34,11 @@ async fn serve(files: &BTreeMap<String, Vec<u8>>, repo: &str) -> (MockRegistry, 
     (mock, blob)
 }
 
+/// [`serve`] of one file, `f.bin`, holding `data`.
+async fn serve_one(data: &[u8], repo: &str) -> (MockRegistry, String) {
+    serve(&BTreeMap::from([("f.bin".to_string(), data.to_vec())]), repo).await
+}
+
 /// A fanotify daemon (background fill off, and the `[engine]` lines `engine`) with `repo`
 /// of `mock` mounted: its directory, the daemon and the mount point.
 fn mounted(mock: &MockRegistry, repo: &str, engine: &str) -> (tempfile::TempDir, DaemonProc, std::path::PathBuf) {
@@ -239,8 +244,7 @@ async fn a_sequential_reader_completes_chunks_with_leaves_by_the_rest() {
     require_root();
     let _shared = ALONE.read().await;
     let data = bytes(23, 16 * MIB);
-    let files = BTreeMap::from([("f.bin".to_string(), data.clone())]);
-    let (mock, blob) = serve(&files, "policy/seq:v1").await;
+    let (mock, blob) = serve_one(&data, "policy/seq:v1").await;
     let (_work, d, mnt) = mounted(&mock, "policy/seq:v1", "");
     let f = mnt.join("f.bin");
     // random 4 KiB reads in chunks 6 and 9: their leaves only
@@ -282,8 +286,7 @@ async fn leaves_that_do_not_verify_are_never_served() {
     require_root();
     let _shared = ALONE.read().await;
     let data = bytes(7, 8 * MIB);
-    let files = BTreeMap::from([("f.bin".to_string(), data.clone())]);
-    let (mock, _) = serve(&files, "policy/bad:v1").await;
+    let (mock, _) = serve_one(&data, "policy/bad:v1").await;
     let host = mock.host();
     let reg = client(&insecure_config(&[&host]));
     let lazy = common::oci::lazy_manifest(&reg, &format!("{host}/policy/bad:v1")).await;
@@ -337,8 +340,7 @@ async fn concurrent_misses_in_a_chunk_read_leaves_once() {
     require_root();
     let _shared = ALONE.read().await;
     let data = bytes(9, 4 * MIB);
-    let files = BTreeMap::from([("f.bin".to_string(), data.clone())]);
-    let (mock, blob) = serve(&files, "policy/hot:v1").await;
+    let (mock, blob) = serve_one(&data, "policy/hot:v1").await;
     let (_work, d, mnt) = mounted(&mock, "policy/hot:v1", "");
     // the data blob answers slowly: the readers' misses overlap
     mock.set_faults(vec![registry_mock::FaultRule::always(registry_mock::Fault::Latency(
@@ -393,6 +395,8 @@ async fn busy_poll_reads_back_to_back_rereads() {
         assert!(read_at(&mnt.join("a.bin"), 0, 4 * MIB) == data);
         // the read-ahead that read started (into b.bin) lands before we count
         let fetched = settled(|| mock.counters().total_blob_bytes()).await;
+        // the writeback of what this and earlier tests wrote, done before the core is timed
+        nix::unistd::sync();
         let before = d.status().await;
         let mut buf = vec![0u8; 4096];
         for i in 0..400usize {
