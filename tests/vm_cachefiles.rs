@@ -165,8 +165,7 @@ async fn cachefiles_frontend_in_vm() {
     let unpack = tempfile::tempdir().unwrap();
     let reference_listing = list_tree(&common::oci::skopeo_unpack(&src_ref, unpack.path()));
 
-    // corrupt: reads get corrupted bytes (EIO) until the guest clears the fault; then the
-    // next read succeeds
+    // corrupt: reads get corrupted bytes (EIO) until the guest clears the fault, then succeed
     let c1 = bytes(41, 200_000);
     let corrupt_img = one_file_per_blob(std::slice::from_ref(&c1));
     push_image(&reg, &host, "test/corrupt:v1", &corrupt_img).await;
