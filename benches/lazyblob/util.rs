@@ -141,6 +141,19 @@ pub fn usage(pid: i32) -> (u64, f64) {
     (hwm, (field(11) + field(12)) / 100.0)
 }
 
+/// The RSS of process `pid` now, anonymous and file-backed, in MiB.
+pub fn rss_split(pid: i32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| -> f64 {
+        let v = status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1));
+        v.and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+    };
+    (kib("RssAnon:"), kib("RssFile:"))
+}
+
 /// p50 latency of 4 KiB reads of `file` at `offsets` after dropping each page from the
 /// mount's page cache (the daemon's cache file keeps it), and of the same reads of `local`,
 /// with `idle` before each read; (mount, local) in microseconds.

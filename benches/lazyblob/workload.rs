@@ -36,6 +36,8 @@ pub struct Measured {
     pub seq_mbs: f64,
     /// Daemon peak RSS, MiB.
     pub rss_mib: f64,
+    /// Its RSS at the end, anonymous and file-backed (the binary's text, mapped files), MiB.
+    pub rss_split_mib: (f64, f64),
 }
 
 /// Random reads per daemon.
