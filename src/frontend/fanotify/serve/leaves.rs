@@ -149,6 +149,15 @@ impl FanotifyFrontend {
                 .await?;
             cached.leaves.written(span);
         }
+        // a verified chunk is answered without a look at the disk: it must hold no hole
+        let (unit, size) = (cached.blob.table_chunk, cached.blob.source.size);
+        if !cache::is_data(via, c * unit, ((c + 1) * unit).min(size))? {
+            tracing::warn!(
+                chunk = c,
+                "a chunk completed by its leaves still has holes: fetched whole"
+            );
+            return Ok(false);
+        }
         lock(&cached.verified).insert(c);
         Ok(true)
     }
