@@ -8,7 +8,7 @@
 //! single flight), the cachefiles one waits for that read ([`LeafBook::wait_for`]) and then
 //! reads the rest of the chunk's leaves, so no byte comes twice.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::futures::OwnedNotified;
@@ -25,11 +25,33 @@ const REST_RUNS_MAX: usize = 8;
 /// The leaves of one blob's chunks written in this run, and the leaf reads under way.
 #[derive(Debug, Default)]
 pub struct LeafBook {
-    /// (chunk, leaf) of every leaf written.
-    written: Mutex<BTreeSet<(u64, u64)>>,
+    /// The leaves written.
+    written: Mutex<Written>,
     /// Chunks whose leaves a reader is reading now, each with what wakes those waiting for
     /// that read to end.
     reading: Mutex<HashMap<u64, Arc<Notify>>>,
+}
+
+/// The leaves written: each of a chunk some of whose leaves are here, and the chunks all of
+/// whose leaves are (one entry each: a blob whose chunks all came by leaves keeps a few bytes
+/// per chunk, not 64 entries).
+#[derive(Debug, Default)]
+struct Written {
+    /// (chunk, leaf) of every leaf written into a chunk not complete.
+    leaves: BTreeSet<(u64, u64)>,
+    /// Chunks all of whose leaves were written.
+    complete: HashSet<u64>,
+}
+
+impl Written {
+    fn has(&self, chunk: u64, leaf: u64) -> bool {
+        self.complete.contains(&chunk) || self.leaves.contains(&(chunk, leaf))
+    }
+
+    /// The leaves written into `chunk`, in order (none if it is complete).
+    fn of(&self, chunk: u64) -> impl Iterator<Item = u64> + '_ {
+        self.leaves.range((chunk, 0)..(chunk + 1, 0)).map(|&(_, l)| l)
+    }
 }
 
 /// A chunk taken for one leaf read; released when dropped, whatever the read's outcome.
@@ -51,14 +73,14 @@ impl LeafBook {
     /// Whether every leaf of `span` was written in this run.
     pub fn has(&self, span: LeafSpan) -> bool {
         let w = lock(&self.written);
-        (span.first..span.end).all(|l| w.contains(&(span.chunk, l)))
+        (span.first..span.end).all(|l| w.has(span.chunk, l))
     }
 
     /// The leaves of `span` not written: from its first missing leaf to its last (`None`: all
     /// written).
     pub fn unwritten(&self, span: LeafSpan) -> Option<std::ops::Range<u64>> {
         let w = lock(&self.written);
-        let mut missing = (span.first..span.end).filter(|l| !w.contains(&(span.chunk, *l)));
+        let mut missing = (span.first..span.end).filter(|&l| !w.has(span.chunk, l));
         let first = missing.next()?;
         Some(first..missing.next_back().unwrap_or(first) + 1)
     }
@@ -67,7 +89,14 @@ impl LeafBook {
     /// quarter of the chunk's `per_chunk` leaves here with these, and no leaf read of the
     /// chunk under way. `None`: fetch the chunk whole.
     pub fn take(&self, span: LeafSpan, per_chunk: u64) -> Option<LeafRead<'_>> {
-        let here = lock(&self.written).range((span.chunk, 0)..(span.chunk + 1, 0)).count() as u64;
+        let here = {
+            let w = lock(&self.written);
+            if w.complete.contains(&span.chunk) {
+                per_chunk
+            } else {
+                w.of(span.chunk).count() as u64
+            }
+        };
         if (here + span.end - span.first) * 4 > per_chunk {
             return None;
         }
@@ -75,11 +104,14 @@ impl LeafBook {
         self.take_chunk(span.chunk)
     }
 
-    /// The runs of leaves of `chunk` (of `per_chunk`) not written, in order; `None` if none
-    /// of its leaves was written.
+    /// The runs of leaves of `chunk` (of `per_chunk`) not written, in order (none of a
+    /// complete chunk); `None` if none of its leaves was written.
     pub fn missing(&self, chunk: u64, per_chunk: u64) -> Option<Vec<std::ops::Range<u64>>> {
         let w = lock(&self.written);
-        let here: Vec<u64> = w.range((chunk, 0)..(chunk + 1, 0)).map(|&(_, l)| l).collect();
+        if w.complete.contains(&chunk) {
+            return Some(Vec::new());
+        }
+        let here: Vec<u64> = w.of(chunk).collect();
         if here.is_empty() {
             return None;
         }
@@ -118,7 +150,8 @@ impl LeafBook {
 
     /// Whether some leaf of `chunk` was written.
     pub fn any_written(&self, chunk: u64) -> bool {
-        lock(&self.written).range((chunk, 0)..(chunk + 1, 0)).next().is_some()
+        let w = lock(&self.written);
+        w.complete.contains(&chunk) || w.of(chunk).next().is_some()
     }
 
     /// Whether a leaf read of `chunk` is under way.
@@ -132,9 +165,24 @@ impl LeafBook {
         lock(&self.reading).get(&chunk).map(|n| Arc::clone(n).notified_owned())
     }
 
-    /// The leaves of `span` are in the cache file.
-    pub fn written(&self, span: LeafSpan) {
-        lock(&self.written).extend((span.first..span.end).map(|l| (span.chunk, l)));
+    /// The leaves of `span` (of `blob`) are in the cache file. Once all of a chunk's are, it
+    /// takes one entry, not one per leaf.
+    pub fn written(&self, blob: &DataBlob, span: LeafSpan) {
+        self.note(span, blob.leaves_in(span.chunk));
+    }
+
+    /// [`written`](Self::written), for a chunk of `per_chunk` leaves.
+    fn note(&self, span: LeafSpan, per_chunk: u64) {
+        let mut w = lock(&self.written);
+        if w.complete.contains(&span.chunk) {
+            return;
+        }
+        w.leaves.extend((span.first..span.end).map(|l| (span.chunk, l)));
+        if w.of(span.chunk).count() as u64 >= per_chunk {
+            let c = span.chunk;
+            w.leaves.retain(|&(chunk, _)| chunk != c);
+            w.complete.insert(c);
+        }
     }
 }
 
@@ -173,28 +221,41 @@ mod tests {
         // a concurrent miss in the same chunk: whole; another chunk: its own leaves
         assert!(book.take(span(3, 20, 21), 64).is_none());
         assert!(book.take(span(4, 0, 1), 64).is_some());
-        book.written(span(3, 0, 8));
+        book.note(span(3, 0, 8), 64);
         drop(first);
         assert!(book.has(span(3, 2, 5)) && !book.has(span(3, 7, 9)));
         assert_eq!(book.unwritten(span(3, 6, 10)), Some(8..10));
         assert_eq!(book.unwritten(span(3, 2, 5)), None);
         // 8 here + 8 more = a quarter: still leaves; then 16 + 1 is past it
         let second = book.take(span(3, 8, 16), 64).expect("up to a quarter");
-        book.written(span(3, 8, 16));
+        book.note(span(3, 8, 16), 64);
         drop(second);
         assert!(book.take(span(3, 40, 41), 64).is_none());
         assert!(book.take(span(5, 0, 17), 64).is_none(), "one read past a quarter");
         // the rest of chunk 3: leaves 16..64; of a chunk with leaves here and there, the
         // runs between them; none of a chunk without any, nothing of a chunk all here
         assert_eq!(book.missing(3, 64), Some(std::iter::once(16..64).collect::<Vec<_>>()));
-        book.written(span(7, 0, 2));
-        book.written(span(7, 5, 6));
-        book.written(span(7, 60, 64));
+        book.note(span(7, 0, 2), 64);
+        book.note(span(7, 5, 6), 64);
+        book.note(span(7, 60, 64), 64);
         assert_eq!(book.missing(7, 64), Some(vec![2..5, 6..60]));
         assert_eq!(book.missing(9, 64), None);
         assert!(book.any_written(7) && !book.any_written(9) && !book.any_written(8));
-        book.written(span(9, 0, 64));
+        book.note(span(9, 0, 64), 64);
         assert_eq!(book.missing(9, 64), Some(vec![]), "all here");
+        // a complete chunk is one entry, and still answers as all here
+        {
+            let w = lock(&book.written);
+            assert!(w.complete.contains(&9) && w.of(9).next().is_none());
+        }
+        assert!(book.has(span(9, 3, 5)) && book.any_written(9));
+        assert_eq!(book.unwritten(span(9, 0, 64)), None);
+        assert!(book.take(span(9, 0, 1), 64).is_none());
+        book.note(span(9, 0, 2), 64);
+        assert!(
+            lock(&book.written).of(9).next().is_none(),
+            "noted again: still one entry"
+        );
         let t = book.take_chunk(7).expect("not being read");
         assert!(book.take_chunk(7).is_none());
         let ended = book.wait_for(7).expect("a read under way");

@@ -130,7 +130,7 @@ impl Cachefiles {
             .await
             .map_err(io::Error::other)??;
         for &s in &plan.spans {
-            obj.leaves.written(s);
+            obj.leaves.written(blob, s);
         }
         self.stats.bytes_written.fetch_add(n, Relaxed);
         Ok(true)
@@ -183,7 +183,7 @@ fn leaves_on_disk(obj: &Object, blob: &DataBlob, c: u64) {
     }
     for span in (0..blob.leaves_in(c)).filter_map(|l| blob.chunk_leaves(c, l..l + 1)) {
         if is_data(&obj.fd, span.start, span.stop).unwrap_or(false) {
-            obj.leaves.written(span);
+            obj.leaves.written(blob, span);
         }
     }
 }

@@ -365,9 +365,9 @@ impl Cachefiles {
         })
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)));
-        if done.is_ok() {
+        if let (true, Target::Data(_, blob)) = (done.is_ok(), &obj.target) {
             for &s in &leaf_spans {
-                obj.leaves.written(s);
+                obj.leaves.written(blob, s);
             }
         }
         drop(leaves);

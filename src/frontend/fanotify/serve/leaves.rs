@@ -85,7 +85,7 @@ impl FanotifyFrontend {
         };
         self.write_urgent(cached, piece.data, piece.offset, Arc::clone(via))
             .await?;
-        cached.leaves.written(span);
+        cached.leaves.written(&cached.blob, span);
         Ok(true)
     }
 
@@ -147,7 +147,7 @@ impl FanotifyFrontend {
         for (piece, span) in pieces.into_iter().zip(spans) {
             self.write(cached, piece.data, piece.offset, Arc::clone(via), false)
                 .await?;
-            cached.leaves.written(span);
+            cached.leaves.written(&cached.blob, span);
         }
         // a verified chunk is answered without a look at the disk: it must hold no hole
         let (unit, size) = (cached.blob.table_chunk, cached.blob.source.size);
@@ -176,7 +176,7 @@ impl FanotifyFrontend {
                 continue;
             };
             if self.leaves_on_disk(cached, span, via).await? {
-                cached.leaves.written(span);
+                cached.leaves.written(&cached.blob, span);
                 found = true;
             }
         }
