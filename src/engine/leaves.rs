@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use lru::LruCache;
 
-use super::chunks::ChunkGeometry;
 use super::inflight::ChunkKey;
 use super::{DataBlob, Engine, EngineError, Piece};
 use crate::image::leaves::{self, Cv, LeafLayout, CV_LEN};
@@ -104,8 +103,8 @@ impl DataBlob {
 
     /// Bytes of table chunk `c`.
     fn chunk_len(&self, c: u64) -> u64 {
-        let geo = ChunkGeometry::new(self.table_chunk, self.table_chunk, self.source.size);
-        geo.end(c) - geo.start(c)
+        let r = self.chunk_range(c);
+        r.end - r.start
     }
 }
 

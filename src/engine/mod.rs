@@ -125,6 +125,12 @@ impl DataBlob {
         self
     }
 
+    /// The bytes of table chunk `c` (the last one may be short).
+    pub fn chunk_range(&self, c: u64) -> std::ops::Range<u64> {
+        let geo = ChunkGeometry::new(self.table_chunk, self.table_chunk, self.source.size);
+        geo.start(c)..geo.end(c)
+    }
+
     /// The key of everything that holds this blob's verified bytes.
     pub fn key(&self) -> &BlobKey {
         &self.key

@@ -237,7 +237,6 @@ fn release(obj: &Object, chunks: impl IntoIterator<Item = u64>) {
 /// Whether table chunk `c` of `blob` is in the object's cache file already (asked through
 /// the anonymous fd, which seeks in the cache file; an error counts as not there).
 pub(super) fn in_cache(obj: &Object, blob: &DataBlob, c: u64) -> bool {
-    let unit = blob.table_chunk;
-    let (s, e) = (c * unit, ((c + 1) * unit).min(blob.source.size));
-    crate::frontend::fanotify::cache::is_data(&obj.fd, s, e).unwrap_or(false)
+    let r = blob.chunk_range(c);
+    crate::frontend::fanotify::cache::is_data(&obj.fd, r.start, r.end).unwrap_or(false)
 }

@@ -177,8 +177,8 @@ pub(super) fn some_leaves_here(obj: &Object, blob: &DataBlob, c: u64) -> bool {
 /// file that hold data (the kernel reads those without asking, as it reads whole chunks a
 /// daemon wrote before a restart). One `lseek` when the chunk holds no data.
 fn leaves_on_disk(obj: &Object, blob: &DataBlob, c: u64) {
-    let (cs, ce) = (c * blob.table_chunk, ((c + 1) * blob.table_chunk).min(blob.source.size));
-    if !has_data(&obj.fd, cs, ce).unwrap_or(false) {
+    let r = blob.chunk_range(c);
+    if !has_data(&obj.fd, r.start, r.end).unwrap_or(false) {
         return;
     }
     for span in (0..blob.leaves_in(c)).filter_map(|l| blob.chunk_leaves(c, l..l + 1)) {

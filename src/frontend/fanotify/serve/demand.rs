@@ -133,10 +133,10 @@ impl FanotifyFrontend {
         // a chunk with a hole in the cache file is missing, known from two lseeks on this
         // task; only chunks with data on disk (an earlier run's) are read and hashed, on the
         // blocking pool
-        let unit = cached.blob.table_chunk;
         let mut any_data = false;
         for &c in &unknown {
-            if cache::is_data(file, c * unit, ((c + 1) * unit).min(cached.blob.source.size))? {
+            let r = cached.blob.chunk_range(c);
+            if cache::is_data(file, r.start, r.end)? {
                 any_data = true;
                 break;
             }

@@ -150,8 +150,8 @@ impl FanotifyFrontend {
             cached.leaves.written(&cached.blob, span);
         }
         // a verified chunk is answered without a look at the disk: it must hold no hole
-        let (unit, size) = (cached.blob.table_chunk, cached.blob.source.size);
-        if !cache::is_data(via, c * unit, ((c + 1) * unit).min(size))? {
+        let r = cached.blob.chunk_range(c);
+        if !cache::is_data(via, r.start, r.end)? {
             tracing::warn!(
                 chunk = c,
                 "a chunk completed by its leaves still has holes: fetched whole"
@@ -166,8 +166,8 @@ impl FanotifyFrontend {
     /// but holes) and verify; those that do are entered in the book (and the chunk counted).
     async fn found_leaves(&self, cached: &Arc<CachedBlob>, c: u64, via: &Arc<File>) -> io::Result<bool> {
         let blob = &cached.blob;
-        let (cs, ce) = (c * blob.table_chunk, ((c + 1) * blob.table_chunk).min(blob.source.size));
-        if !cache::has_data(via, cs, ce)? {
+        let r = blob.chunk_range(c);
+        if !cache::has_data(via, r.start, r.end)? {
             return Ok(false);
         }
         let mut found = false;

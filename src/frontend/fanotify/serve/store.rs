@@ -89,9 +89,8 @@ impl FanotifyFrontend {
         if lock(&cached.verified).contains(&c) {
             return Ok(true);
         }
-        let unit = cached.blob.table_chunk;
-        let (s, e) = (c * unit, ((c + 1) * unit).min(cached.blob.source.size));
-        if cache::is_data(file, s, e)? && self.verify_on_disk(cached, file, c, s, e)? {
+        let r = cached.blob.chunk_range(c);
+        if cache::is_data(file, r.start, r.end)? && self.verify_on_disk(cached, file, c, r.start, r.end)? {
             self.stats.chunks_present.fetch_add(1, Relaxed);
             lock(&cached.verified).insert(c);
             return Ok(true);
