@@ -35,7 +35,14 @@ impl FanotifyFrontend {
             return;
         };
         let partial = |c: u64| cached.leaves.any_written(c);
-        for c in (from..to.min(cached.n_chunks())).filter(|&c| partial(c)) {
+        // (a chunk completed by its leaves stays in the book: verified, it needs no task)
+        let to_complete: Vec<u64> = {
+            let v = lock(&cached.verified);
+            (from..to.min(cached.n_chunks()))
+                .filter(|&c| !v.contains(&c) && partial(c))
+                .collect()
+        };
+        for c in to_complete {
             let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(&via));
             tokio::spawn(async move {
                 match me.complete_by_leaves(&cached, c..c + 1, &via).await {
