@@ -62,31 +62,35 @@ pub fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
 /// than `min_age` ago. A live writer renames its own within microseconds, so an upgrade's
 /// old daemon, which shares the directory, never has one that old. The files removed.
 pub fn sweep_temps(dir: &Path, min_age: std::time::Duration) -> io::Result<usize> {
-    let mut removed = 0;
-    let mut dirs = vec![dir.to_path_buf()];
-    let mut depth = 0;
-    while let Some(d) = dirs.pop() {
-        for entry in fs::read_dir(&d)?.flatten() {
-            // never followed: a symlink is neither a directory to enter nor a file to remove
-            let Ok(md) = fs::symlink_metadata(entry.path()) else {
-                continue;
-            };
-            if md.is_dir() && depth == 0 {
-                dirs.push(entry.path());
-            }
-            let stale = md
-                .modified()
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > min_age);
-            if md.is_file() && stale && entry.file_name().to_string_lossy().starts_with(".tmp-") {
-                fs::remove_file(entry.path())?;
-                removed += 1;
-            }
-        }
-        depth = 1;
+    let (mut removed, subdirs) = sweep_dir(dir, min_age)?;
+    for d in subdirs {
+        removed += sweep_dir(&d, min_age)?.0;
     }
     Ok(removed)
+}
+
+/// Remove the stale temporaries directly in `dir`: how many, and its subdirectories. A symlink
+/// is never followed: neither a directory to enter nor a file to remove.
+fn sweep_dir(dir: &Path, min_age: std::time::Duration) -> io::Result<(usize, Vec<std::path::PathBuf>)> {
+    let (mut removed, mut subdirs) = (0, Vec::new());
+    for entry in fs::read_dir(dir)?.flatten() {
+        let Ok(md) = fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if md.is_dir() {
+            subdirs.push(entry.path());
+        }
+        let stale = md
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > min_age);
+        if md.is_file() && stale && entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok((removed, subdirs))
 }
 
 /// A unique temporary file beside `path` with `data`, adjusted by `finish`, fsynced and
