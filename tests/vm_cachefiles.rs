@@ -409,9 +409,9 @@ exit 0
     );
     assert!(lazy_data * 10 < data_total(&lazy));
     // Read-ahead fetched each byte of the sequentially read blob once, in merged runs (one
-    // request per chunk without it), except the leaves of the reader's first READ: 16 KiB at
-    // the file's start, short as a random reader's, served by its leaf before the next READ
-    // showed a sequential reader and its chunk came whole. The same for the background fill.
+    // request per chunk without it). The reader's first READ, short as a random reader's, gets
+    // its 16 KiB leaf, then the rest of chunk 0 by leaves (12-05: each byte once); at most
+    // 64 KiB over is allowed for those leaves. The same for the background fill.
     let seq_hits: Vec<(u64, u64)> = c
         .blob_hits
         .iter()
