@@ -180,7 +180,7 @@ pub async fn start(b: &Bench<'_>, r: &mut Report) {
         random_bytes_per_read: random_bytes as f64 / workload::RANDOM_READS as f64,
         seq_mbs: workload::sequential(&mnt, &workload),
         rss_mib: usage(d.pid()).0 as f64 / 1024.0,
-        rss_split_mib: rss_split(d.pid()),
+        rss_split_mib: workload::at_rest(d.pid()),
     };
     drop(d); // its recording of the cold start ends: the list is kept in its state
 

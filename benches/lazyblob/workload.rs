@@ -36,8 +36,19 @@ pub struct Measured {
     pub seq_mbs: f64,
     /// Daemon peak RSS, MiB.
     pub rss_mib: f64,
-    /// Its RSS at the end, anonymous and file-backed (the binary's text, mapped files), MiB.
+    /// Its RSS at rest ([`REST`] after the workload), anonymous and file-backed (the binary's
+    /// text, mapped files), MiB.
     pub rss_split_mib: (f64, f64),
+}
+
+/// How long a daemon rests after the workload before its RSS at rest is read: longer than
+/// lazyblob keeps idle buffers (`recycle::IDLE_TTL`, checked every half of it).
+pub const REST: std::time::Duration = std::time::Duration::from_millis(3_500);
+
+/// The RSS of daemon `pid` after [`REST`]: anonymous and file-backed, MiB.
+pub fn at_rest(pid: i32) -> (f64, f64) {
+    std::thread::sleep(REST);
+    crate::util::rss_split(pid)
 }
 
 /// Random reads per daemon.

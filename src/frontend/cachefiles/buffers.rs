@@ -15,7 +15,7 @@ use crate::recycle::Recycler;
 /// Idle write buffers.
 pub type WriteBufs = Recycler<AlignedBuf>;
 
-/// Idle buffers kept: enough for the writes of a read-ahead window in flight.
+/// Idle buffers kept: enough for the writes of a read-ahead window in flight (freed once idle).
 pub const KEPT: usize = 8;
 
 /// A write buffer on loan; it goes back when dropped.
