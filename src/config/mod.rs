@@ -257,7 +257,8 @@ impl Default for EngineConfig {
         EngineConfig {
             chunk_size: 1 << 20,
             // large: docker-registry spends milliseconds of CPU per request, and a run is
-            // streamed unit by unit, so its size costs no memory
+            // streamed unit by unit, so its size costs memory only for the units that arrived
+            // and are not written yet (a sequential read's peak: 18 MiB anonymous, 12-05)
             merge_max: 32 << 20,
             completed_chunks_kept: 8,
             max_concurrent_fetches: 8,
