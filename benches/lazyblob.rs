@@ -84,9 +84,7 @@ async fn main() {
         }
     }
     if want("vm") {
-        let (row, j) = reads::vm_sequential(&b.reg, &b.host, b.scale.vm_mib).await;
-        r.rows.push(row);
-        r.json.insert("sequential_cachefiles_vm".into(), j);
+        reads::vm_reads(&b.reg, &b.host, b.scale.vm_mib, &mut r).await;
     }
     if want("scale") {
         scale::scale(&b, &mut r).await;

@@ -317,13 +317,15 @@ pub async fn random(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
     }
 }
 
-/// Sequential cold reads of a `mib` MiB file in the VM rig (cachefiles frontend) against wget
-/// of the same blob in the same guest, `REPS` times each, alternating; medians.
-pub async fn vm_sequential(
-    reg: &Registry,
-    host: &str,
-    mib: usize,
-) -> ((String, String, String, String), serde_json::Value) {
+/// Random 4 KiB cold reads per VM run: one in each of this many 1 MiB chunks.
+const VM_RANDOM_READS: usize = 32;
+
+/// In the VM rig (cachefiles frontend), against the same guest's `wget`, `REPS` times each,
+/// alternating; medians: sequential cold reads of a `mib` MiB file against a download of its
+/// blob, and random 4 KiB cold reads (each its own `dd`, a fresh daemon and cache) against a
+/// 4 KiB range GET of the blob each (its own `nc`: busybox's `wget` refuses a 206) and
+/// against the same reads again from the cache file.
+pub async fn vm_reads(reg: &Registry, host: &str, mib: usize, r: &mut Report) {
     let port = host.rsplit(':').next().unwrap_or_default();
     let src = format!("{host}/bench/vmseq:src");
     let dst = format!("{host}/bench/vmseq:lazy");
@@ -336,35 +338,63 @@ pub async fn vm_sequential(
     let p = payload.path();
     let port: u16 = port.parse().expect("a port");
     std::fs::write(p.join("cfg.toml"), common::guest_config(port, "", "")).unwrap();
+    // 4 KiB blocks: one at a random place in each of VM_RANDOM_READS distinct chunks
+    let mut rng = rand::rngs::StdRng::seed_from_u64(47);
+    let blocks: Vec<String> = rand::seq::index::sample(&mut rng, mib, VM_RANDOM_READS.min(mib))
+        .into_iter()
+        .map(|c| (c as u64 * 256 + rng.next_u64() % 256).to_string())
+        .collect();
     let script = format!(
         r#"#!/bin/sh
-R=10.0.2.2:{port}; LB=/host/lazyblob; SOCK=/run/lazyblob.sock
+R=10.0.2.2:{port}; LB=/host/lazyblob; SOCK=/run/lazyblob.sock; U=http://$R/v2/bench/vmseq/blobs/{blob}
+BLOCKS="{blocks}"
 now() {{ cut -d' ' -f1 /proc/uptime; }}
 mkdir -p /mnt/l
-i=0
-while [ $i -lt {REPS} ]; do
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  a=$(now); wget -q -O /var/cache/w.bin http://$R/v2/bench/vmseq/blobs/{blob}; rc=$?; b=$(now)
-  echo "RESULT wget $rc $a $b"; rm -f /var/cache/w.bin
+up() {{
   rm -rf /var/lib/lazyblob /var/cache/lazyblob; mkdir -p /var/lib/lazyblob
   $LB daemon --config /cfg.toml 2>>/tmp/daemon.log & DPID=$!
   n=0; while [ ! -S $SOCK ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n+1)); done
   $LB mount --socket $SOCK $R/bench/vmseq:lazy /mnt/l || cat /tmp/daemon.log
   sync; echo 3 > /proc/sys/vm/drop_caches
+}}
+down() {{ $LB umount --socket $SOCK /mnt/l; kill $DPID; wait $DPID; }}
+i=0
+while [ $i -lt {REPS} ]; do
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  a=$(now); wget -q -O /var/cache/w.bin $U; rc=$?; b=$(now)
+  echo "RESULT wget $rc $a $b"; rm -f /var/cache/w.bin
+  up
   a=$(now); dd if=/mnt/l/data/large.bin of=/dev/null bs=1M 2>/dev/null; rc=$?; b=$(now)
   echo "RESULT lazy $rc $a $b"
   echo "CPU daemon $(cut -d' ' -f14,15 /proc/$DPID/stat)"
-  $LB umount --socket $SOCK /mnt/l; kill $DPID; wait $DPID
+  down
+  a=$(now); rc=0
+  for k in $BLOCKS; do
+    printf 'GET /v2/bench/vmseq/blobs/{blob} HTTP/1.0\r\nHost: %s\r\nRange: bytes=%d-%d\r\n\r\n' \
+      $R $((k*4096)) $((k*4096+4095)) | nc 10.0.2.2 {port} >/var/cache/r.bin
+    [ "$(wc -c </var/cache/r.bin)" -gt 4096 ] || rc=1
+  done
+  b=$(now); echo "RESULT range-random $rc $a $b"
+  up
+  a=$(now); rc=0
+  for k in $BLOCKS; do dd if=/mnt/l/data/large.bin of=/dev/null bs=4096 count=1 skip=$k 2>/dev/null || rc=1; done
+  b=$(now); echo "RESULT lazy-random $rc $a $b"
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  a=$(now); rc=0
+  for k in $BLOCKS; do dd if=/mnt/l/data/large.bin of=/dev/null bs=4096 count=1 skip=$k 2>/dev/null || rc=1; done
+  b=$(now); echo "RESULT lazy-hit $rc $a $b"
+  down
   i=$((i+1))
 done
 exit 0
-"#
+"#,
+        blocks = blocks.join(" ")
     );
     common::write_guest_script(p, &script);
     let accel = "TCG"; // what the rig runs (nested KVM is not available here)
     let (code, console) = common::run_vm(p, share.path(), &[bin], 900).await;
     assert_eq!(code, 0, "VM run failed:\n{console}");
-    let mut runs: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut runs: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     // the daemon's CPU seconds (user + system) in each run: steadier than the wall time
     let hz = 100.0;
     let mut cpu = Vec::new();
@@ -376,26 +406,43 @@ exit 0
         if let ["RESULT", who, rc, a, b] = f[..] {
             assert_eq!(rc, "0", "{who} failed in the guest:\n{console}");
             let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
-            runs.entry(if who == "wget" { "wget" } else { "lazy" })
-                .or_default()
-                .push(b - a);
+            runs.entry(who.to_string()).or_default().push(b - a);
         }
     }
-    let (mut w, mut l) = (
-        runs.remove("wget").unwrap_or_default(),
-        runs.remove("lazy").unwrap_or_default(),
+    let mut median = |who: &str| {
+        let mut v = runs.remove(who).unwrap_or_default();
+        assert!(v.len() == REPS, "missing results for {who}:\n{console}");
+        eprintln!("VM ({accel}) {who} runs (s): {v:.2?}");
+        percentile(&mut v, 0.5)
+    };
+    let (ws, ls) = (median("wget"), median("lazy"));
+    let n = VM_RANDOM_READS.min(mib) as f64;
+    let ms = |t: f64| t / n * 1e3;
+    let (wr, lr, hit) = (
+        ms(median("range-random")),
+        ms(median("lazy-random")),
+        ms(median("lazy-hit")),
     );
-    assert!(w.len() == REPS && l.len() == REPS, "missing results:\n{console}");
-    eprintln!("VM ({accel}) runs (s): wget {w:.2?}, lazyblob {l:.2?}; daemon CPU s per run {cpu:.2?}");
-    let (ws, ls) = (percentile(&mut w, 0.5), percentile(&mut l, 0.5));
+    eprintln!("VM ({accel}) daemon CPU s per sequential run {cpu:.2?}");
     let mb = (mib << 20) as f64 / 1e6;
-    (
-        (
-            format!("sequential cold read, {mib} MiB file (cachefiles, VM rig, {accel})"),
-            format!("{:.0} MB/s", mb / ls),
-            format!("wget in the guest {:.0} MB/s", mb / ws),
-            format!("{:.0}% of wget", 100.0 * ws / ls),
-        ),
+    r.rows.push((
+        format!("sequential cold read, {mib} MiB file (cachefiles, VM rig, {accel})"),
+        format!("{:.0} MB/s", mb / ls),
+        format!("wget in the guest {:.0} MB/s", mb / ws),
+        format!("{:.0}% of wget", 100.0 * ws / ls),
+    ));
+    r.json.insert(
+        "sequential_cachefiles_vm".into(),
         json!({"bytes": mib << 20, "accel": accel, "lazyblob_mbs": mb / ls, "wget_mbs": mb / ws, "ratio": ws / ls, "daemon_cpu_s": cpu}),
-    )
+    );
+    r.rows.push((
+        format!("random 4 KiB cold reads, one per chunk, each its own dd (cachefiles, VM rig, {accel})"),
+        format!("{lr:.1} ms a read (re-read from the cache file, page cache dropped: {hit:.1} ms)"),
+        format!("a 4 KiB range GET by nc in the guest {wr:.1} ms"),
+        format!("{:+.1} ms over the GET; {:+.1} ms over the re-read", lr - wr, lr - hit),
+    ));
+    r.json.insert(
+        "random_cachefiles_vm".into(),
+        json!({"reads": n, "accel": accel, "lazyblob_ms": lr, "cached_ms": hit, "range_get_ms": wr}),
+    );
 }
