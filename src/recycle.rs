@@ -27,15 +27,38 @@ struct Idle<T> {
     since: Instant,
 }
 
-impl<T> Recycler<T> {
-    /// A recycler keeping at most `keep` idle items.
+impl<T: Send + 'static> Recycler<T> {
+    /// A recycler keeping at most `keep` idle items, each freed once idle for [`IDLE_TTL`]
+    /// (by a task of the current tokio runtime; outside one, nothing is trimmed).
     pub fn new(keep: usize) -> Arc<Recycler<T>> {
-        Arc::new(Recycler {
+        let r = Arc::new(Recycler {
             free: Mutex::new(Vec::new()),
             keep,
-        })
+        });
+        r.trim_in_background();
+        r
     }
 
+    /// Free items idle for [`IDLE_TTL`] from a task of the current tokio runtime, for as long
+    /// as the recycler lives.
+    fn trim_in_background(self: &Arc<Self>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(IDLE_TTL / 2).await;
+                match weak.upgrade() {
+                    Some(r) => r.trim(IDLE_TTL, Instant::now()),
+                    None => break,
+                };
+            }
+        });
+    }
+}
+
+impl<T> Recycler<T> {
     /// An idle item that `fits`, taken out, if there is one; the most recently handed back
     /// first, so the others age and are freed when the demand drops.
     pub fn reuse(&self, fits: impl Fn(&T) -> bool) -> Option<T> {
@@ -73,26 +96,6 @@ impl<T> Recycler<T> {
     }
 }
 
-impl<T: Send + 'static> Recycler<T> {
-    /// Free items idle for [`IDLE_TTL`] from a task of the current tokio runtime, for as long
-    /// as the recycler lives (outside a runtime nothing is trimmed).
-    pub fn trim_in_background(self: &Arc<Self>) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let weak = Arc::downgrade(self);
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(IDLE_TTL / 2).await;
-                match weak.upgrade() {
-                    Some(r) => r.trim(IDLE_TTL, Instant::now()),
-                    None => break,
-                };
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,9 +127,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_background_task_frees_the_idle_and_ends_with_the_recycler() {
+    async fn in_a_runtime_a_task_frees_the_idle_and_ends_with_the_recycler() {
         let r = Recycler::new(4);
-        r.trim_in_background();
         r.give_back(vec![0u8; 16]);
         tokio::time::sleep(IDLE_TTL / 4).await;
         assert_eq!(r.idle(), 1, "not idle long enough yet");

@@ -240,13 +240,11 @@ pub struct Engine {
 impl Engine {
     /// An engine fetching through `registry`.
     pub fn new(registry: Arc<Registry>, cfg: EngineConfig) -> Engine {
-        // enough idle buffers for the fetches one host runs at once, freed once idle
-        let pool = pool::BufPool::new(cfg.max_concurrent_fetches);
-        pool.trim_in_background();
         Engine {
             registry,
             inflight: Inflight::new(cfg.completed_chunks_kept, cfg.failed_fetch_hold),
-            pool,
+            // enough idle buffers for the fetches one host runs at once (freed once idle)
+            pool: pool::BufPool::new(cfg.max_concurrent_fetches),
             cfg,
             slots: leaves::Slots::default(),
             stats: EngineStats::default(),

@@ -177,15 +177,13 @@ impl Cachefiles {
             recorder,
             fill_after,
         } = how;
-        let bufs = WriteBufs::new(buffers::KEPT);
-        bufs.trim_in_background();
         Ok(Arc::new(Cachefiles {
             dev: dev.into_async()?,
             catalog,
             engine,
             read_ahead_max,
             objects: Mutex::new(HashMap::new()),
-            bufs,
+            bufs: WriteBufs::new(buffers::KEPT),
             admission,
             recorder,
             fill_after,
