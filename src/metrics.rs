@@ -123,6 +123,13 @@ impl Collector for DaemonCollector {
             "Reads served by their leaves, without the rest of their chunk",
             leaf_reads,
         )?;
+        let pauses = d.engine.ahead_pauses();
+        counter(
+            &mut enc,
+            "lazyblob_fetch_ahead_pauses",
+            "Fetches ahead of readers paused while their units waited to be written",
+            pauses,
+        )?;
         let shared = e.shared_hits.load(Relaxed);
         counter(
             &mut enc,

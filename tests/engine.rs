@@ -245,3 +245,56 @@ async fn a_failed_fetch_is_held_briefly_then_retried() {
     let pieces = f.engine.read(&f.blob, 1 << 20, 4096).await.unwrap();
     assert_eq!(assemble(&pieces, 1 << 20, 4096), f.data[1 << 20..(1 << 20) + 4096]);
 }
+
+/// A run fetched ahead of readers stops reading its body once its units that nobody has
+/// written yet fill `ahead_buffer_max`; a reader that needs a later unit of it gets that unit
+/// at once; once the units are written the run finishes, each byte fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_fetched_ahead_pauses_at_its_budget_and_a_reader_unpauses_it() {
+    use lazyblob::engine::Need;
+    let f = fixture(32 << 20, 30_000).await;
+    let cfg = EngineConfig {
+        ahead_buffer_max: std::num::NonZeroU64::new(4 << 20),
+        ..EngineConfig::default()
+    };
+    let engine = Arc::new(Engine::new(Arc::clone(f.engine.registry()), cfg));
+    let fetched = || {
+        f.engine
+            .registry()
+            .stats
+            .bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let until = |at_least: u64| async move {
+        let t0 = Instant::now();
+        while fetched() < at_least && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // well inside `gate::PAUSE_MAX`: a paused stream would still be paused
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        fetched()
+    };
+    let ahead = engine.fetch(&f.blob, 0, 32 << 20, Need::Ahead).unwrap();
+    let n = until(4 << 20).await;
+    // 4 units took the budget; the fifth may have begun in the body piece that ended the fourth
+    assert!(
+        (4 << 20..5 << 20).contains(&n),
+        "{n} bytes streamed with 4 MiB unwritten"
+    );
+    assert!(engine.ahead_pauses() >= 1);
+    let reader = engine.fetch(&f.blob, (20 << 20) + 5, 4096, Need::Reader).unwrap();
+    let piece = reader.into_iter().next().unwrap().wait(&engine).await.unwrap();
+    assert_eq!(&piece.data[..], &f.data[20 << 20..21 << 20]);
+    let n = until(21 << 20).await;
+    assert!(
+        (21 << 20..22 << 20).contains(&n),
+        "{n} bytes: paused again after the reader's unit"
+    );
+    for p in ahead {
+        let piece = p.wait(&engine).await.unwrap();
+        let at = piece.offset as usize;
+        assert_eq!(&piece.data[..], &f.data[at..at + piece.data.len()]);
+        engine.stored(&piece); // written: its share is free
+    }
+    assert_eq!(fetched(), 32 << 20, "every byte once");
+}

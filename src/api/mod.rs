@@ -129,6 +129,10 @@ pub struct EngineCounters {
     /// Reads served by their leaves, without the rest of their chunk (format 3).
     #[serde(default)]
     pub leaf_reads: u64,
+    /// Times a fetch made ahead of readers paused until units waiting to be written were let
+    /// go (`engine.ahead_buffer_max`).
+    #[serde(default)]
+    pub ahead_pauses: u64,
 }
 
 /// Registry counters.

@@ -226,6 +226,11 @@ pub struct EngineConfig {
     /// bytes, not chunks, so images with small chunks still fetch in large runs.
     #[serde(deserialize_with = "units::nonzero_u64")]
     pub read_ahead_max: Option<NonZeroU64>,
+    /// Bytes fetched ahead of readers (read-ahead, background fill, startup prefetch) that
+    /// may wait to be written before those streams pause (0: no bound). Readers' own fetches
+    /// never wait; a pause lasts at most a second.
+    #[serde(deserialize_with = "units::nonzero_u64")]
+    pub ahead_buffer_max: Option<NonZeroU64>,
     /// Kernel read-ahead of each lazyblob mount in KiB (0: leave the kernel's 128 KiB). A
     /// larger window means fewer, larger kernel requests for sequential readers.
     #[serde(deserialize_with = "units::nonzero_u32")]
@@ -265,6 +270,7 @@ impl Default for EngineConfig {
             max_reads_in_flight: 256,
             failed_fetch_hold: Some(Duration::from_secs(1)),
             read_ahead_max: NonZeroU64::new(64 << 20),
+            ahead_buffer_max: NonZeroU64::new(8 << 20),
             read_ahead_kb: NonZeroU32::new(4096),
             fill_after_idle: Some(Duration::from_secs(1)),
             pin_metadata: true,

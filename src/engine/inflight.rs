@@ -14,17 +14,17 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::future::{BoxFuture, Shared};
 use lru::LruCache;
 
+use super::gate::{Delivered, RunGate};
 use super::EngineError;
 
 /// A fetch of one chunk that any number of readers can await.
-pub type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, EngineError>>>;
+pub type ChunkFuture = Shared<BoxFuture<'static, Result<Delivered, EngineError>>>;
 
 /// (blob key, chunk index): the blob key covers the chunk digests the bytes were verified
 /// against, so two images that claim one blob digest with different tables never share.
@@ -48,10 +48,17 @@ impl ChunkKey {
     }
 }
 
+/// A unit being fetched: its shared future and its run's gate (a reader that joins it
+/// hurries the run, see `gate`).
+pub struct Fetching {
+    pub fut: ChunkFuture,
+    pub run: Arc<RunGate>,
+}
+
 /// The two tables, behind one mutex held only for lookups and inserts (never across an await).
 pub struct State {
-    pub running: HashMap<ChunkKey, ChunkFuture>,
-    pub recent: LruCache<ChunkKey, Bytes>,
+    pub running: HashMap<ChunkKey, Fetching>,
+    pub recent: LruCache<ChunkKey, Delivered>,
     /// Fetches that failed lately: when, and why.
     failed: LruCache<ChunkKey, (Instant, EngineError)>,
     /// How long a failure is held (None: not at all).
@@ -109,9 +116,9 @@ impl Inflight {
 
     /// `fut` finished with `data`: move it from `running` to `recent` (if it is still the
     /// current fetch of `key`).
-    pub fn complete(&self, key: &ChunkKey, fut: &ChunkFuture, data: &Bytes) {
+    pub fn complete(&self, key: &ChunkKey, fut: &ChunkFuture, data: &Delivered) {
         let mut st = self.lock();
-        if st.running.get(key).is_some_and(|f| f.ptr_eq(fut)) {
+        if st.running.get(key).is_some_and(|f| f.fut.ptr_eq(fut)) {
             st.running.remove(key);
             // each unit is its own buffer (see `run`), so keeping it pins nothing else
             st.recent.put(key.clone(), data.clone());
@@ -128,7 +135,7 @@ impl Inflight {
     /// starts a new fetch.
     pub fn fail(&self, key: &ChunkKey, fut: &ChunkFuture, err: &EngineError) {
         let mut st = self.lock();
-        if st.running.get(key).is_some_and(|f| f.ptr_eq(fut)) {
+        if st.running.get(key).is_some_and(|f| f.fut.ptr_eq(fut)) {
             st.running.remove(key);
             st.hold_failure(key, err);
         }

@@ -155,6 +155,7 @@ impl Engine {
             offset: span.start,
             data,
             unit: None,
+            lease: None,
         })
     }
 

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chunks;
+pub mod gate;
 pub(crate) mod inflight;
 pub mod leaves;
 pub(crate) mod pool;
@@ -34,7 +35,8 @@ use futures::future::FutureExt;
 use crate::config::EngineConfig;
 use crate::registry::{BlobSource, Registry, RegistryError};
 use chunks::{plan_runs, ChunkGeometry};
-use inflight::{ChunkFuture, ChunkKey, Inflight};
+pub use gate::Need;
+use inflight::{ChunkFuture, ChunkKey, Fetching, Inflight};
 use run::RunSink;
 
 /// Why a read could not be served.
@@ -176,6 +178,18 @@ pub struct Piece {
     /// The engine's unit this piece is, kept among the recently completed ones until its
     /// reader reports it stored ([`Engine::stored`]); `None` for a read of some leaves.
     unit: Option<ChunkKey>,
+    /// The unit's share of the budget of bytes fetched ahead, if it holds one (`gate`).
+    lease: Option<Arc<gate::Lease>>,
+}
+
+impl Piece {
+    /// The piece is written into its cache: a share of the budget it holds is free again,
+    /// whoever still keeps the bytes.
+    pub fn written(&self) {
+        if let Some(l) = &self.lease {
+            l.let_go();
+        }
+    }
 }
 
 /// A unit being fetched (or just fetched) for a reader; [`Pending::wait`] yields it verified.
@@ -189,7 +203,7 @@ pub struct Pending {
 /// Where a pending unit's bytes come from.
 enum Unit {
     /// Recently completed: at hand.
-    Ready(Bytes),
+    Ready(gate::Delivered),
     /// A fetch in flight, shared with every other reader of the unit.
     Fetch(ChunkFuture),
     /// A fetch of the unit failed a moment ago (see [`inflight`]).
@@ -217,11 +231,12 @@ impl Pending {
                 }
             },
         };
-        engine.stats.served(self.key.blob(), data.len() as u64);
+        engine.stats.served(self.key.blob(), data.data.len() as u64);
         Ok(Piece {
             offset: self.offset,
-            data,
+            data: data.data,
             unit: Some(self.key),
+            lease: data.lease,
         })
     }
 }
@@ -232,6 +247,8 @@ pub struct Engine {
     cfg: EngineConfig,
     inflight: Inflight,
     pool: Arc<pool::BufPool>,
+    /// Bytes fetched ahead of readers that may wait to be let go (`gate`).
+    ahead: Option<Arc<gate::Budget>>,
     slots: leaves::Slots,
     /// Counters for `status`.
     pub stats: EngineStats,
@@ -245,6 +262,7 @@ impl Engine {
             inflight: Inflight::new(cfg.completed_chunks_kept, cfg.failed_fetch_hold),
             // enough idle buffers for the fetches one host runs at once (freed once idle)
             pool: pool::BufPool::new(cfg.max_concurrent_fetches),
+            ahead: cfg.ahead_buffer_max.map(|b| gate::Budget::new(b.get())),
             cfg,
             slots: leaves::Slots::default(),
             stats: EngineStats::default(),
@@ -267,6 +285,7 @@ impl Engine {
     /// memory of fetched data is what is in flight or not stored yet, not a fixed number of
     /// chunks (`completed_chunks_kept` remains its bound).
     pub fn stored(&self, piece: &Piece) {
+        piece.written();
         if let Some(key) = &piece.unit {
             self.inflight.lock().recent.pop(key);
         }
@@ -280,6 +299,11 @@ impl Engine {
         let key = inflight::ChunkKey::new(blob.key(), unit);
         let st = self.inflight.lock();
         st.running.contains_key(&key) || st.recent.contains(&key)
+    }
+
+    /// Times a fetch made ahead of readers paused for want of room (`gate`).
+    pub fn ahead_pauses(&self) -> u64 {
+        self.ahead.as_ref().map_or(0, |b| b.pauses.load(Relaxed))
     }
 
     /// Fetch units currently tracked by the in-flight LRU.
@@ -297,7 +321,7 @@ impl Engine {
     ) -> Result<Vec<Piece>, EngineError> {
         let mut out = Vec::new();
         let mut first_err = None;
-        for p in self.fetch(blob, offset, len)? {
+        for p in self.fetch(blob, offset, len, Need::Reader)? {
             match p.wait(self).await {
                 Ok(piece) => out.push(piece),
                 Err(e) => {
@@ -313,8 +337,15 @@ impl Engine {
 
     /// Start fetching the units covering `[offset, offset + len)` of `blob` that are neither
     /// in flight nor recent, and return one [`Pending`] per unit, in order; each can be
-    /// awaited as soon as its own bytes are verified.
-    pub fn fetch(self: &Arc<Self>, blob: &Arc<DataBlob>, offset: u64, len: u64) -> Result<Vec<Pending>, EngineError> {
+    /// awaited as soon as its own bytes are verified. A fetch for a reader hurries the runs
+    /// of the units it joins; one made ahead of readers is held to the budget (`gate`).
+    pub fn fetch(
+        self: &Arc<Self>,
+        blob: &Arc<DataBlob>,
+        offset: u64,
+        len: u64,
+        need: Need,
+    ) -> Result<Vec<Pending>, EngineError> {
         let size = blob.source.size;
         if offset >= size || len == 0 {
             return Err(EngineError::OutOfRange {
@@ -337,7 +368,12 @@ impl Engine {
             } else if let Some(e) = st.recent_failure(&key) {
                 Some(Unit::Failed(e))
             } else {
-                st.running.get(&key).map(|f| Unit::Fetch(f.clone()))
+                st.running.get(&key).map(|f| {
+                    if need == Need::Reader {
+                        f.run.hurry(idx);
+                    }
+                    Unit::Fetch(f.fut.clone())
+                })
             };
             if matches!(unit, Some(Unit::Ready(_) | Unit::Fetch(_))) {
                 self.stats.shared_hits.fetch_add(1, Relaxed);
@@ -347,10 +383,12 @@ impl Engine {
             slots.push((key, unit));
         }
         for run in plan_runs(&missing, &geo, self.cfg.merge_max) {
-            let futs = self.start_run(blob, &geo, run.clone());
+            let gate = gate::RunGate::new(need);
+            let futs = self.start_run(blob, &geo, run.clone(), &gate);
             for (idx, f) in run.zip(futs) {
                 if let Some((key, unit)) = slots.get_mut((idx - first) as usize) {
-                    st.running.insert(key.clone(), f.clone());
+                    let run = Arc::clone(&gate);
+                    st.running.insert(key.clone(), Fetching { fut: f.clone(), run });
                     *unit = Some(Unit::Fetch(f));
                 }
             }
@@ -378,6 +416,7 @@ impl Engine {
         blob: &Arc<DataBlob>,
         geo: &ChunkGeometry,
         run: std::ops::Range<u64>,
+        gate: &Arc<gate::RunGate>,
     ) -> Vec<ChunkFuture> {
         let start = geo.start(run.start);
         let end = geo.end(run.end - 1);
@@ -391,6 +430,7 @@ impl Engine {
             run.start,
             senders,
             Arc::clone(&self.pool),
+            gate::Share::new(self.ahead.as_ref(), gate),
         ));
         let engine = Arc::clone(self);
         let src = blob.source.clone();

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures::channel::oneshot;
 
 use super::chunks::ChunkGeometry;
+use super::gate::{Delivered, Share};
 use super::pool::{BufPool, PoolBuf};
 use super::{DataBlob, EngineError};
 use crate::image::format::ChunkHasher;
@@ -18,7 +19,7 @@ use crate::registry::range::RangeSink;
 use crate::registry::RegistryError;
 
 /// Where a unit's waiters learn its outcome.
-pub type UnitSender = oneshot::Sender<Result<Bytes, EngineError>>;
+pub type UnitSender = oneshot::Sender<Result<Delivered, EngineError>>;
 
 /// The receiving side of a run: assembles, verifies and delivers units in order.
 pub struct RunSink {
@@ -33,16 +34,19 @@ pub struct RunSink {
     hasher: Option<ChunkHasher>,
     /// Senders of units `next..`, in order.
     senders: VecDeque<UnitSender>,
+    /// The run's share of the budget of bytes fetched ahead (see `gate`).
+    share: Share,
 }
 
 impl RunSink {
-    /// A run starting at unit `first`, with one sender per unit.
+    /// A run starting at unit `first`, with one sender per unit, held to `share`.
     pub fn new(
         blob: Arc<DataBlob>,
         geo: ChunkGeometry,
         first: u64,
         senders: Vec<UnitSender>,
         pool: Arc<BufPool>,
+        share: Share,
     ) -> RunSink {
         RunSink {
             hashed_to: geo.start(first),
@@ -53,6 +57,7 @@ impl RunSink {
             pool,
             hasher: None,
             senders: senders.into(),
+            share,
         }
     }
 
@@ -102,6 +107,13 @@ impl RangeSink for RunSink {
         Ok(())
     }
 
+    fn room(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
+        if self.senders.is_empty() {
+            return None;
+        }
+        self.share.room(self.next, self.unit_len())
+    }
+
     fn abort_attempt(&mut self) {
         // a partial unit is unverified: the retry fetches it whole
         if let Some(b) = self.buf.as_mut() {
@@ -137,7 +149,7 @@ impl RunSink {
     /// Hand a complete unit (all its table chunks checked) to its waiters.
     fn deliver(&mut self, unit: Bytes) {
         if let Some(s) = self.senders.pop_front() {
-            let _ = s.send(Ok(unit));
+            let _ = s.send(Ok(self.share.attach(unit)));
         }
         self.next += 1;
     }
@@ -161,12 +173,17 @@ mod tests {
         ))
     }
 
-    fn sink(data: &[u8], chunk: usize) -> (RunSink, Vec<oneshot::Receiver<Result<Bytes, EngineError>>>) {
+    fn reader() -> Share {
+        let gate = super::super::gate::RunGate::new(super::super::gate::Need::Reader);
+        Share::new(None, &gate)
+    }
+
+    fn sink(data: &[u8], chunk: usize) -> (RunSink, Vec<oneshot::Receiver<Result<Delivered, EngineError>>>) {
         let b = blob(data, chunk);
         let geo = ChunkGeometry::new(chunk as u64, chunk as u64, data.len() as u64);
         let n = data.len().div_ceil(chunk);
         let (tx, rx): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
-        (RunSink::new(b, geo, 0, tx, BufPool::new(2)), rx)
+        (RunSink::new(b, geo, 0, tx, BufPool::new(2), reader()), rx)
     }
 
     #[test]
@@ -181,7 +198,7 @@ mod tests {
                 // every unit that is complete has been handed out already, the next one not
                 let done = (at as usize / 4096).min(2) + usize::from(at as usize == data.len());
                 for (i, r) in rx.iter_mut().enumerate().take(done).skip(received) {
-                    let got = r.try_recv().unwrap().unwrap().unwrap();
+                    let got = r.try_recv().unwrap().unwrap().unwrap().data;
                     assert_eq!(
                         got,
                         data[i * 4096..((i + 1) * 4096).min(data.len())],
@@ -214,8 +231,8 @@ mod tests {
         s.abort_attempt();
         assert_eq!(s.resume_at(), 4096, "a partial unit is dropped");
         s.accept(4096, Bytes::copy_from_slice(&data[4096..])).unwrap();
-        assert_eq!(rx[0].try_recv().unwrap().unwrap().unwrap(), data[..4096]);
-        assert_eq!(rx[1].try_recv().unwrap().unwrap().unwrap(), data[4096..]);
+        assert_eq!(rx[0].try_recv().unwrap().unwrap().unwrap().data, data[..4096]);
+        assert_eq!(rx[1].try_recv().unwrap().unwrap().unwrap().data, data[4096..]);
     }
 
     #[test]
@@ -224,7 +241,7 @@ mod tests {
         let b = blob(&data, 4096);
         let geo = ChunkGeometry::new(8192, 4096, data.len() as u64);
         let (tx, mut rx): (Vec<_>, Vec<_>) = (0..3).map(|_| oneshot::channel()).unzip();
-        let mut s = RunSink::new(Arc::clone(&b), geo, 0, tx, BufPool::new(2));
+        let mut s = RunSink::new(Arc::clone(&b), geo, 0, tx, BufPool::new(2), reader());
         let mut bad = data.clone();
         bad[4096 + 10] ^= 0xff; // second table chunk of the first unit
         let err = s.accept(0, Bytes::copy_from_slice(&bad[..6000]));
@@ -240,7 +257,7 @@ mod tests {
                 .unwrap();
         }
         for (i, r) in rx.iter_mut().enumerate() {
-            let got = r.try_recv().unwrap().unwrap().unwrap();
+            let got = r.try_recv().unwrap().unwrap().unwrap().data;
             assert_eq!(got, data[i * 8192..((i + 1) * 8192).min(data.len())]);
         }
     }

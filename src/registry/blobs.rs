@@ -144,6 +144,10 @@ impl Registry {
         let mut body = res.bytes_stream();
         let mut at = offset;
         while at < end {
+            let room = lock(sink).room();
+            if let Some(wait) = room {
+                wait.await;
+            }
             let Some(piece) = body.next().await else {
                 break;
             };

@@ -15,6 +15,11 @@ pub trait RangeSink {
     fn accept(&mut self, at: u64, data: Bytes) -> Result<(), RegistryError>;
     /// The attempt failed: drop partial state so the next one starts at `resume_at()`.
     fn abort_attempt(&mut self);
+    /// Before more of the body is read: a wait to finish first (back-pressure, see
+    /// `engine::gate`), or `None` to read on at once.
+    fn room(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
+        None
+    }
 }
 
 /// Collects a whole range into one buffer and runs `check` on it once complete; a failed

@@ -77,6 +77,7 @@ fn status(d: &Daemon) -> Status {
             bytes_served: e.bytes_served.load(Relaxed),
             failed_reads: e.failed_reads.load(Relaxed),
             leaf_reads: e.leaf_reads.load(Relaxed),
+            ahead_pauses: d.engine.ahead_pauses(),
         },
         registry: RegistryCounters {
             requests: r.requests.load(Relaxed),

@@ -59,7 +59,7 @@ impl Cachefiles {
     fn fetch_units(&self, blob: &Arc<DataBlob>, run: &Range<u64>) -> Result<Vec<(Pending, u64)>, EngineError> {
         let unit = blob.table_chunk;
         let (s, e) = (run.start * unit, (run.end * unit).min(blob.source.size));
-        let pending = self.engine.fetch(blob, s, e - s)?;
+        let pending = self.engine.fetch(blob, s, e - s, crate::engine::Need::Ahead)?;
         let ends: Vec<u64> = pending.iter().skip(1).map(|p| p.offset).chain([e]).collect();
         Ok(pending.into_iter().zip(ends).collect())
     }
@@ -84,6 +84,7 @@ impl Cachefiles {
                 tokio::task::spawn_blocking(move || -> io::Result<u64> {
                     let buf = buffers::holding(&bufs, &piece.data)?;
                     o.fd.write_all_at(&buf, piece.offset)?;
+                    piece.written();
                     Ok(piece.data.len() as u64)
                 })
                 .await

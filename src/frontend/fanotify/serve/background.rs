@@ -49,7 +49,7 @@ impl FanotifyFrontend {
                     };
                     cursor = run.end;
                     let (s, e) = (run.start * unit, (run.end * unit).min(cached.blob.source.size));
-                    let fetched = me.fetch_and_store(&cached, s, e, via, None).await;
+                    let fetched = me.fetch_and_store(&cached, s, e, via, super::demand::For::Ahead).await;
                     drop(slot); // not held while backing off: other blobs may fill meanwhile
                     match fetched {
                         Ok(n) => {

@@ -11,7 +11,18 @@ use std::time::Instant;
 use super::blob::CachedBlob;
 use super::{cache, FanotifyFrontend};
 use crate::engine::chunks::consecutive;
+use crate::engine::Need;
 use crate::lock::lock;
+
+/// Who a fetch-and-store is for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum For {
+    /// A reader, with the range its event names (if any): that part is written first.
+    Reader(Option<(u64, u64)>),
+    /// Nobody waits: a background fill or a startup prefetch (held to the engine's budget of
+    /// bytes fetched ahead).
+    Ahead,
+}
 
 impl FanotifyFrontend {
     /// Make `range` of the event's file present and verified; returns chunks written.
@@ -49,7 +60,9 @@ impl FanotifyFrontend {
             if !leaves {
                 for run in consecutive(&missing, u64::MAX) {
                     let (s, e) = (run.start * unit, (run.end * unit).min(size));
-                    written += self.fetch_and_store(&cached, s, e, Arc::clone(&via), urgent).await?;
+                    written += self
+                        .fetch_and_store(&cached, s, e, Arc::clone(&via), For::Reader(urgent))
+                        .await?;
                 }
             }
             self.start_background_fill(&cached);
@@ -75,17 +88,21 @@ impl FanotifyFrontend {
     }
 
     /// Fetch `[s, e)` of a blob and write each unit as soon as it is verified; returns
-    /// chunks written. A unit that `urgent` (a reader's range) covers only in part gets that
-    /// part written first and the whole unit written in the background, so a small random
-    /// read waits for its own bytes only, not for a whole chunk to reach the page cache.
+    /// chunks written. A unit that a reader's range covers only in part gets that part
+    /// written first and the whole unit written in the background, so a small random read
+    /// waits for its own bytes only, not for a whole chunk to reach the page cache.
     pub(super) async fn fetch_and_store(
         self: &Arc<Self>,
         cached: &Arc<CachedBlob>,
         s: u64,
         e: u64,
         via: Arc<File>,
-        urgent: Option<(u64, u64)>,
+        who: For,
     ) -> io::Result<u64> {
+        let (need, urgent) = match who {
+            For::Reader(range) => (Need::Reader, range),
+            For::Ahead => (Need::Ahead, None),
+        };
         // chunks some of whose leaves are here: the rest of their leaves
         let unit = cached.blob.table_chunk;
         let mut written = self
@@ -98,7 +115,7 @@ impl FanotifyFrontend {
         for r in cached.unverified_runs(s / unit..e.div_ceil(unit), |_| false) {
             pending.extend(
                 self.engine
-                    .fetch(&cached.blob, r.start, r.end - r.start)
+                    .fetch(&cached.blob, r.start, r.end - r.start, need)
                     .map_err(io::Error::other)?,
             );
         }

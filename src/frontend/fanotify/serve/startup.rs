@@ -105,7 +105,9 @@ impl FanotifyFrontend {
             };
             cursor = r.end;
             let (s, e) = (r.start * unit, (r.end * unit).min(size));
-            let n = self.fetch_and_store(cached, s, e, Arc::clone(via), None).await?;
+            let n = self
+                .fetch_and_store(cached, s, e, Arc::clone(via), super::demand::For::Ahead)
+                .await?;
             self.stats.chunks_startup.fetch_add(n, Relaxed);
             fetched += n;
         }
