@@ -30,8 +30,19 @@ async fn fixture(size: usize, deadline_ms: u64) -> Fixture {
     cfg.max_attempts = 4;
     let reg = Arc::new(client(&cfg));
     let engine = Arc::new(Engine::new(reg, EngineConfig::default()));
-    let table = BlobChunks::of(&data, 1 << 20, ChunkDigest::Blake3);
-    let blob = Arc::new(DataBlob::new(
+    let blob = data_blob(&mock, &digest, &data);
+    Fixture {
+        mock,
+        engine,
+        blob,
+        data,
+    }
+}
+
+/// `data`, stored in `mock` as `digest`, as a blob of 1 MiB chunks.
+fn data_blob(mock: &MockRegistry, digest: &str, data: &[u8]) -> Arc<DataBlob> {
+    let table = BlobChunks::of(data, 1 << 20, ChunkDigest::Blake3);
+    Arc::new(DataBlob::new(
         BlobSource {
             repo: parse_reference(&format!("{}/t/blob:x", mock.host())).unwrap(),
             digest: digest.parse().unwrap(),
@@ -40,13 +51,7 @@ async fn fixture(size: usize, deadline_ms: u64) -> Fixture {
         1 << 20,
         table.digests(1 << 20).unwrap(),
         ChunkDigest::Blake3,
-    ));
-    Fixture {
-        mock,
-        engine,
-        blob,
-        data,
-    }
+    ))
 }
 
 fn assemble(pieces: &[lazyblob::engine::Piece], off: u64, len: u64) -> Vec<u8> {
@@ -297,4 +302,45 @@ async fn a_run_fetched_ahead_pauses_at_its_budget_and_a_reader_unpauses_it() {
         engine.stored(&piece); // written: its share is free
     }
     assert_eq!(fetched(), 32 << 20, "every byte once");
+}
+
+/// Fetches ahead of readers never hold every connection slot of a host: with all of theirs
+/// stalled at the registry, a reader's miss still gets a slot at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_gets_a_slot_while_fetches_ahead_stall() {
+    use lazyblob::engine::Need;
+    let f = fixture(32 << 20, 30_000).await;
+    let other = bytes(9, 2 << 20);
+    let digest = f.mock.store().put_blob(other.clone());
+    let b = data_blob(&f.mock, &digest, &other);
+    f.mock.set_faults(vec![FaultRule {
+        fault: Fault::Latency(Duration::from_secs(3)),
+        digest: Some(f.blob.source.digest.to_string()),
+        times: None,
+    }]);
+    // one run per chunk (every other one): as many as the host's 16 slots (`common::client`)
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for c in (0..32u64).step_by(2) {
+        let pending = f.engine.fetch(&f.blob, c << 20, 4096, Need::Ahead).unwrap();
+        let (e, done) = (Arc::clone(&f.engine), Arc::clone(&done));
+        tokio::spawn(async move {
+            for p in pending {
+                p.wait(&e).await.unwrap();
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pieces = f.engine.read(&b, 5, 4096).await.unwrap();
+    assert_eq!(assemble(&pieces, 5, 4096), other[5..4101]);
+    // 12 of the 16 fetches ahead hold a slot (the other 4 wait), the reader took a fifth:
+    // it did not wait for one of theirs to give its slot up (none has been answered yet)
+    let requests = f
+        .engine
+        .registry()
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(requests, 12 + 1, "requests sent when the reader's bytes arrived");
+    assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

@@ -210,7 +210,8 @@ pub struct EngineConfig {
     /// fetched data.
     #[serde(alias = "inflight_capacity")]
     pub completed_chunks_kept: usize,
-    /// Concurrent range requests per registry host.
+    /// Concurrent range requests per registry host; a quarter of them are kept for readers
+    /// (fetches ahead of readers, which may pause, never hold them all).
     pub max_concurrent_fetches: usize,
     /// Kernel read requests (fanotify events, cachefiles READs) served at once. More wait in
     /// the kernel's queue, their readers blocked, until a slot frees: nothing is dropped, and

@@ -18,18 +18,10 @@ use futures::future::BoxFuture;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::lock::lock;
+pub use crate::registry::slots::Need;
 
 /// Longest a stream waits for room before it goes on regardless.
 pub const PAUSE_MAX: Duration = Duration::from_secs(1);
-
-/// Who a fetch is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Need {
-    /// A reader waits for it: never paused, and it unpauses what it joins.
-    Reader,
-    /// Fetched ahead of readers: held to the budget.
-    Ahead,
-}
 
 /// The engine-wide budget of bytes fetched ahead and not let go yet.
 pub struct Budget {
@@ -59,6 +51,8 @@ impl Budget {
 
 /// One run's side of the budget, shared by its sink and by the readers that join it.
 pub struct RunGate {
+    /// Who started the run.
+    need: Need,
     /// The run's units before this index are wanted by a reader: stream them without waiting.
     urgent_until: AtomicU64,
     wake: Notify,
@@ -72,6 +66,7 @@ impl RunGate {
             Need::Ahead => 0,
         };
         Arc::new(RunGate {
+            need,
             urgent_until: AtomicU64::new(until),
             wake: Notify::new(),
         })
@@ -140,6 +135,11 @@ impl Share {
                 }))
             }
         }
+    }
+
+    /// Who the run was started for.
+    pub fn need(&self) -> Need {
+        self.run.need
     }
 
     /// A complete unit, with the share taken for it (if any).

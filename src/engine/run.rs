@@ -114,6 +114,10 @@ impl RangeSink for RunSink {
         self.share.room(self.next, self.unit_len())
     }
 
+    fn need(&self) -> crate::registry::slots::Need {
+        self.share.need()
+    }
+
     fn abort_attempt(&mut self) {
         // a partial unit is unverified: the retry fetches it whole
         if let Some(b) = self.buf.as_mut() {

@@ -81,16 +81,25 @@ impl Registry {
                 size: src.size,
             });
         }
-        let bytes = end.saturating_sub(lock(sink).resume_at());
-        self.with_endpoints(&src.repo, "range", bytes, |ep, auth, client, host_stats| async move {
-            let r = self
-                .stream_range(&client, &ep, &auth, &host_stats, src, end, sink)
-                .await;
-            if r.is_err() {
-                lock(sink).abort_attempt();
-            }
-            r
-        })
+        let (bytes, need) = {
+            let s = lock(sink);
+            (end.saturating_sub(s.resume_at()), s.need())
+        };
+        self.with_endpoints(
+            &src.repo,
+            "range",
+            bytes,
+            need,
+            |ep, auth, client, host_stats| async move {
+                let r = self
+                    .stream_range(&client, &ep, &auth, &host_stats, src, end, sink)
+                    .await;
+                if r.is_err() {
+                    lock(sink).abort_attempt();
+                }
+                r
+            },
+        )
         .await
     }
 

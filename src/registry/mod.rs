@@ -27,6 +27,7 @@ mod types;
 pub use types::{BlobSource, HostStats, RegistryStats, ResolvedManifest, MANIFEST_MEDIA_TYPES};
 pub mod retry;
 pub mod roots;
+pub mod slots;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,7 +37,6 @@ use bytes::Bytes;
 use oci_client::manifest::OciManifest;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
-use tokio::sync::Semaphore;
 
 use crate::image::digest::Digest;
 use crate::lock::lock;
@@ -71,8 +71,8 @@ pub struct Registry {
     cfg: RegistryConfig,
     policy: RetryPolicy,
     platform: Platform,
-    limits: Mutex<HashMap<String, Arc<Semaphore>>>,
-    max_concurrent: usize,
+    /// Concurrent requests per host, some kept for readers.
+    slots: slots::Slots,
     /// Counters for `status`.
     pub stats: RegistryStats,
 }
@@ -114,8 +114,7 @@ impl Registry {
             },
             cfg: cfg.clone(),
             platform,
-            limits: Mutex::new(HashMap::new()),
-            max_concurrent,
+            slots: slots::Slots::new(max_concurrent),
             stats: RegistryStats::default(),
         })
     }
@@ -288,10 +287,16 @@ impl Registry {
         url: impl Fn(&Reference) -> Result<String, RegistryError>,
     ) -> Result<(Bytes, Option<String>), RegistryError> {
         let url = &url;
-        self.with_endpoints(reference, what, 0, |ep, auth, client, _| async move {
-            let credential = manifest::Credential::obtain(&client, &ep, &auth, RegistryOperation::Pull).await?;
-            manifest::get(self.http(&ep), &url(&ep)?, accept, credential, &self.cfg.limits).await
-        })
+        self.with_endpoints(
+            reference,
+            what,
+            0,
+            slots::Need::Reader,
+            |ep, auth, client, _| async move {
+                let credential = manifest::Credential::obtain(&client, &ep, &auth, RegistryOperation::Pull).await?;
+                manifest::get(self.http(&ep), &url(&ep)?, accept, credential, &self.cfg.limits).await
+            },
+        )
         .await
     }
 
@@ -320,12 +325,14 @@ impl Registry {
     /// Run `op`, which moves about `bytes` of data, against each endpoint (mirrors first) with
     /// retries, within one deadline for the whole operation. On 401 the credential is looked
     /// up again and `op` runs once more (it runs the auth step itself). `op` gets the
-    /// endpoint's statistics for the kind of request `what` names.
+    /// endpoint's statistics for the kind of request `what` names. Each attempt holds a slot
+    /// of its host for `need` (`slots`).
     async fn with_endpoints<T, F, Fut>(
         &self,
         reference: &Reference,
         what: &'static str,
         bytes: u64,
+        need: slots::Need,
         op: F,
     ) -> Result<T, RegistryError>
     where
@@ -347,7 +354,7 @@ impl Registry {
                 .run_until(
                     what,
                     until,
-                    || self.permit(&host),
+                    || self.slots.acquire(&host, need),
                     |n| {
                         let ep = ep.clone();
                         let auth = auth.clone();
@@ -402,17 +409,6 @@ impl Registry {
             }
         }
         Err(last.unwrap_or_else(|| RegistryError::Transport("no endpoint".into())))
-    }
-
-    async fn permit(&self, host: &str) -> tokio::sync::OwnedSemaphorePermit {
-        let sem = {
-            let mut m = lock(&self.limits);
-            m.entry(host.to_string())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.max_concurrent)))
-                .clone()
-        };
-        // The semaphore is never closed, so acquiring cannot fail.
-        sem.acquire_owned().await.expect("registry semaphore is never closed")
     }
 }
 

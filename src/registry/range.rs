@@ -20,6 +20,11 @@ pub trait RangeSink {
     fn room(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
         None
     }
+    /// Who the range is for: a fetch ahead of readers leaves some of its host's slots to
+    /// readers (`slots`).
+    fn need(&self) -> super::slots::Need {
+        super::slots::Need::Reader
+    }
 }
 
 /// Collects a whole range into one buffer and runs `check` on it once complete; a failed
