@@ -123,7 +123,7 @@ impl Collector for DaemonCollector {
             "Reads served by their leaves, without the rest of their chunk",
             leaf_reads,
         )?;
-        let pauses = d.engine.ahead_pauses();
+        let pauses = d.engine.ahead_pauses().0;
         counter(
             &mut enc,
             "lazyblob_fetch_ahead_pauses",

@@ -102,13 +102,11 @@ pub async fn sequential(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
             lazy_cpu[v][0] += usage(dr.pid()).1 - reg0;
             lazy_cpu[v][1] += self_cpu() - me0;
             lazy_cpu[v][2] += usage(d.pid()).1 - d0;
-            if rep == 0 {
-                let st = d.status().await;
-                eprintln!(
-                    "{}: {} range requests, {} bytes from the registry",
-                    variants[v].0, st.registry.requests, st.registry.bytes
-                );
-            }
+            let st = d.status().await;
+            eprintln!(
+                "{} (run {rep}): {} range requests, {} bytes from the registry; fetches ahead paused {} times ({} for a whole second)",
+                variants[v].0, st.registry.requests, st.registry.bytes, st.engine.ahead_pauses, st.engine.ahead_pauses_expired
+            );
             profile_stop(profiler);
             drop(d);
             let _ = std::fs::remove_dir_all(&dir);

@@ -133,6 +133,10 @@ pub struct EngineCounters {
     /// go (`engine.ahead_buffer_max`).
     #[serde(default)]
     pub ahead_pauses: u64,
+    /// Of those, pauses that ended after a second without room: units fetched ahead were held
+    /// and not written.
+    #[serde(default)]
+    pub ahead_pauses_expired: u64,
 }
 
 /// Registry counters.

@@ -2,12 +2,12 @@
 //! prefetch): their units may wait to be written, and those that wait hold memory. A run
 //! fetched for such a caller takes a share of one engine-wide budget of bytes for each unit
 //! before it reads more of its body, and the unit carries that share until its consumer has
-//! written it (or every holder has dropped it). With the budget spent, the stream pauses: the registry's
-//! connection simply stops being read. A reader that needs a unit of a paused run makes the
-//! run urgent up to that unit, which it then streams without waiting; runs started for
-//! readers never wait. A pause lasts at most [`PAUSE_MAX`], so a unit held by someone waiting
-//! for a paused run (a caller that holds later units while it awaits an earlier one) can slow
-//! a run down but never wedge it.
+//! written it (or every holder has dropped it). With the budget spent, the stream pauses:
+//! the registry's connection simply stops being read. A reader that needs a unit of a paused
+//! run makes the run urgent up to that unit, which it then streams without waiting; runs
+//! started for readers never wait. A unit waits at most [`PAUSE_MAX`] for its share and then
+//! streams without one, so a unit held by someone waiting for a paused run (a caller that
+//! holds later units while it awaits an earlier one) can slow a run down but never wedge it.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,8 @@ pub struct Budget {
     max: u32,
     /// Streams that had to wait for room.
     pub pauses: AtomicU64,
+    /// Waits that ended after [`PAUSE_MAX`] without room (units held and not written).
+    pub expired: AtomicU64,
 }
 
 impl Budget {
@@ -40,6 +42,7 @@ impl Budget {
             room: Arc::new(Semaphore::new(max as usize)),
             max,
             pauses: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
         })
     }
 
@@ -90,6 +93,9 @@ pub struct Share {
     budget: Option<Arc<Budget>>,
     run: Arc<RunGate>,
     taken: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    /// One past the index of the last unit that waited [`PAUSE_MAX`] and went on without a
+    /// share (0: none).
+    waived: Arc<AtomicU64>,
 }
 
 impl Share {
@@ -99,6 +105,7 @@ impl Share {
             budget: budget.cloned(),
             run: Arc::clone(run),
             taken: Arc::new(Mutex::new(None)),
+            waived: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -107,7 +114,8 @@ impl Share {
     /// a reader hurries the run, or [`PAUSE_MAX`] has passed.
     pub fn room(&self, index: u64, len: usize) -> Option<BoxFuture<'static, ()>> {
         let budget = self.budget.as_ref()?;
-        if self.run.urgent(index) || lock(&self.taken).is_some() {
+        let waived = self.waived.load(Relaxed) == index + 1;
+        if waived || self.run.urgent(index) || lock(&self.taken).is_some() {
             return None;
         }
         let n = u32::try_from(len).unwrap_or(u32::MAX).min(budget.max);
@@ -119,6 +127,7 @@ impl Share {
             Err(_) => {
                 budget.pauses.fetch_add(1, Relaxed);
                 let (room, run, taken) = (Arc::clone(&budget.room), Arc::clone(&self.run), Arc::clone(&self.taken));
+                let (waived, budget) = (Arc::clone(&self.waived), Arc::clone(budget));
                 Some(Box::pin(async move {
                     let hurried = run.wake.notified();
                     tokio::select! {
@@ -129,6 +138,8 @@ impl Share {
                         }
                         () = hurried => {}
                         () = tokio::time::sleep(PAUSE_MAX) => {
+                            waived.store(index + 1, Relaxed);
+                            budget.expired.fetch_add(1, Relaxed);
                             tracing::debug!(bytes = n, "fetch ahead went on without room: units wait to be let go");
                         }
                     }
@@ -222,6 +233,12 @@ mod tests {
         let t = tokio::time::Instant::now();
         share.room(1, 1024).expect("no room").await;
         assert!(t.elapsed() >= PAUSE_MAX, "went on after the longest pause");
+        assert!(
+            share.room(1, 1024).is_none(),
+            "and the rest of that unit streams without a share"
+        );
+        assert!(share.room(2, 1024).is_some(), "the next unit waits again");
+        assert_eq!(budget.expired.load(Relaxed), 1);
         let reader = Share::new(Some(&budget), &RunGate::new(Need::Reader));
         assert!(reader.room(0, 1024).is_none() && reader.room(9, 1024).is_none());
         assert!(

@@ -8,8 +8,9 @@
 //! the other image's readers. Missing adjacent chunks are merged into one range
 //! request up to `merge_max`, whose body is verified and handed out chunk by chunk as it
 //! streams in (`run`). Every chunk is checked against the image's chunk digest table before
-//! anyone sees it. The engine knows the registry, never a kernel: frontends write the bytes
-//! into their cache files.
+//! anyone sees it. Runs fetched ahead of readers pause while their units wait to be written
+//! beyond a budget (`gate`). The engine knows the registry, never a kernel: frontends write
+//! the bytes into their cache files.
 
 #![forbid(unsafe_code)]
 
@@ -301,9 +302,12 @@ impl Engine {
         st.running.contains_key(&key) || st.recent.contains(&key)
     }
 
-    /// Times a fetch made ahead of readers paused for want of room (`gate`).
-    pub fn ahead_pauses(&self) -> u64 {
-        self.ahead.as_ref().map_or(0, |b| b.pauses.load(Relaxed))
+    /// Times a fetch made ahead of readers paused for want of room (`gate`), and of those
+    /// the pauses that went on without it after `gate::PAUSE_MAX`.
+    pub fn ahead_pauses(&self) -> (u64, u64) {
+        self.ahead
+            .as_ref()
+            .map_or((0, 0), |b| (b.pauses.load(Relaxed), b.expired.load(Relaxed)))
     }
 
     /// Fetch units currently tracked by the in-flight LRU.

@@ -77,7 +77,8 @@ fn status(d: &Daemon) -> Status {
             bytes_served: e.bytes_served.load(Relaxed),
             failed_reads: e.failed_reads.load(Relaxed),
             leaf_reads: e.leaf_reads.load(Relaxed),
-            ahead_pauses: d.engine.ahead_pauses(),
+            ahead_pauses: d.engine.ahead_pauses().0,
+            ahead_pauses_expired: d.engine.ahead_pauses().1,
         },
         registry: RegistryCounters {
             requests: r.requests.load(Relaxed),
