@@ -344,3 +344,38 @@ async fn a_reader_gets_a_slot_while_fetches_ahead_stall() {
     assert_eq!(requests, 12 + 1, "requests sent when the reader's bytes arrived");
     assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+/// Units a caller stops waiting for (an error cut it short) are handed back: their shares
+/// of the budget come back, so the rest of their run streams without waiting out pauses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_units_give_their_budget_back() {
+    use lazyblob::engine::Need;
+    let f = fixture(8 << 20, 30_000).await;
+    let cfg = EngineConfig {
+        ahead_buffer_max: std::num::NonZeroU64::new(2 << 20),
+        ..EngineConfig::default()
+    };
+    let engine = Arc::new(Engine::new(Arc::clone(f.engine.registry()), cfg));
+    let fetched = || {
+        f.engine
+            .registry()
+            .stats
+            .bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut units = engine.fetch(&f.blob, 0, 8 << 20, Need::Ahead).unwrap().into_iter();
+    let first = units.next().unwrap().wait(&engine).await.unwrap();
+    assert_eq!(&first.data[..], &f.data[..1 << 20]);
+    engine.abandon(units);
+    let t0 = Instant::now();
+    while fetched() < 8 << 20 && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fetched(), 8 << 20, "the run finished");
+    // the first unit, never written, still holds its share: one pause at most waits it out
+    assert!(
+        engine.ahead_pauses().1 <= 1,
+        "pauses waited out: {:?}",
+        engine.ahead_pauses()
+    );
+}

@@ -194,6 +194,8 @@ impl Piece {
 }
 
 /// A unit being fetched (or just fetched) for a reader; [`Pending::wait`] yields it verified.
+/// One that will not be waited for after all goes to [`Engine::abandon`]: dropped, a unit
+/// fetched ahead would hold its share of the budget until some reader waits for it.
 pub struct Pending {
     /// Blob offset of the unit.
     pub offset: u64,
@@ -214,31 +216,34 @@ enum Unit {
 impl Pending {
     /// The verified unit. A failed fetch is held briefly, then the next read tries again.
     pub async fn wait(self, engine: &Engine) -> Result<Piece, EngineError> {
-        let data = match self.unit {
-            Unit::Ready(d) => d,
-            Unit::Failed(e) => {
-                engine.stats.failed_reads.fetch_add(1, Relaxed);
-                return Err(e);
-            }
-            Unit::Fetch(f) => match f.clone().await {
-                Ok(data) => {
-                    engine.inflight.complete(&self.key, &f, &data);
-                    data
-                }
-                Err(e) => {
-                    engine.inflight.fail(&self.key, &f, &e);
-                    engine.stats.failed_reads.fetch_add(1, Relaxed);
-                    return Err(e);
-                }
-            },
-        };
-        engine.stats.served(self.key.blob(), data.data.len() as u64);
+        let (offset, key) = (self.offset, self.key.clone());
+        let data = self.resolve(engine).await.inspect_err(|_| {
+            engine.stats.failed_reads.fetch_add(1, Relaxed);
+        })?;
+        engine.stats.served(key.blob(), data.data.len() as u64);
         Ok(Piece {
-            offset: self.offset,
+            offset,
             data: data.data,
-            unit: Some(self.key),
+            unit: Some(key),
             lease: data.lease,
         })
+    }
+
+    /// The unit's outcome, its fetch moved out of the running ones (to the recent ones, or
+    /// to the failures held).
+    async fn resolve(self, engine: &Engine) -> Result<gate::Delivered, EngineError> {
+        match self.unit {
+            Unit::Ready(d) => Ok(d),
+            Unit::Failed(e) => Err(e),
+            Unit::Fetch(f) => {
+                let r = f.clone().await;
+                match &r {
+                    Ok(data) => engine.inflight.complete(&self.key, &f, data),
+                    Err(e) => engine.inflight.fail(&self.key, &f, e),
+                }
+                r
+            }
+        }
     }
 }
 
@@ -300,6 +305,24 @@ impl Engine {
         let key = inflight::ChunkKey::new(blob.key(), unit);
         let st = self.inflight.lock();
         st.running.contains_key(&key) || st.recent.contains(&key)
+    }
+
+    /// Units a caller will not wait for after all (an error cut it short): awaited on a task
+    /// of their own and let go, so the shares of the budget they hold come back (`gate`) and
+    /// their fetches leave the running ones; their bytes stay among the recent ones a while.
+    pub fn abandon(self: &Arc<Self>, rest: impl IntoIterator<Item = Pending>) {
+        let rest: Vec<Pending> = rest.into_iter().collect();
+        if rest.is_empty() {
+            return;
+        }
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            for p in rest {
+                if let Ok(gate::Delivered { lease: Some(l), .. }) = p.resolve(&engine).await {
+                    l.let_go();
+                }
+            }
+        });
     }
 
     /// Times a fetch made ahead of readers paused for want of room (`gate`), and of those

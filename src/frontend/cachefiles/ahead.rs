@@ -193,9 +193,12 @@ impl Cachefiles {
                         return None;
                     }
                 };
-                for (p, end) in units {
+                let mut units = units.into_iter();
+                while let Some((p, end)) = units.next() {
                     if !self.write_ahead(obj, p, end, counter).await {
-                        // the units after this one are not awaited: their chunks too
+                        // the units after this one are not awaited (the engine lets them
+                        // go): their chunks are released too
+                        self.engine.abandon(units.map(|(p, _)| p));
                         release(obj, todo.iter().copied().filter(|&c| c >= sub.start));
                         return None;
                     }

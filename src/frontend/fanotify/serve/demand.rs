@@ -113,26 +113,50 @@ impl FanotifyFrontend {
         // engine lets a unit go once it is stored (no await from here to the fetch)
         let mut pending = Vec::new();
         for r in cached.unverified_runs(s / unit..e.div_ceil(unit), |_| false) {
-            pending.extend(
-                self.engine
-                    .fetch(&cached.blob, r.start, r.end - r.start, need)
-                    .map_err(io::Error::other)?,
-            );
-        }
-        for p in pending {
-            let piece = p.wait(&self.engine).await.map_err(io::Error::other)?;
-            let (ps, pe) = (piece.offset, piece.offset + piece.data.len() as u64);
-            match urgent {
-                Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) => {
-                    let (a, b) = (us.max(ps), ue.min(pe));
-                    let part = piece.data.slice((a - ps) as usize..(b - ps) as usize);
-                    self.write_urgent(cached, part, a, Arc::clone(&via)).await?;
-                    self.store_later(cached, &via, ps, async { Ok(piece) }, |s| &s.chunks_filled);
+            match self.engine.fetch(&cached.blob, r.start, r.end - r.start, need) {
+                Ok(p) => pending.extend(p),
+                Err(e) => {
+                    self.engine.abandon(pending);
+                    return Err(io::Error::other(e));
                 }
-                _ => written += self.store(cached, piece, Arc::clone(&via)).await?,
+            }
+        }
+        // units not awaited when an error ends this are handed back to the engine
+        let mut pending = pending.into_iter();
+        while let Some(p) = pending.next() {
+            let stored = self.wait_and_store(cached, p, &via, urgent).await;
+            match stored {
+                Ok(n) => written += n,
+                Err(e) => {
+                    self.engine.abandon(pending);
+                    return Err(e);
+                }
             }
         }
         Ok(written)
+    }
+
+    /// Wait for unit `p` and store it; a reader's part of it (in `urgent`) first, if the
+    /// reader needs only part of it. Returns chunks written now.
+    async fn wait_and_store(
+        self: &Arc<Self>,
+        cached: &Arc<CachedBlob>,
+        p: crate::engine::Pending,
+        via: &Arc<File>,
+        urgent: Option<(u64, u64)>,
+    ) -> io::Result<u64> {
+        let piece = p.wait(&self.engine).await.map_err(io::Error::other)?;
+        let (ps, pe) = (piece.offset, piece.offset + piece.data.len() as u64);
+        match urgent {
+            Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) => {
+                let (a, b) = (us.max(ps), ue.min(pe));
+                let part = piece.data.slice((a - ps) as usize..(b - ps) as usize);
+                self.write_urgent(cached, part, a, Arc::clone(via)).await?;
+                self.store_later(cached, via, ps, async { Ok(piece) }, |s| &s.chunks_filled);
+                Ok(0)
+            }
+            _ => self.store(cached, piece, Arc::clone(via)).await,
+        }
     }
 
     /// The chunks of `range` not yet verified in the cache. Those unknown to this run are
