@@ -271,7 +271,7 @@ impl Default for EngineConfig {
             max_reads_in_flight: 256,
             failed_fetch_hold: Some(Duration::from_secs(1)),
             read_ahead_max: NonZeroU64::new(64 << 20),
-            ahead_buffer_max: NonZeroU64::new(8 << 20),
+            ahead_buffer_max: NonZeroU64::new(4 << 20),
             read_ahead_kb: NonZeroU32::new(4096),
             fill_after_idle: Some(Duration::from_secs(1)),
             pin_metadata: true,
