@@ -103,6 +103,7 @@ async fn prometheus_scrapes_what_lazy_reads_did() {
         &format!("lazyblob_registry_host_requests_total{{host=\"{host}\",op=\"range\"}}"),
         &format!("lazyblob_registry_request_duration_seconds_count{{host=\"{host}\",op=\"manifest\"}}"),
         "lazyblob_cache_evicted_blobs_total 0",
+        "lazyblob_fetch_ahead_pauses_total",
     ] {
         assert!(body.contains(name), "{name} missing:\n{body}");
     }
