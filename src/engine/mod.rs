@@ -184,9 +184,9 @@ pub struct Piece {
 }
 
 impl Piece {
-    /// The piece is written into its cache: a share of the budget it holds is free again,
-    /// whoever still keeps the bytes.
-    pub fn written(&self) {
+    /// The piece is written into its cache, or will not be (the write failed): a share of
+    /// the budget it holds is free again, whoever still keeps the bytes.
+    pub fn let_go(&self) {
         if let Some(l) = &self.lease {
             l.let_go();
         }
@@ -291,7 +291,7 @@ impl Engine {
     /// memory of fetched data is what is in flight or not stored yet, not a fixed number of
     /// chunks (`completed_chunks_kept` remains its bound).
     pub fn stored(&self, piece: &Piece) {
-        piece.written();
+        piece.let_go();
         if let Some(key) = &piece.unit {
             self.inflight.lock().recent.pop(key);
         }

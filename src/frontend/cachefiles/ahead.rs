@@ -82,10 +82,11 @@ impl Cachefiles {
                 // READ the kernel sent for it before this write landed is served from there,
                 // and this frontend has no record of its own to check before a fetch
                 tokio::task::spawn_blocking(move || -> io::Result<u64> {
-                    let buf = buffers::holding(&bufs, &piece.data)?;
-                    o.fd.write_all_at(&buf, piece.offset)?;
-                    piece.written();
-                    Ok(piece.data.len() as u64)
+                    // written or not, no one else writes it: its share is free
+                    let written =
+                        buffers::holding(&bufs, &piece.data).and_then(|buf| o.fd.write_all_at(&buf, piece.offset));
+                    piece.let_go();
+                    written.map(|()| piece.data.len() as u64)
                 })
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)))

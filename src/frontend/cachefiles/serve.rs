@@ -424,7 +424,7 @@ impl Cachefiles {
                         out[(lo - start) as usize..(hi - start) as usize]
                             .copy_from_slice(&p.data[(lo - p.offset) as usize..(hi - p.offset) as usize]);
                     }
-                    p.written(); // copied: a share it holds (a unit fetched ahead) is free
+                    p.let_go(); // copied: a share it holds (a unit fetched ahead) is free
                 }
                 Ok(buf)
             }

@@ -28,9 +28,13 @@ impl FanotifyFrontend {
             self.engine.stored(&piece);
             return Ok(0); // written by another reader of the same unit
         }
-        let n = self.write(cached, piece.data.clone(), piece.offset, via, true).await?;
-        self.engine.stored(&piece);
-        Ok(n)
+        let n = self.write(cached, piece.data.clone(), piece.offset, via, true).await;
+        match n {
+            Ok(_) => self.engine.stored(&piece),
+            // no one else writes it: its share of the budget is free, its bytes kept a while
+            Err(_) => piece.let_go(),
+        }
+        n
     }
 
     /// Write the verified part of a unit that a reader waits for. A small part (a random
