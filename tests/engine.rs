@@ -251,6 +251,24 @@ async fn a_failed_fetch_is_held_briefly_then_retried() {
     assert_eq!(assemble(&pieces, 1 << 20, 4096), f.data[1 << 20..(1 << 20) + 4096]);
 }
 
+/// An engine on the fixture's registry whose fetches ahead may leave `budget` bytes unwritten.
+fn budgeted(f: &Fixture, budget: u64) -> Arc<Engine> {
+    let cfg = EngineConfig {
+        ahead_buffer_max: std::num::NonZeroU64::new(budget),
+        ..EngineConfig::default()
+    };
+    Arc::new(Engine::new(Arc::clone(f.engine.registry()), cfg))
+}
+
+/// Body bytes the fixture's registry client has received.
+fn fetched_bytes(f: &Fixture) -> u64 {
+    f.engine
+        .registry()
+        .stats
+        .bytes
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A run fetched ahead of readers stops reading its body once its units that nobody has
 /// written yet fill `ahead_buffer_max`; a reader that needs a later unit of it gets that unit
 /// at once; once the units are written the run finishes, each byte fetched once.
@@ -258,18 +276,8 @@ async fn a_failed_fetch_is_held_briefly_then_retried() {
 async fn a_run_fetched_ahead_pauses_at_its_budget_and_a_reader_unpauses_it() {
     use lazyblob::engine::Need;
     let f = fixture(32 << 20, 30_000).await;
-    let cfg = EngineConfig {
-        ahead_buffer_max: std::num::NonZeroU64::new(4 << 20),
-        ..EngineConfig::default()
-    };
-    let engine = Arc::new(Engine::new(Arc::clone(f.engine.registry()), cfg));
-    let fetched = || {
-        f.engine
-            .registry()
-            .stats
-            .bytes
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let engine = budgeted(&f, 4 << 20);
+    let fetched = || fetched_bytes(&f);
     let until = |at_least: u64| async move {
         let t0 = Instant::now();
         while fetched() < at_least && t0.elapsed() < Duration::from_secs(10) {
@@ -351,18 +359,8 @@ async fn a_reader_gets_a_slot_while_fetches_ahead_stall() {
 async fn abandoned_units_give_their_budget_back() {
     use lazyblob::engine::Need;
     let f = fixture(8 << 20, 30_000).await;
-    let cfg = EngineConfig {
-        ahead_buffer_max: std::num::NonZeroU64::new(2 << 20),
-        ..EngineConfig::default()
-    };
-    let engine = Arc::new(Engine::new(Arc::clone(f.engine.registry()), cfg));
-    let fetched = || {
-        f.engine
-            .registry()
-            .stats
-            .bytes
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let engine = budgeted(&f, 2 << 20);
+    let fetched = || fetched_bytes(&f);
     let mut units = engine.fetch(&f.blob, 0, 8 << 20, Need::Ahead).unwrap().into_iter();
     let first = units.next().unwrap().wait(&engine).await.unwrap();
     assert_eq!(&first.data[..], &f.data[..1 << 20]);
