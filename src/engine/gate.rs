@@ -47,7 +47,8 @@ impl Budget {
     }
 
     /// Bytes of the budget not taken now.
-    pub fn available(&self) -> usize {
+    #[cfg(test)]
+    fn available(&self) -> usize {
         self.room.available_permits()
     }
 }

@@ -61,6 +61,7 @@ impl Admin for DaemonAdmin {
 fn status(d: &Daemon) -> Status {
     let e = &d.engine.stats;
     let r = &d.engine.registry().stats;
+    let (ahead_pauses, ahead_pauses_expired) = d.engine.ahead_pauses();
     Status {
         version: env!("CARGO_PKG_VERSION").into(),
         frontend: d.frontend.kind().name().into(),
@@ -77,8 +78,8 @@ fn status(d: &Daemon) -> Status {
             bytes_served: e.bytes_served.load(Relaxed),
             failed_reads: e.failed_reads.load(Relaxed),
             leaf_reads: e.leaf_reads.load(Relaxed),
-            ahead_pauses: d.engine.ahead_pauses().0,
-            ahead_pauses_expired: d.engine.ahead_pauses().1,
+            ahead_pauses,
+            ahead_pauses_expired,
         },
         registry: RegistryCounters {
             requests: r.requests.load(Relaxed),

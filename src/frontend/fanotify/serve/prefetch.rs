@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::blob::CachedBlob;
 use super::FanotifyFrontend;
+use crate::engine::Need;
 use crate::lock::lock;
 
 impl FanotifyFrontend {
@@ -56,17 +57,16 @@ impl FanotifyFrontend {
         }
         let todo = cached.unverified_runs(from..to, partial);
         for run in todo {
-            let pending =
-                match self
-                    .engine
-                    .fetch(&cached.blob, run.start, run.end - run.start, crate::engine::Need::Ahead)
-                {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "read-ahead not started");
-                        return;
-                    }
-                };
+            let pending = match self
+                .engine
+                .fetch(&cached.blob, run.start, run.end - run.start, Need::Ahead)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "read-ahead not started");
+                    return;
+                }
+            };
             // one task per unit: each is written the moment it is verified
             for p in pending {
                 let (engine, offset) = (Arc::clone(&self.engine), p.offset);
