@@ -356,6 +356,8 @@ up() {{
   sync; echo 3 > /proc/sys/vm/drop_caches
 }}
 down() {{ $LB umount --socket $SOCK /mnt/l; kill $DPID; wait $DPID; }}
+# one 4 KiB dd per block of BLOCKS; rc=1 if any fails
+dds() {{ rc=0; for k in $BLOCKS; do dd if=/mnt/l/data/large.bin of=/dev/null bs=4096 count=1 skip=$k 2>/dev/null || rc=1; done; }}
 i=0
 while [ $i -lt {REPS} ]; do
   sync; echo 3 > /proc/sys/vm/drop_caches
@@ -374,13 +376,9 @@ while [ $i -lt {REPS} ]; do
   done
   b=$(now); echo "RESULT range-random $rc $a $b"
   up
-  a=$(now); rc=0
-  for k in $BLOCKS; do dd if=/mnt/l/data/large.bin of=/dev/null bs=4096 count=1 skip=$k 2>/dev/null || rc=1; done
-  b=$(now); echo "RESULT lazy-random $rc $a $b"
+  a=$(now); dds; b=$(now); echo "RESULT lazy-random $rc $a $b"
   sync; echo 3 > /proc/sys/vm/drop_caches
-  a=$(now); rc=0
-  for k in $BLOCKS; do dd if=/mnt/l/data/large.bin of=/dev/null bs=4096 count=1 skip=$k 2>/dev/null || rc=1; done
-  b=$(now); echo "RESULT lazy-hit $rc $a $b"
+  a=$(now); dds; b=$(now); echo "RESULT lazy-hit $rc $a $b"
   down
   i=$((i+1))
 done
