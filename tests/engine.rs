@@ -353,10 +353,11 @@ async fn a_reader_gets_a_slot_while_fetches_ahead_stall() {
     assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
-/// Units a caller stops waiting for (an error cut it short) are handed back: their shares
-/// of the budget come back, so the rest of their run streams without waiting out pauses.
+/// Units a caller drops instead of waiting for (an error cut it short) give their shares of
+/// the budget back and leave the running fetches, so the rest of their run streams without
+/// waiting out pauses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abandoned_units_give_their_budget_back() {
+async fn dropped_units_give_their_budget_back() {
     use lazyblob::engine::Need;
     let f = fixture(8 << 20, 30_000).await;
     let engine = budgeted(&f, 2 << 20);
@@ -364,7 +365,7 @@ async fn abandoned_units_give_their_budget_back() {
     let mut units = engine.fetch(&f.blob, 0, 8 << 20, Need::Ahead).unwrap().into_iter();
     let first = units.next().unwrap().wait(&engine).await.unwrap();
     assert_eq!(&first.data[..], &f.data[..1 << 20]);
-    engine.abandon(units);
+    drop(units);
     let t0 = Instant::now();
     while fetched() < 8 << 20 && t0.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -376,4 +377,9 @@ async fn abandoned_units_give_their_budget_back() {
         "pauses waited out: {:?}",
         engine.ahead_pauses()
     );
+    // no waiter moved them, yet none of the units stays among the running fetches
+    while engine.inflight_len() > 0 && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(engine.inflight_len(), 0, "units left running");
 }

@@ -149,6 +149,11 @@ impl Share {
         }
     }
 
+    /// The run's gate.
+    pub fn run(&self) -> &Arc<RunGate> {
+        &self.run
+    }
+
     /// Who the run was started for.
     pub fn need(&self) -> Need {
         self.run.need

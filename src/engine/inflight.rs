@@ -1,9 +1,10 @@
 //! In-flight chunk fetches and a small LRU of recently completed chunks.
 //!
 //! A fetch in flight is a shared future in `running`: every reader of that chunk awaits the
-//! same registry request. When it completes, the entry moves to `recent`, an LRU bounded in
-//! entries (so in chunks of memory), which covers readers arriving just after completion,
-//! before the frontend has written the chunk into its cache; a frontend that checks its own
+//! same registry request. When its run delivers it (or fails), the run itself moves the entry
+//! to `recent` whether or not anyone awaits it (a unit no one waits for any more is never
+//! left behind). `recent`, an LRU bounded in entries (so in chunks of memory), covers readers
+//! arriving just after completion, before the frontend has written the chunk into its cache; a frontend that checks its own
 //! record of stored chunks before fetching (fanotify) takes the entry out once it has
 //! (`Engine::stored`). A failed fetch is held in
 //! `failed` for a short time (`engine.failed_fetch_hold_ms`): readers that were queued behind it
@@ -114,30 +115,35 @@ impl Inflight {
         self.lock().running.len()
     }
 
-    /// `fut` finished with `data`: move it from `running` to `recent` (if it is still the
-    /// current fetch of `key`).
-    pub fn complete(&self, key: &ChunkKey, fut: &ChunkFuture, data: &Delivered) {
+    /// The run `run` has settled unit `key` (its waiters have the outcome): it leaves
+    /// `running` at once, whether or not anyone awaits it, to `recent` (bytes only: the share
+    /// of the budget a unit fetched ahead holds stays with those who will write it) or to the
+    /// failures held.
+    pub fn settle(&self, key: &ChunkKey, run: &Arc<RunGate>, outcome: Result<&Delivered, &EngineError>) {
         let mut st = self.lock();
-        if st.running.get(key).is_some_and(|f| f.fut.ptr_eq(fut)) {
-            st.running.remove(key);
-            // each unit is its own buffer (see `run`), so keeping it pins nothing else
-            st.recent.put(key.clone(), data.clone());
+        if !st.running.get(key).is_some_and(|f| Arc::ptr_eq(&f.run, run)) {
+            return;
         }
+        let fetch = st.running.remove(key);
+        match outcome {
+            // each unit is its own buffer (see `run`), so keeping it pins nothing else
+            Ok(d) => {
+                let bytes = Delivered {
+                    data: d.data.clone(),
+                    lease: None,
+                };
+                st.recent.put(key.clone(), bytes);
+            }
+            Err(e) => st.hold_failure(key, e),
+        }
+        // after the lock: the last handle on a unit no one awaits frees its bytes and share
+        drop(st);
+        drop(fetch);
     }
 
     /// A read of part of `key` (its leaves) failed with `err` at the registry: held like a
     /// failed fetch of the whole chunk, so the readers queued behind it fail at once too.
     pub fn hold_failure(&self, key: &ChunkKey, err: &EngineError) {
         self.lock().hold_failure(key, err);
-    }
-
-    /// `fut` failed with `err`: hold the failure (see the module comment), then a read
-    /// starts a new fetch.
-    pub fn fail(&self, key: &ChunkKey, fut: &ChunkFuture, err: &EngineError) {
-        let mut st = self.lock();
-        if st.running.get(key).is_some_and(|f| f.fut.ptr_eq(fut)) {
-            st.running.remove(key);
-            st.hold_failure(key, err);
-        }
     }
 }

@@ -194,8 +194,8 @@ impl Piece {
 }
 
 /// A unit being fetched (or just fetched) for a reader; [`Pending::wait`] yields it verified.
-/// One that will not be waited for after all goes to [`Engine::abandon`]: dropped, a unit
-/// fetched ahead would hold its share of the budget until some reader waits for it.
+/// One that will not be waited for after all is simply dropped: its run settles the unit in
+/// the engine either way, and a share of the budget it holds goes with the last handle.
 pub struct Pending {
     /// Blob offset of the unit.
     pub offset: u64,
@@ -217,7 +217,7 @@ impl Pending {
     /// The verified unit. A failed fetch is held briefly, then the next read tries again.
     pub async fn wait(self, engine: &Engine) -> Result<Piece, EngineError> {
         let (offset, key) = (self.offset, self.key.clone());
-        let data = self.resolve(engine).await.inspect_err(|_| {
+        let data = self.resolve().await.inspect_err(|_| {
             engine.stats.failed_reads.fetch_add(1, Relaxed);
         })?;
         engine.stats.served(key.blob(), data.data.len() as u64);
@@ -229,20 +229,12 @@ impl Pending {
         })
     }
 
-    /// The unit's outcome, its fetch moved out of the running ones (to the recent ones, or
-    /// to the failures held).
-    async fn resolve(self, engine: &Engine) -> Result<gate::Delivered, EngineError> {
+    /// The unit's outcome (its run has moved it out of the running ones by then).
+    async fn resolve(self) -> Result<gate::Delivered, EngineError> {
         match self.unit {
             Unit::Ready(d) => Ok(d),
             Unit::Failed(e) => Err(e),
-            Unit::Fetch(f) => {
-                let r = f.clone().await;
-                match &r {
-                    Ok(data) => engine.inflight.complete(&self.key, &f, data),
-                    Err(e) => engine.inflight.fail(&self.key, &f, e),
-                }
-                r
-            }
+            Unit::Fetch(f) => f.await,
         }
     }
 }
@@ -251,7 +243,7 @@ impl Pending {
 pub struct Engine {
     registry: Arc<Registry>,
     cfg: EngineConfig,
-    inflight: Inflight,
+    inflight: Arc<Inflight>,
     pool: Arc<pool::BufPool>,
     /// Bytes fetched ahead of readers that may wait to be let go (`gate`).
     ahead: Option<Arc<gate::Budget>>,
@@ -265,7 +257,7 @@ impl Engine {
     pub fn new(registry: Arc<Registry>, cfg: EngineConfig) -> Engine {
         Engine {
             registry,
-            inflight: Inflight::new(cfg.completed_chunks_kept, cfg.failed_fetch_hold),
+            inflight: Arc::new(Inflight::new(cfg.completed_chunks_kept, cfg.failed_fetch_hold)),
             // enough idle buffers for the fetches one host runs at once (freed once idle)
             pool: pool::BufPool::new(cfg.max_concurrent_fetches),
             ahead: cfg.ahead_buffer_max.map(|b| gate::Budget::new(b.get())),
@@ -305,24 +297,6 @@ impl Engine {
         let key = inflight::ChunkKey::new(blob.key(), unit);
         let st = self.inflight.lock();
         st.running.contains_key(&key) || st.recent.contains(&key)
-    }
-
-    /// Units a caller will not wait for after all (an error cut it short): awaited on a task
-    /// of their own and let go, so the shares of the budget they hold come back (`gate`) and
-    /// their fetches leave the running ones; their bytes stay among the recent ones a while.
-    pub fn abandon(self: &Arc<Self>, rest: impl IntoIterator<Item = Pending>) {
-        let rest: Vec<Pending> = rest.into_iter().collect();
-        if rest.is_empty() {
-            return;
-        }
-        let engine = Arc::clone(self);
-        tokio::spawn(async move {
-            for p in rest {
-                if let Ok(gate::Delivered { lease: Some(l), .. }) = p.resolve(&engine).await {
-                    l.let_go();
-                }
-            }
-        });
     }
 
     /// Times a fetch made ahead of readers paused for want of room (`gate`), and of those
@@ -458,6 +432,7 @@ impl Engine {
             senders,
             Arc::clone(&self.pool),
             gate::Share::new(self.ahead.as_ref(), gate),
+            Arc::clone(&self.inflight),
         ));
         let engine = Arc::clone(self);
         let src = blob.source.clone();

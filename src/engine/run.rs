@@ -12,6 +12,7 @@ use futures::channel::oneshot;
 
 use super::chunks::ChunkGeometry;
 use super::gate::{Delivered, Share};
+use super::inflight::{ChunkKey, Inflight};
 use super::pool::{BufPool, PoolBuf};
 use super::{DataBlob, EngineError};
 use crate::image::format::ChunkHasher;
@@ -36,10 +37,13 @@ pub struct RunSink {
     senders: VecDeque<UnitSender>,
     /// The run's share of the budget of bytes fetched ahead (see `gate`).
     share: Share,
+    /// Where each unit's outcome is settled as it is handed out.
+    inflight: Arc<Inflight>,
 }
 
 impl RunSink {
-    /// A run starting at unit `first`, with one sender per unit, held to `share`.
+    /// A run starting at unit `first`, with one sender per unit, held to `share`; each unit
+    /// leaves `inflight`'s running ones as it is handed out.
     pub fn new(
         blob: Arc<DataBlob>,
         geo: ChunkGeometry,
@@ -47,6 +51,7 @@ impl RunSink {
         senders: Vec<UnitSender>,
         pool: Arc<BufPool>,
         share: Share,
+        inflight: Arc<Inflight>,
     ) -> RunSink {
         RunSink {
             hashed_to: geo.start(first),
@@ -58,6 +63,7 @@ impl RunSink {
             hasher: None,
             senders: senders.into(),
             share,
+            inflight,
         }
     }
 
@@ -67,9 +73,15 @@ impl RunSink {
 
     /// The run failed for good: every unit not delivered gets the error.
     pub fn fail(&mut self, e: &EngineError) {
-        for s in self.senders.drain(..) {
+        for (s, index) in std::mem::take(&mut self.senders).into_iter().zip(self.next..) {
             let _ = s.send(Err(e.clone()));
+            self.settle(index, Err(e));
         }
+    }
+
+    fn settle(&self, index: u64, outcome: Result<&Delivered, &EngineError>) {
+        let key = ChunkKey::new(self.blob.key(), index);
+        self.inflight.settle(&key, self.share.run(), outcome);
     }
 
     fn unit_len(&self) -> usize {
@@ -153,9 +165,21 @@ impl RunSink {
     /// Hand a complete unit (all its table chunks checked) to its waiters.
     fn deliver(&mut self, unit: Bytes) {
         if let Some(s) = self.senders.pop_front() {
-            let _ = s.send(Ok(self.share.attach(unit)));
+            let unit = self.share.attach(unit);
+            let _ = s.send(Ok(unit.clone()));
+            self.settle(self.next, Ok(&unit));
         }
         self.next += 1;
+    }
+}
+
+impl Drop for RunSink {
+    /// A run whose task ended without an outcome for some units (cancelled): they fail, so
+    /// none stays among the running ones.
+    fn drop(&mut self) {
+        if !self.senders.is_empty() {
+            self.fail(&EngineError::Task("the fetch ended without a result".into()));
+        }
     }
 }
 
@@ -182,12 +206,17 @@ mod tests {
         Share::new(None, &gate)
     }
 
+    /// No fetch of these units is registered as running.
+    fn idle() -> Arc<Inflight> {
+        Arc::new(Inflight::new(4, None))
+    }
+
     fn sink(data: &[u8], chunk: usize) -> (RunSink, Vec<oneshot::Receiver<Result<Delivered, EngineError>>>) {
         let b = blob(data, chunk);
         let geo = ChunkGeometry::new(chunk as u64, chunk as u64, data.len() as u64);
         let n = data.len().div_ceil(chunk);
         let (tx, rx): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
-        (RunSink::new(b, geo, 0, tx, BufPool::new(2), reader()), rx)
+        (RunSink::new(b, geo, 0, tx, BufPool::new(2), reader(), idle()), rx)
     }
 
     #[test]
@@ -245,7 +274,7 @@ mod tests {
         let b = blob(&data, 4096);
         let geo = ChunkGeometry::new(8192, 4096, data.len() as u64);
         let (tx, mut rx): (Vec<_>, Vec<_>) = (0..3).map(|_| oneshot::channel()).unzip();
-        let mut s = RunSink::new(Arc::clone(&b), geo, 0, tx, BufPool::new(2), reader());
+        let mut s = RunSink::new(Arc::clone(&b), geo, 0, tx, BufPool::new(2), reader(), idle());
         let mut bad = data.clone();
         bad[4096 + 10] ^= 0xff; // second table chunk of the first unit
         let err = s.accept(0, Bytes::copy_from_slice(&bad[..6000]));

@@ -194,12 +194,10 @@ impl Cachefiles {
                         return None;
                     }
                 };
-                let mut units = units.into_iter();
-                while let Some((p, end)) = units.next() {
+                for (p, end) in units {
                     if !self.write_ahead(obj, p, end, counter).await {
-                        // the units after this one are not awaited (the engine lets them
-                        // go): their chunks are released too
-                        self.engine.abandon(units.map(|(p, _)| p));
+                        // the units after this one are dropped, not awaited (the engine
+                        // settles them): their chunks are released too
                         release(obj, todo.iter().copied().filter(|&c| c >= sub.start));
                         return None;
                     }

@@ -115,23 +115,12 @@ impl FanotifyFrontend {
         for r in cached.unverified_runs(s / unit..e.div_ceil(unit), |_| false) {
             match self.engine.fetch(&cached.blob, r.start, r.end - r.start, need) {
                 Ok(p) => pending.extend(p),
-                Err(e) => {
-                    self.engine.abandon(pending);
-                    return Err(io::Error::other(e));
-                }
+                Err(e) => return Err(io::Error::other(e)),
             }
         }
-        // units not awaited when an error ends this are handed back to the engine
-        let mut pending = pending.into_iter();
-        while let Some(p) = pending.next() {
-            let stored = self.wait_and_store(cached, p, &via, urgent).await;
-            match stored {
-                Ok(n) => written += n,
-                Err(e) => {
-                    self.engine.abandon(pending);
-                    return Err(e);
-                }
-            }
+        // units not awaited when an error ends this are dropped: the engine settles them
+        for p in pending {
+            written += self.wait_and_store(cached, p, &via, urgent).await?;
         }
         Ok(written)
     }
