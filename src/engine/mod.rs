@@ -425,20 +425,23 @@ impl Engine {
         self.stats.chunks_fetched.fetch_add(run.end - run.start, Relaxed);
         self.stats.fetched(blob.key(), end - start);
         let (senders, receivers): (Vec<_>, Vec<_>) = run.clone().map(|_| oneshot::channel()).unzip();
-        let sink = std::sync::Mutex::new(RunSink::new(
+        let parts = (
             Arc::clone(blob),
             *geo,
-            run.start,
             senders,
-            Arc::clone(&self.pool),
             gate::Share::new(self.ahead.as_ref(), gate),
-            Arc::clone(&self.inflight),
-        ));
+        );
         let engine = Arc::clone(self);
         let src = blob.source.clone();
         let span = tracing::debug_span!("fetch", blob = %blob.source.digest, start, len = end - start);
+        let first = run.start;
         tokio::spawn(tracing::Instrument::instrument(
             async move {
+                // made in the task: a sink dropped settles its units, which takes the lock
+                // `fetch` holds while it spawns this (a task dropped unpolled drops only parts)
+                let (blob, geo, senders, share) = parts;
+                let (pool, inflight) = (Arc::clone(&engine.pool), Arc::clone(&engine.inflight));
+                let sink = std::sync::Mutex::new(RunSink::new(blob, geo, first, senders, pool, share, inflight));
                 let t0 = std::time::Instant::now();
                 let r = engine.registry.fetch_range_into(&src, end, &sink).await;
                 tracing::debug!(elapsed = ?t0.elapsed(), ok = r.is_ok(), "range fetched");
