@@ -4,12 +4,12 @@
 //! same registry request. When its run delivers it (or fails), the run itself moves the entry
 //! to `recent` whether or not anyone awaits it (a unit no one waits for any more is never
 //! left behind). `recent`, an LRU bounded in entries (so in chunks of memory), covers readers
-//! arriving just after completion, before the frontend has written the chunk into its cache; a frontend that checks its own
-//! record of stored chunks before fetching (fanotify) takes the entry out once it has
-//! (`Engine::stored`). A failed fetch is held in
-//! `failed` for a short time (`engine.failed_fetch_hold_ms`): readers that were queued behind it
-//! (the kernel makes readers of one page wait for each other, one request at a time) get its
-//! error at once instead of one deadline each; after that the next read tries again. The
+//! arriving just after completion, before the frontend has written the chunk into its cache;
+//! a frontend that checks its own record of stored chunks before fetching (fanotify) takes
+//! the entry out once it has (`Engine::stored`). A failed fetch is held in `failed` for a
+//! short time (`engine.failed_fetch_hold_ms`): readers that were queued behind it (the kernel
+//! makes readers of one page wait for each other, one request at a time) get its error at
+//! once instead of one deadline each; after that the next read tries again. The
 //! memory of fetched data is thus what is in flight plus the completed units not yet stored,
 //! at most `recent`'s capacity.
 
