@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(qemu-system-x86 busybox-static cpio e2fsprogs erofs-utils docker-registry skopeo apache2-utils zstd bc openssl containerd runc prometheus umoci binutils protobuf-compiler)
+packages=(qemu-system-x86 busybox-static cpio e2fsprogs erofs-utils docker-registry skopeo apache2-utils zstd bc openssl containerd runc prometheus umoci binutils protobuf-compiler util-linux-extra)
 if [ "$(id -u)" != 0 ]; then
 	echo "scripts/test.sh: the tests mount filesystems and use fanotify: run as root" >&2
 	exit 1

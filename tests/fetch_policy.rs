@@ -278,6 +278,68 @@ async fn a_sequential_reader_completes_chunks_with_leaves_by_the_rest() {
     d.umount(&mnt);
 }
 
+/// A sequential reader's cache file does not stay in the page cache behind it (the mount
+/// keeps its own copy of what was read): with the default `drop_behind` at most half of the
+/// blob is still resident after a 128 MiB read (`fincore`), with `drop_behind = 0` all of it.
+/// Either way a re-read after the mount's pages are gone has the right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_readers_cache_file_pages_are_let_go_behind_it() {
+    use std::io::Read;
+    require_root();
+    let _shared = ALONE.read().await;
+    let data = bytes(29, 128 * MIB);
+    let (mock, _) = serve_one(&data, "policy/behind:v1").await;
+    for (engine, let_go) in [("", true), ("drop_behind = 0", false)] {
+        let (work, d, mnt) = mounted(&mock, "policy/behind:v1", engine);
+        let mut got = Vec::with_capacity(data.len());
+        let mut f = std::fs::File::open(mnt.join("f.bin")).unwrap();
+        f.read_to_end(&mut got).unwrap();
+        assert!(got == data, "[{engine}] wrong bytes");
+        // the blob's cache file: the largest one (the metadata blob is small)
+        let blobs = work.path().join("d/cache/blobs");
+        let cache = std::fs::read_dir(&blobs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await; // the last advice lands
+        let out = common::procs::run_ok(
+            std::process::Command::new("fincore")
+                .args(["--bytes", "--noheadings", "--output", "RES"])
+                .arg(&cache),
+        );
+        let out = String::from_utf8_lossy(&out.stdout);
+        let resident: u64 = out.trim().parse().unwrap_or_else(|_| panic!("fincore said {out:?}"));
+        let advised = d.status().await.frontend_counters["drop_behind_bytes"]
+            .as_u64()
+            .unwrap();
+        eprintln!("[{engine}] cache file resident {resident} bytes, {advised} advised out");
+        if let_go {
+            assert!(advised >= 64 * MIB as u64, "advised {advised}");
+            assert!(
+                resident <= 64 * MIB as u64,
+                "{resident} bytes of the cache file resident"
+            );
+        } else {
+            assert_eq!(advised, 0);
+            assert!(
+                resident >= 120 * MIB as u64,
+                "{resident} bytes of the cache file resident"
+            );
+        }
+        // the mount's pages dropped: the re-read comes from the cache file, whatever it kept
+        nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+        for off in (0..128 * MIB).step_by(7 * MIB) {
+            assert!(
+                read_at(&mnt.join("f.bin"), off, MIB) == data[off..off + MIB],
+                "re-read at {off}"
+            );
+        }
+        drop(f);
+        d.umount(&mnt);
+    }
+}
+
 /// Leaves that do not verify are never served: a registry whose leaves layer is wrong still
 /// serves the right bytes (the chunk is fetched whole and checked against its digest), one
 /// whose data is wrong gets EIO, never the wrong bytes.

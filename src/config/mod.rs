@@ -227,6 +227,10 @@ pub struct EngineConfig {
     /// bytes, not chunks, so images with small chunks still fetch in large runs.
     #[serde(deserialize_with = "units::nonzero_u64")]
     pub read_ahead_max: Option<NonZeroU64>,
+    /// Sequential readers (fanotify frontend): the cache file's pages this many bytes behind
+    /// the reader are let go (0: never), as the mount keeps its own copy of what was read.
+    #[serde(deserialize_with = "units::nonzero_u64")]
+    pub drop_behind: Option<NonZeroU64>,
     /// Bytes fetched ahead of readers (read-ahead, background fill, startup prefetch) that
     /// may wait to be written before those streams pause (0: no bound). Readers' own fetches
     /// never wait; a pause lasts at most a second.
@@ -271,6 +275,7 @@ impl Default for EngineConfig {
             max_reads_in_flight: 256,
             failed_fetch_hold: Some(Duration::from_secs(1)),
             read_ahead_max: NonZeroU64::new(64 << 20),
+            drop_behind: NonZeroU64::new(16 << 20),
             ahead_buffer_max: NonZeroU64::new(4 << 20),
             read_ahead_kb: NonZeroU32::new(4096),
             fill_after_idle: Some(Duration::from_secs(1)),

@@ -12,12 +12,13 @@ fn empty_config_is_valid_defaults() {
 #[test]
 fn values_are_typed_as_read() {
     let c: Config = toml::from_str(
-        "[engine]\nfill_after_idle_ms = 0\nread_ahead_max = 0\nahead_buffer_max = 0\nfailed_fetch_hold_ms = 250\ninflight_capacity = 3\n\
+        "[engine]\nfill_after_idle_ms = 0\nread_ahead_max = 0\ndrop_behind = 0\nahead_buffer_max = 0\nfailed_fetch_hold_ms = 250\ninflight_capacity = 3\n\
          busy_poll_us = 0\n[daemon]\ncache_limit_bytes = 0\n[registry]\ndeadline_ms = 1500\nmin_rate_kib_s = 0\nplatform = 'linux/arm64/v8'",
     )
     .unwrap();
     assert_eq!(c.engine.fill_after_idle, None);
     assert_eq!(c.engine.read_ahead_max, None);
+    assert_eq!(c.engine.drop_behind, None, "0: never");
     assert_eq!(c.engine.ahead_buffer_max, None, "0: no bound");
     assert_eq!(c.engine.failed_fetch_hold, Some(Duration::from_millis(250)));
     assert_eq!(c.engine.completed_chunks_kept, 3, "the old key still reads");

@@ -270,6 +270,7 @@ async fn bring_up(
             .context("opening the journal of events in flight")?;
             let settings = Settings {
                 read_ahead_max: config.engine.read_ahead_max,
+                drop_behind: config.engine.drop_behind,
                 fill_after: config.engine.fill_after_idle,
                 pin_metadata: config.engine.pin_metadata,
                 groups: config.engine.fanotify_groups,

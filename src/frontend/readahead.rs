@@ -56,6 +56,11 @@ impl ReadAhead {
         self.max_window > 0 && self.last_miss.is_some_and(|l| first > l && first <= reach(l) + 1)
     }
 
+    /// The first chunk of the sequential run a reader is in, while its window is open.
+    pub fn sequential_since(&self) -> Option<u64> {
+        (self.window > 0).then_some(self.run_start)
+    }
+
     /// A reader missed chunks `first..=last`: the chunks to fetch ahead of it, if it reads
     /// sequentially (its miss starts right behind the previous miss or the window).
     pub fn on_miss(&mut self, first: u64, last: u64) -> Option<Range<u64>> {

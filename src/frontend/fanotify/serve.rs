@@ -39,6 +39,7 @@ mod background;
 mod blob;
 mod busy_poll;
 mod demand;
+mod drop_behind;
 mod leaves;
 mod orphans;
 mod prefetch;
@@ -72,6 +73,8 @@ pub struct FanotifyStats {
     pub leaves_present: AtomicU64,
     /// Chunks fetched by the background fill of idle blobs.
     pub chunks_background: AtomicU64,
+    /// Bytes of cache files behind sequential readers advised out of the page cache.
+    pub drop_behind_bytes: AtomicU64,
     /// Chunks fetched by the startup prefetch of mounted images.
     pub chunks_startup: AtomicU64,
     /// Blobs complete on disk (their events are off).
@@ -93,6 +96,8 @@ pub struct FanotifyFrontend {
     files: Mutex<HashMap<(u64, u64), Arc<CachedBlob>>>,
     /// Largest read-ahead window in bytes (None: no read-ahead).
     read_ahead_max: Option<NonZeroU64>,
+    /// How far behind a sequential reader the cache file's pages are let go (None: never).
+    drop_behind: Option<NonZeroU64>,
     /// Quiet time after which a blob in use is fetched to the end (None: never).
     fill_after: Option<Duration>,
     /// One background fill request at a time, daemon-wide: readers come first.
@@ -128,6 +133,8 @@ pub struct FanotifyFrontend {
 pub struct Settings {
     /// Largest read-ahead window in bytes (None: no read-ahead).
     pub read_ahead_max: Option<NonZeroU64>,
+    /// Let go of the cache file's pages this far behind a sequential reader (None: never).
+    pub drop_behind: Option<NonZeroU64>,
     /// Quiet time after which a blob in use is fetched to the end (None: never).
     pub fill_after: Option<Duration>,
     /// Lock the metadata blobs of mounted images in memory.
@@ -170,6 +177,7 @@ impl FanotifyFrontend {
             .collect();
         let Settings {
             read_ahead_max,
+            drop_behind,
             fill_after,
             pin_metadata,
             groups: _,
@@ -182,6 +190,7 @@ impl FanotifyFrontend {
             cache_dir: cache_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
             read_ahead_max,
+            drop_behind,
             fill_after,
             fill_slot: tokio::sync::Semaphore::new(1),
             pinned: pin_metadata.then(|| Mutex::new(HashMap::new())),

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -49,6 +49,8 @@ pub(super) struct CachedBlob {
     pub(super) filling: AtomicBool,
     /// Every chunk is on disk and the mark is gone.
     pub(super) complete: AtomicBool,
+    /// The cache file's pages before this byte were let go behind a sequential reader.
+    pub(super) dropped_to: AtomicU64,
 }
 
 impl CachedBlob {
@@ -152,6 +154,7 @@ impl FanotifyFrontend {
                     planned: Mutex::new(Vec::new()),
                     filling: AtomicBool::new(false),
                     complete: AtomicBool::new(false),
+                    dropped_to: AtomicU64::new(0),
                 })
             });
             paths.push(path);

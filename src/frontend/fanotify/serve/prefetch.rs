@@ -13,7 +13,13 @@ use crate::lock::lock;
 impl FanotifyFrontend {
     /// Sequential readers: the window after a reader's miss of chunks `first..=last`.
     pub(super) fn read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, first: u64, last: u64) {
-        let ahead = lock(&cached.ahead).on_miss(first, last);
+        let (ahead, run) = {
+            let mut state = lock(&cached.ahead);
+            (state.on_miss(first, last), state.sequential_since())
+        };
+        if let Some(since) = run {
+            self.drop_behind(cached, since..first);
+        }
         if let Some(r) = ahead {
             self.prefetch(cached, r.start, r.end);
         }
@@ -22,7 +28,13 @@ impl FanotifyFrontend {
     /// A reader inside the prefetched window (the fast path calls this): the next window
     /// once it has passed the middle.
     pub(super) fn advance_read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, last_chunk: u64) {
-        let ahead = lock(&cached.ahead).on_hit(last_chunk);
+        let (ahead, run) = {
+            let mut state = lock(&cached.ahead);
+            (state.on_hit(last_chunk), state.sequential_since())
+        };
+        if let Some(since) = run {
+            self.drop_behind(cached, since..last_chunk);
+        }
         if let Some(r) = ahead {
             self.prefetch(cached, r.start, r.end);
         }
