@@ -2,38 +2,42 @@
 //! merged runs and written with the blob's own writer, one task per unit.
 
 use std::io;
+use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::blob::CachedBlob;
 use super::FanotifyFrontend;
 use crate::engine::Need;
+use crate::frontend::readahead::ReadAhead;
 use crate::lock::lock;
 
 impl FanotifyFrontend {
     /// Sequential readers: the window after a reader's miss of chunks `first..=last`.
     pub(super) fn read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, first: u64, last: u64) {
-        let (ahead, run) = {
-            let mut state = lock(&cached.ahead);
-            (state.on_miss(first, last), state.sequential_since())
-        };
-        if let Some(since) = run {
-            self.drop_behind(cached, since..first);
-        }
-        if let Some(r) = ahead {
-            self.prefetch(cached, r.start, r.end);
-        }
+        self.steer(cached, first, |state| state.on_miss(first, last));
     }
 
     /// A reader inside the prefetched window (the fast path calls this): the next window
     /// once it has passed the middle.
     pub(super) fn advance_read_ahead(self: &Arc<Self>, cached: &Arc<CachedBlob>, last_chunk: u64) {
+        self.steer(cached, last_chunk, |state| state.on_hit(last_chunk));
+    }
+
+    /// A reader at chunk `at` moved `cached`'s read-ahead state (`step`): fetch the window it
+    /// opens, and let go of the cache file's pages far behind it if it reads sequentially.
+    fn steer(
+        self: &Arc<Self>,
+        cached: &Arc<CachedBlob>,
+        at: u64,
+        step: impl FnOnce(&mut ReadAhead) -> Option<Range<u64>>,
+    ) {
         let (ahead, run) = {
             let mut state = lock(&cached.ahead);
-            (state.on_hit(last_chunk), state.sequential_since())
+            (step(&mut state), state.sequential_since())
         };
         if let Some(since) = run {
-            self.drop_behind(cached, since..last_chunk);
+            self.drop_behind(cached, since..at);
         }
         if let Some(r) = ahead {
             self.prefetch(cached, r.start, r.end);
