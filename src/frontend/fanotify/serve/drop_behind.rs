@@ -19,11 +19,12 @@ const AGAIN: u64 = 64 << 20;
 
 /// What to advise out when a sequential reader whose run began at byte `since` has reached
 /// byte `at`, pages more than `distance` behind it going, given that the pages of this run
-/// before `done` were advised already (a `done` outside the run is an earlier run's).
-fn behind(since: u64, at: u64, distance: u64, done: u64) -> Option<Range<u64>> {
+/// before `done` were advised already (a `done` outside the run is an earlier run's): the
+/// range, and how many of its bytes were not advised before.
+fn behind(since: u64, at: u64, distance: u64, done: u64) -> Option<(Range<u64>, u64)> {
     let done = if (since..=at).contains(&done) { done } else { since };
     let upto = at.checked_sub(distance)?;
-    (upto > done).then(|| done.saturating_sub(AGAIN).max(since)..upto)
+    (upto > done).then(|| (done.saturating_sub(AGAIN).max(since)..upto, upto - done))
 }
 
 impl FanotifyFrontend {
@@ -36,8 +37,12 @@ impl FanotifyFrontend {
         };
         let tc = cached.blob.table_chunk;
         let (since, at) = (run.start.saturating_mul(tc), run.end.saturating_mul(tc));
+        // the blob's writer: without one nothing was written, and nothing is advanced
+        let Some(via) = lock(&cached.writer).clone() else {
+            return;
+        };
         let done = cached.dropped_to.load(Relaxed);
-        let Some(range) = behind(since, at, distance.get(), done) else {
+        let Some((range, fresh)) = behind(since, at, distance.get(), done) else {
             return;
         };
         // one caller advises a stretch: a concurrent one with the same view does nothing
@@ -48,12 +53,7 @@ impl FanotifyFrontend {
         {
             return;
         }
-        let Some(via) = lock(&cached.writer).clone() else {
-            return;
-        };
-        self.stats
-            .drop_behind_bytes
-            .fetch_add(range.end - done.max(since), Relaxed);
+        self.stats.drop_behind_bytes.fetch_add(fresh, Relaxed);
         tokio::task::spawn_blocking(move || {
             let (off, len) = (range.start as i64, (range.end - range.start) as i64);
             if let Err(e) =
@@ -73,17 +73,20 @@ mod tests {
     fn only_pages_of_the_run_far_enough_behind_go_and_each_stretch_reaches_back() {
         const MIB: u64 = 1 << 20;
         assert_eq!(behind(0, 10 * MIB, 16 * MIB, 0), None, "not that far yet");
-        assert_eq!(behind(0, 20 * MIB, 16 * MIB, 0), Some(0..4 * MIB));
+        assert_eq!(behind(0, 20 * MIB, 16 * MIB, 0), Some((0..4 * MIB, 4 * MIB)));
         assert_eq!(behind(0, 20 * MIB, 16 * MIB, 4 * MIB), None, "advised already");
-        assert_eq!(behind(0, 100 * MIB, 16 * MIB, 70 * MIB), Some(6 * MIB..84 * MIB));
+        assert_eq!(
+            behind(0, 100 * MIB, 16 * MIB, 70 * MIB),
+            Some((6 * MIB..84 * MIB, 14 * MIB))
+        );
         // a new run, before the last one: from its own start, never before it
         assert_eq!(
             behind(50 * MIB, 90 * MIB, 16 * MIB, 500 * MIB),
-            Some(50 * MIB..74 * MIB)
+            Some((50 * MIB..74 * MIB, 24 * MIB))
         );
         assert_eq!(
             behind(50 * MIB, 200 * MIB, 16 * MIB, 120 * MIB),
-            Some(56 * MIB..184 * MIB)
+            Some((56 * MIB..184 * MIB, 64 * MIB))
         );
     }
 }
