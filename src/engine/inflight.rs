@@ -18,6 +18,7 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::future::{BoxFuture, Shared};
 use lru::LruCache;
 
@@ -59,7 +60,8 @@ pub struct Fetching {
 /// The two tables, behind one mutex held only for lookups and inserts (never across an await).
 pub struct State {
     pub running: HashMap<ChunkKey, Fetching>,
-    pub recent: LruCache<ChunkKey, Delivered>,
+    /// Completed units' bytes (never their share of the budget: see `settle`).
+    pub recent: LruCache<ChunkKey, Bytes>,
     /// Fetches that failed lately: when, and why.
     failed: LruCache<ChunkKey, (Instant, EngineError)>,
     /// How long a failure is held (None: not at all).
@@ -128,11 +130,7 @@ impl Inflight {
         match outcome {
             // each unit is its own buffer (see `run`), so keeping it pins nothing else
             Ok(d) => {
-                let bytes = Delivered {
-                    data: d.data.clone(),
-                    lease: None,
-                };
-                st.recent.put(key.clone(), bytes);
+                st.recent.put(key.clone(), d.data.clone());
             }
             Err(e) => st.hold_failure(key, e),
         }

@@ -205,8 +205,9 @@ pub struct Pending {
 
 /// Where a pending unit's bytes come from.
 enum Unit {
-    /// Recently completed: at hand.
-    Ready(gate::Delivered),
+    /// Recently completed: at hand (its share of the budget, if any, stays with its run's
+    /// own waiters).
+    Ready(Bytes),
     /// A fetch in flight, shared with every other reader of the unit.
     Fetch(ChunkFuture),
     /// A fetch of the unit failed a moment ago (see [`inflight`]).
@@ -232,7 +233,7 @@ impl Pending {
     /// The unit's outcome (its run has moved it out of the running ones by then).
     async fn resolve(self) -> Result<gate::Delivered, EngineError> {
         match self.unit {
-            Unit::Ready(d) => Ok(d),
+            Unit::Ready(data) => Ok(gate::Delivered { data, lease: None }),
             Unit::Failed(e) => Err(e),
             Unit::Fetch(f) => f.await,
         }

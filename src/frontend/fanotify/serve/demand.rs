@@ -113,10 +113,11 @@ impl FanotifyFrontend {
         // engine lets a unit go once it is stored (no await from here to the fetch)
         let mut pending = Vec::new();
         for r in cached.unverified_runs(s / unit..e.div_ceil(unit), |_| false) {
-            match self.engine.fetch(&cached.blob, r.start, r.end - r.start, need) {
-                Ok(p) => pending.extend(p),
-                Err(e) => return Err(io::Error::other(e)),
-            }
+            pending.extend(
+                self.engine
+                    .fetch(&cached.blob, r.start, r.end - r.start, need)
+                    .map_err(io::Error::other)?,
+            );
         }
         // units not awaited when an error ends this are dropped: the engine settles them
         for p in pending {

@@ -37,12 +37,12 @@ impl FanotifyFrontend {
         };
         let tc = cached.blob.table_chunk;
         let (since, at) = (run.start.saturating_mul(tc), run.end.saturating_mul(tc));
-        // the blob's writer: without one nothing was written, and nothing is advanced
-        let Some(via) = lock(&cached.writer).clone() else {
-            return;
-        };
         let done = cached.dropped_to.load(Relaxed);
         let Some((range, fresh)) = behind(since, at, distance.get(), done) else {
+            return;
+        };
+        // the blob's writer: without one nothing was written, and nothing is advanced
+        let Some(via) = lock(&cached.writer).clone() else {
             return;
         };
         // one caller advises a stretch: a concurrent one with the same view does nothing
