@@ -383,3 +383,64 @@ async fn dropped_units_give_their_budget_back() {
     }
     assert_eq!(engine.inflight_len(), 0, "units left running");
 }
+
+/// A run given a landing writes each unit there the moment it is verified, before its
+/// waiters hear of it; a landed unit holds no share of the budget and the engine keeps no
+/// copy of it. A unit that cannot be landed goes to its waiters (and is kept) as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_land_their_units_before_their_waiters_hear_of_them() {
+    use lazyblob::engine::landing::Landing;
+    use lazyblob::engine::Need;
+    use std::sync::Mutex;
+    struct Disk {
+        bytes: Mutex<Vec<u8>>,
+        full_at: u64,
+    }
+    impl Landing for Disk {
+        fn land(&self, at: u64, data: &[u8]) -> std::io::Result<()> {
+            if at == self.full_at {
+                return Err(std::io::Error::other("no space left"));
+            }
+            let at = at as usize;
+            self.bytes.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+    }
+    let size = (8 << 20) + 5;
+    let f = fixture(size, 30_000).await;
+    let disk = Arc::new(Disk {
+        bytes: Mutex::new(vec![0; size]),
+        full_at: 3 << 20,
+    });
+    let to: Arc<dyn Landing> = disk.clone();
+    let pending = f
+        .engine
+        .fetch_to(&f.blob, 0, size as u64, Need::Ahead, Some(&to))
+        .unwrap();
+    assert_eq!(pending.len(), 9);
+    for p in pending {
+        let piece = p.wait(&f.engine).await.unwrap();
+        let (at, end) = (piece.offset as usize, piece.offset as usize + piece.data.len());
+        assert!(piece.data[..] == f.data[at..end], "its waiter gets the bytes too");
+        let on_disk = disk.bytes.lock().unwrap()[at..end].to_vec();
+        match at == 3 << 20 {
+            true => assert!(on_disk.iter().all(|&b| b == 0), "the unit that failed to land"),
+            false => assert!(
+                on_disk == f.data[at..end],
+                "unit at {at} landed before it was handed out"
+            ),
+        }
+    }
+    for c in 0..9 {
+        assert_eq!(
+            f.engine.fetching(&f.blob, c),
+            c == 3,
+            "only the unit not landed is kept (chunk {c})"
+        );
+    }
+    assert_eq!(f.engine.inflight_len(), 0);
+    // 8 MiB fetched ahead against a 4 MiB budget and nothing reported stored: landed units
+    // gave their share back as they landed, so the stream never paused
+    assert_eq!(f.engine.ahead_pauses().0, 0);
+    assert_eq!(fetched_bytes(&f), size as u64, "every byte once");
+}

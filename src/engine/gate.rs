@@ -159,6 +159,12 @@ impl Share {
         self.run.need
     }
 
+    /// A complete unit already written by its run: the share taken for it is free again.
+    pub fn landed(&self, data: Bytes) -> Delivered {
+        lock(&self.taken).take();
+        Delivered { data, lease: None }
+    }
+
     /// A complete unit, with the share taken for it (if any).
     pub fn attach(&self, data: Bytes) -> Delivered {
         let lease = lock(&self.taken).take().map(|p| Arc::new(Lease(Mutex::new(Some(p)))));

@@ -87,6 +87,16 @@ impl State {
     }
 }
 
+/// How a run settled one of its units.
+pub enum Outcome<'a> {
+    /// Verified and handed out: these bytes.
+    Delivered(&'a Bytes),
+    /// Verified and written into its frontend's cache by the run (see `landing`).
+    Landed,
+    /// The fetch failed.
+    Failed(&'a EngineError),
+}
+
 /// Failed fetches remembered at most (older ones are forgotten first).
 const FAILED_CAPACITY: usize = 4096;
 
@@ -119,9 +129,9 @@ impl Inflight {
 
     /// The run `run` has settled unit `key` (its waiters have the outcome): it leaves
     /// `running` at once, whether or not anyone awaits it, to `recent` (bytes only: the share
-    /// of the budget a unit fetched ahead holds stays with those who will write it) or to the
-    /// failures held.
-    pub fn settle(&self, key: &ChunkKey, run: &Arc<RunGate>, outcome: Result<&Delivered, &EngineError>) {
+    /// of the budget a unit fetched ahead holds stays with those who will write it), to
+    /// nowhere (landed: the frontend's cache has it) or to the failures held.
+    pub fn settle(&self, key: &ChunkKey, run: &Arc<RunGate>, outcome: Outcome<'_>) {
         let mut st = self.lock();
         if !st.running.get(key).is_some_and(|f| Arc::ptr_eq(&f.run, run)) {
             return;
@@ -129,10 +139,11 @@ impl Inflight {
         let fetch = st.running.remove(key);
         match outcome {
             // each unit is its own buffer (see `run`), so keeping it pins nothing else
-            Ok(d) => {
-                st.recent.put(key.clone(), d.data.clone());
+            Outcome::Delivered(data) => {
+                st.recent.put(key.clone(), data.clone());
             }
-            Err(e) => st.hold_failure(key, e),
+            Outcome::Landed => {}
+            Outcome::Failed(e) => st.hold_failure(key, e),
         }
         // after the lock: the last handle on a unit no one awaits frees its bytes and share
         drop(st);

@@ -17,6 +17,7 @@
 pub mod chunks;
 pub mod gate;
 pub(crate) mod inflight;
+pub mod landing;
 pub mod leaves;
 pub(crate) mod pool;
 mod stats;
@@ -348,6 +349,19 @@ impl Engine {
         len: u64,
         need: Need,
     ) -> Result<Vec<Pending>, EngineError> {
+        self.fetch_to(blob, offset, len, need, None)
+    }
+
+    /// [`Engine::fetch`], and the runs it starts write each unit into `landing` as soon as it
+    /// is verified (see `landing`); units it joins are landed by their own runs, or not.
+    pub fn fetch_to(
+        self: &Arc<Self>,
+        blob: &Arc<DataBlob>,
+        offset: u64,
+        len: u64,
+        need: Need,
+        landing: Option<&Arc<dyn landing::Landing>>,
+    ) -> Result<Vec<Pending>, EngineError> {
         let size = blob.source.size;
         if offset >= size || len == 0 {
             return Err(EngineError::OutOfRange {
@@ -386,7 +400,7 @@ impl Engine {
         }
         for run in plan_runs(&missing, &geo, self.cfg.merge_max) {
             let gate = gate::RunGate::new(need);
-            let futs = self.start_run(blob, &geo, run.clone(), &gate);
+            let futs = self.start_run(blob, &geo, run.clone(), &gate, landing.cloned());
             for (idx, f) in run.zip(futs) {
                 if let Some((key, unit)) = slots.get_mut((idx - first) as usize) {
                     let run = Arc::clone(&gate);
@@ -419,6 +433,7 @@ impl Engine {
         geo: &ChunkGeometry,
         run: std::ops::Range<u64>,
         gate: &Arc<gate::RunGate>,
+        landing: Option<Arc<dyn landing::Landing>>,
     ) -> Vec<ChunkFuture> {
         let start = geo.start(run.start);
         let end = geo.end(run.end - 1);
@@ -442,7 +457,8 @@ impl Engine {
                 // `fetch` holds while it spawns this (a task dropped unpolled drops only parts)
                 let (blob, geo, senders, share) = parts;
                 let (pool, inflight) = (Arc::clone(&engine.pool), Arc::clone(&engine.inflight));
-                let sink = std::sync::Mutex::new(RunSink::new(blob, geo, first, senders, pool, share, inflight));
+                let sink = RunSink::new(blob, geo, first, senders, pool, share, inflight).landing_in(landing);
+                let sink = std::sync::Mutex::new(sink);
                 let t0 = std::time::Instant::now();
                 let r = engine.registry.fetch_range_into(&src, end, &sink).await;
                 tracing::debug!(elapsed = ?t0.elapsed(), ok = r.is_ok(), "range fetched");

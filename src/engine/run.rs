@@ -12,7 +12,8 @@ use futures::channel::oneshot;
 
 use super::chunks::ChunkGeometry;
 use super::gate::{Delivered, Share};
-use super::inflight::{ChunkKey, Inflight};
+use super::inflight::{ChunkKey, Inflight, Outcome};
+use super::landing::{land, Landing};
 use super::pool::{BufPool, PoolBuf};
 use super::{DataBlob, EngineError};
 use crate::image::format::ChunkHasher;
@@ -39,6 +40,8 @@ pub struct RunSink {
     share: Share,
     /// Where each unit's outcome is settled as it is handed out.
     inflight: Arc<Inflight>,
+    /// Where each verified unit is written before its waiters hear of it, if anywhere.
+    landing: Option<Arc<dyn Landing>>,
 }
 
 impl RunSink {
@@ -64,7 +67,14 @@ impl RunSink {
             senders: senders.into(),
             share,
             inflight,
+            landing: None,
         }
+    }
+
+    /// The run writes each unit into `landing` as soon as it is verified.
+    pub fn landing_in(mut self, landing: Option<Arc<dyn Landing>>) -> RunSink {
+        self.landing = landing;
+        self
     }
 
     fn buffered(&self) -> usize {
@@ -75,11 +85,11 @@ impl RunSink {
     pub fn fail(&mut self, e: &EngineError) {
         for (s, index) in std::mem::take(&mut self.senders).into_iter().zip(self.next..) {
             let _ = s.send(Err(e.clone()));
-            self.settle(index, Err(e));
+            self.settle(index, Outcome::Failed(e));
         }
     }
 
-    fn settle(&self, index: u64, outcome: Result<&Delivered, &EngineError>) {
+    fn settle(&self, index: u64, outcome: Outcome<'_>) {
         let key = ChunkKey::new(self.blob.key(), index);
         self.inflight.settle(&key, self.share.run(), outcome);
     }
@@ -162,12 +172,23 @@ impl RunSink {
         Ok(())
     }
 
-    /// Hand a complete unit (all its table chunks checked) to its waiters.
+    /// Hand a complete unit (all its table chunks checked) to its waiters, once it is
+    /// landed if the run has somewhere to land it. A landed unit holds no share of the budget
+    /// and is not kept among the recent ones: its waiters find it in their cache.
     fn deliver(&mut self, unit: Bytes) {
+        let at = self.geo.start(self.next);
+        let landed = self.landing.as_deref().is_some_and(|l| land(l, at, &unit));
         if let Some(s) = self.senders.pop_front() {
-            let unit = self.share.attach(unit);
+            let unit: Delivered = match landed {
+                true => self.share.landed(unit),
+                false => self.share.attach(unit),
+            };
             let _ = s.send(Ok(unit.clone()));
-            self.settle(self.next, Ok(&unit));
+            let outcome = match landed {
+                true => Outcome::Landed,
+                false => Outcome::Delivered(&unit.data),
+            };
+            self.settle(self.next, outcome);
         }
         self.next += 1;
     }

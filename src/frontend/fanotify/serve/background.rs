@@ -49,13 +49,11 @@ impl FanotifyFrontend {
                     };
                     cursor = run.end;
                     let (s, e) = (run.start * unit, (run.end * unit).min(cached.blob.source.size));
-                    let fetched = me.fetch_and_store(&cached, s, e, via, super::demand::For::Ahead).await;
+                    let fetched = me.fetch_and_store(&cached, s, e, via, super::demand::For::Ahead(|s| &s.chunks_background)).await;
                     drop(slot); // not held while backing off: other blobs may fill meanwhile
                     match fetched {
-                        Ok(n) => {
-                            failures = 0;
-                            me.stats.chunks_background.fetch_add(n, Relaxed);
-                        }
+                        // (counted as chunks_background as they are written)
+                        Ok(_) => failures = 0,
                         Err(err) => {
                             failures += 1;
                             cursor = run.start;

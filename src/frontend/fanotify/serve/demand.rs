@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::blob::CachedBlob;
+use super::store::{CacheLanding, Counter};
 use super::{cache, FanotifyFrontend};
 use crate::engine::chunks::consecutive;
+use crate::engine::landing::Landing;
 use crate::engine::Need;
 use crate::lock::lock;
 
@@ -20,8 +22,8 @@ pub(super) enum For {
     /// A reader, with the range its event names (if any): that part is written first.
     Reader(Option<(u64, u64)>),
     /// Nobody waits: a background fill or a startup prefetch (held to the engine's budget of
-    /// bytes fetched ahead).
-    Ahead,
+    /// bytes fetched ahead), whose chunks written count in this counter.
+    Ahead(Counter),
 }
 
 impl FanotifyFrontend {
@@ -67,7 +69,6 @@ impl FanotifyFrontend {
             }
             self.start_background_fill(&cached);
         }
-        self.stats.chunks_filled.fetch_add(written, Relaxed);
         // the last line of defence against zeros: whatever path wrote (or skipped) what,
         // the range the reader waits for must be on disk before it is allowed
         let (rs, re) = match range {
@@ -87,10 +88,11 @@ impl FanotifyFrontend {
         Ok(written)
     }
 
-    /// Fetch `[s, e)` of a blob and write each unit as soon as it is verified; returns
-    /// chunks written. A unit that a reader's range covers only in part gets that part
-    /// written first and the whole unit written in the background, so a small random read
-    /// waits for its own bytes only, not for a whole chunk to reach the page cache.
+    /// Fetch `[s, e)` of a blob and write each unit as soon as it is verified (by the run
+    /// that fetched it), counted in the counter `who` names; returns chunks written. A unit
+    /// that a reader's small range covers only in part gets that part written first and the
+    /// whole unit written in the background, so a small random read waits for its own bytes
+    /// only, not for a whole chunk to reach the page cache.
     pub(super) async fn fetch_and_store(
         self: &Arc<Self>,
         cached: &Arc<CachedBlob>,
@@ -99,12 +101,17 @@ impl FanotifyFrontend {
         via: Arc<File>,
         who: For,
     ) -> io::Result<u64> {
-        let (need, urgent) = match who {
-            For::Reader(range) => (Need::Reader, range),
-            For::Ahead => (Need::Ahead, None),
+        let (need, urgent, counter): (_, _, Counter) = match who {
+            For::Reader(range) => (Need::Reader, range, |s| &s.chunks_filled),
+            For::Ahead(counter) => (Need::Ahead, None, counter),
         };
         // chunks some of whose leaves are here: the rest of their leaves
         let unit = cached.blob.table_chunk;
+        // the runs started here write their units themselves, as each is verified, unless a
+        // reader waits for less than a chunk (it writes its part first, below)
+        let landing = CacheLanding::new(self, cached, &via, counter);
+        let small = urgent.is_some_and(|(us, ue)| ue.saturating_sub(us) < unit);
+        let to: Option<Arc<dyn Landing>> = (!small).then(|| Arc::clone(&landing) as _);
         let mut written = self
             .complete_by_leaves(cached, s / unit..e.div_ceil(unit), &via)
             .await?;
@@ -115,7 +122,7 @@ impl FanotifyFrontend {
         for r in cached.unverified_runs(s / unit..e.div_ceil(unit), |_| false) {
             pending.extend(
                 self.engine
-                    .fetch(&cached.blob, r.start, r.end - r.start, need)
+                    .fetch_to(&cached.blob, r.start, r.end - r.start, need, to.as_ref())
                     .map_err(io::Error::other)?,
             );
         }
@@ -123,7 +130,9 @@ impl FanotifyFrontend {
         for p in pending {
             written += self.wait_and_store(cached, p, &via, urgent).await?;
         }
-        Ok(written)
+        // (what the runs landed is counted as they land it)
+        counter(&self.stats).fetch_add(written, Relaxed);
+        Ok(written + landing.landed())
     }
 
     /// Wait for unit `p` and store it; a reader's part of it (in `urgent`) first, if the
@@ -138,7 +147,8 @@ impl FanotifyFrontend {
         let piece = p.wait(&self.engine).await.map_err(io::Error::other)?;
         let (ps, pe) = (piece.offset, piece.offset + piece.data.len() as u64);
         match urgent {
-            Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) => {
+            // (a unit its run landed is marked already: nothing to write first)
+            Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) && !cached.all_marked(ps, pe - ps) => {
                 let (a, b) = (us.max(ps), ue.min(pe));
                 let part = piece.data.slice((a - ps) as usize..(b - ps) as usize);
                 self.write_urgent(cached, part, a, Arc::clone(via)).await?;

@@ -1,5 +1,6 @@
 //! Read-ahead fetches: the windows the `readahead` state machine opens are fetched in
-//! merged runs and written with the blob's own writer, one task per unit.
+//! merged runs, each unit written with the blob's own writer by its run (or by a task of its
+//! own if the run could not).
 
 use std::io;
 use std::ops::Range;
@@ -7,7 +8,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::blob::CachedBlob;
+use super::store::CacheLanding;
 use super::FanotifyFrontend;
+use crate::engine::landing::Landing;
 use crate::engine::Need;
 use crate::frontend::readahead::ReadAhead;
 use crate::lock::lock;
@@ -72,11 +75,16 @@ impl FanotifyFrontend {
             });
         }
         let todo = cached.unverified_runs(from..to, partial);
+        // the runs write their units themselves; a unit's task then finds it written
+        let landing: Arc<dyn Landing> = CacheLanding::new(self, cached, &via, |s| &s.chunks_prefetched);
         for run in todo {
-            let pending = match self
-                .engine
-                .fetch(&cached.blob, run.start, run.end - run.start, Need::Ahead)
-            {
+            let pending = match self.engine.fetch_to(
+                &cached.blob,
+                run.start,
+                run.end - run.start,
+                Need::Ahead,
+                Some(&landing),
+            ) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(error = %e, "read-ahead not started");

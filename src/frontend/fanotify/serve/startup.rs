@@ -106,9 +106,14 @@ impl FanotifyFrontend {
             cursor = r.end;
             let (s, e) = (r.start * unit, (r.end * unit).min(size));
             let n = self
-                .fetch_and_store(cached, s, e, Arc::clone(via), super::demand::For::Ahead)
+                .fetch_and_store(
+                    cached,
+                    s,
+                    e,
+                    Arc::clone(via),
+                    super::demand::For::Ahead(|s| &s.chunks_startup),
+                )
                 .await?;
-            self.stats.chunks_startup.fetch_add(n, Relaxed);
             fetched += n;
         }
         Ok(fetched)

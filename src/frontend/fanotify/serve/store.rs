@@ -1,5 +1,5 @@
-//! Writing verified bytes into a blob's cache file (now, or on a task of its own, once per
-//! unit) and knowing which chunks are there:
+//! Writing verified bytes into a blob's cache file (now, on a task of its own once per unit,
+//! or by the run that fetched them: [`CacheLanding`]) and knowing which chunks are there:
 //! whole units marked once written, a reader's part first, chunks found on disk from an
 //! earlier run verified before they are trusted.
 
@@ -11,7 +11,72 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use super::{cache, CachedBlob, FanotifyFrontend, FanotifyStats, INLINE_WRITE_MAX};
+use crate::engine::landing::Landing;
 use crate::lock::lock;
+
+/// Which of the frontend's counters chunks written for some purpose go to.
+pub(super) type Counter = fn(&FanotifyStats) -> &AtomicU64;
+
+/// A blob's cache file as the place where the engine's runs write their verified units
+/// themselves (`engine::landing`), counted as written for the caller that started the runs.
+pub(super) struct CacheLanding {
+    front: Arc<FanotifyFrontend>,
+    cached: Arc<CachedBlob>,
+    via: Arc<File>,
+    counter: Counter,
+    /// Chunks landed here so far.
+    landed: AtomicU64,
+}
+
+impl CacheLanding {
+    /// Runs land into `cached`'s file through `via` (a non-notifying event fd).
+    pub(super) fn new(
+        front: &Arc<FanotifyFrontend>,
+        cached: &Arc<CachedBlob>,
+        via: &Arc<File>,
+        counter: Counter,
+    ) -> Arc<CacheLanding> {
+        Arc::new(CacheLanding {
+            front: Arc::clone(front),
+            cached: Arc::clone(cached),
+            via: Arc::clone(via),
+            counter,
+            landed: AtomicU64::new(0),
+        })
+    }
+
+    /// Chunks the runs have landed here so far (all of theirs, once their units are awaited).
+    pub(super) fn landed(&self) -> u64 {
+        self.landed.load(Relaxed)
+    }
+}
+
+impl Landing for CacheLanding {
+    fn land(&self, at: u64, data: &[u8]) -> io::Result<()> {
+        let n = write_now(&self.cached, data, at, &self.via, true)?;
+        (self.counter)(&self.front.stats).fetch_add(n, Relaxed);
+        self.landed.fetch_add(n, Relaxed);
+        Ok(())
+    }
+}
+
+/// Write verified bytes at `at` through `via`, one writer per file at a time; see
+/// [`FanotifyFrontend::write`] for `mark` and what is returned.
+fn write_now(c: &CachedBlob, data: &[u8], at: u64, via: &File, mark: bool) -> io::Result<u64> {
+    let unit = c.blob.table_chunk;
+    let c0 = at / unit;
+    let _one_writer = lock(&c.write_lock);
+    if mark && c.all_marked(at, data.len() as u64) {
+        return Ok(0);
+    }
+    via.write_all_at(data, at)?;
+    if !mark {
+        return Ok(0);
+    }
+    let n = (data.len() as u64).div_ceil(unit);
+    lock(&c.verified).extend(c0..c0 + n);
+    Ok(n)
+}
 
 impl FanotifyFrontend {
     /// Write a verified piece unless every one of its chunks is cached already, and mark
@@ -68,23 +133,9 @@ impl FanotifyFrontend {
         mark: bool,
     ) -> io::Result<u64> {
         let c = Arc::clone(cached);
-        tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let unit = c.blob.table_chunk;
-            let c0 = at / unit;
-            let _one_writer = lock(&c.write_lock);
-            if mark && c.all_marked(at, data.len() as u64) {
-                return Ok(0);
-            }
-            via.write_all_at(&data, at)?;
-            if !mark {
-                return Ok(0);
-            }
-            let n = (data.len() as u64).div_ceil(unit);
-            lock(&c.verified).extend(c0..c0 + n);
-            Ok(n)
-        })
-        .await
-        .map_err(io::Error::other)?
+        tokio::task::spawn_blocking(move || write_now(&c, &data, at, &via, mark))
+            .await
+            .map_err(io::Error::other)?
     }
 
     /// Whether chunk `c` is cached and verified: known from this run, or found on disk and
@@ -123,7 +174,7 @@ impl FanotifyFrontend {
         via: &Arc<File>,
         offset: u64,
         piece: F,
-        counter: fn(&FanotifyStats) -> &AtomicU64,
+        counter: Counter,
     ) where
         F: std::future::Future<Output = io::Result<crate::engine::Piece>> + Send + 'static,
     {
