@@ -179,14 +179,16 @@ impl RunSink {
         let at = self.geo.start(self.next);
         let landed = self.landing.as_deref().is_some_and(|l| land(l, at, &unit));
         if let Some(s) = self.senders.pop_front() {
-            let unit: Delivered = match landed {
-                true => self.share.landed(unit),
-                false => self.share.attach(unit),
+            let unit: Delivered = if landed {
+                self.share.landed(unit)
+            } else {
+                self.share.attach(unit)
             };
             let _ = s.send(Ok(unit.clone()));
-            let outcome = match landed {
-                true => Outcome::Landed,
-                false => Outcome::Delivered(&unit.data),
+            let outcome = if landed {
+                Outcome::Landed
+            } else {
+                Outcome::Delivered(&unit.data)
             };
             self.settle(self.next, outcome);
         }
