@@ -19,7 +19,8 @@ use crate::lock::lock;
 /// Who a fetch-and-store is for.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum For {
-    /// A reader, with the range its event names (if any): that part is written first.
+    /// A reader, with the range its event names (if any): a range smaller than a chunk is
+    /// written first; larger ones are landed by their runs like everything else.
     Reader(Option<(u64, u64)>),
     /// Nobody waits: a background fill or a startup prefetch (held to the engine's budget of
     /// bytes fetched ahead), whose chunks written count in this counter.
