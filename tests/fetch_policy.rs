@@ -238,7 +238,7 @@ async fn rereads_fetch_nothing_and_random_reads_fetch_their_leaves() {
 
 /// A sequential reader (with its read-ahead) over chunks a random reader left some leaves
 /// in: those chunks get the rest of their leaves, not the whole chunk again; each byte of
-/// the blob is fetched once.
+/// the blob is fetched once. The runs write the units they fetch ahead in checked pieces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sequential_reader_completes_chunks_with_leaves_by_the_rest() {
     require_root();
@@ -274,6 +274,14 @@ async fn a_sequential_reader_completes_chunks_with_leaves_by_the_rest() {
     assert!(
         st.engine.leaf_reads > leaf_reads,
         "chunks 6 and 9 were not completed by leaves"
+    );
+    // the leaves layer is kept by now: the runs wrote their units in checked pieces of
+    // 256 KiB, four a unit, and held no unit in memory
+    let counter = |k: &str| st.frontend_counters[k].as_u64().unwrap_or(0);
+    assert!(
+        counter("pieces_placed") >= 4 * counter("chunks_prefetched"),
+        "units fetched ahead landed whole: {:?}",
+        st.frontend_counters
     );
     d.umount(&mnt);
 }

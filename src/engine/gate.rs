@@ -17,6 +17,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use super::Body;
 use crate::lock::lock;
 pub use crate::registry::slots::Need;
 
@@ -160,15 +161,18 @@ impl Share {
     }
 
     /// A complete unit already written by its run: the share taken for it is free again.
-    pub fn landed(&self, data: Bytes) -> Delivered {
+    pub fn landed(&self, body: Body) -> Delivered {
         lock(&self.taken).take();
-        Delivered { data, lease: None }
+        Delivered { body, lease: None }
     }
 
     /// A complete unit, with the share taken for it (if any).
     pub fn attach(&self, data: Bytes) -> Delivered {
         let lease = lock(&self.taken).take().map(|p| Arc::new(Lease(Mutex::new(Some(p)))));
-        Delivered { data, lease }
+        Delivered {
+            body: Body::Bytes(data),
+            lease,
+        }
     }
 }
 
@@ -176,7 +180,7 @@ impl Share {
 #[derive(Clone)]
 pub struct Delivered {
     /// The unit's verified bytes.
-    pub data: Bytes,
+    pub body: Body,
     /// Its share of the budget (a unit fetched ahead, while the budget had room).
     pub lease: Option<Arc<Lease>>,
 }
@@ -218,7 +222,7 @@ mod tests {
         assert!(!t.is_finished(), "a clone still holds the unit");
         kept.lease.as_ref().unwrap().let_go();
         t.await.unwrap();
-        assert_eq!(kept.data.len(), 1024, "let go, still kept");
+        assert_eq!(kept.body.len(), 1024, "let go, still kept");
         assert_eq!(budget.available(), 0, "the third unit took the freed share");
         let _c = share.attach(Bytes::from(vec![3u8; 1024]));
         // a reader joins unit 4 of the paused run: it goes on at once

@@ -109,7 +109,7 @@ impl DataBlob {
 }
 
 /// Recently used slots, by chunk.
-pub(super) struct Slots(Mutex<LruCache<ChunkKey, Arc<Vec<Cv>>>>);
+pub struct Slots(Mutex<LruCache<ChunkKey, Arc<Vec<Cv>>>>);
 
 impl Default for Slots {
     fn default() -> Self {
@@ -153,7 +153,7 @@ impl Engine {
         self.stats.served(blob.key(), data.len() as u64);
         Ok(Piece {
             offset: span.start,
-            data,
+            body: super::Body::Bytes(data),
             unit: None,
             lease: None,
         })
@@ -163,82 +163,125 @@ impl Engine {
     /// against the chunk's leaf values.
     pub async fn verify_leaves(&self, blob: &Arc<DataBlob>, span: LeafSpan, data: &[u8]) -> Result<(), EngineError> {
         let slot = self.slot(blob, span.chunk).await?;
-        check_leaves(blob, span, &slot, data)
+        Ok(check_leaves(blob, span, &slot, data)?)
     }
 
     /// The leaf values of chunk `c`, checked against its digest (kept, or fetched).
     async fn slot(&self, blob: &Arc<DataBlob>, c: u64) -> Result<Arc<Vec<Cv>>, EngineError> {
-        let key = ChunkKey::new(blob.key(), c);
-        if let Some(s) = lock(&self.slots.0).get(&key) {
-            return Ok(Arc::clone(s));
+        if let Some(kept) = self.slots.at_hand(blob, c) {
+            return Ok(kept?);
         }
-        let l = blob
-            .leaves
-            .as_ref()
-            .ok_or_else(|| EngineError::Task(format!("blob {} has no leaves", blob.source.digest)))?;
-        let len = blob.chunk_len(c);
-        let n = l.layout.leaves_of(len);
+        let want = SlotOf::new(blob, c)?;
+        let raw = self
+            .registry
+            .fetch_range_checked(want.source, want.at, want.len(), |b| want.check(b))
+            .await?;
+        Ok(self.slots.keep(ChunkKey::new(blob.key(), c), &raw))
+    }
+}
+
+impl Slots {
+    /// The leaf values of chunk `c` if they need no request: kept, or read from the leaves
+    /// layer on disk (checked all the same: a slot costs a few dozen compressions). `None`
+    /// if they must be fetched; an error if the blob has none or they do not verify.
+    pub(super) fn at_hand(&self, blob: &DataBlob, c: u64) -> Option<Result<Arc<Vec<Cv>>, RegistryError>> {
+        let key = ChunkKey::new(blob.key(), c);
+        if let Some(s) = lock(&self.0).get(&key) {
+            return Some(Ok(Arc::clone(s)));
+        }
+        let want = match SlotOf::new(blob, c) {
+            Ok(w) => w,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut raw = vec![0u8; want.len() as usize];
+        want.local.get()?.read_exact_at(&mut raw, want.at).ok()?;
+        Some(want.check(&raw).map(|()| self.keep(key, &raw)))
+    }
+
+    /// Keep the verified slot `raw` of `key`'s chunk.
+    fn keep(&self, key: ChunkKey, raw: &[u8]) -> Arc<Vec<Cv>> {
+        let slot: Arc<Vec<Cv>> = Arc::new(
+            raw.chunks_exact(CV_LEN as usize)
+                .filter_map(|c| c.try_into().ok())
+                .collect(),
+        );
+        lock(&self.0).put(key, Arc::clone(&slot));
+        slot
+    }
+}
+
+/// Where the slot of one chunk is and what it must merge to.
+struct SlotOf<'a> {
+    source: &'a BlobSource,
+    local: &'a OnceLock<File>,
+    /// Offset in the leaves layer.
+    at: u64,
+    /// Leaves of the chunk.
+    leaves: u64,
+    chunk: u64,
+    chunk_len: u64,
+    leaf_size: u64,
+    root: Cv,
+    blob: &'a DataBlob,
+}
+
+impl<'a> SlotOf<'a> {
+    fn new(blob: &'a DataBlob, c: u64) -> Result<SlotOf<'a>, RegistryError> {
+        let no = |what: String| RegistryError::Manifest(format!("{what} of blob {}", blob.source.digest));
+        let l = blob.leaves.as_ref().ok_or_else(|| no("no leaves layer".into()))?;
         let root = *blob
             .digests
             .get(c as usize)
-            .ok_or_else(|| EngineError::Task(format!("chunk {c} of {} has no digest", blob.source.digest)))?;
-        let at = (l.first_slot + c) * l.layout.slot_len();
-        let cvs = |b: &[u8]| -> Vec<Cv> {
-            b.chunks_exact(CV_LEN as usize)
-                .filter_map(|c| c.try_into().ok())
-                .collect()
-        };
-        let check = |b: &[u8]| {
-            if leaves::check_slot(&root, &cvs(b), len, l.layout.leaf_size) {
-                Ok(())
-            } else {
-                Err(RegistryError::DigestMismatch {
-                    what: format!("leaves of chunk {c} of {}", blob.source.digest),
-                    expected: hex::encode(root),
-                    got: "leaf values that do not merge to it".into(),
-                })
-            }
-        };
-        // kept on disk: checked all the same (a slot costs a few dozen compressions)
-        let kept = l.local.get().and_then(|f| {
-            let mut b = vec![0u8; (n * CV_LEN) as usize];
-            f.read_exact_at(&mut b, at).ok().map(|_| b)
-        });
-        let raw = match kept {
-            Some(b) => {
-                check(&b)?;
-                bytes::Bytes::from(b)
-            }
-            None => {
-                self.registry
-                    .fetch_range_checked(&l.source, at, n * CV_LEN, check)
-                    .await?
-            }
-        };
-        let slot = Arc::new(cvs(&raw));
-        lock(&self.slots.0).put(key, Arc::clone(&slot));
-        Ok(slot)
+            .ok_or_else(|| no(format!("no digest for chunk {c}")))?;
+        let chunk_len = blob.chunk_len(c);
+        Ok(SlotOf {
+            source: &l.source,
+            local: &l.local,
+            at: (l.first_slot + c) * l.layout.slot_len(),
+            leaves: l.layout.leaves_of(chunk_len),
+            chunk: c,
+            chunk_len,
+            leaf_size: l.layout.leaf_size,
+            root,
+            blob,
+        })
+    }
+
+    /// Bytes of the slot's values.
+    fn len(&self) -> u64 {
+        self.leaves * CV_LEN
+    }
+
+    /// Whether `raw` holds values that merge to the chunk's digest.
+    fn check(&self, raw: &[u8]) -> Result<(), RegistryError> {
+        let cvs: Vec<Cv> = raw
+            .chunks_exact(CV_LEN as usize)
+            .filter_map(|c| c.try_into().ok())
+            .collect();
+        if leaves::check_slot(&self.root, &cvs, self.chunk_len, self.leaf_size) {
+            return Ok(());
+        }
+        Err(RegistryError::DigestMismatch {
+            what: format!("leaves of chunk {} of {}", self.chunk, self.blob.source.digest),
+            expected: hex::encode(self.root),
+            got: "leaf values that do not merge to it".into(),
+        })
     }
 }
 
 /// Check the bytes of `span` (all of it) leaf by leaf against the chunk's verified `slot`.
-fn check_leaves(blob: &DataBlob, span: LeafSpan, slot: &[Cv], data: &[u8]) -> Result<(), EngineError> {
+pub(super) fn check_leaves(blob: &DataBlob, span: LeafSpan, slot: &[Cv], data: &[u8]) -> Result<(), RegistryError> {
     if data.len() as u64 != span.stop - span.start {
-        return Err(EngineError::Task(format!(
-            "{} bytes for leaves {}..{} of chunk {}",
-            data.len(),
-            span.first,
-            span.end,
-            span.chunk
-        )));
+        return Err(RegistryError::Truncated {
+            expected: span.stop - span.start,
+            got: data.len() as u64,
+        });
     }
     let leaf = blob.leaves.as_ref().map_or(1, |l| l.layout.leaf_size);
     for (i, piece) in (span.first..span.end).zip(data.chunks(leaf as usize)) {
-        let want = slot
-            .get(i as usize)
-            .ok_or_else(|| EngineError::Task("leaf past its slot".into()))?;
+        let want = slot.get(i as usize).copied().unwrap_or_default();
         let got = leaves::leaf_cv(piece, i * leaf);
-        if got != *want {
+        if got != want {
             return Err(RegistryError::DigestMismatch {
                 what: format!(
                     "leaf {i} at {} of {}",
@@ -247,8 +290,7 @@ fn check_leaves(blob: &DataBlob, span: LeafSpan, slot: &[Cv], data: &[u8]) -> Re
                 ),
                 expected: hex::encode(want),
                 got: hex::encode(got),
-            }
-            .into());
+            });
         }
     }
     Ok(())

@@ -19,9 +19,13 @@ pub mod gate;
 pub(crate) mod inflight;
 pub mod landing;
 pub mod leaves;
+mod piece;
+mod pieces;
 pub(crate) mod pool;
 mod stats;
 
+use piece::Unit;
+pub use piece::{Body, Pending, Piece};
 pub use stats::{BlobCounters, EngineStats};
 pub mod run;
 
@@ -30,7 +34,6 @@ use std::sync::Arc;
 
 use crate::image::digest::Digest;
 use crate::image::format::ChunkDigest;
-use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::FutureExt;
 
@@ -170,77 +173,6 @@ impl DataBlob {
     }
 }
 
-/// One piece of a served range: the chunk starting at `offset`.
-#[derive(Debug, Clone)]
-pub struct Piece {
-    /// Blob offset of the first byte.
-    pub offset: u64,
-    /// Verified bytes.
-    pub data: Bytes,
-    /// The engine's unit this piece is, kept among the recently completed ones until its
-    /// reader reports it stored ([`Engine::stored`]); `None` for a read of some leaves.
-    unit: Option<ChunkKey>,
-    /// The unit's share of the budget of bytes fetched ahead, if it holds one (`gate`).
-    lease: Option<Arc<gate::Lease>>,
-}
-
-impl Piece {
-    /// The piece is written into its cache, or will not be (the write failed): a share of
-    /// the budget it holds is free again, whoever still keeps the bytes.
-    pub fn let_go(&self) {
-        if let Some(l) = &self.lease {
-            l.let_go();
-        }
-    }
-}
-
-/// A unit being fetched (or just fetched) for a reader; [`Pending::wait`] yields it verified.
-/// One that will not be waited for after all is simply dropped: its run settles the unit in
-/// the engine either way, and a share of the budget it holds goes with the last handle.
-pub struct Pending {
-    /// Blob offset of the unit.
-    pub offset: u64,
-    key: ChunkKey,
-    unit: Unit,
-}
-
-/// Where a pending unit's bytes come from.
-enum Unit {
-    /// Recently completed: at hand (its share of the budget, if any, stays with its run's
-    /// own waiters).
-    Ready(Bytes),
-    /// A fetch in flight, shared with every other reader of the unit.
-    Fetch(ChunkFuture),
-    /// A fetch of the unit failed a moment ago (see [`inflight`]).
-    Failed(EngineError),
-}
-
-impl Pending {
-    /// The verified unit. A failed fetch is held briefly, then the next read tries again.
-    pub async fn wait(self, engine: &Engine) -> Result<Piece, EngineError> {
-        let (offset, key) = (self.offset, self.key.clone());
-        let data = self.resolve().await.inspect_err(|_| {
-            engine.stats.failed_reads.fetch_add(1, Relaxed);
-        })?;
-        engine.stats.served(key.blob(), data.data.len() as u64);
-        Ok(Piece {
-            offset,
-            data: data.data,
-            unit: Some(key),
-            lease: data.lease,
-        })
-    }
-
-    /// The unit's outcome (its run has moved it out of the running ones by then).
-    async fn resolve(self) -> Result<gate::Delivered, EngineError> {
-        match self.unit {
-            Unit::Ready(data) => Ok(gate::Delivered { data, lease: None }),
-            Unit::Failed(e) => Err(e),
-            Unit::Fetch(f) => f.await,
-        }
-    }
-}
-
 /// The blob engine.
 pub struct Engine {
     registry: Arc<Registry>,
@@ -249,7 +181,7 @@ pub struct Engine {
     pool: Arc<pool::BufPool>,
     /// Bytes fetched ahead of readers that may wait to be let go (`gate`).
     ahead: Option<Arc<gate::Budget>>,
-    slots: leaves::Slots,
+    slots: Arc<leaves::Slots>,
     /// Counters for `status`.
     pub stats: EngineStats,
 }
@@ -264,7 +196,7 @@ impl Engine {
             pool: pool::BufPool::new(cfg.max_concurrent_fetches),
             ahead: cfg.ahead_buffer_max.map(|b| gate::Budget::new(b.get())),
             cfg,
-            slots: leaves::Slots::default(),
+            slots: Arc::default(),
             stats: EngineStats::default(),
         }
     }
@@ -457,6 +389,7 @@ impl Engine {
                 // `fetch` holds while it spawns this (a task dropped unpolled drops only parts)
                 let (blob, geo, senders, share) = parts;
                 let (pool, inflight) = (Arc::clone(&engine.pool), Arc::clone(&engine.inflight));
+                let landing = landing.map(|to| (to, Arc::clone(&engine.slots)));
                 let sink = RunSink::new(blob, geo, first, senders, pool, share, inflight).landing_in(landing);
                 let sink = std::sync::Mutex::new(sink);
                 let t0 = std::time::Instant::now();

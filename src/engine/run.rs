@@ -2,7 +2,9 @@
 //! it arrives and hashed as it arrives (verification overlaps the transfer), each unit is
 //! checked against the chunk table the moment it is complete and handed to its waiters at
 //! once, so a unit never waits for the rest of its run and only the unit being assembled is
-//! buffered. A retry resumes at the first unit not yet handed out.
+//! buffered. A retry resumes at the first unit not yet handed out. A run given a landing
+//! whose leaves are at hand buffers not even the unit: it writes it piece by piece
+//! (`pieces`), and a retry resumes at the first piece not written.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -13,9 +15,11 @@ use futures::channel::oneshot;
 use super::chunks::ChunkGeometry;
 use super::gate::{Delivered, Share};
 use super::inflight::{ChunkKey, Inflight, Outcome};
-use super::landing::{land, Landing};
+use super::landing::{blocking, land, Landing};
+use super::leaves::Slots;
+use super::pieces::{Pieces, Progress};
 use super::pool::{BufPool, PoolBuf};
-use super::{DataBlob, EngineError};
+use super::{Body, DataBlob, EngineError};
 use crate::image::format::ChunkHasher;
 use crate::registry::range::RangeSink;
 use crate::registry::RegistryError;
@@ -27,9 +31,9 @@ pub type UnitSender = oneshot::Sender<Result<Delivered, EngineError>>;
 pub struct RunSink {
     blob: Arc<DataBlob>,
     geo: ChunkGeometry,
-    /// The unit being assembled.
+    /// The unit being assembled, and how.
     next: u64,
-    buf: Option<PoolBuf>,
+    assembly: Assembly,
     pool: Arc<BufPool>,
     /// Blob offset of the next byte to hash, and the digest of its table chunk so far.
     hashed_to: u64,
@@ -42,6 +46,16 @@ pub struct RunSink {
     inflight: Arc<Inflight>,
     /// Where each verified unit is written before its waiters hear of it, if anywhere.
     landing: Option<Arc<dyn Landing>>,
+    /// Leaf values kept, which let a unit be landed in pieces.
+    slots: Arc<Slots>,
+}
+
+/// How the unit being received is put together.
+enum Assembly {
+    /// Whole, in memory, each table chunk hashed as it streams (`None`: no byte of it yet).
+    Whole(Option<PoolBuf>),
+    /// Written into the landing piece by piece.
+    Pieces(Pieces),
 }
 
 impl RunSink {
@@ -61,24 +75,33 @@ impl RunSink {
             blob,
             geo,
             next: first,
-            buf: None,
+            assembly: Assembly::Whole(None),
             pool,
             hasher: None,
             senders: senders.into(),
             share,
             inflight,
             landing: None,
+            slots: Arc::default(),
         }
     }
 
-    /// The run writes each unit into `landing` as soon as it is verified.
-    pub fn landing_in(mut self, landing: Option<Arc<dyn Landing>>) -> RunSink {
-        self.landing = landing;
+    /// The run writes each unit into the landing as soon as it is verified, in pieces where
+    /// the kept leaf values (`slots`) allow.
+    pub fn landing_in(mut self, landing: Option<(Arc<dyn Landing>, Arc<Slots>)>) -> RunSink {
+        if let Some((to, slots)) = landing {
+            self.landing = Some(to);
+            self.slots = slots;
+        }
         self
     }
 
-    fn buffered(&self) -> usize {
-        self.buf.as_ref().map_or(0, PoolBuf::len)
+    /// Bytes of the current unit received (written or buffered).
+    fn received(&self) -> u64 {
+        match &self.assembly {
+            Assembly::Whole(buf) => buf.as_ref().map_or(0, |b| b.len() as u64),
+            Assembly::Pieces(p) => p.resume_at() + p.buffered() - self.geo.start(self.next),
+        }
     }
 
     /// The run failed for good: every unit not delivered gets the error.
@@ -101,14 +124,29 @@ impl RunSink {
 
 impl RangeSink for RunSink {
     fn resume_at(&self) -> u64 {
-        (self.geo.start(self.next) + self.buffered() as u64).min(self.geo.size)
+        match &self.assembly {
+            Assembly::Whole(buf) => {
+                let buffered = buf.as_ref().map_or(0, |b| b.len() as u64);
+                (self.geo.start(self.next) + buffered).min(self.geo.size)
+            }
+            Assembly::Pieces(p) => p.resume_at(),
+        }
     }
 
     fn accept(&mut self, _at: u64, mut data: Bytes) -> Result<(), RegistryError> {
         while !data.is_empty() {
+            if self.received() == 0 {
+                self.begin_unit();
+            }
+            if let (Assembly::Pieces(p), Some(to)) = (&mut self.assembly, &self.landing) {
+                if p.take(&self.blob, &mut data, to.as_ref(), &self.pool)? == Progress::Placed {
+                    self.sealed()?;
+                }
+                continue;
+            }
             let unit_len = self.unit_len();
-            let want = unit_len - self.buffered();
-            if self.buffered() == 0 && data.len() >= want {
+            let want = unit_len - self.received() as usize;
+            if self.received() == 0 && data.len() >= want {
                 // a whole unit in one piece: no copy
                 let unit = data.split_to(want);
                 self.hash(&unit)?;
@@ -118,11 +156,13 @@ impl RangeSink for RunSink {
             let part = data.split_to(want.min(data.len()));
             self.hash(&part)?;
             let pool = &self.pool;
-            let buf = self.buf.get_or_insert_with(|| pool.take(unit_len));
-            buf.extend_from_slice(&part);
-            if buf.len() == unit_len {
-                if let Some(full) = self.buf.take() {
-                    self.deliver(full.freeze());
+            if let Assembly::Whole(slot) = &mut self.assembly {
+                let buf = slot.get_or_insert_with(|| pool.take(unit_len));
+                buf.extend_from_slice(&part);
+                if buf.len() == unit_len {
+                    if let Some(full) = slot.take() {
+                        self.deliver(full.freeze());
+                    }
                 }
             }
         }
@@ -141,9 +181,14 @@ impl RangeSink for RunSink {
     }
 
     fn abort_attempt(&mut self) {
-        // a partial unit is unverified: the retry fetches it whole
-        if let Some(b) = self.buf.as_mut() {
-            b.clear();
+        // a partial unit is unverified: the retry fetches it whole (or its pieces not written)
+        match &mut self.assembly {
+            Assembly::Whole(buf) => {
+                if let Some(b) = buf.as_mut() {
+                    b.clear();
+                }
+            }
+            Assembly::Pieces(p) => p.abort(),
         }
         self.hasher = None;
         self.hashed_to = self.geo.start(self.next).min(self.geo.size);
@@ -172,28 +217,65 @@ impl RunSink {
         Ok(())
     }
 
+    /// A unit starts: landed in pieces if the run has a landing and the unit's leaf values
+    /// are at hand, else gathered whole.
+    fn begin_unit(&mut self) {
+        let (start, end) = (self.geo.start(self.next), self.geo.end(self.next));
+        self.assembly = match self.landing {
+            Some(_) => {
+                Pieces::begin(&self.blob, &self.slots, start, end).map_or(Assembly::Whole(None), Assembly::Pieces)
+            }
+            None => Assembly::Whole(None),
+        };
+    }
+
+    /// Every piece of the unit is written: record it as cached and tell its waiters. A unit
+    /// that cannot be recorded fails the attempt (its bytes are gone from memory).
+    fn sealed(&mut self) -> Result<(), RegistryError> {
+        let (at, len) = (self.geo.start(self.next), self.unit_len() as u64);
+        if let Some(to) = &self.landing {
+            blocking(|| to.seal(at, len)).map_err(|e| RegistryError::Keep(e.to_string()))?;
+        }
+        self.assembly = Assembly::Whole(None);
+        self.hashed_to = at + len;
+        let unit = self.share.landed(Body::Landed(len));
+        self.hand_out(unit, Landed::Yes);
+        Ok(())
+    }
+
     /// Hand a complete unit (all its table chunks checked) to its waiters, once it is
     /// landed if the run has somewhere to land it. A landed unit holds no share of the budget
     /// and is not kept among the recent ones: its waiters find it in their cache.
     fn deliver(&mut self, unit: Bytes) {
         let at = self.geo.start(self.next);
-        let landed = self.landing.as_deref().is_some_and(|l| land(l, at, &unit));
+        if self.landing.as_deref().is_some_and(|l| land(l, at, &unit)) {
+            let unit = self.share.landed(Body::Bytes(unit));
+            self.hand_out(unit, Landed::Yes);
+        } else {
+            let unit = self.share.attach(unit);
+            self.hand_out(unit, Landed::No);
+        }
+    }
+
+    /// Tell the waiters of the current unit, settle it, and go on to the next.
+    fn hand_out(&mut self, unit: Delivered, landed: Landed) {
         if let Some(s) = self.senders.pop_front() {
-            let unit: Delivered = if landed {
-                self.share.landed(unit)
-            } else {
-                self.share.attach(unit)
-            };
             let _ = s.send(Ok(unit.clone()));
-            let outcome = if landed {
-                Outcome::Landed
-            } else {
-                Outcome::Delivered(&unit.data)
+            let outcome = match (landed, &unit.body) {
+                (Landed::No, Body::Bytes(data)) => Outcome::Delivered(data),
+                _ => Outcome::Landed,
             };
             self.settle(self.next, outcome);
         }
         self.next += 1;
     }
+}
+
+/// Whether a unit handed out is in its landing already.
+#[derive(Clone, Copy)]
+enum Landed {
+    Yes,
+    No,
 }
 
 impl Drop for RunSink {
@@ -254,7 +336,7 @@ mod tests {
                 // every unit that is complete has been handed out already, the next one not
                 let done = (at as usize / 4096).min(2) + usize::from(at as usize == data.len());
                 for (i, r) in rx.iter_mut().enumerate().take(done).skip(received) {
-                    let got = r.try_recv().unwrap().unwrap().unwrap().data;
+                    let got = r.try_recv().unwrap().unwrap().unwrap().body.bytes().cloned().unwrap();
                     assert_eq!(
                         got,
                         data[i * 4096..((i + 1) * 4096).min(data.len())],
@@ -287,8 +369,30 @@ mod tests {
         s.abort_attempt();
         assert_eq!(s.resume_at(), 4096, "a partial unit is dropped");
         s.accept(4096, Bytes::copy_from_slice(&data[4096..])).unwrap();
-        assert_eq!(rx[0].try_recv().unwrap().unwrap().unwrap().data, data[..4096]);
-        assert_eq!(rx[1].try_recv().unwrap().unwrap().unwrap().data, data[4096..]);
+        assert_eq!(
+            rx[0]
+                .try_recv()
+                .unwrap()
+                .unwrap()
+                .unwrap()
+                .body
+                .bytes()
+                .cloned()
+                .unwrap(),
+            data[..4096]
+        );
+        assert_eq!(
+            rx[1]
+                .try_recv()
+                .unwrap()
+                .unwrap()
+                .unwrap()
+                .body
+                .bytes()
+                .cloned()
+                .unwrap(),
+            data[4096..]
+        );
     }
 
     #[test]
@@ -313,7 +417,7 @@ mod tests {
                 .unwrap();
         }
         for (i, r) in rx.iter_mut().enumerate() {
-            let got = r.try_recv().unwrap().unwrap().unwrap().data;
+            let got = r.try_recv().unwrap().unwrap().unwrap().body.bytes().cloned().unwrap();
             assert_eq!(got, data[i * 8192..((i + 1) * 8192).min(data.len())]);
         }
     }

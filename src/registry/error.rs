@@ -85,6 +85,10 @@ pub enum RegistryError {
         /// The last failure.
         last: Box<RegistryError>,
     },
+    /// The receiver of a body could not keep verified bytes (a local write failed): not the
+    /// registry's fault, and no other attempt would fare better.
+    #[error("the fetched bytes could not be kept: {0}")]
+    Keep(String),
 }
 
 impl RegistryError {

@@ -83,10 +83,13 @@ impl Cachefiles {
                 // and this frontend has no record of its own to check before a fetch
                 tokio::task::spawn_blocking(move || -> io::Result<u64> {
                     // written or not, no one else writes it: its share is free
-                    let written =
-                        buffers::holding(&bufs, &piece.data).and_then(|buf| o.fd.write_all_at(&buf, piece.offset));
+                    let written = piece
+                        .bytes()
+                        .map_err(io::Error::other)
+                        .and_then(|data| buffers::holding(&bufs, data))
+                        .and_then(|buf| o.fd.write_all_at(&buf, piece.offset));
                     piece.let_go();
-                    written.map(|()| piece.data.len() as u64)
+                    written.map(|()| piece.body.len())
                 })
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)))

@@ -110,7 +110,7 @@ impl Cachefiles {
     ) -> io::Result<Vec<(WriteBuf, u64)>> {
         let reads = plan.spans.iter().map(|&span| async move {
             let piece = self.engine.read_leaves(blob, span).await.map_err(io::Error::other)?;
-            let buf = buffers::holding(&self.bufs, &piece.data)?;
+            let buf = buffers::holding(&self.bufs, piece.bytes().map_err(io::Error::other)?)?;
             self.stats.leaf_reads.fetch_add(1, Relaxed);
             Ok::<_, io::Error>((buf, span.start))
         });

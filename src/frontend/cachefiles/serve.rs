@@ -417,12 +417,13 @@ impl Cachefiles {
                 let out = buf.as_mut_slice();
                 let end = start + len;
                 for p in pieces {
-                    let p_end = p.offset + p.data.len() as u64;
+                    let data = p.bytes().map_err(io::Error::other)?;
+                    let p_end = p.offset + data.len() as u64;
                     let lo = p.offset.max(start);
                     let hi = p_end.min(end);
                     if lo < hi {
                         out[(lo - start) as usize..(hi - start) as usize]
-                            .copy_from_slice(&p.data[(lo - p.offset) as usize..(hi - p.offset) as usize]);
+                            .copy_from_slice(&data[(lo - p.offset) as usize..(hi - p.offset) as usize]);
                     }
                     p.let_go(); // copied: a share it holds (a unit fetched ahead) is free
                 }

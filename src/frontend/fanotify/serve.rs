@@ -67,6 +67,9 @@ pub struct FanotifyStats {
     pub chunks_filled: AtomicU64,
     /// Chunks written by read-ahead.
     pub chunks_prefetched: AtomicU64,
+    /// Pieces of units the engine's runs wrote before the rest of their unit arrived
+    /// (`engine::pieces`).
+    pub pieces_placed: AtomicU64,
     /// Chunks found on disk and verified.
     pub chunks_present: AtomicU64,
     /// Chunks with leaves found on disk (an earlier run's) and verified.

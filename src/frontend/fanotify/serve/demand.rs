@@ -146,12 +146,15 @@ impl FanotifyFrontend {
         urgent: Option<(u64, u64)>,
     ) -> io::Result<u64> {
         let piece = p.wait(&self.engine).await.map_err(io::Error::other)?;
-        let (ps, pe) = (piece.offset, piece.offset + piece.data.len() as u64);
+        let (ps, pe) = (piece.offset, piece.offset + piece.body.len());
         match urgent {
             // (a unit its run landed is marked already: nothing to write first)
             Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) && !cached.all_marked(ps, pe - ps) => {
                 let (a, b) = (us.max(ps), ue.min(pe));
-                let part = piece.data.slice((a - ps) as usize..(b - ps) as usize);
+                let part = piece
+                    .bytes()
+                    .map_err(io::Error::other)?
+                    .slice((a - ps) as usize..(b - ps) as usize);
                 self.write_urgent(cached, part, a, Arc::clone(via)).await?;
                 self.store_later(cached, via, ps, async { Ok(piece) }, |s| &s.chunks_filled);
                 Ok(0)

@@ -83,8 +83,8 @@ impl FanotifyFrontend {
                 return Ok(false);
             }
         };
-        self.write_urgent(cached, piece.data, piece.offset, Arc::clone(via))
-            .await?;
+        let data = piece.bytes().map_err(io::Error::other)?.clone();
+        self.write_urgent(cached, data, piece.offset, Arc::clone(via)).await?;
         cached.leaves.written(&cached.blob, span);
         Ok(true)
     }
@@ -145,7 +145,8 @@ impl FanotifyFrontend {
             }
         };
         for (piece, span) in pieces.into_iter().zip(spans) {
-            self.write(cached, piece.data, piece.offset, Arc::clone(via), false)
+            let data = piece.bytes().map_err(io::Error::other)?.clone();
+            self.write(cached, data, piece.offset, Arc::clone(via), super::store::Mark::Later)
                 .await?;
             cached.leaves.written(&cached.blob, span);
         }

@@ -53,29 +53,68 @@ impl CacheLanding {
 
 impl Landing for CacheLanding {
     fn land(&self, at: u64, data: &[u8]) -> io::Result<()> {
-        let n = write_now(&self.cached, data, at, &self.via, true)?;
-        (self.counter)(&self.front.stats).fetch_add(n, Relaxed);
-        self.landed.fetch_add(n, Relaxed);
+        let n = write_now(&self.cached, data, at, &self.via, Mark::Now)?;
+        self.count(n);
+        Ok(())
+    }
+
+    fn place(&self, at: u64, data: &[u8]) -> io::Result<()> {
+        write_now(&self.cached, data, at, &self.via, Mark::Later)?;
+        self.front.stats.pieces_placed.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    fn seal(&self, at: u64, len: u64) -> io::Result<()> {
+        let c = &self.cached;
+        let _one_writer = lock(&c.write_lock);
+        if c.all_marked(at, len) {
+            return Ok(());
+        }
+        let (c0, n) = chunks_of(c, at, len);
+        lock(&c.verified).extend(c0..c0 + n);
+        self.count(n);
         Ok(())
     }
 }
 
+impl CacheLanding {
+    /// `n` chunks landed.
+    fn count(&self, n: u64) {
+        (self.counter)(&self.front.stats).fetch_add(n, Relaxed);
+        self.landed.fetch_add(n, Relaxed);
+    }
+}
+
+/// When bytes written are recorded as cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mark {
+    /// With the write (whole units; skipped if every chunk is cached already).
+    Now,
+    /// Not by this write (a reader's part, leaves, a piece of a unit not complete).
+    Later,
+}
+
 /// Write verified bytes at `at` through `via`, one writer per file at a time; see
 /// [`FanotifyFrontend::write`] for `mark` and what is returned.
-fn write_now(c: &CachedBlob, data: &[u8], at: u64, via: &File, mark: bool) -> io::Result<u64> {
-    let unit = c.blob.table_chunk;
-    let c0 = at / unit;
+fn write_now(c: &CachedBlob, data: &[u8], at: u64, via: &File, mark: Mark) -> io::Result<u64> {
+    let len = data.len() as u64;
     let _one_writer = lock(&c.write_lock);
-    if mark && c.all_marked(at, data.len() as u64) {
+    if mark == Mark::Now && c.all_marked(at, len) {
         return Ok(0);
     }
     via.write_all_at(data, at)?;
-    if !mark {
+    if mark == Mark::Later {
         return Ok(0);
     }
-    let n = (data.len() as u64).div_ceil(unit);
+    let (c0, n) = chunks_of(c, at, len);
     lock(&c.verified).extend(c0..c0 + n);
     Ok(n)
+}
+
+/// The first table chunk of the whole chunks `[at, at + len)` covers, and how many.
+fn chunks_of(c: &CachedBlob, at: u64, len: u64) -> (u64, u64) {
+    let unit = c.blob.table_chunk;
+    (at / unit, len.div_ceil(unit))
 }
 
 impl FanotifyFrontend {
@@ -89,11 +128,12 @@ impl FanotifyFrontend {
         piece: crate::engine::Piece,
         via: Arc<File>,
     ) -> io::Result<u64> {
-        if cached.all_marked(piece.offset, piece.data.len() as u64) {
+        if cached.all_marked(piece.offset, piece.body.len()) {
             self.engine.stored(&piece);
             return Ok(0); // written by another reader of the same unit
         }
-        let n = self.write(cached, piece.data.clone(), piece.offset, via, true).await;
+        let data = piece.bytes().map_err(io::Error::other)?.clone();
+        let n = self.write(cached, data, piece.offset, via, Mark::Now).await;
         match n {
             Ok(_) => self.engine.stored(&piece),
             // no one else writes it: its share of the budget is free, its bytes kept a while
@@ -116,21 +156,22 @@ impl FanotifyFrontend {
         if part.len() <= INLINE_WRITE_MAX {
             return via.write_all_at(&part, at);
         }
-        self.write(cached, part, at, via, false).await.map(|_| ())
+        self.write(cached, part, at, via, Mark::Later).await.map(|_| ())
     }
 
     /// Write verified bytes at `at` through `via` (a non-notifying event fd), on the blocking
     /// pool so the event loop keeps dispatching, one writer per file at a time (writers sleep
-    /// instead of spinning on the inode lock). With `mark`, `data` is whole chunks: skipped if
-    /// they are cached already, else marked once written; returns chunks written. Without,
-    /// `data` is part of a chunk, which stays unmarked until the whole of it is written.
+    /// instead of spinning on the inode lock). With [`Mark::Now`], `data` is whole chunks:
+    /// skipped if they are cached already, else marked once written; returns chunks written.
+    /// With [`Mark::Later`], `data` is part of a chunk, which stays unmarked until the whole of
+    /// it is written.
     pub(super) async fn write(
         &self,
         cached: &Arc<CachedBlob>,
         data: bytes::Bytes,
         at: u64,
         via: Arc<File>,
-        mark: bool,
+        mark: Mark,
     ) -> io::Result<u64> {
         let c = Arc::clone(cached);
         tokio::task::spawn_blocking(move || write_now(&c, &data, at, &via, mark))
