@@ -276,10 +276,11 @@ async fn a_sequential_reader_completes_chunks_with_leaves_by_the_rest() {
         "chunks 6 and 9 were not completed by leaves"
     );
     // the leaves layer is kept by now: the runs wrote their units in checked pieces of
-    // 256 KiB, four a unit, and held no unit in memory
+    // 256 KiB, four a unit, and held no unit in memory (of the chunks the read-ahead
+    // completed, up to 2 are chunks 6 and 9, completed by their leaves)
     let counter = |k: &str| st.frontend_counters[k].as_u64().unwrap_or(0);
     assert!(
-        counter("pieces_placed") >= 4 * counter("chunks_prefetched"),
+        counter("pieces_placed") >= 4 * counter("chunks_prefetched").saturating_sub(2),
         "units fetched ahead landed whole: {:?}",
         st.frontend_counters
     );
