@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::Body;
 use crate::lock::lock;
@@ -61,6 +61,9 @@ pub struct RunGate {
     /// The run's units before this index are wanted by a reader: stream them without waiting.
     urgent_until: AtomicU64,
     wake: Notify,
+    /// Blob offset up to which the run has written its bytes into its landing, if it has one
+    /// (`landing`, `pieces`): a reader of a range below it finds its bytes in the cache.
+    placed: watch::Sender<u64>,
 }
 
 impl RunGate {
@@ -74,7 +77,23 @@ impl RunGate {
             need,
             urgent_until: AtomicU64::new(until),
             wake: Notify::new(),
+            placed: watch::Sender::new(0),
         })
+    }
+
+    /// The run has written every byte before blob offset `to` into its landing.
+    pub fn placed(&self, to: u64) {
+        self.placed.send_if_modified(|p| {
+            let more = to > *p;
+            *p = (*p).max(to);
+            more
+        });
+    }
+
+    /// Wait until the run has written every byte before `to` into its landing (forever if
+    /// it never does: wait for its units too).
+    pub async fn placed_to(&self, to: u64) {
+        let _ = self.placed.subscribe().wait_for(|&p| p >= to).await;
     }
 
     /// A reader waits for unit `index` of the run: no pause until it is delivered.

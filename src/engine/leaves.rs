@@ -89,6 +89,11 @@ impl DataBlob {
         )
     }
 
+    /// Whether the blob's leaf values are on disk (its units can be landed in pieces).
+    pub fn leaves_kept(&self) -> bool {
+        self.leaves.as_ref().is_some_and(|l| l.local.get().is_some())
+    }
+
     /// Leaves of a whole table chunk (0 without leaves).
     pub fn leaves_per_chunk(&self) -> u64 {
         self.leaves.as_ref().map_or(0, |l| l.layout.leaves_of(self.table_chunk))

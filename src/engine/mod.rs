@@ -320,10 +320,10 @@ impl Engine {
                     if need == Need::Reader {
                         f.run.hurry(idx);
                     }
-                    Unit::Fetch(f.fut.clone())
+                    Unit::Fetch(f.fut.clone(), Arc::clone(&f.run))
                 })
             };
-            if matches!(unit, Some(Unit::Ready(_) | Unit::Fetch(_))) {
+            if matches!(unit, Some(Unit::Ready(_) | Unit::Fetch(..))) {
                 self.stats.shared_hits.fetch_add(1, Relaxed);
             } else if unit.is_none() {
                 missing.push(idx);
@@ -337,7 +337,7 @@ impl Engine {
                 if let Some((key, unit)) = slots.get_mut((idx - first) as usize) {
                     let run = Arc::clone(&gate);
                     st.running.insert(key.clone(), Fetching { fut: f.clone(), run });
-                    *unit = Some(Unit::Fetch(f));
+                    *unit = Some(Unit::Fetch(f, Arc::clone(&gate)));
                 }
             }
         }
@@ -349,6 +349,7 @@ impl Engine {
                     .ok_or_else(|| EngineError::Task(format!("chunk {idx} of {} has no fetch", blob.source.digest)))?;
                 Ok(Pending {
                     offset: geo.start(idx),
+                    end: geo.end(idx),
                     key,
                     unit,
                 })

@@ -87,6 +87,8 @@ impl Piece {
 pub struct Pending {
     /// Blob offset of the unit.
     pub offset: u64,
+    /// Blob offset where it ends.
+    pub end: u64,
     pub(super) key: ChunkKey,
     pub(super) unit: Unit,
 }
@@ -96,8 +98,8 @@ pub(super) enum Unit {
     /// Recently completed: at hand (its share of the budget, if any, stays with its run's
     /// own waiters).
     Ready(Bytes),
-    /// A fetch in flight, shared with every other reader of the unit.
-    Fetch(ChunkFuture),
+    /// A fetch in flight, shared with every other reader of the unit, by this run.
+    Fetch(ChunkFuture, Arc<gate::RunGate>),
     /// A fetch of the unit failed a moment ago (see [`inflight`]).
     Failed(EngineError),
 }
@@ -126,7 +128,22 @@ impl Pending {
                 lease: None,
             }),
             Unit::Failed(e) => Err(e),
-            Unit::Fetch(f) => f.await,
+            Unit::Fetch(f, _) => f.await,
+        }
+    }
+
+    /// Wait until the unit's bytes before blob offset `to` are written into the landing of
+    /// the run fetching it (true: a frontend whose cache that landing writes finds them
+    /// there, verified, before the rest of the unit is), or until the unit is settled
+    /// without that (false: [`Pending::wait`] says how it ended).
+    pub async fn placed_to(&self, to: u64) -> bool {
+        let Unit::Fetch(unit, run) = &self.unit else {
+            return false;
+        };
+        tokio::select! {
+            biased;
+            () = run.placed_to(to) => true,
+            _ = unit.clone() => false,
         }
     }
 }

@@ -68,7 +68,8 @@ impl Pieces {
         Some(Pieces {
             slots: kept,
             first_chunk: chunks.start,
-            piece: PIECE_MAX.clamp(leaf, tc),
+            // whole leaves within one chunk (max/min, not clamp: no panic whatever a table says)
+            piece: PIECE_MAX.max(leaf).min(tc),
             end,
             at: start,
             buf: None,
@@ -248,10 +249,14 @@ mod tests {
     type Waiter = oneshot::Receiver<Result<Delivered, EngineError>>;
 
     fn run(b: &Arc<DataBlob>, disk: &Arc<Disk>, pool: &Arc<BufPool>) -> (RunSink, Vec<Waiter>) {
+        run_of(b, disk, pool, &RunGate::new(Need::Ahead))
+    }
+
+    fn run_of(b: &Arc<DataBlob>, disk: &Arc<Disk>, pool: &Arc<BufPool>, gate: &Arc<RunGate>) -> (RunSink, Vec<Waiter>) {
         let geo = ChunkGeometry::new(CHUNK, CHUNK, b.source.size);
         let n = b.source.size.div_ceil(CHUNK);
         let (tx, rx): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
-        let share = Share::new(None, &RunGate::new(Need::Ahead));
+        let share = Share::new(None, gate);
         let to: Arc<dyn Landing> = disk.clone();
         let sink = RunSink::new(
             Arc::clone(b),
@@ -353,6 +358,25 @@ mod tests {
         for r in rx.iter_mut() {
             assert!(r.try_recv().unwrap().unwrap().is_ok());
         }
+    }
+
+    /// A reader of part of a unit hears that its bytes are written once the pieces that
+    /// hold them are, before the unit is complete.
+    #[test]
+    fn the_run_tells_how_far_its_pieces_are_written() {
+        use futures::FutureExt;
+        let size = 2 << 20;
+        let (data, b, _layer) = blob(size, true);
+        let (disk, pool, gate) = (disk(size), BufPool::new(4), RunGate::new(Need::Reader));
+        let (mut sink, mut rx) = run_of(&b, &disk, &pool, &gate);
+        let upto = |to: u64| gate.placed_to(to).now_or_never().is_some();
+        let first = (PIECE_MAX + 10) as usize;
+        sink.accept(0, Bytes::copy_from_slice(&data[..first])).unwrap();
+        assert!(upto(PIECE_MAX) && !upto(PIECE_MAX + 1), "one piece written");
+        assert!(rx[0].try_recv().unwrap().is_none(), "the unit is not complete");
+        sink.accept(first as u64, Bytes::copy_from_slice(&data[first..]))
+            .unwrap();
+        assert!(upto(size as u64));
     }
 
     /// Leaves not on disk yet: the run gathers and lands whole units as before.

@@ -48,6 +48,18 @@ pub struct RunSink {
     landing: Option<Arc<dyn Landing>>,
     /// Leaf values kept, which let a unit be landed in pieces.
     slots: Arc<Slots>,
+    /// Whether every unit handed out so far is in the landing.
+    trail: Trail,
+}
+
+/// Whether a run's landing holds every byte the run has handed out: only then does it tell
+/// readers how far its bytes are written (`RunGate::placed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trail {
+    /// All of them, from the run's first byte.
+    Gapless,
+    /// A unit went to its waiters unlanded (or the run lands nothing).
+    Gap,
 }
 
 /// How the unit being received is put together.
@@ -83,6 +95,7 @@ impl RunSink {
             inflight,
             landing: None,
             slots: Arc::default(),
+            trail: Trail::Gap,
         }
     }
 
@@ -92,6 +105,7 @@ impl RunSink {
         if let Some((to, slots)) = landing {
             self.landing = Some(to);
             self.slots = slots;
+            self.trail = Trail::Gapless;
         }
         self
     }
@@ -139,7 +153,11 @@ impl RangeSink for RunSink {
                 self.begin_unit();
             }
             if let (Assembly::Pieces(p), Some(to)) = (&mut self.assembly, &self.landing) {
-                if p.take(&self.blob, &mut data, to.as_ref(), &self.pool)? == Progress::Placed {
+                let progress = p.take(&self.blob, &mut data, to.as_ref(), &self.pool);
+                if self.trail == Trail::Gapless {
+                    self.share.run().placed(p.resume_at());
+                }
+                if progress? == Progress::Placed {
                     self.sealed()?;
                 }
                 continue;
@@ -249,9 +267,13 @@ impl RunSink {
     fn deliver(&mut self, unit: Bytes) {
         let at = self.geo.start(self.next);
         if self.landing.as_deref().is_some_and(|l| land(l, at, &unit)) {
+            if self.trail == Trail::Gapless {
+                self.share.run().placed(at + unit.len() as u64);
+            }
             let unit = self.share.landed(Body::Bytes(unit));
             self.hand_out(unit, Landed::Yes);
         } else {
+            self.trail = Trail::Gap;
             let unit = self.share.attach(unit);
             self.hand_out(unit, Landed::No);
         }

@@ -108,11 +108,13 @@ impl FanotifyFrontend {
         };
         // chunks some of whose leaves are here: the rest of their leaves
         let unit = cached.blob.table_chunk;
-        // the runs started here write their units themselves, as each is verified, unless a
-        // reader waits for less than a chunk (it writes its part first, below)
+        // the runs started here write their units themselves, as each is verified (in pieces,
+        // with the leaves kept: a reader waits for its own pieces only), unless a reader waits
+        // for less than a chunk of a unit that would be written whole (it writes its part
+        // first, below)
         let landing = CacheLanding::new(self, cached, &via, counter);
         let small = urgent.is_some_and(|(us, ue)| ue.saturating_sub(us) < unit);
-        let to: Option<Arc<dyn Landing>> = (!small).then(|| Arc::clone(&landing) as _);
+        let to: Option<Arc<dyn Landing>> = (!small || cached.blob.leaves_kept()).then(|| Arc::clone(&landing) as _);
         let mut written = self
             .complete_by_leaves(cached, s / unit..e.div_ceil(unit), &via)
             .await?;
@@ -137,7 +139,9 @@ impl FanotifyFrontend {
     }
 
     /// Wait for unit `p` and store it; a reader's part of it (in `urgent`) first, if the
-    /// reader needs only part of it. Returns chunks written now.
+    /// reader needs only part of it. Returns chunks written now. A reader's part of a unit
+    /// its run writes (in pieces, or whole) is there once the run has written that far: the
+    /// run finishes the unit on its own.
     async fn wait_and_store(
         self: &Arc<Self>,
         cached: &Arc<CachedBlob>,
@@ -145,6 +149,14 @@ impl FanotifyFrontend {
         via: &Arc<File>,
         urgent: Option<(u64, u64)>,
     ) -> io::Result<u64> {
+        let reader_end = urgent
+            .filter(|&(us, ue)| us.max(p.offset) < ue.min(p.end))
+            .map(|(_, ue)| ue.min(p.end));
+        if let Some(end) = reader_end {
+            if p.placed_to(end).await {
+                return Ok(0);
+            }
+        }
         let piece = p.wait(&self.engine).await.map_err(io::Error::other)?;
         let (ps, pe) = (piece.offset, piece.offset + piece.body.len());
         match urgent {
