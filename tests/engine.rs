@@ -429,7 +429,7 @@ async fn runs_land_their_units_before_their_waiters_hear_of_them() {
     assert_eq!(pending.len(), 9);
     for p in pending {
         // how far the run has written is told only while every unit before is landed
-        let placed = p.placed_to(p.end).await;
+        let placed = p.placed_to(&f.engine, p.end).await;
         assert_eq!(placed, p.offset < 3 << 20, "unit at {} told placed", p.offset);
         let piece = p.wait(&f.engine).await.unwrap();
         let (at, end) = (

@@ -8,7 +8,9 @@
 //! the other image's readers. Missing adjacent chunks are merged into one range
 //! request up to `merge_max`, whose body is verified and handed out chunk by chunk as it
 //! streams in (`run`). Every chunk is checked against the image's chunk digest table before
-//! anyone sees it. Runs fetched ahead of readers pause while their units wait to be written
+//! anyone sees it. A frontend may hand a fetch its cache (`landing`): the runs then write
+//! each unit there themselves, whole or in pieces checked leaf by leaf (`pieces`), and say
+//! how far they have written. Runs fetched ahead of readers pause while their units wait to be written
 //! beyond a budget (`gate`). The engine knows the registry, never a kernel: frontends write
 //! the bytes into their cache files.
 

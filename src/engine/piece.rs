@@ -134,16 +134,21 @@ impl Pending {
 
     /// Wait until the unit's bytes before blob offset `to` are written into the landing of
     /// the run fetching it (true: a frontend whose cache that landing writes finds them
-    /// there, verified, before the rest of the unit is), or until the unit is settled
-    /// without that (false: [`Pending::wait`] says how it ended).
-    pub async fn placed_to(&self, to: u64) -> bool {
+    /// there, verified, before the rest of the unit is; the unit counts as served, as if
+    /// waited for), or until the unit is settled without that (false: [`Pending::wait`] says
+    /// how it ended).
+    pub async fn placed_to(&self, engine: &Engine, to: u64) -> bool {
         let Unit::Fetch(unit, run) = &self.unit else {
             return false;
         };
-        tokio::select! {
+        let placed = tokio::select! {
             biased;
             () = run.placed_to(to) => true,
             _ = unit.clone() => false,
+        };
+        if placed {
+            engine.stats.served(self.key.blob(), self.end - self.offset);
         }
+        placed
     }
 }

@@ -19,8 +19,10 @@ use crate::lock::lock;
 /// Who a fetch-and-store is for.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum For {
-    /// A reader, with the range its event names (if any): a range smaller than a chunk is
-    /// written first; larger ones are landed by their runs like everything else.
+    /// A reader, with the range its event names (if any): it is answered once its range is
+    /// written; by the runs, which land every unit (in pieces once the blob's leaves are
+    /// kept, and it waits for its own pieces only), or, for a range smaller than a chunk
+    /// before the leaves are kept, by itself first.
     Reader(Option<(u64, u64)>),
     /// Nobody waits: a background fill or a startup prefetch (held to the engine's budget of
     /// bytes fetched ahead), whose chunks written count in this counter.
@@ -153,7 +155,7 @@ impl FanotifyFrontend {
             .filter(|&(us, ue)| us.max(p.offset) < ue.min(p.end))
             .map(|(_, ue)| ue.min(p.end));
         if let Some(end) = reader_end {
-            if p.placed_to(end).await {
+            if p.placed_to(&self.engine, end).await {
                 return Ok(0);
             }
         }
