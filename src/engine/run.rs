@@ -118,6 +118,14 @@ impl RunSink {
         }
     }
 
+    /// The run's bytes before `to` are all in its landing: say so, while that holds for
+    /// every unit handed out.
+    fn tell_placed(&self, to: u64) {
+        if self.trail == Trail::Gapless {
+            self.share.run().placed(to);
+        }
+    }
+
     /// The run failed for good: every unit not delivered gets the error.
     pub fn fail(&mut self, e: &EngineError) {
         for (s, index) in std::mem::take(&mut self.senders).into_iter().zip(self.next..) {
@@ -139,11 +147,9 @@ impl RunSink {
 impl RangeSink for RunSink {
     fn resume_at(&self) -> u64 {
         match &self.assembly {
-            Assembly::Whole(buf) => {
-                let buffered = buf.as_ref().map_or(0, |b| b.len() as u64);
-                (self.geo.start(self.next) + buffered).min(self.geo.size)
-            }
+            // (a piece not checked yet is dropped when an attempt fails)
             Assembly::Pieces(p) => p.resume_at(),
+            Assembly::Whole(_) => (self.geo.start(self.next) + self.received()).min(self.geo.size),
         }
     }
 
@@ -154,9 +160,8 @@ impl RangeSink for RunSink {
             }
             if let (Assembly::Pieces(p), Some(to)) = (&mut self.assembly, &self.landing) {
                 let progress = p.take(&self.blob, &mut data, to.as_ref(), &self.pool);
-                if self.trail == Trail::Gapless {
-                    self.share.run().placed(p.resume_at());
-                }
+                let placed = p.resume_at();
+                self.tell_placed(placed);
                 if progress? == Progress::Placed {
                     self.sealed()?;
                 }
@@ -267,9 +272,7 @@ impl RunSink {
     fn deliver(&mut self, unit: Bytes) {
         let at = self.geo.start(self.next);
         if self.landing.as_deref().is_some_and(|l| land(l, at, &unit)) {
-            if self.trail == Trail::Gapless {
-                self.share.run().placed(at + unit.len() as u64);
-            }
+            self.tell_placed(at + unit.len() as u64);
             let unit = self.share.landed(Body::Bytes(unit));
             self.hand_out(unit, Landed::Yes);
         } else {
