@@ -331,6 +331,12 @@ mod tests {
         ))
     }
 
+    /// The bytes a waiter was handed.
+    fn bytes_of(r: &mut oneshot::Receiver<Result<Delivered, EngineError>>) -> Bytes {
+        let unit = r.try_recv().unwrap().unwrap().unwrap();
+        unit.body.bytes().cloned().unwrap()
+    }
+
     fn reader() -> Share {
         let gate = super::super::gate::RunGate::new(super::super::gate::Need::Reader);
         Share::new(None, &gate)
@@ -361,7 +367,7 @@ mod tests {
                 // every unit that is complete has been handed out already, the next one not
                 let done = (at as usize / 4096).min(2) + usize::from(at as usize == data.len());
                 for (i, r) in rx.iter_mut().enumerate().take(done).skip(received) {
-                    let got = r.try_recv().unwrap().unwrap().unwrap().body.bytes().cloned().unwrap();
+                    let got = bytes_of(r);
                     assert_eq!(
                         got,
                         data[i * 4096..((i + 1) * 4096).min(data.len())],
@@ -394,30 +400,8 @@ mod tests {
         s.abort_attempt();
         assert_eq!(s.resume_at(), 4096, "a partial unit is dropped");
         s.accept(4096, Bytes::copy_from_slice(&data[4096..])).unwrap();
-        assert_eq!(
-            rx[0]
-                .try_recv()
-                .unwrap()
-                .unwrap()
-                .unwrap()
-                .body
-                .bytes()
-                .cloned()
-                .unwrap(),
-            data[..4096]
-        );
-        assert_eq!(
-            rx[1]
-                .try_recv()
-                .unwrap()
-                .unwrap()
-                .unwrap()
-                .body
-                .bytes()
-                .cloned()
-                .unwrap(),
-            data[4096..]
-        );
+        assert_eq!(bytes_of(&mut rx[0]), data[..4096]);
+        assert_eq!(bytes_of(&mut rx[1]), data[4096..]);
     }
 
     #[test]
@@ -442,7 +426,7 @@ mod tests {
                 .unwrap();
         }
         for (i, r) in rx.iter_mut().enumerate() {
-            let got = r.try_recv().unwrap().unwrap().unwrap().body.bytes().cloned().unwrap();
+            let got = bytes_of(r);
             assert_eq!(got, data[i * 8192..((i + 1) * 8192).min(data.len())]);
         }
     }
