@@ -179,9 +179,9 @@ impl Engine {
         let want = SlotOf::new(blob, c)?;
         let raw = self
             .registry
-            .fetch_range_checked(want.source, want.at, want.len(), |b| want.check(b))
+            .fetch_range_checked(want.source, want.at, want.len(), |b| want.check(b).map(drop))
             .await?;
-        Ok(self.slots.keep(ChunkKey::new(blob.key(), c), &raw))
+        Ok(self.slots.keep(ChunkKey::new(blob.key(), c), values(&raw)))
     }
 }
 
@@ -200,19 +200,22 @@ impl Slots {
         };
         let mut raw = vec![0u8; want.len() as usize];
         want.local.get()?.read_exact_at(&mut raw, want.at).ok()?;
-        Some(want.check(&raw).map(|()| self.keep(key, &raw)))
+        Some(want.check(&raw).map(|cvs| self.keep(key, cvs)))
     }
 
-    /// Keep the verified slot `raw` of `key`'s chunk.
-    fn keep(&self, key: ChunkKey, raw: &[u8]) -> Arc<Vec<Cv>> {
-        let slot: Arc<Vec<Cv>> = Arc::new(
-            raw.chunks_exact(CV_LEN as usize)
-                .filter_map(|c| c.try_into().ok())
-                .collect(),
-        );
+    /// Keep the verified leaf values `cvs` of `key`'s chunk.
+    fn keep(&self, key: ChunkKey, cvs: Vec<Cv>) -> Arc<Vec<Cv>> {
+        let slot = Arc::new(cvs);
         lock(&self.0).put(key, Arc::clone(&slot));
         slot
     }
+}
+
+/// The leaf values a slot's bytes hold.
+fn values(raw: &[u8]) -> Vec<Cv> {
+    raw.chunks_exact(CV_LEN as usize)
+        .filter_map(|c| c.try_into().ok())
+        .collect()
 }
 
 /// Where the slot of one chunk is and what it must merge to.
@@ -257,14 +260,11 @@ impl<'a> SlotOf<'a> {
         self.leaves * CV_LEN
     }
 
-    /// Whether `raw` holds values that merge to the chunk's digest.
-    fn check(&self, raw: &[u8]) -> Result<(), RegistryError> {
-        let cvs: Vec<Cv> = raw
-            .chunks_exact(CV_LEN as usize)
-            .filter_map(|c| c.try_into().ok())
-            .collect();
+    /// The values `raw` holds, if they merge to the chunk's digest.
+    fn check(&self, raw: &[u8]) -> Result<Vec<Cv>, RegistryError> {
+        let cvs = values(raw);
         if leaves::check_slot(&self.root, &cvs, self.chunk_len, self.leaf_size) {
-            return Ok(());
+            return Ok(cvs);
         }
         Err(RegistryError::DigestMismatch {
             what: format!("leaves of chunk {} of {}", self.chunk, self.blob.source.digest),

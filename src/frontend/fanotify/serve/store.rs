@@ -49,6 +49,12 @@ impl CacheLanding {
     pub(super) fn landed(&self) -> u64 {
         self.landed.load(Relaxed)
     }
+
+    /// `n` chunks landed.
+    fn count(&self, n: u64) {
+        (self.counter)(&self.front.stats).fetch_add(n, Relaxed);
+        self.landed.fetch_add(n, Relaxed);
+    }
 }
 
 impl Landing for CacheLanding {
@@ -67,21 +73,10 @@ impl Landing for CacheLanding {
     fn seal(&self, at: u64, len: u64) -> io::Result<()> {
         let c = &self.cached;
         let _one_writer = lock(&c.write_lock);
-        if c.all_marked(at, len) {
-            return Ok(());
+        if !c.all_marked(at, len) {
+            self.count(record(c, at, len));
         }
-        let (c0, n) = chunks_of(c, at, len);
-        lock(&c.verified).extend(c0..c0 + n);
-        self.count(n);
         Ok(())
-    }
-}
-
-impl CacheLanding {
-    /// `n` chunks landed.
-    fn count(&self, n: u64) {
-        (self.counter)(&self.front.stats).fetch_add(n, Relaxed);
-        self.landed.fetch_add(n, Relaxed);
     }
 }
 
@@ -103,18 +98,19 @@ fn write_now(c: &CachedBlob, data: &[u8], at: u64, via: &File, mark: Mark) -> io
         return Ok(0);
     }
     via.write_all_at(data, at)?;
-    if mark == Mark::Later {
-        return Ok(0);
-    }
-    let (c0, n) = chunks_of(c, at, len);
-    lock(&c.verified).extend(c0..c0 + n);
-    Ok(n)
+    Ok(match mark {
+        Mark::Now => record(c, at, len),
+        Mark::Later => 0,
+    })
 }
 
-/// The first table chunk of the whole chunks `[at, at + len)` covers, and how many.
-fn chunks_of(c: &CachedBlob, at: u64, len: u64) -> (u64, u64) {
+/// Record the whole chunks `[at, at + len)` covers as cached (under the one-writer lock);
+/// how many.
+fn record(c: &CachedBlob, at: u64, len: u64) -> u64 {
     let unit = c.blob.table_chunk;
-    (at / unit, len.div_ceil(unit))
+    let (c0, n) = (at / unit, len.div_ceil(unit));
+    lock(&c.verified).extend(c0..c0 + n);
+    n
 }
 
 impl FanotifyFrontend {
