@@ -151,20 +151,16 @@ impl FanotifyFrontend {
         via: &Arc<File>,
         urgent: Option<(u64, u64)>,
     ) -> io::Result<u64> {
-        let reader_end = urgent
-            .filter(|&(us, ue)| us.max(p.offset) < ue.min(p.end))
-            .map(|(_, ue)| ue.min(p.end));
-        if let Some(end) = reader_end {
+        if let Some((_, end)) = overlap(urgent, p.offset, p.end) {
             if p.placed_to(&self.engine, end).await {
                 return Ok(0);
             }
         }
         let piece = p.wait(&self.engine).await.map_err(io::Error::other)?;
         let (ps, pe) = (piece.offset, piece.offset + piece.body.len());
-        match urgent {
+        match overlap(urgent, ps, pe) {
             // (a unit its run landed is marked already: nothing to write first)
-            Some((us, ue)) if us.max(ps) < ue.min(pe) && (us > ps || ue < pe) && !cached.all_marked(ps, pe - ps) => {
-                let (a, b) = (us.max(ps), ue.min(pe));
+            Some((a, b)) if (a > ps || b < pe) && !cached.all_marked(ps, pe - ps) => {
                 let part = piece
                     .bytes()
                     .map_err(io::Error::other)?
@@ -241,5 +237,23 @@ impl FanotifyFrontend {
             *lock(&cached.last_read) = Instant::now();
         }
         leaves
+    }
+}
+
+/// The part of `[s, e)` a reader's range covers, if any.
+fn overlap(range: Option<(u64, u64)>, s: u64, e: u64) -> Option<(u64, u64)> {
+    range.map(|(us, ue)| (us.max(s), ue.min(e))).filter(|(a, b)| a < b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlap;
+
+    #[test]
+    fn overlap_is_the_covered_part_or_none() {
+        assert_eq!(overlap(Some((10, 20)), 0, 15), Some((10, 15)));
+        assert_eq!(overlap(Some((10, 20)), 12, 18), Some((12, 18)));
+        assert_eq!(overlap(Some((10, 20)), 20, 30), None, "touching is not covering");
+        assert_eq!(overlap(None, 0, 100), None);
     }
 }
