@@ -1,7 +1,8 @@
 //! The fanotify pre-content frontend on this machine's real kernel, through the real daemon
 //! and `lazyblob mount`: converted images from docker-registry and registry-mock, a tree walk
 //! against an independent unpack, laziness from the registry's counters, parallel readers,
-//! and `kill -9` of the daemon during reads (errors, never zeros; restart without refetch).
+//! `kill -9` of the daemon during reads (errors, never zeros; restart without refetch), and a
+//! wrong byte in a unit written in checked pieces (EIO there, never on disk).
 
 mod common;
 
@@ -341,6 +342,92 @@ async fn lazy_parallel_and_kill9() {
     d.umount(&mnt);
     d.mount(&image, &mnt);
     assert_eq!(std::fs::read(mnt.join("app/one.bin")).unwrap(), files["app/one.bin"]);
+    d.umount(&mnt);
+    d.stop();
+}
+
+/// Units written in checked pieces (format 3, leaves kept) against a registry serving one
+/// wrong byte in the middle of a unit: a sequential reader gets EIO there and the right
+/// bytes everywhere else; no wrong byte reaches the cache file, whose unit stays unfinished;
+/// once the registry is right again, a restarted daemon reads the whole file, fetching the
+/// broken unit again and what was verified before not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_byte_mid_unit_fails_that_unit_only_and_is_never_written() {
+    require_root();
+    const MIB: usize = 1 << 20;
+    let data = bytes(61, 16 * MIB);
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let img = build_files(&BTreeMap::from([("f.bin".to_string(), data.clone())]), 1);
+    push_image(&client(&insecure_config(&[&host])), &host, "pieces/bad:v1", &img).await;
+    let blob = lazyblob::registry::sha256_digest(&img.data[0]);
+    // the byte sits in unit 6's third piece of 256 KiB; the file starts the data blob
+    let bad_at = 6 * MIB + 600_000;
+    let mut bad = img.data[0].to_vec();
+    bad[bad_at] ^= 0x40;
+    mock.store().corrupt_blob(&blob, bad);
+    let work = tempfile::tempdir().unwrap();
+    let mut d = DaemonProc::start(
+        &work.path().join("d"),
+        &[&host],
+        "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\nfailed_fetch_hold_ms = 0",
+    );
+    let (image, mnt) = (format!("{host}/pieces/bad:v1"), work.path().join("mnt"));
+    d.mount(&image, &mnt);
+    let f = std::fs::File::open(mnt.join("f.bin")).unwrap();
+    let step = 256 << 10;
+    let mut failed = Vec::new();
+    for off in (0..data.len()).step_by(step) {
+        let mut buf = vec![0u8; step];
+        match std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, off as u64) {
+            Ok(()) => assert!(buf == data[off..off + step], "wrong bytes served at {off}"),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "at {off}: {e}");
+                failed.push(off);
+            }
+        }
+    }
+    assert!(
+        failed.contains(&(6 * MIB + 512 * 1024)),
+        "the wrong byte's range was served: {failed:?}"
+    );
+    // (a page-cache folio is at most 2 MiB: one holding unit 6 ends before 8 MiB)
+    assert!(
+        failed.iter().all(|&o| (4 * MIB..8 * MIB).contains(&o)),
+        "failures beyond unit 6's folios: {failed:?}"
+    );
+    let pieces = d.status().await.frontend_counters["pieces_placed"].as_u64().unwrap();
+    assert!(pieces > 0, "no unit was written in pieces");
+    drop(f);
+    d.stop();
+    // the cache file holds no wrong byte: unit 6's pages are holes or the right bytes
+    let blobs = work.path().join("d/cache/blobs");
+    let cache: Vec<_> = std::fs::read_dir(&blobs).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(cache.len(), 1, "one data blob: {cache:?}");
+    let mut unit = vec![0u8; MIB];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&cache[0]).unwrap(), &mut unit, 6 * MIB as u64)
+        .unwrap();
+    for (i, page) in unit.chunks(4096).enumerate() {
+        let want = &data[6 * MIB + i * 4096..][..4096];
+        assert!(
+            page == want || page.iter().all(|&b| b == 0),
+            "page {i} of unit 6 on disk is wrong"
+        );
+    }
+    // the registry right again: a restarted daemon serves the file, fetching unit 6 only
+    mock.store().corrupt_blob(&blob, img.data[0].clone());
+    let before = mock.counters().blob_bytes(&blob);
+    d.restart();
+    d.mount(&image, &mnt);
+    assert!(
+        read_at(&mnt.join("f.bin"), 0, data.len()) == data,
+        "the file after the fix differs"
+    );
+    let fetched = settled(|| mock.counters().blob_bytes(&blob)).await - before;
+    assert!(
+        (1..=2 * MIB as u64).contains(&fetched),
+        "{fetched} bytes fetched again after the fix"
+    );
     d.umount(&mnt);
     d.stop();
 }
