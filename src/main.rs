@@ -300,7 +300,7 @@ fn main() -> Result<()> {
         };
         return Ok(lazyblob::frontend::guard::run(&args)?);
     }
-    lazyblob::malloc::pin_mmap_threshold(256 * 1024);
+    lazyblob::malloc::pin_mmap_threshold(lazyblob::malloc::MMAP_THRESHOLD);
     lazyblob::malloc::limit_arenas(2);
     let rt = tokio::runtime::Builder::new_multi_thread()
         // cache writes and file I/O run on the blocking pool: bound it, each thread costs

@@ -1,7 +1,8 @@
 //! A bounded stack of idle things for reuse: large buffers handed back instead of freed, so a
 //! steady stream of them costs no fresh mapping and no page faults per buffer (the engine's
 //! unit buffers, the cachefiles frontend's aligned write buffers). Items idle for longer than
-//! [`IDLE_TTL`] are freed by a background task, so a daemon at rest gives that memory back.
+//! [`IDLE_TTL`] are freed by a background task, so a daemon at rest gives that memory back
+//! (and then the heaps' free memory: `malloc::release_free`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +51,9 @@ impl<T: Send + 'static> Recycler<T> {
             loop {
                 tokio::time::sleep(IDLE_TTL / 2).await;
                 match weak.upgrade() {
-                    Some(r) => r.trim(IDLE_TTL, Instant::now()),
+                    // idle long enough to free buffers: the heaps' free memory goes too
+                    Some(r) if r.trim(IDLE_TTL, Instant::now()) > 0 => crate::malloc::release_free(),
+                    Some(_) => {}
                     None => break,
                 };
             }
