@@ -356,14 +356,11 @@ async fn a_wrong_byte_mid_unit_fails_that_unit_only_and_is_never_written() {
     require_root();
     const MIB: usize = 1 << 20;
     let data = bytes(61, 16 * MIB);
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let host = mock.host();
-    let img = build_files(&BTreeMap::from([("f.bin".to_string(), data.clone())]), 1);
-    push_image(&client(&insecure_config(&[&host])), &host, "pieces/bad:v1", &img).await;
-    let blob = lazyblob::registry::sha256_digest(&img.data[0]);
+    let (mock, blob) = serve_one(&data, "pieces/bad:v1").await;
+    let (host, good) = (mock.host(), mock.store().blob(&blob).unwrap());
     // the byte sits in unit 6's third piece of 256 KiB; the file starts the data blob
     let bad_at = 6 * MIB + 600_000;
-    let mut bad = img.data[0].to_vec();
+    let mut bad = good.to_vec();
     bad[bad_at] ^= 0x40;
     mock.store().corrupt_blob(&blob, bad);
     let work = tempfile::tempdir().unwrap();
@@ -415,7 +412,7 @@ async fn a_wrong_byte_mid_unit_fails_that_unit_only_and_is_never_written() {
         );
     }
     // the registry right again: a restarted daemon serves the file, fetching unit 6 only
-    mock.store().corrupt_blob(&blob, img.data[0].clone());
+    mock.store().corrupt_blob(&blob, good);
     let before = mock.counters().blob_bytes(&blob);
     d.restart();
     d.mount(&image, &mnt);

@@ -14,30 +14,15 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::daemon::DaemonProc;
+use common::oci::{serve, serve_one};
 use common::*;
-use registry_mock::{MockConfig, MockRegistry};
+use registry_mock::MockRegistry;
 
 const MIB: usize = 1 << 20;
 
 /// Taken for writing by a test whose outcome depends on idle cores, for reading by the others
 /// (the test command runs two tests at a time).
 static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
-/// A registry-mock serving `files` as image `repo` (format 3, one data blob); the mock and
-/// the data blob's digest.
-async fn serve(files: &BTreeMap<String, Vec<u8>>, repo: &str) -> (MockRegistry, String) {
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let host = mock.host();
-    let img = build_files(files, 1);
-    push_image(&client(&insecure_config(&[&host])), &host, repo, &img).await;
-    let blob = lazyblob::registry::sha256_digest(&img.data[0]);
-    (mock, blob)
-}
-
-/// [`serve`] of one file, `f.bin`, holding `data`.
-async fn serve_one(data: &[u8], repo: &str) -> (MockRegistry, String) {
-    serve(&BTreeMap::from([("f.bin".to_string(), data.to_vec())]), repo).await
-}
 
 /// A fanotify daemon (background fill off, and the `[engine]` lines `engine`) with `repo`
 /// of `mock` mounted: its directory, the daemon and the mount point.

@@ -1,6 +1,7 @@
 //! Source images for converter tests: tar layers built entry by entry (including whiteouts,
 //! hard links, devices, xattrs), compressed, pushed as ordinary OCI images; mounting a
-//! converted image file-backed; walking a tree into comparable entries.
+//! converted image file-backed; walking a tree into comparable entries; lazy images served
+//! by registry-mock.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -8,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use lazyblob::registry::{parse_reference, sha256_digest, Registry};
+use registry_mock::{MockConfig, MockRegistry};
 use serde_json::json;
+
+use super::{build_files, client, insecure_config, push_image};
 
 /// Builds one tar layer.
 pub struct Layer {
@@ -408,4 +412,20 @@ pub async fn convert_refused(
         reg.resolve(&parse_reference(&dst).unwrap()).await.is_err(),
         "nothing may be tagged at {dst} after a failure"
     );
+}
+
+/// A registry-mock serving `files` as image `repo` (format 3, one data blob); the mock and
+/// the data blob's digest.
+pub async fn serve(files: &BTreeMap<String, Vec<u8>>, repo: &str) -> (MockRegistry, String) {
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let host = mock.host();
+    let img = build_files(files, 1);
+    push_image(&client(&insecure_config(&[&host])), &host, repo, &img).await;
+    let blob = sha256_digest(&img.data[0]);
+    (mock, blob)
+}
+
+/// [`serve`] of one file, `f.bin`, holding `data`.
+pub async fn serve_one(data: &[u8], repo: &str) -> (MockRegistry, String) {
+    serve(&BTreeMap::from([("f.bin".to_string(), data.to_vec())]), repo).await
 }
