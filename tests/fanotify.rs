@@ -429,6 +429,26 @@ async fn a_wrong_byte_mid_unit_fails_that_unit_only_and_is_never_written() {
     d.stop();
 }
 
+/// An image of 120 data blobs (as many layers): their `device=` options (7,000+ bytes) would not
+/// fit in the one page `mount(2)` takes; each goes to the kernel on its own, all files read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_of_120_data_blobs_mounts_and_reads_back() {
+    require_root();
+    let files: BTreeMap<String, Vec<u8>> = (0..120)
+        .map(|i| (format!("l{i:03}/f.bin"), bytes(300 + i, 5_000 + i as usize * 97)))
+        .collect();
+    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
+    let (host, img) = (mock.host(), build_files(&files, 120));
+    assert_eq!(img.data.len(), 120, "one data blob a file");
+    push_image(&client(&insecure_config(&[&host])), &host, "many/blobs:v1", &img).await;
+    let work = tempfile::tempdir().unwrap();
+    let d = DaemonProc::start(&work.path().join("d"), &[&host], "frontend = \"fanotify\"");
+    let mnt = work.path().join("mnt");
+    d.mount(&format!("{host}/many/blobs:v1"), &mnt);
+    read_all(&files, &mnt);
+    d.umount(&mnt);
+}
+
 #[test]
 fn the_demo_serves_a_lazy_mount() {
     require_root();

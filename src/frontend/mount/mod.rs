@@ -1,13 +1,18 @@
-//! EROFS mounts for both frontends, with `mount(2)` directly (util-linux would turn a
+//! EROFS mounts for both frontends, with the syscalls directly (util-linux would turn a
 //! regular-file source into a loop device and bypass the pre-content hooks), and the
 //! per-mount read-ahead (the one ioctl of this family, `FS_IOC_GETFSSYSFSPATH`, is in `sys`).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use rustix::io::Errno;
+use rustix::mount::{
+    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags, FsOpenFlags,
+    MountAttrFlags, MoveMountFlags,
+};
 
 mod sys;
 
@@ -15,7 +20,7 @@ mod sys;
 /// whatever happens to the path meanwhile (a registration waits for the network, and a user
 /// who can write a component of the path could swap in a symlink to `/etc`). Opened with
 /// `O_PATH` and `RESOLVE_NO_SYMLINKS` on its canonical path, mounted on through
-/// `/proc/self/fd/N`.
+/// `/proc/self/fd/N` (`mount(2)`) or the fd itself (`move_mount`).
 #[derive(Debug)]
 pub struct MountPoint {
     fd: OwnedFd,
@@ -73,6 +78,16 @@ impl SpecialFiles {
             SpecialFiles::Honoured => MsFlags::MS_RDONLY,
         }
     }
+
+    /// The same as the attributes of a mount made with `fsmount`.
+    fn attrs(self) -> MountAttrFlags {
+        match self {
+            SpecialFiles::Ignored => {
+                MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV
+            }
+            SpecialFiles::Honoured => MountAttrFlags::MOUNT_ATTR_RDONLY,
+        }
+    }
 }
 
 /// `mount(2)` of a read-only EROFS; errors name what was mounted where.
@@ -104,19 +119,62 @@ pub fn mount_fscache(fsid: &str, target: &MountPoint, special: SpecialFiles) -> 
     )
 }
 
-/// Mount the metadata blob file-backed with one `device=` per data blob cache file.
+/// Mount the metadata blob file-backed with the data blobs' cache files as its devices, in
+/// device order, through the new mount API: `fsopen`, one `fsconfig` a parameter, `fsmount`,
+/// `move_mount` onto the opened mount point. `mount(2)` takes all options in one page, room
+/// for the paths of ~40 data blobs, fewer than an image may have layers (Docker allows 127).
 pub fn mount_file_backed(
     meta: &Path,
     devices: &[PathBuf],
     target: &MountPoint,
     special: SpecialFiles,
 ) -> io::Result<()> {
-    let opts: Vec<String> = devices.iter().map(|d| format!("device={}", d.display())).collect();
-    let opts = opts.join(",");
-    if opts.len() >= 4096 {
-        return Err(io::Error::other("too many data blobs for one mount option page"));
+    let fail = |step: &str, e: Errno, log: String| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!(
+                "mount erofs {} on {}: {step}: {e}{log}",
+                meta.display(),
+                target.path().display()
+            ),
+        )
+    };
+    let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| fail("fsopen", e, String::new()))?;
+    let fs = fs.as_fd();
+    fsconfig_set_string(fs, "source", meta).map_err(|e| fail("source", e, kernel_log(fs)))?;
+    for d in devices {
+        fsconfig_set_string(fs, "device", d)
+            .map_err(|e| fail(&format!("device {}", d.display()), e, kernel_log(fs)))?;
     }
-    mount_erofs(meta, target, &opts, &meta.display().to_string(), special)
+    fsconfig_set_flag(fs, "ro").map_err(|e| fail("ro", e, kernel_log(fs)))?;
+    fsconfig_create(fs).map_err(|e| fail("create", e, kernel_log(fs)))?;
+    let mnt =
+        fsmount(fs, FsMountFlags::FSMOUNT_CLOEXEC, special.attrs()).map_err(|e| fail("fsmount", e, kernel_log(fs)))?;
+    move_mount(
+        mnt.as_fd(),
+        "",
+        target.fd.as_fd(),
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(|e| fail("move_mount", e, String::new()))
+}
+
+/// What the kernel said about a failed step of a mount being set up (`read` on its fs
+/// context: one message a read, `e erofs: ...`), as `" (e erofs: ...; ...)"`.
+fn kernel_log(fs: BorrowedFd<'_>) -> String {
+    let mut said = Vec::new();
+    let mut buf = [0u8; 512];
+    while said.len() < 8 {
+        match rustix::io::read(fs, &mut buf) {
+            Ok(n) if n > 0 => said.push(String::from_utf8_lossy(&buf[..n]).trim_end().to_string()),
+            _ => break,
+        }
+    }
+    if said.is_empty() {
+        return String::new();
+    }
+    format!(" ({})", said.join("; "))
 }
 
 /// Unmount; `lazy` detaches a busy mount (open files keep working through the frontend).
