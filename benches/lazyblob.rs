@@ -1,4 +1,4 @@
-//! `cargo bench --bench lazyblob [-- --quick] [--only start,convert,seq,vm,random,scale,restart]`: lazyblob
+//! `cargo bench --bench lazyblob [-- --quick] [--only start,convert,seq,vm,random,scale,restart,slices]`: lazyblob
 //! against its baselines, side by side, on one machine in one run, everything against
 //! Debian's docker-registry on loopback (registry-mock with zero latency for the scale test).
 //! Prints a markdown table and writes `target/bench/lazyblob-bench.json`. Needs root
@@ -19,6 +19,8 @@ mod reads;
 mod restart;
 #[path = "lazyblob/scale.rs"]
 mod scale;
+#[path = "lazyblob/slices.rs"]
+mod slices;
 #[path = "lazyblob/start.rs"]
 mod start;
 #[path = "lazyblob/util.rs"]
@@ -31,7 +33,7 @@ use util::{Bench, Report};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    // `--only seq,random,scale,start,convert,vm,restart` runs a subset (start = cold start, warm, conversion; convert = a 4 GiB image)
+    // `--only seq,random,scale,start,convert,vm,restart,slices` runs a subset (start = cold start, warm, conversion; convert = a 4 GiB image)
     let only: Option<Vec<String>> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
@@ -91,6 +93,9 @@ async fn main() {
     }
     if want("restart") {
         restart::restart(&b, &mut r).await;
+    }
+    if want("slices") {
+        slices::slices(&b, &mut r);
     }
     report(&r);
 }
