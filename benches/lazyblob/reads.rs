@@ -41,6 +41,9 @@ pub async fn seq_images(b: &Bench<'_>) -> SeqImages {
     }
 }
 
+/// The variant whose sequential reader competes with another blob's background fill.
+const OTHER_FILLS: &str = "1 MiB chunks, while another blob fills";
+
 /// Sequential cold reads of one large file (1 MiB and 64 KiB chunks) against curl of the
 /// same blob, alternating, medians, with the CPU seconds of each party.
 pub async fn sequential(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
@@ -57,15 +60,17 @@ pub async fn sequential(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
             &seq_dst,
             "[engine]\nfill_after_idle_ms = 0\n",
         ),
+        // and to readers of other blobs: another image's blob, read at random first, fills
+        (OTHER_FILLS, &seq_dst, ""),
     ];
-    // LAZYBLOB_BENCH_SEQ_VARIANT=0: only the first (profiling)
-    let pick = std::env::var("LAZYBLOB_BENCH_SEQ_VARIANT")
+    // LAZYBLOB_BENCH_SEQ_VARIANT=0: only the first (profiling); 2,3: those two
+    let pick: Option<Vec<usize>> = std::env::var("LAZYBLOB_BENCH_SEQ_VARIANT")
         .ok()
-        .and_then(|v| v.parse::<usize>().ok());
+        .map(|v| v.split(',').filter_map(|i| i.parse().ok()).collect());
     let variants: Vec<_> = all_variants
         .iter()
         .enumerate()
-        .filter(|(i, _)| pick.is_none_or(|p| p == *i))
+        .filter(|(i, _)| pick.as_ref().is_none_or(|p| p.contains(i)))
         .map(|(_, v)| *v)
         .collect();
     let mut curl_runs = Vec::new();
@@ -90,8 +95,20 @@ pub async fn sequential(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
             let mnt2 = dir.join("mnt");
             std::fs::create_dir_all(&mnt2).unwrap();
             d.mount(image, &mnt2);
+            if variants[v].0 == OTHER_FILLS {
+                // a few reads of the 64 KiB-chunk image's blob (another cache file), then its
+                // fill starts once they have been quiet for `fill_after_idle_ms` (1 s)
+                let other = dir.join("other");
+                std::fs::create_dir_all(&other).unwrap();
+                d.mount(small_dst, &other);
+                for k in 0..8u64 {
+                    read_range(&other.join("data/large.bin"), k * (97 << 20), 4096);
+                }
+                std::thread::sleep(Duration::from_millis(1200));
+            }
             drop_caches();
             let profiler = profile_start();
+            let bytes0 = d.status().await.registry.bytes;
             let (reg0, me0, d0) = (usage(dr.pid()).1, self_cpu(), usage(d.pid()).1);
             let t = Instant::now();
             sh_ok(&format!(
@@ -104,8 +121,8 @@ pub async fn sequential(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
             lazy_cpu[v][2] += usage(d.pid()).1 - d0;
             let st = d.status().await;
             eprintln!(
-                "{} (run {rep}): {} range requests, {} bytes from the registry; fetches ahead paused {} times ({} for a whole second)",
-                variants[v].0, st.registry.requests, st.registry.bytes, st.engine.ahead_pauses, st.engine.ahead_pauses_expired
+                "{} (run {rep}): {} range requests, {} bytes from the registry ({} during the read); fetches ahead paused {} times ({} for a whole second)",
+                variants[v].0, st.registry.requests, st.registry.bytes, st.registry.bytes - bytes0, st.engine.ahead_pauses, st.engine.ahead_pauses_expired
             );
             profile_stop(profiler);
             drop(d);
@@ -145,19 +162,38 @@ pub async fn sequential(b: &Bench<'_>, img: &SeqImages, r: &mut Report) {
                 "cpu_s_per_run": {"registry": c[0] / n, "reader": c[1] / n, "daemon": c[2] / n}}),
         );
     }
-    if let (Some(on), Some(off)) = (
-        seq_json.get("1_MiB_chunks").and_then(|v| v["lazyblob_mbs"].as_f64()),
+    let mbs = |name: &str| {
         seq_json
-            .get("1_MiB_chunks,_background_fill_off")
-            .and_then(|v| v["lazyblob_mbs"].as_f64()),
-    ) {
-        r.rows.push((
-            "sequential cold read with background fill on vs off".into(),
-            format!("{on:.0} MB/s"),
-            format!("fill off {off:.0} MB/s"),
-            format!("{:.0}%", 100.0 * on / off),
-        ));
-        seq_json.insert("fill_on_vs_off".into(), json!(on / off));
+            .get(&name.replace(' ', "_"))
+            .and_then(|v| v["lazyblob_mbs"].as_f64())
+    };
+    let off = mbs("1 MiB chunks, background fill off");
+    let against_off = [
+        (
+            "1 MiB chunks",
+            "sequential cold read with background fill on vs off",
+            "fill_on_vs_off",
+        ),
+        (
+            OTHER_FILLS,
+            "sequential cold read while another blob fills vs fill off",
+            "other_fills_vs_off",
+        ),
+    ];
+    let pairs: Vec<_> = against_off
+        .iter()
+        .map(|&(name, row, key)| (mbs(name), row, key))
+        .collect();
+    for (on, row, key) in pairs {
+        if let (Some(on), Some(off)) = (on, off) {
+            r.rows.push((
+                row.into(),
+                format!("{on:.0} MB/s"),
+                format!("fill off {off:.0} MB/s"),
+                format!("{:.0}%", 100.0 * on / off),
+            ));
+            seq_json.insert(key.into(), json!(on / off));
+        }
     }
     seq_json.insert(
         "curl_cpu_s_per_run".into(),

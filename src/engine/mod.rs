@@ -184,6 +184,8 @@ pub struct Engine {
     /// Bytes fetched ahead of readers that may wait to be let go (`gate`).
     ahead: Option<Arc<gate::Budget>>,
     slots: Arc<leaves::Slots>,
+    /// When a reader of any blob last fetched (a miss, or read-ahead on its behalf).
+    last_reader_fetch: std::sync::Mutex<std::time::Instant>,
     /// Counters for `status`.
     pub stats: EngineStats,
 }
@@ -199,8 +201,21 @@ impl Engine {
             ahead: cfg.ahead_buffer_max.map(|b| gate::Budget::new(b.get())),
             cfg,
             slots: Arc::default(),
+            last_reader_fetch: std::sync::Mutex::new(std::time::Instant::now()),
             stats: EngineStats::default(),
         }
+    }
+
+    /// A reader fetches now, of any blob (a miss, or read-ahead on its behalf): background
+    /// fills, which run for nobody in particular, wait until this has been quiet a while
+    /// (`last_reader_fetch`), so they never take a reader's bandwidth and CPU.
+    pub fn reader_fetching(&self) {
+        *crate::lock::lock(&self.last_reader_fetch) = std::time::Instant::now();
+    }
+
+    /// When a reader last fetched (see [`Engine::reader_fetching`]).
+    pub fn last_reader_fetch(&self) -> &std::sync::Mutex<std::time::Instant> {
+        &self.last_reader_fetch
     }
 
     /// The registry client.

@@ -144,11 +144,16 @@ pub fn choose(facts: &KernelFacts, choice: FrontendChoice) -> Result<Frontend, P
     }
 }
 
-/// Wait until a blob's readers have been quiet for `quiet` since `last_read` (each reader's
-/// request moves it on): what both frontends' background fills wait for before each run.
-pub async fn until_quiet(last_read: &std::sync::Mutex<std::time::Instant>, quiet: std::time::Duration) {
+/// Wait until every clock in `last_read` has been quiet for `quiet` (each reader's request
+/// moves its blob's clock on, each reader's fetch the engine's): what both frontends'
+/// background fills wait for before each run.
+pub async fn until_quiet(last_read: &[&std::sync::Mutex<std::time::Instant>], quiet: std::time::Duration) {
     loop {
-        let idle = crate::lock::lock(last_read).elapsed();
+        let idle = last_read
+            .iter()
+            .map(|clock| crate::lock::lock(clock).elapsed())
+            .min()
+            .unwrap_or(quiet);
         if idle >= quiet {
             return;
         }

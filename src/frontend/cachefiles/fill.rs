@@ -32,6 +32,8 @@ impl Cachefiles {
             return;
         };
         *lock(&obj.last_read) = Instant::now();
+        // a READ is a miss: the fills of every object wait for it
+        self.engine.reader_fetching();
         if obj.filling.swap(true, Relaxed) {
             return;
         }
@@ -43,7 +45,7 @@ impl Cachefiles {
                 let (n_chunks, per_run) = (blob.source.size.div_ceil(unit), (me.engine.merge_max() / unit).max(1));
                 let (mut cursor, mut failures) = (0u64, 0u32);
                 loop {
-                    until_quiet(&obj.last_read, quiet).await;
+                    until_quiet(&[&obj.last_read, me.engine.last_reader_fetch()], quiet).await;
                     if !me.is_open(&obj) {
                         break;
                     }

@@ -1,7 +1,7 @@
 //! The background fill: once a blob in use has been quiet (no reader event, miss or hit) for
-//! `fill_after`, what it still misses is fetched one merged run at a time, one blob at a
-//! time daemon-wide, pausing whenever a reader comes back; when it is complete its events
-//! stop.
+//! `fill_after`, and no reader of any blob has fetched for as long, what it still misses is
+//! fetched one merged run at a time, one blob at a time daemon-wide, pausing whenever a
+//! reader comes back; when it is complete its events stop.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -32,7 +32,7 @@ impl FanotifyFrontend {
                 let n_chunks = cached.n_chunks();
                 let (mut failures, mut cursor) = (0u32, 0u64);
                 loop {
-                    crate::frontend::until_quiet(&cached.last_read, quiet).await;
+                    crate::frontend::until_quiet(&[&cached.last_read, me.engine.last_reader_fetch()], quiet).await;
                     let Ok(slot) = me.fill_slot.acquire().await else {
                         break;
                     };

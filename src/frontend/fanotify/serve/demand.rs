@@ -53,6 +53,7 @@ impl FanotifyFrontend {
         let mut written = 0;
         if !missing.is_empty() {
             *lock(&cached.last_read) = Instant::now();
+            self.engine.reader_fetching();
             // one writer per blob, kept: an event costs no fd beyond its own
             let via = self
                 .ensure_writer(&cached, file)

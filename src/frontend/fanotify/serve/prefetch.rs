@@ -62,6 +62,11 @@ impl FanotifyFrontend {
                 .filter(|&c| !v.contains(&c) && partial(c))
                 .collect()
         };
+        let todo = cached.unverified_runs(from..to, partial);
+        if !to_complete.is_empty() || !todo.is_empty() {
+            // a reader's read-ahead fetches: the fills of every blob wait
+            self.engine.reader_fetching();
+        }
         for c in to_complete {
             let (me, cached, via) = (Arc::clone(self), Arc::clone(cached), Arc::clone(&via));
             tokio::spawn(async move {
@@ -74,7 +79,6 @@ impl FanotifyFrontend {
                 me.unmark_if_complete(&cached);
             });
         }
-        let todo = cached.unverified_runs(from..to, partial);
         // the runs write their units themselves; a unit's task then finds it written
         let landing: Arc<dyn Landing> = CacheLanding::new(self, cached, &via, |s| &s.chunks_prefetched);
         for run in todo {
