@@ -201,12 +201,9 @@ async fn cachefiles_frontend_in_vm() {
     std::fs::write(p.join("conv.expected"), &reference_listing).unwrap();
     std::fs::write(p.join("list-tree.sh"), LIST_TREE_SH).unwrap();
     std::fs::write(p.join("pre.json"), pre_list.to_vec()).unwrap();
+    let prelude = common::guest::prelude(port);
     let script = format!(
-        r#"#!/bin/sh
-R=10.0.2.2:{port}
-LB=/host/lazyblob
-SOCK=/run/lazyblob.sock
-check() {{ if [ "$2" = 0 ]; then echo "CHECK $1 ok"; else echo "CHECK $1 FAIL $3"; fi; }}
+        r#"{prelude}
 # under TCG emulation the debug daemon starts in 1-2 s, but a restart has taken 16-22 s: its
 # first read of a kept file stalls 8-12 s (cause not found; natively a start takes about 60 ms)
 # allow 60 s, and say how long it took

@@ -22,14 +22,11 @@ async fn an_image_of_120_data_blobs_mounts_and_reads_back_in_vm() {
     let p = payload.path();
     std::fs::write(p.join("cfg.toml"), guest_config(port, "", "")).unwrap();
     std::fs::write(p.join("all.sha256"), sha256sum_list(&files)).unwrap();
+    let prelude = common::guest::prelude(port);
     write_guest_script(
         p,
         &format!(
-            r#"#!/bin/sh
-R=10.0.2.2:{port}
-LB=/host/lazyblob
-SOCK=/run/lazyblob.sock
-check() {{ if [ "$2" = 0 ]; then echo "CHECK $1 ok"; else echo "CHECK $1 FAIL $3"; fi; }}
+            r#"{prelude}
 mkdir -p /var/lib/lazyblob /mnt/m
 $LB daemon --config /cfg.toml 2>/tmp/daemon.log & DPID=$!
 i=0; while ! $LB status --socket $SOCK >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done

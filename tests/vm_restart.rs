@@ -50,14 +50,11 @@ async fn cachefiles_readers_survive_kill9_and_upgrades_in_vm() {
     .unwrap();
     std::fs::write(p.join("a.sha256"), sha256sum_list(&a)).unwrap();
     std::fs::write(p.join("b.sha256"), sha256sum_list(&b)).unwrap();
+    let prelude = common::guest::prelude(port);
     write_guest_script(
         p,
         &format!(
-            r#"#!/bin/sh
-R=10.0.2.2:{port}
-LB=/host/lazyblob
-SOCK=/run/lazyblob.sock
-check() {{ if [ "$2" = 0 ]; then echo "CHECK $1 ok"; else echo "CHECK $1 FAIL $3"; fi; }}
+            r#"{prelude}
 wait_socket() {{ i=0; while ! $LB status --socket $SOCK >/dev/null 2>&1 && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; echo "daemon answers after $((i / 10)) s"; }}
 start_daemon() {{ $LB daemon --config /cfg.toml 2>>/tmp/daemon.log & DPID=$!; wait_socket; }}
 # 8 readers of image $1 on /mnt/$1, each writing its sum and exit status

@@ -5,6 +5,7 @@
 pub mod containerd;
 pub mod containerd_config;
 pub mod daemon;
+pub mod guest;
 pub mod helm;
 pub mod oci;
 pub mod procs;
