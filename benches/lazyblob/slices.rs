@@ -100,6 +100,15 @@ fn build(dir: &Path, per_device: usize) -> (PathBuf, Vec<PathBuf>) {
     (meta_path, paths)
 }
 
+/// A mount point, detached when dropped (also when a pass fails).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = mount::unmount(&self.0, true);
+    }
+}
+
 /// A thread answering every event of `fan` at once until `stop`; counts them.
 fn listener(
     fan: Arc<nix::sys::fanotify::Fanotify>,
@@ -139,6 +148,7 @@ fn run(dir: &Path, layout: Layout) -> (f64, Vec<f64>, u64) {
     drop_caches();
     let t = Instant::now();
     mount::mount_file_backed(&meta, &devices, &MountPoint::open(&mnt).unwrap(), SpecialFiles::Ignored).unwrap();
+    let mounted = Unmount(mnt.clone());
     let mount_s = t.elapsed().as_secs_f64();
     if layout == Layout::SlicesUnmarked {
         devices.iter().for_each(|p| sys::unmark(&fan, p).unwrap());
@@ -156,7 +166,7 @@ fn run(dir: &Path, layout: Layout) -> (f64, Vec<f64>, u64) {
         }
         passes.push(t.elapsed().as_secs_f64());
     }
-    mount::unmount(&mnt, false).unwrap();
+    drop(mounted);
     stop.store(true, Relaxed);
     if let Some(h) = answering {
         h.join().unwrap();
