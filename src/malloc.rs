@@ -20,7 +20,8 @@
 /// and an unmapping, 2,388 mappings a GiB and 20% of the daemon's CPU on a sequential read
 /// (`perf record --call-graph dwarf`); at 512 KiB the daemon spent 0.73-0.91 CPU s a GiB
 /// against 0.95-1.14 (5 alternating runs of `--only seq`). The heap keeps what it frees for
-/// reuse until [`release_free`].
+/// reuse until [`release_free`]. `tests/allocator.rs` counts the daemon's page faults on a
+/// sequential read: it fails if hyper's buffers outgrow this threshold.
 pub const MMAP_THRESHOLD: usize = 512 * 1024;
 
 /// Serve allocations of at least `bytes` with their own mappings, always.
