@@ -241,7 +241,8 @@ pub struct EngineConfig {
     #[serde(deserialize_with = "units::nonzero_u32")]
     pub read_ahead_kb: Option<NonZeroU32>,
     /// Background fill: once a blob in use has seen no reader miss for this long
-    /// (`fill_after_idle_ms`), the rest of it is fetched, one merged run at a time (fanotify:
+    /// (`fill_after_idle_ms`), and no reader of any blob has fetched for as long, the rest of
+    /// it is fetched, one merged run at a time (fanotify:
     /// and its events stop; cachefiles: the kernel never asks for it again). 0 disables it
     /// (blobs then hold only what was read).
     #[serde(rename = "fill_after_idle_ms", deserialize_with = "units::millis_or_off")]
