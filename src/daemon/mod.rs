@@ -258,6 +258,12 @@ async fn bring_up(
             Ok((ActiveFrontend::Cachefiles(c), adopted))
         }
         Frontend::Fanotify => {
+            for (dir, what) in [
+                (&config.daemon.cache_dir, "cache_dir"),
+                (&config.daemon.state_dir, "state_dir"),
+            ] {
+                crate::frontend::fanotify::cache::check_backing_dir(dir, what)?;
+            }
             let handover = reclaim(&config.daemon.state_dir, kind, takeover).await?;
             let adopted = handover.is_some();
             let journal = Journal::open(

@@ -18,6 +18,26 @@ use nix::unistd::{lseek, Whence};
 use crate::engine::BlobKey;
 use crate::private_fs;
 
+/// Refuse `dir` (`what` names its setting) if EROFS cannot mount files kept there: file-backed
+/// mounts read their metadata blob and cache files through the page cache's `read_folio`,
+/// which tmpfs files lack, and the mount fails with a bare ENOTBLK. Its nearest existing
+/// ancestor is what is looked at.
+pub fn check_backing_dir(dir: &Path, what: &str) -> io::Result<()> {
+    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let fs = nix::sys::statfs::statfs(existing).map_err(io::Error::from)?;
+    if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{what} {} is on tmpfs, whose files EROFS cannot mount (the fanotify frontend \
+                 needs a disk filesystem there: ext4, xfs, btrfs...)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Path of the cache file of a blob.
 pub fn blob_path(cache_dir: &Path, key: &BlobKey) -> PathBuf {
     cache_dir.join("blobs").join(key.file_name())
