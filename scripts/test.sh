@@ -19,6 +19,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# the tests' temporary directories hold metadata blobs and cache files that EROFS mounts
+# file-backed, which it cannot do from tmpfs (Debian 13 and others mount /tmp as one)
+if [ -z "${TMPDIR:-}" ] && [ "$(stat -f -c %T /tmp)" = tmpfs ]; then
+	echo "== /tmp is tmpfs: temporary directories go to /var/tmp"
+	export TMPDIR=/var/tmp
+fi
 if [ ! -x ../shared/vm/run-vm.sh ] && [ -z "${LAZYBLOB_VM_RIG:-}" ]; then
 	echo "scripts/test.sh: the VM rig (../shared/vm) is missing: the cachefiles tests cannot run" >&2
 	exit 1
