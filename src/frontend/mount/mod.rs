@@ -130,10 +130,16 @@ pub fn mount_file_backed(
     special: SpecialFiles,
 ) -> io::Result<()> {
     let fail = |step: &str, e: Errno, log: String| {
+        // what EROFS answers for a file it cannot mount (no `read_folio`: tmpfs, overlayfs)
+        let hint = if e == Errno::NOTBLK {
+            " (EROFS mounts files only from disk filesystems: ext4, xfs, btrfs...)"
+        } else {
+            ""
+        };
         io::Error::new(
             io::Error::from(e).kind(),
             format!(
-                "mount erofs {} on {}: {step}: {e}{log}",
+                "mount erofs {} on {}: {step}: {e}{log}{hint}",
                 meta.display(),
                 target.path().display()
             ),
