@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::daemon::DaemonProc;
+use common::daemon::fanotify_mounted;
 use common::oci::serve_one;
 use common::*;
 
@@ -25,15 +25,7 @@ async fn a_sequential_read_takes_few_page_faults_in_the_daemon() {
     require_root();
     let data = bytes(91, 384 * MIB);
     let (mock, _) = serve_one(&data, "alloc/seq:v1").await;
-    let host = mock.host();
-    let work = tempfile::tempdir().unwrap();
-    let d = DaemonProc::start(
-        &work.path().join("d"),
-        &[&host],
-        "frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0",
-    );
-    let mnt = work.path().join("mnt");
-    d.mount(&format!("{host}/alloc/seq:v1"), &mnt);
+    let (_work, d, mnt) = fanotify_mounted(&mock.host(), "alloc/seq:v1", "fill_after_idle_ms = 0");
     // the first 128 MiB warm the daemon up (its unit buffers, its heap); the faults of the
     // next 256 MiB are counted
     let mut f = std::fs::File::open(mnt.join("f.bin")).unwrap();

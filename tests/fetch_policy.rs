@@ -27,16 +27,7 @@ static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 /// A fanotify daemon (background fill off, and the `[engine]` lines `engine`) with `repo`
 /// of `mock` mounted: its directory, the daemon and the mount point.
 fn mounted(mock: &MockRegistry, repo: &str, engine: &str) -> (tempfile::TempDir, DaemonProc, std::path::PathBuf) {
-    let host = mock.host();
-    let work = tempfile::tempdir().unwrap();
-    let d = DaemonProc::start(
-        &work.path().join("d"),
-        &[&host],
-        &format!("frontend = \"fanotify\"\n[engine]\nfill_after_idle_ms = 0\n{engine}"),
-    );
-    let mnt = work.path().join("d/mnt");
-    d.mount(&format!("{host}/{repo}"), &mnt);
-    (work, d, mnt)
+    common::daemon::fanotify_mounted(&mock.host(), repo, &format!("fill_after_idle_ms = 0\n{engine}"))
 }
 
 /// (offset, length) of the ranges of blob `digest` served (2xx) since hit number `since`,

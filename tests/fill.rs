@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::daemon::DaemonProc;
+use common::daemon::fanotify_mounted;
 use common::*;
 use lazyblob::registry::sha256_digest;
 use registry_mock::{MockConfig, MockRegistry};
@@ -27,14 +27,8 @@ async fn the_fill_waits_while_a_reader_of_another_blob_fetches() {
     let (host, img) = (mock.host(), build_files(&files, 2));
     push_image(&client(&insecure_config(&[&host])), &host, "fill/two:v1", &img).await;
     let (blob_a, blob_b) = (sha256_digest(&img.data[0]), sha256_digest(&img.data[1]));
-    let work = tempfile::tempdir().unwrap();
-    let d = DaemonProc::start(
-        &work.path().join("d"),
-        &[&host],
-        "frontend = \"fanotify\"\n[engine]\nread_ahead_max = 0\nfill_after_idle_ms = 1500",
-    );
-    let mnt = work.path().join("mnt");
-    d.mount(&format!("{host}/fill/two:v1"), &mnt);
+    let engine = "read_ahead_max = 0\nfill_after_idle_ms = 1500";
+    let (_work, d, mnt) = fanotify_mounted(&host, "fill/two:v1", engine);
     // one read of a.bin: its blob is in use, then quiet
     assert_eq!(read_at(&mnt.join("a.bin"), 0, 4096), files["a.bin"][..4096]);
     let a_read = mock.counters().blob_bytes(&blob_a);

@@ -208,6 +208,20 @@ impl DaemonProc {
     }
 }
 
+/// A fanotify daemon in a fresh directory (its `[engine]` lines `engine`) reading from `host`,
+/// with `repo` of `host` mounted: the directory, the daemon and the mount point.
+pub fn fanotify_mounted(host: &str, repo: &str, engine: &str) -> (tempfile::TempDir, DaemonProc, PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let d = DaemonProc::start(
+        &work.path().join("d"),
+        &[host],
+        &format!("frontend = \"fanotify\"\n[engine]\n{engine}"),
+    );
+    let mnt = work.path().join("d/mnt");
+    d.mount(&format!("{host}/{repo}"), &mnt);
+    (work, d, mnt)
+}
+
 impl Drop for DaemonProc {
     fn drop(&mut self) {
         self.stop();
