@@ -12,12 +12,9 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
-/// Minor page faults of process `pid` so far (`/proc/<pid>/stat`, field 10).
+/// Minor page faults of process `pid` so far.
 fn minor_faults(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // the command name, in parentheses, may hold spaces: count fields after its end
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    after.split(' ').nth(7).unwrap().parse().unwrap()
+    common::procs::stat_field(pid, 7).expect("the daemon's /proc/<pid>/stat")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

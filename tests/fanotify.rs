@@ -437,10 +437,9 @@ async fn an_image_of_120_data_blobs_mounts_and_reads_back() {
     let files: BTreeMap<String, Vec<u8>> = (0..120)
         .map(|i| (format!("l{i:03}/f.bin"), bytes(300 + i, 5_000 + i as usize * 97)))
         .collect();
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let (host, img) = (mock.host(), build_files(&files, 120));
+    let (mock, img) = serve_blobs(&files, "many/blobs:v1", 120).await;
+    let host = mock.host();
     assert_eq!(img.data.len(), 120, "one data blob a file");
-    push_image(&client(&insecure_config(&[&host])), &host, "many/blobs:v1", &img).await;
     let work = tempfile::tempdir().unwrap();
     let d = DaemonProc::start(&work.path().join("d"), &[&host], "frontend = \"fanotify\"");
     let mnt = work.path().join("mnt");

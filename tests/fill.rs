@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::daemon::fanotify_mounted;
+use common::oci::serve_blobs;
 use common::*;
 use lazyblob::registry::sha256_digest;
-use registry_mock::{MockConfig, MockRegistry};
 
 const MIB: usize = 1 << 20;
 
@@ -23,9 +23,8 @@ async fn the_fill_waits_while_a_reader_of_another_blob_fetches() {
         ("a.bin".to_string(), bytes(81, 8 * MIB)),
         ("b.bin".to_string(), bytes(82, 32 * MIB)),
     ]);
-    let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
-    let (host, img) = (mock.host(), build_files(&files, 2));
-    push_image(&client(&insecure_config(&[&host])), &host, "fill/two:v1", &img).await;
+    let (mock, img) = serve_blobs(&files, "fill/two:v1", 2).await;
+    let host = mock.host();
     let (blob_a, blob_b) = (sha256_digest(&img.data[0]), sha256_digest(&img.data[1]));
     let engine = "read_ahead_max = 0\nfill_after_idle_ms = 1500";
     let (_work, d, mnt) = fanotify_mounted(&host, "fill/two:v1", engine);

@@ -135,9 +135,7 @@ pub fn usage(pid: i32) -> (u64, f64) {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let field = |i: usize| crate::common::procs::stat_field(pid, i).unwrap_or(0) as f64;
     (hwm, (field(11) + field(12)) / 100.0)
 }
 

@@ -414,15 +414,24 @@ pub async fn convert_refused(
     );
 }
 
-/// A registry-mock serving `files` as image `repo` (format 3, one data blob); the mock and
-/// the data blob's digest.
-pub async fn serve(files: &BTreeMap<String, Vec<u8>>, repo: &str) -> (MockRegistry, String) {
+/// A registry-mock serving `files` as image `repo` (format 3) spread over `blobs` data blobs
+/// (round robin); the mock and the image as built.
+pub async fn serve_blobs(
+    files: &BTreeMap<String, Vec<u8>>,
+    repo: &str,
+    blobs: usize,
+) -> (MockRegistry, lazyblob::image::build::BuiltImage) {
     let mock = MockRegistry::start(MockConfig::default()).await.unwrap();
     let host = mock.host();
-    let img = build_files(files, 1);
+    let img = build_files(files, blobs);
     push_image(&client(&insecure_config(&[&host])), &host, repo, &img).await;
-    let blob = sha256_digest(&img.data[0]);
-    (mock, blob)
+    (mock, img)
+}
+
+/// [`serve_blobs`] with one data blob; the mock and the data blob's digest.
+pub async fn serve(files: &BTreeMap<String, Vec<u8>>, repo: &str) -> (MockRegistry, String) {
+    let (mock, img) = serve_blobs(files, repo, 1).await;
+    (mock, sha256_digest(&img.data[0]))
 }
 
 /// [`serve`] of one file, `f.bin`, holding `data`.

@@ -102,6 +102,14 @@ pub fn detach_mounts_under(root: &Path) {
     }
 }
 
+/// Field `i` of `/proc/<pid>/stat` counted after the command name (whose parentheses may hold
+/// spaces): 0 is the state, 7 minor faults, 11 and 12 user and system ticks. None once the
+/// process is gone.
+pub fn stat_field(pid: i32, i: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(") ").next()?.split_whitespace().nth(i)?.parse().ok()
+}
+
 /// A `/proc/<pid>/status` counter in KiB (`VmRSS:`, `VmHWM:`...).
 pub fn vm_kib(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
